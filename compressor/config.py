@@ -1,0 +1,390 @@
+"""Typed, validated run configuration.
+
+A YAML file loads into :class:`RunConfig`. Every field is declared once, here, with
+its type, default and allowed range; unknown keys, wrong types and out-of-range
+values raise :class:`ConfigError` naming the dotted key. Command-line ``key=value``
+overrides are parsed as YAML scalars and go through the same validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from compressor.errors import ConfigError
+
+
+def _spec(default: Any, doc: str, **checks: Any) -> Any:
+    """A dataclass field with a docstring and range checks (ge, gt, le, lt)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": doc, **checks})
+    return field(default=default, metadata={"doc": doc, **checks})
+
+
+DEFAULT_STAGES = (
+    "prune", "finetune", "samples", "quality", "export", "parity", "bench", "check", "report"
+)
+
+
+@dataclass
+class ModelConfig:
+    """Which UNet to compress."""
+
+    name: str = _spec("digits-ddpm", "local diffusers folder, hub id, or shipped name")
+    init: Literal["pretrained", "random"] = _spec("pretrained", "pretrained weights or random")
+    sample_size: Optional[int] = _spec(None, "override the model's sample size", ge=4)
+
+
+@dataclass
+class DataConfig:
+    """Training images (Taylor pass, finetuning, Frechet reference)."""
+
+    source: str = _spec("digits", "'digits' or a folder of PNG/JPEG images")
+    max_images: Optional[int] = _spec(None, "use at most this many images", ge=1)
+
+
+@dataclass
+class PruneConfig:
+    """Structural pruning (Diff-Pruning and the paper's baselines)."""
+
+    method: Literal["diff-pruning", "taylor", "magnitude", "random", "reinit"] = _spec(
+        "diff-pruning", "importance criterion"
+    )
+    ratio: Optional[float] = _spec(None, "per-layer channel pruning ratio", ge=0.0, lt=1.0)
+    target_macs: Optional[float] = _spec(None, "fraction of dense MACs to keep", gt=0.0, le=1.0)
+    target_params: Optional[float] = _spec(None, "fraction of dense params to keep", gt=0.0, le=1.0)
+    search: Literal["uniform", "fine"] = _spec(
+        "uniform", "target search: uniform-width ratios only, or bisect finer between them"
+    )
+    threshold: float = _spec(0.05, "Diff-Pruning loss threshold T", ge=0.0, lt=1.0)
+    timestep_stride: int = _spec(1, "use every k-th timestep in the Taylor pass", ge=1)
+    max_timesteps: Optional[int] = _spec(None, "cap on timesteps evaluated", ge=1)
+    batch_size: int = _spec(16, "images in the Taylor batch", ge=1)
+    norm: Literal[1, 2] = _spec(2, "p of the magnitude criterion")
+    round_to: Optional[int] = _spec(None, "round kept channels to a multiple", ge=1)
+
+    def require_target(self) -> None:
+        """Raise ConfigError unless a pruning target is set (the prune stage needs one)."""
+        if self.ratio is None and self.target_macs is None and self.target_params is None:
+            raise ConfigError(
+                "prune: no pruning target; set one of prune.ratio, prune.target_macs, prune.target_params"
+            )
+
+
+@dataclass
+class FinetuneConfig:
+    """Finetuning after pruning (epsilon-prediction DDPM loss)."""
+
+    steps: int = _spec(200, "optimizer steps", ge=0)
+    batch_size: int = _spec(64, "global batch size", ge=1)
+    lr: float = _spec(2e-4, "peak learning rate", gt=0.0)
+    optimizer: Literal["adam", "adamw"] = _spec("adam", "optimizer")
+    weight_decay: float = _spec(0.0, "weight decay", ge=0.0)
+    warmup_steps: int = _spec(0, "linear learning-rate warm-up steps", ge=0)
+    schedule: Literal["constant", "cosine", "linear"] = _spec("constant", "lr after warm-up")
+    grad_clip: float = _spec(1.0, "max gradient norm (0 disables)", ge=0.0)
+    ema_decay: float = _spec(0.9999, "EMA decay", ge=0.0, lt=1.0)
+    ema_warmup: bool = _spec(True, "EMA warm-up: decay grows from 0 to ema_decay")
+    ema_power: float = _spec(0.75, "EMA warm-up power (diffusers EMAModel)", gt=0.0)
+    grad_accum: int = _spec(1, "gradient accumulation steps", ge=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = _spec("no", "autocast on GPU")
+    checkpoint_every: int = _spec(100, "steps between checkpoints", ge=1)
+    log_every: int = _spec(10, "steps between loss log rows", ge=1)
+
+
+@dataclass
+class SampleConfig:
+    """Image generation (grids, quality, sampler benchmarks)."""
+
+    scheduler: Literal["ddim", "ddpm"] = _spec("ddim", "sampling scheduler")
+    steps: int = _spec(50, "sampling steps", ge=1)
+    eta: float = _spec(0.0, "DDIM eta", ge=0.0, le=1.0)
+    num_images: int = _spec(16, "images in the grid", ge=1)
+    batch_size: int = _spec(64, "images per UNet call", ge=1)
+    seed: int = _spec(0, "first noise seed (image i uses seed + i)", ge=0)
+
+
+@dataclass
+class QualityConfig:
+    """Consistency (SSIM/PSNR vs dense) and Frechet distance of generated samples."""
+
+    num_samples: int = _spec(256, "images generated per model", ge=2)
+    steps: Optional[int] = _spec(None, "sampling steps (default: sample.steps)", ge=1)
+    feature: Literal["auto", "digits", "inception"] = _spec(
+        "auto", "Frechet features: digits (demo network), inception (FID); auto picks by data"
+    )
+    inception_weights: Optional[str] = _spec(None, "local Inception weights file for offline FID")
+    require_fid: bool = _spec(False, "fail (instead of recording unavailable) when FID cannot run")
+    num_reference: Optional[int] = _spec(None, "reference images (default: all)", ge=2)
+
+
+@dataclass
+class ExportConfig:
+    """ONNX export of the dense and the compressed UNet."""
+
+    precisions: list[Literal["fp32", "fp16"]] = _spec(["fp32", "fp16"], "ONNX variants to write")
+    trace_batch: int = _spec(2, "batch size of the tracing input (the batch axis stays dynamic)", ge=1)
+    fold_constants: bool = _spec(True, "constant folding with Polygraphy")
+
+
+@dataclass
+class ParityConfig:
+    """ONNX Runtime vs PyTorch parity; a breach fails the stage."""
+
+    batches: list[int] = _spec([1, 8], "batch sizes compared", ge=1)
+    timesteps: list[int] = _spec([0, 250, 500, 750, 999], "timesteps compared", ge=0)
+    atol_fp32: float = _spec(1e-4, "absolute tolerance, fp32 ONNX vs fp32 torch", ge=0.0)
+    rtol_fp32: float = _spec(1e-4, "relative tolerance, fp32", ge=0.0)
+    atol_fp16: float = _spec(2e-2, "absolute tolerance, fp16 ONNX vs fp32 torch", ge=0.0)
+    rtol_fp16: float = _spec(2e-2, "relative tolerance, fp16", ge=0.0)
+    sampler_images: int = _spec(4, "images in the sampler-level comparison", ge=1)
+    sampler_steps: int = _spec(20, "DDIM steps in the sampler-level comparison", ge=1)
+    min_psnr_fp32: float = _spec(40.0, "minimum sampler PSNR (dB), fp32", ge=0.0)
+    min_psnr_fp16: float = _spec(30.0, "minimum sampler PSNR (dB), fp16", ge=0.0)
+
+
+@dataclass
+class BenchConfig:
+    """Latency of one UNet call and of the whole sampler, dense vs compressed."""
+
+    backends: list[Literal["torch", "onnxruntime", "tensorrt"]] = _spec(
+        ["torch", "onnxruntime"], "backends to time (unavailable ones are reported as skipped)"
+    )
+    batch_sizes: list[int] = _spec([1, 16], "batch sizes", ge=1)
+    sampler_steps: int = _spec(20, "DDIM steps of the timed sampler", ge=1)
+    sampler_batch_sizes: Optional[list[int]] = _spec(None, "sampler batch sizes (default: batch_sizes)", ge=1)
+    warmup: int = _spec(3, "untimed warm-up calls", ge=0)
+    repeat: int = _spec(20, "timed UNet calls per model", ge=1)
+    sampler_repeat: int = _spec(3, "timed sampler runs per model", ge=1)
+    threads: Optional[int] = _spec(None, "CPU threads for torch and ONNX Runtime (default: all)", ge=1)
+
+
+@dataclass
+class AcceptanceConfig:
+    """Release gates; a limit left null is not checked."""
+
+    backend: Literal["torch", "onnxruntime", "tensorrt"] = _spec("onnxruntime", "backend the latency gates read")
+    batch: int = _spec(1, "batch size the latency gates read", ge=1)
+    max_unet_ms: Optional[float] = _spec(None, "max median latency of one compressed UNet call (ms)", gt=0.0)
+    max_image_ms: Optional[float] = _spec(None, "max compressed sampler latency per image (ms)", gt=0.0)
+    min_speedup: Optional[float] = _spec(None, "min UNet-call speed-up vs dense", gt=0.0)
+    min_sampler_speedup: Optional[float] = _spec(None, "min sampler speed-up vs dense", gt=0.0)
+    max_parity_error: Optional[float] = _spec(None, "max abs error, fp32 ONNX vs torch", gt=0.0)
+    min_ssim: Optional[float] = _spec(None, "min SSIM vs dense samples", ge=0.0, le=1.0)
+    max_fd_ratio: Optional[float] = _spec(None, "max Frechet distance of compressed / dense", gt=0.0)
+
+
+@dataclass
+class RunConfig:
+    """The whole run: one section per pipeline concern."""
+
+    name: str = _spec("run", "run name (default: the config file's stem)")
+    seed: int = _spec(0, "global seed", ge=0)
+    device: Literal["auto", "cpu", "cuda"] = _spec("auto", "torch device")
+    threads: Optional[int] = _spec(None, "torch CPU threads", ge=1)
+    stages: list[str] = _spec(list(DEFAULT_STAGES), "stages run when --stages is not given")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    parity: ParityConfig = field(default_factory=ParityConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    acceptance: AcceptanceConfig = field(default_factory=AcceptanceConfig)
+
+    def check(self) -> None:
+        """Cross-field rules that single-field checks cannot express."""
+        targets = [
+            k for k in ("ratio", "target_macs", "target_params") if getattr(self.prune, k) is not None
+        ]
+        if len(targets) > 1:
+            extra = " ".join(f"prune.{k}=null" for k in targets[1:])
+            raise ConfigError(
+                f"prune: {', '.join('prune.' + k for k in targets)} are all set; give exactly one "
+                f"(e.g. add `{extra}`)"
+            )
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(
+        tp, str(tp)
+    )
+
+
+def _range_text(meta: dict) -> str:
+    lo = "[" if "ge" in meta else "(" if "gt" in meta else None
+    hi = "]" if "le" in meta else ")" if "lt" in meta else None
+    lo_v = meta.get("ge", meta.get("gt"))
+    hi_v = meta.get("le", meta.get("lt"))
+    if lo and hi:
+        return f" in {lo}{lo_v}, {hi_v}{hi}"
+    if lo:
+        return f" {'>=' if lo == '[' else '>'} {lo_v}"
+    if hi:
+        return f" {'<=' if hi == ']' else '<'} {hi_v}"
+    return ""
+
+
+def _coerce(value: Any, tp: Any, key: str, meta: dict) -> Any:
+    """Check ``value`` against annotation ``tp`` and the range in ``meta``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, meta)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{key}: expected a non-empty list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]", meta) for i, v in enumerate(value)]
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices and type(value) is type(choices[choices.index(value)]):
+            return value
+        raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+    ok = False
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok:
+            value = float(value)
+            ok = math.isfinite(value)
+    elif tp is str:
+        ok = isinstance(value, str) and value != ""
+    if not ok:
+        rng = _range_text(meta)
+        raise ConfigError(f"{key}: expected {_describe(tp)}{rng}, got {value!r}")
+    bad = (
+        ("ge" in meta and value < meta["ge"])
+        or ("gt" in meta and value <= meta["gt"])
+        or ("le" in meta and value > meta["le"])
+        or ("lt" in meta and value >= meta["lt"])
+    )
+    if bad:
+        raise ConfigError(f"{key}: expected {_describe(tp)}{_range_text(meta)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        known = ", ".join(sorted(fields))
+        raise ConfigError(f"{where}{unknown[0]}: unknown key; known keys here: {known}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in data:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name], key)
+        else:
+            kwargs[name] = _coerce(data[name], tp, key, dict(f.metadata))
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse one ``dotted.key=value`` override; the value is read as a YAML scalar."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. prune.ratio=0.3")
+    key, _, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not key.strip() or any(not p.isidentifier() for p in parts):
+        raise ConfigError(f"override {text!r}: {key!r} is not a dotted config key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, (dict, list)):
+        raise ConfigError(f"override {text!r}: only scalar values can be overridden")
+    return parts, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Return a copy of the raw config mapping with ``key=value`` overrides applied."""
+    out = _deepcopy_mapping(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(parts[: i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _deepcopy_mapping(data: dict) -> dict:
+    return {k: _deepcopy_mapping(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def config_from_mapping(data: Any, overrides: list[str] | None = None) -> RunConfig:
+    """Validate a raw mapping (plus overrides) into a :class:`RunConfig`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
+    cfg = _build(RunConfig, data, "")
+    cfg.check()
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load and validate a YAML config file; ``name`` defaults to the file's stem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; pass the path of a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}; fix the syntax") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file; pass a YAML config") from None
+    if isinstance(data, dict) and "name" not in data:
+        data = {"name": path.stem, **data}
+    elif data is None:
+        data = {"name": path.stem}
+    return config_from_mapping(data, overrides)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain-dict view of a config (or one section) for records and hashing."""
+    return dataclasses.asdict(cfg)

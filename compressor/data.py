@@ -1,0 +1,132 @@
+"""Training images: scikit-learn's digits (ships with the package) or an image folder.
+
+Every dataset yields float tensors in [-1, 1] of shape (C, H, W) matching the
+model's channels and sample size. Image folders are checked up front, so that a
+corrupted file is named before hours of work start.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from compressor.config import DataConfig
+from compressor.errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+class TensorImages(Dataset):
+    """Images held in memory as one tensor (N, C, H, W) in [-1, 1]."""
+
+    def __init__(self, images: torch.Tensor, name: str) -> None:
+        self.images = images
+        self.name = name
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+
+class ImageFolder(Dataset):
+    """PNG/JPEG files under a folder, resized (shorter side) and centre-cropped."""
+
+    def __init__(self, files: list[Path], channels: int, size: int, name: str) -> None:
+        self.files = files
+        self.channels = channels
+        self.size = size
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return load_image(self.files[i], self.channels, self.size)
+
+
+def load_image(path: Path, channels: int, size: int) -> torch.Tensor:
+    """Decode one image into (C, size, size) in [-1, 1]; raises DataError naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+            w, h = img.size
+            scale = size / min(w, h)
+            img = img.resize(
+                (max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC
+            )
+            w, h = img.size
+            left, top = (w - size) // 2, (h - size) // 2
+            img = img.crop((left, top, left + size, top + size))
+            data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(
+            f"{path}: cannot decode image ({type(exc).__name__}); remove or replace the file"
+        ) from None
+    data = data.view(size, size, channels).permute(2, 0, 1).float() / 127.5 - 1.0
+    if channels not in (1, 3):
+        raise DataError(f"models with {channels} input channels cannot be trained on images")
+    return data
+
+
+def digits_images(size: int, channels: int) -> torch.Tensor:
+    """scikit-learn's 1,797 8x8 digits, upsampled to ``size`` and scaled to [-1, 1]."""
+    from sklearn.datasets import load_digits
+
+    raw = torch.tensor(load_digits().images, dtype=torch.float32) / 16.0  # (N, 8, 8) in [0, 1]
+    x = F.interpolate(raw[:, None], size=(size, size), mode="bilinear", align_corners=False)
+    x = x.clamp(0, 1) * 2 - 1
+    return x.expand(-1, channels, -1, -1).contiguous()
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursive, sorted for reproducibility)."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def load_dataset(cfg: DataConfig, channels: int, size: int, check: bool = True) -> Dataset:
+    """The dataset named by ``cfg.source``; raises DataError for unusable input."""
+    if cfg.source == "digits":
+        images = digits_images(size, channels)
+        if cfg.max_images:
+            images = images[: cfg.max_images]
+        return TensorImages(images, "digits")
+    folder = Path(cfg.source).expanduser()
+    if not folder.exists():
+        raise DataError(f"data.source={cfg.source!r}: folder not found; use 'digits' or an image folder")
+    if not folder.is_dir():
+        raise DataError(f"data.source={cfg.source!r} is not a directory; point it at a folder of images")
+    files = list_images(folder)
+    if not files:
+        raise DataError(
+            f"data.source={cfg.source!r}: no PNG/JPEG images found; put training images in the folder"
+        )
+    if cfg.max_images:
+        files = files[: cfg.max_images]
+    if check:
+        for path in files:
+            load_image(path, channels, size)
+    return ImageFolder(files, channels, size, str(folder))
+
+
+def stack(dataset: Dataset, count: int | None = None) -> torch.Tensor:
+    """The first ``count`` images of a dataset as one tensor."""
+    if isinstance(dataset, TensorImages):
+        return dataset.images[:count]
+    n = len(dataset) if count is None else min(count, len(dataset))
+    return torch.stack([dataset[i] for i in range(n)])
+
+
+def require_images(dataset: Dataset, needed: int, purpose: str) -> None:
+    """Raise DataError when ``dataset`` holds fewer than ``needed`` images."""
+    if len(dataset) < needed:
+        raise DataError(
+            f"dataset has {len(dataset)} images but {purpose} needs {needed}; add images or lower "
+            "the batch size"
+        )

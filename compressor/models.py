@@ -1,0 +1,265 @@
+"""Loading diffusers UNets and their schedulers, and calling them uniformly.
+
+A model is named by ``model.name``: a local diffusers folder, a hub id, or one of
+the shipped architecture names (JSON files in ``compressor/architectures``). With
+``model.init=random`` a shipped architecture is built offline with seeded random
+weights; with ``pretrained`` it loads the local copy shipped in
+``compressor/assets`` (the demo model) or the architecture's hub id.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from compressor.config import ModelConfig
+from compressor.errors import ModelError
+
+ARCH_DIR = Path(__file__).parent / "architectures"
+ASSET_DIR = Path(__file__).parent / "assets"
+SUPPORTED_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+CONTEXT_LENGTH = 77  # token count of the conditioning sequence fed to conditional UNets
+
+NoisePredictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class LoadedModel:
+    """A UNet, its scheduler config and where it came from."""
+
+    unet: nn.Module
+    scheduler_config: dict
+    source: dict = field(default_factory=dict)
+
+
+def shipped_architectures() -> list[str]:
+    """Names of the architecture configs that ship with the package."""
+    return sorted(p.stem for p in ARCH_DIR.glob("*.json"))
+
+
+def architecture_spec(name: str) -> dict:
+    """The shipped JSON for ``name`` (keys: unet, scheduler, hub_id)."""
+    path = ARCH_DIR / f"{name}.json"
+    if not path.is_file():
+        raise ModelError(
+            f"model.name={name!r} is not a shipped architecture; choose one of "
+            f"{', '.join(shipped_architectures())}"
+        )
+    return json.loads(path.read_text())
+
+
+def unet_class(class_name: str) -> type:
+    """The diffusers class for a config's ``_class_name``."""
+    import diffusers
+
+    if class_name not in SUPPORTED_CLASSES:
+        raise ModelError(
+            f"model class {class_name!r} is not supported; use a UNet2DModel or UNet2DConditionModel"
+        )
+    return getattr(diffusers, class_name)
+
+
+def build_unet(unet_config: dict, seed: int = 0) -> nn.Module:
+    """Instantiate a UNet from a diffusers config dict with seeded random weights."""
+    cls = unet_class(unet_config.get("_class_name", "UNet2DModel"))
+    torch.manual_seed(seed)
+    try:
+        return cls.from_config(unet_config)
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"invalid UNet config: {exc}; check the architecture JSON") from None
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
+
+
+def _load_folder(folder: Path) -> LoadedModel:
+    """Load a diffusers UNet + scheduler from a local folder (pipeline or model layout)."""
+    unet_dir = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
+    sched_file = next(
+        (
+            p
+            for p in (folder / "scheduler" / "scheduler_config.json", folder / "scheduler_config.json")
+            if p.is_file()
+        ),
+        None,
+    )
+    cfg_file = unet_dir / "config.json"
+    if not cfg_file.is_file():
+        raise ModelError(
+            f"{folder}: no config.json (or unet/config.json); point model.name at a diffusers model folder"
+        )
+    try:
+        unet_cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModelError(f"{cfg_file}: not valid JSON; re-download or re-save the model") from None
+    cls = unet_class(unet_cfg.get("_class_name", ""))
+    try:
+        unet = cls.from_pretrained(str(unet_dir), local_files_only=True)
+    except (OSError, ValueError, RuntimeError, EnvironmentError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"{unet_dir}: cannot load UNet weights ({first[:200]}); re-save the model"
+        ) from None
+    if sched_file is None:
+        raise ModelError(f"{folder}: no scheduler_config.json; save the scheduler beside the UNet")
+    scheduler_config = json.loads(sched_file.read_text())
+    return LoadedModel(unet, scheduler_config, {"kind": "folder", "path": str(folder)})
+
+
+def _load_hub(hub_id: str) -> LoadedModel:
+    """Download (or read from the local cache) a hub model; fails clearly offline."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*/*.json", "*/*.safetensors"])
+    except Exception as exc:  # noqa: BLE001 - hub errors come in many types
+        raise ModelError(
+            f"cannot fetch {hub_id!r} from the Hugging Face hub ({type(exc).__name__}); without network, "
+            "download it elsewhere and set model.name to the local folder, or use model.init=random"
+        ) from None
+    loaded = _load_folder(Path(path))
+    loaded.source = {"kind": "hub", "hub_id": hub_id}
+    return loaded
+
+
+def _shipped(folder: Path, name: str, suffix: str = "") -> bool:
+    """True when ``name`` is a plain name (not a path) of an entry in ``folder``."""
+    return re.fullmatch(r"[\w.-]+", name) is not None and (folder / f"{name}{suffix}").exists()
+
+
+def load_model(cfg: ModelConfig, seed: int = 0) -> LoadedModel:
+    """Load the UNet named by ``cfg`` (see module docstring); raises ModelError."""
+    name = cfg.name
+    path = Path(name).expanduser()
+    if cfg.init == "random":
+        if _shipped(ARCH_DIR, name, ".json"):
+            spec = architecture_spec(name)
+            unet_cfg, sched = spec["unet"], spec["scheduler"]
+        elif path.is_dir():
+            loaded_cfg = _read_folder_configs(path)
+            unet_cfg, sched = loaded_cfg
+        else:
+            raise ModelError(
+                f"model.name={name!r}: model.init=random needs a shipped architecture "
+                f"({', '.join(shipped_architectures())}) or a local diffusers folder"
+            )
+        if cfg.sample_size is not None:
+            unet_cfg = {**unet_cfg, "sample_size": cfg.sample_size}
+        unet = build_unet(unet_cfg, seed)
+        return LoadedModel(unet, dict(sched), {"kind": "random", "architecture": name, "seed": seed})
+    if _shipped(ASSET_DIR, name):
+        loaded = _load_folder(ASSET_DIR / name)
+        loaded.source = {"kind": "shipped", "name": name}
+    elif _shipped(ARCH_DIR, name, ".json"):
+        spec = architecture_spec(name)
+        loaded = _load_hub(spec["hub_id"])
+    elif path.is_dir():
+        loaded = _load_folder(path)
+    elif path.exists():
+        raise ModelError(f"model.name={name!r} is a file, not a diffusers model folder")
+    elif _looks_like_hub_id(name) and not name.startswith((".", "/", "~")):
+        loaded = _load_hub(name)
+    else:
+        raise ModelError(
+            f"model folder {name!r} does not exist; give a local diffusers folder, a hub id "
+            f"(org/name) or one of {', '.join(shipped_architectures())}"
+        )
+    if cfg.sample_size is not None:
+        loaded.unet.register_to_config(sample_size=cfg.sample_size)
+    return loaded
+
+
+def _read_folder_configs(path: Path) -> tuple[dict, dict]:
+    unet_dir = path / "unet" if (path / "unet" / "config.json").is_file() else path
+    cfg_file = unet_dir / "config.json"
+    if not cfg_file.is_file():
+        raise ModelError(f"{path}: no config.json; point model.name at a diffusers model folder")
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    if not sched_file.is_file():
+        sched_file = path / "scheduler_config.json"
+    sched = json.loads(sched_file.read_text()) if sched_file.is_file() else {}
+    return json.loads(cfg_file.read_text()), sched
+
+
+def is_conditional(unet: nn.Module) -> bool:
+    """True for UNets that take ``encoder_hidden_states`` (cross-attention)."""
+    return type(unet).__name__ == "UNet2DConditionModel"
+
+
+def sample_shape(unet: nn.Module, batch: int) -> tuple[int, int, int, int]:
+    """Shape of one batch of the UNet's input samples."""
+    size = unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return (batch, unet.config.in_channels, h, w)
+
+
+def null_context(unet: nn.Module, batch: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """The fixed conditioning used for unconditional use of a conditional UNet (zeros)."""
+    if not is_conditional(unet):
+        return None
+    return torch.zeros(batch, CONTEXT_LENGTH, unet.config.cross_attention_dim, device=device)
+
+
+def example_inputs(unet: nn.Module, batch: int = 1, device: torch.device | str = "cpu") -> dict:
+    """Keyword inputs for tracing/counting: sample, timestep (and context if conditional)."""
+    g = torch.Generator().manual_seed(0)
+    inputs: dict[str, Any] = {
+        "sample": torch.randn(sample_shape(unet, batch), generator=g).to(device),
+        "timestep": torch.full((batch,), 10, dtype=torch.long, device=device),
+    }
+    ctx = null_context(unet, batch, device)
+    if ctx is not None:
+        inputs["encoder_hidden_states"] = ctx
+    return inputs
+
+
+def predict_noise(unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """Call a diffusers UNet as ``(sample, timestep) -> noise`` (plain tensor out)."""
+    if timestep.dim() == 0:
+        timestep = timestep.expand(sample.shape[0])
+    ctx = null_context(unet, sample.shape[0], sample.device)
+    if ctx is not None:
+        ctx = ctx.to(sample.dtype)
+        return unet(sample, timestep, encoder_hidden_states=ctx, return_dict=False)[0]
+    return unet(sample, timestep, return_dict=False)[0]
+
+
+def as_noise_predictor(unet: nn.Module) -> NoisePredictor:
+    """Wrap a torch UNet as the backend-agnostic ``unet(sample, timestep) -> noise`` callable."""
+
+    def call(sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return predict_noise(unet, sample, timestep)
+
+    return call
+
+
+def count_macs_params(unet: nn.Module) -> tuple[int, int]:
+    """MACs of one batch-1 forward and the parameter count (torch-pruning's counter)."""
+    import torch_pruning as tp
+
+    device = next(unet.parameters()).device
+    was_training = unet.training
+    unet.eval()
+    with torch.no_grad():
+        macs, params = tp.utils.count_ops_and_params(unet, example_inputs(unet, 1, device))
+    unet.train(was_training)
+    return int(macs), int(params)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available, else CPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        from compressor.errors import ConfigError
+
+        raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

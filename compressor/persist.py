@@ -1,0 +1,138 @@
+"""Saving and loading (pruned) UNets without pickle.
+
+A saved model is two files: ``unet.safetensors`` (the weights) and ``unet.json``
+(the dense diffusers config, the torch-pruning history that rebuilds the pruned
+structure from it, the kept widths and every parameter shape). Loading builds the
+dense architecture, replays the history, checks every shape and loads the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compressor.errors import ModelError
+from compressor.models import build_unet
+from compressor.pruning import replay_history, sync_module_attributes
+
+FORMAT = "compress-deploy/unet"
+FORMAT_VERSION = 1
+
+
+def dense_config(unet: nn.Module) -> dict:
+    """The diffusers config dict of ``unet`` (dense widths; pruning does not change it)."""
+    cfg = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    cfg["_class_name"] = type(unet).__name__
+    return json.loads(json.dumps(cfg, default=list))
+
+
+def save_unet(
+    unet: nn.Module,
+    folder: Path,
+    config: dict,
+    history: list | None = None,
+    kept_widths: dict | None = None,
+    extra: dict | None = None,
+) -> list[Path]:
+    """Write ``unet.safetensors`` + ``unet.json`` into ``folder``; returns the files written.
+
+    ``config`` is the dense diffusers config the pruning history applies to.
+    Files are written under temporary names and renamed into place.
+    """
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}
+    meta = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "unet_config": config,
+        "history": history or [],
+        "kept_widths": kept_widths or {},
+        "shapes": {k: list(v.shape) for k, v in state.items()},
+        **(extra or {}),
+    }
+    weights, plan = folder / "unet.safetensors", folder / "unet.json"
+    tmp_w, tmp_p = weights.with_suffix(".safetensors.tmp"), plan.with_suffix(".json.tmp")
+    save_file(state, str(tmp_w))
+    tmp_p.write_text(json.dumps(meta, indent=1))
+    tmp_w.replace(weights)
+    tmp_p.replace(plan)
+    return [weights, plan]
+
+
+def read_plan(folder: Path) -> dict:
+    """Read and check ``unet.json``; raises ModelError when missing or foreign."""
+    plan_file = folder / "unet.json"
+    if not plan_file.is_file():
+        raise ModelError(f"{folder}: no unet.json; run the stage that writes this model first")
+    try:
+        meta = json.loads(plan_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModelError(f"{plan_file}: not valid JSON (truncated?); rerun the stage that wrote it") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ModelError(f"{plan_file}: not a compress-deploy model file; rerun the stage that wrote it")
+    return meta
+
+
+def load_unet(folder: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a saved (pruned) UNet exactly; returns it (eval mode) and its metadata.
+
+    Raises ModelError for a missing, truncated or mismatched model (e.g. a pruning
+    plan from another architecture).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta = read_plan(folder)
+    weights = folder / "unet.safetensors"
+    if not weights.is_file():
+        raise ModelError(f"{folder}: no unet.safetensors; rerun the stage that writes this model")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(
+            f"{weights}: unreadable weights ({str(exc)[:120]}); the file is truncated or corrupted, "
+            "rerun the stage that wrote it"
+        ) from None
+    unet = build_unet(meta["unet_config"])
+    if meta["history"]:
+        try:
+            replay_history(unet, meta["history"])
+        except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError):
+            raise ModelError(
+                f"{folder / 'unet.json'}: the pruning plan does not fit its architecture "
+                "(a plan from another model?); rerun the prune stage"
+            ) from None
+    sync_module_attributes(unet)
+    expected = {k: list(v.shape) for k, v in unet.state_dict().items()}
+    found = {k: list(v.shape) for k, v in state.items()}
+    if expected != found:
+        diff = _diff(expected, found)
+        raise ModelError(
+            f"{weights}: weights do not match the pruned architecture ({diff[0]}); the weights and "
+            "unet.json come from different runs, rerun the stage that wrote them"
+        )
+    unet.load_state_dict(state, strict=True)
+    return unet.to(device).eval(), meta
+
+
+def _diff(expected: dict, found: dict) -> list[str]:
+    out = []
+    for k in sorted(set(expected) | set(found)):
+        if expected.get(k) != found.get(k):
+            out.append(f"{k}: expected {expected.get(k)}, found {found.get(k)}")
+    return out
+
+
+def as_pipeline(unet: nn.Module, scheduler_config: dict, kind: str = "ddim"):
+    """The UNet inside a diffusers DDIMPipeline/DDPMPipeline (unconditional UNets)."""
+    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
+
+    if kind == "ddim":
+        return DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler_config))
+    return DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(scheduler_config))

@@ -1,0 +1,92 @@
+"""Quality measures: denoising loss, SSIM/PSNR consistency, and Frechet distances.
+
+SSIM and PSNR (data range [0, 1]) compare dense and compressed samples generated
+from the same noise: the paper's consistency measure. Frechet distances go
+through torchmetrics' ``FrechetInceptionDistance``: with the standard Inception
+network (reported as ``fid``; needs its weights file, offline via a local path)
+or with the project's own digits feature network (reported as ``fd_digits``,
+never called FID).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compressor.errors import UserError
+from compressor.pruning import denoising_loss
+
+EVAL_TIMESTEPS = (10, 50, 100, 200, 300, 400, 500, 600, 800, 950)
+
+
+def denoising_eval_loss(
+    unet: nn.Module, noise_scheduler, images: torch.Tensor, seed: int, timesteps=EVAL_TIMESTEPS
+) -> float:
+    """Mean epsilon-MSE over fixed timesteps and fixed noise (comparable across models)."""
+    g = torch.Generator().manual_seed(seed + 12345)
+    noise = torch.randn(images.shape, generator=g).to(images.device)
+    was_training = unet.training
+    unet.eval()
+    with torch.no_grad():
+        losses = [float(denoising_loss(unet, noise_scheduler, images, noise, t)) for t in timesteps]
+    unet.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean SSIM between two batches in [0, 1] (data range 1)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    size = min(a.shape[-1], a.shape[-2])
+    kernel = min(11, size - (1 - size % 2))
+    return float(structural_similarity_index_measure(a.float(), b.float(), data_range=1.0, kernel_size=kernel))
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB between two batches in [0, 1] (data range 1)."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    return float(peak_signal_noise_ratio(a.float(), b.float(), data_range=1.0))
+
+
+class FeatureAdapter(nn.Module):
+    """Feed images in [0, 1] of any channel count to a feature network that wants ``channels``."""
+
+    def __init__(self, net: nn.Module, channels: int, num_features: int) -> None:
+        super().__init__()
+        self.net = net
+        self.channels = channels
+        self.num_features = num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if x.max() > 1.5:  # torchmetrics passes uint8-range images when normalize=False
+            x = x / 255.0
+        if x.shape[1] != self.channels:
+            x = x.mean(1, keepdim=True) if self.channels == 1 else x.expand(-1, self.channels, -1, -1)
+        return self.net(x)
+
+
+def frechet_distance(real: torch.Tensor, fake: torch.Tensor, feature: nn.Module | int, weights: str | None = None) -> float:
+    """Frechet distance between feature statistics of ``real`` and ``fake`` (both in [0, 1])."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if isinstance(feature, int):
+        if weights is not None and not Path(weights).is_file():
+            raise UserError(f"quality.inception_weights={weights!r}: file not found; copy the weights there")
+        metric = FrechetInceptionDistance(feature=feature, normalize=True, feature_extractor_weights_path=weights)
+        real, fake = _rgb(real), _rgb(fake)
+    else:
+        metric = FrechetInceptionDistance(feature=feature, normalize=True)
+    metric = metric.double() if not isinstance(feature, int) else metric
+    for batch in real.split(256):
+        metric.update(batch, real=True)
+    for batch in fake.split(256):
+        metric.update(batch, real=False)
+    return float(metric.compute())
+
+
+def _rgb(x: torch.Tensor) -> torch.Tensor:
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x

@@ -1,0 +1,137 @@
+"""One explicit, backend-agnostic sampling loop over diffusers schedulers.
+
+Any ``unet(sample, timestep) -> noise`` callable plugs in: a torch module (see
+:func:`compressor.models.as_noise_predictor`), an ONNX Runtime session or a
+TensorRT engine. Image ``i`` always starts from the noise of seed ``seed + i``, so
+dense and pruned models (and every backend) are compared on the same noise.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from compressor.models import NoisePredictor
+
+
+def make_scheduler(kind: str, scheduler_config: dict):
+    """A fresh DDIM or DDPM scheduler built from a model's scheduler config."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    cls = DDIMScheduler if kind == "ddim" else DDPMScheduler
+    cfg = {k: v for k, v in scheduler_config.items() if k != "_class_name"}
+    return cls.from_config(cfg)
+
+
+def initial_noise(shape: tuple[int, int, int], seeds: list[int]) -> torch.Tensor:
+    """Stacked starting noise, one generator per image so batching never changes it."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+def denoise(
+    predict: NoisePredictor,
+    scheduler,
+    noise: torch.Tensor,
+    steps: int,
+    eta: float = 0.0,
+    seed: int = 0,
+    on_step: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Run the reverse process from ``noise``; returns images in [0, 1] (CPU, float32)."""
+    scheduler = copy.deepcopy(scheduler)
+    # 1. choose the timesteps the sampler visits
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator(device=noise.device).manual_seed(seed)
+    x = noise * scheduler.init_noise_sigma
+    step_kwargs = {"eta": eta} if "eta" in _step_params(scheduler) else {}
+    for i, t in enumerate(scheduler.timesteps):
+        # 2. predict the noise at this timestep
+        timestep = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
+        eps = predict(x, timestep).to(x.dtype)
+        # 3. let the scheduler take one reverse step
+        x = scheduler.step(eps, t, x, generator=generator, **step_kwargs).prev_sample
+        if on_step:
+            on_step(i)
+    # 4. map from [-1, 1] to [0, 1]
+    return ((x.float().cpu() + 1) / 2).clamp(0, 1)
+
+
+def _step_params(scheduler) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(scheduler.step).parameters)
+
+
+def generate(
+    predict: NoisePredictor,
+    scheduler,
+    image_shape: tuple[int, int, int],
+    num_images: int,
+    steps: int,
+    eta: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    on_batch: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """``num_images`` images from seeds ``seed .. seed + num_images - 1`` in batches."""
+    out = []
+    for start in range(0, num_images, batch_size):
+        seeds = list(range(seed + start, seed + min(num_images, start + batch_size)))
+        noise = initial_noise(image_shape, seeds).to(device=device, dtype=dtype)
+        out.append(denoise(predict, scheduler, noise, steps, eta, seed + start))
+        if on_batch:
+            on_batch(len(seeds))
+    return torch.cat(out)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) in [0, 1] -> (N, H, W, C) uint8."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def grid_image(images: torch.Tensor, nrow: int = 8, pad: int = 2, scale: int = 1):
+    """A PIL image tiling ``images`` (N, C, H, W in [0, 1]) in rows of ``nrow``."""
+    from PIL import Image
+
+    arr = to_uint8(images)
+    n, h, w, c = arr.shape
+    rows = (n + nrow - 1) // nrow
+    canvas = torch.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        canvas[y : y + h, x : x + w] = arr[i]
+    mode = "L" if c == 1 else "RGB"
+    img = Image.fromarray(canvas.squeeze(-1).numpy() if c == 1 else canvas.numpy(), mode)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    return img
+
+
+def save_comparison(rows: dict[str, torch.Tensor], path: Path, nrow: int = 8) -> Path:
+    """Save labelled grids one above the other (e.g. dense vs pruned from the same seeds)."""
+    from PIL import Image, ImageDraw
+
+    h_img = next(iter(rows.values())).shape[-1]
+    scale = max(1, 64 // h_img)
+    grids = {label: grid_image(imgs, nrow, scale=scale) for label, imgs in rows.items()}
+    label_h = 16
+    width = max(g.width for g in grids.values())
+    height = sum(g.height + label_h for g in grids.values())
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    y = 0
+    for label, g in grids.items():
+        draw.text((4, y + 2), label, fill="black")
+        canvas.paste(g.convert("RGB"), (0, y + label_h))
+        y += g.height + label_h
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    canvas.save(tmp, format="PNG")
+    tmp.replace(path)
+    return path

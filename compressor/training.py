@@ -1,0 +1,265 @@
+"""DDPM training and finetuning (epsilon-prediction loss) on Hugging Face Accelerate.
+
+The same loop trains the demo's dense base model and finetunes pruned models, on
+one CPU or many GPUs (``accelerate launch`` / ``torchrun``). Every step draws its
+batch indices, noise, timesteps and dropout from generators seeded by
+``(seed, step)``, so a run resumed from a checkpoint replays exactly the steps an
+uninterrupted run would take, and N processes see the same global batch as one.
+Checkpoints are safetensors plus JSON (no pickle), written atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compressor.config import FinetuneConfig
+from compressor.errors import ConfigError, ModelError
+from compressor.models import predict_noise
+
+CKPT_PREFIX = "step-"
+
+
+@dataclass
+class TrainResult:
+    """The trained weights (raw and EMA) and the loss curve."""
+
+    unet: nn.Module
+    ema_unet: nn.Module
+    losses: list[list[float]] = field(default_factory=list)  # [step, loss]
+    resumed_from: int | None = None
+    steps_per_second: float = 0.0
+    world_size: int = 1
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator for everything random in one training step."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def draw_batch(
+    images, num_images: int, batch: int, sample_shape: tuple, num_train_timesteps: int, seed: int, step: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The global batch of step ``step``: (clean images, noise, timesteps)."""
+    g = step_generator(seed, step)
+    idx = torch.randint(num_images, (batch,), generator=g)
+    noise = torch.randn((batch, *sample_shape), generator=g)
+    t = torch.randint(0, num_train_timesteps, (batch,), generator=g)
+    x0 = torch.stack([images[int(i)] for i in idx])
+    return x0, noise, t
+
+
+def lr_factor(step: int, cfg: FinetuneConfig) -> float:
+    """Learning-rate multiplier: linear warm-up, then constant, cosine or linear decay."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return max(0.0, 1.0 - progress)
+
+
+def make_optimizer(unet: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    """Adam or AdamW over the UNet's parameters."""
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_ema(unet: nn.Module, cfg: FinetuneConfig):
+    """diffusers' EMAModel; with warm-up the decay grows as 1 - (1 + step)^-power."""
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(
+        unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=cfg.ema_warmup, power=cfg.ema_power
+    )
+
+
+# -- checkpoints -------------------------------------------------------------------------
+
+
+def save_checkpoint(folder: Path, step: int, unet: nn.Module, opt, ema, losses: list) -> Path:
+    """Write a checkpoint atomically (temporary folder renamed into place)."""
+    from safetensors.torch import save_file
+
+    final = folder / f"{CKPT_PREFIX}{step:08d}"
+    tmp = folder / f".tmp-{CKPT_PREFIX}{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}, str(tmp / "model.safetensors"))
+    ema_state = ema.state_dict()
+    shadow = ema_state.pop("shadow_params")
+    save_file({f"{i}": p.detach().contiguous().cpu() for i, p in enumerate(shadow)}, str(tmp / "ema.safetensors"))
+    opt_state = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in opt_state["state"].items():
+        for key, val in st.items():
+            if torch.is_tensor(val):
+                tensors[f"{idx}.{key}"] = val.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{key}"] = val
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    meta = {
+        "step": step,
+        "losses": losses,
+        "ema": {k: v for k, v in ema_state.items() if not torch.is_tensor(v)},
+        "optimizer": {"param_groups": opt_state["param_groups"], "scalars": scalars},
+    }
+    (tmp / "trainer.json").write_text(json.dumps(meta))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint folder, if any."""
+    if not folder.is_dir():
+        return None
+    done = sorted(p for p in folder.glob(f"{CKPT_PREFIX}*") if (p / "trainer.json").is_file())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, unet: nn.Module, opt, ema) -> tuple[int, list]:
+    """Restore model, optimizer and EMA from ``path``; returns (step, losses)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((path / "trainer.json").read_text())
+        model_state = load_file(str(path / "model.safetensors"))
+        ema_tensors = load_file(str(path / "ema.safetensors"))
+        opt_tensors = load_file(str(path / "optimizer.safetensors"))
+    except (OSError, ValueError, SafetensorError, json.JSONDecodeError) as exc:
+        raise ModelError(
+            f"checkpoint {path} is corrupted or incomplete ({type(exc).__name__}); delete it to resume "
+            "from the previous one, or rerun with --force finetune"
+        ) from None
+    own = {k: list(v.shape) for k, v in unet.state_dict().items()}
+    if own != {k: list(v.shape) for k, v in model_state.items()}:
+        raise ModelError(
+            f"checkpoint {path} belongs to a different architecture; delete the checkpoints folder "
+            "or rerun with --force finetune"
+        )
+    unet.load_state_dict(model_state)
+    state: dict = {}
+    for key, val in opt_tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = val
+    for key, val in meta["optimizer"]["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = val
+    opt.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    ema_state = dict(meta["ema"])
+    ema_state["shadow_params"] = [ema_tensors[str(i)] for i in range(len(ema_tensors))]
+    ema.load_state_dict(ema_state)
+    return int(meta["step"]), meta["losses"]
+
+
+# -- the loop ----------------------------------------------------------------------------
+
+
+def train(
+    unet: nn.Module,
+    noise_scheduler,
+    images,
+    cfg: FinetuneConfig,
+    checkpoint_dir: Path,
+    seed: int,
+    device: torch.device,
+    resume: bool = True,
+    on_step: Callable[[int, float, float], None] | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train ``unet`` on ``images`` (indexable, items (C, H, W) in [-1, 1]) for ``cfg.steps``.
+
+    Data-parallel when started under ``accelerate launch``/``torchrun``: the global
+    batch ``cfg.batch_size`` is split evenly over processes and gradient
+    accumulation micro-batches. ``stop_after`` ends early (tests of resume).
+    """
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(
+        cpu=device.type == "cpu",
+        mixed_precision=cfg.mixed_precision if device.type == "cuda" else "no",
+    )
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_step = world * cfg.grad_accum
+    if cfg.batch_size % per_step:
+        raise ConfigError(
+            f"finetune.batch_size={cfg.batch_size} must be divisible by processes x grad_accum = {per_step}"
+        )
+    micro = cfg.batch_size // per_step
+    num_images = len(images)
+    if num_images < micro:
+        raise ConfigError(
+            f"the dataset has {num_images} images, fewer than one micro-batch ({micro}); "
+            "lower finetune.batch_size or add images"
+        )
+    unet = unet.to(accelerator.device)
+    unet.train()
+    opt = make_optimizer(unet, cfg)
+    ema = make_ema(unet, cfg)
+    start, losses, resumed_from = 0, [], None
+    ckpt = latest_checkpoint(checkpoint_dir) if resume else None
+    if ckpt is not None:
+        start, losses = load_checkpoint(ckpt, unet, opt, ema)
+        resumed_from = start
+    model, opt = accelerator.prepare(unet, opt)
+    ema.to(accelerator.device)
+    sample_shape = tuple(images[0].shape)
+    num_t = noise_scheduler.config.num_train_timesteps
+    began, done = time.perf_counter(), 0
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    for step in range(start, end):
+        x0, noise, t = draw_batch(images, num_images, cfg.batch_size, sample_shape, num_t, seed, step)
+        lo = rank * cfg.grad_accum * micro
+        torch.manual_seed(seed * 7_919 + step * world + rank)  # dropout, if the model has any
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, cfg)
+        step_loss = torch.zeros((), device=accelerator.device)
+        for k in range(cfg.grad_accum):
+            sl = slice(lo + k * micro, lo + (k + 1) * micro)
+            xb, nb, tb = (v[sl].to(accelerator.device) for v in (x0, noise, t))
+            sync = accelerator.no_sync(model) if k < cfg.grad_accum - 1 else contextlib.nullcontext()
+            with sync, accelerator.autocast():
+                noisy = noise_scheduler.add_noise(xb, nb, tb)
+                loss = F.mse_loss(predict_noise(model, noisy, tb).float(), nb) / cfg.grad_accum
+                accelerator.backward(loss)
+            step_loss += loss.detach()
+        if cfg.grad_clip > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.step(accelerator.unwrap_model(model).parameters())
+        mean_loss = float(accelerator.reduce(step_loss, "mean"))
+        done += 1
+        if (step + 1) % cfg.log_every == 0 or step == start:
+            losses.append([step + 1, mean_loss])
+        if on_step and accelerator.is_main_process:
+            on_step(step + 1, mean_loss, done / (time.perf_counter() - began))
+        last = step + 1 == end
+        if (step + 1) % cfg.checkpoint_every == 0 or last:
+            if accelerator.is_main_process:
+                save_checkpoint(checkpoint_dir, step + 1, accelerator.unwrap_model(model), opt, ema, losses)
+            accelerator.wait_for_everyone()
+    raw = accelerator.unwrap_model(model)
+    raw.eval()
+    ema_unet = copy.deepcopy(raw)
+    ema.copy_to(ema_unet.parameters())
+    elapsed = time.perf_counter() - began
+    return TrainResult(
+        raw, ema_unet.eval(), losses, resumed_from, done / elapsed if elapsed > 0 else 0.0, world
+    )

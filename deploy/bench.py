@@ -1,0 +1,83 @@
+"""Latency measurement: dense and compressed alternately, so that drift cancels.
+
+Each measurement is a warm-up, then repeated timed calls with a device synchronise
+around each (``torch.cuda.synchronize`` on CUDA). Medians and 95th percentiles are
+reported in milliseconds, for one UNet call and for the whole sampler (UNet x steps
++ scheduler, the loop users run).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from compressor.sampling import denoise, initial_noise
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def percentile_ms(samples: list[float]) -> tuple[float, float]:
+    """(median, p95) of durations in seconds, as milliseconds."""
+    arr = np.asarray(samples) * 1000.0
+    return float(np.median(arr)), float(np.percentile(arr, 95))
+
+
+def time_alternating(calls: dict[str, Callable[[], object]], warmup: int, repeat: int) -> dict[str, list[float]]:
+    """Warm each call up, then time them in turns (A, B, A, B, ...); seconds per call."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    _sync()
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(repeat):
+        for name, fn in calls.items():
+            _sync()
+            start = time.perf_counter()
+            fn()
+            _sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def unet_call(predict, shape: tuple, batch: int, device) -> Callable[[], object]:
+    """One UNet call on fixed inputs."""
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn((batch, *shape), generator=g).to(device)
+    timestep = torch.full((batch,), 500, dtype=torch.long, device=device)
+    return lambda: predict(sample, timestep)
+
+
+def sampler_call(predict, scheduler, shape: tuple, batch: int, steps: int, device) -> Callable[[], object]:
+    """One whole DDIM sampler run from fixed noise."""
+    noise = initial_noise(shape, list(range(batch))).to(device)
+    return lambda: denoise(predict, scheduler, noise, steps)
+
+
+def host_facts() -> dict:
+    """CPU/GPU description for the record."""
+    facts = {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        facts.update(
+            gpu=props.name,
+            compute_capability=f"{props.major}.{props.minor}",
+            cuda=torch.version.cuda,
+        )
+        try:
+            import subprocess
+
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=10, check=False,
+            )
+            facts["driver"] = out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
+        except (OSError, subprocess.SubprocessError):
+            facts["driver"] = None
+    return facts

@@ -1,0 +1,154 @@
+"""The one parity helper: run backends on the same feeds through Polygraphy's comparator.
+
+Used by the ``parity`` stage and by the tests. Any Polygraphy runner takes part: the
+:class:`TorchRunner` reference (CPU or CUDA, unlike Polygraphy's CUDA-only PytRunner),
+``OnnxrtRunner`` and, on GPU hosts, ``TrtRunner``. Polygraphy's
+``CompareFunc.simple`` decides pass/fail with the stated tolerances; the error
+statistics reported beside it (max/median absolute error, cosine similarity) are
+computed from the same outputs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from compressor.models import predict_noise, sample_shape
+
+
+def quiet_polygraphy() -> None:
+    """Keep Polygraphy's and ONNX Runtime's info logs out of the user's terminal."""
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.CRITICAL
+    try:
+        import onnxruntime as ort
+
+        ort.set_default_logger_severity(3)
+    except ImportError:
+        pass
+
+
+def make_torch_runner(unet: nn.Module, name: str, device: str = "cpu"):
+    """A Polygraphy runner calling a torch UNet as ``(sample, timestep) -> noise``."""
+    from polygraphy.backend.base import BaseRunner
+    from polygraphy.common import TensorMetadata
+
+    class TorchRunner(BaseRunner):
+        def __init__(self) -> None:
+            super().__init__(name=name, prefix="torch-runner")
+            self.unet = unet.to(device).eval()
+
+        def get_input_metadata_impl(self):
+            meta = TensorMetadata()
+            meta.add("sample", np.float32, (-1, *sample_shape(unet, 1)[1:]))
+            meta.add("timestep", np.int64, (-1,))
+            return meta
+
+        def infer_impl(self, feed_dict):
+            sample = torch.from_numpy(np.ascontiguousarray(feed_dict["sample"])).to(device)
+            timestep = torch.from_numpy(np.ascontiguousarray(feed_dict["timestep"])).to(device)
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = predict_noise(self.unet, sample, timestep).float().cpu().numpy()
+            self.inference_time = time.perf_counter() - start
+            return OrderedDict(noise=out)
+
+    return TorchRunner()
+
+
+def make_onnxrt_runner(path: Path, name: str, providers: list[str] | None = None):
+    """Polygraphy's ONNX Runtime runner over an ONNX file."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    return OnnxrtRunner(SessionFromOnnx(str(path), providers=providers or ["CPUExecutionProvider"]), name=name)
+
+
+def parity_feeds(unet: nn.Module, batches: list[int], timesteps: list[int], seed: int = 0) -> list[dict]:
+    """Real inputs: for each batch size and timestep, noised samples at that timestep's scale."""
+    g = torch.Generator().manual_seed(seed)
+    feeds = []
+    for b in batches:
+        for t in timesteps:
+            sample = torch.randn(sample_shape(unet, b), generator=g)
+            feeds.append(
+                {"sample": sample.numpy(), "timestep": np.full((b,), t, dtype=np.int64)}
+            )
+    return feeds
+
+
+@dataclass
+class ParityReport:
+    """Errors of one candidate runner against the reference, over all feeds."""
+
+    reference: str
+    candidate: str
+    max_abs_error: float
+    median_abs_error: float
+    min_cosine: float
+    passed: bool
+    atol: float
+    rtol: float
+    cases: list[dict]
+
+    def as_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def compare(runners: list, feeds: list[dict], atol: float, rtol: float) -> list[ParityReport]:
+    """Run all ``runners`` on ``feeds``; compare each against ``runners[0]``.
+
+    Pass/fail comes from Polygraphy's ``CompareFunc.simple`` (element-wise
+    ``|a - b| <= atol + rtol * |b|`` on every element).
+    """
+    from polygraphy.comparator import Comparator, CompareFunc
+
+    quiet_polygraphy()
+    results = Comparator.run(runners, data_loader=feeds)
+    verdict = Comparator.compare_accuracy(
+        results,
+        comparisons=[(0, i) for i in range(1, len(runners))],
+        compare_func=CompareFunc.simple(atol=atol, rtol=rtol, check_error_stat="elemwise")
+    )
+    reports = []
+    # Polygraphy >= 0.50 returns one AccuracyResult per comparison function.
+    accuracy = verdict[0] if hasattr(verdict, "lst") else verdict
+    pairs = list(results.items())
+    ref_name, ref_iters = pairs[0]
+    for cand_name, cand_iters in pairs[1:]:
+        passed = all(bool(out) for it in accuracy[(ref_name, cand_name)] for out in it.values())
+        cases = []
+        for feed, ref, cand in zip(feeds, ref_iters, cand_iters):
+            a, b = ref["noise"].astype(np.float64), cand["noise"].astype(np.float64)
+            err = np.abs(a - b)
+            fa, fb = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+            cos = (fa * fb).sum(1) / (np.linalg.norm(fa, axis=1) * np.linalg.norm(fb, axis=1) + 1e-30)
+            cases.append(
+                {
+                    "batch": int(feed["sample"].shape[0]),
+                    "timestep": int(feed["timestep"][0]),
+                    "max_abs_error": float(err.max()),
+                    "median_abs_error": float(np.median(err)),
+                    "cosine": float(cos.min()),
+                }
+            )
+        reports.append(
+            ParityReport(
+                ref_name,
+                cand_name,
+                max(c["max_abs_error"] for c in cases),
+                float(np.median([c["median_abs_error"] for c in cases])),
+                min(c["cosine"] for c in cases),
+                passed,
+                atol,
+                rtol,
+                cases,
+            )
+        )
+    return reports

@@ -1,0 +1,173 @@
+"""``compress-deploy``: run pipeline stages from a YAML config, or act on a finished run.
+
+    compress-deploy CONFIG [key=value ...] [--stages a,b] [--run-dir DIR]
+    compress-deploy COMMAND RUN [options]      (COMMAND: see COMMANDS)
+
+Exit codes: 0 success, 2 user error (one line on stderr), 1 internal failure,
+3 acceptance checks failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from compressor.config import RunConfig, load_config
+from compressor.errors import UserError
+from pipeline.context import RunContext, log
+from pipeline.stages import STAGES
+
+
+def parse_stages(text: str | None, cfg: RunConfig) -> list[str]:
+    """Stage names from ``--stages`` (or the config), validated against STAGES."""
+    names = [s.strip() for s in text.split(",") if s.strip()] if text else list(cfg.stages)
+    for name in names:
+        if name not in STAGES:
+            raise UserError(f"unknown stage {name!r}; known stages: {', '.join(STAGES)}")
+    if not names:
+        raise UserError(f"--stages is empty; give some of: {', '.join(STAGES)}")
+    return names
+
+
+def run_pipeline(cfg: RunConfig, run_dir: Path, stages: list[str]) -> dict[str, dict]:
+    """Run ``stages`` in order in ``run_dir``; returns their records."""
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ctx = RunContext(cfg, run_dir)
+    ctx.claim()
+    records = {}
+    for name in stages:
+        module = STAGES[name]
+        log(name, "start")
+        began = time.perf_counter()
+        result = module.run(ctx)
+        seconds = time.perf_counter() - began
+        records[name] = ctx.write_record(name, module.SECTIONS, result, seconds)
+        what = result.status if result.status == "ok" else f"{result.status}: {result.reason}"
+        log(name, f"{what} in {seconds:.1f} s -> {run_dir / name / 'record.json'}")
+    return records
+
+
+def _main_run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="compress-deploy",
+        description="Prune, finetune, export, deploy and validate a diffusion UNet.",
+        epilog=f"commands on a finished run: {', '.join(COMMANDS)}",
+    )
+    parser.add_argument("config", help="YAML config (e.g. configs/demo.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. prune.ratio=0.3")
+    parser.add_argument("--stages", help=f"comma-separated subset of: {', '.join(STAGES)}")
+    parser.add_argument("--run-dir", type=Path, help="run directory (default runs/<config name>)")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    stages = parse_stages(args.stages, cfg)
+    run_dir = args.run_dir or Path("runs") / cfg.name
+    records = run_pipeline(cfg, run_dir, stages)
+    failed = [name for name, rec in records.items() if rec["status"] == "failed"]
+    if failed:
+        print(f"acceptance failed: {records[failed[0]]['reason']} (see {run_dir / 'report'})", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _cmd_sample(argv: list[str]) -> int:
+    """compress-deploy sample RUN --backend B --num-images N --steps S --seed K [--out PNG]"""
+    from compressor.sampling import save_comparison
+    from deploy.runtimes import BACKENDS
+    from deploy.sampler import load_sampler
+
+    parser = argparse.ArgumentParser(prog="compress-deploy sample", description="Generate images from a run.")
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--backend", default="torch", help=f"one of {', '.join(BACKENDS)}")
+    parser.add_argument("--model", default="pruned", choices=["pruned", "dense"])
+    parser.add_argument("--num-images", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eta", type=float, default=0.0)
+    parser.add_argument("--scheduler", default="ddim", choices=["ddim", "ddpm"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, help="PNG grid to write (default RUN/sample-<backend>.png)")
+    args = parser.parse_args(argv)
+    if args.num_images < 1 or args.steps < 1:
+        raise UserError("--num-images and --steps must be at least 1")
+    sampler = load_sampler(args.run, args.backend, args.model, args.device)
+    began = time.perf_counter()
+    images = sampler(args.num_images, args.steps, args.seed, args.eta, args.scheduler)
+    seconds = time.perf_counter() - began
+    out = args.out or args.run / f"sample-{args.backend}-{args.model}.png"
+    save_comparison({f"{args.model} ({args.backend}, {sampler.info.get('provider', '')})": images}, out)
+    print(f"{args.num_images} images in {seconds:.1f} s on {sampler.info} -> {out}")
+    return 0
+
+
+def _cmd_check(argv: list[str]) -> int:
+    """compress-deploy check RUN [acceptance.key=value ...]: print gates, exit 3 if any fails."""
+    import json
+
+    from compressor.config import config_from_mapping
+    from pipeline.acceptance import evaluate
+
+    parser = argparse.ArgumentParser(prog="compress-deploy check", description="Acceptance gates of a run.")
+    parser.add_argument("run", type=Path)
+    parser.add_argument("overrides", nargs="*", help="acceptance.key=value to change limits")
+    args = parser.parse_args(argv)
+    if not args.run.is_dir():
+        raise UserError(f"run directory {args.run} not found; pass the folder a run wrote")
+    base = {}
+    rec_file = args.run / "check" / "record.json"
+    if rec_file.is_file():
+        base = {"acceptance": json.loads(rec_file.read_text())["config"]["acceptance"]}
+    for o in args.overrides:
+        if not o.startswith("acceptance."):
+            raise UserError(f"override {o!r}: check only takes acceptance.* overrides")
+    cfg = config_from_mapping(base, args.overrides)
+    ctx = RunContext(cfg, args.run)
+    records = {s: ctx.record(s) for s in ("bench", "parity", "quality")}
+    if not any(records.values()):
+        raise UserError(f"{args.run} has no bench, parity or quality records; run the pipeline first")
+    checks = evaluate(cfg.acceptance, records)
+    if not checks:
+        print("no acceptance limits configured (set acceptance.* in the config or as overrides)")
+        return 0
+    for c in checks:
+        print(c.line())
+    failed = [c.name for c in checks if not c.passed]
+    print(f"acceptance: {'FAIL (' + ', '.join(failed) + ')' if failed else 'PASS'}")
+    return 3 if failed else 0
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "sample": _cmd_sample,
+    "check": _cmd_check,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; maps user errors to exit 2 with one line, crashes to exit 1."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in COMMANDS:
+            return COMMANDS[argv[0]](argv[1:])
+        return _main_run(argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except SystemExit as exc:  # argparse
+        return int(exc.code or 0) if isinstance(exc.code, int) else 2
+    except Exception:  # noqa: BLE001 - internal failure: show the traceback, exit 1
+        traceback.print_exc()
+        print("internal error: please report it with the traceback above", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

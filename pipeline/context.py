@@ -1,0 +1,206 @@
+"""The run directory and what every stage shares: config, device, dense model, data, records."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compressor.config import RunConfig, config_to_dict
+from compressor.errors import ArtifactError, UserError
+from compressor.models import LoadedModel, load_model, resolve_device
+
+RUN_FILE = "run.json"
+
+
+@dataclass
+class StageResult:
+    """What a stage reports: metrics for its record, files it wrote, and its status."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    artifacts: list[Path] = field(default_factory=list)
+    status: str = "ok"  # ok | skipped
+    reason: str = ""
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose behaviour the results depend on."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in (
+        "torch",
+        "torch-pruning",
+        "diffusers",
+        "accelerate",
+        "onnx",
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "polygraphy",
+        "tensorrt",
+        "compress-deploy",
+    ):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temporary file renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    tmp.replace(path)
+
+
+def log(stage: str, message: str) -> None:
+    """One progress line on stderr, prefixed with the stage."""
+    print(f"[{stage}] {message}", file=sys.stderr, flush=True)
+
+
+class RunContext:
+    """A run directory bound to one config; stages read shared inputs through it."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.is_main = int(os.environ.get("RANK", "0")) == 0
+
+    # -- run directory ------------------------------------------------------------------
+
+    def claim(self) -> None:
+        """Create the run directory, or refuse one that belongs to another config."""
+        marker = self.run_dir / RUN_FILE
+        if marker.is_file():
+            try:
+                owner = json.loads(marker.read_text()).get("config_name")
+            except (json.JSONDecodeError, AttributeError):
+                owner = None
+            if owner != self.cfg.name:
+                raise UserError(
+                    f"run directory {self.run_dir} belongs to config {owner!r}, not {self.cfg.name!r}; "
+                    "pass --run-dir with another folder"
+                )
+        elif self.run_dir.exists() and not self.run_dir.is_dir():
+            raise UserError(f"--run-dir {self.run_dir} is a file; pass a directory")
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not marker.is_file():
+                write_json(marker, {"config_name": self.cfg.name, "created": time.time()})
+
+    def stage_dir(self, stage: str) -> Path:
+        """The folder a stage writes into (created on demand)."""
+        path = self.run_dir / stage
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def record(self, stage: str) -> dict | None:
+        """A stage's record.json, or None if it has not completed."""
+        path = self.run_dir / stage / "record.json"
+        if not path.is_file():
+            return None
+        try:
+            rec = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None
+        return rec if rec.get("status") in ("ok", "skipped") else None
+
+    def require(self, stage: str, needed_by: str) -> dict:
+        """The record of ``stage``; raises ArtifactError telling the user to run it."""
+        rec = self.record(stage)
+        if rec is None or rec.get("status") != "ok":
+            raise ArtifactError(
+                f"{needed_by} needs the {stage} stage's output, missing in {self.run_dir}; run "
+                f"`compress-deploy CONFIG --stages {stage},{needed_by} --run-dir {self.run_dir}`"
+            )
+        return rec
+
+    # -- shared inputs ------------------------------------------------------------------
+
+    @cached_property
+    def device(self) -> torch.device:
+        return resolve_device(self.cfg.device)
+
+    @cached_property
+    def dense(self) -> LoadedModel:
+        """The dense model named by ``model`` (loaded once per process)."""
+        loaded = load_model(self.cfg.model, self.cfg.seed)
+        loaded.unet.eval()
+        return loaded
+
+    def image_shape(self) -> tuple[int, int, int]:
+        cfg = self.dense.unet.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+        return (cfg.in_channels, size, size)
+
+    @cached_property
+    def dataset(self):
+        """The training images, shaped for the dense model."""
+        from compressor.data import load_dataset
+
+        c, h, _ = self.image_shape()
+        return load_dataset(self.cfg.data, c, h)
+
+    def noise_scheduler(self):
+        """The training (DDPM) scheduler of the dense model."""
+        from compressor.sampling import make_scheduler
+
+        return make_scheduler("ddpm", self.dense.scheduler_config)
+
+    def final_model_dir(self) -> tuple[str, Path]:
+        """The newest compressed model of this run: finetuned if present, else pruned."""
+        for stage in ("finetune", "prune"):
+            rec = self.record(stage)
+            if rec and rec.get("status") == "ok":
+                return stage, self.run_dir / stage / "model"
+        raise ArtifactError(
+            f"{self.run_dir} holds no pruned model; run `compress-deploy CONFIG --stages prune` first"
+        )
+
+    def write_record(self, stage: str, sections: list[str], result: StageResult, seconds: float) -> dict:
+        """Write ``RUN/<stage>/record.json`` (atomically) and return it."""
+        cfg = config_to_dict(self.cfg)
+        artifacts = {}
+        for p in result.artifacts:
+            p = Path(p)
+            if p.is_file():
+                artifacts[str(p.relative_to(self.run_dir))] = {
+                    "sha256": sha256_file(p),
+                    "bytes": p.stat().st_size,
+                }
+        rec = {
+            "stage": stage,
+            "status": result.status,
+            "reason": result.reason,
+            "config": {s: cfg[s] for s in sections if s in cfg},
+            "metrics": result.metrics,
+            "artifacts": artifacts,
+            "versions": library_versions(),
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+            "seconds": round(seconds, 3),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        if self.is_main:
+            write_json(self.run_dir / stage / "record.json", rec)
+        return rec

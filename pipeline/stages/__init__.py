@@ -1,0 +1,20 @@
+"""The pipeline's stages, in run order. One literal mapping: name -> module with ``run`` and ``SECTIONS``."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from pipeline.stages import bench, check, export, finetune, parity, prune, quality, report, samples, train
+
+STAGES: dict[str, ModuleType] = {
+    "train": train,
+    "prune": prune,
+    "finetune": finetune,
+    "samples": samples,
+    "quality": quality,
+    "export": export,
+    "parity": parity,
+    "bench": bench,
+    "check": check,
+    "report": report,
+}

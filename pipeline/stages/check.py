@@ -1,0 +1,21 @@
+"""The ``check`` stage: acceptance gates over the run's records (non-zero exit on failure)."""
+
+from __future__ import annotations
+
+from pipeline.acceptance import evaluate
+from pipeline.context import RunContext, StageResult, log
+
+SECTIONS = ["acceptance"]
+
+
+def run(ctx: RunContext) -> StageResult:
+    """Evaluate ``acceptance``; the record's status is ``failed`` when any gate fails."""
+    records = {s: ctx.record(s) for s in ("bench", "parity", "quality")}
+    checks = evaluate(ctx.cfg.acceptance, records)
+    for c in checks:
+        log("check", c.line())
+    failed = [c.name for c in checks if not c.passed]
+    metrics = {"checks": [c.__dict__ for c in checks], "passed": not failed, "failed": failed}
+    if not checks:
+        log("check", "no acceptance limits configured")
+    return StageResult(metrics, status="failed" if failed else "ok", reason=", ".join(failed))

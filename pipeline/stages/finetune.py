@@ -1,0 +1,34 @@
+"""The ``finetune`` stage: recover the pruned model's quality; the EMA copy is kept."""
+
+from __future__ import annotations
+
+from compressor.persist import load_unet, read_plan, save_unet
+from compressor.quality import denoising_eval_loss
+from compressor.data import stack
+from pipeline.context import RunContext, StageResult, log
+from pipeline.stages.train import _fit, _train_metrics
+
+SECTIONS = ["finetune", "data", "seed"]
+
+
+def run(ctx: RunContext) -> StageResult:
+    """Finetune ``RUN/prune/model``; writes ``RUN/finetune/model`` (EMA) and ``model-raw``."""
+    ctx.require("prune", "finetune")
+    src = ctx.run_dir / "prune" / "model"
+    unet, meta = load_unet(src, ctx.device)
+    result = _fit(ctx, unet, "finetune")
+    out = ctx.stage_dir("finetune")
+    plan = read_plan(src)
+    files = []
+    for name, model in (("model", result.ema_unet), ("model-raw", result.unet)):
+        files += save_unet(
+            model.cpu(), out / name, plan["unet_config"], plan["history"], plan["kept_widths"],
+            extra={"scheduler_config": plan.get("scheduler_config"), "finetuned_from": str(src)},
+        )
+    images = stack(ctx.dataset, 16)
+    sched = ctx.noise_scheduler()
+    metrics = _train_metrics(result)
+    metrics["eval_loss_ema"] = denoising_eval_loss(result.ema_unet, sched, images, ctx.cfg.seed)
+    metrics["eval_loss_raw"] = denoising_eval_loss(result.unet, sched, images, ctx.cfg.seed)
+    log("finetune", f"eval loss: EMA {metrics['eval_loss_ema']:.4f}, raw {metrics['eval_loss_raw']:.4f}")
+    return StageResult(metrics, files)

@@ -1,0 +1,80 @@
+"""The ``parity`` stage: ONNX Runtime vs PyTorch, per UNet call and per sampler run."""
+
+from __future__ import annotations
+
+from compressor.errors import UserError
+from compressor.persist import load_unet
+from compressor.quality import psnr
+from compressor.sampling import generate, make_scheduler
+from deploy.runtimes import onnxruntime_backend, torch_backend
+from export.parity import compare, make_onnxrt_runner, make_torch_runner, parity_feeds
+from pipeline.context import RunContext, StageResult, log
+from pipeline.stages.export import onnx_path
+
+SECTIONS = ["parity", "export"]
+
+
+class ParityError(UserError):
+    """Exported models disagree with PyTorch beyond the configured tolerance."""
+
+
+def run(ctx: RunContext) -> StageResult:
+    """Compare every exported file with its torch model; a breach fails the stage."""
+    import torch
+
+    cfg = ctx.cfg.parity
+    ctx.require("export", "parity")
+    _, folder = ctx.final_model_dir()
+    models = {"dense": ctx.dense.unet.cpu(), "pruned": load_unet(folder)[0]}
+    scheduler = make_scheduler("ddim", ctx.dense.scheduler_config)
+    rows, failures = [], []
+    for model, unet in models.items():
+        feeds = parity_feeds(unet, cfg.batches, cfg.timesteps, ctx.cfg.seed)
+        reference = generate(
+            torch_backend(unet, torch.device("cpu")).predict, scheduler, ctx.image_shape(),
+            cfg.sampler_images, cfg.sampler_steps, seed=ctx.cfg.sample.seed,
+        )
+        for precision in ctx.cfg.export.precisions:
+            path = onnx_path(ctx, model, precision)
+            atol, rtol = (cfg.atol_fp16, cfg.rtol_fp16) if precision == "fp16" else (cfg.atol_fp32, cfg.rtol_fp32)
+            min_psnr = cfg.min_psnr_fp16 if precision == "fp16" else cfg.min_psnr_fp32
+            runner = make_onnxrt_runner(path, f"onnxruntime-{model}-{precision}")
+            report = compare([make_torch_runner(unet, f"torch-{model}-fp32"), runner], feeds, atol, rtol)[0]
+            backend = onnxruntime_backend(path)
+            images = generate(
+                backend.predict, scheduler, ctx.image_shape(), cfg.sampler_images, cfg.sampler_steps,
+                seed=ctx.cfg.sample.seed,
+            )
+            sampler_psnr = psnr(images, reference)
+            row = {
+                "model": model,
+                "precision": precision,
+                "provider": backend.info["provider"],
+                **{k: v for k, v in report.as_dict().items() if k not in ("reference", "candidate")},
+                "sampler_psnr_db": sampler_psnr,
+                "min_psnr_db": min_psnr,
+            }
+            row["passed"] = report.passed and sampler_psnr >= min_psnr
+            rows.append(row)
+            log(
+                "parity",
+                f"{model} {precision}: max abs {report.max_abs_error:.2e}, median {report.median_abs_error:.2e}, "
+                f"cosine {report.min_cosine:.6f}, sampler PSNR {sampler_psnr:.1f} dB "
+                f"-> {'PASS' if row['passed'] else 'FAIL'} (atol {atol}, rtol {rtol}, PSNR >= {min_psnr})",
+            )
+            if not row["passed"]:
+                failures.append(f"{model} {precision} (max abs {report.max_abs_error:.2e}, PSNR {sampler_psnr:.1f} dB)")
+    fp32 = [r for r in rows if r["precision"] == "fp32"]
+    metrics = {
+        "results": rows,
+        "max_abs_error": max(r["max_abs_error"] for r in rows),
+        "max_abs_error_fp32": max((r["max_abs_error"] for r in fp32), default=None),
+        "passed": not failures,
+    }
+    if failures:
+        ctx.write_record("parity", SECTIONS, StageResult(metrics, status="failed", reason="; ".join(failures)), 0.0)
+        raise ParityError(
+            f"parity failed for {', '.join(failures)}; see {ctx.run_dir / 'parity' / 'record.json'} "
+            "(re-export, or loosen parity.* tolerances if the precision warrants it)"
+        )
+    return StageResult(metrics)

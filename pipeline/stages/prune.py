@@ -1,0 +1,90 @@
+"""The ``prune`` stage: Diff-Pruning (or a baseline) of the dense UNet."""
+
+from __future__ import annotations
+
+import copy
+
+from tqdm import tqdm
+
+from compressor.data import stack
+from compressor.models import count_macs_params
+from compressor.persist import dense_config, save_unet
+from compressor.pruning import prune_unet
+from compressor.quality import denoising_eval_loss
+from pipeline.context import RunContext, StageResult, log
+
+SECTIONS = ["model", "data", "prune", "seed"]
+
+
+def run(ctx: RunContext) -> StageResult:
+    """Prune the dense model by ``prune`` and save it to ``RUN/prune/model``."""
+    cfg = ctx.cfg.prune
+    loaded = ctx.dense
+    unet = copy.deepcopy(loaded.unet).to(ctx.device)
+    macs_before, params_before = count_macs_params(unet)
+    log("prune", f"dense: {params_before / 1e6:.2f}M params, {macs_before / 1e9:.3f}G MACs")
+    noise_scheduler = ctx.noise_scheduler()
+    needs_data = cfg.method in ("diff-pruning", "taylor")
+    images = stack(ctx.dataset, cfg.batch_size).to(ctx.device) if needs_data else None
+    eval_images = stack(ctx.dataset, 16).to(ctx.device)
+    loss_dense = denoising_eval_loss(unet, noise_scheduler, eval_images, ctx.cfg.seed)
+
+    bar = None
+
+    def on_trial(r: float, macs: float, params: float) -> None:
+        log("prune", f"search: ratio {r:.4f} keeps {macs:.3f} of MACs, {params:.3f} of params")
+
+    def on_step(t: int, loss: float) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(desc="[prune] Taylor pass", unit="timestep", leave=False)
+        bar.update(1)
+        bar.set_postfix(t=t, loss=f"{loss:.4f}")
+
+    result = prune_unet(unet, noise_scheduler, images, cfg, ctx.cfg.seed, on_step, on_trial)
+    if bar is not None:
+        bar.close()
+    if result.taylor is not None:
+        tp_ = result.taylor
+        log(
+            "prune",
+            f"Taylor pass: {len(tp_.timesteps)} timesteps ({tp_.timesteps[0]}..{tp_.timesteps[-1]}), "
+            f"{tp_.seconds_per_timestep:.2f} s per timestep",
+        )
+    unet.eval()
+    macs_after, params_after = count_macs_params(unet)
+    loss_pruned = denoising_eval_loss(unet, noise_scheduler, eval_images, ctx.cfg.seed)
+    log(
+        "prune",
+        f"pruned ({cfg.method}, ratio {result.ratio:.4f}): {params_after / 1e6:.2f}M params "
+        f"({params_after / params_before:.3f}), {macs_after / 1e9:.3f}G MACs ({macs_after / macs_before:.3f})",
+    )
+    out = ctx.stage_dir("prune") / "model"
+    files = save_unet(
+        unet.cpu(),
+        out,
+        dense_config(loaded.unet),
+        result.history,
+        result.kept_widths,
+        extra={"method": cfg.method, "ratio": result.ratio, "scheduler_config": loaded.scheduler_config},
+    )
+    metrics = {
+        "method": cfg.method,
+        "ratio": result.ratio,
+        "target": {k: getattr(cfg, k) for k in ("ratio", "target_macs", "target_params")},
+        "params_before": params_before,
+        "params_after": params_after,
+        "macs_before": macs_before,
+        "macs_after": macs_after,
+        "params_kept": params_after / params_before,
+        "macs_kept": macs_after / macs_before,
+        "timesteps_used": result.taylor.timesteps if result.taylor else [],
+        "taylor_losses": result.taylor.losses if result.taylor else [],
+        "seconds_per_timestep": result.taylor.seconds_per_timestep if result.taylor else None,
+        "threshold": cfg.threshold if cfg.method == "diff-pruning" else None,
+        "loss_dense": loss_dense,
+        "loss_after_pruning": loss_pruned,
+        "kept_widths": result.kept_widths,
+        "search": result.search,
+    }
+    return StageResult(metrics, files)

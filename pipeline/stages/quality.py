@@ -1,0 +1,87 @@
+"""The ``quality`` stage: SSIM/PSNR vs dense from the same seeds, and Frechet distances."""
+
+from __future__ import annotations
+
+from compressor.data import stack
+from compressor.errors import UserError
+from compressor.models import as_noise_predictor
+from compressor.persist import load_unet
+from compressor.quality import FeatureAdapter, frechet_distance, psnr, ssim
+from compressor.sampling import generate, make_scheduler
+from pipeline.context import RunContext, StageResult, log
+
+SECTIONS = ["quality", "sample", "data"]
+MODEL_LABELS = {"prune": "pruned", "finetune": "finetuned"}
+
+
+def feature_network(ctx: RunContext):
+    """The Frechet feature extractor and its metric name (``fd_digits`` or ``fid``)."""
+    kind = ctx.cfg.quality.feature
+    if kind == "auto":
+        kind = "digits" if ctx.cfg.data.source == "digits" else "inception"
+    if kind == "digits":
+        from compressor.features import NUM_FEATURES, load_digits_features
+
+        return FeatureAdapter(load_digits_features(), 1, NUM_FEATURES).double(), "fd_digits"
+    return 2048, "fid"
+
+
+def run(ctx: RunContext) -> StageResult:
+    """Sample every model of the run from the same seeds and score them."""
+    cfg = ctx.cfg.quality
+    steps = cfg.steps or ctx.cfg.sample.steps
+    scheduler = make_scheduler(ctx.cfg.sample.scheduler, ctx.dense.scheduler_config)
+    models = {"dense": ctx.dense.unet.to(ctx.device)}
+    for stage, label in MODEL_LABELS.items():
+        if ctx.record(stage):
+            models[label] = load_unet(ctx.run_dir / stage / "model", ctx.device)[0]
+    if len(models) == 1:
+        ctx.require("prune", "quality")
+    samples = {}
+    for label, unet in models.items():
+        log("quality", f"sampling {cfg.num_samples} images from the {label} model ({steps} steps)")
+        samples[label] = generate(
+            as_noise_predictor(unet), scheduler, ctx.image_shape(), cfg.num_samples, steps,
+            ctx.cfg.sample.eta, ctx.cfg.sample.seed, ctx.cfg.sample.batch_size, ctx.device,
+        )
+    feature, metric = feature_network(ctx)
+    reference = (stack(ctx.dataset, cfg.num_reference) + 1) / 2
+    results: dict[str, dict] = {label: {} for label in samples}
+    fd_note = None
+    for label, imgs in samples.items():
+        if label != "dense":
+            results[label]["ssim_vs_dense"] = ssim(imgs, samples["dense"])
+            results[label]["psnr_vs_dense"] = psnr(imgs, samples["dense"])
+        try:
+            results[label][metric] = frechet_distance(reference, imgs, feature, cfg.inception_weights)
+        except (ImportError, ModuleNotFoundError, OSError, RuntimeError) as exc:
+            fd_note = f"{metric} unavailable: {type(exc).__name__}: {str(exc)[:160]}"
+            if cfg.require_fid:
+                raise UserError(
+                    f"quality.require_fid is set but FID cannot run ({fd_note}); install the `fid` extra "
+                    "and set quality.inception_weights to a local Inception weights file"
+                ) from None
+            results[label][metric] = None
+    metrics = {
+        "models": results,
+        "num_samples": cfg.num_samples,
+        "num_reference": int(reference.shape[0]),
+        "steps": steps,
+        "scheduler": ctx.cfg.sample.scheduler,
+        "frechet_metric": metric,
+        "frechet_note": fd_note,
+    }
+    if metric == "fd_digits" and reference.shape[0] >= 4:
+        half = reference.shape[0] // 2
+        metrics["fd_digits_real_floor"] = frechet_distance(reference[:half], reference[half:], feature)
+    for label, vals in results.items():
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in vals.items() if isinstance(v, float))
+        log("quality", f"{label}: {shown or 'no figures'}")
+    if fd_note:
+        log("quality", fd_note)
+    path = ctx.stage_dir("quality") / "samples.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in samples.items()}, str(path.with_suffix(".tmp")))
+    path.with_suffix(".tmp").replace(path)
+    return StageResult(metrics, [path])

@@ -1,0 +1,250 @@
+"""The ``report`` stage: one Markdown and one self-contained HTML file a person reads."""
+
+from __future__ import annotations
+
+import base64
+import html
+import shutil
+from pathlib import Path
+
+from pipeline.acceptance import evaluate
+from pipeline.context import RunContext, StageResult, log
+
+SECTIONS = ["model", "prune", "finetune", "acceptance"]
+
+
+class Doc:
+    """Sections rendered twice: Markdown (images as files) and HTML (images inlined)."""
+
+    def __init__(self, title: str) -> None:
+        self.title = title
+        self.blocks: list[tuple[str, object]] = []
+
+    def heading(self, text: str) -> None:
+        self.blocks.append(("h2", text))
+
+    def para(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def table(self, header: list[str], rows: list[list[object]]) -> None:
+        self.blocks.append(("table", (header, [[_fmt(c) for c in r] for r in rows])))
+
+    def image(self, path: Path, alt: str) -> None:
+        self.blocks.append(("img", (path, alt)))
+
+    def markdown(self) -> str:
+        out = [f"# {self.title}", ""]
+        for kind, value in self.blocks:
+            if kind == "h2":
+                out += [f"## {value}", ""]
+            elif kind == "p":
+                out += [str(value), ""]
+            elif kind == "table":
+                header, rows = value
+                out.append("| " + " | ".join(header) + " |")
+                out.append("|" + "---|" * len(header))
+                out += ["| " + " | ".join(r) + " |" for r in rows]
+                out.append("")
+            elif kind == "img":
+                path, alt = value
+                out += [f"![{alt}]({path.name})", ""]
+        return "\n".join(out)
+
+    def html(self) -> str:
+        parts = [
+            "<!doctype html><html><head><meta charset='utf-8'>",
+            f"<title>{html.escape(self.title)}</title>",
+            "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+            "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 8px;"
+            "text-align:right}th{background:#eee}.PASS{color:#080;font-weight:bold}"
+            ".FAIL{color:#b00;font-weight:bold}img{max-width:100%;border:1px solid #ddd}</style>",
+            f"</head><body><h1>{html.escape(self.title)}</h1>",
+        ]
+        for kind, value in self.blocks:
+            if kind == "h2":
+                parts.append(f"<h2>{html.escape(str(value))}</h2>")
+            elif kind == "p":
+                parts.append(f"<p>{_inline(str(value))}</p>")
+            elif kind == "table":
+                header, rows = value
+                parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
+                for r in rows:
+                    cells = "".join(f"<td class='{c if c in ('PASS', 'FAIL') else ''}'>{html.escape(c)}</td>" for c in r)
+                    parts.append(f"<tr>{cells}</tr>")
+                parts.append("</table>")
+            elif kind == "img":
+                path, alt = value
+                data = base64.b64encode(path.read_bytes()).decode()
+                parts.append(f"<p><img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'></p>")
+        parts.append("</body></html>")
+        return "\n".join(parts)
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None else str(v)
+
+
+def _inline(text: str) -> str:
+    out = html.escape(text)
+    while "**" in out:
+        out = out.replace("**", "<b>", 1).replace("**", "</b>", 1)
+    return out
+
+
+def _plot_losses(losses: list, path: Path) -> bool:
+    if not losses:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot([s for s, _ in losses], [v for _, v in losses])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("finetune loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _plot_latency(rows: list[dict], path: Path) -> bool:
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(r["backend"], r["what"], r["batch"]) for r in rows})
+    labels = [f"{b}\n{w} x{n}" for b, w, n in keys]
+    val = {(r["backend"], r["what"], r["batch"], r["model"]): r["median_ms"] for r in rows}
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(keys)), 3.5))
+    xs = range(len(keys))
+    for offset, model, color in ((-0.2, "dense", "#888"), (0.2, "pruned", "#2a7")):
+        ax.bar([x + offset for x in xs], [val.get((*k, model), 0) for k in keys], 0.4, label=model, color=color)
+    ax.set_xticks(list(xs), labels, fontsize=8)
+    ax.set_ylabel("median latency (ms)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("latency, dense vs pruned")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def run(ctx: RunContext) -> StageResult:
+    """Write ``RUN/report/report.md`` and ``RUN/report/report.html`` from the run's records."""
+    out = ctx.stage_dir("report")
+    rec = {s: ctx.record(s) for s in ("prune", "finetune", "quality", "parity", "bench", "samples", "check")}
+    cfg = ctx.cfg
+    doc = Doc(f"compress-deploy report: {cfg.name}")
+    checks = evaluate(cfg.acceptance, rec)
+    verdict = "PASS" if all(c.passed for c in checks) else "FAIL"
+    doc.para(
+        f"**Acceptance: {verdict}** ({sum(c.passed for c in checks)}/{len(checks)} checks passed)"
+        if checks
+        else "**Acceptance: no limits configured**"
+    )
+    doc.heading("What was done")
+    doc.table(
+        ["setting", "value"],
+        [
+            ["model", f"{cfg.model.name} ({cfg.model.init})"],
+            ["data", cfg.data.source],
+            ["pruning", f"{cfg.prune.method}, threshold {cfg.prune.threshold}, stride {cfg.prune.timestep_stride}"],
+            ["target", ", ".join(f"{k}={getattr(cfg.prune, k)}" for k in ("ratio", "target_macs", "target_params")
+                                 if getattr(cfg.prune, k) is not None)],
+            ["finetune", f"{cfg.finetune.steps} steps, batch {cfg.finetune.batch_size}, lr {cfg.finetune.lr}, "
+                         f"EMA {cfg.finetune.ema_decay}"],
+            ["run directory", str(ctx.run_dir)],
+        ],
+    )
+    if rec["prune"]:
+        m = rec["prune"]["metrics"]
+        doc.heading("Size")
+        doc.table(
+            ["", "dense", "pruned", "kept"],
+            [
+                ["params", f"{m['params_before'] / 1e6:.3f}M", f"{m['params_after'] / 1e6:.3f}M", m["params_kept"]],
+                ["MACs", f"{m['macs_before'] / 1e9:.4f}G", f"{m['macs_after'] / 1e9:.4f}G", m["macs_kept"]],
+            ],
+        )
+        ts = m["timesteps_used"]
+        doc.para(
+            f"Pruning ratio {m['ratio']:.4g}. Taylor timesteps kept: {len(ts)} ({ts[0]}..{ts[-1]})."
+            if ts
+            else f"Pruning ratio {m['ratio']:.4g}; {m['method']} needs no Taylor pass."
+        )
+    if rec["finetune"]:
+        m = rec["finetune"]["metrics"]
+        doc.heading("Finetuning")
+        doc.para(
+            f"Final training loss {_fmt(m['final_loss'])}; evaluation loss EMA {_fmt(m.get('eval_loss_ema'))} "
+            f"vs raw {_fmt(m.get('eval_loss_raw'))}."
+        )
+        if _plot_losses(m["losses"], out / "loss.png"):
+            doc.image(out / "loss.png", "finetune loss curve")
+    if rec["quality"]:
+        m = rec["quality"]["metrics"]
+        metric = m["frechet_metric"]
+        doc.heading("Quality")
+        doc.table(
+            ["model", "SSIM vs dense", "PSNR vs dense (dB)", metric],
+            [[k, v.get("ssim_vs_dense"), v.get("psnr_vs_dense"), v.get(metric)] for k, v in m["models"].items()],
+        )
+        doc.para(f"{m['num_samples']} samples per model, {m['scheduler'].upper()} {m['steps']} steps, same seeds; "
+                 f"{m['num_reference']} reference images." + (f" {m['frechet_note']}" if m.get("frechet_note") else ""))
+    if rec["samples"]:
+        grid = ctx.run_dir / "samples" / "grid.png"
+        if grid.is_file():
+            shutil.copyfile(grid, out / "grid.png")
+            doc.heading("Samples (same seeds)")
+            doc.image(out / "grid.png", "dense vs pruned samples")
+    if rec["parity"]:
+        doc.heading("Parity (ONNX Runtime vs PyTorch)")
+        doc.table(
+            ["model", "precision", "provider", "max abs", "median abs", "min cosine", "sampler PSNR (dB)", "verdict"],
+            [[r["model"], r["precision"], r["provider"], r["max_abs_error"], r["median_abs_error"], r["min_cosine"],
+              r["sampler_psnr_db"], "PASS" if r["passed"] else "FAIL"] for r in rec["parity"]["metrics"]["results"]],
+        )
+    if rec["bench"]:
+        m = rec["bench"]["metrics"]
+        doc.heading("Latency")
+        doc.table(
+            ["backend", "what", "batch", "model", "median ms", "p95 ms"],
+            [[r["backend"], r["what"], r["batch"], r["model"], r["median_ms"], r["p95_ms"]] for r in m["results"]],
+        )
+        doc.table(
+            ["backend", "what", "batch", "speed-up", "MACs reduction", "speed-up / MACs reduction"],
+            [[s["backend"], s["what"], s["batch"], s["speedup"], s["macs_reduction"], s["speedup_over_macs_reduction"]]
+             for s in m["speedup"]],
+        )
+        for name, why in m.get("skipped", {}).items():
+            doc.para(f"{name}: skipped ({why})")
+        host = m.get("host", {})
+        doc.para("Host: " + ", ".join(f"{k} {v}" for k, v in host.items()))
+        if _plot_latency(m["results"], out / "latency.png"):
+            doc.image(out / "latency.png", "latency bar chart")
+    doc.heading("Acceptance checks")
+    if checks:
+        doc.table(
+            ["check", "measured", "limit", "verdict"],
+            [[c.name, c.measured, f"{c.direction} {c.limit:g}", "PASS" if c.passed else "FAIL"] for c in checks],
+        )
+    else:
+        doc.para("No limits are configured in the acceptance section.")
+    md, page = out / "report.md", out / "report.html"
+    for path, text in ((md, doc.markdown()), (page, doc.html())):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    log("report", f"wrote {md} and {page}")
+    files = [md, page] + [p for p in (out / "loss.png", out / "latency.png", out / "grid.png") if p.is_file()]
+    return StageResult({"verdict": verdict, "checks": len(checks)}, files)

@@ -1,0 +1,35 @@
+"""The ``samples`` stage: dense and compressed samples side by side from the same seeds."""
+
+from __future__ import annotations
+
+from compressor.models import as_noise_predictor
+from compressor.persist import load_unet
+from compressor.sampling import generate, make_scheduler, save_comparison
+from pipeline.context import RunContext, StageResult, log
+
+SECTIONS = ["sample"]
+
+
+def run(ctx: RunContext) -> StageResult:
+    """Write ``RUN/samples/grid.png``: dense, pruned and (if run) finetuned rows."""
+    cfg = ctx.cfg.sample
+    scheduler = make_scheduler(cfg.scheduler, ctx.dense.scheduler_config)
+    shape = ctx.image_shape()
+    rows = {}
+    models = {"dense": ctx.dense.unet.to(ctx.device)}
+    for stage in ("prune", "finetune"):
+        if ctx.record(stage):
+            models[{"prune": "pruned", "finetune": "pruned + finetuned"}[stage]] = load_unet(
+                ctx.run_dir / stage / "model", ctx.device
+            )[0]
+    if len(models) == 1:
+        ctx.require("prune", "samples")
+    for label, unet in models.items():
+        log("samples", f"{label}: {cfg.num_images} images, {cfg.scheduler.upper()} {cfg.steps} steps")
+        rows[label] = generate(
+            as_noise_predictor(unet), scheduler, shape, cfg.num_images, cfg.steps, cfg.eta, cfg.seed,
+            cfg.batch_size, ctx.device,
+        )
+    path = save_comparison(rows, ctx.stage_dir("samples") / "grid.png")
+    log("samples", f"wrote {path}")
+    return StageResult({"rows": list(rows), "num_images": cfg.num_images, "steps": cfg.steps}, [path])

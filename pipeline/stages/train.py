@@ -1,0 +1,56 @@
+"""The ``train`` stage: train the dense model from its initialisation (e.g. the demo base model)."""
+
+from __future__ import annotations
+
+import json
+
+from tqdm import tqdm
+
+from compressor.persist import dense_config, save_unet
+from pipeline.context import RunContext, StageResult, log
+
+SECTIONS = ["model", "data", "finetune", "seed"]
+
+
+def run(ctx: RunContext) -> StageResult:
+    """Train with the ``finetune`` recipe; writes ``RUN/train/model`` and a diffusers folder."""
+    result = _fit(ctx, ctx.dense.unet, "train")
+    out = ctx.stage_dir("train")
+    files = save_unet(result.ema_unet.cpu(), out / "model", dense_config(ctx.dense.unet))
+    folder = out / "diffusers"
+    result.ema_unet.save_pretrained(str(folder), safe_serialization=True)
+    (folder / "scheduler_config.json").write_text(json.dumps(ctx.dense.scheduler_config, indent=2))
+    files += [folder / "config.json", folder / "diffusion_pytorch_model.safetensors", folder / "scheduler_config.json"]
+    log("train", f"wrote {out / 'model'} and the diffusers folder {folder}")
+    return StageResult(_train_metrics(result), files)
+
+
+def _fit(ctx: RunContext, unet, stage: str):
+    from compressor.training import train
+
+    cfg = ctx.cfg.finetune
+    bar = tqdm(total=cfg.steps, desc=f"[{stage}]", unit="step", disable=not ctx.is_main)
+
+    def on_step(step: int, loss: float, sps: float) -> None:
+        bar.n = step
+        bar.set_postfix(loss=f"{loss:.4f}", it_s=f"{sps:.2f}")
+        bar.refresh()
+
+    result = train(
+        unet, ctx.noise_scheduler(), ctx.dataset, cfg, ctx.stage_dir(stage) / "checkpoints",
+        ctx.cfg.seed, ctx.device, resume=True, on_step=on_step,
+    )
+    bar.close()
+    if result.resumed_from is not None:
+        log(stage, f"resumed from the checkpoint at step {result.resumed_from}")
+    return result
+
+
+def _train_metrics(result) -> dict:
+    return {
+        "losses": result.losses,
+        "final_loss": result.losses[-1][1] if result.losses else None,
+        "resumed_from": result.resumed_from,
+        "steps_per_second": result.steps_per_second,
+        "processes": result.world_size,
+    }

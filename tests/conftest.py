@@ -1,0 +1,141 @@
+"""Shared fixtures: tiny UNets built from configs (no downloads), image folders, CLI runner."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from compressor.models import build_unet
+
+TINY_UNET = {
+    "_class_name": "UNet2DModel",
+    "block_out_channels": [16, 32],
+    "norm_num_groups": 4,
+    "attention_head_dim": 8,  # 4 heads at the 32-channel level
+    "layers_per_block": 1,
+    "sample_size": 16,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+}
+
+TINY_COND_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "block_out_channels": [32, 64],
+    "norm_num_groups": 8,
+    "attention_head_dim": 4,  # 4 heads (diffusers' legacy name)
+    "cross_attention_dim": 16,
+    "layers_per_block": 1,
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+}
+
+DDPM_SCHEDULER = {
+    "_class_name": "DDPMScheduler",
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "num_train_timesteps": 1000,
+    "clip_sample": True,
+}
+
+
+@pytest.fixture(autouse=True)
+def _offline_and_small(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(2)
+
+
+@pytest.fixture
+def tiny_unet():
+    return build_unet(TINY_UNET, seed=0).eval()
+
+
+@pytest.fixture
+def tiny_cond_unet():
+    return build_unet(TINY_COND_UNET, seed=0).eval()
+
+
+def write_model_folder(folder: Path, unet_cfg: dict = TINY_UNET, seed: int = 0) -> Path:
+    """A local diffusers model folder (config.json + safetensors + scheduler_config.json)."""
+    unet = build_unet(unet_cfg, seed=seed)
+    unet.save_pretrained(str(folder), safe_serialization=True)
+    (folder / "scheduler_config.json").write_text(json.dumps(DDPM_SCHEDULER))
+    return folder
+
+
+@pytest.fixture
+def model_folder(tmp_path):
+    return write_model_folder(tmp_path / "tiny-model")
+
+
+def write_images(folder: Path, count: int, size: int = 20, mode: str = "RGB") -> list[Path]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for i in range(count):
+        c = 3 if mode == "RGB" else 1
+        arr = (torch.rand(size, size + 4, c, generator=g) * 255).to(torch.uint8).squeeze(-1).numpy()
+        p = folder / f"img{i:03d}.png"
+        Image.fromarray(arr, mode).save(p)
+        paths.append(p)
+    return paths
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` (to prove nothing was written over)."""
+    if not root.exists():
+        return {}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+TINY_CONFIG = """
+seed: 0
+device: cpu
+model:
+  name: {model}
+  init: pretrained
+data:
+  source: {data}
+prune:
+  method: diff-pruning
+  ratio: 0.25
+  threshold: 0.05
+  timestep_stride: 100
+  batch_size: 4
+finetune:
+  steps: 4
+  batch_size: 4
+  checkpoint_every: 2
+  log_every: 1
+sample:
+  steps: 3
+  num_images: 4
+"""
+
+
+@pytest.fixture
+def tiny_config(tmp_path, model_folder):
+    """A config over the tiny local model and a folder of 8 RGB images."""
+    images = tmp_path / "images"
+    write_images(images, 8)
+    return write_config(tmp_path / "tiny.yaml", TINY_CONFIG.format(model=model_folder, data=images))

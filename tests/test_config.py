@@ -1,0 +1,100 @@
+"""Config loading: every shipped config validates; bad values name the dotted key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from compressor.config import RunConfig, config_from_mapping, load_config, parse_override
+from compressor.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_configs_folder_is_not_empty():
+    assert len(CONFIGS) >= 2
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_opens_with_its_command(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.name == path.stem
+    first = path.read_text().splitlines()[:6]
+    assert any(f"compress-deploy configs/{path.name}" in line for line in first), first
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"prune": {"ratio": 1.5}}, "prune.ratio: expected a number in [0.0, 1.0), got 1.5"),
+        ({"prune": {"threshold": -0.1}}, "prune.threshold: expected a number in [0.0, 1.0), got -0.1"),
+        ({"prune": {"ratio": "big"}}, "prune.ratio: expected a number"),
+        ({"prune": {"method": "l1"}}, "prune.method: expected one of 'diff-pruning'"),
+        ({"prune": {"rattio": 0.3}}, "prune.rattio: unknown key"),
+        ({"bogus": 1}, "bogus: unknown key"),
+        ({"finetune": {"lr": 0}}, "finetune.lr: expected a number > 0.0, got 0"),
+        ({"finetune": {"steps": 1.5}}, "finetune.steps: expected an integer >= 0, got 1.5"),
+        ({"prune": {"timestep_stride": True}}, "prune.timestep_stride: expected an integer"),
+        ({"model": "digits"}, "model: expected a mapping"),
+        ({"stages": []}, "stages: expected a non-empty list"),
+        ({"prune": {"ratio": 0.3, "target_macs": 0.5}}, "give exactly one"),
+    ],
+)
+def test_bad_values_name_the_dotted_key(data, message):
+    with pytest.raises(ConfigError) as err:
+        config_from_mapping(data)
+    assert message in str(err.value)
+
+
+def test_defaults_live_in_the_dataclasses():
+    cfg = config_from_mapping({})
+    assert cfg.prune.method == "diff-pruning"
+    assert cfg.prune.threshold == 0.05
+    assert cfg.finetune.lr == 2e-4
+    assert cfg.finetune.ema_decay == 0.9999
+
+
+def test_overrides_go_through_the_same_validation():
+    cfg = config_from_mapping({}, ["prune.ratio=0.3", "model.init=random", "prune.round_to=8"])
+    assert cfg.prune.ratio == 0.3 and cfg.model.init == "random" and cfg.prune.round_to == 8
+    with pytest.raises(ConfigError, match=r"prune.ratio: expected a number in \[0.0, 1.0\), got 1.5"):
+        config_from_mapping({}, ["prune.ratio=1.5"])
+    with pytest.raises(ConfigError, match="prune.nope: unknown key"):
+        config_from_mapping({}, ["prune.nope=1"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        config_from_mapping({}, ["prune.ratio"])
+
+
+def test_override_can_clear_a_target_with_null():
+    cfg = config_from_mapping({"prune": {"target_macs": 0.5}}, ["prune.target_macs=null", "prune.ratio=0.3"])
+    assert cfg.prune.target_macs is None and cfg.prune.ratio == 0.3
+
+
+def test_parse_override_reads_yaml_scalars():
+    assert parse_override("a.b=0.5") == (["a", "b"], 0.5)
+    assert parse_override("a=true") == (["a"], True)
+    assert parse_override("a=hello") == (["a"], "hello")
+    with pytest.raises(ConfigError):
+        parse_override("1a=2")
+
+
+def test_malformed_yaml_names_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("prune:\n  ratio: [0.3\n")
+    with pytest.raises(ConfigError, match="malformed YAML at line"):
+        load_config(p)
+
+
+def test_name_defaults_to_file_stem(tmp_path):
+    p = tmp_path / "my-run.yaml"
+    p.write_text("seed: 3\n")
+    cfg = load_config(p)
+    assert cfg.name == "my-run" and cfg.seed == 3
+
+
+def test_missing_target_is_reported_by_the_prune_config():
+    cfg = config_from_mapping({})
+    with pytest.raises(ConfigError, match="no pruning target"):
+        cfg.prune.require_target()
