@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -28,9 +28,7 @@ def _spec(default: Any, doc: str, **checks: Any) -> Any:
     return field(default=default, metadata={"doc": doc, **checks})
 
 
-DEFAULT_STAGES = (
-    "prune", "finetune", "samples", "quality", "export", "parity", "bench", "check", "report"
-)
+DEFAULT_STAGES = ("prune", "finetune", "samples", "quality", "export", "parity", "bench", "check", "report")
 
 
 @dataclass
@@ -39,7 +37,7 @@ class ModelConfig:
 
     name: str = _spec("digits-ddpm", "local diffusers folder, hub id, or shipped name")
     init: Literal["pretrained", "random"] = _spec("pretrained", "pretrained weights or random")
-    sample_size: Optional[int] = _spec(None, "override the model's sample size", ge=4)
+    sample_size: int | None = _spec(None, "override the model's sample size", ge=4)
 
 
 @dataclass
@@ -47,7 +45,7 @@ class DataConfig:
     """Training images (Taylor pass, finetuning, Frechet reference)."""
 
     source: str = _spec("digits", "'digits' or a folder of PNG/JPEG images")
-    max_images: Optional[int] = _spec(None, "use at most this many images", ge=1)
+    max_images: int | None = _spec(None, "use at most this many images", ge=1)
 
 
 @dataclass
@@ -57,18 +55,18 @@ class PruneConfig:
     method: Literal["diff-pruning", "taylor", "magnitude", "random", "reinit"] = _spec(
         "diff-pruning", "importance criterion"
     )
-    ratio: Optional[float] = _spec(None, "per-layer channel pruning ratio", ge=0.0, lt=1.0)
-    target_macs: Optional[float] = _spec(None, "fraction of dense MACs to keep", gt=0.0, le=1.0)
-    target_params: Optional[float] = _spec(None, "fraction of dense params to keep", gt=0.0, le=1.0)
+    ratio: float | None = _spec(None, "per-layer channel pruning ratio", ge=0.0, lt=1.0)
+    target_macs: float | None = _spec(None, "fraction of dense MACs to keep", gt=0.0, le=1.0)
+    target_params: float | None = _spec(None, "fraction of dense params to keep", gt=0.0, le=1.0)
     search: Literal["uniform", "fine"] = _spec(
         "uniform", "target search: uniform-width ratios only, or bisect finer between them"
     )
     threshold: float = _spec(0.05, "Diff-Pruning loss threshold T", ge=0.0, lt=1.0)
     timestep_stride: int = _spec(1, "use every k-th timestep in the Taylor pass", ge=1)
-    max_timesteps: Optional[int] = _spec(None, "cap on timesteps evaluated", ge=1)
+    max_timesteps: int | None = _spec(None, "cap on timesteps evaluated", ge=1)
     batch_size: int = _spec(16, "images in the Taylor batch", ge=1)
     norm: Literal[1, 2] = _spec(2, "p of the magnitude criterion")
-    round_to: Optional[int] = _spec(None, "round kept channels to a multiple", ge=1)
+    round_to: int | None = _spec(None, "round kept channels to a multiple", ge=1)
 
     def require_target(self) -> None:
         """Raise ConfigError unless a pruning target is set (the prune stage needs one)."""
@@ -116,13 +114,13 @@ class QualityConfig:
     """Consistency (SSIM/PSNR vs dense) and Frechet distance of generated samples."""
 
     num_samples: int = _spec(256, "images generated per model", ge=2)
-    steps: Optional[int] = _spec(None, "sampling steps (default: sample.steps)", ge=1)
+    steps: int | None = _spec(None, "sampling steps (default: sample.steps)", ge=1)
     feature: Literal["auto", "digits", "inception"] = _spec(
         "auto", "Frechet features: digits (demo network), inception (FID); auto picks by data"
     )
-    inception_weights: Optional[str] = _spec(None, "local Inception weights file for offline FID")
+    inception_weights: str | None = _spec(None, "local Inception weights file for offline FID")
     require_fid: bool = _spec(False, "fail (instead of recording unavailable) when FID cannot run")
-    num_reference: Optional[int] = _spec(None, "reference images (default: all)", ge=2)
+    num_reference: int | None = _spec(None, "reference images (default: all)", ge=2)
 
 
 @dataclass
@@ -159,26 +157,41 @@ class BenchConfig:
     )
     batch_sizes: list[int] = _spec([1, 16], "batch sizes", ge=1)
     sampler_steps: int = _spec(20, "DDIM steps of the timed sampler", ge=1)
-    sampler_batch_sizes: Optional[list[int]] = _spec(None, "sampler batch sizes (default: batch_sizes)", ge=1)
+    sampler_batch_sizes: list[int] | None = _spec(None, "sampler batch sizes (default: batch_sizes)", ge=1)
     warmup: int = _spec(3, "untimed warm-up calls", ge=0)
     repeat: int = _spec(20, "timed UNet calls per model", ge=1)
     sampler_repeat: int = _spec(3, "timed sampler runs per model", ge=1)
-    threads: Optional[int] = _spec(None, "CPU threads for torch and ONNX Runtime (default: all)", ge=1)
+    threads: int | None = _spec(None, "CPU threads for torch and ONNX Runtime (default: all)", ge=1)
+
+
+@dataclass
+class BuildConfig:
+    """TensorRT engines for the dense and the compressed UNet (GPU hosts)."""
+
+    precision: Literal["fp16", "fp32"] = _spec("fp16", "engine precision")
+    min_batch: int = _spec(1, "optimisation profile: smallest batch", ge=1)
+    opt_batch: int = _spec(8, "optimisation profile: batch tuned for", ge=1)
+    max_batch: int = _spec(64, "optimisation profile: largest batch", ge=1)
+    workspace_gib: float = _spec(8.0, "builder workspace limit (GiB)", gt=0.0)
+    optimization_level: int = _spec(3, "builder optimisation level", ge=0, le=5)
+    cuda_graphs: bool = _spec(True, "also benchmark with CUDA graphs (static shapes)")
 
 
 @dataclass
 class AcceptanceConfig:
     """Release gates; a limit left null is not checked."""
 
-    backend: Literal["torch", "onnxruntime", "tensorrt"] = _spec("onnxruntime", "backend the latency gates read")
+    backend: Literal["torch", "onnxruntime", "tensorrt"] = _spec(
+        "onnxruntime", "backend the latency gates read"
+    )
     batch: int = _spec(1, "batch size the latency gates read", ge=1)
-    max_unet_ms: Optional[float] = _spec(None, "max median latency of one compressed UNet call (ms)", gt=0.0)
-    max_image_ms: Optional[float] = _spec(None, "max compressed sampler latency per image (ms)", gt=0.0)
-    min_speedup: Optional[float] = _spec(None, "min UNet-call speed-up vs dense", gt=0.0)
-    min_sampler_speedup: Optional[float] = _spec(None, "min sampler speed-up vs dense", gt=0.0)
-    max_parity_error: Optional[float] = _spec(None, "max abs error, fp32 ONNX vs torch", gt=0.0)
-    min_ssim: Optional[float] = _spec(None, "min SSIM vs dense samples", ge=0.0, le=1.0)
-    max_fd_ratio: Optional[float] = _spec(None, "max Frechet distance of compressed / dense", gt=0.0)
+    max_unet_ms: float | None = _spec(None, "max median latency of one compressed UNet call (ms)", gt=0.0)
+    max_image_ms: float | None = _spec(None, "max compressed sampler latency per image (ms)", gt=0.0)
+    min_speedup: float | None = _spec(None, "min UNet-call speed-up vs dense", gt=0.0)
+    min_sampler_speedup: float | None = _spec(None, "min sampler speed-up vs dense", gt=0.0)
+    max_parity_error: float | None = _spec(None, "max abs error, fp32 ONNX vs torch", gt=0.0)
+    min_ssim: float | None = _spec(None, "min SSIM vs dense samples", ge=0.0, le=1.0)
+    max_fd_ratio: float | None = _spec(None, "max Frechet distance of compressed / dense", gt=0.0)
 
 
 @dataclass
@@ -188,7 +201,7 @@ class RunConfig:
     name: str = _spec("run", "run name (default: the config file's stem)")
     seed: int = _spec(0, "global seed", ge=0)
     device: Literal["auto", "cpu", "cuda"] = _spec("auto", "torch device")
-    threads: Optional[int] = _spec(None, "torch CPU threads", ge=1)
+    threads: int | None = _spec(None, "torch CPU threads", ge=1)
     stages: list[str] = _spec(list(DEFAULT_STAGES), "stages run when --stages is not given")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -198,14 +211,19 @@ class RunConfig:
     quality: QualityConfig = field(default_factory=QualityConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     parity: ParityConfig = field(default_factory=ParityConfig)
+    build: BuildConfig = field(default_factory=BuildConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     acceptance: AcceptanceConfig = field(default_factory=AcceptanceConfig)
 
     def check(self) -> None:
         """Cross-field rules that single-field checks cannot express."""
-        targets = [
-            k for k in ("ratio", "target_macs", "target_params") if getattr(self.prune, k) is not None
-        ]
+        targets = [k for k in ("ratio", "target_macs", "target_params") if getattr(self.prune, k) is not None]
+        b = self.build
+        if not b.min_batch <= b.opt_batch <= b.max_batch:
+            raise ConfigError(
+                "build: need min_batch <= opt_batch <= max_batch, got "
+                f"{b.min_batch}/{b.opt_batch}/{b.max_batch}"
+            )
         if len(targets) > 1:
             extra = " ".join(f"prune.{k}=null" for k in targets[1:])
             raise ConfigError(
@@ -222,9 +240,7 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if tp is type(None):
         return "null"
-    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(
-        tp, str(tp)
-    )
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
 
 
 def _range_text(meta: dict) -> str:

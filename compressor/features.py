@@ -98,7 +98,9 @@ def load_digits_features(path: Path = WEIGHTS) -> DigitsFeatures:
     try:
         net.load_state_dict(load_file(str(path)))
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types
-        raise ModelError(f"{path}: unreadable ({type(exc).__name__}); run `python -m compressor.features`") from None
+        raise ModelError(
+            f"{path}: unreadable ({type(exc).__name__}); run `python -m compressor.features`"
+        ) from None
     return net.eval()
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -102,11 +103,9 @@ def _load_folder(folder: Path) -> LoadedModel:
     cls = unet_class(unet_cfg.get("_class_name", ""))
     try:
         unet = cls.from_pretrained(str(unet_dir), local_files_only=True)
-    except (OSError, ValueError, RuntimeError, EnvironmentError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(
-            f"{unet_dir}: cannot load UNet weights ({first[:200]}); re-save the model"
-        ) from None
+        raise ModelError(f"{unet_dir}: cannot load UNet weights ({first[:200]}); re-save the model") from None
     if sched_file is None:
         raise ModelError(f"{folder}: no scheduler_config.json; save the scheduler beside the UNet")
     scheduler_config = json.loads(sched_file.read_text())
@@ -118,7 +117,9 @@ def _load_hub(hub_id: str) -> LoadedModel:
     try:
         from huggingface_hub import snapshot_download
 
-        path = snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*/*.json", "*/*.safetensors"])
+        path = snapshot_download(
+            hub_id, allow_patterns=["*.json", "*.safetensors", "*/*.json", "*/*.safetensors"]
+        )
     except Exception as exc:  # noqa: BLE001 - hub errors come in many types
         raise ModelError(
             f"cannot fetch {hub_id!r} from the Hugging Face hub ({type(exc).__name__}); without network, "

@@ -19,8 +19,8 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -227,9 +227,7 @@ def layer_widths(unet: nn.Module) -> dict[str, int]:
     return out
 
 
-def prune_structure(
-    unet: nn.Module, importance, ratio: float, round_to: int | None, seed: int = 0
-) -> list:
+def prune_structure(unet: nn.Module, importance, ratio: float, round_to: int | None, seed: int = 0) -> list:
     """Prune ``unet`` in place at a uniform per-layer ``ratio``; returns the pruning history."""
     dense_heads = head_dims(unet)
     pruner = build_pruner(unet, importance, ratio, round_to)
@@ -263,7 +261,9 @@ def reinitialize(unet: nn.Module, seed: int) -> None:
             m.reset_parameters()
 
 
-def kept_fraction(unet: nn.Module, ratio: float, round_to: int | None, dense: tuple[int, int]) -> tuple[float, float]:
+def kept_fraction(
+    unet: nn.Module, ratio: float, round_to: int | None, dense: tuple[int, int]
+) -> tuple[float, float]:
     """(MACs, params) fractions kept if ``unet`` were pruned at ``ratio`` (on a copy)."""
     import torch_pruning as tp
 
@@ -369,7 +369,9 @@ def prune_unet(
         )
         threshold = cfg.threshold if cfg.method == "diff-pruning" else 0.0
         unet.eval()  # no dropout noise in the importance estimate
-        taylor = accumulate_taylor_grads(unet, noise_scheduler, x0, noise, candidates, threshold, on_taylor_step)
+        taylor = accumulate_taylor_grads(
+            unet, noise_scheduler, x0, noise, candidates, threshold, on_taylor_step
+        )
     history = prune_structure(unet, make_importance(cfg.method, cfg.norm), ratio, cfg.round_to, seed)
     unet.zero_grad(set_to_none=True)
     if cfg.method == "reinit":

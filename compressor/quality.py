@@ -41,7 +41,9 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
 
     size = min(a.shape[-1], a.shape[-2])
     kernel = min(11, size - (1 - size % 2))
-    return float(structural_similarity_index_measure(a.float(), b.float(), data_range=1.0, kernel_size=kernel))
+    return float(
+        structural_similarity_index_measure(a.float(), b.float(), data_range=1.0, kernel_size=kernel)
+    )
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -69,14 +71,18 @@ class FeatureAdapter(nn.Module):
         return self.net(x)
 
 
-def frechet_distance(real: torch.Tensor, fake: torch.Tensor, feature: nn.Module | int, weights: str | None = None) -> float:
+def frechet_distance(
+    real: torch.Tensor, fake: torch.Tensor, feature: nn.Module | int, weights: str | None = None
+) -> float:
     """Frechet distance between feature statistics of ``real`` and ``fake`` (both in [0, 1])."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     if isinstance(feature, int):
         if weights is not None and not Path(weights).is_file():
             raise UserError(f"quality.inception_weights={weights!r}: file not found; copy the weights there")
-        metric = FrechetInceptionDistance(feature=feature, normalize=True, feature_extractor_weights_path=weights)
+        metric = FrechetInceptionDistance(
+            feature=feature, normalize=True, feature_extractor_weights_path=weights
+        )
         real, fake = _rgb(real), _rgb(fake)
     else:
         metric = FrechetInceptionDistance(feature=feature, normalize=True)

@@ -9,8 +9,8 @@ dense and pruned models (and every backend) are compared on the same noise.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 

@@ -16,9 +16,9 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -98,10 +98,15 @@ def save_checkpoint(folder: Path, step: int, unet: nn.Module, opt, ema, losses: 
     tmp = folder / f".tmp-{CKPT_PREFIX}{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}, str(tmp / "model.safetensors"))
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()},
+        str(tmp / "model.safetensors"),
+    )
     ema_state = ema.state_dict()
     shadow = ema_state.pop("shadow_params")
-    save_file({f"{i}": p.detach().contiguous().cpu() for i, p in enumerate(shadow)}, str(tmp / "ema.safetensors"))
+    save_file(
+        {f"{i}": p.detach().contiguous().cpu() for i, p in enumerate(shadow)}, str(tmp / "ema.safetensors")
+    )
     opt_state = opt.state_dict()
     tensors, scalars = {}, {}
     for idx, st in opt_state["state"].items():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import platform
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -29,7 +29,9 @@ def percentile_ms(samples: list[float]) -> tuple[float, float]:
     return float(np.median(arr)), float(np.percentile(arr, 95))
 
 
-def time_alternating(calls: dict[str, Callable[[], object]], warmup: int, repeat: int) -> dict[str, list[float]]:
+def time_alternating(
+    calls: dict[str, Callable[[], object]], warmup: int, repeat: int
+) -> dict[str, list[float]]:
     """Warm each call up, then time them in turns (A, B, A, B, ...); seconds per call."""
     for fn in calls.values():
         for _ in range(warmup):
@@ -75,7 +77,10 @@ def host_facts() -> dict:
 
             out = subprocess.run(
                 ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=10, check=False,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
             )
             facts["driver"] = out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
         except (OSError, subprocess.SubprocessError):

@@ -8,9 +8,9 @@ what actually ran (e.g. the provider from the session, not the available list).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch

@@ -1,8 +1,8 @@
 """Load a finished run's sampler on any backend: the small Python API users serve with.
 
-    from deploy.sampler import load_sampler
-    sampler = load_sampler("runs/demo", backend="onnxruntime")
-    images = sampler(num_images=16, steps=50, seed=0)   # (N, C, H, W) in [0, 1]
+from deploy.sampler import load_sampler
+sampler = load_sampler("runs/demo", backend="onnxruntime")
+images = sampler(num_images=16, steps=50, seed=0)   # (N, C, H, W) in [0, 1]
 """
 
 from __future__ import annotations
@@ -32,8 +32,13 @@ class Sampler:
     device: str = "cpu"
 
     def __call__(
-        self, num_images: int = 16, steps: int = 50, seed: int = 0, eta: float = 0.0,
-        scheduler: str = "ddim", batch_size: int = 64,
+        self,
+        num_images: int = 16,
+        steps: int = 50,
+        seed: int = 0,
+        eta: float = 0.0,
+        scheduler: str = "ddim",
+        batch_size: int = 64,
     ) -> torch.Tensor:
         """Images from seeds ``seed .. seed + num_images - 1``."""
         sched = make_scheduler(scheduler, self.scheduler_config)

@@ -1,9 +1,30 @@
 """TensorRT engines and the TensorRT backend. The only module that imports ``tensorrt``.
 
+Written against the documented Python API of TensorRT 10 and 11. TensorRT 11 networks
+are strongly typed (precision comes from the ONNX file: the fp16 ONNX gives an fp16
+engine); on TensorRT 10 the fp32 ONNX plus the FP16 builder flag is used instead.
 Imports cleanly without TensorRT; :func:`unavailable_reason` says why it cannot run.
 """
 
 from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from compressor.errors import UserError
+from deploy.engines import (
+    Profile,
+    check_compatible,
+    check_integrity,
+    profile_of,
+    read_manifest,
+    write_manifest,
+)
+from deploy.runtimes import Backend
 
 INSTALL_HINT = (
     "install TensorRT (pip install 'compress-deploy[gpu]' on a CUDA host) or run inside the "
@@ -17,8 +38,220 @@ def unavailable_reason() -> str:
         import tensorrt  # noqa: F401
     except ImportError:
         return f"TensorRT is not installed; {INSTALL_HINT}"
-    import torch
-
     if not torch.cuda.is_available():
         return "TensorRT needs a CUDA GPU and none is visible"
     return ""
+
+
+def require_tensorrt():
+    """The ``tensorrt`` module, or a UserError saying what to install."""
+    reason = unavailable_reason()
+    if reason:
+        raise UserError(reason)
+    import tensorrt as trt
+
+    return trt
+
+
+def major_version(trt) -> int:
+    return int(trt.__version__.split(".")[0])
+
+
+def gpu_identity() -> tuple[str, str]:
+    """(GPU name, compute capability 'major.minor') of device 0."""
+    props = torch.cuda.get_device_properties(0)
+    return props.name, f"{props.major}.{props.minor}"
+
+
+def _progress_monitor(trt, label: str):
+    """A TensorRT IProgressMonitor printing phases with elapsed time (TensorRT >= 10)."""
+    if not hasattr(trt, "IProgressMonitor"):
+        return None
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self.began = time.perf_counter()
+            self.steps: dict[str, int] = {}
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            self.steps[phase_name] = num_steps
+            if parent_phase is None:
+                print(f"[build] {label}: {phase_name} ({num_steps} steps)", file=sys.stderr, flush=True)
+
+        def step_complete(self, phase_name, step):
+            total = self.steps.get(phase_name, 0)
+            if total and phase_name.startswith("Building") and step % max(1, total // 10) == 0:
+                elapsed = time.perf_counter() - self.began
+                eta = elapsed / max(1, step) * (total - step)
+                print(f"[build] {label}: {step}/{total}, ETA {eta:.0f} s", file=sys.stderr, flush=True)
+            return True
+
+        def phase_finish(self, phase_name):
+            self.steps.pop(phase_name, None)
+
+    return Monitor()
+
+
+def build_engine(
+    onnx_path: Path,
+    engine_path: Path,
+    profile: Profile,
+    sample_shape: tuple[int, int, int],
+    precision: str,
+    workspace_gib: float,
+    optimization_level: int,
+    timing_cache: Path,
+    label: str,
+) -> dict:
+    """Build and serialise an engine from ``onnx_path``; writes engine + manifest + cache.
+
+    On TensorRT 11 pass the ONNX of the wanted precision (strongly typed); on TensorRT 10
+    pass the fp32 ONNX and ``precision="fp16"`` sets the FP16 builder flag.
+    """
+    trt = require_tensorrt()
+    profile.validate()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    strongly_typed = major_version(trt) >= 11
+    flags = 0
+    if strongly_typed:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise UserError(f"TensorRT cannot parse {onnx_path}: {errors[:300]}; re-export the model")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    config.builder_optimization_level = optimization_level
+    if precision == "fp16" and not strongly_typed:
+        config.set_flag(trt.BuilderFlag.FP16)  # TensorRT 10 with an fp32 ONNX
+    opt_profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profile.shapes(sample_shape).items():
+        opt_profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(opt_profile)
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=True)
+    monitor = _progress_monitor(trt, label)
+    if monitor is not None:
+        config.progress_monitor = monitor
+    began = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - began
+    if serialized is None:
+        raise UserError(
+            f"TensorRT failed to build {label} (see the log above); lower build.max_batch or raise "
+            "build.workspace_gib"
+        )
+    data = bytes(serialized)
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = engine_path.with_name(engine_path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(engine_path)
+    cache_tmp = timing_cache.with_name(timing_cache.name + ".tmp")
+    cache_tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+    cache_tmp.replace(timing_cache)
+    name, capability = gpu_identity()
+    manifest = {
+        "onnx": onnx_path.name,
+        "onnx_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
+        "engine_sha256": hashlib.sha256(data).hexdigest(),
+        "tensorrt_version": trt.__version__,
+        "gpu_name": name,
+        "compute_capability": capability,
+        "profile": {
+            "min_batch": profile.min_batch,
+            "opt_batch": profile.opt_batch,
+            "max_batch": profile.max_batch,
+        },
+        "sample_shape": list(sample_shape),
+        "precision": precision,
+        "strongly_typed": strongly_typed,
+        "build_seconds": round(seconds, 2),
+    }
+    write_manifest(engine_path, manifest)
+    return manifest
+
+
+class EngineRunner:
+    """A deserialised engine called as ``(sample, timestep) -> noise`` on CUDA tensors."""
+
+    def __init__(self, engine_path: Path, cuda_graph: bool = False) -> None:
+        trt = require_tensorrt()
+        manifest = read_manifest(engine_path)
+        data = engine_path.read_bytes()
+        check_integrity(manifest, engine_path, hashlib.sha256(data).hexdigest())
+        check_compatible(manifest, engine_path, trt.__version__, *gpu_identity())
+        self.profile = profile_of(manifest)
+        self.path = engine_path
+        self.manifest = manifest
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(data)
+        if self.engine is None:
+            raise UserError(
+                f"{engine_path}: TensorRT cannot deserialize it; rebuild with `compress-deploy build RUN`"
+            )
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+        self.cuda_graph = cuda_graph
+        self.graphs: dict[int, tuple] = {}
+
+    def _bind(self, sample: torch.Tensor, timestep: torch.Tensor, out: torch.Tensor) -> None:
+        self.context.set_input_shape("sample", tuple(sample.shape))
+        self.context.set_input_shape("timestep", tuple(timestep.shape))
+        self.context.set_tensor_address("sample", sample.data_ptr())
+        self.context.set_tensor_address("timestep", timestep.data_ptr())
+        self.context.set_tensor_address("noise", out.data_ptr())
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        batch = sample.shape[0]
+        self.profile.check_batch(batch, self.path)
+        sample = sample.to("cuda", torch.float32).contiguous()
+        timestep = timestep.to("cuda", torch.int64).contiguous()
+        if self.cuda_graph:
+            return self._graph_call(sample, timestep)
+        out = torch.empty_like(sample)
+        self._bind(sample, timestep, out)
+        self.stream.wait_stream(torch.cuda.current_stream())
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError(f"TensorRT execution failed for {self.path}")
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return out
+
+    def _graph_call(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """Replay a CUDA graph captured once per batch size (static shapes and buffers)."""
+        batch = sample.shape[0]
+        if batch not in self.graphs:
+            s_in, t_in, out = sample.clone(), timestep.clone(), torch.empty_like(sample)
+            self._bind(s_in, t_in, out)
+            with torch.cuda.stream(self.stream):
+                self.context.execute_async_v3(self.stream.cuda_stream)  # warm-up outside capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=self.stream):
+                    self.context.execute_async_v3(self.stream.cuda_stream)
+            self.graphs[batch] = (graph, s_in, t_in, out)
+        graph, s_in, t_in, out = self.graphs[batch]
+        s_in.copy_(sample)
+        t_in.copy_(timestep)
+        graph.replay()
+        return out.clone()
+
+
+def engine_path(run_dir: Path, model: str) -> Path:
+    """Where the build stage writes the engine of ``model`` (dense|pruned)."""
+    return run_dir / "build" / model / "unet.plan"
+
+
+def engine_backend(run_dir: Path, model: str, cuda_graph: bool = False) -> Backend:
+    """The TensorRT backend of a run's engine."""
+    runner = EngineRunner(engine_path(run_dir, model), cuda_graph)
+    info = {k: runner.manifest[k] for k in ("tensorrt_version", "gpu_name", "precision")}
+    info["cuda_graph"] = cuda_graph
+    return Backend("tensorrt", runner, info)
+
+
+def run_backends(run_dir: Path, cuda_graph: bool = False) -> dict[str, Backend]:
+    """Dense and pruned TensorRT backends of a run."""
+    return {m: engine_backend(run_dir, m, cuda_graph) for m in ("dense", "pruned")}

@@ -157,7 +157,8 @@ def check_onnx(path: Path) -> None:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - onnx raises several error types
         raise ArtifactError(
-            f"{path}: not a valid ONNX model ({str(exc).strip().splitlines()[0][:160]}); rerun the export stage"
+            f"{path}: not a valid ONNX model ({str(exc).strip().splitlines()[0][:160]}); "
+            "rerun the export stage"
         ) from None
     names = [i.name for i in proto.graph.input]
     outs = [o.name for o in proto.graph.output]
@@ -175,7 +176,9 @@ def check_external_data(path: Path) -> None:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001
-        raise ArtifactError(f"{path}: not a readable ONNX file ({type(exc).__name__}); rerun the export") from None
+        raise ArtifactError(
+            f"{path}: not a readable ONNX file ({type(exc).__name__}); rerun the export"
+        ) from None
     root = path.parent.resolve()
     for tensor in proto.graph.initializer:
         for entry in tensor.external_data:
@@ -188,3 +191,12 @@ def check_external_data(path: Path) -> None:
                     f"{path}: external data location {entry.value!r} points outside its folder; "
                     "re-export the model instead of editing it"
                 )
+
+
+def onnx_sample_shape(path: Path) -> tuple[int, int, int]:
+    """(C, H, W) of an exported model's ``sample`` input."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    return tuple(int(d.dim_value) for d in dims[1:])  # type: ignore[return-value]

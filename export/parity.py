@@ -3,7 +3,7 @@
 Used by the ``parity`` stage and by the tests. Any Polygraphy runner takes part: the
 :class:`TorchRunner` reference (CPU or CUDA, unlike Polygraphy's CUDA-only PytRunner),
 ``OnnxrtRunner`` and, on GPU hosts, ``TrtRunner``. Polygraphy's
-``CompareFunc.simple`` decides pass/fail with the stated tolerances; the error
+simple compare function decides pass/fail with the stated tolerances; the error
 statistics reported beside it (max/median absolute error, cosine similarity) are
 computed from the same outputs.
 """
@@ -67,7 +67,9 @@ def make_onnxrt_runner(path: Path, name: str, providers: list[str] | None = None
     """Polygraphy's ONNX Runtime runner over an ONNX file."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
-    return OnnxrtRunner(SessionFromOnnx(str(path), providers=providers or ["CPUExecutionProvider"]), name=name)
+    return OnnxrtRunner(
+        SessionFromOnnx(str(path), providers=providers or ["CPUExecutionProvider"]), name=name
+    )
 
 
 def parity_feeds(unet: nn.Module, batches: list[int], timesteps: list[int], seed: int = 0) -> list[dict]:
@@ -77,9 +79,7 @@ def parity_feeds(unet: nn.Module, batches: list[int], timesteps: list[int], seed
     for b in batches:
         for t in timesteps:
             sample = torch.randn(sample_shape(unet, b), generator=g)
-            feeds.append(
-                {"sample": sample.numpy(), "timestep": np.full((b,), t, dtype=np.int64)}
-            )
+            feeds.append({"sample": sample.numpy(), "timestep": np.full((b,), t, dtype=np.int64)})
     return feeds
 
 
@@ -107,14 +107,20 @@ def compare(runners: list, feeds: list[dict], atol: float, rtol: float) -> list[
     Pass/fail comes from Polygraphy's ``CompareFunc.simple`` (element-wise
     ``|a - b| <= atol + rtol * |b|`` on every element).
     """
-    from polygraphy.comparator import Comparator, CompareFunc
+    from polygraphy.comparator import Comparator
 
+    try:  # Polygraphy >= 0.50
+        from polygraphy.comparator.compare import SimpleCompareFunc as simple
+    except ImportError:
+        from polygraphy.comparator import CompareFunc
+
+        simple = CompareFunc.simple
     quiet_polygraphy()
     results = Comparator.run(runners, data_loader=feeds)
     verdict = Comparator.compare_accuracy(
         results,
         comparisons=[(0, i) for i in range(1, len(runners))],
-        compare_func=CompareFunc.simple(atol=atol, rtol=rtol, check_error_stat="elemwise")
+        compare_func=simple(atol=atol, rtol=rtol, check_error_stat="elemwise"),
     )
     reports = []
     # Polygraphy >= 0.50 returns one AccuracyResult per comparison function.
@@ -124,7 +130,7 @@ def compare(runners: list, feeds: list[dict], atol: float, rtol: float) -> list[
     for cand_name, cand_iters in pairs[1:]:
         passed = all(bool(out) for it in accuracy[(ref_name, cand_name)] for out in it.values())
         cases = []
-        for feed, ref, cand in zip(feeds, ref_iters, cand_iters):
+        for feed, ref, cand in zip(feeds, ref_iters, cand_iters, strict=True):
             a, b = ref["noise"].astype(np.float64), cand["noise"].astype(np.float64)
             err = np.abs(a - b)
             fa, fb = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)

@@ -21,7 +21,9 @@ class Check:
     def line(self) -> str:
         shown = "not measured" if self.measured is None else f"{self.measured:.4g}"
         verdict = "PASS" if self.passed else "FAIL"
-        return f"{verdict}  {self.name}: {shown} (limit {self.direction} {self.limit:g}) {self.detail}".rstrip()
+        return (
+            f"{verdict}  {self.name}: {shown} (limit {self.direction} {self.limit:g}) {self.detail}".rstrip()
+        )
 
 
 def _bench_value(bench: dict | None, backend: str, batch: int, what: str, key: str) -> float | None:
@@ -54,9 +56,15 @@ def evaluate(cfg: AcceptanceConfig, records: dict[str, dict | None]) -> list[Che
         "max_unet_ms": (_bench_value(bench, cfg.backend, cfg.batch, "unet", "ms"), "<=", where),
         "max_image_ms": (_bench_value(bench, cfg.backend, cfg.batch, "sampler", "per_image"), "<=", where),
         "min_speedup": (_bench_value(bench, cfg.backend, cfg.batch, "unet", "speedup"), ">=", where),
-        "min_sampler_speedup": (_bench_value(bench, cfg.backend, cfg.batch, "sampler", "speedup"), ">=", where),
+        "min_sampler_speedup": (
+            _bench_value(bench, cfg.backend, cfg.batch, "sampler", "speedup"),
+            ">=",
+            where,
+        ),
         "max_parity_error": (
-            parity["metrics"].get("max_abs_error_fp32") if parity else None, "<=", "[fp32 ONNX vs torch]"
+            parity["metrics"].get("max_abs_error_fp32") if parity else None,
+            "<=",
+            "[fp32 ONNX vs torch]",
         ),
         "min_ssim": (compressed.get("ssim_vs_dense") if compressed else None, ">=", "[vs dense, same seeds]"),
         "max_fd_ratio": (fd, "<=", "[Frechet distance, compressed / dense]"),

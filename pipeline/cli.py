@@ -13,8 +13,8 @@ import argparse
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from compressor.config import RunConfig, load_config
 from compressor.errors import UserError
@@ -71,7 +71,9 @@ def _main_run(argv: list[str]) -> int:
     records = run_pipeline(cfg, run_dir, stages)
     failed = [name for name, rec in records.items() if rec["status"] == "failed"]
     if failed:
-        print(f"acceptance failed: {records[failed[0]]['reason']} (see {run_dir / 'report'})", file=sys.stderr)
+        print(
+            f"acceptance failed: {records[failed[0]]['reason']} (see {run_dir / 'report'})", file=sys.stderr
+        )
         return 3
     return 0
 
@@ -142,7 +144,34 @@ def _cmd_check(argv: list[str]) -> int:
     return 3 if failed else 0
 
 
+def _cmd_build(argv: list[str]) -> int:
+    """compress-deploy build RUN [build.key=value ...]: (re)build engines from RUN's ONNX files."""
+    import json
+
+    from compressor.config import config_from_mapping
+    from pipeline.stages.build import build_engines
+
+    parser = argparse.ArgumentParser(prog="compress-deploy build", description="Build TensorRT engines.")
+    parser.add_argument("run", type=Path)
+    parser.add_argument("overrides", nargs="*", help="build.key=value, e.g. build.max_batch=16")
+    args = parser.parse_args(argv)
+    if not args.run.is_dir():
+        raise UserError(f"run directory {args.run} not found; pass the folder a run wrote")
+    for o in args.overrides:
+        if not o.startswith("build."):
+            raise UserError(f"override {o!r}: build only takes build.* overrides")
+    base = {}
+    rec_file = args.run / "build" / "record.json"
+    if rec_file.is_file():
+        base = {"build": json.loads(rec_file.read_text())["config"]["build"]}
+    cfg = config_from_mapping(base, args.overrides)
+    result = build_engines(args.run, cfg.build)
+    print(f"built {', '.join(result.metrics['engines'])} engines in {args.run / 'build'}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "build": _cmd_build,
     "sample": _cmd_sample,
     "check": _cmd_check,
 }

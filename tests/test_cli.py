@@ -24,7 +24,15 @@ def test_prune_stage_writes_the_record_contract(tiny_config, tmp_path):
     assert rec["stage"] == "prune" and rec["status"] == "ok"
     assert rec["config"]["prune"]["method"] == "diff-pruning"
     m = rec["metrics"]
-    for key in ("params_before", "params_after", "macs_before", "macs_after", "method", "timesteps_used", "kept_widths"):
+    for key in (
+        "params_before",
+        "params_after",
+        "macs_before",
+        "macs_after",
+        "method",
+        "timesteps_used",
+        "kept_widths",
+    ):
         assert key in m
     assert m["params_after"] < m["params_before"] and m["macs_after"] < m["macs_before"]
     assert m["timesteps_used"][0] == 0 and all(t % 100 == 0 for t in m["timesteps_used"])
@@ -41,7 +49,9 @@ def test_default_run_dir_is_runs_config_name(tiny_config, tmp_path, monkeypatch)
 
 def test_overrides_reach_the_stage(tiny_config, tmp_path):
     run_dir = tmp_path / "run"
-    code = run_cli(tiny_config, "prune.method=magnitude", "prune.ratio=0.5", "--stages", "prune", "--run-dir", run_dir)
+    code = run_cli(
+        tiny_config, "prune.method=magnitude", "prune.ratio=0.5", "--stages", "prune", "--run-dir", run_dir
+    )
     assert code == 0
     m = json.loads((run_dir / "prune" / "record.json").read_text())["metrics"]
     assert m["method"] == "magnitude" and m["ratio"] == 0.5 and m["timesteps_used"] == []
@@ -66,7 +76,10 @@ def _error_line(capsys) -> str:
 BAD_CONFIGS = {
     "malformed YAML": ("prune: [unclosed\n", "malformed YAML"),
     "unknown key": ("prune:\n  ratioo: 0.3\n", "prune.ratioo: unknown key"),
-    "ratio outside [0, 1)": ("prune:\n  ratio: 1.5\n", "prune.ratio: expected a number in [0.0, 1.0), got 1.5"),
+    "ratio outside [0, 1)": (
+        "prune:\n  ratio: 1.5\n",
+        "prune.ratio: expected a number in [0.0, 1.0), got 1.5",
+    ),
     "negative threshold": ("prune:\n  ratio: 0.3\n  threshold: -1\n", "prune.threshold: expected a number"),
 }
 

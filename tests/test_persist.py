@@ -20,7 +20,9 @@ from tests.conftest import DDPM_SCHEDULER
 
 def _pruned(unet, method="magnitude", ratio=0.25):
     cfg_dense = dense_config(unet)
-    result = prune_unet(unet, make_scheduler("ddpm", DDPM_SCHEDULER), None, PruneConfig(method=method, ratio=ratio), 0)
+    result = prune_unet(
+        unet, make_scheduler("ddpm", DDPM_SCHEDULER), None, PruneConfig(method=method, ratio=ratio), 0
+    )
     return cfg_dense, result
 
 

@@ -4,7 +4,19 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from pipeline.stages import bench, check, export, finetune, parity, prune, quality, report, samples, train
+from pipeline.stages import (
+    bench,
+    build,
+    check,
+    export,
+    finetune,
+    parity,
+    prune,
+    quality,
+    report,
+    samples,
+    train,
+)
 
 STAGES: dict[str, ModuleType] = {
     "train": train,
@@ -14,6 +26,7 @@ STAGES: dict[str, ModuleType] = {
     "quality": quality,
     "export": export,
     "parity": parity,
+    "build": build,
     "bench": bench,
     "check": check,
     "report": report,

@@ -14,20 +14,29 @@ from pipeline.stages.export import onnx_path
 SECTIONS = ["bench"]
 
 
-def load_backends(ctx: RunContext, name: str, models: dict) -> tuple[dict[str, Backend] | None, str]:
-    """Dense and compressed backends of one kind, or (None, why it is unavailable)."""
+def load_backends(ctx: RunContext, name: str, models: dict) -> tuple[dict[str, dict[str, Backend]], str]:
+    """Variants (label -> dense/compressed backends) of one backend, or ({}, why unavailable)."""
     threads = ctx.cfg.bench.threads
     if name == "torch":
-        return {m: torch_backend(u, ctx.device) for m, u in models.items()}, ""
+        out = {"torch": {m: torch_backend(u, ctx.device) for m, u in models.items()}}
+        if ctx.device.type == "cuda":
+            out["torch-fp16"] = {m: torch_backend(u, ctx.device, torch.float16) for m, u in models.items()}
+        return out, ""
     if name == "onnxruntime":
         ctx.require("export", "bench")
-        return {m: onnxruntime_backend(onnx_path(ctx, m, "fp32"), threads) for m in models}, ""
+        return {
+            "onnxruntime": {m: onnxruntime_backend(onnx_path(ctx, m, "fp32"), threads) for m in models}
+        }, ""
     from deploy import tensorrt_backend
 
     reason = tensorrt_backend.unavailable_reason()
     if reason:
-        return None, reason
-    return tensorrt_backend.run_backends(ctx), ""
+        return {}, reason
+    ctx.require("build", "bench")
+    variants = {"tensorrt": tensorrt_backend.run_backends(ctx.run_dir)}
+    if ctx.cfg.build.cuda_graphs:
+        variants["tensorrt+cudagraph"] = tensorrt_backend.run_backends(ctx.run_dir, cuda_graph=True)
+    return variants, ""
 
 
 def run(ctx: RunContext) -> StageResult:
@@ -42,12 +51,14 @@ def run(ctx: RunContext) -> StageResult:
     scheduler = make_scheduler("ddim", ctx.dense.scheduler_config)
     shape = ctx.image_shape()
     rows, speedups, skipped, backend_info = [], [], {}, {}
-    for name in cfg.backends:
-        backends, reason = load_backends(ctx, name, models)
-        if backends is None:
-            skipped[name] = reason
-            log("bench", f"{name}: skipped ({reason})")
-            continue
+    variants: dict[str, dict[str, Backend]] = {}
+    for kind in cfg.backends:
+        found, reason = load_backends(ctx, kind, models)
+        if not found:
+            skipped[kind] = reason
+            log("bench", f"{kind}: skipped ({reason})")
+        variants.update(found)
+    for name, backends in variants.items():
         backend_info[name] = {m: b.info for m, b in backends.items()}
         plans = [("unet", b, cfg.repeat) for b in cfg.batch_sizes]
         plans += [("sampler", b, cfg.sampler_repeat) for b in (cfg.sampler_batch_sizes or cfg.batch_sizes)]
@@ -65,13 +76,26 @@ def run(ctx: RunContext) -> StageResult:
                 median, p95 = percentile_ms(samples)
                 med[model] = median
                 rows.append(
-                    {"backend": name, "batch": batch, "model": model, "what": what,
-                     "median_ms": median, "p95_ms": p95, "runs": repeat}
+                    {
+                        "backend": name,
+                        "batch": batch,
+                        "model": model,
+                        "what": what,
+                        "median_ms": median,
+                        "p95_ms": p95,
+                        "runs": repeat,
+                    }
                 )
             speedup = med["dense"] / med["pruned"]
             speedups.append(
-                {"backend": name, "batch": batch, "what": what, "speedup": speedup,
-                 "macs_reduction": macs_reduction, "speedup_over_macs_reduction": speedup / macs_reduction}
+                {
+                    "backend": name,
+                    "batch": batch,
+                    "what": what,
+                    "speedup": speedup,
+                    "macs_reduction": macs_reduction,
+                    "speedup_over_macs_reduction": speedup / macs_reduction,
+                }
             )
             log(
                 "bench",

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from compressor.persist import load_unet
 from export.onnx_export import export_unet
 from export.parity import quiet_polygraphy
 from pipeline.context import RunContext, StageResult, log
-from compressor.persist import load_unet
 
 SECTIONS = ["export"]
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from compressor.data import stack
 from compressor.persist import load_unet, read_plan, save_unet
 from compressor.quality import denoising_eval_loss
-from compressor.data import stack
 from pipeline.context import RunContext, StageResult, log
 from pipeline.stages.train import _fit, _train_metrics
 
@@ -22,7 +22,11 @@ def run(ctx: RunContext) -> StageResult:
     files = []
     for name, model in (("model", result.ema_unet), ("model-raw", result.unet)):
         files += save_unet(
-            model.cpu(), out / name, plan["unet_config"], plan["history"], plan["kept_widths"],
+            model.cpu(),
+            out / name,
+            plan["unet_config"],
+            plan["history"],
+            plan["kept_widths"],
             extra={"scheduler_config": plan.get("scheduler_config"), "finetuned_from": str(src)},
         )
     images = stack(ctx.dataset, 16)

@@ -31,18 +31,28 @@ def run(ctx: RunContext) -> StageResult:
     for model, unet in models.items():
         feeds = parity_feeds(unet, cfg.batches, cfg.timesteps, ctx.cfg.seed)
         reference = generate(
-            torch_backend(unet, torch.device("cpu")).predict, scheduler, ctx.image_shape(),
-            cfg.sampler_images, cfg.sampler_steps, seed=ctx.cfg.sample.seed,
+            torch_backend(unet, torch.device("cpu")).predict,
+            scheduler,
+            ctx.image_shape(),
+            cfg.sampler_images,
+            cfg.sampler_steps,
+            seed=ctx.cfg.sample.seed,
         )
         for precision in ctx.cfg.export.precisions:
             path = onnx_path(ctx, model, precision)
-            atol, rtol = (cfg.atol_fp16, cfg.rtol_fp16) if precision == "fp16" else (cfg.atol_fp32, cfg.rtol_fp32)
+            atol, rtol = (
+                (cfg.atol_fp16, cfg.rtol_fp16) if precision == "fp16" else (cfg.atol_fp32, cfg.rtol_fp32)
+            )
             min_psnr = cfg.min_psnr_fp16 if precision == "fp16" else cfg.min_psnr_fp32
             runner = make_onnxrt_runner(path, f"onnxruntime-{model}-{precision}")
             report = compare([make_torch_runner(unet, f"torch-{model}-fp32"), runner], feeds, atol, rtol)[0]
             backend = onnxruntime_backend(path)
             images = generate(
-                backend.predict, scheduler, ctx.image_shape(), cfg.sampler_images, cfg.sampler_steps,
+                backend.predict,
+                scheduler,
+                ctx.image_shape(),
+                cfg.sampler_images,
+                cfg.sampler_steps,
                 seed=ctx.cfg.sample.seed,
             )
             sampler_psnr = psnr(images, reference)
@@ -58,12 +68,15 @@ def run(ctx: RunContext) -> StageResult:
             rows.append(row)
             log(
                 "parity",
-                f"{model} {precision}: max abs {report.max_abs_error:.2e}, median {report.median_abs_error:.2e}, "
+                f"{model} {precision}: max abs {report.max_abs_error:.2e}, "
+                f"median {report.median_abs_error:.2e}, "
                 f"cosine {report.min_cosine:.6f}, sampler PSNR {sampler_psnr:.1f} dB "
                 f"-> {'PASS' if row['passed'] else 'FAIL'} (atol {atol}, rtol {rtol}, PSNR >= {min_psnr})",
             )
             if not row["passed"]:
-                failures.append(f"{model} {precision} (max abs {report.max_abs_error:.2e}, PSNR {sampler_psnr:.1f} dB)")
+                failures.append(
+                    f"{model} {precision} (max abs {report.max_abs_error:.2e}, PSNR {sampler_psnr:.1f} dB)"
+                )
     fp32 = [r for r in rows if r["precision"] == "fp32"]
     metrics = {
         "results": rows,
@@ -72,7 +85,9 @@ def run(ctx: RunContext) -> StageResult:
         "passed": not failures,
     }
     if failures:
-        ctx.write_record("parity", SECTIONS, StageResult(metrics, status="failed", reason="; ".join(failures)), 0.0)
+        ctx.write_record(
+            "parity", SECTIONS, StageResult(metrics, status="failed", reason="; ".join(failures)), 0.0
+        )
         raise ParityError(
             f"parity failed for {', '.join(failures)}; see {ctx.run_dir / 'parity' / 'record.json'} "
             "(re-export, or loosen parity.* tolerances if the precision warrants it)"

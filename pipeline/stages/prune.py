@@ -57,7 +57,8 @@ def run(ctx: RunContext) -> StageResult:
     log(
         "prune",
         f"pruned ({cfg.method}, ratio {result.ratio:.4f}): {params_after / 1e6:.2f}M params "
-        f"({params_after / params_before:.3f}), {macs_after / 1e9:.3f}G MACs ({macs_after / macs_before:.3f})",
+        f"({params_after / params_before:.3f}), {macs_after / 1e9:.3f}G MACs "
+        f"({macs_after / macs_before:.3f})",
     )
     out = ctx.stage_dir("prune") / "model"
     files = save_unet(

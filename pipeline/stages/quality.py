@@ -41,8 +41,15 @@ def run(ctx: RunContext) -> StageResult:
     for label, unet in models.items():
         log("quality", f"sampling {cfg.num_samples} images from the {label} model ({steps} steps)")
         samples[label] = generate(
-            as_noise_predictor(unet), scheduler, ctx.image_shape(), cfg.num_samples, steps,
-            ctx.cfg.sample.eta, ctx.cfg.sample.seed, ctx.cfg.sample.batch_size, ctx.device,
+            as_noise_predictor(unet),
+            scheduler,
+            ctx.image_shape(),
+            cfg.num_samples,
+            steps,
+            ctx.cfg.sample.eta,
+            ctx.cfg.sample.seed,
+            ctx.cfg.sample.batch_size,
+            ctx.device,
         )
     feature, metric = feature_network(ctx)
     reference = (stack(ctx.dataset, cfg.num_reference) + 1) / 2

@@ -69,7 +69,9 @@ class Doc:
                 header, rows = value
                 parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
                 for r in rows:
-                    cells = "".join(f"<td class='{c if c in ('PASS', 'FAIL') else ''}'>{html.escape(c)}</td>" for c in r)
+                    cells = "".join(
+                        f"<td class='{c if c in ('PASS', 'FAIL') else ''}'>{html.escape(c)}</td>" for c in r
+                    )
                     parts.append(f"<tr>{cells}</tr>")
                 parts.append("</table>")
             elif kind == "img":
@@ -127,7 +129,9 @@ def _plot_latency(rows: list[dict], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(keys)), 3.5))
     xs = range(len(keys))
     for offset, model, color in ((-0.2, "dense", "#888"), (0.2, "pruned", "#2a7")):
-        ax.bar([x + offset for x in xs], [val.get((*k, model), 0) for k in keys], 0.4, label=model, color=color)
+        ax.bar(
+            [x + offset for x in xs], [val.get((*k, model), 0) for k in keys], 0.4, label=model, color=color
+        )
     ax.set_xticks(list(xs), labels, fontsize=8)
     ax.set_ylabel("median latency (ms)")
     ax.set_yscale("log")
@@ -158,11 +162,23 @@ def run(ctx: RunContext) -> StageResult:
         [
             ["model", f"{cfg.model.name} ({cfg.model.init})"],
             ["data", cfg.data.source],
-            ["pruning", f"{cfg.prune.method}, threshold {cfg.prune.threshold}, stride {cfg.prune.timestep_stride}"],
-            ["target", ", ".join(f"{k}={getattr(cfg.prune, k)}" for k in ("ratio", "target_macs", "target_params")
-                                 if getattr(cfg.prune, k) is not None)],
-            ["finetune", f"{cfg.finetune.steps} steps, batch {cfg.finetune.batch_size}, lr {cfg.finetune.lr}, "
-                         f"EMA {cfg.finetune.ema_decay}"],
+            [
+                "pruning",
+                f"{cfg.prune.method}, threshold {cfg.prune.threshold}, stride {cfg.prune.timestep_stride}",
+            ],
+            [
+                "target",
+                ", ".join(
+                    f"{k}={getattr(cfg.prune, k)}"
+                    for k in ("ratio", "target_macs", "target_params")
+                    if getattr(cfg.prune, k) is not None
+                ),
+            ],
+            [
+                "finetune",
+                f"{cfg.finetune.steps} steps, batch {cfg.finetune.batch_size}, lr {cfg.finetune.lr}, "
+                f"EMA {cfg.finetune.ema_decay}",
+            ],
             ["run directory", str(ctx.run_dir)],
         ],
     )
@@ -172,7 +188,12 @@ def run(ctx: RunContext) -> StageResult:
         doc.table(
             ["", "dense", "pruned", "kept"],
             [
-                ["params", f"{m['params_before'] / 1e6:.3f}M", f"{m['params_after'] / 1e6:.3f}M", m["params_kept"]],
+                [
+                    "params",
+                    f"{m['params_before'] / 1e6:.3f}M",
+                    f"{m['params_after'] / 1e6:.3f}M",
+                    m["params_kept"],
+                ],
                 ["MACs", f"{m['macs_before'] / 1e9:.4f}G", f"{m['macs_after'] / 1e9:.4f}G", m["macs_kept"]],
             ],
         )
@@ -186,7 +207,8 @@ def run(ctx: RunContext) -> StageResult:
         m = rec["finetune"]["metrics"]
         doc.heading("Finetuning")
         doc.para(
-            f"Final training loss {_fmt(m['final_loss'])}; evaluation loss EMA {_fmt(m.get('eval_loss_ema'))} "
+            f"Final training loss {_fmt(m['final_loss'])}; "
+            f"evaluation loss EMA {_fmt(m.get('eval_loss_ema'))} "
             f"vs raw {_fmt(m.get('eval_loss_raw'))}."
         )
         if _plot_losses(m["losses"], out / "loss.png"):
@@ -197,10 +219,16 @@ def run(ctx: RunContext) -> StageResult:
         doc.heading("Quality")
         doc.table(
             ["model", "SSIM vs dense", "PSNR vs dense (dB)", metric],
-            [[k, v.get("ssim_vs_dense"), v.get("psnr_vs_dense"), v.get(metric)] for k, v in m["models"].items()],
+            [
+                [k, v.get("ssim_vs_dense"), v.get("psnr_vs_dense"), v.get(metric)]
+                for k, v in m["models"].items()
+            ],
         )
-        doc.para(f"{m['num_samples']} samples per model, {m['scheduler'].upper()} {m['steps']} steps, same seeds; "
-                 f"{m['num_reference']} reference images." + (f" {m['frechet_note']}" if m.get("frechet_note") else ""))
+        doc.para(
+            f"{m['num_samples']} samples per model, {m['scheduler'].upper()} {m['steps']} steps, same seeds; "
+            f"{m['num_reference']} reference images."
+            + (f" {m['frechet_note']}" if m.get("frechet_note") else "")
+        )
     if rec["samples"]:
         grid = ctx.run_dir / "samples" / "grid.png"
         if grid.is_file():
@@ -210,21 +238,53 @@ def run(ctx: RunContext) -> StageResult:
     if rec["parity"]:
         doc.heading("Parity (ONNX Runtime vs PyTorch)")
         doc.table(
-            ["model", "precision", "provider", "max abs", "median abs", "min cosine", "sampler PSNR (dB)", "verdict"],
-            [[r["model"], r["precision"], r["provider"], r["max_abs_error"], r["median_abs_error"], r["min_cosine"],
-              r["sampler_psnr_db"], "PASS" if r["passed"] else "FAIL"] for r in rec["parity"]["metrics"]["results"]],
+            [
+                "model",
+                "precision",
+                "provider",
+                "max abs",
+                "median abs",
+                "min cosine",
+                "sampler PSNR (dB)",
+                "verdict",
+            ],
+            [
+                [
+                    r["model"],
+                    r["precision"],
+                    r["provider"],
+                    r["max_abs_error"],
+                    r["median_abs_error"],
+                    r["min_cosine"],
+                    r["sampler_psnr_db"],
+                    "PASS" if r["passed"] else "FAIL",
+                ]
+                for r in rec["parity"]["metrics"]["results"]
+            ],
         )
     if rec["bench"]:
         m = rec["bench"]["metrics"]
         doc.heading("Latency")
         doc.table(
             ["backend", "what", "batch", "model", "median ms", "p95 ms"],
-            [[r["backend"], r["what"], r["batch"], r["model"], r["median_ms"], r["p95_ms"]] for r in m["results"]],
+            [
+                [r["backend"], r["what"], r["batch"], r["model"], r["median_ms"], r["p95_ms"]]
+                for r in m["results"]
+            ],
         )
         doc.table(
             ["backend", "what", "batch", "speed-up", "MACs reduction", "speed-up / MACs reduction"],
-            [[s["backend"], s["what"], s["batch"], s["speedup"], s["macs_reduction"], s["speedup_over_macs_reduction"]]
-             for s in m["speedup"]],
+            [
+                [
+                    s["backend"],
+                    s["what"],
+                    s["batch"],
+                    s["speedup"],
+                    s["macs_reduction"],
+                    s["speedup_over_macs_reduction"],
+                ]
+                for s in m["speedup"]
+            ],
         )
         for name, why in m.get("skipped", {}).items():
             doc.para(f"{name}: skipped ({why})")
@@ -236,7 +296,10 @@ def run(ctx: RunContext) -> StageResult:
     if checks:
         doc.table(
             ["check", "measured", "limit", "verdict"],
-            [[c.name, c.measured, f"{c.direction} {c.limit:g}", "PASS" if c.passed else "FAIL"] for c in checks],
+            [
+                [c.name, c.measured, f"{c.direction} {c.limit:g}", "PASS" if c.passed else "FAIL"]
+                for c in checks
+            ],
         )
     else:
         doc.para("No limits are configured in the acceptance section.")

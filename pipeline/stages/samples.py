@@ -27,8 +27,15 @@ def run(ctx: RunContext) -> StageResult:
     for label, unet in models.items():
         log("samples", f"{label}: {cfg.num_images} images, {cfg.scheduler.upper()} {cfg.steps} steps")
         rows[label] = generate(
-            as_noise_predictor(unet), scheduler, shape, cfg.num_images, cfg.steps, cfg.eta, cfg.seed,
-            cfg.batch_size, ctx.device,
+            as_noise_predictor(unet),
+            scheduler,
+            shape,
+            cfg.num_images,
+            cfg.steps,
+            cfg.eta,
+            cfg.seed,
+            cfg.batch_size,
+            ctx.device,
         )
     path = save_comparison(rows, ctx.stage_dir("samples") / "grid.png")
     log("samples", f"wrote {path}")

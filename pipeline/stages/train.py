@@ -20,7 +20,11 @@ def run(ctx: RunContext) -> StageResult:
     folder = out / "diffusers"
     result.ema_unet.save_pretrained(str(folder), safe_serialization=True)
     (folder / "scheduler_config.json").write_text(json.dumps(ctx.dense.scheduler_config, indent=2))
-    files += [folder / "config.json", folder / "diffusion_pytorch_model.safetensors", folder / "scheduler_config.json"]
+    files += [
+        folder / "config.json",
+        folder / "diffusion_pytorch_model.safetensors",
+        folder / "scheduler_config.json",
+    ]
     log("train", f"wrote {out / 'model'} and the diffusers folder {folder}")
     return StageResult(_train_metrics(result), files)
 
@@ -37,8 +41,15 @@ def _fit(ctx: RunContext, unet, stage: str):
         bar.refresh()
 
     result = train(
-        unet, ctx.noise_scheduler(), ctx.dataset, cfg, ctx.stage_dir(stage) / "checkpoints",
-        ctx.cfg.seed, ctx.device, resume=True, on_step=on_step,
+        unet,
+        ctx.noise_scheduler(),
+        ctx.dataset,
+        cfg,
+        ctx.stage_dir(stage) / "checkpoints",
+        ctx.cfg.seed,
+        ctx.device,
+        resume=True,
+        on_step=on_step,
     )
     bar.close()
     if result.resumed_from is not None:

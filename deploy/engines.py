@@ -1,0 +1,114 @@
+"""Engine manifests, compatibility checks and optimisation profiles (plain Python).
+
+An engine runs only with the TensorRT version and GPU architecture that built it. Each
+engine file ``unet.plan`` has a manifest ``unet.plan.json`` beside it recording the
+sha256 of the ONNX it came from, the TensorRT version, GPU name and compute capability,
+the profile, the precision and the build time. Loading checks the manifest first and
+refuses a mismatched or tampered engine with one line telling the user to rebuild.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from compressor.errors import ArtifactError, ConfigError, UserError
+
+REBUILD = "rebuild the engines here with `compress-deploy build RUN` (it needs only the ONNX files)"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One optimisation profile over the batch axis (min <= opt <= max)."""
+
+    min_batch: int
+    opt_batch: int
+    max_batch: int
+
+    def validate(self) -> None:
+        """Raise ConfigError unless 1 <= min <= opt <= max."""
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ConfigError(
+                f"build profile: need 1 <= min_batch <= opt_batch <= max_batch, got "
+                f"{self.min_batch}/{self.opt_batch}/{self.max_batch}; fix build.min_batch/opt_batch/max_batch"
+            )
+
+    def shapes(self, sample_shape: tuple[int, int, int]) -> dict[str, tuple[tuple, tuple, tuple]]:
+        """(min, opt, max) shapes of every engine input."""
+        return {
+            "sample": tuple((b, *sample_shape) for b in (self.min_batch, self.opt_batch, self.max_batch)),
+            "timestep": tuple((b,) for b in (self.min_batch, self.opt_batch, self.max_batch)),
+        }
+
+    def check_batch(self, batch: int, engine: Path) -> None:
+        """Raise UserError for a batch size the engine was not built for."""
+        if not self.min_batch <= batch <= self.max_batch:
+            raise UserError(
+                f"batch {batch} is outside the profile of {engine} ({self.min_batch}..{self.max_batch}); "
+                "use a batch in range or rebuild with build.min_batch/max_batch covering it"
+            )
+
+
+def manifest_path(engine: Path) -> Path:
+    return engine.with_name(engine.name + ".json")
+
+
+def write_manifest(engine: Path, manifest: dict) -> Path:
+    """Write the manifest atomically beside ``engine``."""
+    path = manifest_path(engine)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def read_manifest(engine: Path) -> dict:
+    """The manifest of ``engine``; ArtifactError when it or the engine is missing."""
+    path = manifest_path(engine)
+    if not engine.is_file():
+        raise ArtifactError(f"engine {engine} not found; {REBUILD}")
+    if not path.is_file():
+        raise ArtifactError(f"engine {engine} has no manifest {path.name}; {REBUILD}")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise ArtifactError(f"{path}: damaged manifest; {REBUILD}") from None
+    for key in (
+        "tensorrt_version",
+        "gpu_name",
+        "compute_capability",
+        "engine_sha256",
+        "profile",
+        "precision",
+    ):
+        if key not in manifest:
+            raise ArtifactError(f"{path}: manifest lacks {key!r}; {REBUILD}")
+    return manifest
+
+
+def check_compatible(
+    manifest: dict, engine: Path, tensorrt_version: str, gpu_name: str, capability: str
+) -> None:
+    """Refuse an engine built by another TensorRT version or for another GPU architecture."""
+    built = (manifest["tensorrt_version"], manifest["compute_capability"])
+    if manifest["tensorrt_version"] != tensorrt_version:
+        raise ArtifactError(
+            f"{engine} was built with TensorRT {built[0]}, this is TensorRT {tensorrt_version}; {REBUILD}"
+        )
+    if manifest["compute_capability"] != capability and not manifest.get("hardware_compatible"):
+        raise ArtifactError(
+            f"{engine} was built for {manifest['gpu_name']} (compute capability {built[1]}), this is "
+            f"{gpu_name} ({capability}); {REBUILD}"
+        )
+
+
+def check_integrity(manifest: dict, engine: Path, sha256: str) -> None:
+    """Refuse an engine whose bytes differ from what its build recorded."""
+    if manifest["engine_sha256"] != sha256:
+        raise ArtifactError(f"{engine} does not match its manifest (truncated or replaced); {REBUILD}")
+
+
+def profile_of(manifest: dict) -> Profile:
+    p = manifest["profile"]
+    return Profile(p["min_batch"], p["opt_batch"], p["max_batch"])

@@ -1,0 +1,182 @@
+"""End to end on a tiny model: every stage, the report, the check command and sampling from a run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.cli import main
+from tests.conftest import write_config
+
+E2E = """
+seed: 0
+device: cpu
+model:
+  name: {model}
+  init: pretrained
+data:
+  source: digits
+  max_images: 64
+prune:
+  method: diff-pruning
+  ratio: 0.25
+  timestep_stride: 100
+  batch_size: 4
+finetune:
+  steps: 4
+  batch_size: 4
+  checkpoint_every: 2
+  log_every: 1
+sample:
+  steps: 3
+  num_images: 4
+quality:
+  num_samples: 8
+export:
+  precisions: [fp32, fp16]
+parity:
+  batches: [1, 2]
+  timesteps: [0, 999]
+  sampler_images: 2
+  sampler_steps: 3
+  min_psnr_fp16: 20
+bench:
+  backends: [torch, onnxruntime, tensorrt]
+  batch_sizes: [1, 2]
+  sampler_steps: 2
+  warmup: 1
+  repeat: 2
+  sampler_repeat: 1
+acceptance:
+  backend: onnxruntime
+  batch: 2
+  max_parity_error: 1.0e-4
+  min_ssim: 0.0
+  min_speedup: 0.01
+"""
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from tests.conftest import write_model_folder
+
+    root = tmp_path_factory.mktemp("e2e")
+    model = write_model_folder(root / "model")
+    cfg = write_config(root / "e2e.yaml", E2E.format(model=model))
+    run_dir = root / "run"
+    assert main([str(cfg), "--run-dir", str(run_dir)]) == 0
+    return cfg, run_dir
+
+
+@pytest.mark.slow
+def test_every_stage_writes_its_record(finished_run):
+    _, run_dir = finished_run
+    for stage in ("prune", "finetune", "samples", "quality", "export", "parity", "build", "bench", "check", "report"):
+        rec = json.loads((run_dir / stage / "record.json").read_text())
+        assert rec["stage"] == stage
+        assert rec["status"] == ("skipped" if stage == "build" else "ok"), (stage, rec["reason"])
+    build = json.loads((run_dir / "build" / "record.json").read_text())
+    assert "TensorRT" in build["reason"]
+
+
+@pytest.mark.slow
+def test_parity_and_bench_records_follow_the_contract(finished_run):
+    _, run_dir = finished_run
+    parity = json.loads((run_dir / "parity" / "record.json").read_text())["metrics"]
+    assert parity["max_abs_error_fp32"] < 1e-4
+    assert parity["max_abs_error"] >= parity["max_abs_error_fp32"]
+    assert {(r["model"], r["precision"]) for r in parity["results"]} == {
+        ("dense", "fp32"), ("dense", "fp16"), ("pruned", "fp32"), ("pruned", "fp16")
+    }
+    bench = json.loads((run_dir / "bench" / "record.json").read_text())["metrics"]
+    rows = bench["results"]
+    assert {r["backend"] for r in rows} == {"torch", "onnxruntime"}
+    assert {r["what"] for r in rows} == {"unet", "sampler"}
+    assert {r["model"] for r in rows} == {"dense", "pruned"}
+    for r in rows:
+        assert set(r) >= {"backend", "batch", "model", "what", "median_ms", "p95_ms"}
+        assert 0 < r["median_ms"] <= r["p95_ms"]
+    assert all("macs_reduction" in s and s["speedup"] > 0 for s in bench["speedup"])
+    assert "TensorRT" in bench["skipped"]["tensorrt"]
+    quality = json.loads((run_dir / "quality" / "record.json").read_text())["metrics"]
+    assert quality["frechet_metric"] == "fd_digits"
+    assert 0 <= quality["models"]["finetuned"]["ssim_vs_dense"] <= 1
+    assert quality["num_samples"] == 8
+
+
+@pytest.mark.slow
+def test_report_is_written_and_self_contained(finished_run):
+    _, run_dir = finished_run
+    page = (run_dir / "report" / "report.html").read_text()
+    md = (run_dir / "report" / "report.md").read_text()
+    assert "data:image/png;base64," in page and "src='http" not in page
+    for heading in ("Size", "Quality", "Parity", "Latency", "Acceptance checks"):
+        assert f"## {heading}" in md and f"<h2>{heading}</h2>" in page
+    assert "Acceptance: PASS" in md
+
+
+@pytest.mark.slow
+def test_check_command_passes_then_fails_when_tightened(finished_run, capsys):
+    _, run_dir = finished_run
+    assert main(["check", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "PASS  max_parity_error" in out and "acceptance: PASS" in out
+    assert main(["check", str(run_dir), "acceptance.min_speedup=1000"]) == 3
+    out = capsys.readouterr().out
+    assert "FAIL  min_speedup" in out and "acceptance: FAIL (min_speedup)" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_sample_command_from_a_finished_run(finished_run, backend, tmp_path):
+    _, run_dir = finished_run
+    out = tmp_path / f"{backend}.png"
+    args = ["sample", str(run_dir), "--backend", backend, "--num-images", "2", "--steps", "2", "--out", str(out)]
+    assert main(args) == 0
+    assert out.is_file()
+
+
+@pytest.mark.slow
+def test_sampler_api_matches_across_backends(finished_run):
+    from compressor.quality import psnr
+    from deploy.sampler import load_sampler
+
+    _, run_dir = finished_run
+    a = load_sampler(run_dir, "torch")(num_images=2, steps=3, seed=5)
+    b = load_sampler(run_dir, "onnxruntime")(num_images=2, steps=3, seed=5)
+    assert a.shape == b.shape and psnr(a, b) > 50
+
+
+@pytest.mark.slow
+def test_run_level_bad_inputs(finished_run, capsys, tmp_path):
+    from tests.conftest import tree_hashes
+
+    cfg, run_dir = finished_run
+    before = tree_hashes(run_dir)
+    cases = [
+        (["sample", str(run_dir), "--backend", "openvino"], "unknown backend 'openvino'"),
+        (["check", str(tmp_path / "nowhere")], "not found"),
+        ([str(cfg), "parity.atol_fp32=-1", "--run-dir", str(run_dir)], "parity.atol_fp32: expected a number >= 0.0"),
+        (["build", str(run_dir)], "TensorRT is not installed"),
+        (["build", str(run_dir), "build.min_batch=8", "build.max_batch=4"], "min_batch <= opt_batch <= max_batch"),
+    ]
+    for argv, message in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert message in err[-1] and "Traceback" not in "\n".join(err), argv
+    assert tree_hashes(run_dir) == before
+
+
+@pytest.mark.slow
+def test_tampered_onnx_is_refused_by_the_stages_that_read_it(finished_run, capsys, tmp_path):
+    import shutil
+
+    cfg, run_dir = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    onnx_file = copy / "export" / "pruned" / "unet.fp32.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes()[:1000])
+    assert main([str(cfg), "--stages", "bench", "--run-dir", str(copy)]) == 2
+    assert "not a" in capsys.readouterr().err and "ONNX" in onnx_file.name.upper() + "ONNX"
