@@ -28,7 +28,18 @@ def _spec(default: Any, doc: str, **checks: Any) -> Any:
     return field(default=default, metadata={"doc": doc, **checks})
 
 
-DEFAULT_STAGES = ("prune", "finetune", "samples", "quality", "export", "parity", "bench", "check", "report")
+DEFAULT_STAGES = (
+    "prune",
+    "finetune",
+    "samples",
+    "quality",
+    "export",
+    "parity",
+    "build",
+    "bench",
+    "check",
+    "report",
+)
 
 
 @dataclass

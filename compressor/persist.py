@@ -55,13 +55,41 @@ def save_unet(
         "shapes": {k: list(v.shape) for k, v in state.items()},
         **(extra or {}),
     }
-    weights, plan = folder / "unet.safetensors", folder / "unet.json"
+    weights, plan, probe = folder / "unet.safetensors", folder / "unet.json", folder / "probe.safetensors"
     tmp_w, tmp_p = weights.with_suffix(".safetensors.tmp"), plan.with_suffix(".json.tmp")
     save_file(state, str(tmp_w))
     tmp_p.write_text(json.dumps(meta, indent=1))
+    save_file(probe_outputs(unet), str(probe.with_suffix(".tmp")))
+    probe.with_suffix(".tmp").replace(probe)
     tmp_w.replace(weights)
     tmp_p.replace(plan)
-    return [weights, plan]
+    return [weights, plan, probe]
+
+
+def probe_outputs(unet: nn.Module, batch: int = 2) -> dict[str, torch.Tensor]:
+    """Fixed inputs and the model's outputs on them, to prove a reload is exact."""
+    from compressor.models import example_inputs, predict_noise
+
+    was_training = unet.training
+    unet.eval()
+    x = example_inputs(unet, batch, next(unet.parameters()).device)
+    with torch.no_grad():
+        noise = predict_noise(unet, x["sample"], x["timestep"])
+    unet.train(was_training)
+    return {"sample": x["sample"].cpu(), "timestep": x["timestep"].cpu(), "noise": noise.contiguous().cpu()}
+
+
+def probe_difference(folder: Path, unet: nn.Module) -> float:
+    """Max abs difference between ``unet`` and the outputs saved with it in ``folder``."""
+    from safetensors.torch import load_file
+
+    from compressor.models import predict_noise
+
+    probe = load_file(str(Path(folder) / "probe.safetensors"))
+    device = next(unet.parameters()).device
+    with torch.no_grad():
+        out = predict_noise(unet.eval(), probe["sample"].to(device), probe["timestep"].to(device))
+    return float((out.cpu() - probe["noise"]).abs().max())
 
 
 def read_plan(folder: Path) -> dict:

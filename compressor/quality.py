@@ -63,9 +63,8 @@ class FeatureAdapter(nn.Module):
         self.num_features = num_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        if x.max() > 1.5:  # torchmetrics passes uint8-range images when normalize=False
-            x = x / 255.0
+        # torchmetrics (normalize=True) hands over uint8 images in 0..255
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
         if x.shape[1] != self.channels:
             x = x.mean(1, keepdim=True) if self.channels == 1 else x.expand(-1, self.channels, -1, -1)
         return self.net(x)
@@ -86,7 +85,6 @@ def frechet_distance(
         real, fake = _rgb(real), _rgb(fake)
     else:
         metric = FrechetInceptionDistance(feature=feature, normalize=True)
-    metric = metric.double() if not isinstance(feature, int) else metric
     for batch in real.split(256):
         metric.update(batch, real=True)
     for batch in fake.split(256):

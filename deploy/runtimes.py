@@ -100,7 +100,10 @@ def torch_backend(unet: torch.nn.Module, device: torch.device, dtype: torch.dtyp
     """The torch UNet itself (eager), optionally in fp16 on CUDA."""
     from compressor.models import predict_noise
 
-    model = unet.to(device=device, dtype=dtype).eval()
+    model = unet.to(device)
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    model.eval()
 
     def predict(sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -95,7 +96,8 @@ def export_unet(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.onnx")
     began = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about diffusers' shape checks
         torch.onnx.export(
             wrapper,
             (sample, timestep),

@@ -49,8 +49,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, stages: list[str]) -> dict[str, 
         result = module.run(ctx)
         seconds = time.perf_counter() - began
         records[name] = ctx.write_record(name, module.SECTIONS, result, seconds)
-        what = result.status if result.status == "ok" else f"{result.status}: {result.reason}"
-        log(name, f"{what} in {seconds:.1f} s -> {run_dir / name / 'record.json'}")
+        log(name, f"{result.status} in {seconds:.1f} s -> {run_dir / name / 'record.json'}")
     return records
 
 

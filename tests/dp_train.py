@@ -22,10 +22,14 @@ def main(out: Path) -> None:
     unet = build_unet(TINY_UNET, seed=0)
     images = torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     cfg = FinetuneConfig(steps=4, batch_size=4, lr=1e-3, checkpoint_every=100, log_every=1, grad_clip=1.0)
-    result = train(unet, make_scheduler("ddpm", DDPM_SCHEDULER), images, cfg, out / "ckpt", 0, torch.device("cpu"))
+    result = train(
+        unet, make_scheduler("ddpm", DDPM_SCHEDULER), images, cfg, out / "ckpt", 0, torch.device("cpu")
+    )
     if int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1:
         # the last rank writes (with 2 processes: not the checkpoint writer), proving ranks agree
-        save_file({k: v.contiguous() for k, v in result.unet.state_dict().items()}, str(out / "weights.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in result.unet.state_dict().items()}, str(out / "weights.safetensors")
+        )
         (out / "losses.json").write_text(json.dumps({"losses": result.losses, "world": result.world_size}))
 
 

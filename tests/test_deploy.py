@@ -74,7 +74,9 @@ def test_manifest_round_trip_and_checks(tmp_path):
 
 def test_engine_from_another_tensorrt_version_is_refused(tmp_path):
     engine = _engine(tmp_path)
-    with pytest.raises(ArtifactError, match="built with TensorRT 10.13.0, this is TensorRT 11.0.0.*compress-deploy build"):
+    with pytest.raises(
+        ArtifactError, match="built with TensorRT 10.13.0, this is TensorRT 11.0.0.*compress-deploy build"
+    ):
         check_compatible(read_manifest(engine), engine, "11.0.0", "NVIDIA H100 80GB HBM3", "9.0")
 
 
@@ -118,7 +120,9 @@ def test_tensorrt_module_imports_without_tensorrt():
 
 def test_time_alternating_interleaves_calls():
     order = []
-    times = time_alternating({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, warmup=1, repeat=3)
+    times = time_alternating(
+        {"a": lambda: order.append("a"), "b": lambda: order.append("b")}, warmup=1, repeat=3
+    )
     assert order == ["a", "b"] + ["a", "b"] * 3
     assert len(times["a"]) == len(times["b"]) == 3
     med, p95 = percentile_ms([0.001, 0.002, 0.003])
@@ -127,28 +131,54 @@ def test_time_alternating_interleaves_calls():
 
 def _records(speedup=2.0, err=1e-6, ssim=0.95, fd=(10.0, 12.0)):
     return {
-        "bench": {"metrics": {
-            "results": [
-                {"backend": "onnxruntime", "batch": 4, "what": "unet", "model": "pruned", "median_ms": 10.0},
-                {"backend": "onnxruntime", "batch": 4, "what": "sampler", "model": "pruned", "median_ms": 400.0},
-            ],
-            "speedup": [
-                {"backend": "onnxruntime", "batch": 4, "what": "unet", "speedup": speedup},
-                {"backend": "onnxruntime", "batch": 4, "what": "sampler", "speedup": speedup * 0.9},
-            ],
-        }},
+        "bench": {
+            "metrics": {
+                "results": [
+                    {
+                        "backend": "onnxruntime",
+                        "batch": 4,
+                        "what": "unet",
+                        "model": "pruned",
+                        "median_ms": 10.0,
+                    },
+                    {
+                        "backend": "onnxruntime",
+                        "batch": 4,
+                        "what": "sampler",
+                        "model": "pruned",
+                        "median_ms": 400.0,
+                    },
+                ],
+                "speedup": [
+                    {"backend": "onnxruntime", "batch": 4, "what": "unet", "speedup": speedup},
+                    {"backend": "onnxruntime", "batch": 4, "what": "sampler", "speedup": speedup * 0.9},
+                ],
+            }
+        },
         "parity": {"metrics": {"max_abs_error_fp32": err}},
-        "quality": {"metrics": {
-            "frechet_metric": "fd_digits",
-            "models": {"dense": {"fd_digits": fd[0]}, "finetuned": {"fd_digits": fd[1], "ssim_vs_dense": ssim}},
-        }},
+        "quality": {
+            "metrics": {
+                "frechet_metric": "fd_digits",
+                "models": {
+                    "dense": {"fd_digits": fd[0]},
+                    "finetuned": {"fd_digits": fd[1], "ssim_vs_dense": ssim},
+                },
+            }
+        },
     }
 
 
 def test_acceptance_checks_pass_and_fail_on_limits():
     cfg = AcceptanceConfig(
-        backend="onnxruntime", batch=4, max_unet_ms=20, max_image_ms=150, min_speedup=1.5,
-        min_sampler_speedup=1.5, max_parity_error=1e-4, min_ssim=0.9, max_fd_ratio=1.5,
+        backend="onnxruntime",
+        batch=4,
+        max_unet_ms=20,
+        max_image_ms=150,
+        min_speedup=1.5,
+        min_sampler_speedup=1.5,
+        max_parity_error=1e-4,
+        min_ssim=0.9,
+        max_fd_ratio=1.5,
     )
     checks = {c.name: c for c in evaluate(cfg, _records())}
     assert all(c.passed for c in checks.values()), [c.line() for c in checks.values()]

@@ -19,7 +19,13 @@ from tests.conftest import DDPM_SCHEDULER
 
 @pytest.fixture
 def pruned_unet(tiny_unet):
-    prune_unet(tiny_unet, make_scheduler("ddpm", DDPM_SCHEDULER), None, PruneConfig(method="magnitude", ratio=0.25), 0)
+    prune_unet(
+        tiny_unet,
+        make_scheduler("ddpm", DDPM_SCHEDULER),
+        None,
+        PruneConfig(method="magnitude", ratio=0.25),
+        0,
+    )
     return tiny_unet
 
 
@@ -34,7 +40,9 @@ def test_fp32_export_matches_torch_at_several_batches_and_timesteps(which, reque
     assert [o.name for o in proto.graph.output] == ["noise"]
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
     feeds = parity_feeds(unet, [1, 3], [0, 500, 999])
-    report = compare([make_torch_runner(unet, "torch"), make_onnxrt_runner(path, "ort")], feeds, 1e-4, 1e-4)[0]
+    report = compare([make_torch_runner(unet, "torch"), make_onnxrt_runner(path, "ort")], feeds, 1e-4, 1e-4)[
+        0
+    ]
     assert report.passed
     assert report.max_abs_error < 1e-4 and report.min_cosine > 0.99999
     assert {c["batch"] for c in report.cases} == {1, 3}
@@ -63,7 +71,9 @@ def test_parity_failure_is_reported_not_hidden(tiny_unet, tmp_path):
     path = tmp_path / "u.onnx"
     export_unet(tiny_unet, path, "fp16")
     feeds = parity_feeds(tiny_unet, [1], [500])
-    report = compare([make_torch_runner(tiny_unet, "torch"), make_onnxrt_runner(path, "ort")], feeds, 1e-9, 0.0)[0]
+    report = compare(
+        [make_torch_runner(tiny_unet, "torch"), make_onnxrt_runner(path, "ort")], feeds, 1e-9, 0.0
+    )[0]
     assert not report.passed and report.max_abs_error > 1e-9
 
 

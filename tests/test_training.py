@@ -30,8 +30,15 @@ def _train(tmp, steps=4, stop_after=None, resume=True, **kw):
     cfg = FinetuneConfig(steps=steps, batch_size=4, lr=1e-3, checkpoint_every=2, log_every=1, **kw)
     unet = build_unet(TINY_UNET, seed=0)
     return train(
-        unet, make_scheduler("ddpm", DDPM_SCHEDULER), _images(), cfg, tmp, 0, torch.device("cpu"),
-        resume=resume, stop_after=stop_after,
+        unet,
+        make_scheduler("ddpm", DDPM_SCHEDULER),
+        _images(),
+        cfg,
+        tmp,
+        0,
+        torch.device("cpu"),
+        resume=resume,
+        stop_after=stop_after,
     )
 
 
@@ -53,7 +60,15 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     other = dict(TINY_UNET, block_out_channels=[8, 16])
     cfg = FinetuneConfig(steps=4, batch_size=4, checkpoint_every=2)
     with pytest.raises(ModelError, match="different architecture"):
-        train(build_unet(other), make_scheduler("ddpm", DDPM_SCHEDULER), _images(), cfg, tmp_path, 0, torch.device("cpu"))
+        train(
+            build_unet(other),
+            make_scheduler("ddpm", DDPM_SCHEDULER),
+            _images(),
+            cfg,
+            tmp_path,
+            0,
+            torch.device("cpu"),
+        )
 
 
 def test_corrupted_checkpoint_is_refused(tmp_path):
@@ -67,8 +82,15 @@ def test_corrupted_checkpoint_is_refused(tmp_path):
 def test_dataset_smaller_than_a_batch_is_refused(tmp_path):
     cfg = FinetuneConfig(steps=2, batch_size=32)
     with pytest.raises(ConfigError, match="fewer than one micro-batch"):
-        train(build_unet(TINY_UNET), make_scheduler("ddpm", DDPM_SCHEDULER), _images(8), cfg, tmp_path, 0,
-              torch.device("cpu"))
+        train(
+            build_unet(TINY_UNET),
+            make_scheduler("ddpm", DDPM_SCHEDULER),
+            _images(8),
+            cfg,
+            tmp_path,
+            0,
+            torch.device("cpu"),
+        )
 
 
 def test_lr_warmup_and_schedules():
@@ -93,11 +115,24 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
-    subprocess.run([sys.executable, str(ROOT / "tests" / "dp_train.py"), str(one)], check=True, env=env, cwd=ROOT)
     subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29512",
-         str(ROOT / "tests" / "dp_train.py"), str(two)],
-        check=True, env=env, cwd=ROOT,
+        [sys.executable, str(ROOT / "tests" / "dp_train.py"), str(one)], check=True, env=env, cwd=ROOT
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29512",
+            str(ROOT / "tests" / "dp_train.py"),
+            str(two),
+        ],
+        check=True,
+        env=env,
+        cwd=ROOT,
     )
     meta_one = json.loads((one / "losses.json").read_text())
     meta_two = json.loads((two / "losses.json").read_text())

@@ -22,7 +22,7 @@ def feature_network(ctx: RunContext):
     if kind == "digits":
         from compressor.features import NUM_FEATURES, load_digits_features
 
-        return FeatureAdapter(load_digits_features(), 1, NUM_FEATURES).double(), "fd_digits"
+        return FeatureAdapter(load_digits_features(), 1, NUM_FEATURES), "fd_digits"
     return 2048, "fid"
 
 
