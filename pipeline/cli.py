@@ -169,7 +169,14 @@ def _cmd_build(argv: list[str]) -> int:
     return 0
 
 
+def _cmd_ablate(argv: list[str]) -> int:
+    from pipeline.ablation import main as ablate
+
+    return ablate(argv)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "ablate": _cmd_ablate,
     "build": _cmd_build,
     "sample": _cmd_sample,
     "check": _cmd_check,
