@@ -178,7 +178,10 @@ class EngineRunner:
     """A deserialised engine called as ``(sample, timestep) -> noise`` on CUDA tensors."""
 
     def __init__(self, engine_path: Path, cuda_graph: bool = False) -> None:
+        from compressor.artifacts import verify_against_manifest
+
         trt = require_tensorrt()
+        verify_against_manifest(engine_path)
         manifest = read_manifest(engine_path)
         data = engine_path.read_bytes()
         check_integrity(manifest, engine_path, hashlib.sha256(data).hexdigest())

@@ -120,7 +120,7 @@ def export_unet(
     external = size > TWO_GIB - (1 << 20)
     tmp.unlink()
     save_onnx(proto, path, external)
-    check_onnx(path)
+    check_onnx(path, against_manifest=False)  # the manifest still lists the previous export
     return {
         "path": path.name,
         "precision": precision,
@@ -149,10 +149,16 @@ def save_onnx(proto, path: Path, external: bool) -> None:
     tmp.replace(path)
 
 
-def check_onnx(path: Path) -> None:
-    """``onnx.checker`` plus the interface contract; raises ArtifactError on a bad file."""
+def check_onnx(path: Path, against_manifest: bool = True) -> None:
+    """Manifest hash, ``onnx.checker`` and the interface contract; ArtifactError on a bad file."""
     import onnx
 
+    from compressor.artifacts import verify_against_manifest
+
+    if not path.is_file():
+        raise ArtifactError(f"{path} not found; run the export stage first")
+    if against_manifest:
+        verify_against_manifest(path)
     check_external_data(path)
     try:
         onnx.checker.check_model(str(path))

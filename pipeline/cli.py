@@ -33,22 +33,36 @@ def parse_stages(text: str | None, cfg: RunConfig) -> list[str]:
     return names
 
 
-def run_pipeline(cfg: RunConfig, run_dir: Path, stages: list[str]) -> dict[str, dict]:
-    """Run ``stages`` in order in ``run_dir``; returns their records."""
+def run_pipeline(
+    cfg: RunConfig, run_dir: Path, stages: list[str], force: set[str] | None = None
+) -> dict[str, dict]:
+    """Run ``stages`` in order in ``run_dir``, skipping unchanged ones; returns their records."""
     import torch
+
+    from pipeline.cache import dependents, stage_key, update_manifest, why_rerun
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ctx = RunContext(cfg, run_dir)
     ctx.claim()
+    forced = dependents({n: STAGES[n] for n in stages}, force or set())
     records = {}
     for name in stages:
         module = STAGES[name]
-        log(name, "start")
+        key = stage_key(ctx, name, module)
+        reason = why_rerun(ctx, name, key, name in forced)
+        if reason is None:
+            log(name, "cached: config and inputs unchanged, outputs verified")
+            records[name] = ctx.record(name)
+            continue
+        log(name, f"start ({reason})")
         began = time.perf_counter()
         result = module.run(ctx)
         seconds = time.perf_counter() - began
-        records[name] = ctx.write_record(name, module.SECTIONS, result, seconds)
+        rec = ctx.write_record(name, module.SECTIONS, result, seconds, cache=key)
+        if ctx.is_main:
+            update_manifest(ctx, name, rec)
+        records[name] = rec
         log(name, f"{result.status} in {seconds:.1f} s -> {run_dir / name / 'record.json'}")
     return records
 
@@ -63,11 +77,15 @@ def _main_run(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. prune.ratio=0.3")
     parser.add_argument("--stages", help=f"comma-separated subset of: {', '.join(STAGES)}")
     parser.add_argument("--run-dir", type=Path, help="run directory (default runs/<config name>)")
+    parser.add_argument(
+        "--force", action="append", default=[], metavar="STAGE", help="rerun STAGE and its dependents"
+    )
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     stages = parse_stages(args.stages, cfg)
+    force = set(parse_stages(",".join(args.force), cfg)) if args.force else set()
     run_dir = args.run_dir or Path("runs") / cfg.name
-    records = run_pipeline(cfg, run_dir, stages)
+    records = run_pipeline(cfg, run_dir, stages, force)
     failed = [name for name, rec in records.items() if rec["status"] == "failed"]
     if failed:
         print(
@@ -93,7 +111,7 @@ def _cmd_sample(argv: list[str]) -> int:
     parser.add_argument("--eta", type=float, default=0.0)
     parser.add_argument("--scheduler", default="ddim", choices=["ddim", "ddpm"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, help="PNG grid to write (default RUN/sample-<backend>.png)")
+    parser.add_argument("--out", type=Path, help="PNG grid to write (default ./sample-<backend>-<model>.png)")
     args = parser.parse_args(argv)
     if args.num_images < 1 or args.steps < 1:
         raise UserError("--num-images and --steps must be at least 1")
@@ -101,7 +119,7 @@ def _cmd_sample(argv: list[str]) -> int:
     began = time.perf_counter()
     images = sampler(args.num_images, args.steps, args.seed, args.eta, args.scheduler)
     seconds = time.perf_counter() - began
-    out = args.out or args.run / f"sample-{args.backend}-{args.model}.png"
+    out = args.out or Path(f"sample-{args.backend}-{args.model}.png")
     save_comparison({f"{args.model} ({args.backend}, {sampler.info.get('provider', '')})": images}, out)
     print(f"{args.num_images} images in {seconds:.1f} s on {sampler.info} -> {out}")
     return 0
@@ -169,6 +187,31 @@ def _cmd_build(argv: list[str]) -> int:
     return 0
 
 
+def _cmd_verify(argv: list[str]) -> int:
+    """compress-deploy verify RUN: re-hash every artifact against RUN/manifest.json."""
+    from compressor.artifacts import MANIFEST, verify_run
+
+    parser = argparse.ArgumentParser(prog="compress-deploy verify", description="Verify a run's artifacts.")
+    parser.add_argument("run", type=Path)
+    args = parser.parse_args(argv)
+    if not (args.run / MANIFEST).is_file():
+        raise UserError(f"{args.run / MANIFEST} not found; pass a run directory written by compress-deploy")
+    report = verify_run(args.run)
+    for kind, paths in report.items():
+        for rel in paths:
+            print(f"{kind.upper():8} {rel}")
+    bad = sum(len(v) for v in report.values())
+    if bad:
+        print(
+            f"error: {bad} artifact(s) missing, changed or extra in {args.run}; rerun the stages that wrote "
+            "them with --force STAGE",
+            file=sys.stderr,
+        )
+        return 2
+    print(f"all artifacts in {args.run} match {MANIFEST}")
+    return 0
+
+
 def _cmd_ablate(argv: list[str]) -> int:
     from pipeline.ablation import main as ablate
 
@@ -180,6 +223,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "build": _cmd_build,
     "sample": _cmd_sample,
     "check": _cmd_check,
+    "verify": _cmd_verify,
 }
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -15,6 +14,7 @@ from typing import Any
 
 import torch
 
+from compressor.artifacts import sha256_file, write_json
 from compressor.config import RunConfig, config_to_dict
 from compressor.errors import ArtifactError, UserError
 from compressor.models import LoadedModel, load_model, resolve_device
@@ -54,23 +54,6 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return out
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temporary file renamed into place)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    tmp.replace(path)
 
 
 def log(stage: str, message: str) -> None:
@@ -177,7 +160,9 @@ class RunContext:
             f"{self.run_dir} holds no pruned model; run `compress-deploy CONFIG --stages prune` first"
         )
 
-    def write_record(self, stage: str, sections: list[str], result: StageResult, seconds: float) -> dict:
+    def write_record(
+        self, stage: str, sections: list[str], result: StageResult, seconds: float, cache: dict | None = None
+    ) -> dict:
         """Write ``RUN/<stage>/record.json`` (atomically) and return it."""
         cfg = config_to_dict(self.cfg)
         artifacts = {}
@@ -200,6 +185,7 @@ class RunContext:
             "threads": torch.get_num_threads(),
             "seconds": round(seconds, 3),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "cache": cache or {},
         }
         if self.is_main:
             write_json(self.run_dir / stage / "record.json", rec)

@@ -130,6 +130,8 @@ finetune:
 sample:
   steps: 3
   num_images: 4
+quality:
+  num_samples: 8
 """
 
 

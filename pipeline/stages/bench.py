@@ -12,6 +12,7 @@ from pipeline.context import RunContext, StageResult, log
 from pipeline.stages.export import onnx_path
 
 SECTIONS = ["bench"]
+INPUTS = ["prune", "finetune", "export", "build"]
 
 
 def load_backends(ctx: RunContext, name: str, models: dict) -> tuple[dict[str, dict[str, Backend]], str]:

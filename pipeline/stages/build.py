@@ -12,6 +12,7 @@ from export.onnx_export import check_onnx, onnx_sample_shape
 from pipeline.context import RunContext, StageResult, log
 
 SECTIONS = ["build"]
+INPUTS = ["export"]
 
 
 def build_engines(run_dir: Path, cfg: BuildConfig) -> StageResult:

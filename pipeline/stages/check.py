@@ -6,6 +6,7 @@ from pipeline.acceptance import evaluate
 from pipeline.context import RunContext, StageResult, log
 
 SECTIONS = ["acceptance"]
+INPUTS = ["bench", "parity", "quality"]
 
 
 def run(ctx: RunContext) -> StageResult:

@@ -8,6 +8,7 @@ from export.parity import quiet_polygraphy
 from pipeline.context import RunContext, StageResult, log
 
 SECTIONS = ["export"]
+INPUTS = ["prune", "finetune"]
 
 
 def onnx_path(ctx: RunContext, model: str, precision: str):

@@ -9,6 +9,7 @@ from pipeline.context import RunContext, StageResult, log
 from pipeline.stages.train import _fit, _train_metrics
 
 SECTIONS = ["finetune", "data", "seed"]
+INPUTS = ["prune"]
 
 
 def run(ctx: RunContext) -> StageResult:

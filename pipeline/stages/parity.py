@@ -12,6 +12,7 @@ from pipeline.context import RunContext, StageResult, log
 from pipeline.stages.export import onnx_path
 
 SECTIONS = ["parity", "export"]
+INPUTS = ["prune", "finetune", "export"]
 
 
 class ParityError(UserError):

@@ -14,6 +14,7 @@ from compressor.quality import denoising_eval_loss
 from pipeline.context import RunContext, StageResult, log
 
 SECTIONS = ["model", "data", "prune", "seed"]
+INPUTS: list[str] = []
 
 
 def run(ctx: RunContext) -> StageResult:

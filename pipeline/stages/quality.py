@@ -11,6 +11,7 @@ from compressor.sampling import generate, make_scheduler
 from pipeline.context import RunContext, StageResult, log
 
 SECTIONS = ["quality", "sample", "data"]
+INPUTS = ["prune", "finetune"]
 MODEL_LABELS = {"prune": "pruned", "finetune": "finetuned"}
 
 

@@ -11,6 +11,7 @@ from pipeline.acceptance import evaluate
 from pipeline.context import RunContext, StageResult, log
 
 SECTIONS = ["model", "prune", "finetune", "acceptance"]
+INPUTS = ["prune", "finetune", "samples", "quality", "parity", "bench", "check"]
 
 
 class Doc:

@@ -8,6 +8,7 @@ from compressor.sampling import generate, make_scheduler, save_comparison
 from pipeline.context import RunContext, StageResult, log
 
 SECTIONS = ["sample"]
+INPUTS = ["prune", "finetune"]
 
 
 def run(ctx: RunContext) -> StageResult:

@@ -10,6 +10,7 @@ from compressor.persist import dense_config, save_unet
 from pipeline.context import RunContext, StageResult, log
 
 SECTIONS = ["model", "data", "finetune", "seed"]
+INPUTS: list[str] = []
 
 
 def run(ctx: RunContext) -> StageResult:

@@ -1,0 +1,102 @@
+"""Run-directory artifacts: atomic writes, hashes and the verified manifest.
+
+``RUN/manifest.json`` lists every artifact a stage wrote with its size, sha256, the
+stage and the config sections that produced it, and library versions. Loaders of ONNX
+files and engines call :func:`verify_against_manifest` before parsing a file, so a
+tampered or truncated artifact is refused before any parser touches it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from compressor.errors import ArtifactError
+
+MANIFEST = "manifest.json"
+BOOKKEEPING = {"manifest.json", "run.json"}
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically: a temporary file, fsynced, renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=1, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def find_run_dir(path: Path) -> Path | None:
+    """The run directory holding ``path`` (the nearest parent with a run.json), if any."""
+    for parent in Path(path).resolve().parents:
+        if (parent / "run.json").is_file():
+            return parent
+    return None
+
+
+def read_manifest(run_dir: Path) -> dict:
+    """``RUN/manifest.json`` (empty when the run has none yet)."""
+    path = run_dir / MANIFEST
+    if not path.is_file():
+        return {"artifacts": {}}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise ArtifactError(f"{path} is damaged; rerun the pipeline to rewrite it") from None
+
+
+def verify_against_manifest(path: Path) -> None:
+    """Refuse ``path`` if the manifest of its run lists it with another hash or size.
+
+    Files outside a run directory, or not (yet) in its manifest, pass unchecked.
+    """
+    run_dir = find_run_dir(path)
+    if run_dir is None:
+        return
+    entry = read_manifest(run_dir)["artifacts"].get(str(Path(path).resolve().relative_to(run_dir.resolve())))
+    if entry is None:
+        return
+    if not Path(path).is_file():
+        raise ArtifactError(
+            f"{path} is listed in {run_dir / MANIFEST} but missing; rerun its stage ({entry['stage']})"
+        )
+    if Path(path).stat().st_size != entry["bytes"] or sha256_file(Path(path)) != entry["sha256"]:
+        raise ArtifactError(
+            f"{path} differs from {run_dir / MANIFEST} (tampered or truncated); "
+            f"rerun its stage with --force {entry['stage']}"
+        )
+
+
+def verify_run(run_dir: Path) -> dict[str, list[str]]:
+    """Re-hash every artifact of a run: missing, changed and extra files (relative paths)."""
+    manifest = read_manifest(run_dir)["artifacts"]
+    missing, changed = [], []
+    for rel, entry in sorted(manifest.items()):
+        path = run_dir / rel
+        if not path.is_file():
+            missing.append(rel)
+        elif path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+            changed.append(rel)
+    extra = []
+    for path in sorted(run_dir.rglob("*")):
+        rel = str(path.relative_to(run_dir))
+        if not path.is_file() or rel in manifest or path.name in BOOKKEEPING or path.name == "record.json":
+            continue
+        if "checkpoints" in path.parts or path.name.endswith(".tmp") or rel.startswith("ablation/"):
+            continue  # training state, interrupted writes and nested ablation runs are not artifacts
+        extra.append(rel)
+    return {"missing": missing, "changed": changed, "extra": extra}

@@ -1,0 +1,102 @@
+"""Content-addressed stage caching and the run manifest.
+
+A stage's key hashes its resolved config sections and a fingerprint (artifact hashes +
+metrics) of every upstream stage it reads. A rerun skips a stage whose key is unchanged
+and whose outputs still hash as recorded; otherwise it reruns and says why. Forcing a
+stage also forces everything downstream of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from types import ModuleType
+
+from compressor.artifacts import MANIFEST, read_manifest, sha256_file, write_json
+from compressor.config import config_to_dict
+from pipeline.context import RunContext
+
+
+def _digest(data: object) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fingerprint(rec: dict | None) -> str | None:
+    """What downstream stages depend on: an upstream record's artifacts and metrics."""
+    if rec is None:
+        return None
+    return _digest(
+        {"status": rec.get("status"), "artifacts": rec.get("artifacts", {}), "metrics": rec.get("metrics")}
+    )
+
+
+def stage_key(ctx: RunContext, name: str, module: ModuleType) -> dict:
+    """The parts of a stage's cache key and their combined hash."""
+    cfg = config_to_dict(ctx.cfg)
+    config = {s: cfg[s] for s in module.SECTIONS if s in cfg}
+    inputs = {up: fingerprint(ctx.record(up)) for up in module.INPUTS}
+    parts = {"config": _digest(config), "inputs": inputs}
+    return {"key": _digest({"stage": name, **parts}), **parts}
+
+
+def outputs_verify(run_dir: Path, rec: dict) -> bool:
+    """True when every artifact in ``rec`` exists with its recorded size and hash."""
+    for rel, entry in rec.get("artifacts", {}).items():
+        path = run_dir / rel
+        if (
+            not path.is_file()
+            or path.stat().st_size != entry["bytes"]
+            or sha256_file(path) != entry["sha256"]
+        ):
+            return False
+    return True
+
+
+def why_rerun(ctx: RunContext, name: str, key: dict, forced: bool) -> str | None:
+    """None when the stage can be skipped, else the reason it must run."""
+    if forced:
+        return "forced with --force"
+    path = ctx.run_dir / name / "record.json"
+    if not path.is_file():
+        return "not run yet"
+    try:
+        rec = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return "its record is damaged"
+    if rec.get("status") != "ok":
+        return f"last run ended with status {rec.get('status')!r}"
+    old = rec.get("cache", {})
+    if old.get("key") == key["key"]:
+        return None if outputs_verify(ctx.run_dir, rec) else "its outputs are missing or changed"
+    if old.get("config") != key["config"]:
+        return "its config changed"
+    changed = [up for up, fp in key["inputs"].items() if old.get("inputs", {}).get(up) != fp]
+    return f"input from {', '.join(changed)} changed" if changed else "its cache key changed"
+
+
+def dependents(stages: dict[str, ModuleType], roots: set[str]) -> set[str]:
+    """``roots`` and every stage that (transitively) reads one of them."""
+    out = set(roots)
+    grew = True
+    while grew:
+        grew = False
+        for name, module in stages.items():
+            if name not in out and out & set(module.INPUTS):
+                out.add(name)
+                grew = True
+    return out
+
+
+def update_manifest(ctx: RunContext, name: str, rec: dict) -> None:
+    """Replace ``name``'s entries in ``RUN/manifest.json`` with the artifacts of ``rec``."""
+    manifest = read_manifest(ctx.run_dir)
+    arts = {k: v for k, v in manifest.get("artifacts", {}).items() if v.get("stage") != name}
+    for rel, entry in rec.get("artifacts", {}).items():
+        arts[rel] = {
+            **entry,
+            "stage": name,
+            "config": rec.get("config", {}),
+            "versions": rec.get("versions", {}),
+        }
+    write_json(ctx.run_dir / MANIFEST, {"config_name": ctx.cfg.name, "artifacts": dict(sorted(arts.items()))})
