@@ -233,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])
+        if argv and not argv[0].startswith("-") and not argv[0].endswith((".yaml", ".yml")):
+            if not Path(argv[0]).exists():
+                raise UserError(
+                    f"{argv[0]!r} is neither a command ({', '.join(COMMANDS)}) nor a YAML config file"
+                )
         return _main_run(argv)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

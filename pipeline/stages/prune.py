@@ -42,9 +42,11 @@ def run(ctx: RunContext) -> StageResult:
         bar.update(1)
         bar.set_postfix(t=t, loss=f"{loss:.4f}")
 
-    result = prune_unet(unet, noise_scheduler, images, cfg, ctx.cfg.seed, on_step, on_trial)
-    if bar is not None:
-        bar.close()
+    try:
+        result = prune_unet(unet, noise_scheduler, images, cfg, ctx.cfg.seed, on_step, on_trial)
+    finally:
+        if bar is not None:
+            bar.close()
     if result.taylor is not None:
         tp_ = result.taylor
         log(

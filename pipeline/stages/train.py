@@ -34,25 +34,24 @@ def _fit(ctx: RunContext, unet, stage: str):
     from compressor.training import train
 
     cfg = ctx.cfg.finetune
-    bar = tqdm(total=cfg.steps, desc=f"[{stage}]", unit="step", disable=not ctx.is_main)
+    with tqdm(total=cfg.steps, desc=f"[{stage}]", unit="step", disable=not ctx.is_main) as bar:
 
-    def on_step(step: int, loss: float, sps: float) -> None:
-        bar.n = step
-        bar.set_postfix(loss=f"{loss:.4f}", it_s=f"{sps:.2f}")
-        bar.refresh()
+        def on_step(step: int, loss: float, sps: float) -> None:
+            bar.n = step
+            bar.set_postfix(loss=f"{loss:.4f}", it_s=f"{sps:.2f}")
+            bar.refresh()
 
-    result = train(
-        unet,
-        ctx.noise_scheduler(),
-        ctx.dataset,
-        cfg,
-        ctx.stage_dir(stage) / "checkpoints",
-        ctx.cfg.seed,
-        ctx.device,
-        resume=True,
-        on_step=on_step,
-    )
-    bar.close()
+        result = train(
+            unet,
+            ctx.noise_scheduler(),
+            ctx.dataset,
+            cfg,
+            ctx.stage_dir(stage) / "checkpoints",
+            ctx.cfg.seed,
+            ctx.device,
+            resume=True,
+            on_step=on_step,
+        )
     if result.resumed_from is not None:
         log(stage, f"resumed from the checkpoint at step {result.resumed_from}")
     return result

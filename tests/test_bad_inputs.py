@@ -1,0 +1,276 @@
+"""The catalogue of bad inputs: each gives one clear line, exit code 2, and changes nothing.
+
+Every case runs against a copy of a finished run and checks that every file in it is
+byte-identical afterwards (sha256 before and after).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from tests.conftest import TINY_CONFIG, tree_hashes, write_config, write_images, write_model_folder
+
+STAGES = "prune,finetune,export"
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad-inputs")
+    model = write_model_folder(root / "model")
+    images = root / "images"
+    write_images(images, 8)
+    cfg = write_config(root / "tiny.yaml", TINY_CONFIG.format(model=model, data=images))
+    run_dir = root / "run"
+    assert main([str(cfg), "--stages", STAGES, "--run-dir", str(run_dir)]) == 0
+    return root, cfg, run_dir
+
+
+def _cfg(tmp: Path, text: str) -> str:
+    return str(write_config(tmp / "bad.yaml", text))
+
+
+def _raw(tmp: Path, data: bytes) -> str:
+    path = tmp / "binary.yaml"
+    path.write_bytes(data)
+    return str(path)
+
+
+def _truncate(path: Path, keep: int | None = None) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: keep if keep is not None else len(data) // 2])
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _images_dir(tmp: Path, kind: str) -> Path:
+    folder = tmp / kind
+    if kind == "empty":
+        folder.mkdir()
+    elif kind == "texts":
+        folder.mkdir()
+        (folder / "readme.txt").write_text("not an image")
+        (folder / "data.csv").write_text("1,2,3")
+    elif kind == "corrupt":
+        paths = write_images(folder, 5)
+        _truncate(paths[3], 30)
+    elif kind == "fake-png":
+        folder.mkdir()
+        (folder / "photo.png").write_text("this is text with a png name")
+    return folder
+
+
+def _foreign_model(tmp: Path) -> Path:
+    folder = tmp / "vq"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_class_name": "VQModel"}))
+    (folder / "scheduler_config.json").write_text("{}")
+    return folder
+
+
+def _truncated_model(tmp: Path) -> Path:
+    folder = write_model_folder(tmp / "trunc")
+    _truncate(folder / "diffusion_pytorch_model.safetensors")
+    return folder
+
+
+# (id, argv builder(tmp, cfg, run_dir) -> argv, expected fragment of the one error line)
+CASES = [
+    # configs
+    (
+        "yaml-syntax",
+        lambda t, c, r: [_cfg(t, "prune: {ratio: [0.3\n"), "--run-dir", r],
+        "malformed YAML at line",
+    ),
+    (
+        "yaml-not-mapping",
+        lambda t, c, r: [_cfg(t, "- 1\n- 2\n"), "--run-dir", r],
+        "expected a mapping at the top",
+    ),
+    ("yaml-binary", lambda t, c, r: [_raw(t, b"\xff\xfe\x00\x81"), "--run-dir", r], "not a UTF-8 text file"),
+    ("type", lambda t, c, r: [c, "prune.ratio=abc", "--run-dir", r], "prune.ratio: expected a number"),
+    (
+        "range-ratio",
+        lambda t, c, r: [c, "prune.ratio=1.5", "--run-dir", r],
+        "prune.ratio: expected a number in [0.0, 1.0)",
+    ),
+    (
+        "range-threshold",
+        lambda t, c, r: [c, "prune.threshold=-0.1", "--run-dir", r],
+        "prune.threshold: expected",
+    ),
+    (
+        "range-lr",
+        lambda t, c, r: [c, "finetune.lr=0", "--run-dir", r],
+        "finetune.lr: expected a number > 0.0",
+    ),
+    ("range-tolerance", lambda t, c, r: [c, "parity.atol_fp32=-1", "--run-dir", r], "parity.atol_fp32"),
+    ("unknown-key", lambda t, c, r: [c, "prune.raito=0.3", "--run-dir", r], "prune.raito: unknown key"),
+    ("unknown-section", lambda t, c, r: [_cfg(t, "pruning: {}\n"), "--run-dir", r], "pruning: unknown key"),
+    ("conflict", lambda t, c, r: [c, "prune.target_macs=0.5", "--run-dir", r], "give exactly one"),
+    (
+        "profile",
+        lambda t, c, r: [c, "build.min_batch=64", "build.max_batch=8", "--run-dir", r],
+        "min_batch <= opt",
+    ),
+    ("backend-name", lambda t, c, r: [c, "bench.backends=[openvino]", "--run-dir", r], "bench.backends"),
+    ("override-syntax", lambda t, c, r: [c, "prune.ratio", "--run-dir", r], "expected key=value"),
+    (
+        "unreachable-target",
+        lambda t, c, r: [c, "prune.ratio=null", "prune.target_macs=0.0001", "--run-dir", r],
+        "not reachable",
+    ),
+    # paths
+    ("config-missing", lambda t, c, r: [str(t / "nope.yaml")], "not found"),
+    ("config-is-dir", lambda t, c, r: [str(t) + "/", "--run-dir", r], "not found"),
+    ("run-dir-is-file", lambda t, c, r: [c, "--run-dir", str(c)], "is a file"),
+    ("data-missing", lambda t, c, r: [c, f"data.source={t / 'nowhere'}", "--run-dir", r], "folder not found"),
+    ("data-not-dir", lambda t, c, r: [c, f"data.source={c}", "--run-dir", r], "is not a directory"),
+    ("model-missing", lambda t, c, r: [c, f"model.name={t / 'no-model'}", "--run-dir", r], "does not exist"),
+    # data
+    (
+        "data-empty",
+        lambda t, c, r: [c, f"data.source={_images_dir(t, 'empty')}", "--run-dir", r],
+        "no PNG/JPEG",
+    ),
+    (
+        "data-not-images",
+        lambda t, c, r: [c, f"data.source={_images_dir(t, 'texts')}", "--run-dir", r],
+        "no PNG/JPEG",
+    ),
+    (
+        "data-corrupt",
+        lambda t, c, r: [c, f"data.source={_images_dir(t, 'corrupt')}", "--run-dir", r],
+        "img003.png: cannot decode image",
+    ),
+    (
+        "data-wrong-format",
+        lambda t, c, r: [c, f"data.source={_images_dir(t, 'fake-png')}", "--run-dir", r],
+        "photo.png: cannot decode image",
+    ),
+    (
+        "data-too-few",
+        lambda t, c, r: [c, "finetune.batch_size=64", "--stages", "finetune", "--run-dir", r],
+        "fewer than one micro-batch",
+    ),
+    # models
+    (
+        "model-wrong-class",
+        lambda t, c, r: [c, f"model.name={_foreign_model(t)}", "--run-dir", r],
+        "not supported",
+    ),
+    (
+        "model-truncated",
+        lambda t, c, r: [c, f"model.name={_truncated_model(t)}", "--run-dir", r],
+        "cannot load UNet weights",
+    ),
+    ("model-hub-offline", lambda t, c, r: [c, "model.name=nobody/nothing", "--run-dir", r], "cannot fetch"),
+    # artifacts
+    (
+        "onnx-truncated",
+        lambda t, c, r: (
+            _truncate(Path(r) / "export/pruned/unet.fp32.onnx"),
+            ["sample", r, "--backend", "onnxruntime", "--num-images", "1"],
+        )[1],
+        "truncated",
+    ),
+    (
+        "onnx-tampered",
+        lambda t, c, r: (
+            _flip(Path(r) / "export/dense/unet.fp32.onnx"),
+            ["sample", r, "--backend", "onnxruntime", "--model", "dense", "--num-images", "1"],
+        )[1],
+        "tampered",
+    ),
+    (
+        "weights-truncated",
+        lambda t, c, r: (
+            _truncate(Path(r) / "finetune/model/unet.safetensors"),
+            ["sample", r, "--num-images", "1"],
+        )[1],
+        "truncated or corrupted",
+    ),
+    (
+        "foreign-plan",
+        lambda t, c, r: (_foreign_plan(Path(r)), ["sample", r, "--num-images", "1"])[1],
+        "does not fit its architecture",
+    ),
+    (
+        "checkpoint-corrupt",
+        lambda t, c, r: (
+            _corrupt_checkpoint(Path(r)),
+            [c, "--stages", "finetune", "--force", "finetune", "--run-dir", r],
+        )[1],
+        "corrupted or incomplete",
+    ),
+    (
+        "manifest-mismatch",
+        lambda t, c, r: (_flip(Path(r) / "prune/model/unet.json"), ["verify", r])[1],
+        "missing, changed or extra",
+    ),
+    # CLI
+    (
+        "unknown-stage",
+        lambda t, c, r: [c, "--stages", "prune,shrink", "--run-dir", r],
+        "unknown stage 'shrink'",
+    ),
+    ("unknown-command", lambda t, c, r: ["frobnicate", r], "neither a command"),
+    ("unknown-backend", lambda t, c, r: ["sample", r, "--backend", "openvino"], "unknown backend 'openvino'"),
+    (
+        "other-config-run-dir",
+        lambda t, c, r: [shutil.copy(c, t / "other.yaml"), "--run-dir", r],
+        "belongs to config 'tiny'",
+    ),
+    (
+        "stage-missing",
+        lambda t, c, r: [c, "--stages", "finetune", "--run-dir", str(t / "new-run")],
+        "needs the prune stage's output",
+    ),
+    ("check-no-records", lambda t, c, r: ["check", r], "no bench, parity or quality records"),
+    ("build-without-tensorrt", lambda t, c, r: ["build", r], "TensorRT is not installed"),
+    ("verify-not-a-run", lambda t, c, r: ["verify", str(t)], "manifest.json not found"),
+]
+
+
+def _foreign_plan(run_dir: Path) -> None:
+    plan = run_dir / "finetune" / "model" / "unet.json"
+    meta = json.loads(plan.read_text())
+    meta["history"] = [["down_blocks.9.nothing", True, [0]]]
+    plan.write_text(json.dumps(meta))
+
+
+def _corrupt_checkpoint(run_dir: Path) -> None:
+    ckpts = sorted((run_dir / "finetune" / "checkpoints").glob("step-*"))
+    _truncate(ckpts[-1] / "optimizer.safetensors", 20)
+
+
+def test_the_catalogue_is_large():
+    assert len(CASES) >= 25
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case, finished, tmp_path, capsys):
+    name, build, expected = case
+    _, cfg, base = finished
+    run_dir = tmp_path / "run"
+    shutil.copytree(base, run_dir)
+    argv = [str(a) for a in build(tmp_path, str(cfg), str(run_dir))]
+    before = tree_hashes(run_dir)
+    capsys.readouterr()
+    code = main(argv)
+    captured = capsys.readouterr()
+    err = [line for line in captured.err.strip().splitlines() if line.startswith("error: ")]
+    assert code == 2, (name, captured.err[-2000:])
+    assert len(err) == 1, (name, captured.err[-2000:])
+    assert "Traceback" not in captured.err
+    if expected:
+        assert expected in err[0], (name, err[0])
+    assert tree_hashes(run_dir) == before, name
