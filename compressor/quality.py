@@ -70,6 +70,19 @@ class FeatureAdapter(nn.Module):
         return self.net(x)
 
 
+def inception_unavailable(weights: str | None) -> str | None:
+    """None when the standard Inception FID can run here, else why not (one line)."""
+    if weights is not None and not Path(weights).is_file():
+        return f"Inception weights file {weights!r} not found"
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=weights)
+    except Exception as exc:  # noqa: BLE001 - missing package, failed download, bad file
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}"
+    return None
+
+
 def frechet_distance(
     real: torch.Tensor, fake: torch.Tensor, feature: nn.Module | int, weights: str | None = None
 ) -> float:

@@ -258,3 +258,11 @@ def engine_backend(run_dir: Path, model: str, cuda_graph: bool = False) -> Backe
 def run_backends(run_dir: Path, cuda_graph: bool = False) -> dict[str, Backend]:
     """Dense and pruned TensorRT backends of a run."""
     return {m: engine_backend(run_dir, m, cuda_graph) for m in ("dense", "pruned")}
+
+
+def make_trt_runner(engine_file: Path, name: str):
+    """Polygraphy's TensorRT runner over a run's engine (manifest-checked first)."""
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    runner = EngineRunner(engine_file)  # manifest, integrity and version checks
+    return TrtRunner(EngineFromBytes(engine_file.read_bytes()), name=name), runner.profile

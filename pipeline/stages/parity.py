@@ -12,11 +12,60 @@ from pipeline.context import RunContext, StageResult, log
 from pipeline.stages.export import onnx_path
 
 SECTIONS = ["parity", "export"]
-INPUTS = ["prune", "finetune", "export"]
+INPUTS = ["prune", "finetune", "export", "build"]
 
 
 class ParityError(UserError):
     """Exported models disagree with PyTorch beyond the configured tolerance."""
+
+
+def _engine_parity(ctx: RunContext, model: str, unet, scheduler) -> dict:
+    """TensorRT engine vs the fp32 torch reference on the GPU (fp16 tolerances), plus sampler PSNR."""
+    import torch
+
+    from deploy import tensorrt_backend
+
+    cfg = ctx.cfg.parity
+    engine = tensorrt_backend.engine_path(ctx.run_dir, model)
+    runner, profile = tensorrt_backend.make_trt_runner(engine, f"tensorrt-{model}")
+    batches = [b for b in cfg.batches if profile.min_batch <= b <= profile.max_batch] or [profile.min_batch]
+    feeds = parity_feeds(unet, batches, cfg.timesteps, ctx.cfg.seed)
+    ref = make_torch_runner(unet, f"torch-{model}-fp32", device="cuda")
+    report = compare([ref, runner], feeds, cfg.atol_fp16, cfg.rtol_fp16)[0]
+    reference = generate(
+        torch_backend(unet, torch.device("cuda")).predict,
+        scheduler,
+        ctx.image_shape(),
+        cfg.sampler_images,
+        cfg.sampler_steps,
+        seed=ctx.cfg.sample.seed,
+        device="cuda",
+    )
+    images = generate(
+        tensorrt_backend.engine_backend(ctx.run_dir, model).predict,
+        scheduler,
+        ctx.image_shape(),
+        cfg.sampler_images,
+        cfg.sampler_steps,
+        seed=ctx.cfg.sample.seed,
+        device="cuda",
+    )
+    sampler_psnr = psnr(images, reference)
+    passed = report.passed and sampler_psnr >= cfg.min_psnr_fp16
+    log(
+        "parity",
+        f"{model} TensorRT: max abs {report.max_abs_error:.2e}, sampler PSNR {sampler_psnr:.1f} dB -> "
+        f"{'PASS' if passed else 'FAIL'} (atol {cfg.atol_fp16}, rtol {cfg.rtol_fp16})",
+    )
+    return {
+        "model": model,
+        "precision": f"tensorrt-{ctx.cfg.build.precision}",
+        "provider": "TensorRT",
+        **{k: v for k, v in report.as_dict().items() if k not in ("reference", "candidate")},
+        "sampler_psnr_db": sampler_psnr,
+        "min_psnr_db": cfg.min_psnr_fp16,
+        "passed": passed,
+    }
 
 
 def run(ctx: RunContext) -> StageResult:
@@ -78,7 +127,14 @@ def run(ctx: RunContext) -> StageResult:
                 failures.append(
                     f"{model} {precision} (max abs {report.max_abs_error:.2e}, PSNR {sampler_psnr:.1f} dB)"
                 )
-    fp32 = [r for r in rows if r["precision"] == "fp32"]
+    build = ctx.record("build")
+    if build and build["status"] == "ok":
+        for model, unet in models.items():
+            row = _engine_parity(ctx, model, unet, scheduler)
+            rows.append(row)
+            if not row["passed"]:
+                failures.append(f"{model} TensorRT engine (max abs {row['max_abs_error']:.2e})")
+    fp32 = [r for r in rows if r["precision"] == "fp32" and r["provider"] != "TensorRT"]
     metrics = {
         "results": rows,
         "max_abs_error": max(r["max_abs_error"] for r in rows),

@@ -6,12 +6,12 @@ from compressor.data import stack
 from compressor.errors import UserError
 from compressor.models import as_noise_predictor
 from compressor.persist import load_unet
-from compressor.quality import FeatureAdapter, frechet_distance, psnr, ssim
+from compressor.quality import FeatureAdapter, frechet_distance, inception_unavailable, psnr, ssim
 from compressor.sampling import generate, make_scheduler
 from pipeline.context import RunContext, StageResult, log
 
 SECTIONS = ["quality", "sample", "data"]
-INPUTS = ["prune", "finetune"]
+INPUTS = ["prune", "finetune", "export", "build"]
 MODEL_LABELS = {"prune": "pruned", "finetune": "finetuned"}
 
 
@@ -27,9 +27,33 @@ def feature_network(ctx: RunContext):
     return 2048, "fid"
 
 
+def _deployed(ctx: RunContext, backend: str, model: str):
+    """A deployed backend (ONNX Runtime session or TensorRT engine) of the run."""
+    from deploy.runtimes import onnxruntime_backend
+    from pipeline.stages.export import onnx_path
+
+    if backend == "onnxruntime":
+        ctx.require("export", "quality")
+        return onnxruntime_backend(onnx_path(ctx, model, "fp32"))
+    from deploy import tensorrt_backend
+
+    ctx.require("build", "quality")
+    return tensorrt_backend.engine_backend(ctx.run_dir, model)
+
+
 def run(ctx: RunContext) -> StageResult:
     """Sample every model of the run from the same seeds and score them."""
     cfg = ctx.cfg.quality
+    feature, metric = feature_network(ctx)
+    fd_note = None
+    if metric == "fid":  # find out before sampling whether FID can run at all
+        reason = inception_unavailable(cfg.inception_weights)
+        if reason and cfg.require_fid:
+            raise UserError(
+                f"quality.require_fid is set but FID cannot run ({reason}); install the `fid` extra and set "
+                "quality.inception_weights to a local Inception weights file"
+            )
+        fd_note = f"fid unavailable: {reason}" if reason else None
     steps = cfg.steps or ctx.cfg.sample.steps
     scheduler = make_scheduler(ctx.cfg.sample.scheduler, ctx.dense.scheduler_config)
     models = {"dense": ctx.dense.unet.to(ctx.device)}
@@ -41,11 +65,17 @@ def run(ctx: RunContext) -> StageResult:
         models["finetuned (raw)"] = load_unet(ctx.run_dir / "finetune" / "model-raw", ctx.device)[0]
     if len(models) == 1:
         ctx.require("prune", "quality")
+    predictors = {label: as_noise_predictor(unet) for label, unet in models.items()}
+    if cfg.backend != "torch":
+        # the deployed sampler: dense and final compressed model served by the chosen backend
+        final = "finetuned" if "finetuned" in models else "pruned"
+        for label, model in (("dense", "dense"), (final, "pruned")):
+            predictors[label] = _deployed(ctx, cfg.backend, model).predict
     samples = {}
-    for label, unet in models.items():
+    for label, predict in predictors.items():
         log("quality", f"sampling {cfg.num_samples} images from the {label} model ({steps} steps)")
         samples[label] = generate(
-            as_noise_predictor(unet),
+            predict,
             scheduler,
             ctx.image_shape(),
             cfg.num_samples,
@@ -55,30 +85,22 @@ def run(ctx: RunContext) -> StageResult:
             ctx.cfg.sample.batch_size,
             ctx.device,
         )
-    feature, metric = feature_network(ctx)
     reference = (stack(ctx.dataset, cfg.num_reference) + 1) / 2
     results: dict[str, dict] = {label: {} for label in samples}
-    fd_note = None
     for label, imgs in samples.items():
         if label != "dense":
             results[label]["ssim_vs_dense"] = ssim(imgs, samples["dense"])
             results[label]["psnr_vs_dense"] = psnr(imgs, samples["dense"])
-        try:
-            results[label][metric] = frechet_distance(reference, imgs, feature, cfg.inception_weights)
-        except (ImportError, ModuleNotFoundError, OSError, RuntimeError) as exc:
-            fd_note = f"{metric} unavailable: {type(exc).__name__}: {str(exc)[:160]}"
-            if cfg.require_fid:
-                raise UserError(
-                    f"quality.require_fid is set but FID cannot run ({fd_note}); install the `fid` extra "
-                    "and set quality.inception_weights to a local Inception weights file"
-                ) from None
-            results[label][metric] = None
+        results[label][metric] = (
+            None if fd_note else frechet_distance(reference, imgs, feature, cfg.inception_weights)
+        )
     metrics = {
         "models": results,
         "num_samples": cfg.num_samples,
         "num_reference": int(reference.shape[0]),
         "steps": steps,
         "scheduler": ctx.cfg.sample.scheduler,
+        "backend": cfg.backend,
         "frechet_metric": metric,
         "frechet_note": fd_note,
     }

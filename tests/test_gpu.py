@@ -1,0 +1,149 @@
+"""GPU and TensorRT checks. They skip, with the reason, where no CUDA device or TensorRT is present.
+
+Run them on a CUDA host with `bash scripts/gpu_check.sh` (or `pytest -m gpu`).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from compressor.errors import ArtifactError, UserError
+from compressor.models import example_inputs, predict_noise
+from deploy import tensorrt_backend
+from deploy.engines import Profile, manifest_path
+from deploy.runtimes import torch_backend
+
+NO_CUDA = "needs a CUDA GPU (none visible here)"
+TRT_REASON = tensorrt_backend.unavailable_reason()
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+trt = pytest.mark.skipif(bool(TRT_REASON), reason=TRT_REASON or "TensorRT available")
+
+
+@pytest.mark.gpu
+@cuda
+def test_torch_fp16_backend_matches_fp32(tiny_unet):
+    x = example_inputs(tiny_unet, 4)
+    with torch.no_grad():
+        ref = predict_noise(tiny_unet, x["sample"], x["timestep"])
+    fp16 = torch_backend(tiny_unet, torch.device("cuda"), torch.float16)
+    got = fp16.predict(x["sample"].cuda(), x["timestep"].cuda()).cpu()
+    assert (got - ref).abs().max() < 2e-2
+
+
+@pytest.mark.gpu
+@cuda
+def test_bf16_training_steps_on_cuda(tmp_path):
+    from compressor.config import FinetuneConfig
+    from compressor.models import build_unet
+    from compressor.sampling import make_scheduler
+    from compressor.training import train
+    from tests.conftest import DDPM_SCHEDULER, TINY_UNET
+
+    images = torch.rand(16, 3, 16, 16) * 2 - 1
+    cfg = FinetuneConfig(steps=3, batch_size=4, mixed_precision="bf16", checkpoint_every=3)
+    result = train(
+        build_unet(TINY_UNET),
+        make_scheduler("ddpm", DDPM_SCHEDULER),
+        images,
+        cfg,
+        tmp_path,
+        0,
+        torch.device("cuda"),
+    )
+    assert len(result.losses) >= 1 and all(torch.isfinite(torch.tensor(v)) for _, v in result.losses)
+
+
+@pytest.mark.gpu
+@cuda
+def test_onnxruntime_cuda_provider_when_installed(tiny_unet, tmp_path):
+    import onnxruntime as ort
+
+    from deploy.runtimes import onnxruntime_backend
+    from export.onnx_export import export_unet
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is not installed (CPU onnxruntime only)")
+    path = tmp_path / "u.onnx"
+    export_unet(tiny_unet, path, "fp32")
+    backend = onnxruntime_backend(path, providers="cuda")
+    assert backend.info["provider"] == "CUDAExecutionProvider"
+    x = example_inputs(tiny_unet, 2)
+    with torch.no_grad():
+        ref = predict_noise(tiny_unet, x["sample"], x["timestep"])
+    assert (backend.predict(x["sample"], x["timestep"]).cpu() - ref).abs().max() < 1e-3
+
+
+@pytest.fixture
+def engine_run(tiny_unet, tmp_path):
+    """A run directory with dense/pruned fp16 engines of a tiny UNet (TensorRT only)."""
+    from export.onnx_export import export_unet
+
+    major = tensorrt_backend.major_version(tensorrt_backend.require_tensorrt())
+    source = "fp16" if major >= 11 else "fp32"
+    profile = Profile(1, 2, 4)
+    for model in ("dense", "pruned"):
+        onnx_file = tmp_path / "export" / model / f"unet.{source}.onnx"
+        export_unet(tiny_unet, onnx_file, source)
+        tensorrt_backend.build_engine(
+            onnx_file,
+            tensorrt_backend.engine_path(tmp_path, model),
+            profile,
+            (3, 16, 16),
+            "fp16",
+            1.0,
+            3,
+            tmp_path / "timing.cache",
+            model,
+        )
+    return tmp_path
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@trt
+def test_engine_matches_torch_through_polygraphy(engine_run, tiny_unet):
+    from export.parity import compare, make_torch_runner, parity_feeds
+
+    runner, profile = tensorrt_backend.make_trt_runner(
+        tensorrt_backend.engine_path(engine_run, "dense"), "trt"
+    )
+    feeds = parity_feeds(tiny_unet, [1, 4], [0, 500, 999])
+    report = compare([make_torch_runner(tiny_unet, "torch", "cuda"), runner], feeds, 2e-2, 2e-2)[0]
+    assert report.passed, report.max_abs_error
+    assert (engine_run / "timing.cache").stat().st_size > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@trt
+def test_cuda_graph_replay_equals_plain_execution(engine_run, tiny_unet):
+    plain = tensorrt_backend.engine_backend(engine_run, "dense")
+    graph = tensorrt_backend.engine_backend(engine_run, "dense", cuda_graph=True)
+    x = example_inputs(tiny_unet, 2, "cuda")
+    for _ in range(3):
+        assert torch.equal(
+            plain.predict(x["sample"], x["timestep"]), graph.predict(x["sample"], x["timestep"])
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@trt
+def test_engine_refusals(engine_run, tiny_unet):
+    backend = tensorrt_backend.engine_backend(engine_run, "dense")
+    x = example_inputs(tiny_unet, 8, "cuda")
+    with pytest.raises(UserError, match="outside the profile"):
+        backend.predict(x["sample"], x["timestep"])
+    engine = tensorrt_backend.engine_path(engine_run, "dense")
+    manifest = json.loads(manifest_path(engine).read_text())
+    manifest["tensorrt_version"] = "0.0.1"
+    manifest_path(engine).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="built with TensorRT 0.0.1"):
+        tensorrt_backend.engine_backend(engine_run, "dense")
+    engine.write_bytes(engine.read_bytes()[:1000])
+    with pytest.raises(ArtifactError, match="does not match its manifest"):
+        tensorrt_backend.engine_backend(engine_run, "dense")
