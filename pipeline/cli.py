@@ -125,31 +125,37 @@ def _cmd_sample(argv: list[str]) -> int:
     return 0
 
 
-def _cmd_check(argv: list[str]) -> int:
-    """compress-deploy check RUN [acceptance.key=value ...]: print gates, exit 3 if any fails."""
+def _run_command_args(name: str, section: str, argv: list[str], description: str):
+    """Parse ``RUN [section.key=value ...]``; the section comes from RUN's last record of it."""
     import json
 
     from compressor.config import config_from_mapping
-    from pipeline.acceptance import evaluate
 
-    parser = argparse.ArgumentParser(prog="compress-deploy check", description="Acceptance gates of a run.")
+    parser = argparse.ArgumentParser(prog=f"compress-deploy {name}", description=description)
     parser.add_argument("run", type=Path)
-    parser.add_argument("overrides", nargs="*", help="acceptance.key=value to change limits")
+    parser.add_argument("overrides", nargs="*", help=f"{section}.key=value to change settings")
     args = parser.parse_args(argv)
     if not args.run.is_dir():
         raise UserError(f"run directory {args.run} not found; pass the folder a run wrote")
-    base = {}
-    rec_file = args.run / "check" / "record.json"
-    if rec_file.is_file():
-        base = {"acceptance": json.loads(rec_file.read_text())["config"]["acceptance"]}
     for o in args.overrides:
-        if not o.startswith("acceptance."):
-            raise UserError(f"override {o!r}: check only takes acceptance.* overrides")
-    cfg = config_from_mapping(base, args.overrides)
-    ctx = RunContext(cfg, args.run)
+        if not o.startswith(f"{section}."):
+            raise UserError(f"override {o!r}: {name} only takes {section}.* overrides")
+    base = {}
+    rec_file = args.run / name / "record.json"
+    if rec_file.is_file():
+        base = {section: json.loads(rec_file.read_text())["config"][section]}
+    return args.run, config_from_mapping(base, args.overrides)
+
+
+def _cmd_check(argv: list[str]) -> int:
+    """compress-deploy check RUN [acceptance.key=value ...]: print gates, exit 3 if any fails."""
+    from pipeline.acceptance import evaluate
+
+    run, cfg = _run_command_args("check", "acceptance", argv, "Acceptance gates of a run.")
+    ctx = RunContext(cfg, run)
     records = {s: ctx.record(s) for s in ("bench", "parity", "quality")}
     if not any(records.values()):
-        raise UserError(f"{args.run} has no bench, parity or quality records; run the pipeline first")
+        raise UserError(f"{run} has no bench, parity or quality records; run the pipeline first")
     checks = evaluate(cfg.acceptance, records)
     if not checks:
         print("no acceptance limits configured (set acceptance.* in the config or as overrides)")
@@ -163,27 +169,11 @@ def _cmd_check(argv: list[str]) -> int:
 
 def _cmd_build(argv: list[str]) -> int:
     """compress-deploy build RUN [build.key=value ...]: (re)build engines from RUN's ONNX files."""
-    import json
-
-    from compressor.config import config_from_mapping
     from pipeline.stages.build import build_engines
 
-    parser = argparse.ArgumentParser(prog="compress-deploy build", description="Build TensorRT engines.")
-    parser.add_argument("run", type=Path)
-    parser.add_argument("overrides", nargs="*", help="build.key=value, e.g. build.max_batch=16")
-    args = parser.parse_args(argv)
-    if not args.run.is_dir():
-        raise UserError(f"run directory {args.run} not found; pass the folder a run wrote")
-    for o in args.overrides:
-        if not o.startswith("build."):
-            raise UserError(f"override {o!r}: build only takes build.* overrides")
-    base = {}
-    rec_file = args.run / "build" / "record.json"
-    if rec_file.is_file():
-        base = {"build": json.loads(rec_file.read_text())["config"]["build"]}
-    cfg = config_from_mapping(base, args.overrides)
-    result = build_engines(args.run, cfg.build)
-    print(f"built {', '.join(result.metrics['engines'])} engines in {args.run / 'build'}")
+    run, cfg = _run_command_args("build", "build", argv, "Build TensorRT engines from a run's ONNX files.")
+    result = build_engines(run, cfg.build)
+    print(f"built {', '.join(result.metrics['engines'])} engines in {run / 'build'}")
     return 0
 
 

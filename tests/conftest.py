@@ -141,3 +141,16 @@ def tiny_config(tmp_path, model_folder):
     images = tmp_path / "images"
     write_images(images, 8)
     return write_config(tmp_path / "tiny.yaml", TINY_CONFIG.format(model=model_folder, data=images))
+
+
+def finished_tiny_run(root: Path, stages: str) -> tuple[Path, Path]:
+    """Run ``stages`` of the tiny config (local model folder + 8 images) under ``root``."""
+    from pipeline.cli import main
+
+    model = write_model_folder(root / "model")
+    images = root / "images"
+    write_images(images, 8)
+    cfg = write_config(root / "tiny.yaml", TINY_CONFIG.format(model=model, data=images))
+    run_dir = root / "run"
+    assert main([str(cfg), "--stages", stages, "--run-dir", str(run_dir)]) == 0
+    return cfg, run_dir

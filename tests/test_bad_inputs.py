@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from tests.conftest import TINY_CONFIG, tree_hashes, write_config, write_images, write_model_folder
+from tests.conftest import finished_tiny_run, tree_hashes, write_config, write_images, write_model_folder
 
 STAGES = "prune,finetune,export"
 
@@ -21,13 +21,7 @@ STAGES = "prune,finetune,export"
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad-inputs")
-    model = write_model_folder(root / "model")
-    images = root / "images"
-    write_images(images, 8)
-    cfg = write_config(root / "tiny.yaml", TINY_CONFIG.format(model=model, data=images))
-    run_dir = root / "run"
-    assert main([str(cfg), "--stages", STAGES, "--run-dir", str(run_dir)]) == 0
-    return root, cfg, run_dir
+    return (root, *finished_tiny_run(root, STAGES))
 
 
 def _cfg(tmp: Path, text: str) -> str:

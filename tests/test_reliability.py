@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from tests.conftest import TINY_CONFIG, tree_hashes, write_config, write_images, write_model_folder
+from tests.conftest import (
+    TINY_CONFIG,
+    finished_tiny_run,
+    tree_hashes,
+    write_config,
+    write_images,
+    write_model_folder,
+)
 
 ROOT = Path(__file__).parent.parent
 STAGES = "prune,finetune,samples,quality,export,report"
@@ -22,14 +29,7 @@ STAGES = "prune,finetune,samples,quality,export,report"
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reliability")
-    model = write_model_folder(root / "model")
-    images = root / "images"
-    write_images(images, 8)
-    cfg = write_config(root / "tiny.yaml", TINY_CONFIG.format(model=model, data=images))
-    run_dir = root / "run"
-    assert main([str(cfg), "--stages", STAGES, "--run-dir", str(run_dir)]) == 0
-    return cfg, run_dir
+    return finished_tiny_run(tmp_path_factory.mktemp("reliability"), STAGES)
 
 
 @pytest.fixture

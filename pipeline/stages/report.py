@@ -57,7 +57,7 @@ class Doc:
             f"<title>{html.escape(self.title)}</title>",
             "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 8px;"
-            "text-align:right}th{background:#eee}.PASS{color:#080;font-weight:bold}"
+            "text-align:right}td:first-child{text-align:left}th{background:#eee}.PASS{color:#080;font-weight:bold}"
             ".FAIL{color:#b00;font-weight:bold}img{max-width:100%;border:1px solid #ddd}</style>",
             f"</head><body><h1>{html.escape(self.title)}</h1>",
         ]
