@@ -77,6 +77,7 @@ class PruneConfig:
     max_timesteps: int | None = _spec(None, "cap on timesteps evaluated", ge=1)
     batch_size: int = _spec(16, "images in the Taylor batch", ge=1)
     norm: Literal[1, 2] = _spec(2, "p of the magnitude criterion")
+    eval_batch: int = _spec(16, "images for the loss before/after pruning (0 skips it)", ge=0)
     round_to: int | None = _spec(None, "round kept channels to a multiple", ge=1)
 
     def require_target(self) -> None:

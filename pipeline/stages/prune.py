@@ -27,8 +27,10 @@ def run(ctx: RunContext) -> StageResult:
     noise_scheduler = ctx.noise_scheduler()
     needs_data = cfg.method in ("diff-pruning", "taylor")
     images = stack(ctx.dataset, cfg.batch_size).to(ctx.device) if needs_data else None
-    eval_images = stack(ctx.dataset, 16).to(ctx.device)
-    loss_dense = denoising_eval_loss(unet, noise_scheduler, eval_images, ctx.cfg.seed)
+    eval_images = stack(ctx.dataset, cfg.eval_batch).to(ctx.device) if cfg.eval_batch else None
+    loss_dense = (
+        denoising_eval_loss(unet, noise_scheduler, eval_images, ctx.cfg.seed) if cfg.eval_batch else None
+    )
 
     bar = None
 
@@ -56,7 +58,9 @@ def run(ctx: RunContext) -> StageResult:
         )
     unet.eval()
     macs_after, params_after = count_macs_params(unet)
-    loss_pruned = denoising_eval_loss(unet, noise_scheduler, eval_images, ctx.cfg.seed)
+    loss_pruned = (
+        denoising_eval_loss(unet, noise_scheduler, eval_images, ctx.cfg.seed) if cfg.eval_batch else None
+    )
     log(
         "prune",
         f"pruned ({cfg.method}, ratio {result.ratio:.4f}): {params_after / 1e6:.2f}M params "
