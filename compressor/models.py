@@ -102,10 +102,13 @@ def _load_folder(folder: Path) -> LoadedModel:
         raise ModelError(f"{cfg_file}: not valid JSON; re-download or re-save the model") from None
     cls = unet_class(unet_cfg.get("_class_name", ""))
     try:
-        unet = cls.from_pretrained(str(unet_dir), local_files_only=True)
+        unet = cls.from_pretrained(str(unet_dir), local_files_only=True, use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{unet_dir}: cannot load UNet weights ({first[:200]}); re-save the model") from None
+        raise ModelError(
+            f"{unet_dir}: cannot load UNet weights ({first[:200]}); only safetensors weights are loaded, "
+            "re-save the model with save_pretrained(..., safe_serialization=True)"
+        ) from None
     if sched_file is None:
         raise ModelError(f"{folder}: no scheduler_config.json; save the scheduler beside the UNet")
     scheduler_config = json.loads(sched_file.read_text())
