@@ -133,6 +133,9 @@ class QualityConfig:
     inception_weights: str | None = _spec(None, "local Inception weights file for offline FID")
     require_fid: bool = _spec(False, "fail (instead of recording unavailable) when FID cannot run")
     num_reference: int | None = _spec(None, "reference images (default: all)", ge=2)
+    backend: Literal["torch", "onnxruntime", "tensorrt"] = _spec(
+        "torch", "backend sampling the dense and final model (tensorrt: the engines, on GPU)"
+    )
 
 
 @dataclass
