@@ -22,10 +22,16 @@ def _digest(data: object) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def fingerprint(rec: dict | None) -> str | None:
-    """What downstream stages depend on: an upstream record's artifacts and metrics."""
+def fingerprint(run_dir: Path, rec: dict | None) -> str | None:
+    """What downstream stages depend on: an upstream record's artifacts and metrics.
+
+    Upstream files that no longer hash as recorded (edited, truncated) give a fingerprint
+    of their own, so the stages reading them rerun and meet the damage instead of skipping.
+    """
     if rec is None:
         return None
+    if not outputs_verify(run_dir, rec):
+        return "changed-on-disk"
     return _digest(
         {"status": rec.get("status"), "artifacts": rec.get("artifacts", {}), "metrics": rec.get("metrics")}
     )
@@ -35,7 +41,7 @@ def stage_key(ctx: RunContext, name: str, module: ModuleType) -> dict:
     """The parts of a stage's cache key and their combined hash."""
     cfg = config_to_dict(ctx.cfg)
     config = {s: cfg[s] for s in module.SECTIONS if s in cfg}
-    inputs = {up: fingerprint(ctx.record(up)) for up in module.INPUTS}
+    inputs = {up: fingerprint(ctx.run_dir, ctx.record(up)) for up in module.INPUTS}
     parts = {"config": _digest(config), "inputs": inputs}
     return {"key": _digest({"stage": name, **parts}), **parts}
 

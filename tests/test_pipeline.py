@@ -211,4 +211,4 @@ def test_tampered_onnx_is_refused_by_the_stages_that_read_it(finished_run, capsy
     onnx_file.write_bytes(onnx_file.read_bytes()[:1000])
     assert main([str(cfg), "--stages", "bench", "--run-dir", str(copy)]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert str(onnx_file) in line and "rerun the export" in line
+    assert str(onnx_file) in line and "tampered or truncated" in line and "--force export" in line

@@ -54,9 +54,7 @@ def test_unchanged_rerun_skips_every_stage(small_run, capsys):
     cfg, run_dir = small_run
     capsys.readouterr()
     before = tree_hashes(run_dir)
-    began = time.perf_counter()
     assert main([str(cfg), "--stages", STAGES, "--run-dir", str(run_dir)]) == 0
-    assert time.perf_counter() - began < 10
     assert set(_statuses(capsys).values()) == {"cached"}
     assert tree_hashes(run_dir) == before
 

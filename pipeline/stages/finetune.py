@@ -28,7 +28,7 @@ def run(ctx: RunContext) -> StageResult:
             plan["unet_config"],
             plan["history"],
             plan["kept_widths"],
-            extra={"scheduler_config": plan.get("scheduler_config"), "finetuned_from": str(src)},
+            extra={"scheduler_config": plan.get("scheduler_config"), "finetuned_from": "prune/model"},
         )
     images = stack(ctx.dataset, 16)
     sched = ctx.noise_scheduler()
