@@ -30,7 +30,7 @@ def variants(thresholds: list[float], methods: list[str]) -> dict[str, list[str]
     out = {f"diff-pruning T={t:g}": ["prune.method=diff-pruning", f"prune.threshold={t}"] for t in thresholds}
     for m in methods:
         out[m] = [f"prune.method={m}"]
-    out["control (dense, finetuned)"] = [
+    out["control: dense finetuned"] = [
         "prune.method=magnitude",
         "prune.ratio=0.0",
         "prune.target_macs=null",
@@ -170,6 +170,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--thresholds", default="0,0.02,0.05")
     parser.add_argument("--methods", default=",".join(BASELINES))
     parser.add_argument("--run-dir", type=Path)
+    parser.add_argument(
+        "--only", help="run only these variants (comma-separated names); others are summarised if finished"
+    )
     args = parser.parse_args(argv)
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -183,10 +186,16 @@ def main(argv: list[str]) -> int:
     cfg: RunConfig = load_config(args.config, args.overrides)  # validate before any work
     root = (args.run_dir or Path("runs") / cfg.name) / "ablation"
     results: dict[str, list[dict]] = {}
+    only = {v.strip() for v in args.only.split(",")} if args.only else None
     for name, overrides in variants(thresholds, methods).items():
+        base = root / _slug(name)
+        if only is not None and name not in only:
+            if all((base / f"seed-{seed}" / "quality" / "record.json").is_file() for seed in seeds):
+                results[name] = [run_variant(base, overrides, args.config, args.overrides, s) for s in seeds]
+            continue
         for seed in seeds:
             log("ablate", f"{name}, seed {seed}")
-            rec = run_variant(root / _slug(name), overrides, args.config, args.overrides, seed)
+            rec = run_variant(base, overrides, args.config, args.overrides, seed)
             results.setdefault(name, []).append(rec)
     rows = summarize(results)
     write_json(root / "summary.json", rows)
