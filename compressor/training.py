@@ -150,13 +150,13 @@ def load_checkpoint(path: Path, unet: nn.Module, opt, ema) -> tuple[int, list]:
     except (OSError, ValueError, SafetensorError, json.JSONDecodeError) as exc:
         raise ModelError(
             f"checkpoint {path} is corrupted or incomplete ({type(exc).__name__}); delete it to resume "
-            "from the previous one, or rerun with --force finetune"
+            "from the previous one, or rerun with --force STAGE to start afresh"
         ) from None
     own = {k: list(v.shape) for k, v in unet.state_dict().items()}
     if own != {k: list(v.shape) for k, v in model_state.items()}:
         raise ModelError(
             f"checkpoint {path} belongs to a different architecture; delete the checkpoints folder "
-            "or rerun with --force finetune"
+            "or rerun with --force STAGE to start afresh"
         )
     unet.load_state_dict(model_state)
     state: dict = {}

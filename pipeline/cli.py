@@ -23,14 +23,15 @@ from pipeline.stages import STAGES
 
 
 def parse_stages(text: str | None, cfg: RunConfig) -> list[str]:
-    """Stage names from ``--stages`` (or the config), validated against STAGES."""
+    """Stage names from ``--stages`` (or the config), validated, deduplicated, in pipeline order."""
     names = [s.strip() for s in text.split(",") if s.strip()] if text else list(cfg.stages)
     for name in names:
         if name not in STAGES:
             raise UserError(f"unknown stage {name!r}; known stages: {', '.join(STAGES)}")
     if not names:
         raise UserError(f"--stages is empty; give some of: {', '.join(STAGES)}")
-    return names
+    order = list(STAGES)
+    return sorted(dict.fromkeys(names), key=order.index)  # always in pipeline order
 
 
 def run_pipeline(
@@ -56,6 +57,8 @@ def run_pipeline(
             records[name] = ctx.record(name)
             continue
         log(name, f"start ({reason})")
+        ctx.stage_key = key["key"]  # e.g. checkpoints are only resumed under the same key
+        ctx.forced = name in forced
         began = time.perf_counter()
         result = module.run(ctx)
         seconds = time.perf_counter() - began

@@ -68,6 +68,8 @@ class RunContext:
         self.cfg = cfg
         self.run_dir = run_dir
         self.is_main = int(os.environ.get("RANK", "0")) == 0
+        self.stage_key = "no-key"
+        self.forced = False
 
     # -- run directory ------------------------------------------------------------------
 

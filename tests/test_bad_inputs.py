@@ -201,7 +201,7 @@ CASES = [
         "checkpoint-corrupt",
         lambda t, c, r: (
             _corrupt_checkpoint(Path(r)),
-            [c, "--stages", "finetune", "--force", "finetune", "--run-dir", r],
+            [c, "--stages", "finetune", "--run-dir", r],
         )[1],
         "corrupted or incomplete",
     ),
@@ -242,8 +242,9 @@ def _foreign_plan(run_dir: Path) -> None:
 
 
 def _corrupt_checkpoint(run_dir: Path) -> None:
-    ckpts = sorted((run_dir / "finetune" / "checkpoints").glob("step-*"))
+    ckpts = sorted((run_dir / "finetune" / "checkpoints").glob("*/step-*"))
     _truncate(ckpts[-1] / "optimizer.safetensors", 20)
+    (run_dir / "finetune" / "record.json").unlink()  # as if the run had been killed mid-finetune
 
 
 def test_the_catalogue_is_large():

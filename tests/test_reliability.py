@@ -67,6 +67,9 @@ def test_changed_threshold_reruns_prune_and_everything_after(small_run, capsys):
     assert status["prune"] == "(its config changed)"
     for stage in ("finetune", "samples", "quality", "export", "report"):
         assert status[stage] != "cached", stage
+    # the finetune starts afresh: checkpoints of the previous pruned model are not resumed
+    rec = json.loads((run_dir / "finetune" / "record.json").read_text())
+    assert rec["metrics"]["resumed_from"] is None
 
 
 def test_changed_finetune_config_keeps_prune_cached(small_run, capsys):
@@ -161,7 +164,7 @@ def test_sigkill_during_finetune_then_rerun_resumes_and_matches(tmp_path):
     proc = subprocess.Popen([*cmd, "--run-dir", str(run_dir)], env=env, stderr=subprocess.DEVNULL)
     ckpts = run_dir / "finetune" / "checkpoints"
     deadline = time.time() + 120
-    while time.time() < deadline and not list(ckpts.glob("step-*/trainer.json")):
+    while time.time() < deadline and not list(ckpts.glob("*/step-*/trainer.json")):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -30,6 +32,30 @@ def run(ctx: RunContext) -> StageResult:
     return StageResult(_train_metrics(result), files)
 
 
+def checkpoint_dir(ctx: RunContext, stage: str) -> Path:
+    """Checkpoints of this exact stage input (cache key); stale ones of other inputs are removed.
+
+    A rerun after the pruned model or the recipe changed must start afresh, and so must a
+    forced one (--force), while a rerun of an interrupted identical stage resumes. Stale
+    folders are removed only once the new run has succeeded.
+    """
+    root = ctx.stage_dir(stage) / "checkpoints"
+    mine = root / ctx.stage_key[:16]
+    if ctx.is_main and ctx.forced and mine.is_dir():
+        shutil.rmtree(mine)
+    return mine
+
+
+def drop_stale_checkpoints(ctx: RunContext, stage: str) -> None:
+    """After a successful run: remove checkpoints that belong to other stage inputs."""
+    root = ctx.stage_dir(stage) / "checkpoints"
+    mine = root / ctx.stage_key[:16]
+    if ctx.is_main:
+        for other in root.iterdir():
+            if other.is_dir() and other != mine:
+                shutil.rmtree(other)
+
+
 def _fit(ctx: RunContext, unet, stage: str):
     from compressor.training import train
 
@@ -46,12 +72,13 @@ def _fit(ctx: RunContext, unet, stage: str):
             ctx.noise_scheduler(),
             ctx.dataset,
             cfg,
-            ctx.stage_dir(stage) / "checkpoints",
+            checkpoint_dir(ctx, stage),
             ctx.cfg.seed,
             ctx.device,
             resume=True,
             on_step=on_step,
         )
+    drop_stale_checkpoints(ctx, stage)
     if result.resumed_from is not None:
         log(stage, f"resumed from the checkpoint at step {result.resumed_from}")
     return result
