@@ -19,6 +19,20 @@ class ParityError(UserError):
     """Exported models disagree with PyTorch beyond the configured tolerance."""
 
 
+def _sampler_images(ctx: RunContext, predict, scheduler, device: str = "cpu"):
+    """The parity sampler's images (same seed, steps and count for every backend)."""
+    cfg = ctx.cfg.parity
+    return generate(
+        predict,
+        scheduler,
+        ctx.image_shape(),
+        cfg.sampler_images,
+        cfg.sampler_steps,
+        seed=ctx.cfg.sample.seed,
+        device=device,
+    )
+
+
 def _engine_parity(ctx: RunContext, model: str, unet, scheduler) -> dict:
     """TensorRT engine vs the fp32 torch reference on the GPU (fp16 tolerances), plus sampler PSNR."""
     import torch
@@ -32,24 +46,9 @@ def _engine_parity(ctx: RunContext, model: str, unet, scheduler) -> dict:
     feeds = parity_feeds(unet, batches, cfg.timesteps, ctx.cfg.seed)
     ref = make_torch_runner(unet, f"torch-{model}-fp32", device="cuda")
     report = compare([ref, runner], feeds, cfg.atol_fp16, cfg.rtol_fp16)[0]
-    reference = generate(
-        torch_backend(unet, torch.device("cuda")).predict,
-        scheduler,
-        ctx.image_shape(),
-        cfg.sampler_images,
-        cfg.sampler_steps,
-        seed=ctx.cfg.sample.seed,
-        device="cuda",
-    )
-    images = generate(
-        tensorrt_backend.engine_backend(ctx.run_dir, model).predict,
-        scheduler,
-        ctx.image_shape(),
-        cfg.sampler_images,
-        cfg.sampler_steps,
-        seed=ctx.cfg.sample.seed,
-        device="cuda",
-    )
+    reference = _sampler_images(ctx, torch_backend(unet, torch.device("cuda")).predict, scheduler, "cuda")
+    engine_predict = tensorrt_backend.engine_backend(ctx.run_dir, model).predict
+    images = _sampler_images(ctx, engine_predict, scheduler, "cuda")
     sampler_psnr = psnr(images, reference)
     passed = report.passed and sampler_psnr >= cfg.min_psnr_fp16
     log(
@@ -80,14 +79,7 @@ def run(ctx: RunContext) -> StageResult:
     rows, failures = [], []
     for model, unet in models.items():
         feeds = parity_feeds(unet, cfg.batches, cfg.timesteps, ctx.cfg.seed)
-        reference = generate(
-            torch_backend(unet, torch.device("cpu")).predict,
-            scheduler,
-            ctx.image_shape(),
-            cfg.sampler_images,
-            cfg.sampler_steps,
-            seed=ctx.cfg.sample.seed,
-        )
+        reference = _sampler_images(ctx, torch_backend(unet, torch.device("cpu")).predict, scheduler)
         for precision in ctx.cfg.export.precisions:
             path = onnx_path(ctx, model, precision)
             atol, rtol = (
@@ -97,14 +89,7 @@ def run(ctx: RunContext) -> StageResult:
             runner = make_onnxrt_runner(path, f"onnxruntime-{model}-{precision}")
             report = compare([make_torch_runner(unet, f"torch-{model}-fp32"), runner], feeds, atol, rtol)[0]
             backend = onnxruntime_backend(path)
-            images = generate(
-                backend.predict,
-                scheduler,
-                ctx.image_shape(),
-                cfg.sampler_images,
-                cfg.sampler_steps,
-                seed=ctx.cfg.sample.seed,
-            )
+            images = _sampler_images(ctx, backend.predict, scheduler)
             sampler_psnr = psnr(images, reference)
             row = {
                 "model": model,
