@@ -9,6 +9,8 @@ weights; with ``pretrained`` it loads the local copy shipped in
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 from collections.abc import Callable
@@ -252,7 +254,7 @@ def count_macs_params(unet: nn.Module) -> tuple[int, int]:
     device = next(unet.parameters()).device
     was_training = unet.training
     unet.eval()
-    with torch.no_grad():
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # its batch-size notice is noise
         macs, params = tp.utils.count_ops_and_params(unet, example_inputs(unet, 1, device))
     unet.train(was_training)
     return int(macs), int(params)
