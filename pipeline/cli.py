@@ -10,6 +10,7 @@ Exit codes: 0 success, 2 user error (one line on stderr), 1 internal failure,
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import traceback
@@ -87,6 +88,12 @@ def _main_run(argv: list[str]) -> int:
     cfg = load_config(args.config, args.overrides)
     stages = parse_stages(args.stages, cfg)
     force = set(parse_stages(",".join(args.force), cfg)) if args.force else set()
+    distributed = {"train", "finetune"}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and set(stages) - distributed:
+        raise UserError(
+            f"under accelerate/torchrun only the {', '.join(sorted(distributed))} stages run data-parallel; "
+            "pass --stages finetune (run the other stages in a single process)"
+        )
     run_dir = args.run_dir or Path("runs") / cfg.name
     records = run_pipeline(cfg, run_dir, stages, force)
     failed = [name for name, rec in records.items() if rec["status"] == "failed"]

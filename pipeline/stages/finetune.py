@@ -18,6 +18,8 @@ def run(ctx: RunContext) -> StageResult:
     src = ctx.run_dir / "prune" / "model"
     unet, meta = load_unet(src, ctx.device)
     result = _fit(ctx, unet, "finetune")
+    if not ctx.is_main:  # data-parallel ranks: only rank 0 writes (all ranks hold the same weights)
+        return StageResult(_train_metrics(result))
     out = ctx.stage_dir("finetune")
     plan = read_plan(src)
     files = []

@@ -18,6 +18,8 @@ INPUTS: list[str] = []
 def run(ctx: RunContext) -> StageResult:
     """Train with the ``finetune`` recipe; writes ``RUN/train/model`` and a diffusers folder."""
     result = _fit(ctx, ctx.dense.unet, "train")
+    if not ctx.is_main:  # data-parallel ranks: only rank 0 writes (all ranks hold the same weights)
+        return StageResult(_train_metrics(result))
     out = ctx.stage_dir("train")
     files = save_unet(result.ema_unet.cpu(), out / "model", dense_config(ctx.dense.unet))
     folder = out / "diffusers"
