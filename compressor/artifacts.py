@@ -29,6 +29,27 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def artifact_matches(path: Path, entry: dict) -> bool:
+    """True when ``path`` exists with the recorded ``bytes`` and ``sha256`` of ``entry``.
+
+    Hashes are memoised per process on (path, size, mtime), so the many stages of one run
+    that check the same upstream files hash each of them once.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return False
+    st = path.stat()
+    if st.st_size != entry["bytes"]:
+        return False
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = sha256_file(path)
+    return _HASHES[key] == entry["sha256"]
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically: a temporary file, fsynced, renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +95,7 @@ def verify_against_manifest(path: Path) -> None:
         raise ArtifactError(
             f"{path} is listed in {run_dir / MANIFEST} but missing; rerun its stage ({entry['stage']})"
         )
-    if Path(path).stat().st_size != entry["bytes"] or sha256_file(Path(path)) != entry["sha256"]:
+    if not artifact_matches(path, entry):
         raise ArtifactError(
             f"{path} differs from {run_dir / MANIFEST} (tampered or truncated); "
             f"rerun its stage with --force {entry['stage']}"
@@ -86,10 +107,9 @@ def verify_run(run_dir: Path) -> dict[str, list[str]]:
     manifest = read_manifest(run_dir)["artifacts"]
     missing, changed = [], []
     for rel, entry in sorted(manifest.items()):
-        path = run_dir / rel
-        if not path.is_file():
+        if not (run_dir / rel).is_file():
             missing.append(rel)
-        elif path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+        elif not artifact_matches(run_dir / rel, entry):
             changed.append(rel)
     extra = []
     for path in sorted(run_dir.rglob("*")):

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from types import ModuleType
 
-from compressor.artifacts import MANIFEST, read_manifest, sha256_file, write_json
+from compressor.artifacts import MANIFEST, artifact_matches, read_manifest, write_json
 from compressor.config import config_to_dict
 from pipeline.context import RunContext
 
@@ -48,15 +48,7 @@ def stage_key(ctx: RunContext, name: str, module: ModuleType) -> dict:
 
 def outputs_verify(run_dir: Path, rec: dict) -> bool:
     """True when every artifact in ``rec`` exists with its recorded size and hash."""
-    for rel, entry in rec.get("artifacts", {}).items():
-        path = run_dir / rel
-        if (
-            not path.is_file()
-            or path.stat().st_size != entry["bytes"]
-            or sha256_file(path) != entry["sha256"]
-        ):
-            return False
-    return True
+    return all(artifact_matches(run_dir / rel, entry) for rel, entry in rec.get("artifacts", {}).items())
 
 
 def why_rerun(ctx: RunContext, name: str, key: dict, forced: bool) -> str | None:
