@@ -73,12 +73,28 @@ class PruneConfig:
         "uniform", "target search: uniform-width ratios only, or bisect finer between them"
     )
     threshold: float = _spec(0.05, "Diff-Pruning loss threshold T", ge=0.0, lt=1.0)
-    timestep_stride: int = _spec(1, "use every k-th timestep in the Taylor pass", ge=1)
+    timestep_stride: int = _spec(1, "use every k-th timestep in the Taylor pass (paper: 1)", ge=1)
     max_timesteps: int | None = _spec(None, "cap on timesteps evaluated", ge=1)
-    batch_size: int = _spec(16, "images in the Taylor batch", ge=1)
+    batch_size: int = _spec(128, "images in the Taylor batch, drawn shuffled with the run's seed", ge=1)
     norm: Literal[1, 2] = _spec(2, "p of the magnitude criterion")
-    eval_batch: int = _spec(16, "images for the loss before/after pruning (0 skips it)", ge=0)
+    eval_batch: int = _spec(
+        16, "held-out images (never in the Taylor batch) for the loss before/after pruning; 0 skips", ge=0
+    )
     round_to: int | None = _spec(None, "round kept channels to a multiple", ge=1)
+    group_selection: Literal["shared", "independent"] = _spec(
+        "independent",
+        "GroupNorm-coupled layers: each group picks its own channels (independent, the paper's code) "
+        "or all groups drop the same in-group positions (shared, torch-pruning 1.6)",
+    )
+    taylor_score: Literal["abs", "squared"] = _spec(
+        "squared", "per-channel Taylor score: sum |w*g| or sum (w*g)^2 (the paper's code)"
+    )
+    group_reduction: Literal["mean", "sum"] = _spec(
+        "sum", "how the scores of coupled layers combine (same ranking under local pruning)"
+    )
+    diagnose: bool = _spec(
+        False, "per-timestep diagnostic: L_t/L_max, gradient norm, half-batch gradient cosine"
+    )
 
     def require_target(self) -> None:
         """Raise ConfigError unless a pruning target is set (the prune stage needs one)."""

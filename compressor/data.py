@@ -123,6 +123,37 @@ def stack(dataset: Dataset, count: int | None = None) -> torch.Tensor:
     return torch.stack([dataset[i] for i in range(n)])
 
 
+HOLDOUT_SEED = 20231105  # fixed: the held-out images are the same for every run seed
+
+
+def taylor_and_holdout(
+    dataset: Dataset, taylor_count: int, holdout_count: int, seed: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A shuffled Taylor batch (drawn with ``seed``) and held-out images it never contains.
+
+    The held-out images are fixed across seeds (a permutation with its own seed),
+    so before/after-pruning losses of different seeds compare on the same images;
+    the Taylor batch is drawn from the rest. When the data cannot spare
+    ``holdout_count`` images beside the Taylor batch, fewer are held out (None: none).
+    Raises DataError when the data is smaller than the Taylor batch.
+    """
+    n = len(dataset)
+    require_images(dataset, taylor_count, f"the Taylor batch (prune.batch_size={taylor_count})")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(HOLDOUT_SEED))
+    holdout = order[: min(holdout_count, n - taylor_count)]
+    pool = order[len(holdout) :]
+    pick = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:taylor_count]]
+    taylor = gather(dataset, pick.tolist()) if taylor_count else None
+    return taylor, (gather(dataset, holdout.tolist()) if len(holdout) else None)
+
+
+def gather(dataset: Dataset, indices: list[int]) -> torch.Tensor:
+    """The images at ``indices`` as one tensor."""
+    if isinstance(dataset, TensorImages):
+        return dataset.images[torch.tensor(indices, dtype=torch.long)]
+    return torch.stack([dataset[i] for i in indices])
+
+
 def require_images(dataset: Dataset, needed: int, purpose: str) -> None:
     """Raise DataError when ``dataset`` holds fewer than ``needed`` images."""
     if len(dataset) < needed:

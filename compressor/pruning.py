@@ -40,6 +40,7 @@ class TaylorPass:
     seconds: float
     forward_calls: int = 0
     backward_calls: int = 0
+    diagnostics: list[dict] = field(default_factory=list)
 
     @property
     def seconds_per_timestep(self) -> float:
@@ -56,6 +57,7 @@ class PruneResult:
     kept_widths: dict[str, list[int]]
     taylor: TaylorPass | None = None
     search: list[dict] = field(default_factory=list)
+    kept_channels: dict[str, str] = field(default_factory=dict)
 
 
 def candidate_timesteps(num_train_timesteps: int, stride: int, max_count: int | None = None) -> list[int]:
@@ -86,48 +88,181 @@ def accumulate_taylor_grads(
     candidates: list[int],
     threshold: float,
     on_step: Callable[[int, float], None] | None = None,
+    diagnose: bool = False,
 ) -> TaylorPass:
     """Accumulate ``dL_t/dw`` over ``candidates`` until the threshold rule stops it.
 
     Gradients are never zeroed between timesteps. Parameters that received no
     gradient get zeros, because torch-pruning's Taylor importance reads every
     ``.grad`` in a group.
+
+    With ``diagnose`` every candidate is visited (the ones past the threshold only
+    measured, never accumulated) as two half-batch passes, and
+    ``TaylorPass.diagnostics`` gets one row per timestep: the loss, ``L_t / L_max``,
+    the norm of that timestep's gradient and the cosine between the gradients of
+    the two halves (near 1: the direction is signal; near 0: noise).
     """
     unet.zero_grad(set_to_none=True)
     used: list[int] = []
     losses: list[float] = []
+    rows: list[dict] = []
     max_loss = 0.0
     start = time.perf_counter()
     forward_calls = backward_calls = 0
+    stopped_grads: list[torch.Tensor | None] | None = None
     for t in candidates:
-        loss = denoising_loss(unet, noise_scheduler, x0, noise, t)
-        forward_calls += 1
-        loss.backward()
-        backward_calls += 1
-        value = float(loss.detach())
+        if diagnose:
+            value, grad_norm, cosine, calls = _diagnosed_step(unet, noise_scheduler, x0, noise, t)
+            forward_calls += calls
+            backward_calls += calls
+            rows.append({"t": t, "loss": value, "grad_norm": grad_norm, "half_cosine": cosine})
+            rows[-1]["accumulated"] = stopped_grads is None
+            if stopped_grads is not None:
+                if on_step:
+                    on_step(t, value)
+                continue
+        else:
+            loss = denoising_loss(unet, noise_scheduler, x0, noise, t)
+            forward_calls += 1
+            loss.backward()
+            backward_calls += 1
+            value = float(loss.detach())
         used.append(t)
         losses.append(value)
         max_loss = max(max_loss, value)
         if on_step:
             on_step(t, value)
         if threshold_reached(value, max_loss, threshold):
-            break
+            if not diagnose:
+                break
+            # keep measuring later timesteps, but importance is what was accumulated up to here
+            stopped_grads = [None if p.grad is None else p.grad.clone() for p in unet.parameters()]
+    if stopped_grads is not None:
+        for p, g in zip(unet.parameters(), stopped_grads, strict=True):
+            p.grad = g
+    if rows:
+        overall_max = max(r["loss"] for r in rows)
+        for r in rows:
+            r["loss_ratio"] = r["loss"] / overall_max if overall_max > 0 else None
     for p in unet.parameters():
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    return TaylorPass(used, losses, time.perf_counter() - start, forward_calls, backward_calls)
+    return TaylorPass(used, losses, time.perf_counter() - start, forward_calls, backward_calls, rows)
 
 
-def make_importance(method: str, norm: int = 2):
-    """The torch-pruning importance criterion for a pruning method."""
+def _flat_grads(params: list[nn.Parameter]) -> torch.Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+
+
+def _diagnosed_step(
+    unet: nn.Module, noise_scheduler, x0: torch.Tensor, noise: torch.Tensor, t: int
+) -> tuple[float, float, float | None, int]:
+    """One timestep as two half-batch backward passes that add up to the full-batch gradient.
+
+    Each half's loss is weighted by its share of the batch, so the accumulated
+    ``.grad`` and the returned loss equal those of one full-batch pass.
+    Returns (loss, norm of this timestep's gradient, cosine of the halves' gradients, passes).
+    """
+    params = [p for p in unet.parameters() if p.requires_grad]
+    n = x0.shape[0]
+    halves = [slice(0, n // 2), slice(n // 2, n)] if n > 1 else [slice(0, n)]
+    before = _flat_grads(params)
+    deltas, total, passes = [], 0.0, 0
+    for part in halves:
+        share = (part.stop - part.start) / n
+        loss = denoising_loss(unet, noise_scheduler, x0[part], noise[part], t)
+        (loss * share).backward()
+        passes += 1
+        total += float(loss.detach()) * share
+        after = _flat_grads(params)
+        deltas.append((after - before) / share)
+        before = after
+    grad = sum(d * (h.stop - h.start) / n for d, h in zip(deltas, halves, strict=True))
+    cosine = float(F.cosine_similarity(deltas[0], deltas[1], dim=0)) if len(deltas) == 2 else None
+    return total, float(grad.norm()), cosine, passes
+
+
+class TaylorScore:
+    """Taylor importance of a torch-pruning group from the accumulated ``.grad``.
+
+    ``score``: per layer, ``abs`` sums ``|w * g|`` over a channel's parameters
+    (torch-pruning's GroupTaylorImportance), ``squared`` sums ``(w * g)^2`` (the
+    paper's experiment code). ``multivariable`` takes ``|sum w * g|`` (or its
+    square) instead: the classic first-order Taylor criterion (the ``taylor``
+    baseline). GroupNorm, LayerNorm and BatchNorm affine weights count with
+    ``|w * g|``, as in the paper's code. ``group_reduction`` combines the coupled
+    layers through torch-pruning's own reduction (mean or sum).
+    """
+
+    def __init__(self, score: str = "squared", multivariable: bool = False, group_reduction: str = "sum"):
+        import torch_pruning as tp
+
+        self.score = score
+        self.multivariable = multivariable
+        self._reducer = tp.importance.GroupTaylorImportance(group_reduction=group_reduction)
+        fn = tp.pruner.function
+        self._out_fns = (fn.prune_conv_out_channels, fn.prune_linear_out_channels)
+        self._in_fns = (fn.prune_conv_in_channels, fn.prune_linear_in_channels)
+        self._norm_fns = (
+            fn.prune_groupnorm_out_channels,
+            fn.prune_layernorm_out_channels,
+            fn.prune_batchnorm_out_channels,
+        )
+
+    def _channel_score(self, wg: torch.Tensor) -> torch.Tensor:
+        """(channels, params per channel) products w*g -> one score per channel."""
+        if self.multivariable:
+            s = wg.sum(1).abs()
+            return s * s if self.score == "squared" else s
+        return wg.pow(2).sum(1) if self.score == "squared" else wg.abs().sum(1)
+
+    @torch.no_grad()
+    def __call__(self, group) -> torch.Tensor | None:
+        scores, root_idxs = [], []
+        for i, (dep, idxs) in enumerate(group):
+            layer, fn = dep.target.module, dep.handler
+            if fn in self._out_fns or fn in self._in_fns:
+                w, g = layer.weight.data, _grad_of(layer.weight)
+                transposed = getattr(layer, "transposed", False)
+                if (fn in self._out_fns) == transposed:  # input channels lie on dim 1
+                    w, g = w.transpose(0, 1), g.transpose(0, 1)
+                local = self._channel_score((w * g).flatten(1))
+                if fn in self._in_fns:
+                    groups = getattr(layer, "groups", 1)
+                    if groups not in (1, getattr(layer, "in_channels", 1)):
+                        local = local.repeat(groups)
+                local = local[idxs]
+            elif fn in self._norm_fns:
+                w = getattr(layer, "weight", None)
+                if w is None:
+                    continue
+                local = (w.data * _grad_of(w))[idxs].abs()
+            else:
+                continue
+            scores.append(local)
+            root_idxs.append(group[i].root_idxs)
+        if not scores:
+            return None
+        return self._reducer._reduce(scores, root_idxs)
+
+
+def _grad_of(param: torch.Tensor) -> torch.Tensor:
+    if param.grad is None:  # scoring without gradients would silently skip the layer
+        raise RuntimeError("Taylor importance needs .grad on every parameter: run accumulate_taylor_grads")
+    return param.grad
+
+
+def make_importance(method: str, cfg: PruneConfig | None = None):
+    """The torch-pruning importance criterion for a pruning method (scored as ``cfg`` says)."""
     import torch_pruning as tp
 
+    cfg = cfg or PruneConfig()
     if method == "diff-pruning":
-        return tp.importance.GroupTaylorImportance(multivariable=False)
+        return TaylorScore(cfg.taylor_score, multivariable=False, group_reduction=cfg.group_reduction)
     if method == "taylor":
-        return tp.importance.GroupTaylorImportance(multivariable=True)
+        return TaylorScore(cfg.taylor_score, multivariable=True, group_reduction=cfg.group_reduction)
     if method == "magnitude":
-        return tp.importance.GroupMagnitudeImportance(p=norm)
+        return tp.importance.GroupMagnitudeImportance(p=cfg.norm, group_reduction=cfg.group_reduction)
     if method in ("random", "reinit"):
         return tp.importance.RandomImportance()
     raise ConfigError(f"prune.method: unknown method {method!r}")
@@ -227,15 +362,145 @@ def layer_widths(unet: nn.Module) -> dict[str, int]:
     return out
 
 
-def prune_structure(unet: nn.Module, importance, ratio: float, round_to: int | None, seed: int = 0) -> list:
-    """Prune ``unet`` in place at a uniform per-layer ``ratio``; returns the pruning history."""
+def prune_structure(
+    unet: nn.Module,
+    importance,
+    ratio: float,
+    round_to: int | None,
+    seed: int = 0,
+    group_selection: str = "shared",
+) -> list:
+    """Prune ``unet`` in place at a uniform per-layer ``ratio``; returns the pruning history.
+
+    ``group_selection`` decides how layers split into channel groups (GroupNorm
+    groups, attention heads) choose what to drop: ``shared`` is torch-pruning's
+    rule (importance averaged over the groups, the same in-group positions removed
+    from each); ``independent`` ranks the channels inside each group on their own
+    and removes the same count from every group (the paper's experiment code).
+    Counts, and so every size, are torch-pruning's in both cases.
+    """
     dense_heads = head_dims(unet)
     pruner = build_pruner(unet, importance, ratio, round_to)
     torch.manual_seed(seed)  # RandomImportance draws from the global generator
-    pruner.step()
+    if group_selection == "shared":
+        pruner.step()
+    else:
+        scores = _root_importance(pruner)
+        for group in pruner.step(interactive=True):
+            _reselect_within_groups(pruner, group, scores).prune()
     sync_module_attributes(unet)
     preserve_attention_scale(unet, dense_heads)
     return _plain_history(pruner.DG.pruning_history())
+
+
+def _root_importance(pruner) -> dict[tuple, torch.Tensor]:
+    """Importance of every prunable group before anything is pruned, keyed by its root.
+
+    Mirrors the grouping of torch-pruning 1.6's ``BasePruner._prune`` (attention
+    groups are rooted at their downstream layer there, so here too): scores must
+    come from the unpruned model, as torch-pruning's own do.
+    """
+    scores = {}
+    for group in pruner.DG.get_all_groups(
+        ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
+    ):
+        if not pruner._check_pruning_ratio(group):
+            continue
+        if pruner._is_atten_group(group)[0]:
+            group = pruner._downstream_node_as_root_if_attention(group)
+            if group is None:
+                continue
+        imp = pruner.estimate_importance(group)
+        if imp is not None:
+            dep = group[0].dep
+            scores[(dep.target.module, dep.handler)] = imp.detach().cpu()
+    return scores
+
+
+def _reselect_within_groups(pruner, group, scores: dict[tuple, torch.Tensor]):
+    """The same pruning group with each channel group's victims chosen by its own scores."""
+    dep, idxs = group[0].dep, group[0].idxs
+    imp = scores.get((dep.target.module, dep.handler))
+    ch_groups = pruner._get_channel_groups(group)
+    if imp is None or ch_groups <= 1 or not idxs:
+        return group
+    if len(idxs) % ch_groups or len(imp) % ch_groups:
+        raise RuntimeError(f"uneven channel groups in {dep.target.module!r}: {len(idxs)} / {ch_groups}")
+    per_group, size = len(idxs) // ch_groups, len(imp) // ch_groups
+    chosen = [
+        torch.argsort(imp[g * size : (g + 1) * size], stable=True)[:per_group] + g * size
+        for g in range(ch_groups)
+    ]
+    return pruner.DG.get_pruning_group(dep.target.module, dep.handler, torch.cat(chosen).tolist())
+
+
+def channel_widths(unet: nn.Module) -> dict[str, tuple[int, int]]:
+    """(output, input) channel count of every conv, linear and norm layer by name."""
+    out = {}
+    for name, m in unet.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            out[name] = (m.out_channels, m.in_channels)
+        elif isinstance(m, nn.Linear):
+            out[name] = (m.out_features, m.in_features)
+        elif isinstance(m, nn.GroupNorm):
+            out[name] = (m.num_channels, m.num_channels)
+    return out
+
+
+def compact_indices(indices: list[int]) -> str:
+    """Sorted indices as ranges: [0, 1, 2, 5, 7, 8] -> "0-2,5,7-8"."""
+    parts: list[str] = []
+    values = sorted(set(indices))
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        parts.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def expand_indices(text: str) -> list[int]:
+    """Inverse of :func:`compact_indices`."""
+    out: list[int] = []
+    for part in filter(None, text.split(",")):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def kept_channels(history: list, dense: dict[str, tuple[int, int]]) -> dict[str, str]:
+    """Per pruned layer group (its root layer in the history), the dense channel indices kept.
+
+    Keys are the root layer's name, with ``:in`` when the group was rooted at an
+    input dimension (attention); values are :func:`compact_indices` strings.
+    """
+    out = {}
+    for name, is_out, idxs in history:
+        if name not in dense:
+            continue
+        width = dense[name][0 if is_out else 1]
+        pruned = set(int(i) for i in idxs)
+        out[name if is_out else f"{name}:in"] = compact_indices([i for i in range(width) if i not in pruned])
+    return out
+
+
+def channel_overlap(a: dict[str, str], b: dict[str, str]) -> dict:
+    """Jaccard overlap of two runs' kept channels (e.g. two prune records' ``kept_channels``).
+
+    Returns the mean over the layer groups both pruned, the pooled figure (all
+    intersections over all unions) and the per-layer values.
+    """
+    per_layer = {}
+    inter = union = 0
+    for name in sorted(set(a) & set(b)):
+        sa, sb = set(expand_indices(a[name])), set(expand_indices(b[name]))
+        i, u = len(sa & sb), len(sa | sb)
+        per_layer[name] = i / u if u else 1.0
+        inter, union = inter + i, union + u
+    mean = sum(per_layer.values()) / len(per_layer) if per_layer else None
+    return {"mean": mean, "pooled": inter / union if union else None, "layers": per_layer}
 
 
 def _plain_history(history: list) -> list:
@@ -267,7 +532,7 @@ def kept_fraction(
     """(MACs, params) fractions kept if ``unet`` were pruned at ``ratio`` (on a copy)."""
     import torch_pruning as tp
 
-    trial = copy.deepcopy(unet)
+    trial = copy.deepcopy(unet)  # sizes do not depend on which channels go, so one criterion serves all
     prune_structure(trial, tp.importance.GroupMagnitudeImportance(p=1), ratio, round_to)
     macs, params = count_macs_params(trial)
     return macs / dense[0], params / dense[1]
@@ -370,12 +635,16 @@ def prune_unet(
         threshold = cfg.threshold if cfg.method == "diff-pruning" else 0.0
         unet.eval()  # no dropout noise in the importance estimate
         taylor = accumulate_taylor_grads(
-            unet, noise_scheduler, x0, noise, candidates, threshold, on_taylor_step
+            unet, noise_scheduler, x0, noise, candidates, threshold, on_taylor_step, cfg.diagnose
         )
-    history = prune_structure(unet, make_importance(cfg.method, cfg.norm), ratio, cfg.round_to, seed)
+    dense_channels = channel_widths(unet)
+    history = prune_structure(
+        unet, make_importance(cfg.method, cfg), ratio, cfg.round_to, seed, cfg.group_selection
+    )
     unet.zero_grad(set_to_none=True)
     if cfg.method == "reinit":
         reinitialize(unet, seed)
     kept = layer_widths(unet)
     widths = {name: [dense_widths[name], kept[name]] for name in kept}
-    return PruneResult(unet, ratio, history, widths, taylor, search)
+    channels = kept_channels(history, dense_channels)
+    return PruneResult(unet, ratio, history, widths, taylor, search, channels)

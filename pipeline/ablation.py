@@ -1,13 +1,18 @@
 """The method ablation: prune + equal finetune budget + quality per method, over seeds.
 
-    compress-deploy ablate CONFIG [key=value ...] [--seeds 0,1,2] [--thresholds 0,0.02,0.05]
-                                  [--methods taylor,magnitude,random,reinit] [--run-dir DIR]
+    compress-deploy ablate CONFIG [key=value ...] [--seeds 0,1,2] [--thresholds 0,0.02,0.05,0.1]
+                                  [--methods taylor,magnitude,random,reinit]
+                                  [--selections shared,independent] [--no-finetune] [--run-dir DIR]
 
 Each variant runs the ``prune``, ``finetune`` and ``quality`` stages in its own run
 directory ``RUN/ablation/<variant>/seed-<k>/`` (finished variants are reused when the
 command is rerun), plus a control: the dense model finetuned with the same recipe and
 budget, which separates what pruning costs from what the finetune recipe itself moves.
-Writes ``RUN/ablation/summary.{json,md,png}``.
+Each seed is a different Taylor batch (and noise). ``--selections`` repeats every method
+under each GroupNorm channel-selection rule; ``--no-finetune`` measures right after
+pruning only (a later run with finetuning reuses those prunes). The diff-pruning
+variant with the smallest threshold also records the per-timestep diagnostic.
+Writes ``RUN/ablation/summary.{json,md,png}`` and ``diagnostics.png``.
 """
 
 from __future__ import annotations
@@ -23,19 +28,40 @@ from pipeline.context import log, write_json
 
 STAGES = ["prune", "finetune", "quality"]
 BASELINES = ("taylor", "magnitude", "random", "reinit")
+SELECTIONS = ("shared", "independent")
+CONTROL = "control: dense finetuned"
 
 
-def variants(thresholds: list[float], methods: list[str]) -> dict[str, list[str]]:
-    """Variant name -> overrides. The control keeps every channel (ratio 0)."""
-    out = {f"diff-pruning T={t:g}": ["prune.method=diff-pruning", f"prune.threshold={t}"] for t in thresholds}
-    for m in methods:
-        out[m] = [f"prune.method={m}"]
-    out["control: dense finetuned"] = [
-        "prune.method=magnitude",
-        "prune.ratio=0.0",
-        "prune.target_macs=null",
-        "prune.target_params=null",
-    ]
+def variants(
+    thresholds: list[float], methods: list[str], selections: list[str] | None = None, control: bool = True
+) -> dict[str, list[str]]:
+    """Variant name -> overrides. The control keeps every channel (ratio 0).
+
+    With several ``selections`` every name carries its rule in brackets; one
+    selection leaves names (and run folders) as they were.
+    """
+    selections = selections or []
+    out: dict[str, list[str]] = {}
+    for k, sel in enumerate(selections or [None]):
+        tag = f" [{sel}]" if len(selections) > 1 else ""
+        pick = [f"prune.group_selection={sel}"] if sel else []
+        for i, t in enumerate(sorted(thresholds)):
+            diag = ["prune.diagnose=true"] if i == 0 and k == 0 else []  # the Taylor pass is per seed
+            out[f"diff-pruning T={t:g}{tag}"] = [
+                "prune.method=diff-pruning",
+                f"prune.threshold={t}",
+                *pick,
+                *diag,
+            ]
+        for m in methods:
+            out[f"{m}{tag}"] = [f"prune.method={m}", *pick]
+    if control:
+        out[CONTROL] = [
+            "prune.method=magnitude",
+            "prune.ratio=0.0",
+            "prune.target_macs=null",
+            "prune.target_params=null",
+        ]
     return out
 
 
@@ -50,17 +76,37 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def run_variant(base: Path, overrides: list[str], config: Path, extra: list[str], seed: int) -> dict:
-    """Run (or reuse) one variant at one seed; returns the records it produced."""
+def finished(run_dir: Path, stages: list[str]) -> bool:
+    """Whether every stage in ``stages`` has a record (and quality saw the finetune)."""
+    if not all((run_dir / s / "record.json").is_file() for s in stages):
+        return False
+    if "finetune" in stages:
+        quality = json.loads((run_dir / "quality" / "record.json").read_text())
+        return "finetuned" in quality["metrics"]["models"]
+    return True
+
+
+def run_variant(
+    base: Path, overrides: list[str], config: Path, extra: list[str], seed: int, stages: list[str] = STAGES
+) -> dict:
+    """Run (or reuse) one variant at one seed; returns the records it has."""
     from pipeline.cli import run_pipeline
 
     run_dir = base / f"seed-{seed}"
-    done = run_dir / "quality" / "record.json"
-    if not done.is_file():
+    if not finished(run_dir, stages):
         cfg = load_config(config, [*extra, *overrides, f"seed={seed}"])
         cfg.name = f"{cfg.name}-ablation"
-        run_pipeline(cfg, run_dir, STAGES)
-    return {s: json.loads((run_dir / s / "record.json").read_text()) for s in STAGES}
+        run_pipeline(cfg, run_dir, stages)
+    return load_variant(run_dir)
+
+
+def load_variant(run_dir: Path) -> dict:
+    """The records a variant's run directory holds (prune and quality at least)."""
+    return {
+        s: json.loads((run_dir / s / "record.json").read_text())
+        for s in STAGES
+        if (run_dir / s / "record.json").is_file()
+    }
 
 
 def summarize(results: dict[str, list[dict]]) -> list[dict]:
@@ -70,8 +116,12 @@ def summarize(results: dict[str, list[dict]]) -> list[dict]:
         prune = [r["prune"]["metrics"] for r in runs]
         quality = [r["quality"]["metrics"] for r in runs]
         metric = quality[0]["frechet_metric"]
+        criterion = prune[0].get("criterion", {})
         row = {
             "variant": name,
+            "method": prune[0]["method"],
+            "threshold": prune[0].get("threshold"),
+            "selection": criterion.get("group_selection", "shared"),
             "seeds": len(runs),
             "params": prune[0]["params_after"],
             "macs": prune[0]["macs_after"],
@@ -81,13 +131,17 @@ def summarize(results: dict[str, list[dict]]) -> list[dict]:
             "frechet_metric": metric,
             "fd_dense": quality[0]["models"]["dense"][metric],
         }
+
+        def model(q: dict, label: str) -> dict:
+            return q["models"].get(label, {})
+
         stats = {
             "loss_after_pruning": [p["loss_after_pruning"] for p in prune],
-            "ssim_after_pruning": [q["models"]["pruned"].get("ssim_vs_dense") for q in quality],
-            "fd_after_pruning": [q["models"]["pruned"].get(metric) for q in quality],
-            "ssim_after_finetune": [q["models"]["finetuned"].get("ssim_vs_dense") for q in quality],
-            "fd_after_finetune": [q["models"]["finetuned"].get(metric) for q in quality],
-            "fd_raw_after_finetune": [q["models"].get("finetuned (raw)", {}).get(metric) for q in quality],
+            "ssim_after_pruning": [model(q, "pruned").get("ssim_vs_dense") for q in quality],
+            "fd_after_pruning": [model(q, "pruned").get(metric) for q in quality],
+            "ssim_after_finetune": [model(q, "finetuned").get("ssim_vs_dense") for q in quality],
+            "fd_after_finetune": [model(q, "finetuned").get(metric) for q in quality],
+            "fd_raw_after_finetune": [model(q, "finetuned (raw)").get(metric) for q in quality],
         }
         for key, values in stats.items():
             row[key] = values
@@ -100,18 +154,123 @@ def summarize(results: dict[str, list[dict]]) -> list[dict]:
     return rows
 
 
+def overlaps(results: dict[str, list[dict]]) -> list[dict]:
+    """Jaccard overlap of kept channels between variants of one selection rule, per seed.
+
+    Pairs: every diff-pruning variant against each baseline, and magnitude against
+    random (the overlap that chance alone gives at this pruning ratio).
+    """
+    from compressor.pruning import channel_overlap
+
+    by_sel: dict[str, dict[str, list[dict]]] = {}
+    for name, runs in results.items():
+        if name == CONTROL or not runs:
+            continue
+        sel = runs[0]["prune"]["metrics"].get("criterion", {}).get("group_selection", "shared")
+        by_sel.setdefault(sel, {})[name] = runs
+    rows = []
+    for sel, group in by_sel.items():
+        method = {n: runs[0]["prune"]["metrics"]["method"] for n, runs in group.items()}
+        ours = [n for n in group if method[n] == "diff-pruning"]
+        pairs = [(a, b) for a in ours for b in group if method[b] in ("taylor", "magnitude", "random")]
+        pairs += [(a, b) for a in group for b in group if method[a] == "magnitude" and method[b] == "random"]
+        for a, b in pairs:
+            values = []
+            for ra, rb in zip(group[a], group[b], strict=False):
+                ka = ra["prune"]["metrics"].get("kept_channels")
+                kb = rb["prune"]["metrics"].get("kept_channels")
+                if ka and kb:
+                    values.append(channel_overlap(ka, kb)["mean"])
+            if values:
+                mean, std = _mean_std(values)
+                rows.append({"selection": sel, "a": a, "b": b, "jaccard": values, "mean": mean, "std": std})
+    return rows
+
+
+def diagnostics(results: dict[str, list[dict]]) -> list[dict]:
+    """Per-timestep diagnostic rows of each seed (from the variants that recorded one)."""
+    out = []
+    for name, runs in results.items():
+        for k, r in enumerate(runs):
+            rows = r["prune"]["metrics"].get("diagnostics") or []
+            if rows:
+                out.append({"variant": name, "seed_index": k, "rows": rows})
+    return out
+
+
+def diagnostic_table(diags: list[dict], points: tuple[int, ...] = (0, 50, 100, 250, 500, 750, 995)) -> str:
+    """Mean over seeds of L_t/L_max, gradient norm and half-batch cosine at a few timesteps."""
+    if not diags:
+        return ""
+    lines = [
+        "## Per-timestep diagnostic (mean over seeds)",
+        "",
+        "| t | L_t / L_max | gradient norm | half-batch gradient cosine |",
+        "|---|---|---|---|",
+    ]
+    shown = set()
+    for target in points:
+        picked = [min(d["rows"], key=lambda row, tt=target: abs(row["t"] - tt)) for d in diags]
+        t = picked[0]["t"]
+        if t in shown:
+            continue
+        shown.add(t)
+        ratio = _mean_std([p["loss_ratio"] for p in picked])
+        norm = _mean_std([p["grad_norm"] for p in picked])
+        cos = _mean_std([p["half_cosine"] for p in picked])
+        lines.append(
+            f"| {t} | {ratio[0]:.3f} ± {ratio[1]:.3f} | {norm[0]:.4g} ± {norm[1]:.2g} | "
+            f"{cos[0]:.3f} ± {cos[1]:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_diagnostics(diags: list[dict], rows: list[dict], path: Path) -> None:
+    """L_t/L_max, gradient norm and half-batch cosine against t, with each threshold's cut."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for d in diags:
+        ts = [r["t"] for r in d["rows"]]
+        for ax, key in zip(axes, ("loss_ratio", "grad_norm", "half_cosine"), strict=True):
+            ax.plot(ts, [r[key] for r in d["rows"]], lw=1, label=f"seed #{d['seed_index']}")
+    cuts = {r["threshold"]: r["last_timestep"][0] for r in rows if r["method"] == "diff-pruning"}
+    for ax, title in zip(
+        axes, ("L_t / L_max", "norm of dL_t/dw", "cosine of the two half-batch gradients"), strict=True
+    ):
+        for thr, t in sorted(cuts.items()):
+            if thr and t is not None:
+                ax.axvline(t, color="grey", ls=":", lw=1)
+                ax.text(t, ax.get_ylim()[1], f"T={thr:g}", fontsize=7, rotation=90, va="top")
+        ax.set_xlabel("timestep t")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _pm(row: dict, key: str, digits: int = 3) -> str:
     mean, std = row.get(f"{key}_mean"), row.get(f"{key}_std")
     return "-" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def markdown(rows: list[dict], finetune_steps: int) -> str:
-    """The summary table a person reads."""
+def markdown(
+    rows: list[dict], finetune_steps: int, overlap: list[dict] | None = None, diags: list[dict] | None = None
+) -> str:
+    """The summary tables a person reads."""
     metric = rows[0]["frechet_metric"]
     lines = [
         f"# Ablation ({rows[0]['seeds']} seeds, mean ± std; {finetune_steps} finetune steps each)",
         "",
-        f"Frechet distance: `{metric}`; dense model: {rows[0]['fd_dense']:.3f}.",
+        f"Frechet distance: `{metric}`; dense model: "
+        + ("unavailable" if rows[0]["fd_dense"] is None else f"{rows[0]['fd_dense']:.3f}")
+        + ".",
         "",
         "| variant | params | MACs kept | timesteps kept (last t) | loss after pruning | "
         f"SSIM after pruning | {metric} after pruning | SSIM after finetune | "
@@ -131,6 +290,38 @@ def markdown(rows: list[dict], finetune_steps: int) -> str:
             f"{_pm(r, 'fd_after_pruning', 1)} | "
             f"{_pm(r, 'ssim_after_finetune')} | {_pm(r, 'fd_after_finetune', 2)} | {vs} |"
         )
+    seeds = max(len(r["fd_after_pruning"]) for r in rows)
+    lines += [
+        "",
+        f"## {metric} right after pruning, per seed (lowest of each selection rule in bold)",
+        "",
+        "| variant | " + " | ".join(f"seed #{k}" for k in range(seeds)) + " |",
+        "|---|" + "---|" * seeds,
+    ]
+    pruned = [r for r in rows if r["variant"] != CONTROL]
+    for r in pruned:
+        cells = []
+        for k, v in enumerate(r["fd_after_pruning"]):
+            rivals = [
+                o["fd_after_pruning"][k]
+                for o in pruned
+                if o["selection"] == r["selection"] and k < len(o["fd_after_pruning"])
+            ]
+            best = v is not None and v == min(x for x in rivals if x is not None)  # v itself is a rival
+            cells.append("-" if v is None else (f"**{v:.1f}**" if best else f"{v:.1f}"))
+        lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
+    if overlap:
+        lines += [
+            "",
+            "## Overlap of kept channels (Jaccard, mean over layer groups; mean ± std over seeds)",
+            "",
+            "| selection | variant | vs | overlap |",
+            "|---|---|---|---|",
+        ]
+        for o in overlap:
+            lines.append(f"| {o['selection']} | {o['a']} | {o['b']} | {o['mean']:.3f} ± {o['std']:.3f} |")
+    if diags:
+        lines += ["", diagnostic_table(diags)]
     return "\n".join(lines) + "\n"
 
 
@@ -167,8 +358,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("config", type=Path)
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--thresholds", default="0,0.02,0.05")
+    parser.add_argument("--thresholds", default="0,0.02,0.05,0.1")
     parser.add_argument("--methods", default=",".join(BASELINES))
+    parser.add_argument(
+        "--selections", help="GroupNorm channel selection rules to compare (default: the config's)"
+    )
+    parser.add_argument("--no-finetune", action="store_true", help="measure right after pruning only")
     parser.add_argument("--run-dir", type=Path)
     parser.add_argument(
         "--only", help="run only these variants (comma-separated names); others are summarised if finished"
@@ -183,25 +378,35 @@ def main(argv: list[str]) -> int:
     for m in methods:
         if m not in BASELINES:
             raise UserError(f"--methods: unknown method {m!r}; choose from {', '.join(BASELINES)}")
+    selections = [s.strip() for s in (args.selections or "").split(",") if s.strip()]
+    for sel in selections:
+        if sel not in SELECTIONS:
+            raise UserError(f"--selections: unknown rule {sel!r}; choose from {', '.join(SELECTIONS)}")
     cfg: RunConfig = load_config(args.config, args.overrides)  # validate before any work
     root = (args.run_dir or Path("runs") / cfg.name) / "ablation"
+    stages = ["prune", "quality"] if args.no_finetune else STAGES
     results: dict[str, list[dict]] = {}
     only = {v.strip() for v in args.only.split(",")} if args.only else None
-    for name, overrides in variants(thresholds, methods).items():
+    table = variants(thresholds, methods, selections, control=not args.no_finetune)
+    for name, overrides in table.items():
         base = root / _slug(name)
         if only is not None and name not in only:
             if all((base / f"seed-{seed}" / "quality" / "record.json").is_file() for seed in seeds):
-                results[name] = [run_variant(base, overrides, args.config, args.overrides, s) for s in seeds]
+                results[name] = [load_variant(base / f"seed-{seed}") for seed in seeds]
             continue
         for seed in seeds:
             log("ablate", f"{name}, seed {seed}")
-            rec = run_variant(base, overrides, args.config, args.overrides, seed)
+            rec = run_variant(base, overrides, args.config, args.overrides, seed, stages)
             results.setdefault(name, []).append(rec)
     rows = summarize(results)
-    write_json(root / "summary.json", rows)
-    text = markdown(rows, cfg.finetune.steps)
+    overlap = overlaps(results)
+    diags = diagnostics(results)
+    write_json(root / "summary.json", {"variants": rows, "overlap": overlap, "diagnostics": diags})
+    text = markdown(rows, 0 if args.no_finetune else cfg.finetune.steps, overlap, diags)
     (root / "summary.md").write_text(text)
     plot(rows, root / "summary.png")
+    if diags:
+        plot_diagnostics(diags, rows, root / "diagnostics.png")
     print(text)
     print(f"wrote {root / 'summary.md'}, summary.json and summary.png")
     return 0

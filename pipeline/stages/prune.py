@@ -6,7 +6,7 @@ import copy
 
 from tqdm import tqdm
 
-from compressor.data import stack
+from compressor.data import taylor_and_holdout
 from compressor.models import count_macs_params
 from compressor.persist import dense_config, save_unet
 from compressor.pruning import prune_unet
@@ -26,11 +26,8 @@ def run(ctx: RunContext) -> StageResult:
     log("prune", f"dense: {params_before / 1e6:.2f}M params, {macs_before / 1e9:.3f}G MACs")
     noise_scheduler = ctx.noise_scheduler()
     needs_data = cfg.method in ("diff-pruning", "taylor")
-    images = stack(ctx.dataset, cfg.batch_size).to(ctx.device) if needs_data else None
-    eval_images = stack(ctx.dataset, cfg.eval_batch).to(ctx.device) if cfg.eval_batch else None
-    loss_dense = (
-        denoising_eval_loss(unet, noise_scheduler, eval_images, ctx.cfg.seed) if cfg.eval_batch else None
-    )
+    images, eval_images = _prune_images(ctx, needs_data)
+    loss_dense = _eval_loss(unet, noise_scheduler, eval_images, ctx.cfg.seed)
 
     bar = None
 
@@ -58,9 +55,7 @@ def run(ctx: RunContext) -> StageResult:
         )
     unet.eval()
     macs_after, params_after = count_macs_params(unet)
-    loss_pruned = (
-        denoising_eval_loss(unet, noise_scheduler, eval_images, ctx.cfg.seed) if cfg.eval_batch else None
-    )
+    loss_pruned = _eval_loss(unet, noise_scheduler, eval_images, ctx.cfg.seed)
     log(
         "prune",
         f"pruned ({cfg.method}, ratio {result.ratio:.4f}): {params_after / 1e6:.2f}M params "
@@ -90,9 +85,38 @@ def run(ctx: RunContext) -> StageResult:
         "taylor_losses": result.taylor.losses if result.taylor else [],
         "seconds_per_timestep": result.taylor.seconds_per_timestep if result.taylor else None,
         "threshold": cfg.threshold if cfg.method == "diff-pruning" else None,
+        "criterion": {
+            "group_selection": cfg.group_selection,
+            "taylor_score": cfg.taylor_score if needs_data else None,
+            "group_reduction": cfg.group_reduction,
+        },
+        "taylor_images": 0 if images is None else len(images),
+        "eval_images": 0 if eval_images is None else len(eval_images),
         "loss_dense": loss_dense,
         "loss_after_pruning": loss_pruned,
         "kept_widths": result.kept_widths,
+        "kept_channels": result.kept_channels,
+        "diagnostics": result.taylor.diagnostics if result.taylor else [],
         "search": result.search,
     }
     return StageResult(metrics, files)
+
+
+def _prune_images(ctx: RunContext, needs_data: bool):
+    """(Taylor batch or None, held-out images or None) on the run's device."""
+    cfg = ctx.cfg.prune
+    if not needs_data and not cfg.eval_batch:
+        return None, None
+    taylor, holdout = taylor_and_holdout(
+        ctx.dataset, cfg.batch_size if needs_data else 0, cfg.eval_batch, ctx.cfg.seed
+    )
+    if cfg.eval_batch and (holdout is None or len(holdout) < cfg.eval_batch):
+        got = 0 if holdout is None else len(holdout)
+        log("prune", f"only {got} of prune.eval_batch={cfg.eval_batch} images could be held out")
+    return (taylor.to(ctx.device) if taylor is not None else None), (
+        holdout.to(ctx.device) if holdout is not None else None
+    )
+
+
+def _eval_loss(unet, noise_scheduler, images, seed: int) -> float | None:
+    return None if images is None else denoising_eval_loss(unet, noise_scheduler, images, seed)
