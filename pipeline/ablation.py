@@ -226,33 +226,11 @@ def diagnostic_table(diags: list[dict], points: tuple[int, ...] = (0, 50, 100, 2
 
 
 def plot_diagnostics(diags: list[dict], rows: list[dict], path: Path) -> None:
-    """L_t/L_max, gradient norm and half-batch cosine against t, with each threshold's cut."""
-    import matplotlib
+    """The per-timestep diagnostic of every seed, with each threshold's cut."""
+    from pipeline.plots import plot_taylor_diagnostics
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for d in diags:
-        ts = [r["t"] for r in d["rows"]]
-        for ax, key in zip(axes, ("loss_ratio", "grad_norm", "half_cosine"), strict=True):
-            ax.plot(ts, [r[key] for r in d["rows"]], lw=1, label=f"seed #{d['seed_index']}")
     cuts = {r["threshold"]: r["last_timestep"][0] for r in rows if r["method"] == "diff-pruning"}
-    for ax, title in zip(
-        axes, ("L_t / L_max", "norm of dL_t/dw", "cosine of the two half-batch gradients"), strict=True
-    ):
-        for thr, t in sorted(cuts.items()):
-            if thr and t is not None:
-                ax.axvline(t, color="grey", ls=":", lw=1)
-                ax.text(t, ax.get_ylim()[1], f"T={thr:g}", fontsize=7, rotation=90, va="top")
-        ax.set_xlabel("timestep t")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[1].set_yscale("log")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plot_taylor_diagnostics([(f"seed #{d['seed_index']}", d["rows"]) for d in diags], cuts, path)
 
 
 def _pm(row: dict, key: str, digits: int = 3) -> str:

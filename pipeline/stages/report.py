@@ -165,7 +165,9 @@ def run(ctx: RunContext) -> StageResult:
             ["data", cfg.data.source],
             [
                 "pruning",
-                f"{cfg.prune.method}, threshold {cfg.prune.threshold}, stride {cfg.prune.timestep_stride}",
+                f"{cfg.prune.method}, threshold {cfg.prune.threshold}, stride {cfg.prune.timestep_stride}, "
+                f"Taylor batch {cfg.prune.batch_size}, score {cfg.prune.taylor_score}, "
+                f"GroupNorm channels {cfg.prune.group_selection}",
             ],
             [
                 "target",
@@ -204,6 +206,16 @@ def run(ctx: RunContext) -> StageResult:
             if ts
             else f"Pruning ratio {m['ratio']:.4g}; {m['method']} needs no Taylor pass."
         )
+        if m.get("diagnostics"):
+            from pipeline.plots import plot_taylor_diagnostics
+
+            plot_taylor_diagnostics([("", m["diagnostics"])], {m["threshold"]: ts[-1]}, out / "taylor.png")
+            doc.para(
+                "Per-timestep diagnostic of the Taylor pass: each timestep's loss against the largest, "
+                "the norm of its gradient, and how well the gradients of two halves of the Taylor batch "
+                "agree (cosine near 1: signal; near 0: noise)."
+            )
+            doc.image(out / "taylor.png", "Taylor pass diagnostic")
     if rec["finetune"]:
         m = rec["finetune"]["metrics"]
         doc.heading("Finetuning")
@@ -310,5 +322,9 @@ def run(ctx: RunContext) -> StageResult:
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)
     log("report", f"wrote {md} and {page}")
-    files = [md, page] + [p for p in (out / "loss.png", out / "latency.png", out / "grid.png") if p.is_file()]
+    files = [md, page] + [
+        p
+        for p in (out / "loss.png", out / "latency.png", out / "grid.png", out / "taylor.png")
+        if p.is_file()
+    ]
     return StageResult({"verdict": verdict, "checks": len(checks)}, files)
