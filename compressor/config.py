@@ -152,6 +152,7 @@ class QualityConfig:
     backend: Literal["torch", "onnxruntime", "tensorrt"] = _spec(
         "torch", "backend sampling the dense and final model (tensorrt: the engines, on GPU)"
     )
+    compare_raw: bool = _spec(True, "also score the finetune's raw (non-EMA) weights")
 
 
 @dataclass
@@ -193,6 +194,7 @@ class BenchConfig:
     repeat: int = _spec(20, "timed UNet calls per model", ge=1)
     sampler_repeat: int = _spec(3, "timed sampler runs per model", ge=1)
     threads: int | None = _spec(None, "CPU threads for torch and ONNX Runtime (default: all)", ge=1)
+    torch_compile: bool = _spec(False, "on CUDA also time torch.compile'd fp16 (minutes of warm-up)")
 
 
 @dataclass
@@ -212,9 +214,15 @@ class BuildConfig:
 class AcceptanceConfig:
     """Release gates; a limit left null is not checked."""
 
-    backend: Literal["torch", "onnxruntime", "tensorrt"] = _spec(
-        "onnxruntime", "backend the latency gates read"
-    )
+    backend: Literal[
+        "torch",
+        "torch-fp16",
+        "torch-bf16",
+        "torch-fp16+cudagraph",
+        "onnxruntime",
+        "tensorrt",
+        "tensorrt+cudagraph",
+    ] = _spec("onnxruntime", "bench variant the latency gates read (GPU hosts: torch-fp16+cudagraph, ...)")
     batch: int = _spec(1, "batch size the latency gates read", ge=1)
     max_unet_ms: float | None = _spec(None, "max median latency of one compressed UNet call (ms)", gt=0.0)
     max_image_ms: float | None = _spec(None, "max compressed sampler latency per image (ms)", gt=0.0)

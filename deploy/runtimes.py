@@ -96,18 +96,74 @@ def onnxruntime_backend(path: Path, threads: int | None = None, providers: str =
     return Backend("onnxruntime", predict, {"provider": used[0], "providers": used, "path": str(path)})
 
 
-def torch_backend(unet: torch.nn.Module, device: torch.device, dtype: torch.dtype = torch.float32) -> Backend:
-    """The torch UNet itself (eager), optionally in fp16 on CUDA."""
+PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def torch_backend(
+    unet: torch.nn.Module,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    cuda_graph: bool = False,
+    compile: bool = False,
+) -> Backend:
+    """The torch UNet (eager) in ``dtype`` on ``device``, on a private copy.
+
+    The model handed in is never changed (device, dtype and train/eval mode stay
+    as they were), so backends of several precisions can be built from one model.
+    ``cuda_graph`` captures one CUDA graph per input shape and replays it (CUDA
+    only: static shapes, no Python per step); ``compile`` wraps the copy in
+    ``torch.compile``. Inputs and outputs are float32 whatever ``dtype`` is.
+    """
+    import copy
+
     from compressor.models import predict_noise
 
-    model = unet.to(device)
-    if dtype != torch.float32:
-        model = model.to(dtype)
-    model.eval()
+    device = torch.device(device)
+    if dtype not in PRECISIONS:
+        raise UserError(f"torch backend: unsupported dtype {dtype}; use float32, float16 or bfloat16")
+    if cuda_graph and device.type != "cuda":
+        raise UserError("torch backend: CUDA graphs need a CUDA device")
+    # nn.Module.to, not ModelMixin.to: the latter warns on every cast to half precision
+    model = torch.nn.Module.to(copy.deepcopy(unet), device=device, dtype=dtype).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    forward = torch.compile(model) if compile else model
+
+    def eager(sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return predict_noise(forward, sample.to(device=device, dtype=dtype), timestep.to(device)).float()
+
+    predict = _cuda_graph_replayer(eager, device) if cuda_graph else eager
+    info = {"device": str(device), "precision": PRECISIONS[dtype], "cuda_graph": cuda_graph}
+    info["compile"] = compile
+    return Backend("torch", predict, info)
+
+
+def _cuda_graph_replayer(
+    eager: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], device: torch.device
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Capture ``eager`` once per input shape as a CUDA graph, then replay it on copied inputs."""
+    graphs: dict[tuple, tuple] = {}
 
     def predict(sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return predict_noise(model, sample.to(device=device, dtype=dtype), timestep.to(device)).float()
+        key = (tuple(sample.shape), tuple(timestep.shape))
+        if key not in graphs:
+            static_sample = sample.detach().to(device, torch.float32).clone()
+            static_t = timestep.detach().to(device).clone()
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(3):  # warm-up on a side stream, as CUDA graph capture requires
+                    eager(static_sample, static_t)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = eager(static_sample, static_t)
+            graphs[key] = (graph, static_sample, static_t, static_out)
+        graph, static_sample, static_t, static_out = graphs[key]
+        static_sample.copy_(sample)
+        static_t.copy_(timestep)
+        graph.replay()
+        return static_out.clone().to(sample.device)
 
-    precision = "fp16" if dtype == torch.float16 else "fp32"
-    return Backend("torch", predict, {"device": str(device), "precision": precision})
+    return predict

@@ -15,7 +15,7 @@ from types import ModuleType
 
 from compressor.artifacts import MANIFEST, artifact_matches, read_manifest, write_json
 from compressor.config import config_to_dict
-from pipeline.context import RunContext
+from pipeline.context import RunContext, environment_facts
 
 
 def _digest(data: object) -> str:
@@ -38,12 +38,21 @@ def fingerprint(run_dir: Path, rec: dict | None) -> str | None:
 
 
 def stage_key(ctx: RunContext, name: str, module: ModuleType) -> dict:
-    """The parts of a stage's cache key and their combined hash."""
+    """The parts of a stage's cache key and their combined hash.
+
+    A stage that declares ``ENVIRONMENT`` (library versions, ONNX Runtime's providers,
+    the GPU) is keyed on those facts too, so measurements and builds made under
+    another environment are not reused.
+    """
     cfg = config_to_dict(ctx.cfg)
     config = {s: cfg[s] for s in module.SECTIONS if s in cfg}
     inputs = {up: fingerprint(ctx.run_dir, ctx.record(up)) for up in module.INPUTS}
-    parts = {"config": _digest(config), "inputs": inputs}
-    return {"key": _digest({"stage": name, **parts}), **parts}
+    parts: dict = {"config": _digest(config), "inputs": inputs}
+    names = getattr(module, "ENVIRONMENT", [])
+    if names:
+        facts = environment_facts(ctx.device)
+        parts["environment"] = {n: facts.get(n) for n in names}
+    return {"key": _digest({"stage": name, **parts}), **parts, "sections": list(module.SECTIONS)}
 
 
 def outputs_verify(run_dir: Path, rec: dict) -> bool:
@@ -68,7 +77,14 @@ def why_rerun(ctx: RunContext, name: str, key: dict, forced: bool) -> str | None
     if old.get("key") == key["key"]:
         return None if outputs_verify(ctx.run_dir, rec) else "its outputs are missing or changed"
     if old.get("config") != key["config"]:
-        return "its config changed"
+        cfg = config_to_dict(ctx.cfg)
+        before = rec.get("config", {})
+        sections = [s for s in key.get("sections", before) if s in cfg and before.get(s) != cfg[s]]
+        return f"its config changed ({', '.join(sections)})" if sections else "its config changed"
+    env_old, env_new = old.get("environment", {}), key.get("environment", {})
+    if env_old != env_new:
+        diffs = [f"{n} {env_old.get(n)} -> {v}" for n, v in env_new.items() if env_old.get(n) != v]
+        return f"its environment changed ({'; '.join(diffs)})"
     changed = [up for up, fp in key["inputs"].items() if old.get("inputs", {}).get(up) != fp]
     return f"input from {', '.join(changed)} changed" if changed else "its cache key changed"
 

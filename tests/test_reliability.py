@@ -64,7 +64,7 @@ def test_changed_threshold_reruns_prune_and_everything_after(small_run, capsys):
     capsys.readouterr()
     assert main([str(cfg), "prune.threshold=0.5", "--stages", STAGES, "--run-dir", str(run_dir)]) == 0
     status = _statuses(capsys)
-    assert status["prune"] == "(its config changed)"
+    assert status["prune"] == "(its config changed (prune))"
     for stage in ("finetune", "samples", "quality", "export", "report"):
         assert status[stage] != "cached", stage
     # the finetune starts afresh: checkpoints of the previous pruned model are not resumed
@@ -78,7 +78,7 @@ def test_changed_finetune_config_keeps_prune_cached(small_run, capsys):
     assert main([str(cfg), "finetune.lr=0.001", "--stages", STAGES, "--run-dir", str(run_dir)]) == 0
     status = _statuses(capsys)
     assert status["prune"] == "cached"
-    assert status["finetune"] == "(its config changed)"
+    assert status["finetune"] == "(its config changed (finetune))"
     assert status["export"] == "(input from finetune changed)"
 
 

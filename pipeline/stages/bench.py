@@ -11,18 +11,33 @@ from deploy.runtimes import Backend, onnxruntime_backend, torch_backend
 from pipeline.context import RunContext, StageResult, log
 from pipeline.stages.export import onnx_path
 
-SECTIONS = ["bench"]
+SECTIONS = ["bench", "build", "device", "threads"]
 INPUTS = ["prune", "finetune", "export", "build"]
+ENVIRONMENT = ["torch", "onnxruntime", "tensorrt", "gpu"]
+
+
+def torch_variants(ctx: RunContext, models: dict) -> dict[str, dict[str, Backend]]:
+    """fp32 eager everywhere; on CUDA also fp16, bf16, fp16 with CUDA graphs (and compiled)."""
+    fp16 = torch.float16
+    plans: dict[str, dict] = {"torch": {}}
+    if ctx.device.type == "cuda":
+        plans["torch-fp16"] = {"dtype": fp16}
+        if torch.cuda.is_bf16_supported():
+            plans["torch-bf16"] = {"dtype": torch.bfloat16}
+        plans["torch-fp16+cudagraph"] = {"dtype": fp16, "cuda_graph": True}
+        if ctx.cfg.bench.torch_compile:
+            plans["torch-fp16+compile"] = {"dtype": fp16, "compile": True}
+    return {
+        label: {m: torch_backend(u, ctx.device, **kw) for m, u in models.items()}
+        for label, kw in plans.items()
+    }
 
 
 def load_backends(ctx: RunContext, name: str, models: dict) -> tuple[dict[str, dict[str, Backend]], str]:
     """Variants (label -> dense/compressed backends) of one backend, or ({}, why unavailable)."""
     threads = ctx.cfg.bench.threads
     if name == "torch":
-        out = {"torch": {m: torch_backend(u, ctx.device) for m, u in models.items()}}
-        if ctx.device.type == "cuda":
-            out["torch-fp16"] = {m: torch_backend(u, ctx.device, torch.float16) for m, u in models.items()}
-        return out, ""
+        return torch_variants(ctx, models), ""
     if name == "onnxruntime":
         ctx.require("export", "bench")
         return {

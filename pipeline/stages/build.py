@@ -11,8 +11,9 @@ from deploy.engines import Profile
 from export.onnx_export import check_onnx, onnx_sample_shape
 from pipeline.context import RunContext, StageResult, log
 
-SECTIONS = ["build"]
+SECTIONS = ["build", "device"]
 INPUTS = ["export"]
+ENVIRONMENT = ["tensorrt", "gpu"]
 
 
 def build_engines(run_dir: Path, cfg: BuildConfig) -> StageResult:

@@ -9,6 +9,7 @@ from pipeline.context import RunContext, StageResult, log
 
 SECTIONS = ["export"]
 INPUTS = ["prune", "finetune"]
+ENVIRONMENT = ["torch", "onnx"]
 
 
 def onnx_path(ctx: RunContext, model: str, precision: str):

@@ -11,8 +11,9 @@ from export.parity import compare, make_onnxrt_runner, make_torch_runner, parity
 from pipeline.context import RunContext, StageResult, log
 from pipeline.stages.export import onnx_path
 
-SECTIONS = ["parity", "export"]
+SECTIONS = ["parity", "export", "sample", "build", "device", "threads"]
 INPUTS = ["prune", "finetune", "export", "build"]
+ENVIRONMENT = ["torch", "onnxruntime", "polygraphy", "tensorrt", "gpu"]
 
 
 class ParityError(UserError):

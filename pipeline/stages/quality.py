@@ -60,7 +60,7 @@ def run(ctx: RunContext) -> StageResult:
     for stage, label in MODEL_LABELS.items():
         if ctx.record(stage):
             models[label] = load_unet(ctx.run_dir / stage / "model", ctx.device)[0]
-    if ctx.record("finetune") and (ctx.run_dir / "finetune" / "model-raw").is_dir():
+    if cfg.compare_raw and ctx.record("finetune") and (ctx.run_dir / "finetune" / "model-raw").is_dir():
         # the raw (non-EMA) weights too, to show which copy is the better one
         models["finetuned (raw)"] = load_unet(ctx.run_dir / "finetune" / "model-raw", ctx.device)[0]
     if len(models) == 1:
