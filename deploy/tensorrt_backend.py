@@ -1,8 +1,11 @@
 """TensorRT engines and the TensorRT backend. The only module that imports ``tensorrt``.
 
-Written against the documented Python API of TensorRT 10 and 11. TensorRT 11 networks
-are strongly typed (precision comes from the ONNX file: the fp16 ONNX gives an fp16
-engine); on TensorRT 10 the fp32 ONNX plus the FP16 builder flag is used instead.
+One build path for TensorRT 10 and 11: strongly typed networks, so an engine's
+precision is the ONNX file's (the fp16 ONNX, with its normalisations kept in fp32,
+for fp16 engines; the fp32 ONNX for fp32 engines) and no precision builder flag is
+ever set. TensorRT 10 needs the STRONGLY_TYPED creation flag for that; on 11 every
+network is strongly typed and the flag is deprecated, so it is not passed.
+Checked against NVIDIA's real 10.13 and 11.4 Python bindings by tests/test_tensorrt_api.py.
 Imports cleanly without TensorRT; :func:`unavailable_reason` says why it cannot run.
 """
 
@@ -32,15 +35,28 @@ INSTALL_HINT = (
 )
 
 
+_LIBRARY_CHECK: dict[str, str] = {}
+
+
 def unavailable_reason() -> str:
-    """Empty when TensorRT and a CUDA device are usable here, else why not."""
+    """Empty when TensorRT and a CUDA device are usable here, else why not (one line)."""
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt as trt
     except ImportError:
         return f"TensorRT is not installed; {INSTALL_HINT}"
+    except Exception as exc:  # noqa: BLE001 - a broken install raises anything from its loader
+        return f"TensorRT does not import ({type(exc).__name__}: {str(exc)[:120]}); {INSTALL_HINT}"
     if not torch.cuda.is_available():
-        return "TensorRT needs a CUDA GPU and none is visible"
-    return ""
+        return f"TensorRT {trt.__version__} needs a CUDA GPU and no CUDA device is visible"
+    if "reason" not in _LIBRARY_CHECK:  # the Python bindings can exist without TensorRT's libraries
+        try:
+            trt.Builder(trt.Logger(trt.Logger.ERROR))
+            _LIBRARY_CHECK["reason"] = ""
+        except (TypeError, RuntimeError, OSError) as exc:
+            _LIBRARY_CHECK["reason"] = (
+                f"TensorRT {trt.__version__}'s libraries cannot be loaded ({str(exc)[:120]}); {INSTALL_HINT}"
+            )
+    return _LIBRARY_CHECK["reason"]
 
 
 def require_tensorrt():
@@ -54,7 +70,20 @@ def require_tensorrt():
 
 
 def major_version(trt) -> int:
+    """TensorRT's major version (10, 11, ...)."""
     return int(trt.__version__.split(".")[0])
+
+
+def network_flags(trt) -> int:
+    """Creation flags of a strongly typed network: STRONGLY_TYPED on 10, none on 11 (always typed)."""
+    if major_version(trt) >= 11:
+        return 0
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+
+
+def source_precision(precision: str) -> str:
+    """Which exported ONNX an engine of ``precision`` is built from (the same, on 10 and 11)."""
+    return precision
 
 
 def gpu_identity() -> tuple[str, str]:
@@ -104,20 +133,16 @@ def build_engine(
     timing_cache: Path,
     label: str,
 ) -> dict:
-    """Build and serialise an engine from ``onnx_path``; writes engine + manifest + cache.
+    """Build and serialise a strongly typed engine from ``onnx_path``; writes engine + manifest + cache.
 
-    On TensorRT 11 pass the ONNX of the wanted precision (strongly typed); on TensorRT 10
-    pass the fp32 ONNX and ``precision="fp16"`` sets the FP16 builder flag.
+    ``onnx_path`` must be the ONNX of ``precision`` (see :func:`source_precision`): the
+    network is strongly typed, so the engine computes in the ONNX file's types.
     """
     trt = require_tensorrt()
     profile.validate()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    strongly_typed = major_version(trt) >= 11
-    flags = 0
-    if strongly_typed:
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -125,8 +150,6 @@ def build_engine(
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     config.builder_optimization_level = optimization_level
-    if precision == "fp16" and not strongly_typed:
-        config.set_flag(trt.BuilderFlag.FP16)  # TensorRT 10 with an fp32 ONNX
     opt_profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in profile.shapes(sample_shape).items():
         opt_profile.set_shape(name, lo, opt, hi)
@@ -167,7 +190,7 @@ def build_engine(
         },
         "sample_shape": list(sample_shape),
         "precision": precision,
-        "strongly_typed": strongly_typed,
+        "strongly_typed": True,
         "build_seconds": round(seconds, 2),
     }
     write_manifest(engine_path, manifest)

@@ -38,6 +38,14 @@ TINY_COND_UNET = {
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
 }
 
+
+def tensorrt_reason() -> str:
+    """Why TensorRT cannot run here ("" where it can): tests expect what this host really has."""
+    from deploy.tensorrt_backend import unavailable_reason
+
+    return unavailable_reason()
+
+
 DDPM_SCHEDULER = {
     "_class_name": "DDPMScheduler",
     "beta_start": 0.0001,

@@ -20,9 +20,8 @@ def build_engines(run_dir: Path, cfg: BuildConfig) -> StageResult:
     """Build dense and pruned engines from ``RUN/export``; needs only the ONNX files."""
     profile = Profile(cfg.min_batch, cfg.opt_batch, cfg.max_batch)
     profile.validate()
-    trt = tensorrt_backend.require_tensorrt()
-    typed = tensorrt_backend.major_version(trt) >= 11
-    source = cfg.precision if typed else "fp32"  # TensorRT 10: fp32 ONNX + FP16 builder flag
+    tensorrt_backend.require_tensorrt()
+    source = tensorrt_backend.source_precision(cfg.precision)  # strongly typed on 10 and 11
     cache = run_dir / "build" / "timing.cache"
     cache.parent.mkdir(parents=True, exist_ok=True)
     engines, files = {}, []

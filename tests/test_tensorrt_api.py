@@ -1,0 +1,106 @@
+"""TensorRT API conformance on CPU: NVIDIA's real 10.13 and 11.4 Python bindings, without a GPU.
+
+``../shared/tools/trt-api/setup DIR 10|11`` makes the real bindings importable with every
+factory (Builder, Runtime, OnnxParser) raising TypeError. Each check runs in a subprocess
+(tests/trt_api_check.py) so the rest of the suite keeps seeing this host's own TensorRT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import finished_tiny_run
+
+ROOT = Path(__file__).resolve().parent.parent
+SETUP = ROOT.parent / "shared" / "tools" / "trt-api" / "setup"
+
+
+@pytest.fixture(scope="module", params=[10, 11], ids=["tensorrt-10.13", "tensorrt-11.4"])
+def trt_api(request, tmp_path_factory) -> Path:
+    """A folder whose ``tensorrt`` is TensorRT's real Python API (no libraries)."""
+    if not SETUP.is_file():
+        pytest.skip(f"{SETUP} not found (the TensorRT API bindings ship in the project's shared/ folder)")
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc not found (the API-only TensorRT setup compiles stub libraries)")
+    folder = tmp_path_factory.mktemp(f"trt{request.param}")
+    done = subprocess.run(
+        ["bash", str(SETUP), str(folder), str(request.param)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return folder
+
+
+def _env(trt_api: Path) -> dict:
+    path = os.pathsep.join([str(trt_api), str(ROOT)])
+    return {**os.environ, "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": ""}
+
+
+def _check(trt_api: Path, *args: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "trt_api_check.py"), *args],
+        capture_output=True,
+        text=True,
+        env=_env(trt_api),
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_every_tensorrt_name_the_project_and_polygraphy_use_exists(trt_api):
+    report = _check(trt_api)
+    assert report["api_only"]
+    assert report["problems"] == []
+    assert report["project_checked"] >= 50 and report["polygraphy_checked"] >= 40
+
+
+def test_the_checker_notices_a_missing_name_and_a_wrong_keyword(trt_api):
+    table = {"IBuilderConfig": {"set_timing_cache": ["cache", "ignore_mismatches"], "set_flag_v9": None}}
+    table["NoSuchClass"] = {}
+    script = f"import json, tests.trt_api_check as c; print(json.dumps(c.check_table({table!r})[1]))"
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=_env(trt_api), timeout=120
+    )
+    problems = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(problems) == 3, problems
+    assert any("ignore_mismatches" in p for p in problems)
+
+
+@pytest.fixture(scope="module")
+def exported_run(tmp_path_factory):
+    return finished_tiny_run(tmp_path_factory.mktemp("trt-run"), "prune,export")
+
+
+def test_build_refuses_and_the_stage_skips_with_one_line_when_only_the_api_imports(trt_api, exported_run):
+    cfg, run_dir = exported_run
+    command = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "build", str(run_dir)],
+        capture_output=True,
+        text=True,
+        env=_env(trt_api),
+        cwd=ROOT,
+        timeout=300,
+    )
+    errors = [line for line in command.stderr.splitlines() if line.startswith("error: ")]
+    assert command.returncode == 2, command.stderr[-2000:]
+    assert len(errors) == 1 and "no CUDA device is visible" in errors[0], command.stderr[-2000:]
+    assert "Traceback" not in command.stderr
+    stage = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", str(cfg), "--stages", "build", "--run-dir", str(run_dir)],
+        capture_output=True,
+        text=True,
+        env=_env(trt_api),
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert stage.returncode == 0, stage.stderr[-2000:]
+    record = json.loads((run_dir / "build" / "record.json").read_text())
+    assert record["status"] == "skipped" and "no CUDA device is visible" in record["reason"]
+    assert "Traceback" not in stage.stderr
