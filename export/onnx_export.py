@@ -4,7 +4,9 @@
   ``noise``; dynamic batch axis; opset 18.
 - fp32 always; an fp16 variant whose weights and activations are float16 while every
   normalisation (GroupNorm, LayerNorm) runs in float32 (fp16 overflows there), with
-  float32 inputs and outputs. TensorRT 11 takes precision from the ONNX file.
+  float32 inputs and outputs; attentions that diffusers marks ``upcast_softmax`` (the
+  UNet2D blocks) keep their softmax in float32 too. TensorRT builds strongly typed
+  networks, so these types are the engine's.
 - Constant folding and graph clean-up through Polygraphy's ``FoldConstants``.
 - External data (one file, relative, beside the .onnx) for models over 2 GiB.
 - ``onnx.checker`` runs on every file written.
@@ -67,13 +69,21 @@ class Float32LayerNorm(nn.LayerNorm):
 
 
 def half_with_fp32_norms(unet: nn.Module) -> nn.Module:
-    """A float16 copy of ``unet`` whose normalisation layers compute in float32."""
+    """A float16 copy of ``unet``: normalisations, and softmax where the model upcasts it, in float32.
+
+    diffusers' SDPA attention ignores ``Attention.upcast_softmax``; the classic processor
+    honours it (scores in fp16, softmax in fp32), so attentions asking for it get that one.
+    """
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
     model = copy.deepcopy(unet).half()
     for module in model.modules():
         if type(module) is nn.GroupNorm:
             module.__class__ = Float32GroupNorm
         elif type(module) is nn.LayerNorm:
             module.__class__ = Float32LayerNorm
+        elif isinstance(module, Attention) and module.upcast_softmax:
+            module.set_processor(AttnProcessor())
     return model
 
 

@@ -57,8 +57,23 @@ def test_fp16_export_keeps_norms_in_fp32_and_is_close(tiny_unet, tmp_path):
     assert types == {onnx.TensorProto.FLOAT, onnx.TensorProto.INT64}  # fp32 I/O
     weights = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
     assert len(weights) > 10
-    norm_ops = [n for n in proto.graph.node if n.op_type in ("InstanceNormalization", "GroupNormalization")]
-    assert norm_ops
+    typed = onnx.shape_inference.infer_shapes(proto)
+    elem = {v.name: v.type.tensor_type.elem_type for v in [*typed.graph.value_info, *typed.graph.input]}
+    elem |= {t.name: t.data_type for t in typed.graph.initializer}
+    elem |= {o.name: o.type.tensor_type.elem_type for o in typed.graph.output}
+    norms = ("InstanceNormalization", "GroupNormalization", "LayerNormalization")
+    norm_ops = [n for n in typed.graph.node if n.op_type in norms]
+    assert len(norm_ops) == sum(isinstance(m, torch.nn.GroupNorm) for m in tiny_unet.modules())
+    fp32 = onnx.TensorProto.FLOAT
+    for node in norm_ops:  # data, scale and bias in, normalised data out: all float32
+        assert [elem[i] for i in node.input if i] == [fp32] * len([i for i in node.input if i]), node.name
+        assert [elem[o] for o in node.output] == [fp32], node.name
+    softmax = [n for n in typed.graph.node if n.op_type == "Softmax"]
+    upcast = [m for m in tiny_unet.modules() if getattr(m, "upcast_softmax", False)]
+    assert len(softmax) == len(upcast) == 4  # UNet2D attentions ask for an fp32 softmax
+    assert all(elem[n.input[0]] == fp32 and elem[n.output[0]] == fp32 for n in softmax)
+    matmuls = [n for n in typed.graph.node if n.op_type in ("MatMul", "Conv", "Gemm")]
+    assert sum(elem[n.output[0]] == onnx.TensorProto.FLOAT16 for n in matmuls) >= 0.9 * len(matmuls)
     backend = onnxruntime_backend(path)
     x = example_inputs(tiny_unet, 2)
     with torch.no_grad():
