@@ -36,6 +36,29 @@ def test_torch_fp16_backend_matches_fp32(tiny_unet):
 
 @pytest.mark.gpu
 @cuda
+def test_gpu_torch_variants_match_fp32_and_leave_the_model_alone(tiny_unet):
+    x = example_inputs(tiny_unet, 4)
+    before = [p.detach().clone() for p in tiny_unet.parameters()]
+    with torch.no_grad():
+        ref = predict_noise(tiny_unet, x["sample"], x["timestep"])
+    dev = torch.device("cuda")
+    variants = {
+        "fp16": torch_backend(tiny_unet, dev, torch.float16),
+        "fp16+cudagraph": torch_backend(tiny_unet, dev, torch.float16, cuda_graph=True),
+        "fp32+cudagraph": torch_backend(tiny_unet, dev, cuda_graph=True),
+    }
+    if torch.cuda.is_bf16_supported():
+        variants["bf16"] = torch_backend(tiny_unet, dev, torch.bfloat16)
+    for name, backend in variants.items():
+        for _ in range(2):  # the second call replays the captured graph
+            got = backend.predict(x["sample"].cuda(), x["timestep"].cuda()).cpu()
+            assert (got - ref).abs().max() < (1e-1 if name == "bf16" else 2e-2), name
+    assert all(torch.equal(p.detach(), q) for p, q in zip(tiny_unet.parameters(), before, strict=True))
+    assert next(tiny_unet.parameters()).device.type == "cpu"
+
+
+@pytest.mark.gpu
+@cuda
 def test_bf16_training_steps_on_cuda(tmp_path):
     from compressor.config import FinetuneConfig
     from compressor.models import build_unet
@@ -82,8 +105,8 @@ def engine_run(tiny_unet, tmp_path):
     """A run directory with dense/pruned fp16 engines of a tiny UNet (TensorRT only)."""
     from export.onnx_export import export_unet
 
-    major = tensorrt_backend.major_version(tensorrt_backend.require_tensorrt())
-    source = "fp16" if major >= 11 else "fp32"
+    tensorrt_backend.require_tensorrt()
+    source = tensorrt_backend.source_precision("fp16")  # strongly typed: the fp16 ONNX on 10 and 11
     profile = Profile(1, 2, 4)
     for model in ("dense", "pruned"):
         onnx_file = tmp_path / "export" / model / f"unet.{source}.onnx"
@@ -147,3 +170,23 @@ def test_engine_refusals(engine_run, tiny_unet):
     engine.write_bytes(engine.read_bytes()[:1000])
     with pytest.raises(ArtifactError, match="does not match its manifest"):
         tensorrt_backend.engine_backend(engine_run, "dense")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible: the check would run")
+def test_gpu_check_refuses_cleanly_without_cuda():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        ["bash", str(root / "scripts" / "gpu_check.sh"), "--no-tensorrt"],
+        capture_output=True,
+        text=True,
+        env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "gpu_check: no CUDA device (torch.cuda.is_available() is False here); run it on a CUDA host"
+    ]
