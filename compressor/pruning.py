@@ -280,7 +280,7 @@ def head_dims(unet: nn.Module) -> dict[str, int]:
     return {n: a.to_q.out_features // a.heads for n, a in attention_modules(unet).items()}
 
 
-def build_pruner(unet: nn.Module, importance, ratio: float, round_to: int | None):
+def build_pruner(unet: nn.Module, importance, ratio: float, round_to: int | None = None):
     """A torch-pruning pruner over the whole UNet, output conv kept, heads kept consistent."""
     import torch_pruning as tp
 
@@ -377,17 +377,20 @@ def prune_structure(
     rule (importance averaged over the groups, the same in-group positions removed
     from each); ``independent`` ranks the channels inside each group on their own
     and removes the same count from every group (the paper's experiment code).
-    Counts, and so every size, are torch-pruning's in both cases.
+    Counts, and so every size, are torch-pruning's in both cases, except that
+    ``round_to`` rounds each layer's kept channels down to a multiple of
+    ``lcm(round_to, channel groups)`` here: torch-pruning 1.6 rounds per-group
+    counts against whole-layer widths and leaves GroupNorm-coupled layers unpruned.
     """
     dense_heads = head_dims(unet)
-    pruner = build_pruner(unet, importance, ratio, round_to)
+    pruner = build_pruner(unet, importance, ratio, None)
     torch.manual_seed(seed)  # RandomImportance draws from the global generator
-    if group_selection == "shared":
+    if group_selection == "shared" and not round_to:
         pruner.step()
     else:
         scores = _root_importance(pruner)
         for group in pruner.step(interactive=True):
-            _reselect_within_groups(pruner, group, scores).prune()
+            _reselect(pruner, group, scores, group_selection, round_to).prune()
     sync_module_attributes(unet)
     preserve_attention_scale(unet, dense_heads)
     return _plain_history(pruner.DG.pruning_history())
@@ -417,20 +420,30 @@ def _root_importance(pruner) -> dict[tuple, torch.Tensor]:
     return scores
 
 
-def _reselect_within_groups(pruner, group, scores: dict[tuple, torch.Tensor]):
-    """The same pruning group with each channel group's victims chosen by its own scores."""
+def _reselect(pruner, group, scores: dict[tuple, torch.Tensor], selection: str, round_to: int | None):
+    """The same pruning group with its victims chosen by ``selection`` (and count rounded)."""
     dep, idxs = group[0].dep, group[0].idxs
     imp = scores.get((dep.target.module, dep.handler))
-    ch_groups = pruner._get_channel_groups(group)
-    if imp is None or ch_groups <= 1 or not idxs:
+    if imp is None or not idxs:
         return group
-    if len(idxs) % ch_groups or len(imp) % ch_groups:
-        raise RuntimeError(f"uneven channel groups in {dep.target.module!r}: {len(idxs)} / {ch_groups}")
-    per_group, size = len(idxs) // ch_groups, len(imp) // ch_groups
-    chosen = [
-        torch.argsort(imp[g * size : (g + 1) * size], stable=True)[:per_group] + g * size
-        for g in range(ch_groups)
-    ]
+    ch_groups = pruner._get_channel_groups(group)
+    count = len(idxs)
+    if round_to:
+        step = math.lcm(round_to, ch_groups)
+        kept = len(imp) - count
+        kept -= kept % step
+        if kept <= 0:  # rounding would empty the layer: keep torch-pruning's count
+            kept = len(imp) - count
+        count = len(imp) - kept
+    if count % ch_groups or len(imp) % ch_groups:
+        raise RuntimeError(f"uneven channel groups in {dep.target.module!r}: {count} / {ch_groups}")
+    per_group, size = count // ch_groups, len(imp) // ch_groups
+    blocks = imp.view(ch_groups, size)
+    if selection == "shared":
+        shared = torch.argsort(blocks.mean(0), stable=True)[:per_group]
+        chosen = [shared + g * size for g in range(ch_groups)]
+    else:
+        chosen = [torch.argsort(blocks[g], stable=True)[:per_group] + g * size for g in range(ch_groups)]
     return pruner.DG.get_pruning_group(dep.target.module, dep.handler, torch.cat(chosen).tolist())
 
 

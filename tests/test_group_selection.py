@@ -227,3 +227,18 @@ def test_kept_channels_are_compact_and_comparable():
     result = channel_overlap(a, b)
     assert result["layers"] == {"x": pytest.approx(2 / 6), "y": 1.0}
     assert result["pooled"] == pytest.approx(4 / 8)
+
+
+@pytest.mark.parametrize("selection", ["shared", "independent"])
+def test_round_to_rounds_groupnorm_coupled_layers_instead_of_leaving_them_dense(tiny_unet, selection):
+    """torch-pruning 1.6 left GroupNorm-coupled layers unpruned with round_to; here they round."""
+    dense = channel_widths(tiny_unet)
+    plain = prune_unet(_copy(tiny_unet), None, None, PruneConfig(method="magnitude", ratio=0.25), 0)
+    cfg = PruneConfig(method="magnitude", ratio=0.25, round_to=8, group_selection=selection)
+    rounded = prune_unet(tiny_unet, None, None, cfg, 0)
+    for name, (width, kept) in rounded.kept_widths.items():
+        if kept != plain.kept_widths[name][1]:
+            assert kept % 8 == 0 and kept < width, (name, width, kept)
+    # conv_in (16 channels, GroupNorm groups of 4) keeps 8, not torch-pruning's unpruned 16
+    assert rounded.kept_widths["conv_in"] == [16, 8] and plain.kept_widths["conv_in"] == [16, 12]
+    assert dense["conv_in"][0] == 16
