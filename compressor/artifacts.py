@@ -14,10 +14,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from compressor import runlayout
 from compressor.errors import ArtifactError
 
-MANIFEST = "manifest.json"
-BOOKKEEPING = {"manifest.json", "run.json"}
+MANIFEST = runlayout.MANIFEST
+BOOKKEEPING = {runlayout.MANIFEST, runlayout.RUN_FILE, runlayout.LOCK_FILE}
 
 
 def sha256_file(path: Path) -> str:
@@ -116,7 +117,7 @@ def verify_run(run_dir: Path) -> dict[str, list[str]]:
         rel = str(path.relative_to(run_dir))
         if not path.is_file() or rel in manifest or path.name in BOOKKEEPING or path.name == "record.json":
             continue
-        if "checkpoints" in path.parts or path.name.endswith(".tmp") or rel.startswith("ablation/"):
+        if "checkpoints" in path.parts or runlayout.is_temporary(path) or rel.startswith("ablation/"):
             continue  # training state, interrupted writes and nested ablation runs are not artifacts
         extra.append(rel)
     return {"missing": missing, "changed": changed, "extra": extra}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from compressor import runlayout
 from compressor.errors import ArtifactError
 from compressor.models import NoisePredictor
 from compressor.sampling import generate, make_scheduler
@@ -49,8 +50,8 @@ class Sampler:
 
 def _model_folder(run_dir: Path) -> Path:
     for stage in MODEL_STAGES:
-        folder = run_dir / stage / "model"
-        if (run_dir / stage / "record.json").is_file() and (folder / "unet.json").is_file():
+        folder = runlayout.model_dir(run_dir, stage)
+        if runlayout.record_path(run_dir, stage).is_file() and (folder / "unet.json").is_file():
             return folder
     raise ArtifactError(
         f"{run_dir} holds no compressed model (no prune or finetune output); run "
@@ -83,7 +84,7 @@ def load_sampler(
             unet = load_unet(folder)[0]
         b = torch_backend(unet, torch.device(device))
     elif backend == "onnxruntime":
-        path = run_dir / "export" / model / "unet.fp32.onnx"
+        path = runlayout.onnx_path(run_dir, model, "fp32")
         if not path.is_file():
             raise ArtifactError(f"{path} not found; run `compress-deploy CONFIG --stages export` first")
         b = onnxruntime_backend(path)
@@ -98,6 +99,6 @@ def _dense_unet(run_dir: Path):
     from compressor.config import ModelConfig
     from compressor.models import load_model
 
-    rec = json.loads((run_dir / "prune" / "record.json").read_text())
+    rec = json.loads(runlayout.record_path(run_dir, "prune").read_text())
     model_cfg = ModelConfig(**rec["config"]["model"])
     return load_model(model_cfg, rec["config"].get("seed", 0)).unet

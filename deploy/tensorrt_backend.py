@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from compressor import runlayout
 from compressor.errors import UserError
 from deploy.engines import (
     Profile,
@@ -265,14 +266,9 @@ class EngineRunner:
         return out.clone()
 
 
-def engine_path(run_dir: Path, model: str) -> Path:
-    """Where the build stage writes the engine of ``model`` (dense|pruned)."""
-    return run_dir / "build" / model / "unet.plan"
-
-
 def engine_backend(run_dir: Path, model: str, cuda_graph: bool = False) -> Backend:
     """The TensorRT backend of a run's engine."""
-    runner = EngineRunner(engine_path(run_dir, model), cuda_graph)
+    runner = EngineRunner(runlayout.engine_path(run_dir, model), cuda_graph)
     info = {k: runner.manifest[k] for k in ("tensorrt_version", "gpu_name", "precision")}
     info["cuda_graph"] = cuda_graph
     return Backend("tensorrt", runner, info)

@@ -25,6 +25,7 @@ from pathlib import Path
 from compressor.config import RunConfig, load_config
 from compressor.errors import UserError
 from pipeline.context import log, write_json
+from pipeline.runner import run_pipeline
 
 STAGES = ["prune", "finetune", "quality"]
 BASELINES = ("taylor", "magnitude", "random", "reinit")
@@ -90,8 +91,6 @@ def run_variant(
     base: Path, overrides: list[str], config: Path, extra: list[str], seed: int, stages: list[str] = STAGES
 ) -> dict:
     """Run (or reuse) one variant at one seed; returns the records it has."""
-    from pipeline.cli import run_pipeline
-
     run_dir = base / f"seed-{seed}"
     if not finished(run_dir, stages):
         cfg = load_config(config, [*extra, *overrides, f"seed={seed}"])
@@ -346,7 +345,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--only", help="run only these variants (comma-separated names); others are summarised if finished"
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may sit among the flags
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]

@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 from types import ModuleType
 
-from compressor.artifacts import MANIFEST, artifact_matches, read_manifest, write_json
+from compressor import runlayout
+from compressor.artifacts import artifact_matches, read_manifest, write_json
 from compressor.config import config_to_dict
 from pipeline.context import RunContext, environment_facts
 
@@ -64,7 +65,7 @@ def why_rerun(ctx: RunContext, name: str, key: dict, forced: bool) -> str | None
     """None when the stage can be skipped, else the reason it must run."""
     if forced:
         return "forced with --force"
-    path = ctx.run_dir / name / "record.json"
+    path = runlayout.record_path(ctx.run_dir, name)
     if not path.is_file():
         return "not run yet"
     try:
@@ -113,4 +114,7 @@ def update_manifest(ctx: RunContext, name: str, rec: dict) -> None:
             "config": rec.get("config", {}),
             "versions": rec.get("versions", {}),
         }
-    write_json(ctx.run_dir / MANIFEST, {"config_name": ctx.cfg.name, "artifacts": dict(sorted(arts.items()))})
+    write_json(
+        runlayout.manifest_path(ctx.run_dir),
+        {"config_name": ctx.cfg.name, "artifacts": dict(sorted(arts.items()))},
+    )

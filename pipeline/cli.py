@@ -11,64 +11,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from compressor.config import RunConfig, load_config
+from compressor import oserrors, runlayout
+from compressor.config import load_config
 from compressor.errors import UserError
-from pipeline.context import RunContext, log
+from pipeline.context import RunContext
+from pipeline.runner import Interrupted, parse_stages, run_pipeline
 from pipeline.stages import STAGES
-
-
-def parse_stages(text: str | None, cfg: RunConfig) -> list[str]:
-    """Stage names from ``--stages`` (or the config), validated, deduplicated, in pipeline order."""
-    names = [s.strip() for s in text.split(",") if s.strip()] if text else list(cfg.stages)
-    for name in names:
-        if name not in STAGES:
-            raise UserError(f"unknown stage {name!r}; known stages: {', '.join(STAGES)}")
-    if not names:
-        raise UserError(f"--stages is empty; give some of: {', '.join(STAGES)}")
-    order = list(STAGES)
-    return sorted(dict.fromkeys(names), key=order.index)  # always in pipeline order
-
-
-def run_pipeline(
-    cfg: RunConfig, run_dir: Path, stages: list[str], force: set[str] | None = None
-) -> dict[str, dict]:
-    """Run ``stages`` in order in ``run_dir``, skipping unchanged ones; returns their records."""
-    import torch
-
-    from pipeline.cache import dependents, stage_key, update_manifest, why_rerun
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    ctx = RunContext(cfg, run_dir)
-    ctx.claim()
-    forced = dependents({n: STAGES[n] for n in stages}, force or set())
-    records = {}
-    for name in stages:
-        module = STAGES[name]
-        key = stage_key(ctx, name, module)
-        reason = why_rerun(ctx, name, key, name in forced)
-        if reason is None:
-            log(name, "cached: config and inputs unchanged, outputs verified")
-            records[name] = ctx.record(name)
-            continue
-        log(name, f"start ({reason})")
-        ctx.stage_key = key["key"]  # e.g. checkpoints are only resumed under the same key
-        ctx.forced = name in forced
-        began = time.perf_counter()
-        result = module.run(ctx)
-        seconds = time.perf_counter() - began
-        rec = ctx.write_record(name, module.SECTIONS, result, seconds, cache=key)
-        if ctx.is_main:
-            update_manifest(ctx, name, rec)
-        records[name] = rec
-        log(name, f"{result.status} in {seconds:.1f} s -> {run_dir / name / 'record.json'}")
-    return records
 
 
 def _main_run(argv: list[str]) -> int:
@@ -84,7 +40,7 @@ def _main_run(argv: list[str]) -> int:
     parser.add_argument(
         "--force", action="append", default=[], metavar="STAGE", help="rerun STAGE and its dependents"
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may sit among the flags
     cfg = load_config(args.config, args.overrides)
     stages = parse_stages(args.stages, cfg)
     force = set(parse_stages(",".join(args.force), cfg)) if args.force else set()
@@ -99,7 +55,8 @@ def _main_run(argv: list[str]) -> int:
     failed = [name for name, rec in records.items() if rec["status"] == "failed"]
     if failed:
         print(
-            f"acceptance failed: {records[failed[0]]['reason']} (see {run_dir / 'report'})", file=sys.stderr
+            f"acceptance failed: {records[failed[0]]['reason']} (see {runlayout.report_dir(run_dir)})",
+            file=sys.stderr,
         )
         return 3
     return 0
@@ -122,7 +79,7 @@ def _cmd_sample(argv: list[str]) -> int:
     parser.add_argument("--scheduler", default="ddim", choices=["ddim", "ddpm"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, help="PNG grid to write (default ./sample-<backend>-<model>.png)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may sit among the flags
     if args.num_images < 1 or args.steps < 1:
         raise UserError("--num-images and --steps must be at least 1")
     sampler = load_sampler(args.run, args.backend, args.model, args.device)
@@ -144,14 +101,14 @@ def _run_command_args(name: str, section: str, argv: list[str], description: str
     parser = argparse.ArgumentParser(prog=f"compress-deploy {name}", description=description)
     parser.add_argument("run", type=Path)
     parser.add_argument("overrides", nargs="*", help=f"{section}.key=value to change settings")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may sit among the flags
     if not args.run.is_dir():
         raise UserError(f"run directory {args.run} not found; pass the folder a run wrote")
     for o in args.overrides:
         if not o.startswith(f"{section}."):
             raise UserError(f"override {o!r}: {name} only takes {section}.* overrides")
     base = {}
-    rec_file = args.run / name / "record.json"
+    rec_file = runlayout.record_path(args.run, name)
     if rec_file.is_file():
         base = {section: json.loads(rec_file.read_text())["config"][section]}
     return args.run, config_from_mapping(base, args.overrides)
@@ -182,8 +139,11 @@ def _cmd_build(argv: list[str]) -> int:
     from pipeline.stages.build import build_engines
 
     run, cfg = _run_command_args("build", "build", argv, "Build TensorRT engines from a run's ONNX files.")
-    result = build_engines(run, cfg.build)
-    print(f"built {', '.join(result.metrics['engines'])} engines in {run / 'build'}")
+    from pipeline.runlock import RunLock
+
+    with RunLock(run, " ".join(["compress-deploy build", *argv])):
+        result = build_engines(run, cfg.build)
+    print(f"built {', '.join(result.metrics['engines'])} engines in {runlayout.stage_dir(run, 'build')}")
     return 0
 
 
@@ -193,7 +153,7 @@ def _cmd_verify(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="compress-deploy verify", description="Verify a run's artifacts.")
     parser.add_argument("run", type=Path)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may sit among the flags
     if not (args.run / MANIFEST).is_file():
         raise UserError(f"{args.run / MANIFEST} not found; pass a run directory written by compress-deploy")
     report = verify_run(args.run)
@@ -227,9 +187,29 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
 }
 
 
+def _raise_interrupted(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; maps user errors to exit 2 with one line, crashes to exit 1."""
+    """Entry point; maps user errors to exit 2 with one line, crashes to exit 1.
+
+    SIGINT and SIGTERM end the run with one line naming the interrupted stage and exit
+    128 + the signal number (130, 143); the stage's temporary files are removed first.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, _raise_interrupted)
+    try:
+        return _dispatch(argv)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _dispatch(argv: list[str]) -> int:
     try:
         if argv and argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])
@@ -242,9 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except (Interrupted, KeyboardInterrupt) as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        stage = getattr(exc, "stage", None)
+        where = f" during the {stage} stage" if stage else ""
+        name = signal.Signals(signum).name
+        print(f"interrupted by {name}{where}; rerun the same command to resume", file=sys.stderr)
+        return 128 + int(signum)
+    except OSError as exc:
+        print(f"error: {oserrors.describe(exc, 'a file', resume=False)}", file=sys.stderr)
+        return 2
     except SystemExit as exc:  # argparse
         return int(exc.code or 0) if isinstance(exc.code, int) else 2
     except Exception:  # noqa: BLE001 - internal failure: show the traceback, exit 1

@@ -14,12 +14,11 @@ from typing import Any
 
 import torch
 
+from compressor import runlayout
 from compressor.artifacts import sha256_file, write_json
 from compressor.config import RunConfig, config_to_dict
 from compressor.errors import ArtifactError, UserError
 from compressor.models import LoadedModel, load_model, resolve_device
-
-RUN_FILE = "run.json"
 
 
 @dataclass
@@ -110,7 +109,7 @@ class RunContext:
 
     def claim(self) -> None:
         """Create the run directory, or refuse one that belongs to another config."""
-        marker = self.run_dir / RUN_FILE
+        marker = runlayout.run_file(self.run_dir)
         if marker.is_file():
             try:
                 owner = json.loads(marker.read_text()).get("config_name")
@@ -130,13 +129,13 @@ class RunContext:
 
     def stage_dir(self, stage: str) -> Path:
         """The folder a stage writes into (created on demand)."""
-        path = self.run_dir / stage
+        path = runlayout.stage_dir(self.run_dir, stage)
         path.mkdir(parents=True, exist_ok=True)
         return path
 
     def record(self, stage: str) -> dict | None:
         """A stage's record.json, or None if it has not completed."""
-        path = self.run_dir / stage / "record.json"
+        path = runlayout.record_path(self.run_dir, stage)
         if not path.is_file():
             return None
         try:
@@ -192,7 +191,7 @@ class RunContext:
         for stage in ("finetune", "prune"):
             rec = self.record(stage)
             if rec and rec.get("status") == "ok":
-                return stage, self.run_dir / stage / "model"
+                return stage, runlayout.model_dir(self.run_dir, stage)
         raise ArtifactError(
             f"{self.run_dir} holds no pruned model; run `compress-deploy CONFIG --stages prune` first"
         )
@@ -225,5 +224,5 @@ class RunContext:
             "cache": cache or {},
         }
         if self.is_main:
-            write_json(self.run_dir / stage / "record.json", rec)
+            write_json(runlayout.record_path(self.run_dir, stage), rec)
         return rec

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from compressor import runlayout
 from compressor.errors import ArtifactError, UserError
 from compressor.models import example_inputs, predict_noise
 from deploy import tensorrt_backend
@@ -113,7 +114,7 @@ def engine_run(tiny_unet, tmp_path):
         export_unet(tiny_unet, onnx_file, source)
         tensorrt_backend.build_engine(
             onnx_file,
-            tensorrt_backend.engine_path(tmp_path, model),
+            runlayout.engine_path(tmp_path, model),
             profile,
             (3, 16, 16),
             "fp16",
@@ -131,9 +132,7 @@ def engine_run(tiny_unet, tmp_path):
 def test_engine_matches_torch_through_polygraphy(engine_run, tiny_unet):
     from export.parity import compare, make_torch_runner, parity_feeds
 
-    runner, profile = tensorrt_backend.make_trt_runner(
-        tensorrt_backend.engine_path(engine_run, "dense"), "trt"
-    )
+    runner, profile = tensorrt_backend.make_trt_runner(runlayout.engine_path(engine_run, "dense"), "trt")
     feeds = parity_feeds(tiny_unet, [1, 4], [0, 500, 999])
     report = compare([make_torch_runner(tiny_unet, "torch", "cuda"), runner], feeds, 2e-2, 2e-2)[0]
     assert report.passed, report.max_abs_error
@@ -161,7 +160,7 @@ def test_engine_refusals(engine_run, tiny_unet):
     x = example_inputs(tiny_unet, 8, "cuda")
     with pytest.raises(UserError, match="outside the profile"):
         backend.predict(x["sample"], x["timestep"])
-    engine = tensorrt_backend.engine_path(engine_run, "dense")
+    engine = runlayout.engine_path(engine_run, "dense")
     manifest = json.loads(manifest_path(engine).read_text())
     manifest["tensorrt_version"] = "0.0.1"
     manifest_path(engine).write_text(json.dumps(manifest))

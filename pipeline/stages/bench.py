@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from compressor import runlayout
 from compressor.persist import load_unet
 from compressor.sampling import make_scheduler
 from deploy.bench import host_facts, percentile_ms, sampler_call, time_alternating, unet_call
 from deploy.runtimes import Backend, onnxruntime_backend, torch_backend
 from pipeline.context import RunContext, StageResult, log
-from pipeline.stages.export import onnx_path
 
 SECTIONS = ["bench", "build", "device", "threads"]
 INPUTS = ["prune", "finetune", "export", "build"]
@@ -41,7 +41,9 @@ def load_backends(ctx: RunContext, name: str, models: dict) -> tuple[dict[str, d
     if name == "onnxruntime":
         ctx.require("export", "bench")
         return {
-            "onnxruntime": {m: onnxruntime_backend(onnx_path(ctx, m, "fp32"), threads) for m in models}
+            "onnxruntime": {
+                m: onnxruntime_backend(runlayout.onnx_path(ctx.run_dir, m, "fp32"), threads) for m in models
+            }
         }, ""
     from deploy import tensorrt_backend
 

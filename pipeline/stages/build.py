@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from compressor import runlayout
 from compressor.config import BuildConfig
 from compressor.errors import ArtifactError
 from deploy import tensorrt_backend
@@ -22,17 +23,17 @@ def build_engines(run_dir: Path, cfg: BuildConfig) -> StageResult:
     profile.validate()
     tensorrt_backend.require_tensorrt()
     source = tensorrt_backend.source_precision(cfg.precision)  # strongly typed on 10 and 11
-    cache = run_dir / "build" / "timing.cache"
+    cache = runlayout.timing_cache(run_dir)
     cache.parent.mkdir(parents=True, exist_ok=True)
     engines, files = {}, []
     for model in ("dense", "pruned"):
-        src = run_dir / "export" / model / f"unet.{source}.onnx"
+        src = runlayout.onnx_path(run_dir, model, source)
         if not src.is_file():
             raise ArtifactError(
                 f"{src} not found; run the export stage (with export.precisions incl. {source})"
             )
         check_onnx(src)
-        dst = tensorrt_backend.engine_path(run_dir, model)
+        dst = runlayout.engine_path(run_dir, model)
         log(
             "build", f"{model}: {src.name} -> {dst} ({cfg.precision}, batch {cfg.min_batch}..{cfg.max_batch})"
         )

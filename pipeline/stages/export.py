@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from compressor import runlayout
 from compressor.persist import load_unet
 from export.onnx_export import export_unet
 from export.parity import quiet_polygraphy
@@ -10,11 +11,6 @@ from pipeline.context import RunContext, StageResult, log
 SECTIONS = ["export"]
 INPUTS = ["prune", "finetune"]
 ENVIRONMENT = ["torch", "onnx"]
-
-
-def onnx_path(ctx: RunContext, model: str, precision: str):
-    """Where the export stage writes ``model`` (dense|pruned) at ``precision``."""
-    return ctx.run_dir / "export" / model / f"unet.{precision}.onnx"
 
 
 def run(ctx: RunContext) -> StageResult:
@@ -26,7 +22,7 @@ def run(ctx: RunContext) -> StageResult:
     files, facts = [], {}
     for model, unet in models.items():
         for precision in cfg.precisions:
-            path = onnx_path(ctx, model, precision)
+            path = runlayout.onnx_path(ctx.run_dir, model, precision)
             info = export_unet(unet.cpu(), path, precision, cfg.trace_batch, cfg.fold_constants)
             log(
                 "export",

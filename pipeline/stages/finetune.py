@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from compressor import runlayout
 from compressor.data import stack
 from compressor.persist import load_unet, read_plan, save_unet
 from compressor.quality import denoising_eval_loss
 from pipeline.context import RunContext, StageResult, log
-from pipeline.stages.train import _fit, _train_metrics
+from pipeline.fitting import fit, train_metrics
 
 SECTIONS = ["finetune", "data", "seed"]
 INPUTS = ["prune"]
@@ -15,11 +16,11 @@ INPUTS = ["prune"]
 def run(ctx: RunContext) -> StageResult:
     """Finetune ``RUN/prune/model``; writes ``RUN/finetune/model`` (EMA) and ``model-raw``."""
     ctx.require("prune", "finetune")
-    src = ctx.run_dir / "prune" / "model"
+    src = runlayout.model_dir(ctx.run_dir, "prune")
     unet, meta = load_unet(src, ctx.device)
-    result = _fit(ctx, unet, "finetune")
+    result = fit(ctx, unet, "finetune")
     if not ctx.is_main:  # data-parallel ranks: only rank 0 writes (all ranks hold the same weights)
-        return StageResult(_train_metrics(result))
+        return StageResult(train_metrics(result))
     out = ctx.stage_dir("finetune")
     plan = read_plan(src)
     files = []
@@ -34,7 +35,7 @@ def run(ctx: RunContext) -> StageResult:
         )
     images = stack(ctx.dataset, 16)
     sched = ctx.noise_scheduler()
-    metrics = _train_metrics(result)
+    metrics = train_metrics(result)
     metrics["eval_loss_ema"] = denoising_eval_loss(result.ema_unet, sched, images, ctx.cfg.seed)
     metrics["eval_loss_raw"] = denoising_eval_loss(result.unet, sched, images, ctx.cfg.seed)
     log("finetune", f"eval loss: EMA {metrics['eval_loss_ema']:.4f}, raw {metrics['eval_loss_raw']:.4f}")

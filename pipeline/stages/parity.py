@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from compressor import runlayout
 from compressor.errors import UserError
 from compressor.persist import load_unet
 from compressor.quality import psnr
@@ -9,7 +10,6 @@ from compressor.sampling import generate, make_scheduler
 from deploy.runtimes import onnxruntime_backend, torch_backend
 from export.parity import compare, make_onnxrt_runner, make_torch_runner, parity_feeds
 from pipeline.context import RunContext, StageResult, log
-from pipeline.stages.export import onnx_path
 
 SECTIONS = ["parity", "export", "sample", "build", "device", "threads"]
 INPUTS = ["prune", "finetune", "export", "build"]
@@ -41,7 +41,7 @@ def _engine_parity(ctx: RunContext, model: str, unet, scheduler) -> dict:
     from deploy import tensorrt_backend
 
     cfg = ctx.cfg.parity
-    engine = tensorrt_backend.engine_path(ctx.run_dir, model)
+    engine = runlayout.engine_path(ctx.run_dir, model)
     runner, profile = tensorrt_backend.make_trt_runner(engine, f"tensorrt-{model}")
     batches = [b for b in cfg.batches if profile.min_batch <= b <= profile.max_batch] or [profile.min_batch]
     feeds = parity_feeds(unet, batches, cfg.timesteps, ctx.cfg.seed)
@@ -82,7 +82,7 @@ def run(ctx: RunContext) -> StageResult:
         feeds = parity_feeds(unet, cfg.batches, cfg.timesteps, ctx.cfg.seed)
         reference = _sampler_images(ctx, torch_backend(unet, torch.device("cpu")).predict, scheduler)
         for precision in ctx.cfg.export.precisions:
-            path = onnx_path(ctx, model, precision)
+            path = runlayout.onnx_path(ctx.run_dir, model, precision)
             atol, rtol = (
                 (cfg.atol_fp16, cfg.rtol_fp16) if precision == "fp16" else (cfg.atol_fp32, cfg.rtol_fp32)
             )
@@ -132,7 +132,7 @@ def run(ctx: RunContext) -> StageResult:
             "parity", SECTIONS, StageResult(metrics, status="failed", reason="; ".join(failures)), 0.0
         )
         raise ParityError(
-            f"parity failed for {', '.join(failures)}; see {ctx.run_dir / 'parity' / 'record.json'} "
+            f"parity failed for {', '.join(failures)}; see {runlayout.record_path(ctx.run_dir, 'parity')} "
             "(re-export, or loosen parity.* tolerances if the precision warrants it)"
         )
     return StageResult(metrics)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from compressor import runlayout
 from compressor.data import stack
 from compressor.errors import UserError
 from compressor.models import as_noise_predictor
@@ -30,11 +31,10 @@ def feature_network(ctx: RunContext):
 def _deployed(ctx: RunContext, backend: str, model: str):
     """A deployed backend (ONNX Runtime session or TensorRT engine) of the run."""
     from deploy.runtimes import onnxruntime_backend
-    from pipeline.stages.export import onnx_path
 
     if backend == "onnxruntime":
         ctx.require("export", "quality")
-        return onnxruntime_backend(onnx_path(ctx, model, "fp32"))
+        return onnxruntime_backend(runlayout.onnx_path(ctx.run_dir, model, "fp32"))
     from deploy import tensorrt_backend
 
     ctx.require("build", "quality")
@@ -59,10 +59,11 @@ def run(ctx: RunContext) -> StageResult:
     models = {"dense": ctx.dense.unet.to(ctx.device)}
     for stage, label in MODEL_LABELS.items():
         if ctx.record(stage):
-            models[label] = load_unet(ctx.run_dir / stage / "model", ctx.device)[0]
-    if cfg.compare_raw and ctx.record("finetune") and (ctx.run_dir / "finetune" / "model-raw").is_dir():
+            models[label] = load_unet(runlayout.model_dir(ctx.run_dir, stage), ctx.device)[0]
+    raw = runlayout.model_dir(ctx.run_dir, "finetune", raw=True)
+    if cfg.compare_raw and ctx.record("finetune") and raw.is_dir():
         # the raw (non-EMA) weights too, to show which copy is the better one
-        models["finetuned (raw)"] = load_unet(ctx.run_dir / "finetune" / "model-raw", ctx.device)[0]
+        models["finetuned (raw)"] = load_unet(raw, ctx.device)[0]
     if len(models) == 1:
         ctx.require("prune", "quality")
     predictors = {label: as_noise_predictor(unet) for label, unet in models.items()}
@@ -112,7 +113,8 @@ def run(ctx: RunContext) -> StageResult:
         log("quality", f"{label}: {shown or 'no figures'}")
     if fd_note:
         log("quality", fd_note)
-    path = ctx.stage_dir("quality") / "samples.safetensors"
+    ctx.stage_dir("quality")
+    path = runlayout.quality_samples(ctx.run_dir)
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in samples.items()}, str(path.with_suffix(".tmp")))

@@ -7,6 +7,7 @@ import html
 import shutil
 from pathlib import Path
 
+from compressor import runlayout
 from pipeline.acceptance import evaluate
 from pipeline.context import RunContext, StageResult, log
 
@@ -243,7 +244,7 @@ def run(ctx: RunContext) -> StageResult:
             + (f" {m['frechet_note']}" if m.get("frechet_note") else "")
         )
     if rec["samples"]:
-        grid = ctx.run_dir / "samples" / "grid.png"
+        grid = runlayout.samples_grid(ctx.run_dir)
         if grid.is_file():
             shutil.copyfile(grid, out / "grid.png")
             doc.heading("Samples (same seeds)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from compressor import runlayout
 from compressor.models import as_noise_predictor
 from compressor.persist import load_unet
 from compressor.sampling import generate, make_scheduler, save_comparison
@@ -21,7 +22,7 @@ def run(ctx: RunContext) -> StageResult:
     for stage in ("prune", "finetune"):
         if ctx.record(stage):
             models[{"prune": "pruned", "finetune": "pruned + finetuned"}[stage]] = load_unet(
-                ctx.run_dir / stage / "model", ctx.device
+                runlayout.model_dir(ctx.run_dir, stage), ctx.device
             )[0]
     if len(models) == 1:
         ctx.require("prune", "samples")
@@ -38,6 +39,7 @@ def run(ctx: RunContext) -> StageResult:
             cfg.batch_size,
             ctx.device,
         )
-    path = save_comparison(rows, ctx.stage_dir("samples") / "grid.png")
+    ctx.stage_dir("samples")
+    path = save_comparison(rows, runlayout.samples_grid(ctx.run_dir))
     log("samples", f"wrote {path}")
     return StageResult({"rows": list(rows), "num_images": cfg.num_images, "steps": cfg.steps}, [path])

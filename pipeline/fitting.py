@@ -1,0 +1,75 @@
+"""Training shared by the ``train`` and ``finetune`` stages: checkpoints keyed by the stage's
+cache key, progress, resume, and the metrics both record."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pipeline.context import RunContext, log
+
+
+def checkpoint_dir(ctx: RunContext, stage: str) -> Path:
+    """Checkpoints of this exact stage input (cache key); stale ones of other inputs are removed.
+
+    A rerun after the pruned model or the recipe changed must start afresh, and so must a
+    forced one (--force), while a rerun of an interrupted identical stage resumes. Stale
+    folders are removed only once the new run has succeeded.
+    """
+    root = ctx.stage_dir(stage) / "checkpoints"
+    mine = root / ctx.stage_key[:16]
+    if ctx.is_main and ctx.forced and mine.is_dir():
+        shutil.rmtree(mine)
+    return mine
+
+
+def drop_stale_checkpoints(ctx: RunContext, stage: str) -> None:
+    """After a successful run: remove checkpoints that belong to other stage inputs."""
+    root = ctx.stage_dir(stage) / "checkpoints"
+    mine = root / ctx.stage_key[:16]
+    if ctx.is_main:
+        for other in root.iterdir():
+            if other.is_dir() and other != mine:
+                shutil.rmtree(other)
+
+
+def fit(ctx: RunContext, unet, stage: str):
+    """Train ``unet`` with the finetune recipe, resuming this stage input's last checkpoint."""
+    from compressor.training import train
+
+    cfg = ctx.cfg.finetune
+    with tqdm(total=cfg.steps, desc=f"[{stage}]", unit="step", disable=not ctx.is_main) as bar:
+
+        def on_step(step: int, loss: float, sps: float) -> None:
+            bar.n = step
+            bar.set_postfix(loss=f"{loss:.4f}", it_s=f"{sps:.2f}")
+            bar.refresh()
+
+        result = train(
+            unet,
+            ctx.noise_scheduler(),
+            ctx.dataset,
+            cfg,
+            checkpoint_dir(ctx, stage),
+            ctx.cfg.seed,
+            ctx.device,
+            resume=True,
+            on_step=on_step,
+        )
+    drop_stale_checkpoints(ctx, stage)
+    if result.resumed_from is not None:
+        log(stage, f"resumed from the checkpoint at step {result.resumed_from}")
+    return result
+
+
+def train_metrics(result) -> dict:
+    """What the train and finetune records hold about the run."""
+    return {
+        "losses": result.losses,
+        "final_loss": result.losses[-1][1] if result.losses else None,
+        "resumed_from": result.resumed_from,
+        "steps_per_second": result.steps_per_second,
+        "processes": result.world_size,
+    }
