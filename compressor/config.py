@@ -57,6 +57,9 @@ class DataConfig:
 
     source: str = _spec("digits", "'digits' or a folder of PNG/JPEG images")
     max_images: int | None = _spec(None, "use at most this many images", ge=1)
+    max_image_pixels: int = _spec(
+        50_000_000, "refuse images larger than this many pixels (decompression bombs)", ge=1
+    )
 
 
 @dataclass

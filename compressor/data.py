@@ -36,43 +36,78 @@ class TensorImages(Dataset):
 class ImageFolder(Dataset):
     """PNG/JPEG files under a folder, resized (shorter side) and centre-cropped."""
 
-    def __init__(self, files: list[Path], channels: int, size: int, name: str) -> None:
+    def __init__(
+        self, files: list[Path], channels: int, size: int, name: str, max_pixels: int = 50_000_000
+    ) -> None:
         self.files = files
         self.channels = channels
         self.size = size
         self.name = name
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return load_image(self.files[i], self.channels, self.size)
+        return load_image(self.files[i], self.channels, self.size, self.max_pixels)
 
 
-def load_image(path: Path, channels: int, size: int) -> torch.Tensor:
-    """Decode one image into (C, size, size) in [-1, 1]; raises DataError naming the file."""
+EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB"}
+
+
+def load_image(path: Path, channels: int, size: int, max_pixels: int = 50_000_000) -> torch.Tensor:
+    """Decode one image into (C, size, size) in [-1, 1]; raises DataError naming the file.
+
+    The declared size is checked before any pixel is decoded (an absurd one is a
+    decompression bomb), then the whole file is decoded (a truncated file fails here),
+    then converted to 8-bit grayscale or RGB (modes that cannot be are refused).
+    """
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
-    try:
-        with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-            w, h = img.size
-            scale = size / min(w, h)
-            img = img.resize(
-                (max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC
-            )
-            w, h = img.size
-            left, top = (w - size) // 2, (h - size) // 2
-            img = img.crop((left, top, left + size, top + size))
-            data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(
-            f"{path}: cannot decode image ({type(exc).__name__}); remove or replace the file"
-        ) from None
-    data = data.view(size, size, channels).permute(2, 0, 1).float() / 127.5 - 1.0
     if channels not in (1, 3):
         raise DataError(f"models with {channels} input channels cannot be trained on images")
-    return data
+    target = "L" if channels == 1 else "RGB"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise DataError(
+                        f"{path}: declares {w}x{h} = {w * h:,} pixels, over data.max_image_pixels="
+                        f"{max_pixels:,} (a decompression bomb?); remove the file or raise the limit"
+                    )
+                img.load()
+                mode = img.mode
+                if mode not in EIGHT_BIT_MODES:  # Pillow clips 16-bit and float pixels to 8 bits
+                    raise DataError(
+                        f"{path}: image mode {mode!r} (16-bit or float pixels) is not supported; save it "
+                        "as 8-bit RGB or grayscale"
+                    )
+                try:
+                    img = img.convert(target)
+                except (ValueError, OSError):
+                    raise DataError(
+                        f"{path}: image mode {mode!r} cannot be converted to {target}; save it as 8-bit "
+                        "RGB or grayscale"
+                    ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(
+            f"{path}: Pillow refuses it as a decompression bomb (declared size too large); remove the file"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        detail = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
+        raise DataError(f"{path}: cannot decode image ({detail}); remove or replace the file") from None
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    return data.view(size, size, channels).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 def digits_images(size: int, channels: int) -> torch.Tensor:
@@ -111,8 +146,8 @@ def load_dataset(cfg: DataConfig, channels: int, size: int, check: bool = True) 
         files = files[: cfg.max_images]
     if check:
         for path in files:
-            load_image(path, channels, size)
-    return ImageFolder(files, channels, size, str(folder))
+            load_image(path, channels, size, cfg.max_image_pixels)
+    return ImageFolder(files, channels, size, str(folder), cfg.max_image_pixels)
 
 
 def stack(dataset: Dataset, count: int | None = None) -> torch.Tensor:

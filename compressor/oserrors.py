@@ -20,12 +20,12 @@ ADVICE = {
 
 
 def as_os_error(exc: BaseException) -> OSError | None:
-    """``exc`` as an OSError when it is one or wraps one (safetensors reports ``Os { code: 28 ... }``)."""
+    """``exc`` as an OSError when it is one or wraps one (safetensors: ``... (os error 28)``)."""
     if isinstance(exc, OSError):
         return exc
-    match = re.search(r"Os \{ code: (\d+)", str(exc))
+    match = re.search(r"Os \{ code: (\d+)|\(os error (\d+)\)", str(exc))
     if match:
-        code = int(match.group(1))
+        code = int(match.group(1) or match.group(2))
         return OSError(code, os.strerror(code))
     cause = exc.__cause__ or exc.__context__
     return as_os_error(cause) if cause is not None and cause is not exc else None

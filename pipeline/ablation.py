@@ -22,6 +22,7 @@ import json
 import statistics
 from pathlib import Path
 
+from compressor import runlayout
 from compressor.config import RunConfig, load_config
 from compressor.errors import UserError
 from pipeline.context import log, write_json
@@ -79,10 +80,10 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 def finished(run_dir: Path, stages: list[str]) -> bool:
     """Whether every stage in ``stages`` has a record (and quality saw the finetune)."""
-    if not all((run_dir / s / "record.json").is_file() for s in stages):
+    if not all(runlayout.record_path(run_dir, s).is_file() for s in stages):
         return False
     if "finetune" in stages:
-        quality = json.loads((run_dir / "quality" / "record.json").read_text())
+        quality = json.loads(runlayout.record_path(run_dir, "quality").read_text())
         return "finetuned" in quality["metrics"]["models"]
     return True
 
@@ -102,9 +103,9 @@ def run_variant(
 def load_variant(run_dir: Path) -> dict:
     """The records a variant's run directory holds (prune and quality at least)."""
     return {
-        s: json.loads((run_dir / s / "record.json").read_text())
+        s: json.loads(runlayout.record_path(run_dir, s).read_text())
         for s in STAGES
-        if (run_dir / s / "record.json").is_file()
+        if runlayout.record_path(run_dir, s).is_file()
     }
 
 
@@ -368,7 +369,7 @@ def main(argv: list[str]) -> int:
     for name, overrides in table.items():
         base = root / _slug(name)
         if only is not None and name not in only:
-            if all((base / f"seed-{seed}" / "quality" / "record.json").is_file() for seed in seeds):
+            if all(runlayout.record_path(base / f"seed-{seed}", "quality").is_file() for seed in seeds):
                 results[name] = [load_variant(base / f"seed-{seed}") for seed in seeds]
             continue
         for seed in seeds:

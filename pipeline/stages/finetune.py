@@ -21,13 +21,13 @@ def run(ctx: RunContext) -> StageResult:
     result = fit(ctx, unet, "finetune")
     if not ctx.is_main:  # data-parallel ranks: only rank 0 writes (all ranks hold the same weights)
         return StageResult(train_metrics(result))
-    out = ctx.stage_dir("finetune")
+    ctx.stage_dir("finetune")
     plan = read_plan(src)
     files = []
-    for name, model in (("model", result.ema_unet), ("model-raw", result.unet)):
+    for raw, model in ((False, result.ema_unet), (True, result.unet)):
         files += save_unet(
             model.cpu(),
-            out / name,
+            runlayout.model_dir(ctx.run_dir, "finetune", raw=raw),
             plan["unet_config"],
             plan["history"],
             plan["kept_widths"],

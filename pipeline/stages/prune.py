@@ -6,6 +6,7 @@ import copy
 
 from tqdm import tqdm
 
+from compressor import runlayout
 from compressor.data import taylor_and_holdout
 from compressor.models import count_macs_params
 from compressor.persist import dense_config, save_unet
@@ -62,7 +63,8 @@ def run(ctx: RunContext) -> StageResult:
         f"({params_after / params_before:.3f}), {macs_after / 1e9:.3f}G MACs "
         f"({macs_after / macs_before:.3f})",
     )
-    out = ctx.stage_dir("prune") / "model"
+    ctx.stage_dir("prune")
+    out = runlayout.model_dir(ctx.run_dir, "prune")
     files = save_unet(
         unet.cpu(),
         out,

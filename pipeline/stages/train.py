@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from compressor import runlayout
 from compressor.persist import dense_config, save_unet
 from pipeline.context import RunContext, StageResult, log
 from pipeline.fitting import fit, train_metrics
@@ -18,7 +19,8 @@ def run(ctx: RunContext) -> StageResult:
     if not ctx.is_main:  # data-parallel ranks: only rank 0 writes (all ranks hold the same weights)
         return StageResult(train_metrics(result))
     out = ctx.stage_dir("train")
-    files = save_unet(result.ema_unet.cpu(), out / "model", dense_config(ctx.dense.unet))
+    model_dir = runlayout.model_dir(ctx.run_dir, "train")
+    files = save_unet(result.ema_unet.cpu(), model_dir, dense_config(ctx.dense.unet))
     folder = out / "diffusers"
     result.ema_unet.save_pretrained(str(folder), safe_serialization=True)
     (folder / "scheduler_config.json").write_text(json.dumps(ctx.dense.scheduler_config, indent=2))
@@ -27,5 +29,5 @@ def run(ctx: RunContext) -> StageResult:
         folder / "diffusion_pytorch_model.safetensors",
         folder / "scheduler_config.json",
     ]
-    log("train", f"wrote {out / 'model'} and the diffusers folder {folder}")
+    log("train", f"wrote {model_dir} and the diffusers folder {folder}")
     return StageResult(train_metrics(result), files)
