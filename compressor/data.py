@@ -69,6 +69,8 @@ def load_image(path: Path, channels: int, size: int, max_pixels: int = 50_000_00
     if channels not in (1, 3):
         raise DataError(f"models with {channels} input channels cannot be trained on images")
     target = "L" if channels == 1 else "RGB"
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # our own limit (below) names the file and the size
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -100,6 +102,8 @@ def load_image(path: Path, channels: int, size: int, max_pixels: int = 50_000_00
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         detail = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
         raise DataError(f"{path}: cannot decode image ({detail}); remove or replace the file") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
     w, h = img.size
     scale = size / min(w, h)
     img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)

@@ -63,6 +63,8 @@ def _images_dir(tmp: Path, kind: str) -> Path:
     elif kind == "corrupt":
         paths = write_images(folder, 5)
         _truncate(paths[3], 30)
+    elif kind == "good":
+        write_images(folder, 3)
     elif kind == "fake-png":
         folder.mkdir()
         (folder / "photo.png").write_text("this is text with a png name")
@@ -81,6 +83,58 @@ def _truncated_model(tmp: Path) -> Path:
     folder = write_model_folder(tmp / "trunc")
     _truncate(folder / "diffusion_pytorch_model.safetensors")
     return folder
+
+
+def _hostile_images(tmp: Path, kind: str) -> Path:
+    """A folder of good images plus one hostile file of ``kind``."""
+    import struct
+    import zlib
+
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp / f"hostile-{kind}"
+    write_images(folder, 3)
+    bad = folder / "hostile.png"
+    if kind == "bomb":  # a tiny PNG whose header declares 60000 x 60000 pixels
+        Image.new("L", (8, 8)).save(bad)
+        data = bytearray(bad.read_bytes())
+        data[16:24] = struct.pack(">II", 60000, 60000)
+        data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+        bad.write_bytes(bytes(data))
+    elif kind == "truncated-jpeg":
+        bad = folder / "hostile.jpg"
+        Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8")).save(bad)
+        bad.write_bytes(bad.read_bytes()[:600])
+    elif kind == "16bit":
+        Image.fromarray(np.arange(400, dtype=np.uint16).reshape(20, 20) * 100).save(bad)
+    elif kind == "empty-file":
+        bad.write_bytes(b"")
+    return folder
+
+
+HELD_LOCKS: list[int] = []
+
+
+def _hold_lock(run_dir: Path) -> None:
+    """Hold RUN/.lock as a live writer would (released after the case)."""
+    import fcntl
+    import os
+
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    info = {"pid": os.getpid(), "started": "2026-01-01 00:00:00", "command": "compress-deploy x.yaml"}
+    os.write(fd, json.dumps(info).encode())
+    HELD_LOCKS.append(fd)
+
+
+@pytest.fixture(autouse=True)
+def _release_locks():
+    yield
+    import os
+
+    while HELD_LOCKS:
+        os.close(HELD_LOCKS.pop())
 
 
 # (id, argv builder(tmp, cfg, run_dir) -> argv, expected fragment of the one error line)
@@ -239,6 +293,78 @@ CASES = [
     # where TensorRT cannot run, `build` refuses with that reason (not installed, no GPU, no libraries)
     ("build-without-tensorrt", lambda t, c, r: ["build", r], "TensorRT"),
     ("verify-not-a-run", lambda t, c, r: ["verify", str(t)], "manifest.json not found"),
+    # hostile images: refused before any long work, naming the file
+    (
+        "image-bomb",
+        lambda t, c, r: [c, f"data.source={_hostile_images(t, 'bomb')}", "--run-dir", r],
+        "hostile.png: declares 60000x60000",
+    ),
+    (
+        "image-over-limit",
+        lambda t, c, r: [
+            c,
+            f"data.source={_images_dir(t, 'good')}",
+            "--run-dir",
+            r,
+            "data.max_image_pixels=100",
+        ],
+        "over data.max_image_pixels=100",
+    ),
+    (
+        "image-truncated-jpeg",
+        lambda t, c, r: [c, f"data.source={_hostile_images(t, 'truncated-jpeg')}", "--run-dir", r],
+        "hostile.jpg: cannot decode image",
+    ),
+    (
+        "image-16-bit",
+        lambda t, c, r: [c, f"data.source={_hostile_images(t, '16bit')}", "--run-dir", r],
+        "16-bit or float pixels",
+    ),
+    (
+        "image-empty-file",
+        lambda t, c, r: [c, f"data.source={_hostile_images(t, 'empty-file')}", "--run-dir", r],
+        "hostile.png: cannot decode image",
+    ),
+    (
+        "range-max-pixels",
+        lambda t, c, r: [c, "data.max_image_pixels=0", "--run-dir", r],
+        "data.max_image_pixels",
+    ),
+    # new config keys
+    (
+        "group-selection",
+        lambda t, c, r: [c, "prune.group_selection=best", "--run-dir", r],
+        "prune.group_selection",
+    ),
+    ("taylor-score", lambda t, c, r: [c, "prune.taylor_score=cubic", "--run-dir", r], "prune.taylor_score"),
+    (
+        "acceptance-backend",
+        lambda t, c, r: [c, "acceptance.backend=openvino", "--run-dir", r],
+        "acceptance.backend",
+    ),
+    ("quality-backend", lambda t, c, r: [c, "quality.backend=openvino", "--run-dir", r], "quality.backend"),
+    # overrides among the flags are validated like any other
+    (
+        "override-after-flags",
+        lambda t, c, r: [c, "--run-dir", r, "prune.raito=1"],
+        "prune.raito: unknown key",
+    ),
+    # run directories that cannot be created, or are in use
+    ("run-dir-under-a-file", lambda t, c, r: [c, "--run-dir", f"{c}/run"], "Not a directory"),
+    ("run-dir-name-too-long", lambda t, c, r: [c, "--run-dir", str(t / ("x" * 300))], "File name too long"),
+    (
+        "run-dir-in-use",
+        lambda t, c, r: (_hold_lock(Path(r)), [c, "--stages", "prune", "--run-dir", r])[1],
+        "is in use by pid",
+    ),
+    ("build-in-use", lambda t, c, r: (_hold_lock(Path(r)), ["build", r])[1], "is in use by pid"),
+    # other commands
+    ("ablate-selection", lambda t, c, r: ["ablate", c, "--selections", "best"], "--selections: unknown rule"),
+    ("ablate-method", lambda t, c, r: ["ablate", c, "--methods", "lottery"], "--methods: unknown method"),
+    ("ablate-seeds", lambda t, c, r: ["ablate", c, "--seeds", "a,b"], "comma-separated numbers"),
+    ("sample-zero-steps", lambda t, c, r: ["sample", r, "--steps", "0"], "must be at least 1"),
+    ("check-foreign-override", lambda t, c, r: ["check", r, "prune.ratio=0.1"], "only takes acceptance.*"),
+    ("build-foreign-override", lambda t, c, r: ["build", r, "export.trace_batch=1"], "only takes build.*"),
 ]
 
 
@@ -256,7 +382,7 @@ def _corrupt_checkpoint(run_dir: Path) -> None:
 
 
 def test_the_catalogue_is_large():
-    assert len(CASES) >= 25
+    assert len(CASES) >= 60 and len({c[0] for c in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
