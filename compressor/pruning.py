@@ -89,6 +89,7 @@ def accumulate_taylor_grads(
     threshold: float,
     on_step: Callable[[int, float], None] | None = None,
     diagnose: bool = False,
+    kept_layers: tuple[nn.Module, ...] = (),
 ) -> TaylorPass:
     """Accumulate ``dL_t/dw`` over ``candidates`` until the threshold rule stops it.
 
@@ -100,7 +101,9 @@ def accumulate_taylor_grads(
     measured, never accumulated) as two half-batch passes, and
     ``TaylorPass.diagnostics`` gets one row per timestep: the loss, ``L_t / L_max``,
     the norm of that timestep's gradient and the cosine between the gradients of
-    the two halves (near 1: the direction is signal; near 0: noise).
+    the two halves (near 1: the direction is signal; near 0: noise), both over the
+    parameters that can be pruned: ``kept_layers`` (the output conv, never pruned) are left
+    out, since their gradient follows each half's noise mean and would swamp the rest.
     """
     unet.zero_grad(set_to_none=True)
     used: list[int] = []
@@ -110,9 +113,10 @@ def accumulate_taylor_grads(
     start = time.perf_counter()
     forward_calls = backward_calls = 0
     stopped_grads: list[torch.Tensor | None] | None = None
+    skip = {id(p) for layer in kept_layers for p in layer.parameters()}
     for t in candidates:
         if diagnose:
-            value, grad_norm, cosine, calls = _diagnosed_step(unet, noise_scheduler, x0, noise, t)
+            value, grad_norm, cosine, calls = _diagnosed_step(unet, noise_scheduler, x0, noise, t, skip)
             forward_calls += calls
             backward_calls += calls
             rows.append({"t": t, "loss": value, "grad_norm": grad_norm, "half_cosine": cosine})
@@ -155,7 +159,7 @@ def _flat_grads(params: list[nn.Parameter]) -> torch.Tensor:
 
 
 def _diagnosed_step(
-    unet: nn.Module, noise_scheduler, x0: torch.Tensor, noise: torch.Tensor, t: int
+    unet: nn.Module, noise_scheduler, x0: torch.Tensor, noise: torch.Tensor, t: int, skip: set[int]
 ) -> tuple[float, float, float | None, int]:
     """One timestep as two half-batch backward passes that add up to the full-batch gradient.
 
@@ -163,7 +167,7 @@ def _diagnosed_step(
     ``.grad`` and the returned loss equal those of one full-batch pass.
     Returns (loss, norm of this timestep's gradient, cosine of the halves' gradients, passes).
     """
-    params = [p for p in unet.parameters() if p.requires_grad]
+    params = [p for p in unet.parameters() if p.requires_grad and id(p) not in skip]
     n = x0.shape[0]
     halves = [slice(0, n // 2), slice(n // 2, n)] if n > 1 else [slice(0, n)]
     before = _flat_grads(params)
@@ -648,7 +652,15 @@ def prune_unet(
         threshold = cfg.threshold if cfg.method == "diff-pruning" else 0.0
         unet.eval()  # no dropout noise in the importance estimate
         taylor = accumulate_taylor_grads(
-            unet, noise_scheduler, x0, noise, candidates, threshold, on_taylor_step, cfg.diagnose
+            unet,
+            noise_scheduler,
+            x0,
+            noise,
+            candidates,
+            threshold,
+            on_taylor_step,
+            cfg.diagnose,
+            kept_layers=(unet.conv_out,) if hasattr(unet, "conv_out") else (),
         )
     dense_channels = channel_widths(unet)
     history = prune_structure(

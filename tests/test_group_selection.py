@@ -202,6 +202,12 @@ def test_diagnostic_visits_every_candidate_and_accumulates_only_the_kept_prefix(
     assert diag.forward_calls == 2 * len(cands)
     for p, q in zip(plain_unet.parameters(), diag_unet.parameters(), strict=True):
         assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-4)  # the halves add up to the batch
+    # the never-pruned output conv is left out of the measured gradient, not out of the accumulation
+    twin = build_unet(TINY_UNET, 0)
+    body = accumulate_taylor_grads(
+        twin, scheduler, x0, noise, cands[:2], 0.0, diagnose=True, kept_layers=(twin.conv_out,)
+    )
+    assert body.diagnostics[0]["grad_norm"] < diag.diagnostics[0]["grad_norm"]
 
 
 def test_taylor_batch_is_shuffled_by_seed_and_never_holds_the_held_out_images():
