@@ -54,9 +54,28 @@ def test_cuda_graph_backend_refuses_a_cpu_device(tiny_unet):
         torch_backend(tiny_unet, torch.device("cpu"), cuda_graph=True)
 
 
+# small measurements: these tests are about what reruns, not about the figures
+QUICK = [
+    "bench.backends=[torch,onnxruntime]",
+    "bench.batch_sizes=[1]",
+    "bench.repeat=2",
+    "bench.warmup=0",
+    "bench.sampler_repeat=1",
+    "bench.sampler_steps=2",
+    "parity.batches=[1]",
+    "parity.timesteps=[0,999]",
+    "parity.sampler_images=1",
+    "parity.sampler_steps=2",
+    "export.precisions=[fp32]",
+]
+STAGES_MEASURED = "prune,export,parity,bench"
+
+
 @pytest.fixture(scope="module")
 def measured_run(tmp_path_factory):
-    return finished_tiny_run(tmp_path_factory.mktemp("envkeys"), "prune,export,parity,bench")
+    cfg, run_dir = finished_tiny_run(tmp_path_factory.mktemp("envkeys"), "prune")
+    assert main([str(cfg), *QUICK, "--stages", STAGES_MEASURED, "--run-dir", str(run_dir)]) == 0
+    return cfg, run_dir
 
 
 def test_bench_leaves_the_runs_dense_model_unchanged(measured_run):
@@ -64,7 +83,7 @@ def test_bench_leaves_the_runs_dense_model_unchanged(measured_run):
     from pipeline.stages import bench
 
     cfg_path, run_dir = measured_run
-    cfg = load_config(cfg_path, ["bench.backends=[torch]", "bench.repeat=1", "bench.sampler_repeat=1"])
+    cfg = load_config(cfg_path, [*QUICK, "bench.backends=[torch]"])
     ctx = RunContext(cfg, run_dir)
     snap = _snapshot(ctx.dense.unet)
     result = bench.run(ctx)
@@ -77,8 +96,8 @@ def test_changing_threads_reruns_bench_and_parity_and_nothing_else(measured_run,
     run_dir = tmp_path / "run"
     shutil.copytree(base, run_dir)
     capsys.readouterr()
-    stages = "prune,export,parity,bench"
-    assert main([str(cfg_path), "threads=1", "--stages", stages, "--run-dir", str(run_dir)]) == 0
+    argv = [str(cfg_path), *QUICK, "threads=1", "--stages", STAGES_MEASURED, "--run-dir", str(run_dir)]
+    assert main(argv) == 0
     status = _statuses(capsys)
     assert status == {
         "prune": "cached",
@@ -129,7 +148,7 @@ def test_environment_change_is_the_logged_reason(measured_run, tmp_path, monkeyp
 
     monkeypatch.setattr(cache, "environment_facts", newer_onnxruntime)
     capsys.readouterr()
-    assert main([str(cfg_path), "--stages", "prune,export,parity,bench", "--run-dir", str(run_dir)]) == 0
+    assert main([str(cfg_path), *QUICK, "--stages", STAGES_MEASURED, "--run-dir", str(run_dir)]) == 0
     status = _statuses(capsys)
     assert status["prune"] == status["export"] == "cached"
     for stage in ("parity", "bench"):
