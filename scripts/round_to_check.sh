@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# prune.round_to 1 vs 8 vs 32 on the ddpm-cifar10-32 architecture (random weights, target_macs 0.57):
+# prune.round_to 1 vs 8 vs 32 on the ddpm-cifar10-32 architecture (random weights):
 # MACs kept and the ONNX Runtime speed-up at batch 16 (and 1) for each, dense timed alongside.
-# Usage: bash scripts/round_to_check.sh [RUN_ROOT]          (2 CPU cores: about 6 minutes)
+# Usage: bash scripts/round_to_check.sh [RUN_ROOT] [TARGET]  (2 CPU cores: about 8 minutes)
+#   TARGET: the pruning target overrides, default "prune.target_macs=0.57" (the paper's cut, whose
+#   widths 96/192 are already multiples of 32); e.g. "prune.target_macs=null prune.ratio=0.3" gives
+#   odd widths (q/k/v 179) for round_to to act on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 ROOT=${1:-runs/round-to}
+TARGET=${2:-prune.target_macs=0.57}
 for r in null 8 32; do
   "$PY" -m pipeline.cli configs/demo.yaml \
     model.name=ddpm-cifar10-32 model.init=random device=cpu \
-    prune.method=magnitude prune.target_macs=0.57 prune.eval_batch=0 prune.round_to=$r \
+    prune.method=magnitude $TARGET prune.eval_batch=0 prune.round_to=$r \
     export.precisions=[fp32] bench.backends=[onnxruntime] bench.batch_sizes=[1,16] \
     bench.sampler_batch_sizes=[4] bench.sampler_steps=5 bench.repeat=15 bench.sampler_repeat=1 \
     --stages prune,export,bench --run-dir "$ROOT/round-$r"
