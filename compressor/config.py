@@ -90,7 +90,7 @@ class PruneConfig:
         "or all groups drop the same in-group positions (shared, torch-pruning 1.6)",
     )
     taylor_score: Literal["abs", "squared"] = _spec(
-        "squared", "per-channel Taylor score: sum |w*g| or sum (w*g)^2 (the paper's code)"
+        "abs", "per-channel Taylor score: sum |w*g| or sum (w*g)^2 (the paper's code)"
     )
     group_reduction: Literal["mean", "sum"] = _spec(
         "sum", "how the scores of coupled layers combine (same ranking under local pruning)"

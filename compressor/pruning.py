@@ -198,7 +198,7 @@ class TaylorScore:
     layers through torch-pruning's own reduction (mean or sum).
     """
 
-    def __init__(self, score: str = "squared", multivariable: bool = False, group_reduction: str = "sum"):
+    def __init__(self, score: str = "abs", multivariable: bool = False, group_reduction: str = "sum"):
         import torch_pruning as tp
 
         self.score = score

@@ -20,7 +20,7 @@ interrupt_when() {  # interrupt_when SIGNAL PATTERN DELAY EXPECTED_CODE STAGE
   done
   sleep "$3"
   kill -s "$1" $pid; wait $pid; local code=$?
-  local last; last=$(tail -n 1 "$WORK/run.log")
+  local last; last=$(tail -n 1 "$WORK/run.log" | tr '\r' '\n' | tail -n 1)  # after progress bars
   local temps; temps=$(find "$WORK/run" -name '*.tmp*' -o -name '.tmp-*' -o -name '.lock' | wc -l)
   echo "$1 at '$2' +$3s: exit $code, temporaries/locks left: $temps, message: $last"
   [ "$code" = "$4" ] || FAIL=1
