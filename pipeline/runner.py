@@ -15,6 +15,7 @@ from pathlib import Path
 from compressor import oserrors, runlayout
 from compressor.config import RunConfig
 from compressor.errors import UserError
+from pipeline.cache import dependents, stage_key, update_manifest, why_rerun
 from pipeline.context import RunContext, log
 from pipeline.runlock import RunLock
 from pipeline.stages import STAGES
@@ -75,19 +76,17 @@ def run_pipeline(
     """
     import torch
 
-    from pipeline.cache import dependents, stage_key, update_manifest, why_rerun
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ctx = RunContext(cfg, run_dir)
     if not ctx.is_main:  # data-parallel ranks: rank 0 owns the directory and its lock
-        return _run_stages(ctx, stages, force, dependents, stage_key, update_manifest, why_rerun)
+        return _run_stages(ctx, stages, force)
     make_run_dir(run_dir)
     with RunLock(run_dir, " ".join(["compress-deploy", *sys.argv[1:]])):
-        return _run_stages(ctx, stages, force, dependents, stage_key, update_manifest, why_rerun)
+        return _run_stages(ctx, stages, force)
 
 
-def _run_stages(ctx, stages, force, dependents, stage_key, update_manifest, why_rerun) -> dict[str, dict]:
+def _run_stages(ctx: RunContext, stages: list[str], force: set[str] | None) -> dict[str, dict]:
     run_dir = ctx.run_dir
     ctx.claim()
     forced = dependents({n: STAGES[n] for n in stages}, force or set())
