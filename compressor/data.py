@@ -60,10 +60,8 @@ def load_image(path: Path, channels: int, size: int, max_pixels: int = 50_000_00
 
     The declared size is checked before any pixel is decoded (an absurd one is a
     decompression bomb), then the whole file is decoded (a truncated file fails here),
-    then converted to 8-bit grayscale or RGB (modes that cannot be are refused).
+    then converted to 8-bit grayscale or RGB (16-bit and float modes are refused).
     """
-    import warnings
-
     from PIL import Image, UnidentifiedImageError
 
     if channels not in (1, 3):
@@ -72,33 +70,20 @@ def load_image(path: Path, channels: int, size: int, max_pixels: int = 50_000_00
     pillow_limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None  # our own limit (below) names the file and the size
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                w, h = img.size
-                if w * h > max_pixels:
-                    raise DataError(
-                        f"{path}: declares {w}x{h} = {w * h:,} pixels, over data.max_image_pixels="
-                        f"{max_pixels:,} (a decompression bomb?); remove the file or raise the limit"
-                    )
-                img.load()
-                mode = img.mode
-                if mode not in EIGHT_BIT_MODES:  # Pillow clips 16-bit and float pixels to 8 bits
-                    raise DataError(
-                        f"{path}: image mode {mode!r} (16-bit or float pixels) is not supported; save it "
-                        "as 8-bit RGB or grayscale"
-                    )
-                try:
-                    img = img.convert(target)
-                except (ValueError, OSError):
-                    raise DataError(
-                        f"{path}: image mode {mode!r} cannot be converted to {target}; save it as 8-bit "
-                        "RGB or grayscale"
-                    ) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise DataError(
-            f"{path}: Pillow refuses it as a decompression bomb (declared size too large); remove the file"
-        ) from None
+        with Image.open(path) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise DataError(
+                    f"{path}: declares {w}x{h} = {w * h:,} pixels, over data.max_image_pixels="
+                    f"{max_pixels:,} (a decompression bomb?); remove the file or raise the limit"
+                )
+            img.load()
+            if img.mode not in EIGHT_BIT_MODES:  # Pillow clips 16-bit and float pixels to 8 bits
+                raise DataError(
+                    f"{path}: image mode {img.mode!r} (16-bit or float pixels) is not supported; save it "
+                    "as 8-bit RGB or grayscale"
+                )
+            img = img.convert(target)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         detail = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
         raise DataError(f"{path}: cannot decode image ({detail}); remove or replace the file") from None

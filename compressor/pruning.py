@@ -119,8 +119,16 @@ def accumulate_taylor_grads(
             value, grad_norm, cosine, calls = _diagnosed_step(unet, noise_scheduler, x0, noise, t, skip)
             forward_calls += calls
             backward_calls += calls
-            rows.append({"t": t, "loss": value, "grad_norm": grad_norm, "half_cosine": cosine})
-            rows[-1]["accumulated"] = stopped_grads is None
+            accumulated = stopped_grads is None
+            rows.append(
+                {
+                    "t": t,
+                    "loss": value,
+                    "grad_norm": grad_norm,
+                    "half_cosine": cosine,
+                    "accumulated": accumulated,
+                }
+            )
             if stopped_grads is not None:
                 if on_step:
                     on_step(t, value)
@@ -170,20 +178,19 @@ def _diagnosed_step(
     params = [p for p in unet.parameters() if p.requires_grad and id(p) not in skip]
     n = x0.shape[0]
     halves = [slice(0, n // 2), slice(n // 2, n)] if n > 1 else [slice(0, n)]
-    before = _flat_grads(params)
-    deltas, total, passes = [], 0.0, 0
+    start = before = _flat_grads(params)
+    halves_grads, total = [], 0.0
     for part in halves:
         share = (part.stop - part.start) / n
         loss = denoising_loss(unet, noise_scheduler, x0[part], noise[part], t)
         (loss * share).backward()
-        passes += 1
         total += float(loss.detach()) * share
         after = _flat_grads(params)
-        deltas.append((after - before) / share)
+        halves_grads.append((after - before) / share)
         before = after
-    grad = sum(d * (h.stop - h.start) / n for d, h in zip(deltas, halves, strict=True))
-    cosine = float(F.cosine_similarity(deltas[0], deltas[1], dim=0)) if len(deltas) == 2 else None
-    return total, float(grad.norm()), cosine, passes
+    grad = before - start  # this timestep's full-batch gradient
+    cosine = float(F.cosine_similarity(*halves_grads, dim=0)) if len(halves_grads) == 2 else None
+    return total, float(grad.norm()), cosine, len(halves)
 
 
 class TaylorScore:
@@ -357,13 +364,7 @@ def preserve_attention_scale(unet: nn.Module, dense_head_dims: dict[str, int]) -
 
 def layer_widths(unet: nn.Module) -> dict[str, int]:
     """Output width of every conv and linear layer."""
-    out = {}
-    for name, m in unet.named_modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            out[name] = m.out_channels
-        elif isinstance(m, nn.Linear):
-            out[name] = m.out_features
-    return out
+    return {name: out for name, (out, _) in channel_widths(unet).items()}
 
 
 def prune_structure(
@@ -452,15 +453,13 @@ def _reselect(pruner, group, scores: dict[tuple, torch.Tensor], selection: str, 
 
 
 def channel_widths(unet: nn.Module) -> dict[str, tuple[int, int]]:
-    """(output, input) channel count of every conv, linear and norm layer by name."""
+    """(output, input) channel count of every conv and linear layer by name."""
     out = {}
     for name, m in unet.named_modules():
         if isinstance(m, nn.modules.conv._ConvNd):
             out[name] = (m.out_channels, m.in_channels)
         elif isinstance(m, nn.Linear):
             out[name] = (m.out_features, m.in_features)
-        elif isinstance(m, nn.GroupNorm):
-            out[name] = (m.num_channels, m.num_channels)
     return out
 
 

@@ -134,8 +134,12 @@ def torch_backend(
             return predict_noise(forward, sample.to(device=device, dtype=dtype), timestep.to(device)).float()
 
     predict = _cuda_graph_replayer(eager, device) if cuda_graph else eager
-    info = {"device": str(device), "precision": PRECISIONS[dtype], "cuda_graph": cuda_graph}
-    info["compile"] = compile
+    info = {
+        "device": str(device),
+        "precision": PRECISIONS[dtype],
+        "cuda_graph": cuda_graph,
+        "compile": compile,
+    }
     return Backend("torch", predict, info)
 
 

@@ -11,6 +11,7 @@ Imports cleanly without TensorRT; :func:`unavailable_reason` says why it cannot 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sys
 import time
@@ -36,9 +37,6 @@ INSTALL_HINT = (
 )
 
 
-_LIBRARY_CHECK: dict[str, str] = {}
-
-
 def unavailable_reason() -> str:
     """Empty when TensorRT and a CUDA device are usable here, else why not (one line)."""
     try:
@@ -49,15 +47,22 @@ def unavailable_reason() -> str:
         return f"TensorRT does not import ({type(exc).__name__}: {str(exc)[:120]}); {INSTALL_HINT}"
     if not torch.cuda.is_available():
         return f"TensorRT {trt.__version__} needs a CUDA GPU and no CUDA device is visible"
-    if "reason" not in _LIBRARY_CHECK:  # the Python bindings can exist without TensorRT's libraries
-        try:
-            trt.Builder(trt.Logger(trt.Logger.ERROR))
-            _LIBRARY_CHECK["reason"] = ""
-        except (TypeError, RuntimeError, OSError) as exc:
-            _LIBRARY_CHECK["reason"] = (
-                f"TensorRT {trt.__version__}'s libraries cannot be loaded ({str(exc)[:120]}); {INSTALL_HINT}"
-            )
-    return _LIBRARY_CHECK["reason"]
+    return libraries_reason()
+
+
+@functools.cache
+def libraries_reason() -> str:
+    """Empty when TensorRT's libraries load (a Builder can be made), else why not; probed once.
+
+    The Python bindings can be installed without the libraries behind them.
+    """
+    import tensorrt as trt
+
+    try:
+        trt.Builder(trt.Logger(trt.Logger.ERROR))
+    except (TypeError, RuntimeError, OSError) as exc:
+        return f"TensorRT {trt.__version__}'s libraries cannot be loaded ({str(exc)[:120]}); {INSTALL_HINT}"
+    return ""
 
 
 def require_tensorrt():
@@ -80,11 +85,6 @@ def network_flags(trt) -> int:
     if major_version(trt) >= 11:
         return 0
     return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-
-
-def source_precision(precision: str) -> str:
-    """Which exported ONNX an engine of ``precision`` is built from (the same, on 10 and 11)."""
-    return precision
 
 
 def gpu_identity() -> tuple[str, str]:
@@ -136,8 +136,8 @@ def build_engine(
 ) -> dict:
     """Build and serialise a strongly typed engine from ``onnx_path``; writes engine + manifest + cache.
 
-    ``onnx_path`` must be the ONNX of ``precision`` (see :func:`source_precision`): the
-    network is strongly typed, so the engine computes in the ONNX file's types.
+    ``onnx_path`` must be the ONNX of ``precision`` (the fp16 ONNX for fp16 engines, on 10
+    and 11 alike): the network is strongly typed, so the engine computes in the file's types.
     """
     trt = require_tensorrt()
     profile.validate()

@@ -79,7 +79,7 @@ def _cmd_sample(argv: list[str]) -> int:
     parser.add_argument("--scheduler", default="ddim", choices=["ddim", "ddpm"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, help="PNG grid to write (default ./sample-<backend>-<model>.png)")
-    args = parser.parse_intermixed_args(argv)  # key=value overrides may sit among the flags
+    args = parser.parse_args(argv)
     if args.num_images < 1 or args.steps < 1:
         raise UserError("--num-images and --steps must be at least 1")
     sampler = load_sampler(args.run, args.backend, args.model, args.device)
@@ -153,7 +153,7 @@ def _cmd_verify(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="compress-deploy verify", description="Verify a run's artifacts.")
     parser.add_argument("run", type=Path)
-    args = parser.parse_intermixed_args(argv)  # key=value overrides may sit among the flags
+    args = parser.parse_args(argv)
     if not (args.run / MANIFEST).is_file():
         raise UserError(f"{args.run / MANIFEST} not found; pass a run directory written by compress-deploy")
     report = verify_run(args.run)

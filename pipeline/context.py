@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -55,39 +56,34 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-_FACTS: dict[str, dict] = {}
-
-
+@functools.cache
 def environment_facts(device: torch.device) -> dict[str, str | None]:
     """What measured results depend on besides config and inputs (memoised per device).
 
     Library versions, ONNX Runtime's available execution providers, and on CUDA
     the GPU's name and compute capability.
     """
-    key = str(device)
-    if key not in _FACTS:
-        versions = library_versions()
-        ort = versions.get("onnxruntime-gpu") or versions.get("onnxruntime")
-        try:
-            import onnxruntime
+    versions = library_versions()
+    ort = versions.get("onnxruntime-gpu") or versions.get("onnxruntime")
+    try:
+        import onnxruntime
 
-            ort = f"{ort} [{', '.join(onnxruntime.get_available_providers())}]"
-        except ImportError:
-            pass
-        gpu = None
-        if device.type == "cuda" and torch.cuda.is_available():
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            major, minor = torch.cuda.get_device_capability(index)
-            gpu = f"{torch.cuda.get_device_name(index)} (sm_{major}{minor})"
-        _FACTS[key] = {
-            "torch": versions.get("torch"),
-            "onnx": versions.get("onnx"),
-            "onnxruntime": ort,
-            "polygraphy": versions.get("polygraphy"),
-            "tensorrt": versions.get("tensorrt"),
-            "gpu": gpu,
-        }
-    return _FACTS[key]
+        ort = f"{ort} [{', '.join(onnxruntime.get_available_providers())}]"
+    except ImportError:
+        pass
+    gpu = None
+    if device.type == "cuda" and torch.cuda.is_available():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        gpu = f"{torch.cuda.get_device_name(index)} (sm_{major}{minor})"
+    return {
+        "torch": versions.get("torch"),
+        "onnx": versions.get("onnx"),
+        "onnxruntime": ort,
+        "polygraphy": versions.get("polygraphy"),
+        "tensorrt": versions.get("tensorrt"),
+        "gpu": gpu,
+    }
 
 
 def log(stage: str, message: str) -> None:

@@ -33,25 +33,6 @@ interrupt_when SIGTERM "\[export\] start" 1 143 export
 interrupt_when SIGINT "\[export\] dense fp32" 0 130 export
 $CLI "${ARGS[@]}" --run-dir "$WORK/run" > "$WORK/final.log" 2>&1 || { echo "final rerun failed"; exit 1; }
 grep -E "^\[[a-z]+\] (cached|start)|resumed" "$WORK/final.log"
-.venv/bin/python - "$WORK" <<'PYEOF' || FAIL=1
-import hashlib, json, sys
-from pathlib import Path
-work = Path(sys.argv[1])
-rec = json.loads((work / "run" / "finetune" / "record.json").read_text())
-print("finetune resumed from step:", rec["metrics"]["resumed_from"])
-same = diff = 0
-for path in sorted((work / "ref").rglob("*")):
-    rel = path.relative_to(work / "ref")
-    if not path.is_file() or "checkpoints" in rel.parts or path.name in ("record.json", "manifest.json", "run.json"):
-        continue
-    other = work / "run" / rel
-    a = hashlib.sha256(path.read_bytes()).hexdigest()
-    b = hashlib.sha256(other.read_bytes()).hexdigest() if other.is_file() else None
-    same, diff = same + (a == b), diff + (a != b)
-    if a != b:
-        print("DIFF", rel)
-print(f"{same} identical, {diff} different deterministic artifacts")
-sys.exit(1 if diff else 0)
-PYEOF
+.venv/bin/python scripts/compare_runs.py "$WORK/ref" "$WORK/run" || FAIL=1
 .venv/bin/compress-deploy verify "$WORK/run" | tail -1
 exit $FAIL

@@ -28,24 +28,4 @@ kill_when "\[export\] start" 1
 kill_when "\[bench\] start" 2
 $CLI "${ARGS[@]}" --run-dir "$WORK/killed" > "$WORK/final.log" 2>&1 || { echo "final rerun failed"; exit 1; }
 grep -E "^\[[a-z]+\] (cached|start)|resumed" "$WORK/final.log"
-python3 - "$WORK" <<'PYEOF'
-import hashlib, json, sys
-from pathlib import Path
-work = Path(sys.argv[1])
-rec = json.loads((work / "killed" / "finetune" / "record.json").read_text())
-print("finetune resumed from step:", rec["metrics"]["resumed_from"])
-same = diff = 0
-for path in sorted((work / "ref").rglob("*")):
-    rel = path.relative_to(work / "ref")
-    if not path.is_file() or rel.parts[0] not in ("prune", "finetune", "samples", "export") or "checkpoints" in rel.parts:
-        continue
-    if path.name == "record.json":
-        continue
-    other = work / "killed" / rel
-    a = hashlib.sha256(path.read_bytes()).hexdigest()
-    b = hashlib.sha256(other.read_bytes()).hexdigest() if other.is_file() else None
-    print(f"{'same' if a == b else 'DIFF'}  {rel}")
-    same, diff = same + (a == b), diff + (a != b)
-print(f"{same} identical, {diff} different deterministic artifacts")
-sys.exit(1 if diff else 0)
-PYEOF
+.venv/bin/python scripts/compare_runs.py "$WORK/ref" "$WORK/killed"

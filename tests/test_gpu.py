@@ -107,7 +107,7 @@ def engine_run(tiny_unet, tmp_path):
     from export.onnx_export import export_unet
 
     tensorrt_backend.require_tensorrt()
-    source = tensorrt_backend.source_precision("fp16")  # strongly typed: the fp16 ONNX on 10 and 11
+    source = "fp16"  # strongly typed: fp16 engines come from the fp16 ONNX on 10 and 11
     profile = Profile(1, 2, 4)
     for model in ("dense", "pruned"):
         onnx_file = tmp_path / "export" / model / f"unet.{source}.onnx"

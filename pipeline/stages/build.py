@@ -22,7 +22,7 @@ def build_engines(run_dir: Path, cfg: BuildConfig) -> StageResult:
     profile = Profile(cfg.min_batch, cfg.opt_batch, cfg.max_batch)
     profile.validate()
     tensorrt_backend.require_tensorrt()
-    source = tensorrt_backend.source_precision(cfg.precision)  # strongly typed on 10 and 11
+    source = cfg.precision  # strongly typed on 10 and 11: the engine's precision is the ONNX file's
     cache = runlayout.timing_cache(run_dir)
     cache.parent.mkdir(parents=True, exist_ok=True)
     engines, files = {}, []
