@@ -3,8 +3,9 @@
 # (target_macs 0.57), export fp32 + fp16, parity at batch 1, ONNX Runtime bench at batch 1 and the
 # report; prints params / MACs before and after, parity errors, sampler PSNR, speed-up and wall time.
 # Usage: bash scripts/celebahq_cpu_check.sh [RUN_DIR]
-#   PRECISIONS="[fp32]" skips the fp16 export: about 4 minutes on 2 cores. With fp16 (the default)
-#   the export traces the half-precision model on the CPU, which ran over 20 minutes at 256 px here.
+#   PRECISIONS="[fp32]" skips the fp16 export and its parity (about 4 minutes on 2 cores). The fp16
+#   graph is traced at a small size and pinned to 256 px (see export/onnx_export.py): fp16 at full
+#   size on a CPU took over 20 minutes to trace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

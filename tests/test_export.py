@@ -51,8 +51,11 @@ def test_fp32_export_matches_torch_at_several_batches_and_timesteps(which, reque
 
 def test_fp16_export_keeps_norms_in_fp32_and_is_close(tiny_unet, tmp_path):
     path = tmp_path / "unet.fp16.onnx"
-    export_unet(tiny_unet, path, "fp16")
+    facts = export_unet(tiny_unet, path, "fp16")
+    assert facts["traced_size"] == [8, 8]  # traced small (CPUs lack fast fp16 convs), then pinned
     proto = onnx.load(str(path))
+    for value in (proto.graph.input[0], proto.graph.output[0]):
+        assert [d.dim_value for d in value.type.tensor_type.shape.dim[1:]] == [3, 16, 16]
     types = {i.type.tensor_type.elem_type for i in proto.graph.input}
     assert types == {onnx.TensorProto.FLOAT, onnx.TensorProto.INT64}  # fp32 I/O
     weights = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
@@ -80,6 +83,18 @@ def test_fp16_export_keeps_norms_in_fp32_and_is_close(tiny_unet, tmp_path):
         ref = predict_noise(tiny_unet, x["sample"], x["timestep"])
     got = backend.predict(x["sample"], x["timestep"])
     assert (got - ref).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("which", ["pruned_unet", "tiny_cond_unet"])
+def test_fp16_graph_traced_small_runs_at_full_size(which, request, tmp_path):
+    unet = request.getfixturevalue(which)
+    path = tmp_path / "unet.fp16.onnx"
+    assert export_unet(unet, path, "fp16")["traced_size"] == [8, 8]
+    feeds = parity_feeds(unet, [1, 3], [0, 999])
+    report = compare([make_torch_runner(unet, "torch"), make_onnxrt_runner(path, "ort")], feeds, 2e-2, 2e-2)[
+        0
+    ]
+    assert report.passed and report.min_cosine > 0.999, report.max_abs_error
 
 
 def test_parity_failure_is_reported_not_hidden(tiny_unet, tmp_path):
