@@ -63,6 +63,45 @@ class DataConfig:
 
 
 @dataclass
+class LatencyTarget:
+    """A measured-latency pruning target: the mildest pruning that reaches it on a backend."""
+
+    backend: Literal["torch", "onnxruntime", "tensorrt"] = _spec(
+        "onnxruntime", "backend the latency is measured on (torch: eager fp32 on the run's device)"
+    )
+    batch: int = _spec(1, "batch size of the timed calls", ge=1)
+    what: Literal["unet", "sampler"] = _spec(
+        "unet", "one UNet call, or the whole sampler at bench.sampler_steps"
+    )
+    speedup: float | None = _spec(None, "wanted speed-up over dense (e.g. 1.5)", gt=1.0)
+    ms: float | None = _spec(None, "wanted latency of the pruned model in milliseconds", gt=0.0)
+    margin: float = _spec(
+        0.03, "noise margin: a trial passes at speedup x (1 + margin), or ms x (1 - margin)", ge=0.0, lt=0.5
+    )
+    warmup: int = _spec(2, "untimed calls per model per trial", ge=0)
+    repeat: int = _spec(10, "timed calls per model per trial (medians are compared)", ge=3)
+    threads: int | None = _spec(None, "CPU threads while timing (match bench.threads)", ge=1)
+
+    @property
+    def active(self) -> bool:
+        """True when a speed-up or a latency is asked for."""
+        return self.speedup is not None or self.ms is not None
+
+    def goal(self) -> str:
+        """E.g. '1.5x faster than dense' or 'at most 12 ms'."""
+        if self.speedup is not None:
+            return f"{self.speedup:g}x faster than dense"
+        return f"at most {self.ms:g} ms"
+
+    def met(self, speedup: float, ms: float, margin: float | None = None) -> bool:
+        """Whether a measured (speed-up, ms) reaches the goal, with ``margin`` (default: self.margin)."""
+        m = self.margin if margin is None else margin
+        if self.speedup is not None:
+            return speedup >= self.speedup * (1 + m)
+        return ms <= self.ms * (1 - m)  # type: ignore[operator]
+
+
+@dataclass
 class PruneConfig:
     """Structural pruning (Diff-Pruning and the paper's baselines)."""
 
@@ -72,6 +111,7 @@ class PruneConfig:
     ratio: float | None = _spec(None, "per-layer channel pruning ratio", ge=0.0, lt=1.0)
     target_macs: float | None = _spec(None, "fraction of dense MACs to keep", gt=0.0, le=1.0)
     target_params: float | None = _spec(None, "fraction of dense params to keep", gt=0.0, le=1.0)
+    target_latency: LatencyTarget = field(default_factory=LatencyTarget)
     search: Literal["uniform", "fine"] = _spec(
         "uniform", "target search: uniform-width ratios only, or bisect finer between them"
     )
@@ -101,10 +141,17 @@ class PruneConfig:
 
     def require_target(self) -> None:
         """Raise ConfigError unless a pruning target is set (the prune stage needs one)."""
-        if self.ratio is None and self.target_macs is None and self.target_params is None:
+        if not self.targets():
             raise ConfigError(
-                "prune: no pruning target; set one of prune.ratio, prune.target_macs, prune.target_params"
+                "prune: no pruning target; set one of prune.ratio, prune.target_macs, prune.target_params, "
+                "prune.target_latency.speedup, prune.target_latency.ms"
             )
+
+    def targets(self) -> list[str]:
+        """The pruning targets that are set (dotted names)."""
+        names = [k for k in ("ratio", "target_macs", "target_params") if getattr(self, k) is not None]
+        lat = self.target_latency
+        return names + [f"target_latency.{k}" for k in ("speedup", "ms") if getattr(lat, k) is not None]
 
 
 @dataclass
@@ -259,7 +306,7 @@ class RunConfig:
 
     def check(self) -> None:
         """Cross-field rules that single-field checks cannot express."""
-        targets = [k for k in ("ratio", "target_macs", "target_params") if getattr(self.prune, k) is not None]
+        targets = self.prune.targets()
         b = self.build
         if not b.min_batch <= b.opt_batch <= b.max_batch:
             raise ConfigError(

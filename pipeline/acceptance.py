@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compressor.config import AcceptanceConfig
+from compressor.config import AcceptanceConfig, LatencyTarget
 
 
 @dataclass
@@ -40,8 +40,27 @@ def _bench_value(bench: dict | None, backend: str, batch: int, what: str, key: s
     return None
 
 
-def evaluate(cfg: AcceptanceConfig, records: dict[str, dict | None]) -> list[Check]:
-    """All configured checks (limits left null are not checked)."""
+def latency_target_check(target: LatencyTarget, bench: dict | None) -> Check:
+    """The prune stage's latency target, verified by the bench stage's own measurement (no margin)."""
+    key = "speedup" if target.speedup is not None else "ms"
+    what = "sampler" if target.what == "sampler" else "unet"
+    value = _bench_value(bench, target.backend, target.batch, what, key)
+    limit = target.speedup if target.speedup is not None else target.ms
+    direction = ">=" if key == "speedup" else "<="
+    detail = f"[{target.backend}, {what}, batch {target.batch}, measured by bench]"
+    if value is None:
+        detail += (
+            f" bench has no such row: add {target.backend} to bench.backends and {target.batch} to "
+            f"bench.{'sampler_' if what == 'sampler' else ''}batch_sizes"
+        )
+    ok = value is not None and (value >= limit if key == "speedup" else value <= limit)  # type: ignore[operator]
+    return Check(f"prune.target_latency.{key}", value, limit, direction, ok, detail)  # type: ignore[arg-type]
+
+
+def evaluate(
+    cfg: AcceptanceConfig, records: dict[str, dict | None], target: LatencyTarget | None = None
+) -> list[Check]:
+    """All configured checks (limits left null are not checked), plus an active latency target."""
     bench, parity, quality = records.get("bench"), records.get("parity"), records.get("quality")
     where = f"[{cfg.backend}, batch {cfg.batch}]"
     compressed = None
@@ -76,4 +95,6 @@ def evaluate(cfg: AcceptanceConfig, records: dict[str, dict | None]) -> list[Che
             continue
         ok = value is not None and (value <= limit if direction == "<=" else value >= limit)
         checks.append(Check(name, value, limit, direction, ok, detail))
+    if target is not None and target.active:
+        checks.append(latency_target_check(target, bench))
     return checks

@@ -43,10 +43,14 @@ def stage_key(ctx: RunContext, name: str, module: ModuleType) -> dict:
 
     A stage that declares ``ENVIRONMENT`` (library versions, ONNX Runtime's providers,
     the GPU) is keyed on those facts too, so measurements and builds made under
-    another environment are not reused.
+    another environment are not reused. A stage's optional ``key_extra(ctx)`` adds
+    settings and facts it reads only in some configurations.
     """
     cfg = config_to_dict(ctx.cfg)
     config = {s: cfg[s] for s in module.SECTIONS if s in cfg}
+    extra = getattr(module, "key_extra", None)
+    if extra is not None:  # what a stage reads only under some settings (e.g. a latency target)
+        config.update(extra(ctx))
     inputs = {up: fingerprint(ctx.run_dir, ctx.record(up)) for up in module.INPUTS}
     parts: dict = {"config": _digest(config), "inputs": inputs}
     names = getattr(module, "ENVIRONMENT", [])

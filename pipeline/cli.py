@@ -111,6 +111,9 @@ def _run_command_args(name: str, section: str, argv: list[str], description: str
     rec_file = runlayout.record_path(args.run, name)
     if rec_file.is_file():
         base = {section: json.loads(rec_file.read_text())["config"][section]}
+    prune_file = runlayout.record_path(args.run, "prune")
+    if name == "check" and prune_file.is_file():  # the latency target the run pruned for
+        base["prune"] = json.loads(prune_file.read_text())["config"]["prune"]
     return args.run, config_from_mapping(base, args.overrides)
 
 
@@ -123,7 +126,7 @@ def _cmd_check(argv: list[str]) -> int:
     records = {s: ctx.record(s) for s in ("bench", "parity", "quality")}
     if not any(records.values()):
         raise UserError(f"{run} has no bench, parity or quality records; run the pipeline first")
-    checks = evaluate(cfg.acceptance, records)
+    checks = evaluate(cfg.acceptance, records, cfg.prune.target_latency)
     if not checks:
         print("no acceptance limits configured (set acceptance.* in the config or as overrides)")
         return 0
@@ -178,8 +181,15 @@ def _cmd_ablate(argv: list[str]) -> int:
     return ablate(argv)
 
 
+def _cmd_plan(argv: list[str]) -> int:
+    from pipeline.plan import main as plan
+
+    return plan(argv)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "ablate": _cmd_ablate,
+    "plan": _cmd_plan,
     "build": _cmd_build,
     "sample": _cmd_sample,
     "check": _cmd_check,

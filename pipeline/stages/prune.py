@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import time
 
+import torch
 from tqdm import tqdm
 
 from compressor import runlayout
@@ -12,10 +15,78 @@ from compressor.models import count_macs_params
 from compressor.persist import dense_config, save_unet
 from compressor.pruning import prune_unet
 from compressor.quality import denoising_eval_loss
-from pipeline.context import RunContext, StageResult, log
+from pipeline.context import RunContext, StageResult, environment_facts, log
 
 SECTIONS = ["model", "data", "prune", "seed"]
 INPUTS: list[str] = []
+
+
+def key_extra(ctx: RunContext) -> dict:
+    """A latency target also depends on the host, the backend's libraries and the sampler's steps."""
+    lat = ctx.cfg.prune.target_latency
+    if not lat.active:
+        return {}
+    extra: dict = {"latency_host": environment_facts(ctx.device), "threads": lat.threads}
+    if lat.what == "sampler":
+        extra["bench.sampler_steps"] = ctx.cfg.bench.sampler_steps
+    return extra
+
+
+def latency_probe(ctx: RunContext, backend: str, batch: int, what: str, warmup: int, repeat: int, threads):
+    """A :class:`deploy.latency.LatencyProbe` set up from the run (device, sampler steps, precision)."""
+    from deploy.latency import LatencyProbe
+
+    return LatencyProbe(
+        backend,
+        batch,
+        what,
+        ctx.cfg.bench.sampler_steps,
+        ctx.device if backend == "torch" else torch.device("cpu"),
+        threads,
+        warmup,
+        repeat,
+        ctx.cfg.build.precision,
+        ctx.dense.scheduler_config,
+    )
+
+
+def _latency_search(ctx: RunContext, unet) -> tuple[float, list[dict], dict]:
+    """Ratio chosen by measured latency, its trials, and a summary for the record."""
+    from deploy.latency import search_latency
+
+    cfg = ctx.cfg.prune
+    lat = cfg.target_latency
+    probe = latency_probe(ctx, lat.backend, lat.batch, lat.what, lat.warmup, lat.repeat, lat.threads)
+    log("prune", f"latency search: {lat.goal()} on {probe.describe()} (margin {lat.margin:.0%})")
+
+    def on_trial(row: dict) -> None:
+        verdict = "meets" if row["meets"] else "misses"
+        log(
+            "prune",
+            f"trial ratio {row['ratio']:.4f}: {row['macs_kept']:.3f} of MACs, "
+            f"dense {row['dense_ms']:.2f} ms, pruned {row['median_ms']:.2f} ms, "
+            f"{row['speedup']:.2f}x ({verdict} the target)",
+        )
+
+    began = time.perf_counter()
+    ratio, trials = search_latency(
+        unet, lat, probe, cfg.round_to, ctx.image_shape(), cfg.search, on_trial=on_trial
+    )
+    chosen = next(t for t in trials if t["ratio"] == round(ratio, 6))
+    milder = [t for t in trials if t["ratio"] < chosen["ratio"]]
+    summary = {
+        **dataclasses.asdict(lat),
+        "probe": probe.describe(),
+        "chosen": chosen,
+        "next_milder": milder[-1] if milder else None,
+        "search_seconds": round(time.perf_counter() - began, 1),
+    }
+    log(
+        "prune",
+        f"latency search: ratio {ratio:.4f} measured {chosen['speedup']:.2f}x ({chosen['median_ms']:.2f} ms) "
+        f"in {summary['search_seconds']:.0f} s",
+    )
+    return ratio, trials, summary
 
 
 def run(ctx: RunContext) -> StageResult:
@@ -42,6 +113,11 @@ def run(ctx: RunContext) -> StageResult:
         bar.update(1)
         bar.set_postfix(t=t, loss=f"{loss:.4f}")
 
+    trials: list[dict] = []
+    latency = None
+    if cfg.target_latency.active:
+        ratio, trials, latency = _latency_search(ctx, unet)
+        cfg = dataclasses.replace(cfg, ratio=ratio, target_latency=type(cfg.target_latency)())
     try:
         result = prune_unet(unet, noise_scheduler, images, cfg, ctx.cfg.seed, on_step, on_trial)
     finally:
@@ -76,7 +152,10 @@ def run(ctx: RunContext) -> StageResult:
     metrics = {
         "method": cfg.method,
         "ratio": result.ratio,
-        "target": {k: getattr(cfg, k) for k in ("ratio", "target_macs", "target_params")},
+        "target": {
+            **{k: getattr(ctx.cfg.prune, k) for k in ("ratio", "target_macs", "target_params")},
+            "target_latency": latency,
+        },
         "params_before": params_before,
         "params_after": params_after,
         "macs_before": macs_before,
@@ -100,6 +179,7 @@ def run(ctx: RunContext) -> StageResult:
         "kept_channels": result.kept_channels,
         "diagnostics": result.taylor.diagnostics if result.taylor else [],
         "search": result.search,
+        "trials": trials,
     }
     return StageResult(metrics, files)
 

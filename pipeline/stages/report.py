@@ -145,13 +145,53 @@ def _plot_latency(rows: list[dict], path: Path) -> bool:
     return True
 
 
+def _latency_trials(doc: Doc, m: dict, out: Path) -> None:
+    """The latency search: target, every trial, the chosen structure and the chart."""
+    from pipeline.plan import chart
+
+    lat = m["target"]["target_latency"]
+    doc.heading("Latency search")
+    milder = lat.get("next_milder")
+    goal = f"{lat['speedup']:g}x over dense" if lat["speedup"] is not None else f"at most {lat['ms']:g} ms"
+    doc.para(
+        f"Target: {goal} "
+        f"on {lat['probe']}, noise margin {lat['margin']:.0%}. Chosen ratio {m['ratio']:.4g}: measured "
+        f"{lat['chosen']['speedup']:.2f}x ({lat['chosen']['median_ms']:.2f} ms, dense "
+        f"{lat['chosen']['dense_ms']:.2f} ms)"
+        + (
+            f"; the next milder trial (ratio {milder['ratio']:.4g}) measured {milder['speedup']:.2f}x"
+            if milder
+            else ""
+        )
+        + f". Search time {lat['search_seconds']:.0f} s; each trial timed alternately with dense."
+    )
+    doc.table(
+        ["ratio", "MACs kept", "params", "dense ms", "pruned ms", "speed-up", "meets"],
+        [
+            [
+                t["ratio"],
+                t["macs_kept"],
+                f"{t['params'] / 1e6:.3f}M",
+                t["dense_ms"],
+                t["median_ms"],
+                f"{t['speedup']:.2f}x",
+                "yes" if t.get("meets") else "no",
+            ]
+            for t in m["trials"]
+        ],
+    )
+    rows = [{**t, "backend": lat["backend"], "batch": lat["batch"], "what": lat["what"]} for t in m["trials"]]
+    chart(rows, out / "latency_search.png", "latency search: measured speed-up vs MACs reduction")
+    doc.image(out / "latency_search.png", "latency search trials")
+
+
 def run(ctx: RunContext) -> StageResult:
     """Write ``RUN/report/report.md`` and ``RUN/report/report.html`` from the run's records."""
     out = ctx.stage_dir("report")
     rec = {s: ctx.record(s) for s in ("prune", "finetune", "quality", "parity", "bench", "samples", "check")}
     cfg = ctx.cfg
     doc = Doc(f"compress-deploy report: {cfg.name}")
-    checks = evaluate(cfg.acceptance, rec)
+    checks = evaluate(cfg.acceptance, rec, cfg.prune.target_latency)
     verdict = "PASS" if all(c.passed for c in checks) else "FAIL"
     doc.para(
         f"**Acceptance: {verdict}** ({sum(c.passed for c in checks)}/{len(checks)} checks passed)"
@@ -176,6 +216,10 @@ def run(ctx: RunContext) -> StageResult:
                     f"{k}={getattr(cfg.prune, k)}"
                     for k in ("ratio", "target_macs", "target_params")
                     if getattr(cfg.prune, k) is not None
+                )
+                or (
+                    f"latency: {cfg.prune.target_latency.goal()} on {cfg.prune.target_latency.backend} "
+                    f"({cfg.prune.target_latency.what}, batch {cfg.prune.target_latency.batch})"
                 ),
             ],
             [
@@ -207,6 +251,8 @@ def run(ctx: RunContext) -> StageResult:
             if ts
             else f"Pruning ratio {m['ratio']:.4g}; {m['method']} needs no Taylor pass."
         )
+        if m.get("trials"):
+            _latency_trials(doc, m, out)
         if m.get("diagnostics"):
             from pipeline.plots import plot_taylor_diagnostics
 

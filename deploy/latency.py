@@ -1,0 +1,214 @@
+"""Measured latency of pruned structures on a deployment backend.
+
+Latency-targeted pruning (``prune.target_latency``) and ``compress-deploy plan`` both ask
+the same question: how fast is the UNet pruned at ratio r on this backend, at this batch,
+relative to dense? Latency depends on the structure (layer widths), not on the weights,
+so each candidate is pruned on a copy with the magnitude criterion (the run's own
+criterion then chooses the channels at the ratio that was picked). Every candidate is
+timed alternately with the dense model in the same process (:func:`time_alternating`),
+so drift and warm-up cancel; the figure kept is the median of ``repeat`` calls.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compressor.errors import ConfigError
+from compressor.models import count_macs_params
+from compressor.sampling import make_scheduler
+from deploy.bench import percentile_ms, sampler_call, time_alternating, unet_call
+from deploy.runtimes import Backend, onnxruntime_backend, torch_backend
+
+
+def backend_unavailable(name: str) -> str:
+    """Why ``name`` cannot be timed here ('' when it can)."""
+    if name == "tensorrt":
+        from deploy import tensorrt_backend
+
+        return tensorrt_backend.unavailable_reason()
+    return ""
+
+
+@dataclass
+class LatencyProbe:
+    """Times one backend at one batch size, a UNet call or the whole DDIM sampler."""
+
+    backend: str
+    batch: int
+    what: str = "unet"
+    steps: int = 20
+    device: torch.device = torch.device("cpu")
+    threads: int | None = None
+    warmup: int = 2
+    repeat: int = 10
+    precision: str = "fp16"  # TensorRT engines only
+    scheduler_config: dict | None = None
+
+    def __post_init__(self) -> None:
+        reason = backend_unavailable(self.backend)
+        if reason:
+            raise ConfigError(f"latency on {self.backend}: not measurable here ({reason})")
+        self._dir = tempfile.TemporaryDirectory(prefix="latency-")
+        self._dense: tuple[nn.Module, Backend] | None = None
+
+    def dense(self, unet: nn.Module) -> Backend:
+        """The backend of the dense model, loaded once per probe."""
+        if self._dense is None or self._dense[0] is not unet:
+            self._dense = (unet, self.load(unet, "dense"))
+        return self._dense[1]
+
+    def load(self, unet: nn.Module, label: str) -> Backend:
+        """A backend over a private copy of ``unet`` (ONNX / engine files in a temporary folder)."""
+        if self.backend == "torch":
+            return torch_backend(unet, self.device)
+        from export.onnx_export import export_unet
+
+        precision = self.precision if self.backend == "tensorrt" else "fp32"
+        onnx_file = Path(self._dir.name) / f"{label}.{precision}.onnx"
+        export_unet(copy.deepcopy(unet).cpu(), onnx_file, precision, fold=self.backend == "tensorrt")
+        if self.backend == "onnxruntime":
+            return onnxruntime_backend(onnx_file, self.threads)
+        from deploy import tensorrt_backend
+        from deploy.engines import Profile
+        from export.onnx_export import onnx_sample_shape
+
+        engine = onnx_file.with_suffix(".plan")
+        tensorrt_backend.build_engine(
+            onnx_file,
+            engine,
+            Profile(self.batch, self.batch, self.batch),
+            onnx_sample_shape(onnx_file),
+            precision,
+            4.0,
+            3,
+            Path(self._dir.name) / "timing.cache",
+            label,
+        )
+        return Backend("tensorrt", tensorrt_backend.EngineRunner(engine), {"precision": precision})
+
+    def _call(self, backend: Backend, shape: tuple) -> Callable[[], object]:
+        device = "cuda" if self.backend == "tensorrt" else self.device
+        if self.what == "unet":
+            return unet_call(backend.predict, shape, self.batch, device)
+        scheduler = make_scheduler("ddim", self.scheduler_config or {})
+        return sampler_call(backend.predict, scheduler, shape, self.batch, self.steps, device)
+
+    def measure(self, dense: Backend, candidate: Backend, shape: tuple) -> tuple[float, float]:
+        """(dense median ms, candidate median ms), timed alternately."""
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        calls = {"dense": self._call(dense, shape), "candidate": self._call(candidate, shape)}
+        warmup = self.warmup if self.what == "unet" else min(1, self.warmup)
+        times = time_alternating(calls, warmup, self.repeat)
+        return percentile_ms(times["dense"])[0], percentile_ms(times["candidate"])[0]
+
+    def describe(self) -> str:
+        """E.g. 'onnxruntime, UNet call at batch 16'."""
+        what = "UNet call" if self.what == "unet" else f"{self.steps}-step sampler"
+        return f"{self.backend}, {what} at batch {self.batch}"
+
+
+def pruned_copy(unet: nn.Module, ratio: float, round_to: int | None) -> nn.Module:
+    """``unet`` pruned at ``ratio`` on a copy (magnitude criterion: only the structure matters)."""
+    import torch_pruning as tp
+
+    from compressor.pruning import prune_structure
+
+    trial = copy.deepcopy(unet)
+    if ratio > 0:
+        prune_structure(trial, tp.importance.GroupMagnitudeImportance(p=1), ratio, round_to)
+    return trial.eval()
+
+
+def time_ratios(
+    unet: nn.Module,
+    ratios: list[float],
+    probe: LatencyProbe,
+    round_to: int | None,
+    shape: tuple,
+    stop: Callable[[dict], bool] | None = None,
+    on_trial: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """One trial row per ratio (mildest first), stopping after the first row ``stop`` accepts.
+
+    Row: ratio, macs, params, macs_kept, params_kept, dense_ms, median_ms, speedup, seconds.
+    """
+    unet = unet.eval()
+    macs_dense, params_dense = count_macs_params(unet)
+    dense = probe.dense(unet)
+    rows = []
+    for ratio in ratios:
+        began = time.perf_counter()
+        trial = pruned_copy(unet, ratio, round_to)
+        macs, params = count_macs_params(trial)
+        dense_ms, ms = probe.measure(dense, probe.load(trial, f"r{ratio:.4f}"), shape)
+        row = {
+            "ratio": round(ratio, 6),
+            "macs": macs,
+            "params": params,
+            "macs_kept": macs / macs_dense,
+            "params_kept": params / params_dense,
+            "dense_ms": dense_ms,
+            "median_ms": ms,
+            "speedup": dense_ms / ms,
+            "seconds": round(time.perf_counter() - began, 2),
+        }
+        rows.append(row)
+        done = stop(row) if stop else False
+        if on_trial:
+            on_trial(row)
+        if done:
+            break
+    return rows
+
+
+def search_latency(
+    unet: nn.Module,
+    target,
+    probe: LatencyProbe,
+    round_to: int | None,
+    shape: tuple,
+    mode: str = "uniform",
+    iterations: int = 4,
+    on_trial: Callable[[dict], None] | None = None,
+) -> tuple[float, list[dict]]:
+    """The mildest ratio whose measured latency reaches ``target`` (a LatencyTarget), and every trial.
+
+    Walks the uniform-width ratios from the mildest and stops at the first that meets the
+    target with its noise margin; ``fine`` then bisects between it and the previous ratio.
+    Raises ConfigError naming the best reachable figure when no ratio meets the target.
+    """
+    from compressor.pruning import uniform_ratios
+
+    def meets(row: dict) -> bool:
+        row["meets"] = target.met(row["speedup"], row["median_ms"])
+        return row["meets"]
+
+    rows = time_ratios(unet, uniform_ratios(unet), probe, round_to, shape, meets, on_trial)
+    if not rows[-1]["meets"]:
+        best = max(rows, key=lambda r: r["speedup"])
+        raise ConfigError(
+            f"prune.target_latency: {target.goal()} on {probe.describe()} is not reachable: the most "
+            f"aggressive pruning allowed (ratio {best['ratio']:g}, {best['macs_kept']:.1%} of MACs) measured "
+            f"{best['speedup']:.2f}x ({best['median_ms']:.2f} ms vs dense {best['dense_ms']:.2f} ms); "
+            "lower the target"
+        )
+    chosen = rows[-1]["ratio"]
+    if mode == "fine":
+        lo = rows[-2]["ratio"] if len(rows) > 1 else 0.0
+        hi = chosen
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            (row,) = time_ratios(unet, [mid], probe, round_to, shape, meets, on_trial)
+            rows.append(row)
+            lo, hi = (lo, mid) if row["meets"] else (mid, hi)
+        chosen = hi
+    return chosen, sorted(rows, key=lambda r: r["ratio"])

@@ -1,0 +1,167 @@
+"""Latency-targeted pruning: the search, the prune record's trials, the check, `plan`, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from compressor.config import LatencyTarget
+from compressor.errors import ConfigError
+from compressor.models import count_macs_params
+from deploy.latency import LatencyProbe, pruned_copy, search_latency, time_ratios
+from deploy.runtimes import Backend
+from pipeline.cli import main
+from tests.conftest import TINY_CONFIG, write_config, write_images, write_model_folder
+
+
+class MacsProbe(LatencyProbe):
+    """A probe whose 'latency' is MACs / 1e6 ms plus a fixed overhead: the search logic, deterministic."""
+
+    overhead_ms = 0.0
+
+    def load(self, unet, label):  # noqa: D102
+        return Backend("fake", lambda s, t: s, {"macs": count_macs_params(unet)[0]})
+
+    def measure(self, dense, candidate, shape):  # noqa: D102
+        ms = lambda b: b.info["macs"] / 1e6 + self.overhead_ms  # noqa: E731
+        return ms(dense), ms(candidate)
+
+
+def test_search_takes_the_mildest_ratio_that_meets_the_target(tiny_unet):
+    probe = MacsProbe("torch", 2)
+    dense = count_macs_params(tiny_unet)[0]
+    rows = time_ratios(tiny_unet, [0.25, 0.5, 0.75], probe, None, (3, 16, 16))
+    speedups = [r["speedup"] for r in rows]
+    assert speedups == sorted(speedups) and speedups[0] > 1.0
+    assert rows[0]["speedup"] == pytest.approx(dense / rows[0]["macs"])
+    # a target between the first and second trial's speed-up: the second ratio, and the walk stops there
+    goal = (speedups[0] + speedups[1]) / 2
+    ratio, trials = search_latency(
+        tiny_unet, LatencyTarget(speedup=goal, margin=0.0), probe, None, (3, 16, 16)
+    )
+    assert ratio == 0.5 and [t["ratio"] for t in trials] == [0.25, 0.5]
+    assert [t["meets"] for t in trials] == [False, True]
+    assert {"ratio", "macs", "params", "median_ms", "speedup"} <= set(trials[0])
+    # the margin turns a bare pass into a miss
+    ratio, _ = search_latency(
+        tiny_unet, LatencyTarget(speedup=speedups[1], margin=0.01), probe, None, (3, 16, 16)
+    )
+    assert ratio == 0.75
+
+
+def test_fine_search_bisects_below_the_first_passing_ratio(tiny_unet):
+    probe = MacsProbe("torch", 2)
+    first = time_ratios(tiny_unet, [0.25], probe, None, (3, 16, 16))[0]
+    target = LatencyTarget(speedup=first["speedup"] * 0.999, margin=0.0)
+    ratio, trials = search_latency(tiny_unet, target, probe, None, (3, 16, 16), mode="fine", iterations=3)
+    assert ratio <= 0.25 and len(trials) == 4
+    assert all(t["meets"] == (t["speedup"] >= target.speedup) for t in trials)
+    assert min(t["ratio"] for t in trials if t["meets"]) == ratio
+
+
+def test_unreachable_target_names_the_best_reachable_figure(tiny_unet):
+    probe = MacsProbe("torch", 2)
+    probe.overhead_ms = 1000.0  # fixed cost dominates: pruning cannot reach 2x
+    with pytest.raises(ConfigError, match=r"not reachable: the most aggressive pruning allowed \(ratio 0.75"):
+        search_latency(tiny_unet, LatencyTarget(speedup=2.0), probe, None, (3, 16, 16))
+    with pytest.raises(ConfigError, match=r"measured 1.02x \(1001.11 ms vs dense 1016.40 ms\)"):
+        search_latency(tiny_unet, LatencyTarget(ms=1.0), probe, None, (3, 16, 16))
+
+
+def test_real_probe_times_a_structure_not_weights(tiny_unet):
+    probe = LatencyProbe("onnxruntime", 2, repeat=3, warmup=1)
+    a = pruned_copy(tiny_unet, 0.5, None)
+    rows = time_ratios(tiny_unet, [0.5], probe, None, (3, 16, 16))
+    assert rows[0]["macs"] == count_macs_params(a)[0]
+    assert rows[0]["dense_ms"] > 0 and rows[0]["median_ms"] > 0
+    assert next(tiny_unet.parameters()).device.type == "cpu"  # the dense model was not moved
+
+
+def _tiny(tmp_path, prune: str) -> tuple:
+    model = write_model_folder(tmp_path / "model")
+    write_images(tmp_path / "images", 8)
+    text = TINY_CONFIG.format(model=model, data=tmp_path / "images").replace("  ratio: 0.25\n", prune)
+    return write_config(tmp_path / "tiny.yaml", text), tmp_path / "run"
+
+
+def test_prune_stage_records_trials_and_check_verifies_with_bench(tmp_path):
+    prune = (
+        "  method: magnitude\n  target_latency:\n    backend: torch\n    batch: 2\n    ms: 100000\n"
+        "    repeat: 3\n    warmup: 1\n"
+    )
+    cfg, run = _tiny(tmp_path, prune)
+    stages = "prune,bench,check"
+    assert main([str(cfg), "bench.backends=[torch]", "bench.batch_sizes=[2]", "--stages", stages,
+                 "--run-dir", str(run)]) == 0  # fmt: skip
+    rec = json.loads((run / "prune" / "record.json").read_text())["metrics"]
+    assert rec["ratio"] == 0.25 and len(rec["trials"]) == 1  # a generous target: the mildest ratio
+    assert rec["trials"][0]["meets"] and rec["target"]["target_latency"]["chosen"]["ratio"] == 0.25
+    check = json.loads((run / "check" / "record.json").read_text())["metrics"]
+    (row,) = [c for c in check["checks"] if c["name"] == "prune.target_latency.ms"]
+    assert row["passed"] and "measured by bench" in row["detail"]
+    # the check reads the bench's own figure: a batch the bench did not time fails, naming the fix
+    assert main(["check", str(run)]) == 0
+    assert main([str(cfg), "bench.backends=[torch]", "bench.batch_sizes=[1]", "--stages", "bench,check",
+                 "--run-dir", str(run)]) == 3  # fmt: skip
+    check = json.loads((run / "check" / "record.json").read_text())["metrics"]
+    assert "add torch to bench.backends and 2 to bench.batch_sizes" in check["checks"][0]["detail"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("prune.target_latency.speedup=1000", "not reachable: the most aggressive pruning allowed (ratio"),
+        ("prune.target_latency.backend=tpu", "prune.target_latency.backend: expected one of"),
+        ("prune.target_latency.speedup=0.5", "prune.target_latency.speedup: expected"),
+    ],
+)
+def test_bad_latency_targets_exit_2_with_one_line(tmp_path, capsys, override, message):
+    cfg, run = _tiny(tmp_path, "  method: magnitude\n  target_latency:\n    backend: torch\n    repeat: 3\n")
+    code = main([str(cfg), override, "--stages", "prune", "--run-dir", str(run)])
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error:")]  # stage progress lines come before it
+    assert code == 2 and errors == [err[-1]] and message in err[-1], err
+    assert not any("Traceback" in line for line in err)
+
+
+def test_tensorrt_target_refused_where_tensorrt_is_missing(tmp_path, capsys):
+    from deploy.tensorrt_backend import unavailable_reason
+
+    if not unavailable_reason():
+        pytest.skip("TensorRT is installed here: the refusal cannot happen")
+    cfg, run = _tiny(tmp_path, "  target_latency:\n    backend: tensorrt\n    speedup: 1.5\n")
+    assert main([str(cfg), "--stages", "prune", "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: latency on tensorrt: not measurable here"), err
+
+
+def test_two_targets_are_refused(tmp_path, capsys):
+    cfg, run = _tiny(tmp_path, "  ratio: 0.25\n  target_latency:\n    speedup: 1.5\n")
+    assert main([str(cfg), "--stages", "prune", "--run-dir", str(run)]) == 2
+    assert "prune.ratio, prune.target_latency.speedup are all set" in capsys.readouterr().err
+
+
+def test_plan_writes_table_chart_and_json(tmp_path, capsys):
+    cfg, _ = _tiny(tmp_path, "  ratio: 0.25\n")
+    out = tmp_path / "plan"
+    code = main(["plan", str(cfg), "--backends", "torch,onnxruntime", "--batches", "1,2", "--repeat", "3",
+                 "--out", str(out)])  # fmt: skip
+    assert code == 0
+    rows = json.loads((out / "plan.json").read_text())["rows"]
+    assert {(r["backend"], r["batch"]) for r in rows} == {
+        (b, n) for b in ("torch", "onnxruntime") for n in (1, 2)
+    }
+    assert all(r["median_ms"] > 0 and r["speedup"] > 0 for r in rows)
+    assert (out / "plan.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "| backend | batch | what | ratio |" in printed and "| onnxruntime | 2 | unet | 0.25 |" in printed
+    assert main(["plan", str(cfg), "--backends", "tpu"]) == 2
+    assert main(["plan", str(cfg), "--batches", "0"]) == 2
+
+
+def test_torch_backend_timing_keeps_dense_model_untouched(tiny_unet):
+    before = [p.detach().clone() for p in tiny_unet.parameters()]
+    time_ratios(tiny_unet, [0.25], LatencyProbe("torch", 1, repeat=3, warmup=0), None, (3, 16, 16))
+    assert all(torch.equal(p, q) for p, q in zip(tiny_unet.parameters(), before, strict=True))
