@@ -2,8 +2,11 @@
 
 Any ``unet(sample, timestep) -> noise`` callable plugs in: a torch module (see
 :func:`compressor.models.as_noise_predictor`), an ONNX Runtime session or a
-TensorRT engine. Image ``i`` always starts from the noise of seed ``seed + i``, so
-dense and pruned models (and every backend) are compared on the same noise.
+TensorRT engine. Image ``i`` always starts from the noise of seed ``seed + i`` and,
+for stochastic samplers (DDIM with eta > 0, DDPM), draws every step's noise from its
+own generator too, so an image depends only on (seed, steps, scheduler, eta): never on
+the batch it was computed in or its neighbours there (a batching server relies on this),
+and dense and pruned models (and every backend) are compared on the same noise.
 """
 
 from __future__ import annotations
@@ -31,20 +34,34 @@ def initial_noise(shape: tuple[int, int, int], seeds: list[int]) -> torch.Tensor
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
+STEP_NOISE_STREAM = 1 << 63  # step-noise generators are seeded seed | 2^63: apart from initial noise
+
+
+def step_generators(seeds: list[int]) -> list[torch.Generator]:
+    """One CPU generator per image for the noise a stochastic sampler adds at each step."""
+    return [torch.Generator().manual_seed(STEP_NOISE_STREAM | s) for s in seeds]
+
+
 def denoise(
     predict: NoisePredictor,
     scheduler,
     noise: torch.Tensor,
     steps: int,
     eta: float = 0.0,
-    seed: int = 0,
+    seeds: list[int] | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """Run the reverse process from ``noise``; returns images in [0, 1] (CPU, float32)."""
+    """Run the reverse process from ``noise``; returns images in [0, 1] (CPU, float32).
+
+    ``seeds`` (one per image, default 0..N-1) seed each image's step-noise generator.
+    """
     scheduler = copy.deepcopy(scheduler)
     # 1. choose the timesteps the sampler visits
     scheduler.set_timesteps(steps)
-    generator = torch.Generator(device=noise.device).manual_seed(seed)
+    seeds = list(range(noise.shape[0])) if seeds is None else seeds
+    if len(seeds) != noise.shape[0]:
+        raise ValueError(f"denoise: {len(seeds)} seeds for a batch of {noise.shape[0]}")
+    generator = step_generators(seeds)  # diffusers' randn_tensor draws image i from generator[i]
     x = noise * scheduler.init_noise_sigma
     step_kwargs = {"eta": eta} if "eta" in _step_params(scheduler) else {}
     for i, t in enumerate(scheduler.timesteps):
@@ -83,7 +100,7 @@ def generate(
     for start in range(0, num_images, batch_size):
         seeds = list(range(seed + start, seed + min(num_images, start + batch_size)))
         noise = initial_noise(image_shape, seeds).to(device=device, dtype=dtype)
-        out.append(denoise(predict, scheduler, noise, steps, eta, seed + start))
+        out.append(denoise(predict, scheduler, noise, steps, eta, seeds))
         if on_batch:
             on_batch(len(seeds))
     return torch.cat(out)
