@@ -28,8 +28,9 @@ p, par, b = rec("prune"), rec("parity"), rec("bench")
 print(f"params {p['params_before'] / 1e6:.2f}M -> {p['params_after'] / 1e6:.2f}M, "
       f"MACs {p['macs_before'] / 1e9:.1f}G -> {p['macs_after'] / 1e9:.1f}G (ratio {p['ratio']})")
 print(f"parity: fp32 max abs {par['max_abs_error_fp32']:.3g}")
-for row in par.get("sampler", []):
-    print("sampler:", row)
+for r in par["results"]:  # the sampler PSNR is ONNX (this precision) against fp32 torch, same noise
+    print(f"parity {r['model']} {r['precision']}: max abs {r['max_abs_error']:.3g}, "
+          f"sampler PSNR vs fp32 torch {r['sampler_psnr_db']:.1f} dB")
 for s in b["speedup"]:
     print(f"ONNX Runtime {s['what']} batch {s['batch']}: {s['speedup']:.2f}x for "
           f"{s['macs_reduction']:.2f}x fewer MACs (ratio {s['speedup_over_macs_reduction']:.2f})")
