@@ -112,8 +112,10 @@ class PruneConfig:
     target_macs: float | None = _spec(None, "fraction of dense MACs to keep", gt=0.0, le=1.0)
     target_params: float | None = _spec(None, "fraction of dense params to keep", gt=0.0, le=1.0)
     target_latency: LatencyTarget = field(default_factory=LatencyTarget)
-    search: Literal["uniform", "fine"] = _spec(
-        "uniform", "target search: uniform-width ratios only, or bisect finer between them"
+    search: Literal["uniform", "fine", "latency"] = _spec(
+        "uniform",
+        "target search: uniform-width ratios only, bisect finer between them, or (with a latency "
+        "target) a ratio per resolution level keeping the most importance per measured millisecond",
     )
     threshold: float = _spec(0.05, "Diff-Pruning loss threshold T", ge=0.0, lt=1.0)
     timestep_stride: int = _spec(1, "use every k-th timestep in the Taylor pass (paper: 1)", ge=1)
@@ -312,6 +314,11 @@ class RunConfig:
             raise ConfigError(
                 "build: need min_batch <= opt_batch <= max_batch, got "
                 f"{b.min_batch}/{b.opt_batch}/{b.max_batch}"
+            )
+        if self.prune.search == "latency" and not self.prune.target_latency.active:
+            raise ConfigError(
+                "prune.search=latency allocates channels under a measured latency target; set "
+                "prune.target_latency.speedup or prune.target_latency.ms (and prune.target_macs=null)"
             )
         if len(targets) > 1:
             extra = " ".join(f"prune.{k}=null" for k in targets[1:])

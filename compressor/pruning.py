@@ -58,6 +58,7 @@ class PruneResult:
     taylor: TaylorPass | None = None
     search: list[dict] = field(default_factory=list)
     kept_channels: dict[str, str] = field(default_factory=dict)
+    level_ratios: dict[int, float] | None = None
 
 
 def candidate_timesteps(num_train_timesteps: int, stride: int, max_count: int | None = None) -> list[int]:
@@ -291,8 +292,36 @@ def head_dims(unet: nn.Module) -> dict[str, int]:
     return {n: a.to_q.out_features // a.heads for n, a in attention_modules(unet).items()}
 
 
-def build_pruner(unet: nn.Module, importance, ratio: float, round_to: int | None = None):
-    """A torch-pruning pruner over the whole UNet, output conv kept, heads kept consistent."""
+def level_blocks(unet: nn.Module) -> dict[int, list[nn.Module]]:
+    """Resolution level -> the down/mid/up blocks working at it (level 0: full resolution)."""
+    levels: dict[int, list[nn.Module]] = {}
+    n = len(unet.down_blocks)
+    for i, block in enumerate(unet.down_blocks):
+        levels.setdefault(i, []).append(block)
+    if getattr(unet, "mid_block", None) is not None:
+        levels.setdefault(n - 1, []).append(unet.mid_block)
+    for j, block in enumerate(unet.up_blocks):
+        levels.setdefault(n - 1 - j, []).append(block)
+    return levels
+
+
+def level_ratio_dict(unet: nn.Module, level_ratios: dict[int, float]) -> dict[nn.Module, float]:
+    """torch-pruning's ``pruning_ratio_dict`` giving every block of a level that level's ratio."""
+    blocks = level_blocks(unet)
+    return {block: level_ratios[lvl] for lvl, bs in blocks.items() if lvl in level_ratios for block in bs}
+
+
+def build_pruner(
+    unet: nn.Module,
+    importance,
+    ratio: float,
+    round_to: int | None = None,
+    ratio_dict: dict[nn.Module, float] | None = None,
+):
+    """A torch-pruning pruner over the whole UNet, output conv kept, heads kept consistent.
+
+    ``ratio_dict`` (block -> ratio) overrides ``ratio`` for the groups rooted in a block.
+    """
     import torch_pruning as tp
 
     num_heads: dict[nn.Module, int] = {}
@@ -305,6 +334,7 @@ def build_pruner(unet: nn.Module, importance, ratio: float, round_to: int | None
         example_inputs(unet, 1, device),
         importance=importance,
         pruning_ratio=ratio,
+        pruning_ratio_dict=ratio_dict,
         ignored_layers=[unet.conv_out],
         round_to=round_to,
         num_heads=num_heads,
@@ -374,8 +404,12 @@ def prune_structure(
     round_to: int | None,
     seed: int = 0,
     group_selection: str = "shared",
+    level_ratios: dict[int, float] | None = None,
 ) -> list:
     """Prune ``unet`` in place at a uniform per-layer ``ratio``; returns the pruning history.
+
+    ``level_ratios`` (resolution level -> ratio, see :func:`level_blocks`) prunes each
+    level's blocks at its own ratio; layers outside the blocks keep ``ratio``.
 
     ``group_selection`` decides how layers split into channel groups (GroupNorm
     groups, attention heads) choose what to drop: ``shared`` is torch-pruning's
@@ -388,7 +422,8 @@ def prune_structure(
     counts against whole-layer widths and leaves GroupNorm-coupled layers unpruned.
     """
     dense_heads = head_dims(unet)
-    pruner = build_pruner(unet, importance, ratio, None)
+    ratio_dict = level_ratio_dict(unet, level_ratios) if level_ratios else None
+    pruner = build_pruner(unet, importance, ratio, None, ratio_dict)
     torch.manual_seed(seed)  # RandomImportance draws from the global generator
     if group_selection == "shared" and not round_to:
         pruner.step()
@@ -399,6 +434,49 @@ def prune_structure(
     sync_module_attributes(unet)
     preserve_attention_scale(unet, dense_heads)
     return _plain_history(pruner.DG.pruning_history())
+
+
+def level_of_modules(unet: nn.Module) -> dict[nn.Module, int]:
+    """Module -> resolution level; layers outside the blocks (stem, time embedding) count as level 0."""
+    owner = {m: 0 for m in unet.modules()}
+    for lvl, blocks in level_blocks(unet).items():
+        for block in blocks:
+            owner.update({m: lvl for m in block.modules()})
+    return owner
+
+
+def importance_by_level(unet: nn.Module, importance, ratios: list[float]) -> dict[int, dict]:
+    """Per level: its total importance and what each ratio would remove (least important first).
+
+    Scores come from ``importance`` over torch-pruning's groups (Taylor after a Taylor
+    pass); each channel group (GroupNorm group, head) loses its own least important
+    channels, as under ``group_selection: independent``.
+    """
+    pruner = build_pruner(unet, importance, max(ratios))
+    owner = level_of_modules(unet)
+    out: dict[int, dict] = {}
+    for group in pruner.DG.get_all_groups(
+        ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
+    ):
+        if pruner._is_atten_group(group)[0]:
+            group = pruner._downstream_node_as_root_if_attention(group)
+            if group is None:
+                continue
+        imp = pruner.estimate_importance(group)
+        if imp is None:
+            continue
+        imp = imp.detach().double().cpu()
+        lvl = owner.get(group[0].dep.target.module, 0)
+        entry = out.setdefault(lvl, {"total": 0.0, "removed": dict.fromkeys(ratios, 0.0)})
+        ch_groups = pruner._get_channel_groups(group)
+        if len(imp) % ch_groups:
+            ch_groups = 1
+        size = len(imp) // ch_groups
+        ranked = imp.view(ch_groups, size).sort(dim=1).values
+        entry["total"] += float(imp.sum())
+        for r in ratios:
+            entry["removed"][r] += float(ranked[:, : int(size * r)].sum())
+    return out
 
 
 def _root_importance(pruner) -> dict[tuple, torch.Tensor]:
@@ -624,12 +702,22 @@ def prune_unet(
     seed: int,
     on_taylor_step: Callable[[int, float], None] | None = None,
     on_search_trial: Callable[[float, float, float], None] | None = None,
+    allocate: Callable[[nn.Module, object], dict[int, float]] | None = None,
 ) -> PruneResult:
-    """Prune ``unet`` in place by ``cfg`` (method, target) and describe what was done."""
-    cfg.require_target()
+    """Prune ``unet`` in place by ``cfg`` (method, target) and describe what was done.
+
+    ``allocate(unet, importance)``, when given, is called after the Taylor pass and
+    returns a ratio per resolution level (hardware-aware allocation); it replaces the
+    uniform ratio of ``cfg``.
+    """
+    if allocate is None:
+        cfg.require_target()
     dense_widths = layer_widths(unet)
     search: list[dict] = []
-    if cfg.ratio is not None:
+    ratio = 0.0
+    if allocate is not None:
+        pass
+    elif cfg.ratio is not None:
         ratio = cfg.ratio
     else:
         metric = "macs" if cfg.target_macs is not None else "params"
@@ -662,13 +750,16 @@ def prune_unet(
             kept_layers=(unet.conv_out,) if hasattr(unet, "conv_out") else (),
         )
     dense_channels = channel_widths(unet)
-    history = prune_structure(
-        unet, make_importance(cfg.method, cfg), ratio, cfg.round_to, seed, cfg.group_selection
-    )
+    importance = make_importance(cfg.method, cfg)
+    level_ratios = None
+    if allocate is not None:
+        level_ratios = allocate(unet, importance)
+        ratio = level_ratios[0]  # the stem and time embedding follow full resolution
+    history = prune_structure(unet, importance, ratio, cfg.round_to, seed, cfg.group_selection, level_ratios)
     unet.zero_grad(set_to_none=True)
     if cfg.method == "reinit":
         reinitialize(unet, seed)
     kept = layer_widths(unet)
     widths = {name: [dense_widths[name], kept[name]] for name in kept}
     channels = kept_channels(history, dense_channels)
-    return PruneResult(unet, ratio, history, widths, taylor, search, channels)
+    return PruneResult(unet, ratio, history, widths, taylor, search, channels, level_ratios)

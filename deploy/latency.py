@@ -116,16 +116,56 @@ class LatencyProbe:
         return f"{self.backend}, {what} at batch {self.batch}"
 
 
-def pruned_copy(unet: nn.Module, ratio: float, round_to: int | None) -> nn.Module:
-    """``unet`` pruned at ``ratio`` on a copy (magnitude criterion: only the structure matters)."""
+def pruned_copy(
+    unet: nn.Module, ratio: float, round_to: int | None, level_ratios: dict[int, float] | None = None
+) -> nn.Module:
+    """``unet`` pruned at ``ratio`` (or per level) on a copy (magnitude: only the structure matters)."""
     import torch_pruning as tp
 
     from compressor.pruning import prune_structure
 
     trial = copy.deepcopy(unet)
-    if ratio > 0:
-        prune_structure(trial, tp.importance.GroupMagnitudeImportance(p=1), ratio, round_to)
+    if level_ratios:
+        ratio = level_ratios.get(0, 0.0)
+    if ratio > 0 or (level_ratios and any(level_ratios.values())):
+        imp = tp.importance.GroupMagnitudeImportance(p=1)
+        prune_structure(trial, imp, ratio, round_to, level_ratios=level_ratios)
     return trial.eval()
+
+
+def time_structure(
+    unet: nn.Module,
+    probe: LatencyProbe,
+    round_to: int | None,
+    shape: tuple,
+    ratio: float,
+    level_ratios: dict[int, float] | None = None,
+) -> dict:
+    """One trial: ``unet`` pruned at ``ratio`` (or per level) on a copy, timed against dense.
+
+    Row: ratio, macs, params, macs_kept, params_kept, dense_ms, median_ms, speedup, seconds
+    (and ``levels`` for a per-level allocation).
+    """
+    began = time.perf_counter()
+    macs_dense, params_dense = count_macs_params(unet)
+    trial = pruned_copy(unet, ratio, round_to, level_ratios)
+    macs, params = count_macs_params(trial)
+    label = f"r{ratio:.4f}" if not level_ratios else "l" + "-".join(f"{r:.3f}" for r in level_ratios.values())
+    dense_ms, ms = probe.measure(probe.dense(unet), probe.load(trial, label), shape)
+    row = {
+        "ratio": round(level_ratios.get(0, 0.0) if level_ratios else ratio, 6),
+        "macs": macs,
+        "params": params,
+        "macs_kept": macs / macs_dense,
+        "params_kept": params / params_dense,
+        "dense_ms": dense_ms,
+        "median_ms": ms,
+        "speedup": dense_ms / ms,
+        "seconds": round(time.perf_counter() - began, 2),
+    }
+    if level_ratios:
+        row["levels"] = {str(k): v for k, v in level_ratios.items()}
+    return row
 
 
 def time_ratios(
@@ -137,30 +177,11 @@ def time_ratios(
     stop: Callable[[dict], bool] | None = None,
     on_trial: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """One trial row per ratio (mildest first), stopping after the first row ``stop`` accepts.
-
-    Row: ratio, macs, params, macs_kept, params_kept, dense_ms, median_ms, speedup, seconds.
-    """
+    """One :func:`time_structure` row per ratio (mildest first), stopping after the first ``stop`` accepts."""
     unet = unet.eval()
-    macs_dense, params_dense = count_macs_params(unet)
-    dense = probe.dense(unet)
     rows = []
     for ratio in ratios:
-        began = time.perf_counter()
-        trial = pruned_copy(unet, ratio, round_to)
-        macs, params = count_macs_params(trial)
-        dense_ms, ms = probe.measure(dense, probe.load(trial, f"r{ratio:.4f}"), shape)
-        row = {
-            "ratio": round(ratio, 6),
-            "macs": macs,
-            "params": params,
-            "macs_kept": macs / macs_dense,
-            "params_kept": params / params_dense,
-            "dense_ms": dense_ms,
-            "median_ms": ms,
-            "speedup": dense_ms / ms,
-            "seconds": round(time.perf_counter() - began, 2),
-        }
+        row = time_structure(unet, probe, round_to, shape, ratio)
         rows.append(row)
         done = stop(row) if stop else False
         if on_trial:
@@ -212,3 +233,114 @@ def search_latency(
             lo, hi = (lo, mid) if row["meets"] else (mid, hi)
         chosen = hi
     return chosen, sorted(rows, key=lambda r: r["ratio"])
+
+
+def cache_dir() -> Path:
+    """Where measured latency tables are kept (``$COMPRESS_DEPLOY_CACHE``, else ~/.cache)."""
+    import os
+
+    root = os.environ.get("COMPRESS_DEPLOY_CACHE") or Path.home() / ".cache" / "compress-deploy"
+    return Path(root) / "latency-tables"
+
+
+def table_key(unet: nn.Module, probe: LatencyProbe, round_to: int | None, host: dict) -> str:
+    """Digest of what a latency table depends on: architecture, backend settings, host."""
+    import hashlib
+    import json
+    import os
+    import platform
+
+    facts = {
+        "unet": {k: v for k, v in dict(unet.config).items() if not k.startswith("_")},
+        "probe": [probe.backend, probe.batch, probe.what, probe.steps, probe.threads, probe.precision],
+        "device": str(probe.device),
+        "round_to": round_to,
+        "host": host,
+        "cpu": [platform.machine(), platform.processor(), os.cpu_count()],
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def level_latency_table(
+    unet: nn.Module,
+    probe: LatencyProbe,
+    round_to: int | None,
+    shape: tuple,
+    ratios: list[float],
+    host: dict,
+    on_trial: Callable[[dict], None] | None = None,
+) -> tuple[list[dict], bool]:
+    """Measured saving of pruning one resolution level at a time, per ratio; (rows, from cache).
+
+    Row: level, ratio, dense_ms, median_ms, saving (1 - pruned/dense). Cached per
+    architecture, backend, batch, host (see :func:`table_key`).
+    """
+    import json
+
+    from compressor.pruning import level_blocks
+
+    path = cache_dir() / f"{table_key(unet, probe, round_to, host)}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())["rows"], True
+        except (json.JSONDecodeError, KeyError):
+            pass  # a damaged cache entry is measured again
+    dense = probe.dense(unet)
+    rows = []
+    for level in sorted(level_blocks(unet)):
+        for ratio in ratios:
+            trial = pruned_copy(unet, 0.0, round_to, {level: ratio})
+            dense_ms, ms = probe.measure(dense, probe.load(trial, f"l{level}r{ratio:.4f}"), shape)
+            row = {
+                "level": level,
+                "ratio": ratio,
+                "dense_ms": dense_ms,
+                "median_ms": ms,
+                "saving": 1 - ms / dense_ms,
+            }
+            rows.append(row)
+            if on_trial:
+                on_trial(row)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"rows": rows}, indent=1))
+    tmp.replace(path)
+    return rows, False
+
+
+def allocate_levels(
+    table: list[dict], importance: dict[int, dict], target, limit: int | None = None
+) -> list[dict]:
+    """Per-level ratio allocations predicted to meet ``target``, most importance kept first.
+
+    Predicted saving is the sum of the levels' measured savings (each level timed alone);
+    importance kept is the total minus what each level's ratio removes. Every level
+    chooses from 0 and the table's ratios, so the uniform allocations are candidates too.
+    """
+    import itertools
+
+    levels = sorted({r["level"] for r in table})
+    saving = {(r["level"], r["ratio"]): r["saving"] for r in table}
+    ratios = sorted({r["ratio"] for r in table})
+    total = sum(importance.get(lvl, {}).get("total", 0.0) for lvl in levels) or 1.0
+    dense_ms = sum(r["dense_ms"] for r in table) / len(table)
+    out = []
+    for choice in itertools.product([0.0, *ratios], repeat=len(levels)):
+        alloc = dict(zip(levels, choice, strict=True))
+        saved = sum(saving.get((lvl, r), 0.0) for lvl, r in alloc.items())
+        if saved >= 1.0:
+            continue
+        speedup = 1 / (1 - saved)
+        if not target.met(speedup, dense_ms * (1 - saved)):
+            continue
+        removed = sum(importance.get(lvl, {}).get("removed", {}).get(r, 0.0) for lvl, r in alloc.items() if r)
+        out.append(
+            {
+                "levels": alloc,
+                "predicted_speedup": speedup,
+                "importance_kept": 1 - removed / total,
+                "uniform": len(set(choice)) == 1,
+            }
+        )
+    out.sort(key=lambda c: (-c["importance_kept"], -c["predicted_speedup"]))
+    return out[:limit] if limit else out

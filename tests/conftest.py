@@ -57,8 +57,9 @@ DDPM_SCHEDULER = {
 
 
 @pytest.fixture(autouse=True)
-def _offline_and_small(monkeypatch):
+def _offline_and_small(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("COMPRESS_DEPLOY_CACHE", str(tmp_path / "cache"))  # latency tables: per test
     torch.set_num_threads(2)
 
 

@@ -165,3 +165,71 @@ def test_torch_backend_timing_keeps_dense_model_untouched(tiny_unet):
     before = [p.detach().clone() for p in tiny_unet.parameters()]
     time_ratios(tiny_unet, [0.25], LatencyProbe("torch", 1, repeat=3, warmup=0), None, (3, 16, 16))
     assert all(torch.equal(p, q) for p, q in zip(tiny_unet.parameters(), before, strict=True))
+
+
+def test_level_ratios_prune_each_resolution_level_on_its_own(tiny_unet):
+    from compressor.pruning import level_blocks, prune_structure
+
+    dense = {n: m.out_channels for n, m in tiny_unet.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    imp = __import__("torch_pruning").importance.GroupMagnitudeImportance(p=1)
+    prune_structure(tiny_unet, imp, 0.0, None, level_ratios={0: 0.0, 1: 0.5})
+    assert sorted(level_blocks(tiny_unet)) == [0, 1]
+    after = {n: m.out_channels for n, m in tiny_unet.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert after["down_blocks.0.resnets.0.conv1"] == dense["down_blocks.0.resnets.0.conv1"]  # level 0 kept
+    assert after["down_blocks.1.resnets.0.conv1"] == dense["down_blocks.1.resnets.0.conv1"] // 2
+    assert after["up_blocks.0.resnets.0.conv1"] == dense["up_blocks.0.resnets.0.conv1"] // 2  # level 1 up
+    assert after["up_blocks.1.resnets.0.conv1"] == dense["up_blocks.1.resnets.0.conv1"]
+    x = torch.randn(2, 3, 16, 16)
+    assert tiny_unet(x, torch.tensor([1, 2])).sample.shape == x.shape
+
+
+def test_allocation_keeps_more_importance_than_uniform_at_the_same_predicted_latency():
+    from deploy.latency import allocate_levels
+
+    # level 0 is cheap to prune but important; level 1 saves a lot and matters little
+    table = [
+        {"level": 0, "ratio": 0.5, "dense_ms": 10.0, "median_ms": 9.0, "saving": 0.1},
+        {"level": 1, "ratio": 0.5, "dense_ms": 10.0, "median_ms": 6.0, "saving": 0.4},
+    ]
+    importance = {0: {"total": 10.0, "removed": {0.5: 4.0}}, 1: {"total": 10.0, "removed": {0.5: 1.0}}}
+    best = allocate_levels(table, importance, LatencyTarget(speedup=1.6, margin=0.0))
+    assert best[0]["levels"] == {0: 0.0, 1: 0.5} and best[0]["importance_kept"] == pytest.approx(0.95)
+    assert best[0]["predicted_speedup"] == pytest.approx(1 / 0.6)
+    uniform = [c for c in best if c["uniform"]]
+    assert uniform and uniform[0]["importance_kept"] == pytest.approx(0.75)
+    assert allocate_levels(table, importance, LatencyTarget(speedup=3.0)) == []  # nothing predicted to reach
+
+
+def test_hardware_aware_prune_stage_records_table_allocation_and_caches(tmp_path, capsys):
+    prune = (
+        "  method: magnitude\n  search: latency\n  target_latency:\n    backend: torch\n    batch: 2\n"
+        "    ms: 100000\n    repeat: 3\n    warmup: 1\n"
+    )
+    cfg, run = _tiny(tmp_path, prune)
+    assert main([str(cfg), "--stages", "prune", "--run-dir", str(run)]) == 0
+    rec = json.loads((run / "prune" / "record.json").read_text())["metrics"]
+    lat = rec["target"]["target_latency"]
+    assert lat["search"] == "latency" and not lat["table_cached"]
+    assert {(r["level"], r["ratio"]) for r in lat["table"]} == {
+        (lvl, r) for lvl in (0, 1) for r in (0.25, 0.5, 0.75)
+    }
+    # a generous target: the allocation keeping all importance (nothing pruned) would do, but a
+    # level at ratio 0 everywhere is allowed, so the first measured candidate keeps everything
+    assert (
+        rec["trials"]
+        and rec["trials"][0]["meets"]
+        and rec["trials"][0]["importance_kept"] == pytest.approx(1.0)
+    )
+    assert set(rec["level_ratios"]) == {"0", "1"}
+    assert main([str(cfg), "prune.target_latency.ms=50000", "--stages", "prune", "--run-dir", str(run)]) == 0
+    rec = json.loads((run / "prune" / "record.json").read_text())["metrics"]
+    assert rec["target"]["target_latency"]["table_cached"]  # same architecture, backend, host
+    assert "rows from the cache" in capsys.readouterr().err
+
+
+def test_search_latency_needs_a_latency_target(tmp_path, capsys):
+    cfg, run = _tiny(tmp_path, "  ratio: 0.25\n  search: latency\n")
+    assert main([str(cfg), "--stages", "prune", "--run-dir", str(run)]) == 2
+    assert (
+        "prune.search=latency allocates channels under a measured latency target" in capsys.readouterr().err
+    )

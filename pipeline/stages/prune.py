@@ -50,6 +50,87 @@ def latency_probe(ctx: RunContext, backend: str, batch: int, what: str, warmup: 
     )
 
 
+def _hardware_aware(ctx: RunContext):
+    """An ``allocate(unet, importance)`` for prune_unet, the trial list it fills, and its summary.
+
+    Per-level latency table (measured once per architecture/backend/batch/host, cached),
+    importance each level's ratio would remove, allocations predicted to meet the target
+    ranked by importance kept; the best few are measured for real and the first that
+    meets the target (with its margin) wins; if none does, the uniform search decides.
+    """
+    from compressor.pruning import importance_by_level, uniform_ratios
+    from deploy.latency import allocate_levels, level_latency_table, search_latency, time_structure
+
+    cfg = ctx.cfg.prune
+    lat = cfg.target_latency
+    probe = latency_probe(ctx, lat.backend, lat.batch, lat.what, lat.warmup, lat.repeat, lat.threads)
+    shape = ctx.image_shape()
+    trials: list[dict] = []
+    summary: dict = {**dataclasses.asdict(lat), "probe": probe.describe(), "search": "latency"}
+
+    def allocate(unet, importance) -> dict[int, float]:
+        began = time.perf_counter()
+        ratios = uniform_ratios(unet)
+        log("prune", f"hardware-aware allocation: {lat.goal()} on {probe.describe()}")
+
+        def on_row(row: dict) -> None:
+            log(
+                "prune",
+                f"latency table: level {row['level']} at ratio {row['ratio']:g} saves {row['saving']:.1%}",
+            )
+
+        table, cached = level_latency_table(
+            unet, probe, cfg.round_to, shape, ratios, environment_facts(ctx.device), on_row
+        )
+        if cached:
+            log(
+                "prune", f"latency table: {len(table)} rows from the cache (same architecture, backend, host)"
+            )
+        imp = importance_by_level(unet, importance, ratios)
+        total = sum(v["total"] for v in imp.values()) or 1.0
+        candidates = allocate_levels(table, imp, lat)
+        summary.update(
+            table=table,
+            table_cached=cached,
+            importance={str(k): v["total"] / total for k, v in imp.items()},
+            uniform_reference=[
+                {"ratio": r, "importance_kept": 1 - sum(v["removed"][r] for v in imp.values()) / total}
+                for r in ratios
+            ],
+            candidates=len(candidates),
+        )
+        chosen = None
+        for cand in candidates[:4]:
+            row = time_structure(unet, probe, cfg.round_to, shape, 0.0, cand["levels"])
+            row.update(
+                meets=lat.met(row["speedup"], row["median_ms"]),
+                predicted_speedup=cand["predicted_speedup"],
+                importance_kept=cand["importance_kept"],
+            )
+            trials.append(row)
+            log(
+                "prune",
+                f"allocation {row['levels']}: predicted {cand['predicted_speedup']:.2f}x, measured "
+                f"{row['speedup']:.2f}x, importance kept {cand['importance_kept']:.3f} "
+                f"({'meets' if row['meets'] else 'misses'} the target)",
+            )
+            if row["meets"]:
+                chosen = cand["levels"]
+                break
+        if chosen is None:
+            log("prune", "no predicted allocation met the target when measured: uniform search decides")
+            ratio, rows = search_latency(unet, lat, probe, cfg.round_to, shape, "fine")
+            trials.extend(rows)
+            chosen = dict.fromkeys(sorted({r["level"] for r in table}), ratio)
+        summary["chosen"] = next((t for t in trials if t.get("meets") and t.get("levels")), None) or next(
+            (t for t in trials if t.get("meets")), None
+        )
+        summary["search_seconds"] = round(time.perf_counter() - began, 1)
+        return chosen
+
+    return allocate, trials, summary
+
+
 def _latency_search(ctx: RunContext, unet) -> tuple[float, list[dict], dict]:
     """Ratio chosen by measured latency, its trials, and a summary for the record."""
     from deploy.latency import search_latency
@@ -115,11 +196,17 @@ def run(ctx: RunContext) -> StageResult:
 
     trials: list[dict] = []
     latency = None
-    if cfg.target_latency.active:
+    allocate = None
+    if cfg.search == "latency":
+        allocate, trials, latency = _hardware_aware(ctx)
+        cfg = dataclasses.replace(cfg, target_latency=type(cfg.target_latency)())
+    elif cfg.target_latency.active:
         ratio, trials, latency = _latency_search(ctx, unet)
         cfg = dataclasses.replace(cfg, ratio=ratio, target_latency=type(cfg.target_latency)())
     try:
-        result = prune_unet(unet, noise_scheduler, images, cfg, ctx.cfg.seed, on_step, on_trial)
+        result = prune_unet(
+            unet, noise_scheduler, images, cfg, ctx.cfg.seed, on_step, on_trial, allocate=allocate
+        )
     finally:
         if bar is not None:
             bar.close()
@@ -131,6 +218,11 @@ def run(ctx: RunContext) -> StageResult:
             f"{tp_.seconds_per_timestep:.2f} s per timestep",
         )
     unet.eval()
+    if result.level_ratios:
+        log(
+            "prune",
+            "per-level ratios: " + ", ".join(f"level {k}: {v:g}" for k, v in result.level_ratios.items()),
+        )
     macs_after, params_after = count_macs_params(unet)
     loss_pruned = _eval_loss(unet, noise_scheduler, eval_images, ctx.cfg.seed)
     log(
@@ -180,6 +272,7 @@ def run(ctx: RunContext) -> StageResult:
         "diagnostics": result.taylor.diagnostics if result.taylor else [],
         "search": result.search,
         "trials": trials,
+        "level_ratios": {str(k): v for k, v in (result.level_ratios or {}).items()},
     }
     return StageResult(metrics, files)
 

@@ -155,8 +155,13 @@ def _latency_trials(doc: Doc, m: dict, out: Path) -> None:
     goal = f"{lat['speedup']:g}x over dense" if lat["speedup"] is not None else f"at most {lat['ms']:g} ms"
     doc.para(
         f"Target: {goal} "
-        f"on {lat['probe']}, noise margin {lat['margin']:.0%}. Chosen ratio {m['ratio']:.4g}: measured "
-        f"{lat['chosen']['speedup']:.2f}x ({lat['chosen']['median_ms']:.2f} ms, dense "
+        f"on {lat['probe']}, noise margin {lat['margin']:.0%}. Chosen: "
+        + (
+            "levels " + ", ".join(f"{k}: {v:g}" for k, v in m["level_ratios"].items())
+            if m.get("level_ratios")
+            else f"ratio {m['ratio']:.4g}"
+        )
+        + f", measured {lat['chosen']['speedup']:.2f}x ({lat['chosen']['median_ms']:.2f} ms, dense "
         f"{lat['chosen']['dense_ms']:.2f} ms)"
         + (
             f"; the next milder trial (ratio {milder['ratio']:.4g}) measured {milder['speedup']:.2f}x"
@@ -165,11 +170,28 @@ def _latency_trials(doc: Doc, m: dict, out: Path) -> None:
         )
         + f". Search time {lat['search_seconds']:.0f} s; each trial timed alternately with dense."
     )
+    if lat.get("search") == "latency":
+        doc.para(
+            "Hardware-aware allocation: each resolution level was timed alone at each ratio (the table "
+            f"below{' came from the cache' if lat.get('table_cached') else ' was measured for this run'}); "
+            "allocations predicted to meet the target were ranked by the importance they keep and the "
+            "best were measured for real. Importance kept by the uniform ratios, for comparison: "
+            + ", ".join(f"ratio {u['ratio']:g}: {u['importance_kept']:.3f}" for u in lat["uniform_reference"])
+            + "."
+        )
+        doc.table(
+            ["level", "ratio", "dense ms", "pruned ms", "saving"],
+            [
+                [r["level"], r["ratio"], r["dense_ms"], r["median_ms"], f"{r['saving']:.1%}"]
+                for r in lat["table"]
+            ],
+        )
     doc.table(
-        ["ratio", "MACs kept", "params", "dense ms", "pruned ms", "speed-up", "meets"],
+        ["ratio", "per level", "MACs kept", "params", "dense ms", "pruned ms", "speed-up", "meets"],
         [
             [
                 t["ratio"],
+                ", ".join(f"{k}: {v:g}" for k, v in t["levels"].items()) if t.get("levels") else "uniform",
                 t["macs_kept"],
                 f"{t['params'] / 1e6:.3f}M",
                 t["dense_ms"],
