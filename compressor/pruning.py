@@ -59,6 +59,7 @@ class PruneResult:
     search: list[dict] = field(default_factory=list)
     kept_channels: dict[str, str] = field(default_factory=dict)
     level_ratios: dict[int, float] | None = None
+    importance_kept: float | None = None
 
 
 def candidate_timesteps(num_train_timesteps: int, stride: int, max_count: int | None = None) -> list[int]:
@@ -306,9 +307,13 @@ def level_blocks(unet: nn.Module) -> dict[int, list[nn.Module]]:
 
 
 def level_ratio_dict(unet: nn.Module, level_ratios: dict[int, float]) -> dict[nn.Module, float]:
-    """torch-pruning's ``pruning_ratio_dict`` giving every block of a level that level's ratio."""
+    """torch-pruning's ``pruning_ratio_dict`` giving every block of a level that level's ratio.
+
+    Levels missing from ``level_ratios`` get 0 (kept whole): the pruner's default ratio
+    would otherwise apply to them.
+    """
     blocks = level_blocks(unet)
-    return {block: level_ratios[lvl] for lvl, bs in blocks.items() if lvl in level_ratios for block in bs}
+    return {block: level_ratios.get(lvl, 0.0) for lvl, bs in blocks.items() for block in bs}
 
 
 def build_pruner(
@@ -405,11 +410,14 @@ def prune_structure(
     seed: int = 0,
     group_selection: str = "shared",
     level_ratios: dict[int, float] | None = None,
+    stats: dict | None = None,
 ) -> list:
     """Prune ``unet`` in place at a uniform per-layer ``ratio``; returns the pruning history.
 
     ``level_ratios`` (resolution level -> ratio, see :func:`level_blocks`) prunes each
-    level's blocks at its own ratio; layers outside the blocks keep ``ratio``.
+    level's blocks at its own ratio; layers outside the blocks keep ``ratio``. A
+    ``stats`` dict receives ``importance_kept``: the fraction of the criterion's total
+    importance (over every prunable group, scored before pruning) the kept channels hold.
 
     ``group_selection`` decides how layers split into channel groups (GroupNorm
     groups, attention heads) choose what to drop: ``shared`` is torch-pruning's
@@ -425,12 +433,22 @@ def prune_structure(
     ratio_dict = level_ratio_dict(unet, level_ratios) if level_ratios else None
     pruner = build_pruner(unet, importance, ratio, None, ratio_dict)
     torch.manual_seed(seed)  # RandomImportance draws from the global generator
-    if group_selection == "shared" and not round_to:
+    if group_selection == "shared" and not round_to and stats is None:
         pruner.step()
     else:
         scores = _root_importance(pruner)
+        removed = 0.0
         for group in pruner.step(interactive=True):
-            _reselect(pruner, group, scores, group_selection, round_to).prune()
+            if group_selection != "shared" or round_to:
+                group = _reselect(pruner, group, scores, group_selection, round_to)
+            dep = group[0].dep
+            imp = scores.get((dep.target.module, dep.handler))
+            if imp is not None and group[0].idxs:
+                removed += float(imp[list(group[0].idxs)].double().sum())
+            group.prune()
+        if stats is not None:
+            total = sum(float(v.double().sum()) for v in scores.values())
+            stats["importance_kept"] = 1 - removed / total if total else None
     sync_module_attributes(unet)
     preserve_attention_scale(unet, dense_heads)
     return _plain_history(pruner.DG.pruning_history())
@@ -755,11 +773,15 @@ def prune_unet(
     if allocate is not None:
         level_ratios = allocate(unet, importance)
         ratio = level_ratios[0]  # the stem and time embedding follow full resolution
-    history = prune_structure(unet, importance, ratio, cfg.round_to, seed, cfg.group_selection, level_ratios)
+    stats: dict = {}
+    history = prune_structure(
+        unet, importance, ratio, cfg.round_to, seed, cfg.group_selection, level_ratios, stats
+    )
+    kept_importance = None if cfg.method in ("random", "reinit") else stats.get("importance_kept")
     unet.zero_grad(set_to_none=True)
     if cfg.method == "reinit":
         reinitialize(unet, seed)
     kept = layer_widths(unet)
     widths = {name: [dense_widths[name], kept[name]] for name in kept}
     channels = kept_channels(history, dense_channels)
-    return PruneResult(unet, ratio, history, widths, taylor, search, channels, level_ratios)
+    return PruneResult(unet, ratio, history, widths, taylor, search, channels, level_ratios, kept_importance)

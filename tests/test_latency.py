@@ -172,7 +172,7 @@ def test_level_ratios_prune_each_resolution_level_on_its_own(tiny_unet):
 
     dense = {n: m.out_channels for n, m in tiny_unet.named_modules() if isinstance(m, torch.nn.Conv2d)}
     imp = __import__("torch_pruning").importance.GroupMagnitudeImportance(p=1)
-    prune_structure(tiny_unet, imp, 0.0, None, level_ratios={0: 0.0, 1: 0.5})
+    prune_structure(tiny_unet, imp, 0.0, None, level_ratios={1: 0.5})
     assert sorted(level_blocks(tiny_unet)) == [0, 1]
     after = {n: m.out_channels for n, m in tiny_unet.named_modules() if isinstance(m, torch.nn.Conv2d)}
     assert after["down_blocks.0.resnets.0.conv1"] == dense["down_blocks.0.resnets.0.conv1"]  # level 0 kept
@@ -181,6 +181,11 @@ def test_level_ratios_prune_each_resolution_level_on_its_own(tiny_unet):
     assert after["up_blocks.1.resnets.0.conv1"] == dense["up_blocks.1.resnets.0.conv1"]
     x = torch.randn(2, 3, 16, 16)
     assert tiny_unet(x, torch.tensor([1, 2])).sample.shape == x.shape
+    # a level left out keeps its width even when the stem's ratio (level 0's) is not zero
+    other = __import__("copy").deepcopy(tiny_unet)
+    prune_structure(other, imp, 0.5, None, level_ratios={0: 0.5})
+    assert other.down_blocks[1].resnets[0].conv1.out_channels == after["down_blocks.1.resnets.0.conv1"]
+    assert other.down_blocks[0].resnets[0].conv1.out_channels == dense["down_blocks.0.resnets.0.conv1"] // 2
 
 
 def test_allocation_keeps_more_importance_than_uniform_at_the_same_predicted_latency():

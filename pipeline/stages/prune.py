@@ -272,6 +272,7 @@ def run(ctx: RunContext) -> StageResult:
         "diagnostics": result.taylor.diagnostics if result.taylor else [],
         "search": result.search,
         "trials": trials,
+        "importance_kept": result.importance_kept,
         "level_ratios": {str(k): v for k, v in (result.level_ratios or {}).items()},
     }
     return StageResult(metrics, files)
