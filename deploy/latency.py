@@ -308,26 +308,44 @@ def level_latency_table(
     return rows, False
 
 
+def monotone_savings(table: list[dict]) -> dict[tuple[int, float], float]:
+    """(level, ratio) -> saving, made non-decreasing in the ratio the pessimistic way.
+
+    A level pruned harder cannot be slower; where noise says so, each saving becomes
+    the smallest saving measured at that ratio or above (and never below 0).
+    """
+    out = {}
+    for level in {r["level"] for r in table}:
+        rows = sorted((r for r in table if r["level"] == level), key=lambda r: r["ratio"])
+        floor = float("inf")
+        for row in reversed(rows):
+            floor = min(floor, row["saving"])
+            out[(level, row["ratio"])] = max(0.0, floor)
+    return out
+
+
 def allocate_levels(
-    table: list[dict], importance: dict[int, dict], target, limit: int | None = None
+    table: list[dict], importance: dict[int, dict], target, limit: int | None = None, scale: float = 1.0
 ) -> list[dict]:
     """Per-level ratio allocations predicted to meet ``target``, most importance kept first.
 
-    Predicted saving is the sum of the levels' measured savings (each level timed alone);
-    importance kept is the total minus what each level's ratio removes. Every level
-    chooses from 0 and the table's ratios, so the uniform allocations are candidates too.
+    Predicted saving is ``scale`` times the sum of the levels' measured savings (each
+    level timed alone, see :func:`monotone_savings`; ``scale`` calibrates the sum against
+    allocations measured whole); importance kept is the total minus what each level's
+    ratio removes. Every level chooses from 0 and the table's ratios, so the uniform
+    allocations are candidates too.
     """
     import itertools
 
     levels = sorted({r["level"] for r in table})
-    saving = {(r["level"], r["ratio"]): r["saving"] for r in table}
+    saving = monotone_savings(table)
     ratios = sorted({r["ratio"] for r in table})
     total = sum(importance.get(lvl, {}).get("total", 0.0) for lvl in levels) or 1.0
     dense_ms = sum(r["dense_ms"] for r in table) / len(table)
     out = []
     for choice in itertools.product([0.0, *ratios], repeat=len(levels)):
         alloc = dict(zip(levels, choice, strict=True))
-        saved = sum(saving.get((lvl, r), 0.0) for lvl, r in alloc.items())
+        saved = scale * sum(saving.get((lvl, r), 0.0) for lvl, r in alloc.items())
         if saved >= 1.0:
             continue
         speedup = 1 / (1 - saved)

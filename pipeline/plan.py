@@ -57,6 +57,7 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     top = 1.0
@@ -67,6 +68,10 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
         top = max(top, *xs, *ys)
         ax.plot(xs, ys, marker="o", label=f"{key[0]}, batch {key[1]} ({key[2]})")
     ax.plot([1, top], [1, top], "k--", linewidth=1, label="proportional to MACs")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
     ax.set_xlabel("MACs reduction (dense / pruned)")
     ax.set_ylabel("measured speed-up (dense ms / pruned ms)")
     ax.set_title(title, fontsize=10)

@@ -89,6 +89,8 @@ def _hardware_aware(ctx: RunContext):
         imp = importance_by_level(unet, importance, ratios)
         total = sum(v["total"] for v in imp.values()) or 1.0
         candidates = allocate_levels(table, imp, lat)
+        measured: set[tuple] = set()
+        scale = 1.0
         summary.update(
             table=table,
             table_cached=cached,
@@ -99,8 +101,19 @@ def _hardware_aware(ctx: RunContext):
             ],
             candidates=len(candidates),
         )
+        if not candidates:
+            log("prune", "no allocation is predicted to meet the target: the uniform search decides")
         chosen = None
-        for cand in candidates[:4]:
+        for _ in range(4):  # measure the best predicted allocation; recalibrate after a miss
+            fresh = [
+                c
+                for c in allocate_levels(table, imp, lat, scale=scale)
+                if tuple(c["levels"].items()) not in measured
+            ]
+            if not fresh:
+                break
+            cand = fresh[0]
+            measured.add(tuple(cand["levels"].items()))
             row = time_structure(unet, probe, cfg.round_to, shape, 0.0, cand["levels"])
             row.update(
                 meets=lat.met(row["speedup"], row["median_ms"]),
@@ -117,6 +130,9 @@ def _hardware_aware(ctx: RunContext):
             if row["meets"]:
                 chosen = cand["levels"]
                 break
+            predicted = 1 - 1 / cand["predicted_speedup"]
+            if predicted > 0 and row["speedup"] > 0:  # the sum of single-level savings was off by this
+                scale = min(1.5, max(0.3, scale * (1 - 1 / row["speedup"]) / predicted))
         if chosen is None:
             log("prune", "no predicted allocation met the target when measured: uniform search decides")
             ratio, rows = search_latency(unet, lat, probe, cfg.round_to, shape, "fine")
@@ -125,6 +141,7 @@ def _hardware_aware(ctx: RunContext):
         summary["chosen"] = next((t for t in trials if t.get("meets") and t.get("levels")), None) or next(
             (t for t in trials if t.get("meets")), None
         )
+        summary["calibration"] = scale
         summary["search_seconds"] = round(time.perf_counter() - began, 1)
         return chosen
 
