@@ -187,9 +187,23 @@ def _cmd_plan(argv: list[str]) -> int:
     return plan(argv)
 
 
+def _cmd_serve(argv: list[str]) -> int:
+    from pipeline.serve import serve_main
+
+    return serve_main(argv)
+
+
+def _cmd_triton_repo(argv: list[str]) -> int:
+    from pipeline.serve import triton_repo_main
+
+    return triton_repo_main(argv)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "ablate": _cmd_ablate,
     "plan": _cmd_plan,
+    "serve": _cmd_serve,
+    "triton-repo": _cmd_triton_repo,
     "build": _cmd_build,
     "sample": _cmd_sample,
     "check": _cmd_check,

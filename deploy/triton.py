@@ -1,0 +1,270 @@
+"""Triton Inference Server model repositories and a local server for a finished run.
+
+``write_repository`` lays out two models:
+
+- ``unet`` (sample FP32 [C,H,W], timestep INT64 [1] -> noise FP32 [C,H,W]): the run's
+  TensorRT plan (``platform: tensorrt_plan``) where the run built one, else its ONNX
+  (``onnxruntime_onnx``), or, for servers whose only backend is Python (PyTriton's
+  bundled ``tritonserver``), a Python-backend model running the run's ONNX Runtime,
+  torch or TensorRT backend in process (``unet_kind="python"``).
+- ``sampler`` (seed INT64 [1], optional steps INT32 [1] and eta FP32 [1] -> image FP32
+  [C,H,W] in [0, 1]): a Python-backend model running the sampling loop and calling
+  ``unet`` for every step.
+
+Both use dynamic batching (``max_batch``, ``max_queue_delay_us``) and one instance group.
+Every ``config.pbtxt`` written is parsed back with Triton's own model-config protobuf
+(``tritonclient.grpc.model_config_pb2``) when tritonclient is installed.
+
+``find_server`` locates a ``tritonserver`` binary (``$TRITONSERVER``, the PATH, or the
+one PyTriton bundles) and ``server_command`` builds its command line and environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+from compressor import runlayout
+from compressor.errors import ArtifactError, UserError
+
+MODELS_DIR = Path(__file__).parent / "triton_models"
+UNET_KINDS = ("auto", "tensorrt", "onnxruntime", "python")
+
+
+@dataclass
+class RepoSettings:
+    """What the repository serves and how requests are batched."""
+
+    backend: str = "onnxruntime"  # the in-process backend of a Python-backend unet
+    model: str = "pruned"
+    unet_kind: str = "auto"
+    max_batch: int = 16
+    max_queue_delay_us: int = 2000
+    dynamic_batching: bool = True
+    instances: int = 1
+    max_steps: int = 1000
+    default_steps: int = 50
+    scheduler: str = "ddim"
+    gpu: bool = False
+
+
+def _batching(s: RepoSettings) -> str:
+    if not s.dynamic_batching:
+        return ""
+    return f"dynamic_batching {{\n  max_queue_delay_microseconds: {s.max_queue_delay_us}\n}}\n"
+
+
+def _instances(s: RepoSettings, python: bool) -> str:
+    kind = "KIND_GPU" if s.gpu and not python else "KIND_CPU"
+    return f"instance_group [\n  {{\n    count: {s.instances}\n    kind: {kind}\n  }}\n]\n"
+
+
+def unet_config(shape: tuple[int, int, int], kind: str, s: RepoSettings) -> str:
+    """config.pbtxt of the ``unet`` model."""
+    platform = {
+        "tensorrt": 'platform: "tensorrt_plan"',
+        "onnxruntime": 'platform: "onnxruntime_onnx"',
+        "python": 'backend: "python"',
+    }[kind]
+    dims = ", ".join(str(d) for d in shape)
+    return (
+        f'name: "unet"\n{platform}\nmax_batch_size: {s.max_batch}\n'
+        f'input [\n  {{\n    name: "sample"\n    data_type: TYPE_FP32\n    dims: [ {dims} ]\n  }},\n'
+        '  {\n    name: "timestep"\n    data_type: TYPE_INT64\n    dims: [ 1 ]\n'
+        "    reshape: { shape: [ ] }\n  }\n]\n"
+        f'output [\n  {{\n    name: "noise"\n    data_type: TYPE_FP32\n    dims: [ {dims} ]\n  }}\n]\n'
+        + _batching(s)
+        + _instances(s, kind == "python")
+    )
+
+
+def sampler_config(shape: tuple[int, int, int], s: RepoSettings) -> str:
+    """config.pbtxt of the ``sampler`` model (Python backend)."""
+    dims = ", ".join(str(d) for d in shape)
+    optional = [("steps", "TYPE_INT32"), ("eta", "TYPE_FP32")]
+    inputs = ['  {\n    name: "seed"\n    data_type: TYPE_INT64\n    dims: [ 1 ]\n  }'] + [
+        f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ 1 ]\n    optional: true\n  }}'
+        for n, t in optional
+    ]
+    return (
+        f'name: "sampler"\nbackend: "python"\nmax_batch_size: {s.max_batch}\n'
+        "input [\n" + ",\n".join(inputs) + "\n]\n"
+        f'output [\n  {{\n    name: "image"\n    data_type: TYPE_FP32\n    dims: [ {dims} ]\n  }}\n]\n'
+        + _batching(s)
+        + _instances(s, True)
+    )
+
+
+def parse_config(text: str):
+    """Parse config.pbtxt text with Triton's model-config protobuf; UserError when it does not parse."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    try:
+        return text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as exc:
+        raise UserError(f"generated config.pbtxt does not parse as Triton's ModelConfig: {exc}") from None
+
+
+def _choose_unet(run_dir: Path, s: RepoSettings) -> str:
+    engine = runlayout.engine_path(run_dir, s.model)
+    if s.unet_kind == "auto":
+        return "tensorrt" if engine.is_file() else "onnxruntime"
+    return s.unet_kind
+
+
+def write_repository(run_dir: Path, out: Path, s: RepoSettings) -> dict:
+    """Write ``out/{unet,sampler}`` for ``run_dir``; returns facts (what each model serves)."""
+    from compressor.persist import read_plan
+    from deploy.sampler import _model_folder
+
+    if s.unet_kind not in UNET_KINDS:
+        raise UserError(f"unknown unet kind {s.unet_kind!r}; choose one of {', '.join(UNET_KINDS)}")
+    folder = _model_folder(run_dir)
+    plan = read_plan(folder)
+    cfg = plan["unet_config"]
+    size = cfg["sample_size"] if isinstance(cfg["sample_size"], int) else cfg["sample_size"][0]
+    shape = (cfg["in_channels"], size, size)
+    kind = _choose_unet(run_dir, s)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty; pass a new folder (nothing was written)")
+    unet_dir = out / "unet" / "1"
+    unet_dir.mkdir(parents=True, exist_ok=True)
+    onnx = runlayout.onnx_path(run_dir, s.model, "fp32")
+    engine = runlayout.engine_path(run_dir, s.model)
+
+    def need(path: Path, stage: str) -> Path:
+        if not path.is_file():
+            shutil.rmtree(out)
+            raise ArtifactError(f"{path} not found; run the {stage} stage of {run_dir} first")
+        return path
+
+    served = ""
+    if kind == "tensorrt":
+        shutil.copy2(need(engine, "build"), unet_dir / "model.plan")
+        served = f"TensorRT plan {engine}"
+    elif kind == "onnxruntime":
+        shutil.copy2(need(onnx, "export"), unet_dir / "model.onnx")
+        served = f"ONNX {onnx}"
+    else:
+        shutil.copy2(MODELS_DIR / "unet_model.py", unet_dir / "model.py")
+        if s.backend == "onnxruntime":
+            shutil.copy2(need(onnx, "export"), unet_dir / "unet.onnx")
+            spec = {"backend": "onnxruntime", "file": "unet.onnx"}
+        elif s.backend == "torch":
+            if s.model == "dense":
+                shutil.rmtree(out)
+                raise UserError("--backend torch serves the pruned model; use onnxruntime for dense")
+            shutil.copytree(folder, unet_dir / "model")
+            spec = {"backend": "torch", "file": "model"}
+        else:
+            from deploy.engines import manifest_path
+
+            shutil.copy2(need(engine, "build"), unet_dir / "unet.plan")
+            shutil.copy2(need(manifest_path(engine), "build"), manifest_path(unet_dir / "unet.plan"))
+            spec = {"backend": "tensorrt", "file": "unet.plan"}
+        (unet_dir / "unet.json").write_text(json.dumps(spec, indent=1))
+        served = f"Python backend running {s.backend} in process"
+    sampler_dir = out / "sampler" / "1"
+    sampler_dir.mkdir(parents=True)
+    shutil.copy2(MODELS_DIR / "sampler_model.py", sampler_dir / "model.py")
+    (sampler_dir / "sampler.json").write_text(
+        json.dumps(
+            {
+                "image_shape": list(shape),
+                "scheduler_config": plan["scheduler_config"],
+                "scheduler": s.scheduler,
+                "max_steps": s.max_steps,
+                "default_steps": s.default_steps,
+                "unet_max_batch": s.max_batch,
+            },
+            indent=1,
+        )
+    )
+    configs = {
+        "unet": unet_config(shape, kind, s),
+        "sampler": sampler_config(shape, s),
+    }
+    for name, text in configs.items():
+        try:
+            parse_config(text)
+        except ImportError:
+            pass  # tritonclient missing: written unchecked (the `serve` extra installs it)
+        (out / name / "config.pbtxt").write_text(text)
+    return {"unet": served, "unet_kind": kind, "image_shape": list(shape), "model": s.model}
+
+
+def find_server() -> tuple[Path, Path | None, Path | None]:
+    """(tritonserver binary, its own backends folder or None, its bundled library folder or None)."""
+    env = os.environ.get("TRITONSERVER")
+    if env:
+        binary = Path(env)
+        if not binary.is_file():
+            raise UserError(f"TRITONSERVER={env} is not a file; point it at a tritonserver binary")
+        return binary, None, None
+    try:
+        import pytriton
+
+        root = Path(pytriton.__file__).parent / "tritonserver"
+        libs = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
+        return root / "bin" / "tritonserver", root, libs if libs.is_dir() else None
+    except ImportError:
+        pass
+    found = shutil.which("tritonserver")
+    if found:
+        return Path(found), None, None
+    raise UserError(
+        "no tritonserver found: install the serve extra (pip install 'compress-deploy[serve]', which "
+        "brings PyTriton's bundled server), put tritonserver on the PATH, or set TRITONSERVER"
+    )
+
+
+def python_backend_dir(bundled: Path, where: Path) -> Path:
+    """A backends folder for ``bundled`` (PyTriton's server) with the Python stub of this interpreter."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = bundled / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise UserError(f"PyTriton ships no Python backend stub for Python {version}; use 3.8-3.13")
+    target = where / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    for item in (bundled / "backends" / "python").iterdir():
+        if item.is_file():
+            shutil.copy2(item, target / item.name)
+    shutil.copy2(stub, target / "triton_python_backend_stub")
+    (target / "triton_python_backend_stub").chmod(0o755)
+    return where
+
+
+def server_environment(libs: Path | None) -> dict[str, str]:
+    """Environment for tritonserver: this interpreter's libpython and site-packages for the stubs."""
+    env = dict(os.environ)
+    lib_dirs = [str(p) for p in (libs, sysconfig.get_config_var("LIBDIR")) if p]
+    if env.get("LD_LIBRARY_PATH"):
+        lib_dirs.append(env["LD_LIBRARY_PATH"])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(lib_dirs)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["COMPRESS_DEPLOY_SYSPATH"] = os.pathsep.join([root, *[p for p in sys.path if "site-packages" in p]])
+    return env
+
+
+def server_command(
+    binary: Path, repo: Path, backends: Path | None, http: int, grpc: int, metrics: int
+) -> list[str]:
+    """tritonserver's command line for ``repo`` (explicit ports; clean exit waits for in-flight work)."""
+    cmd = [
+        str(binary),
+        f"--model-repository={repo}",
+        f"--http-port={http}",
+        f"--grpc-port={grpc}",
+        f"--metrics-port={metrics}",
+        "--exit-timeout-secs=60",
+        "--log-verbose=0",
+    ]
+    if backends is not None:
+        cmd.append(f"--backend-directory={backends}")
+    return cmd

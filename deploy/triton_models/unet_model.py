@@ -1,0 +1,62 @@
+"""Triton Python-backend model ``unet``: (sample, timestep) -> noise through a compress-deploy backend.
+
+Copied as ``unet/1/model.py`` by ``compress-deploy triton-repo --unet python`` and by ``serve``
+(for servers whose only backend is Python). ``unet.json`` beside it names the backend
+(onnxruntime, torch or tensorrt) and the file it loads from this folder.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path[:0] = [p for p in os.environ.get("COMPRESS_DEPLOY_SYSPATH", "").split(os.pathsep) if p]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+
+class TritonPythonModel:
+    """Batches of requests are concatenated into one UNet call and split back."""
+
+    def initialize(self, args):
+        """Load the backend named in unet.json."""
+        here = Path(__file__).parent
+        spec = json.loads((here / "unet.json").read_text())
+        backend = spec["backend"]
+        if backend == "onnxruntime":
+            from deploy.runtimes import onnxruntime_backend
+
+            self.backend = onnxruntime_backend(here / spec["file"], spec.get("threads"))
+        elif backend == "torch":
+            from compressor.persist import load_unet
+            from deploy.runtimes import torch_backend
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.backend = torch_backend(load_unet(here / spec["file"])[0], torch.device(device))
+        else:
+            from deploy.runtimes import Backend
+            from deploy.tensorrt_backend import EngineRunner
+
+            self.backend = Backend("tensorrt", EngineRunner(here / spec["file"]))
+
+    def execute(self, requests):
+        """One UNet call for the whole batch; one response per request."""
+        samples, timesteps, sizes = [], [], []
+        for request in requests:
+            s = pb_utils.get_input_tensor_by_name(request, "sample").as_numpy()
+            t = pb_utils.get_input_tensor_by_name(request, "timestep").as_numpy().reshape(-1)
+            samples.append(s)
+            timesteps.append(t)
+            sizes.append(len(s))
+        with torch.no_grad():
+            noise = self.backend.predict(
+                torch.from_numpy(np.concatenate(samples)), torch.from_numpy(np.concatenate(timesteps))
+            )
+        noise = noise.float().cpu().numpy()
+        out, start = [], 0
+        for size in sizes:
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("noise", noise[start : start + size])]))
+            start += size
+        return out
