@@ -42,7 +42,10 @@ class TritonPythonModel:
         self.scheduler = spec.get("scheduler", "ddim")
 
     def _settings(self, request):
-        seeds = pb_utils.get_input_tensor_by_name(request, "seed").as_numpy().reshape(-1)
+        seed_t = pb_utils.get_input_tensor_by_name(request, "seed")
+        if seed_t is None:
+            raise BadRequest("missing required input 'seed' (INT64, shape [1])")
+        seeds = seed_t.as_numpy().reshape(-1)
         steps_t = pb_utils.get_input_tensor_by_name(request, "steps")
         eta_t = pb_utils.get_input_tensor_by_name(request, "eta")
         steps = self.default_steps if steps_t is None else steps_t.as_numpy().reshape(-1)
