@@ -160,14 +160,14 @@ def write_repository(run_dir: Path, out: Path, s: RepoSettings) -> dict:
             if s.model == "dense":
                 shutil.rmtree(out)
                 raise UserError("--backend torch serves the pruned model; use onnxruntime for dense")
-            shutil.copytree(folder, unet_dir / "model")
-            spec = {"backend": "torch", "file": "model"}
+            shutil.copytree(folder, unet_dir / "pruned_unet")
+            spec = {"backend": "torch", "file": "pruned_unet"}
         else:
             from deploy.engines import manifest_path
 
-            shutil.copy2(need(engine, "build"), unet_dir / "unet.plan")
-            shutil.copy2(need(manifest_path(engine), "build"), manifest_path(unet_dir / "unet.plan"))
-            spec = {"backend": "tensorrt", "file": "unet.plan"}
+            shutil.copy2(need(engine, "build"), unet_dir / "engine.plan")
+            shutil.copy2(need(manifest_path(engine), "build"), manifest_path(unet_dir / "engine.plan"))
+            spec = {"backend": "tensorrt", "file": "engine.plan"}
         (unet_dir / "unet.json").write_text(json.dumps(spec, indent=1))
         served = f"Python backend running {s.backend} in process"
     sampler_dir = out / "sampler" / "1"
