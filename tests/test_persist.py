@@ -55,6 +55,7 @@ import torch, sys
 from safetensors.torch import load_file, save_file
 from compressor.persist import load_unet
 from compressor.models import predict_noise
+torch.set_num_threads({torch.get_num_threads()})  # same reduction order as this process
 u, _ = load_unet({str(tmp_path / "m")!r})
 x = load_file({str(tmp_path / "x.safetensors")!r})
 with torch.no_grad():

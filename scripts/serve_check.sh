@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Serving check on a finished run (default runs/demo), all on localhost:
+#  1. `compress-deploy serve` with dynamic batching: load test (8 clients x 32 requests, DDIM 20
+#     steps) with every image compared to local sampling; the bad-request list, each followed by a
+#     good request; SIGTERM in the middle of a second load test (exit status, answered requests,
+#     nothing left running).
+#  2. The same load test with --no-dynamic-batching.
+#  3. `compress-deploy triton-repo` (Python-backend unet, the variant PyTriton's bundled tritonserver
+#     can load), loaded by that binary, one request served.
+# Usage: bash scripts/serve_check.sh [RUN] [CLIENTS] [REQUESTS] [STEPS]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+RUN=${1:-runs/demo}
+CLIENTS=${2:-8}
+REQUESTS=${3:-32}
+STEPS=${4:-20}
+PORT=${PORT:-8310}
+OUT=$(mktemp -d)
+trap 'pkill -f "serve $RUN --http-port $PORT" 2>/dev/null; rm -rf "$OUT"' EXIT
+
+start() {  # start serve with extra options; wait until ready
+  "$PY" -m pipeline.cli serve "$RUN" --http-port $PORT --grpc-port $((PORT + 1)) --metrics-port $((PORT + 2)) \
+    --max-steps 100 "$@" > "$OUT/server.log" 2>&1 &
+  SERVER=$!
+  for _ in $(seq 1 240); do
+    curl -sf -o /dev/null localhost:$PORT/v2/health/ready && return 0
+    kill -0 $SERVER 2>/dev/null || { cat "$OUT/server.log"; return 1; }
+    sleep 0.5
+  done
+  return 1
+}
+infer() {  # infer MODEL JSON-INPUTS: print status code and the error, if any
+  curl -s -o "$OUT/reply.json" -w "%{http_code}" -X POST localhost:$PORT/v2/models/$1/infer -d "{\"inputs\":[$2]}"
+  echo " $(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(r.get('error', 'ok: ' + str(r['outputs'][0]['shape'])))" "$OUT/reply.json")"
+}
+SEED='{"name":"seed","shape":[1,1],"datatype":"INT64","data":[1]}'
+steps() { echo "{\"name\":\"steps\",\"shape\":[1,1],\"datatype\":\"INT32\",\"data\":[$1]}"; }
+
+echo "== serve $RUN, dynamic batching (max batch 16, max queue delay 2000 us)"
+start || exit 1
+"$PY" scripts/load_test.py --url 127.0.0.1:$PORT --clients "$CLIENTS" --requests "$REQUESTS" --steps "$STEPS" \
+  --verify "$RUN" --json "$OUT/batched.json"
+echo "== bad requests (each followed by a good one)"
+for bad in \
+  '{"name":"seed","shape":[1,1],"datatype":"FP32","data":[1]}' \
+  '{"name":"seed","shape":[1,2],"datatype":"INT64","data":[1,2]}' \
+  "$SEED,$(steps 0)" "$SEED,$(steps 101)" \
+  '{"name":"seed","shape":[1,1],"datatype":"INT64","data":[-5]}' \
+  "$(steps 5)"; do
+  echo "bad:  $(infer sampler "$bad")"
+  echo "good: $(infer sampler "$SEED,$(steps 5)")"
+done
+echo "bad:  $(infer no-such-model "$SEED")"
+echo "good: $(infer sampler "$SEED,$(steps 5)")"
+echo "== SIGTERM during a load test"
+"$PY" scripts/load_test.py --url 127.0.0.1:$PORT --clients "$CLIENTS" --requests 8 --steps "$STEPS" \
+  --json "$OUT/sigterm.json" > "$OUT/sigterm.txt" 2>&1 &
+LOAD=$!
+sleep 3
+kill -TERM $SERVER
+wait $SERVER; echo "serve exit status: $?"
+wait $LOAD
+head -1 "$OUT/sigterm.txt"
+grep -o "error: seed [0-9]*: .*" "$OUT/sigterm.txt" | head -2
+pgrep -f "http-port=$PORT" > /dev/null && echo "LEFT RUNNING: tritonserver" || echo "nothing left running"
+tail -2 "$OUT/server.log"
+
+echo "== serve $RUN, no dynamic batching"
+start --no-dynamic-batching || exit 1
+"$PY" scripts/load_test.py --url 127.0.0.1:$PORT --clients "$CLIENTS" --requests "$REQUESTS" --steps "$STEPS" \
+  --json "$OUT/single.json"
+kill -TERM $SERVER; wait $SERVER
+"$PY" - "$OUT" <<'PYEOF'
+import json, sys
+b, s = (json.load(open(f"{sys.argv[1]}/{n}.json")) for n in ("batched", "single"))
+print(f"dynamic batching: {b['images_per_s']:.2f} images/s, without: {s['images_per_s']:.2f} images/s "
+      f"({b['images_per_s'] / s['images_per_s']:.2f}x); p50 {b['p50_ms']:.0f} vs {s['p50_ms']:.0f} ms")
+PYEOF
+
+echo "== triton-repo (Python-backend unet) loaded by PyTriton's bundled tritonserver"
+"$PY" -m pipeline.cli triton-repo "$RUN" "$OUT/repo" --unet python
+"$PY" -m pipeline.cli triton-repo "$RUN" "$OUT/repo-onnx"
+"$PY" - "$OUT" "$PORT" <<'PYEOF'
+import signal, subprocess, sys, time, urllib.request, json
+from pathlib import Path
+from deploy.triton import find_server, parse_config, python_backend_dir, server_command, server_environment
+out, port = Path(sys.argv[1]), int(sys.argv[2])
+for repo in ("repo", "repo-onnx"):
+    for model in ("unet", "sampler"):
+        cfg = parse_config((out / repo / model / "config.pbtxt").read_text())
+        print(f"{repo}/{model}: parsed ({cfg.platform or cfg.backend}, max_batch_size {cfg.max_batch_size})")
+binary, bundled, libs = find_server()
+cmd = server_command(binary, out / "repo", python_backend_dir(bundled, out / "backends"), port, port + 1, port + 2)
+proc = subprocess.Popen(cmd, env=server_environment(libs), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+for _ in range(360):
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2)
+        break
+    except OSError:
+        time.sleep(0.5)
+body = {"inputs": [{"name": "seed", "shape": [1, 1], "datatype": "INT64", "data": [7]}]}
+req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/sampler/infer", data=json.dumps(body).encode())
+reply = json.load(urllib.request.urlopen(req, timeout=300))
+print(f"{binary}: served sampler from the repository, image shape {reply['outputs'][0]['shape']}")
+proc.send_signal(signal.SIGTERM)
+print("tritonserver exit status", proc.wait(timeout=120))
+PYEOF
