@@ -7,7 +7,7 @@
 #  2. The same load test with --no-dynamic-batching.
 #  3. `compress-deploy triton-repo` (Python-backend unet, the variant PyTriton's bundled tritonserver
 #     can load), loaded by that binary, one request served.
-# Usage: bash scripts/serve_check.sh [RUN] [CLIENTS] [REQUESTS] [STEPS]
+# Usage: [BACKEND=torch] bash scripts/serve_check.sh [RUN] [CLIENTS] [REQUESTS] [STEPS]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -16,12 +16,13 @@ CLIENTS=${2:-8}
 REQUESTS=${3:-32}
 STEPS=${4:-20}
 PORT=${PORT:-8310}
+BACKEND=${BACKEND:-onnxruntime}  # the UNet backend serve runs in process (onnxruntime | torch | tensorrt)
 OUT=$(mktemp -d)
 trap 'pkill -f "serve $RUN --http-port $PORT" 2>/dev/null; rm -rf "$OUT"' EXIT
 
 start() {  # start serve with extra options; wait until ready
   "$PY" -m pipeline.cli serve "$RUN" --http-port $PORT --grpc-port $((PORT + 1)) --metrics-port $((PORT + 2)) \
-    --max-steps 100 "$@" > "$OUT/server.log" 2>&1 &
+    --max-steps 100 --backend "$BACKEND" "$@" > "$OUT/server.log" 2>&1 &
   SERVER=$!
   for _ in $(seq 1 240); do
     curl -sf -o /dev/null localhost:$PORT/v2/health/ready && return 0
@@ -32,15 +33,23 @@ start() {  # start serve with extra options; wait until ready
 }
 infer() {  # infer MODEL JSON-INPUTS: print status code and the error, if any
   curl -s -o "$OUT/reply.json" -w "%{http_code}" -X POST localhost:$PORT/v2/models/$1/infer -d "{\"inputs\":[$2]}"
-  echo " $(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(r.get('error', 'ok: ' + str(r['outputs'][0]['shape'])))" "$OUT/reply.json")"
+  echo " $(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(r['error'] if 'error' in r else 'ok: image ' + str(r['outputs'][0]['shape']))" "$OUT/reply.json")"
 }
 SEED='{"name":"seed","shape":[1,1],"datatype":"INT64","data":[1]}'
 steps() { echo "{\"name\":\"steps\",\"shape\":[1,1],\"datatype\":\"INT32\",\"data\":[$1]}"; }
 
-echo "== serve $RUN, dynamic batching (max batch 16, max queue delay 2000 us)"
+echo "== serve $RUN ($BACKEND), dynamic batching (max batch 16, max queue delay 2000 us)"
 start || exit 1
 "$PY" scripts/load_test.py --url 127.0.0.1:$PORT --clients "$CLIENTS" --requests "$REQUESTS" --steps "$STEPS" \
-  --verify "$RUN" --json "$OUT/batched.json"
+  --verify "$RUN" --backend "$BACKEND" --json "$OUT/batched.json"
+batches() {  # how many sampler requests the server got, and in how many model executions
+  curl -s localhost:$((PORT + 2))/metrics | python3 -c "
+import re, sys
+text = sys.stdin.read()
+get = lambda name: sum(float(v) for v in re.findall(r'^' + name + r'\{model=\"sampler\",version=\"1\"\} (\S+)', text, re.M))
+print(f'sampler: {get(\"nv_inference_request_success\"):.0f} requests in {get(\"nv_inference_exec_count\"):.0f} executions')"
+}
+batches
 echo "== bad requests (each followed by a good one)"
 for bad in \
   '{"name":"seed","shape":[1,1],"datatype":"FP32","data":[1]}' \
@@ -54,10 +63,10 @@ done
 echo "bad:  $(infer no-such-model "$SEED")"
 echo "good: $(infer sampler "$SEED,$(steps 5)")"
 echo "== SIGTERM during a load test"
-"$PY" scripts/load_test.py --url 127.0.0.1:$PORT --clients "$CLIENTS" --requests 8 --steps "$STEPS" \
+"$PY" scripts/load_test.py --url 127.0.0.1:$PORT --clients "$CLIENTS" --requests "$REQUESTS" --steps "$STEPS" \
   --json "$OUT/sigterm.json" > "$OUT/sigterm.txt" 2>&1 &
 LOAD=$!
-sleep 3
+sleep 4
 kill -TERM $SERVER
 wait $SERVER; echo "serve exit status: $?"
 wait $LOAD
@@ -66,10 +75,11 @@ grep -o "error: seed [0-9]*: .*" "$OUT/sigterm.txt" | head -2
 pgrep -f "http-port=$PORT" > /dev/null && echo "LEFT RUNNING: tritonserver" || echo "nothing left running"
 tail -2 "$OUT/server.log"
 
-echo "== serve $RUN, no dynamic batching"
+echo "== serve $RUN ($BACKEND), no dynamic batching"
 start --no-dynamic-batching || exit 1
 "$PY" scripts/load_test.py --url 127.0.0.1:$PORT --clients "$CLIENTS" --requests "$REQUESTS" --steps "$STEPS" \
   --json "$OUT/single.json"
+batches
 kill -TERM $SERVER; wait $SERVER
 "$PY" - "$OUT" <<'PYEOF'
 import json, sys
