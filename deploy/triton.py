@@ -51,6 +51,7 @@ class RepoSettings:
     default_steps: int = 50
     scheduler: str = "ddim"
     gpu: bool = False
+    threads: int | None = None  # CPU threads of an in-process UNet backend (default: all)
 
 
 def _batching(s: RepoSettings) -> str:
@@ -168,7 +169,7 @@ def write_repository(run_dir: Path, out: Path, s: RepoSettings) -> dict:
             shutil.copy2(need(engine, "build"), unet_dir / "engine.plan")
             shutil.copy2(need(manifest_path(engine), "build"), manifest_path(unet_dir / "engine.plan"))
             spec = {"backend": "tensorrt", "file": "engine.plan"}
-        (unet_dir / "unet.json").write_text(json.dumps(spec, indent=1))
+        (unet_dir / "unet.json").write_text(json.dumps({**spec, "threads": s.threads}, indent=1))
         served = f"Python backend running {s.backend} in process"
     sampler_dir = out / "sampler" / "1"
     sampler_dir.mkdir(parents=True)

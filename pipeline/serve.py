@@ -49,9 +49,14 @@ def _batching_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--default-steps", type=int, default=50, help="steps when a request gives none")
     parser.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim")
     parser.add_argument("--instances", type=int, default=1, help="model instances (instance_group count)")
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads of the in-process UNet backend (default: all)"
+    )
 
 
 def _settings(args, backend: str, unet_kind: str) -> RepoSettings:
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads {args.threads}: must be >= 1")
     for name in ("max_batch", "max_steps", "default_steps", "instances"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
@@ -70,6 +75,7 @@ def _settings(args, backend: str, unet_kind: str) -> RepoSettings:
         max_steps=args.max_steps,
         default_steps=args.default_steps,
         scheduler=args.scheduler,
+        threads=args.threads,
     )
 
 

@@ -17,12 +17,13 @@ REQUESTS=${3:-32}
 STEPS=${4:-20}
 PORT=${PORT:-8310}
 BACKEND=${BACKEND:-onnxruntime}  # the UNet backend serve runs in process (onnxruntime | torch | tensorrt)
+THREADS=${THREADS:-}             # its CPU threads (serve --threads; default all)
 OUT=$(mktemp -d)
 trap 'pkill -f "serve $RUN --http-port $PORT" 2>/dev/null; rm -rf "$OUT"' EXIT
 
 start() {  # start serve with extra options; wait until ready
   "$PY" -m pipeline.cli serve "$RUN" --http-port $PORT --grpc-port $((PORT + 1)) --metrics-port $((PORT + 2)) \
-    --max-steps 100 --backend "$BACKEND" "$@" > "$OUT/server.log" 2>&1 &
+    --max-steps 100 --backend "$BACKEND" ${THREADS:+--threads $THREADS} "$@" > "$OUT/server.log" 2>&1 &
   SERVER=$!
   for _ in $(seq 1 240); do
     curl -sf -o /dev/null localhost:$PORT/v2/health/ready && return 0

@@ -25,6 +25,8 @@ class TritonPythonModel:
         here = Path(__file__).parent
         spec = json.loads((here / "unet.json").read_text())
         backend = spec["backend"]
+        if spec.get("threads"):
+            torch.set_num_threads(spec["threads"])
         if backend == "onnxruntime":
             from deploy.runtimes import onnxruntime_backend
 
