@@ -75,9 +75,11 @@ class LatencyProbe:
         onnx_file = Path(self._dir.name) / f"{label}.{precision}.onnx"
         export_unet(copy.deepcopy(unet).cpu(), onnx_file, precision, fold=self.backend == "tensorrt")
         if self.backend == "onnxruntime":
-            return onnxruntime_backend(onnx_file, self.threads)
+            backend = onnxruntime_backend(onnx_file, self.threads)
+            _remove(onnx_file)  # the session holds the model: trials of big models must not fill the disk
+            return backend
         from deploy import tensorrt_backend
-        from deploy.engines import Profile
+        from deploy.engines import Profile, manifest_path
         from export.onnx_export import onnx_sample_shape
 
         engine = onnx_file.with_suffix(".plan")
@@ -92,7 +94,10 @@ class LatencyProbe:
             Path(self._dir.name) / "timing.cache",
             label,
         )
-        return Backend("tensorrt", tensorrt_backend.EngineRunner(engine), {"precision": precision})
+        _remove(onnx_file)
+        runner = tensorrt_backend.EngineRunner(engine)
+        _remove(engine, manifest_path(engine))
+        return Backend("tensorrt", runner, {"precision": precision})
 
     def _call(self, backend: Backend, shape: tuple) -> Callable[[], object]:
         device = "cuda" if self.backend == "tensorrt" else self.device
@@ -102,18 +107,28 @@ class LatencyProbe:
         return sampler_call(backend.predict, scheduler, shape, self.batch, self.steps, device)
 
     def measure(self, dense: Backend, candidate: Backend, shape: tuple) -> tuple[float, float]:
-        """(dense median ms, candidate median ms), timed alternately."""
+        """(dense median ms, candidate median ms), timed alternately (torch on ``threads`` threads)."""
+        before = torch.get_num_threads()
         if self.threads:
             torch.set_num_threads(self.threads)
-        calls = {"dense": self._call(dense, shape), "candidate": self._call(candidate, shape)}
-        warmup = self.warmup if self.what == "unet" else min(1, self.warmup)
-        times = time_alternating(calls, warmup, self.repeat)
+        try:
+            calls = {"dense": self._call(dense, shape), "candidate": self._call(candidate, shape)}
+            warmup = self.warmup if self.what == "unet" else min(1, self.warmup)
+            times = time_alternating(calls, warmup, self.repeat)
+        finally:
+            torch.set_num_threads(before)
         return percentile_ms(times["dense"])[0], percentile_ms(times["candidate"])[0]
 
     def describe(self) -> str:
         """E.g. 'onnxruntime, UNet call at batch 16'."""
         what = "UNet call" if self.what == "unet" else f"{self.steps}-step sampler"
         return f"{self.backend}, {what} at batch {self.batch}"
+
+
+def _remove(*paths: Path) -> None:
+    for path in paths:
+        for p in (path, path.with_name(path.name + ".data")):
+            p.unlink(missing_ok=True)
 
 
 def pruned_copy(
