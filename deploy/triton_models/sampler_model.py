@@ -33,6 +33,9 @@ class TritonPythonModel:
 
     def initialize(self, args):
         """Read sampler.json: scheduler config, image shape, step limits, UNet batch limit."""
+        # the loop's own tensor work (scheduler steps, noise) is tiny: one thread, so idle
+        # OpenMP workers do not spin on the cores the UNet needs
+        torch.set_num_threads(1)
         spec = json.loads((Path(__file__).parent / "sampler.json").read_text())
         self.shape = tuple(spec["image_shape"])
         self.max_steps = int(spec["max_steps"])
