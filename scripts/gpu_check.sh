@@ -8,7 +8,8 @@
 #
 # Usage: bash scripts/gpu_check.sh [--no-tensorrt] [RUN_DIR]
 # Exit: 0 all passed; 1 a step failed (TensorRT missing counts unless --no-tensorrt); 2 no CUDA device.
-# Offline host: carry the small wheels (bash ../shared/tools/gpu-wheels torch-fidelity) and
+# Offline host: carry the small wheels (bash ../shared/tools/gpu-wheels torch-fidelity onnx-graphsurgeon
+#   importlib_metadata) and
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 set -uo pipefail
 cd "$(dirname "$0")/.."
