@@ -137,6 +137,27 @@ def test_device_and_library_versions_key_only_the_stages_that_measure(monkeypatc
     assert sampled["parity"] != on_gpu["parity"]  # parity's sampler images read sample.seed
 
 
+def test_a_latency_target_keys_prune_on_the_host_and_the_sampler_steps(monkeypatch, tiny_config):
+    from pipeline.stages import prune as prune_stage
+
+    facts = {"torch": "2.13.0", "onnx": "1.0", "onnxruntime": "1.32.0 [CPUExecutionProvider]"}
+    for module in (cache, prune_stage):
+        monkeypatch.setattr(module, "environment_facts", lambda device: facts)
+
+    def prune_key(*overrides: str) -> str:
+        return _keys(load_config(tiny_config, ["device=cpu", *overrides]), facts)["prune"]
+
+    # a ratio target: neither the host nor bench settings concern prune
+    assert prune_key() == prune_key("bench.sampler_steps=7")
+    target = ["prune.ratio=null", "prune.target_latency.speedup=1.5"]
+    assert prune_key(*target) == prune_key(*target, "bench.sampler_steps=7")  # a UNet-call target
+    sampler = [*target, "prune.target_latency.what=sampler"]
+    assert prune_key(*sampler) != prune_key(*sampler, "bench.sampler_steps=7")
+    before = prune_key(*target), prune_key()
+    facts["onnxruntime"] = "1.33.0 [CPUExecutionProvider]"
+    assert prune_key(*target) != before[0] and prune_key() == before[1]  # measured on another runtime
+
+
 def test_environment_change_is_the_logged_reason(measured_run, tmp_path, monkeypatch, capsys):
     cfg_path, base = measured_run
     run_dir = tmp_path / "run"
