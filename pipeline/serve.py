@@ -166,7 +166,7 @@ def serve_main(argv: list[str]) -> int:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM: Triton refuses new requests and finishes in-flight ones (up to its exit timeout)."""
+    """SIGTERM: Triton finishes in-flight requests (up to its exit timeout), unloads, exits."""
     if proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)
