@@ -306,6 +306,11 @@ def level_blocks(unet: nn.Module) -> dict[int, list[nn.Module]]:
     return levels
 
 
+def stem_ratio(level_ratios: dict[int, float]) -> float:
+    """The ratio of the layers outside the level blocks (stem, time embedding): level 0's."""
+    return level_ratios.get(0, 0.0)
+
+
 def level_ratio_dict(unet: nn.Module, level_ratios: dict[int, float]) -> dict[nn.Module, float]:
     """torch-pruning's ``pruning_ratio_dict`` giving every block of a level that level's ratio.
 
@@ -473,17 +478,8 @@ def importance_by_level(unet: nn.Module, importance, ratios: list[float]) -> dic
     pruner = build_pruner(unet, importance, max(ratios))
     owner = level_of_modules(unet)
     out: dict[int, dict] = {}
-    for group in pruner.DG.get_all_groups(
-        ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
-    ):
-        if pruner._is_atten_group(group)[0]:
-            group = pruner._downstream_node_as_root_if_attention(group)
-            if group is None:
-                continue
-        imp = pruner.estimate_importance(group)
-        if imp is None:
-            continue
-        imp = imp.detach().double().cpu()
+    for group, imp in _scored_groups(pruner, check_ratio=False):
+        imp = imp.double().cpu()
         lvl = owner.get(group[0].dep.target.module, 0)
         entry = out.setdefault(lvl, {"total": 0.0, "removed": dict.fromkeys(ratios, 0.0)})
         ch_groups = pruner._get_channel_groups(group)
@@ -497,18 +493,17 @@ def importance_by_level(unet: nn.Module, importance, ratios: list[float]) -> dic
     return out
 
 
-def _root_importance(pruner) -> dict[tuple, torch.Tensor]:
-    """Importance of every prunable group before anything is pruned, keyed by its root.
+def _scored_groups(pruner, check_ratio: bool = True):
+    """(group, importance) of every prunable group of the unpruned model.
 
     Mirrors the grouping of torch-pruning 1.6's ``BasePruner._prune`` (attention
-    groups are rooted at their downstream layer there, so here too): scores must
-    come from the unpruned model, as torch-pruning's own do.
+    groups are rooted at their downstream layer there, so here too); ``check_ratio``
+    skips the groups torch-pruning would not prune at the pruner's ratio.
     """
-    scores = {}
     for group in pruner.DG.get_all_groups(
         ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
     ):
-        if not pruner._check_pruning_ratio(group):
+        if check_ratio and not pruner._check_pruning_ratio(group):
             continue
         if pruner._is_atten_group(group)[0]:
             group = pruner._downstream_node_as_root_if_attention(group)
@@ -516,9 +511,15 @@ def _root_importance(pruner) -> dict[tuple, torch.Tensor]:
                 continue
         imp = pruner.estimate_importance(group)
         if imp is not None:
-            dep = group[0].dep
-            scores[(dep.target.module, dep.handler)] = imp.detach().cpu()
-    return scores
+            yield group, imp.detach()
+
+
+def _root_importance(pruner) -> dict[tuple, torch.Tensor]:
+    """Importance of every prunable group before anything is pruned, keyed by its root.
+
+    Scores must come from the unpruned model, as torch-pruning's own do.
+    """
+    return {(g[0].dep.target.module, g[0].dep.handler): imp.cpu() for g, imp in _scored_groups(pruner)}
 
 
 def _reselect(pruner, group, scores: dict[tuple, torch.Tensor], selection: str, round_to: int | None):
@@ -728,22 +729,20 @@ def prune_unet(
     returns a ratio per resolution level (hardware-aware allocation); it replaces the
     uniform ratio of ``cfg``.
     """
-    if allocate is None:
-        cfg.require_target()
     dense_widths = layer_widths(unet)
     search: list[dict] = []
-    ratio = 0.0
-    if allocate is not None:
-        pass
-    elif cfg.ratio is not None:
-        ratio = cfg.ratio
-    else:
-        metric = "macs" if cfg.target_macs is not None else "params"
-        target = cfg.target_macs if cfg.target_macs is not None else cfg.target_params
-        dense = count_macs_params(unet)
-        ratio, search = search_ratio(
-            unet, target, metric, cfg.round_to, dense, cfg.search, on_trial=on_search_trial
-        )
+    ratio = 0.0  # with ``allocate``: decided after the Taylor pass
+    if allocate is None:
+        cfg.require_target()
+        if cfg.ratio is not None:
+            ratio = cfg.ratio
+        else:
+            metric = "macs" if cfg.target_macs is not None else "params"
+            target = cfg.target_macs if cfg.target_macs is not None else cfg.target_params
+            dense = count_macs_params(unet)
+            ratio, search = search_ratio(
+                unet, target, metric, cfg.round_to, dense, cfg.search, on_trial=on_search_trial
+            )
     taylor = None
     if cfg.method in ("diff-pruning", "taylor"):
         if images is None:
@@ -772,7 +771,7 @@ def prune_unet(
     level_ratios = None
     if allocate is not None:
         level_ratios = allocate(unet, importance)
-        ratio = level_ratios[0]  # the stem and time embedding follow full resolution
+        ratio = stem_ratio(level_ratios)
     stats: dict = {}
     history = prune_structure(
         unet, importance, ratio, cfg.round_to, seed, cfg.group_selection, level_ratios, stats

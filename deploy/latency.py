@@ -58,12 +58,19 @@ class LatencyProbe:
             raise ConfigError(f"latency on {self.backend}: not measurable here ({reason})")
         self._dir = tempfile.TemporaryDirectory(prefix="latency-")
         self._dense: tuple[nn.Module, Backend] | None = None
+        self._counts: tuple[nn.Module, tuple[float, float]] | None = None
 
     def dense(self, unet: nn.Module) -> Backend:
         """The backend of the dense model, loaded once per probe."""
         if self._dense is None or self._dense[0] is not unet:
             self._dense = (unet, self.load(unet, "dense"))
         return self._dense[1]
+
+    def dense_counts(self, unet: nn.Module) -> tuple[float, float]:
+        """(MACs, params) of the dense model, counted once per probe."""
+        if self._counts is None or self._counts[0] is not unet:
+            self._counts = (unet, count_macs_params(unet))
+        return self._counts[1]
 
     def load(self, unet: nn.Module, label: str) -> Backend:
         """A backend over a private copy of ``unet`` (ONNX / engine files in a temporary folder)."""
@@ -137,12 +144,12 @@ def pruned_copy(
     """``unet`` pruned at ``ratio`` (or per level) on a copy (magnitude: only the structure matters)."""
     import torch_pruning as tp
 
-    from compressor.pruning import prune_structure
+    from compressor.pruning import prune_structure, stem_ratio
 
     trial = copy.deepcopy(unet)
     if level_ratios:
-        ratio = level_ratios.get(0, 0.0)
-    if ratio > 0 or (level_ratios and any(level_ratios.values())):
+        ratio = stem_ratio(level_ratios)
+    if ratio > 0 or any((level_ratios or {}).values()):
         imp = tp.importance.GroupMagnitudeImportance(p=1)
         prune_structure(trial, imp, ratio, round_to, level_ratios=level_ratios)
     return trial.eval()
@@ -161,14 +168,16 @@ def time_structure(
     Row: ratio, macs, params, macs_kept, params_kept, dense_ms, median_ms, speedup, seconds
     (and ``levels`` for a per-level allocation).
     """
+    from compressor.pruning import stem_ratio
+
     began = time.perf_counter()
-    macs_dense, params_dense = count_macs_params(unet)
+    macs_dense, params_dense = probe.dense_counts(unet)
     trial = pruned_copy(unet, ratio, round_to, level_ratios)
     macs, params = count_macs_params(trial)
     label = f"r{ratio:.4f}" if not level_ratios else "l" + "-".join(f"{r:.3f}" for r in level_ratios.values())
     dense_ms, ms = probe.measure(probe.dense(unet), probe.load(trial, label), shape)
     row = {
-        "ratio": round(level_ratios.get(0, 0.0) if level_ratios else ratio, 6),
+        "ratio": round(stem_ratio(level_ratios) if level_ratios else ratio, 6),
         "macs": macs,
         "params": params,
         "macs_kept": macs / macs_dense,

@@ -253,6 +253,18 @@ def server_environment(libs: Path | None) -> dict[str, str]:
     return env
 
 
+def server_ready(port: int) -> bool:
+    """True when a Triton on ``127.0.0.1:port`` answers ``/v2/health/ready`` with 200."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 def server_command(
     binary: Path, repo: Path, backends: Path | None, http: int, grpc: int, metrics: int
 ) -> list[str]:

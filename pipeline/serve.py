@@ -23,8 +23,6 @@ import signal
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from compressor.errors import UserError
@@ -34,6 +32,7 @@ from deploy.triton import (
     python_backend_dir,
     server_command,
     server_environment,
+    server_ready,
     write_repository,
 )
 from pipeline.context import log
@@ -101,14 +100,6 @@ def triton_repo_main(argv: list[str]) -> int:
     return 0
 
 
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 def serve_main(argv: list[str]) -> int:
     """Run tritonserver on a fresh repository until SIGTERM/SIGINT."""
     parser = argparse.ArgumentParser(prog="compress-deploy serve", description=__doc__.split("\n")[0])
@@ -138,7 +129,7 @@ def serve_main(argv: list[str]) -> int:
         proc = subprocess.Popen(cmd, env=server_environment(libs))
         try:
             began = time.monotonic()
-            while not _ready(args.http_port):
+            while not server_ready(args.http_port):
                 if proc.poll() is not None:
                     raise UserError(
                         f"tritonserver exited with {proc.returncode} before it was ready (see its log "

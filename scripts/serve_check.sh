@@ -95,7 +95,8 @@ echo "== triton-repo (Python-backend unet) loaded by PyTriton's bundled tritonse
 "$PY" - "$OUT" "$PORT" <<'PYEOF'
 import signal, subprocess, sys, time, urllib.request, json
 from pathlib import Path
-from deploy.triton import find_server, parse_config, python_backend_dir, server_command, server_environment
+from deploy.triton import (
+    find_server, parse_config, python_backend_dir, server_command, server_environment, server_ready)
 out, port = Path(sys.argv[1]), int(sys.argv[2])
 for repo in ("repo", "repo-onnx"):
     for model in ("unet", "sampler"):
@@ -105,11 +106,9 @@ binary, bundled, libs = find_server()
 cmd = server_command(binary, out / "repo", python_backend_dir(bundled, out / "backends"), port, port + 1, port + 2)
 proc = subprocess.Popen(cmd, env=server_environment(libs), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 for _ in range(360):
-    try:
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2)
+    if server_ready(port):
         break
-    except OSError:
-        time.sleep(0.5)
+    time.sleep(0.5)
 body = {"inputs": [{"name": "seed", "shape": [1, 1], "datatype": "INT64", "data": [7]}]}
 req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/sampler/infer", data=json.dumps(body).encode())
 reply = json.load(urllib.request.urlopen(req, timeout=300))

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from deploy.triton import server_ready
 from pipeline.cli import main
 from tests.conftest import finished_tiny_run
 
@@ -46,21 +47,13 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 def start_serve(run: Path, *extra: str) -> tuple[subprocess.Popen, int, int]:
     http, grpc, metrics = free_ports(3)
     cmd = [sys.executable, "-m", "pipeline.cli", "serve", str(run), "--http-port", str(http),
            "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--max-steps", "50", *extra]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     began = time.monotonic()
-    while not ready(http):
+    while not server_ready(http):
         assert proc.poll() is None, proc.stdout.read()
         assert time.monotonic() - began < 180, "server not ready in 180 s"
         time.sleep(0.5)
@@ -246,7 +239,7 @@ def test_triton_repo_configs_parse_and_load_in_tritonserver(served, tmp_path, ca
     )
     try:
         began = time.monotonic()
-        while not ready(http):
+        while not server_ready(http):
             assert proc.poll() is None and time.monotonic() - began < 180
             time.sleep(0.5)
         code, reply = infer(http, "sampler", [seed_input([3]), steps_input(2)])

@@ -26,7 +26,7 @@ def key_extra(ctx: RunContext) -> dict:
     lat = ctx.cfg.prune.target_latency
     if not lat.active:
         return {}
-    extra: dict = {"latency_host": environment_facts(ctx.device), "threads": lat.threads}
+    extra: dict = {"latency_host": environment_facts(ctx.device)}
     if lat.what == "sampler":
         extra["bench.sampler_steps"] = ctx.cfg.bench.sampler_steps
     return extra
@@ -88,7 +88,7 @@ def _hardware_aware(ctx: RunContext):
             )
         imp = importance_by_level(unet, importance, ratios)
         total = sum(v["total"] for v in imp.values()) or 1.0
-        candidates = allocate_levels(table, imp, lat)
+        ranked = allocate_levels(table, imp, lat)
         measured: set[tuple] = set()
         scale = 1.0
         summary.update(
@@ -99,17 +99,13 @@ def _hardware_aware(ctx: RunContext):
                 {"ratio": r, "importance_kept": 1 - sum(v["removed"][r] for v in imp.values()) / total}
                 for r in ratios
             ],
-            candidates=len(candidates),
+            candidates=len(ranked),
         )
-        if not candidates:
+        if not ranked:
             log("prune", "no allocation is predicted to meet the target: the uniform search decides")
         chosen = None
         for _ in range(4):  # measure the best predicted allocation; recalibrate after a miss
-            fresh = [
-                c
-                for c in allocate_levels(table, imp, lat, scale=scale)
-                if tuple(c["levels"].items()) not in measured
-            ]
+            fresh = [c for c in ranked if tuple(c["levels"].items()) not in measured]
             if not fresh:
                 break
             cand = fresh[0]
@@ -128,19 +124,18 @@ def _hardware_aware(ctx: RunContext):
                 f"({'meets' if row['meets'] else 'misses'} the target)",
             )
             if row["meets"]:
-                chosen = cand["levels"]
+                chosen, summary["chosen"] = cand["levels"], row
                 break
             predicted = 1 - 1 / cand["predicted_speedup"]
             if predicted > 0 and row["speedup"] > 0:  # the sum of single-level savings was off by this
                 scale = min(1.5, max(0.3, scale * (1 - 1 / row["speedup"]) / predicted))
+                ranked = allocate_levels(table, imp, lat, scale=scale)
         if chosen is None:
             log("prune", "no predicted allocation met the target when measured: uniform search decides")
             ratio, rows = search_latency(unet, lat, probe, cfg.round_to, shape, "fine")
             trials.extend(rows)
             chosen = dict.fromkeys(sorted({r["level"] for r in table}), ratio)
-        summary["chosen"] = next((t for t in trials if t.get("meets") and t.get("levels")), None) or next(
-            (t for t in trials if t.get("meets")), None
-        )
+            summary["chosen"] = next(t for t in rows if t["ratio"] == round(ratio, 6))
         summary["calibration"] = scale
         summary["search_seconds"] = round(time.perf_counter() - began, 1)
         return chosen
