@@ -65,7 +65,7 @@ def write_json(path: Path, data: Any) -> None:
 def find_run_dir(path: Path) -> Path | None:
     """The run directory holding ``path`` (the nearest parent with a run.json), if any."""
     for parent in Path(path).resolve().parents:
-        if (parent / "run.json").is_file():
+        if runlayout.run_file(parent).is_file():
             return parent
     return None
 
@@ -117,7 +117,8 @@ def verify_run(run_dir: Path) -> dict[str, list[str]]:
         rel = str(path.relative_to(run_dir))
         if not path.is_file() or rel in manifest or path.name in BOOKKEEPING or path.name == "record.json":
             continue
-        if "checkpoints" in path.parts or runlayout.is_temporary(path) or rel.startswith("ablation/"):
+        nested = rel.startswith(f"{runlayout.ABLATION}/")
+        if runlayout.CHECKPOINTS in path.parts or runlayout.is_temporary(path) or nested:
             continue  # training state, interrupted writes and nested ablation runs are not artifacts
         extra.append(rel)
     return {"missing": missing, "changed": changed, "extra": extra}

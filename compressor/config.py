@@ -42,6 +42,12 @@ DEFAULT_STAGES = (
 )
 
 
+BACKENDS = ("torch", "onnxruntime", "tensorrt")  # the backend registry's names (deploy/runtimes.py)
+Backend = Literal["torch", "onnxruntime", "tensorrt"]
+SCHEDULERS = ("ddim", "ddpm")
+Scheduler = Literal["ddim", "ddpm"]
+
+
 @dataclass
 class ModelConfig:
     """Which UNet to compress."""
@@ -66,7 +72,7 @@ class DataConfig:
 class LatencyTarget:
     """A measured-latency pruning target: the mildest pruning that reaches it on a backend."""
 
-    backend: Literal["torch", "onnxruntime", "tensorrt"] = _spec(
+    backend: Backend = _spec(
         "onnxruntime", "backend the latency is measured on (torch: eager fp32 on the run's device)"
     )
     batch: int = _spec(1, "batch size of the timed calls", ge=1)
@@ -181,7 +187,7 @@ class FinetuneConfig:
 class SampleConfig:
     """Image generation (grids, quality, sampler benchmarks)."""
 
-    scheduler: Literal["ddim", "ddpm"] = _spec("ddim", "sampling scheduler")
+    scheduler: Scheduler = _spec("ddim", "sampling scheduler")
     steps: int = _spec(50, "sampling steps", ge=1)
     eta: float = _spec(0.0, "DDIM eta", ge=0.0, le=1.0)
     num_images: int = _spec(16, "images in the grid", ge=1)
@@ -201,7 +207,7 @@ class QualityConfig:
     inception_weights: str | None = _spec(None, "local Inception weights file for offline FID")
     require_fid: bool = _spec(False, "fail (instead of recording unavailable) when FID cannot run")
     num_reference: int | None = _spec(None, "reference images (default: all)", ge=2)
-    backend: Literal["torch", "onnxruntime", "tensorrt"] = _spec(
+    backend: Backend = _spec(
         "torch", "backend sampling the dense and final model (tensorrt: the engines, on GPU)"
     )
     compare_raw: bool = _spec(True, "also score the finetune's raw (non-EMA) weights")
@@ -236,7 +242,7 @@ class ParityConfig:
 class BenchConfig:
     """Latency of one UNet call and of the whole sampler, dense vs compressed."""
 
-    backends: list[Literal["torch", "onnxruntime", "tensorrt"]] = _spec(
+    backends: list[Backend] = _spec(
         ["torch", "onnxruntime"], "backends to time (unavailable ones are reported as skipped)"
     )
     batch_sizes: list[int] = _spec([1, 16], "batch sizes", ge=1)
@@ -283,6 +289,26 @@ class AcceptanceConfig:
     max_parity_error: float | None = _spec(None, "max abs error, fp32 ONNX vs torch", gt=0.0)
     min_ssim: float | None = _spec(None, "min SSIM vs dense samples", ge=0.0, le=1.0)
     max_fd_ratio: float | None = _spec(None, "max Frechet distance of compressed / dense", gt=0.0)
+
+
+@dataclass
+class ServeConfig:
+    """``compress-deploy serve`` / ``triton-repo`` settings (command-line flags, validated like config)."""
+
+    backend: Backend = _spec("onnxruntime", "in-process backend of the unet model")
+    model: Literal["pruned", "dense"] = _spec("pruned", "which model to serve")
+    host: str = _spec("127.0.0.1", "address Triton listens on (HTTP, gRPC, metrics)")
+    http_port: int = _spec(8000, "HTTP/REST port", ge=1, le=65535)
+    grpc_port: int = _spec(8001, "gRPC port", ge=1, le=65535)
+    metrics_port: int = _spec(8002, "Prometheus metrics port", ge=1, le=65535)
+    max_batch: int = _spec(16, "largest batch the dynamic batcher forms", ge=1)
+    max_queue_delay_us: int = _spec(2000, "how long a request may wait for a batch (us)", ge=0)
+    max_steps: int = _spec(1000, "largest `steps` a request may ask", ge=1)
+    default_steps: int = _spec(50, "steps when a request gives none", ge=1)
+    scheduler: Scheduler = _spec("ddim", "sampling scheduler")
+    instances: int = _spec(1, "model instances (instance_group count)", ge=1)
+    threads: int | None = _spec(None, "CPU threads of the in-process UNet backend (default: all)", ge=1)
+    startup_timeout: float = _spec(300.0, "seconds to wait for the server to be ready", gt=0.0)
 
 
 @dataclass
@@ -497,6 +523,46 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     elif data is None:
         data = {"name": path.stem}
     return config_from_mapping(data, overrides)
+
+
+def field_spec(cls: type, name: str) -> tuple[Any, Any, dict]:
+    """(type annotation, default, metadata) of config field ``cls.name``."""
+    hints = typing.get_type_hints(cls)
+    (f,) = [f for f in dataclasses.fields(cls) if f.name == name]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    return hints[name], default, dict(f.metadata)
+
+
+def check_value(key: str, value: Any, cls: type, name: str) -> Any:
+    """Validate ``value`` by the rules of config field ``cls.name``; errors name ``key`` (e.g. a flag)."""
+    tp, _, meta = field_spec(cls, name)
+    return _coerce(value, tp, key, meta)
+
+
+def parse_value(key: str, text: str, cls: type, name: str) -> Any:
+    """A command-line string checked as config field ``cls.name`` would be (ConfigError naming ``key``)."""
+    tp, _, meta = field_spec(cls, name)
+    base = tp
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if text.lower() in ("none", "null"):
+            return _coerce(None, tp, key, meta)
+        base = inner[0]
+    value: Any = text
+    try:
+        if base is int:
+            value = int(text)
+        elif base is float:
+            value = float(text)
+    except ValueError:
+        raise ConfigError(f"{key}: expected {_describe(base)}{_range_text(meta)}, got {text!r}") from None
+    return _coerce(value, tp, key, meta)
+
+
+def describe_field(cls: type, name: str) -> str:
+    """The field's doc plus its allowed values, for --help texts."""
+    tp, default, meta = field_spec(cls, name)
+    return f"{meta.get('doc', '')} ({_describe(tp)}{_range_text(meta)}; default {default})"
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -1,8 +1,9 @@
 """Saving and loading (pruned) UNets without pickle.
 
-A saved model is two files: ``unet.safetensors`` (the weights) and ``unet.json``
-(the dense diffusers config, the torch-pruning history that rebuilds the pruned
-structure from it, the kept widths and every parameter shape). Loading builds the
+A saved model is two files (names in :mod:`compressor.runlayout`): ``unet.safetensors``
+(the weights) and the *structure file* ``unet.json`` (the dense diffusers config, the
+torch-pruning history that rebuilds the pruned structure from it, the kept widths and
+every parameter shape), plus a probe for the exact-reload check. Loading builds the
 dense architecture, replays the history, checks every shape and loads the weights.
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compressor import runlayout
 from compressor.errors import ModelError
 from compressor.models import build_unet
 from compressor.pruning import replay_history, sync_module_attributes
@@ -55,15 +57,16 @@ def save_unet(
         "shapes": {k: list(v.shape) for k, v in state.items()},
         **(extra or {}),
     }
-    weights, plan, probe = folder / "unet.safetensors", folder / "unet.json", folder / "probe.safetensors"
-    tmp_w, tmp_p = weights.with_suffix(".safetensors.tmp"), plan.with_suffix(".json.tmp")
+    weights, structure = runlayout.weights_file(folder), runlayout.structure_file(folder)
+    probe = runlayout.probe_file(folder)
+    tmp_w, tmp_p = weights.with_suffix(".safetensors.tmp"), structure.with_suffix(".json.tmp")
     save_file(state, str(tmp_w))
     tmp_p.write_text(json.dumps(meta, indent=1))
     save_file(probe_outputs(unet), str(probe.with_suffix(".tmp")))
     probe.with_suffix(".tmp").replace(probe)
     tmp_w.replace(weights)
-    tmp_p.replace(plan)
-    return [weights, plan, probe]
+    tmp_p.replace(structure)
+    return [weights, structure, probe]
 
 
 def probe_outputs(unet: nn.Module, batch: int = 2) -> dict[str, torch.Tensor]:
@@ -85,24 +88,26 @@ def probe_difference(folder: Path, unet: nn.Module) -> float:
 
     from compressor.models import predict_noise
 
-    probe = load_file(str(Path(folder) / "probe.safetensors"))
+    probe = load_file(str(runlayout.probe_file(folder)))
     device = next(unet.parameters()).device
     with torch.no_grad():
         out = predict_noise(unet.eval(), probe["sample"].to(device), probe["timestep"].to(device))
     return float((out.cpu() - probe["noise"]).abs().max())
 
 
-def read_plan(folder: Path) -> dict:
-    """Read and check ``unet.json``; raises ModelError when missing or foreign."""
-    plan_file = folder / "unet.json"
-    if not plan_file.is_file():
-        raise ModelError(f"{folder}: no unet.json; run the stage that writes this model first")
+def read_structure(folder: Path) -> dict:
+    """Read and check a saved model's structure file; raises ModelError when missing or foreign."""
+    structure_file = runlayout.structure_file(folder)
+    if not structure_file.is_file():
+        raise ModelError(f"{folder}: no {structure_file.name}; run the stage that writes this model first")
     try:
-        meta = json.loads(plan_file.read_text())
+        meta = json.loads(structure_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ModelError(f"{plan_file}: not valid JSON (truncated?); rerun the stage that wrote it") from None
+        raise ModelError(
+            f"{structure_file}: not valid JSON (truncated?); rerun the stage that wrote it"
+        ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ModelError(f"{plan_file}: not a compress-deploy model file; rerun the stage that wrote it")
+        raise ModelError(f"{structure_file}: not a compress-deploy model file; rerun the stage that wrote it")
     return meta
 
 
@@ -110,14 +115,14 @@ def load_unet(folder: Path, device: torch.device | str = "cpu") -> tuple[nn.Modu
     """Rebuild a saved (pruned) UNet exactly; returns it (eval mode) and its metadata.
 
     Raises ModelError for a missing, truncated or mismatched model (e.g. a pruning
-    plan from another architecture).
+    history from another architecture).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    meta = read_plan(folder)
-    weights = folder / "unet.safetensors"
+    meta = read_structure(folder)
+    weights = runlayout.weights_file(folder)
     if not weights.is_file():
         raise ModelError(f"{folder}: no unet.safetensors; rerun the stage that writes this model")
     try:
@@ -133,8 +138,8 @@ def load_unet(folder: Path, device: torch.device | str = "cpu") -> tuple[nn.Modu
             replay_history(unet, meta["history"])
         except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError):
             raise ModelError(
-                f"{folder / 'unet.json'}: the pruning plan does not fit its architecture "
-                "(a plan from another model?); rerun the prune stage"
+                f"{runlayout.structure_file(folder)}: the pruning history does not fit its architecture "
+                "(a history from another model?); rerun the prune stage"
             ) from None
     sync_module_attributes(unet)
     expected = {k: list(v.shape) for k, v in unet.state_dict().items()}
@@ -143,7 +148,7 @@ def load_unet(folder: Path, device: torch.device | str = "cpu") -> tuple[nn.Modu
         diff = _diff(expected, found)
         raise ModelError(
             f"{weights}: weights do not match the pruned architecture ({diff[0]}); the weights and "
-            "unet.json come from different runs, rerun the stage that wrote them"
+            "structure file come from different runs, rerun the stage that wrote them"
         )
     unet.load_state_dict(state, strict=True)
     return unet.to(device).eval(), meta

@@ -1,20 +1,29 @@
 """Where everything lives in a run directory: the one module that knows the layout.
 
-Every stage, command and backend asks here for paths inside ``RUN/`` instead of joining
-them by hand, so a layout change is one edit. It sits in the bottom layer (pure paths, no
-imports of the rest) so that ``deploy/`` can read finished runs without importing the
-pipeline.
+Every stage, command and backend asks here for paths inside ``RUN/`` (and inside a saved
+model folder) instead of joining them by hand, so a layout change is one edit. It sits in
+the bottom layer (pure paths, no imports of the rest) so that ``deploy/`` can read
+finished runs without importing the pipeline. What the files hold is read through
+:mod:`compressor.records`.
 
     RUN/run.json                          which config the run belongs to
-    RUN/manifest.json                     every artifact's hash (``compress-deploy verify``)
+    RUN/manifest.json                     the run's manifest: every artifact's hash (``verify``)
     RUN/.lock                             held while a process writes into the run
     RUN/<stage>/record.json               what a stage did (config, metrics, artifacts, versions)
-    RUN/prune/model/                      the pruned UNet (safetensors + plan JSON + probes)
+    RUN/prune/model/                      the pruned UNet: weights, structure file, probe
     RUN/finetune/model/, model-raw/       the finetuned UNet (EMA) and its raw weights
-    RUN/finetune/checkpoints/<key>/       resumable checkpoints, keyed by the stage's cache key
+    RUN/<train|finetune>/checkpoints/<key>/   resumable checkpoints, keyed by the stage's cache key
+    RUN/train/diffusers/                  the trained dense model as a diffusers folder
     RUN/export/<dense|pruned>/unet.<precision>.onnx
-    RUN/build/<dense|pruned>/unet.plan    TensorRT engines (+ .json manifests), build/timing.cache
+    RUN/build/<dense|pruned>/unet.engine  TensorRT engines (+ unet.engine.json, the engine's
+                                          metadata), build/timing.cache
     RUN/samples/grid.png, RUN/quality/samples.safetensors, RUN/report/report.{md,html}
+    RUN/plan/plan.{json,md,png}           ``compress-deploy plan`` (the latency plan)
+    RUN/ablation/<variant>/               ``compress-deploy ablate``'s nested runs
+
+    <model folder>/unet.safetensors       weights
+    <model folder>/unet.json              the structure file: dense config + pruning history
+    <model folder>/probe.safetensors      a fixed input and the noise it gave (exact reload check)
 """
 
 from __future__ import annotations
@@ -26,6 +35,17 @@ MANIFEST = "manifest.json"
 LOCK_FILE = ".lock"
 RECORD = "record.json"
 MODELS = ("dense", "pruned")
+MODEL_STAGES = ("finetune", "prune")  # the compressed model's stages, newest first
+CHECKPOINTS = "checkpoints"
+ABLATION = "ablation"
+PLAN = "plan"
+DIFFUSERS = "diffusers"
+SCHEDULER_CONFIG = "scheduler_config.json"
+WEIGHTS_FILE = "unet.safetensors"
+STRUCTURE_FILE = "unet.json"
+PROBE_FILE = "probe.safetensors"
+TRAINER_STATE = "trainer.json"
+ENGINE_FILE = "unet.engine"
 
 
 def stage_dir(run: Path, stage: str) -> Path:
@@ -43,9 +63,44 @@ def model_dir(run: Path, stage: str, raw: bool = False) -> Path:
     return stage_dir(run, stage) / ("model-raw" if raw else "model")
 
 
-def checkpoints_dir(run: Path) -> Path:
-    """Finetune checkpoints."""
-    return stage_dir(run, "finetune") / "checkpoints"
+def checkpoints_dir(run: Path, stage: str = "finetune") -> Path:
+    """Resumable checkpoints of a training stage (``train`` or ``finetune``)."""
+    return stage_dir(run, stage) / CHECKPOINTS
+
+
+def diffusers_dir(run: Path) -> Path:
+    """The ``train`` stage's dense model as a diffusers folder."""
+    return stage_dir(run, "train") / DIFFUSERS
+
+
+def ablation_dir(run: Path) -> Path:
+    """Where ``compress-deploy ablate`` keeps its nested runs."""
+    return Path(run) / ABLATION
+
+
+def plan_dir(run: Path) -> Path:
+    """Where ``compress-deploy plan`` writes the latency plan."""
+    return Path(run) / PLAN
+
+
+def weights_file(folder: Path) -> Path:
+    """A saved model's weights."""
+    return Path(folder) / WEIGHTS_FILE
+
+
+def structure_file(folder: Path) -> Path:
+    """A saved model's structure file (dense config, pruning history, shapes)."""
+    return Path(folder) / STRUCTURE_FILE
+
+
+def probe_file(folder: Path) -> Path:
+    """A saved model's probe (fixed input and output, for the exact-reload check)."""
+    return Path(folder) / PROBE_FILE
+
+
+def trainer_state(checkpoint: Path) -> Path:
+    """The optimizer/step state inside one checkpoint folder."""
+    return Path(checkpoint) / TRAINER_STATE
 
 
 def onnx_path(run: Path, model: str, precision: str) -> Path:
@@ -55,7 +110,13 @@ def onnx_path(run: Path, model: str, precision: str) -> Path:
 
 def engine_path(run: Path, model: str) -> Path:
     """The TensorRT engine of ``model`` (dense|pruned)."""
-    return stage_dir(run, "build") / model / "unet.plan"
+    return stage_dir(run, "build") / model / ENGINE_FILE
+
+
+def engine_info_path(engine: Path) -> Path:
+    """The engine's metadata file beside it (TensorRT version, GPU, profile, sha256)."""
+    engine = Path(engine)
+    return engine.with_name(engine.name + ".json")
 
 
 def timing_cache(run: Path) -> Path:

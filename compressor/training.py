@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compressor import runlayout
 from compressor.config import FinetuneConfig
 from compressor.errors import ConfigError, ModelError
 from compressor.models import predict_noise
@@ -122,7 +123,7 @@ def save_checkpoint(folder: Path, step: int, unet: nn.Module, opt, ema, losses: 
         "ema": {k: v for k, v in ema_state.items() if not torch.is_tensor(v)},
         "optimizer": {"param_groups": opt_state["param_groups"], "scalars": scalars},
     }
-    (tmp / "trainer.json").write_text(json.dumps(meta))
+    runlayout.trainer_state(tmp).write_text(json.dumps(meta))
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -133,7 +134,7 @@ def latest_checkpoint(folder: Path) -> Path | None:
     """The newest complete checkpoint folder, if any."""
     if not folder.is_dir():
         return None
-    done = sorted(p for p in folder.glob(f"{CKPT_PREFIX}*") if (p / "trainer.json").is_file())
+    done = sorted(p for p in folder.glob(f"{CKPT_PREFIX}*") if runlayout.trainer_state(p).is_file())
     return done[-1] if done else None
 
 
@@ -143,7 +144,7 @@ def load_checkpoint(path: Path, unet: nn.Module, opt, ema) -> tuple[int, list]:
     from safetensors.torch import load_file
 
     try:
-        meta = json.loads((path / "trainer.json").read_text())
+        meta = json.loads(runlayout.trainer_state(path).read_text())
         model_state = load_file(str(path / "model.safetensors"))
         ema_tensors = load_file(str(path / "ema.safetensors"))
         opt_tensors = load_file(str(path / "optimizer.safetensors"))

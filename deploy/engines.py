@@ -1,9 +1,10 @@
-"""Engine manifests, compatibility checks and optimisation profiles (plain Python).
+"""Engine metadata, compatibility checks and optimisation profiles (plain Python).
 
 An engine runs only with the TensorRT version and GPU architecture that built it. Each
-engine file ``unet.plan`` has a manifest ``unet.plan.json`` beside it recording the
-sha256 of the ONNX it came from, the TensorRT version, GPU name and compute capability,
-the profile, the precision and the build time. Loading checks the manifest first and
+engine file ``unet.engine`` has its metadata ``unet.engine.json`` beside it (the "engine
+info"; the run's *manifest* is ``RUN/manifest.json``) recording the sha256 of the ONNX it
+came from and of the engine, the TensorRT version, GPU name and compute capability, the
+profile, the precision and the build time. Loading checks the engine info first and
 refuses a mismatched or tampered engine with one line telling the user to rebuild.
 """
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compressor.errors import ArtifactError, ConfigError, UserError
+from compressor.runlayout import engine_info_path
 
 REBUILD = "rebuild the engines here with `compress-deploy build RUN` (it needs only the ONNX files)"
 
@@ -50,30 +52,26 @@ class Profile:
             )
 
 
-def manifest_path(engine: Path) -> Path:
-    return engine.with_name(engine.name + ".json")
-
-
-def write_manifest(engine: Path, manifest: dict) -> Path:
-    """Write the manifest atomically beside ``engine``."""
-    path = manifest_path(engine)
+def write_engine_info(engine: Path, info: dict) -> Path:
+    """Write the engine's metadata atomically beside ``engine``."""
+    path = engine_info_path(engine)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.write_text(json.dumps(info, indent=1))
     tmp.replace(path)
     return path
 
 
-def read_manifest(engine: Path) -> dict:
-    """The manifest of ``engine``; ArtifactError when it or the engine is missing."""
-    path = manifest_path(engine)
+def read_engine_info(engine: Path) -> dict:
+    """The metadata of ``engine``; ArtifactError when it or the engine is missing or damaged."""
+    path = engine_info_path(engine)
     if not engine.is_file():
         raise ArtifactError(f"engine {engine} not found; {REBUILD}")
     if not path.is_file():
-        raise ArtifactError(f"engine {engine} has no manifest {path.name}; {REBUILD}")
+        raise ArtifactError(f"engine {engine} has no engine info {path.name}; {REBUILD}")
     try:
-        manifest = json.loads(path.read_text())
+        info = json.loads(path.read_text())
     except json.JSONDecodeError:
-        raise ArtifactError(f"{path}: damaged manifest; {REBUILD}") from None
+        raise ArtifactError(f"{path}: damaged engine info; {REBUILD}") from None
     for key in (
         "tensorrt_version",
         "gpu_name",
@@ -82,33 +80,31 @@ def read_manifest(engine: Path) -> dict:
         "profile",
         "precision",
     ):
-        if key not in manifest:
-            raise ArtifactError(f"{path}: manifest lacks {key!r}; {REBUILD}")
-    return manifest
+        if key not in info:
+            raise ArtifactError(f"{path}: engine info lacks {key!r}; {REBUILD}")
+    return info
 
 
-def check_compatible(
-    manifest: dict, engine: Path, tensorrt_version: str, gpu_name: str, capability: str
-) -> None:
+def check_compatible(info: dict, engine: Path, tensorrt_version: str, gpu_name: str, capability: str) -> None:
     """Refuse an engine built by another TensorRT version or for another GPU architecture."""
-    built = (manifest["tensorrt_version"], manifest["compute_capability"])
-    if manifest["tensorrt_version"] != tensorrt_version:
+    built = (info["tensorrt_version"], info["compute_capability"])
+    if info["tensorrt_version"] != tensorrt_version:
         raise ArtifactError(
             f"{engine} was built with TensorRT {built[0]}, this is TensorRT {tensorrt_version}; {REBUILD}"
         )
-    if manifest["compute_capability"] != capability and not manifest.get("hardware_compatible"):
+    if info["compute_capability"] != capability and not info.get("hardware_compatible"):
         raise ArtifactError(
-            f"{engine} was built for {manifest['gpu_name']} (compute capability {built[1]}), this is "
+            f"{engine} was built for {info['gpu_name']} (compute capability {built[1]}), this is "
             f"{gpu_name} ({capability}); {REBUILD}"
         )
 
 
-def check_integrity(manifest: dict, engine: Path, sha256: str) -> None:
+def check_integrity(info: dict, engine: Path, sha256: str) -> None:
     """Refuse an engine whose bytes differ from what its build recorded."""
-    if manifest["engine_sha256"] != sha256:
-        raise ArtifactError(f"{engine} does not match its manifest (truncated or replaced); {REBUILD}")
+    if info["engine_sha256"] != sha256:
+        raise ArtifactError(f"{engine} does not match its engine info (truncated or replaced); {REBUILD}")
 
 
-def profile_of(manifest: dict) -> Profile:
-    p = manifest["profile"]
+def profile_of(info: dict) -> Profile:
+    p = info["profile"]
     return Profile(p["min_batch"], p["opt_batch"], p["max_batch"])

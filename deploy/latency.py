@@ -1,17 +1,21 @@
-"""Measured latency of pruned structures on a deployment backend.
+"""Measured latency of pruned structures on a deployment backend, and the latency search.
 
-Latency-targeted pruning (``prune.target_latency``) and ``compress-deploy plan`` both ask
-the same question: how fast is the UNet pruned at ratio r on this backend, at this batch,
-relative to dense? Latency depends on the structure (layer widths), not on the weights,
-so each candidate is pruned on a copy with the magnitude criterion (the run's own
-criterion then chooses the channels at the ratio that was picked). Every candidate is
-timed alternately with the dense model in the same process (:func:`time_alternating`),
-so drift and warm-up cancel; the figure kept is the median of ``repeat`` calls.
+The latency-targeted search lives here whole: the prune stage builds a
+:class:`LatencySearch` from its config and calls it once (:meth:`LatencySearch.prepare`);
+nothing here calls back into the stage. Latency-targeted pruning (``prune.target_latency``)
+and ``compress-deploy plan`` both ask the same question: how fast is the UNet pruned at
+ratio r on this backend, at this batch, relative to dense? Latency depends on the
+structure (layer widths), not on the weights, so each candidate is pruned on a copy with
+the magnitude criterion (the run's own criterion then chooses the channels at the ratio
+that was picked). Every candidate is timed alternately with the dense model in the same
+process (:func:`time_alternating`), so drift and warm-up cancel; the figure kept is the
+median of ``repeat`` calls.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,11 +25,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compressor.config import LatencyTarget, PruneConfig, RunConfig
 from compressor.errors import ConfigError
 from compressor.models import count_macs_params
 from compressor.sampling import make_scheduler
 from deploy.bench import percentile_ms, sampler_call, time_alternating, unet_call
-from deploy.runtimes import Backend, onnxruntime_backend, torch_backend
+from deploy.runtimes import Backend, load_backend
 
 
 def backend_unavailable(name: str) -> str:
@@ -60,6 +65,38 @@ class LatencyProbe:
         self._dense: tuple[nn.Module, Backend] | None = None
         self._counts: tuple[nn.Module, tuple[float, float]] | None = None
 
+    @classmethod
+    def from_config(
+        cls,
+        cfg: RunConfig,
+        device: torch.device,
+        scheduler_config: dict,
+        backend: str | None = None,
+        batch: int | None = None,
+        what: str | None = None,
+        repeat: int | None = None,
+        threads: int | None = None,
+    ) -> LatencyProbe:
+        """A probe set up from a run config: ``prune.target_latency`` unless overridden.
+
+        torch is timed on the run's device, ONNX Runtime on the CPU, TensorRT engines at
+        ``build.precision``; the sampler runs ``bench.sampler_steps`` DDIM steps.
+        """
+        lat = cfg.prune.target_latency
+        backend = backend or lat.backend
+        return cls(
+            backend,
+            batch or lat.batch,
+            what or lat.what,
+            cfg.bench.sampler_steps,
+            device if backend == "torch" else torch.device("cpu"),
+            threads if threads is not None else lat.threads,
+            lat.warmup,
+            repeat or lat.repeat,
+            cfg.build.precision,
+            scheduler_config,
+        )
+
     def dense(self, unet: nn.Module) -> Backend:
         """The backend of the dense model, loaded once per probe."""
         if self._dense is None or self._dense[0] is not unet:
@@ -75,18 +112,19 @@ class LatencyProbe:
     def load(self, unet: nn.Module, label: str) -> Backend:
         """A backend over a private copy of ``unet`` (ONNX / engine files in a temporary folder)."""
         if self.backend == "torch":
-            return torch_backend(unet, self.device)
+            return load_backend("torch", unet=unet, device=self.device)
         from export.onnx_export import export_unet
 
         precision = self.precision if self.backend == "tensorrt" else "fp32"
         onnx_file = Path(self._dir.name) / f"{label}.{precision}.onnx"
-        export_unet(copy.deepcopy(unet).cpu(), onnx_file, precision, fold=self.backend == "tensorrt")
+        export_unet(unet, onnx_file, precision, fold=self.backend == "tensorrt")
         if self.backend == "onnxruntime":
-            backend = onnxruntime_backend(onnx_file, self.threads)
+            backend = load_backend("onnxruntime", file=onnx_file, threads=self.threads)
             _remove(onnx_file)  # the session holds the model: trials of big models must not fill the disk
             return backend
+        from compressor.runlayout import engine_info_path
         from deploy import tensorrt_backend
-        from deploy.engines import Profile, manifest_path
+        from deploy.engines import Profile
         from export.onnx_export import onnx_sample_shape
 
         engine = onnx_file.with_suffix(".plan")
@@ -102,9 +140,9 @@ class LatencyProbe:
             label,
         )
         _remove(onnx_file)
-        runner = tensorrt_backend.EngineRunner(engine)
-        _remove(engine, manifest_path(engine))
-        return Backend("tensorrt", runner, {"precision": precision})
+        backend = load_backend("tensorrt", file=engine)
+        _remove(engine, engine_info_path(engine))
+        return backend
 
     def _call(self, backend: Backend, shape: tuple) -> Callable[[], object]:
         device = "cuda" if self.backend == "tensorrt" else self.device
@@ -202,7 +240,6 @@ def time_ratios(
     on_trial: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """One :func:`time_structure` row per ratio (mildest first), stopping after the first ``stop`` accepts."""
-    unet = unet.eval()
     rows = []
     for ratio in ratios:
         row = time_structure(unet, probe, round_to, shape, ratio)
@@ -386,3 +423,162 @@ def allocate_levels(
         )
     out.sort(key=lambda c: (-c["importance_kept"], -c["predicted_speedup"]))
     return out[:limit] if limit else out
+
+
+# -- the search: the prune stage's one entry point ---------------------------------------------
+
+Log = Callable[[str], None]
+CALIBRATIONS = 4  # allocations measured whole before the uniform search decides
+
+
+class LatencySearch:
+    """The latency-targeted search for one run: uniform ratios, bisection, or per-level allocation.
+
+    Built from the run's config (:meth:`from_config`); :meth:`prepare` returns the prune
+    config to prune with (the ratio the measurements chose, or none when the allocation is
+    made after the Taylor pass) and, for ``prune.search: latency``, the allocator that
+    ``compressor.pruning.prune_unet`` calls with the criterion's importance. :attr:`trials`
+    and :attr:`summary` are the record's ``trials`` and ``target.target_latency``.
+    """
+
+    def __init__(
+        self, cfg: PruneConfig, probe: LatencyProbe, shape: tuple, host: dict, log: Log | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.target: LatencyTarget = cfg.target_latency
+        self.probe = probe
+        self.shape = shape
+        self.host = host
+        self.log = log or (lambda message: None)
+        self.trials: list[dict] = []
+        self.summary: dict = {**dataclasses.asdict(self.target), "probe": probe.describe()}
+
+    @classmethod
+    def from_config(
+        cls, cfg: RunConfig, device: torch.device, scheduler_config: dict, shape: tuple, host: dict, log: Log
+    ) -> LatencySearch:
+        """The search ``cfg.prune`` asks for, timed by a probe built from ``cfg``."""
+        return cls(cfg.prune, LatencyProbe.from_config(cfg, device, scheduler_config), shape, host, log)
+
+    def prepare(self, unet: nn.Module) -> tuple[PruneConfig, Callable[[nn.Module, object], dict] | None]:
+        """(prune config without the latency target, allocator or None); measures uniform searches now."""
+        cleared = dataclasses.replace(self.cfg, target_latency=LatencyTarget())
+        if self.cfg.search == "latency":
+            self.summary["search"] = "latency"
+            return cleared, self.allocate
+        ratio = self._uniform(unet)
+        return dataclasses.replace(cleared, ratio=ratio), None
+
+    # -- uniform ratios (and bisection) -------------------------------------------------------
+
+    def _show_trial(self, row: dict) -> None:
+        verdict = "meets" if row["meets"] else "misses"
+        self.log(
+            f"trial ratio {row['ratio']:.4f}: {row['macs_kept']:.3f} of MACs, "
+            f"dense {row['dense_ms']:.2f} ms, pruned {row['median_ms']:.2f} ms, "
+            f"{row['speedup']:.2f}x ({verdict} the target)"
+        )
+
+    def _uniform(self, unet: nn.Module) -> float:
+        lat = self.target
+        self.log(f"latency search: {lat.goal()} on {self.probe.describe()} (margin {lat.margin:.0%})")
+        began = time.perf_counter()
+        ratio, self.trials = search_latency(
+            unet, lat, self.probe, self.cfg.round_to, self.shape, self.cfg.search, on_trial=self._show_trial
+        )
+        chosen = next(t for t in self.trials if t["ratio"] == round(ratio, 6))
+        milder = [t for t in self.trials if t["ratio"] < chosen["ratio"]]
+        self.summary.update(
+            chosen=chosen,
+            next_milder=milder[-1] if milder else None,
+            search_seconds=round(time.perf_counter() - began, 1),
+        )
+        self.log(
+            f"latency search: ratio {ratio:.4f} measured {chosen['speedup']:.2f}x "
+            f"({chosen['median_ms']:.2f} ms) in {self.summary['search_seconds']:.0f} s"
+        )
+        return ratio
+
+    # -- hardware-aware allocation --------------------------------------------------------------
+
+    def allocate(self, unet: nn.Module, importance) -> dict[int, float]:
+        """A ratio per resolution level: the most importance kept that meets the target when measured.
+
+        Per-level latency table (measured once per architecture/backend/batch/host,
+        cached), the importance each level's ratio would remove, allocations predicted to
+        meet the target ranked by importance kept; the best few are measured for real
+        and the first that meets the target (with its margin) wins; if none does, the
+        uniform search (with bisection) decides.
+        """
+        from compressor.pruning import importance_by_level, uniform_ratios
+
+        began = time.perf_counter()
+        ratios = uniform_ratios(unet)
+        self.log(f"hardware-aware allocation: {self.target.goal()} on {self.probe.describe()}")
+        table, cached = level_latency_table(
+            unet, self.probe, self.cfg.round_to, self.shape, ratios, self.host, self._show_row
+        )
+        if cached:
+            self.log(f"latency table: {len(table)} rows from the cache (same architecture, backend, host)")
+        imp = importance_by_level(unet, importance, ratios)
+        total = sum(v["total"] for v in imp.values()) or 1.0
+        self.summary.update(
+            table=table,
+            table_cached=cached,
+            importance={str(k): v["total"] / total for k, v in imp.items()},
+            uniform_reference=[
+                {"ratio": r, "importance_kept": 1 - sum(v["removed"][r] for v in imp.values()) / total}
+                for r in ratios
+            ],
+        )
+        chosen, scale = self._measure_allocations(unet, table, imp)
+        if chosen is None:
+            self.log("no predicted allocation met the target when measured: the uniform search decides")
+            ratio, rows = search_latency(unet, self.target, self.probe, self.cfg.round_to, self.shape, "fine")
+            self.trials.extend(rows)
+            chosen = dict.fromkeys(sorted({r["level"] for r in table}), ratio)
+            self.summary["chosen"] = next(t for t in rows if t["ratio"] == round(ratio, 6))
+        self.summary["calibration"] = scale
+        self.summary["search_seconds"] = round(time.perf_counter() - began, 1)
+        return chosen
+
+    def _show_row(self, row: dict) -> None:
+        self.log(f"latency table: level {row['level']} at ratio {row['ratio']:g} saves {row['saving']:.1%}")
+
+    def _measure_allocations(
+        self, unet: nn.Module, table: list[dict], imp: dict
+    ) -> tuple[dict | None, float]:
+        """Measure the best predicted allocations, recalibrating the prediction after each miss."""
+        lat = self.target
+        ranked = allocate_levels(table, imp, lat)
+        self.summary["candidates"] = len(ranked)
+        if not ranked:
+            self.log("no allocation is predicted to meet the target: the uniform search decides")
+        measured: set[tuple] = set()
+        scale = 1.0
+        for _ in range(CALIBRATIONS):
+            fresh = [c for c in ranked if tuple(c["levels"].items()) not in measured]
+            if not fresh:
+                break
+            cand = fresh[0]
+            measured.add(tuple(cand["levels"].items()))
+            row = time_structure(unet, self.probe, self.cfg.round_to, self.shape, 0.0, cand["levels"])
+            row.update(
+                meets=lat.met(row["speedup"], row["median_ms"]),
+                predicted_speedup=cand["predicted_speedup"],
+                importance_kept=cand["importance_kept"],
+            )
+            self.trials.append(row)
+            self.log(
+                f"allocation {row['levels']}: predicted {cand['predicted_speedup']:.2f}x, measured "
+                f"{row['speedup']:.2f}x, importance kept {cand['importance_kept']:.3f} "
+                f"({'meets' if row['meets'] else 'misses'} the target)"
+            )
+            if row["meets"]:
+                self.summary["chosen"] = row
+                return cand["levels"], scale
+            predicted = 1 - 1 / cand["predicted_speedup"]
+            if predicted > 0 and row["speedup"] > 0:  # the sum of single-level savings was off by this
+                scale = min(1.5, max(0.3, scale * (1 - 1 / row["speedup"]) / predicted))
+                ranked = allocate_levels(table, imp, lat, scale=scale)
+        return None, scale

@@ -1,9 +1,13 @@
-"""Backends behind one callable: ``unet(sample, timestep) -> noise``.
+"""Backends behind one callable: ``unet(sample, timestep) -> noise``, built by one registry.
 
-``torch`` (eager, fp32 or fp16 on CUDA), ``onnxruntime`` (CPU provider always; CUDA or
-TensorRT execution providers when onnxruntime-gpu is installed and they actually load)
-and ``tensorrt`` (engines, see :mod:`deploy.tensorrt_backend`). Each backend reports
-what actually ran (e.g. the provider from the session, not the available list).
+``torch`` (eager, fp32 / fp16 / bf16, optionally CUDA graphs or torch.compile),
+``onnxruntime`` (CPU provider always; CUDA or TensorRT execution providers when
+onnxruntime-gpu is installed and they actually load) and ``tensorrt`` (engines, see
+:mod:`deploy.tensorrt_backend`). Every place that builds a backend by name calls
+:func:`load_backend`; the bench's labelled variants (``torch-fp16+cudagraph``, ...) are
+the literal mapping :data:`VARIANTS` of its arguments. Adding a backend is one entry in
+:data:`LOADERS`, a precision or variant one entry in :data:`VARIANTS`. Each backend
+reports what actually ran (e.g. the provider from the session, not the available list).
 """
 
 from __future__ import annotations
@@ -15,9 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from compressor import runlayout
 from compressor.errors import ArtifactError, UserError
-
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 @dataclass
@@ -97,6 +100,7 @@ def onnxruntime_backend(path: Path, threads: int | None = None, providers: str =
 
 
 PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+DTYPES = {name: dtype for dtype, name in PRECISIONS.items()}
 
 
 def torch_backend(
@@ -171,3 +175,121 @@ def _cuda_graph_replayer(
         return static_out.clone().to(sample.device)
 
     return predict
+
+
+# -- the registry -----------------------------------------------------------------------------
+
+
+def load_run_unet(
+    run_dir: Path, model: str = "pruned", device: torch.device | str = "cpu"
+) -> torch.nn.Module:
+    """A finished run's UNet in torch: the final compressed model, or the dense one it came from."""
+    from compressor.persist import load_unet
+    from compressor.records import final_model_dir, require_record
+
+    if model == "dense":
+        from compressor.config import config_from_mapping
+        from compressor.models import load_model
+
+        rec = require_record(Path(run_dir), "prune", "loading the dense model")
+        try:  # the recorded sections, validated as a config again
+            cfg = config_from_mapping({"model": rec.section("model"), "seed": rec.config.get("seed", 0)})
+        except UserError as exc:
+            raise ArtifactError(f"{rec.path}: damaged record ({exc}); rerun the prune stage") from None
+        return load_model(cfg.model, cfg.seed).unet.to(device).eval()
+    return load_unet(final_model_dir(Path(run_dir))[1], device)[0]
+
+
+def _source(kind: str, file: Path | None, run_dir: Path | None, model: str, precision: str) -> Path:
+    """The file a deployed backend loads: ``file``, else the run's ONNX export or engine."""
+    if file is not None:
+        return Path(file)
+    if run_dir is None:
+        raise UserError(f"{kind} backend: pass file= or run_dir=")
+    if kind == "onnxruntime":
+        path = runlayout.onnx_path(run_dir, model, precision)
+        if not path.is_file():
+            raise ArtifactError(f"{path} not found; run `compress-deploy CONFIG --stages export` first")
+        return path
+    return runlayout.engine_path(run_dir, model)
+
+
+def _load_torch(unet, file, run_dir, model, precision, device, threads, cuda_graph, compile) -> Backend:
+    if precision not in DTYPES:
+        raise UserError(f"torch backend: precision {precision!r}; choose one of {', '.join(DTYPES)}")
+    if unet is None:
+        if file is not None:
+            from compressor.persist import load_unet
+
+            unet = load_unet(Path(file))[0]
+        elif run_dir is not None:
+            unet = load_run_unet(run_dir, model)
+        else:
+            raise UserError("torch backend: pass unet=, file= (a saved model folder) or run_dir=")
+    return torch_backend(unet, torch.device(device), DTYPES[precision], cuda_graph, compile)
+
+
+def _load_onnxruntime(unet, file, run_dir, model, precision, device, threads, cuda_graph, compile) -> Backend:
+    if cuda_graph or compile:
+        raise UserError("onnxruntime backend: CUDA graphs and torch.compile are torch/TensorRT options")
+    return onnxruntime_backend(_source("onnxruntime", file, run_dir, model, precision), threads)
+
+
+def _load_tensorrt(unet, file, run_dir, model, precision, device, threads, cuda_graph, compile) -> Backend:
+    from deploy import tensorrt_backend
+
+    runner = tensorrt_backend.EngineRunner(_source("tensorrt", file, run_dir, model, precision), cuda_graph)
+    info = {k: runner.info[k] for k in ("tensorrt_version", "gpu_name", "precision")}
+    return Backend("tensorrt", runner, {**info, "cuda_graph": cuda_graph})
+
+
+LOADERS: dict[str, Callable[..., Backend]] = {
+    "torch": _load_torch,
+    "onnxruntime": _load_onnxruntime,
+    "tensorrt": _load_tensorrt,
+}
+BACKENDS = tuple(LOADERS)
+
+# Labelled variants the bench times and acceptance gates read: label -> (backend, options).
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "torch": ("torch", {}),
+    "torch-fp16": ("torch", {"precision": "fp16"}),
+    "torch-bf16": ("torch", {"precision": "bf16"}),
+    "torch-fp16+cudagraph": ("torch", {"precision": "fp16", "cuda_graph": True}),
+    "torch-fp16+compile": ("torch", {"precision": "fp16", "compile": True}),
+    "onnxruntime": ("onnxruntime", {}),
+    "tensorrt": ("tensorrt", {}),
+    "tensorrt+cudagraph": ("tensorrt", {"cuda_graph": True}),
+}
+
+
+def load_backend(
+    name: str,
+    *,
+    unet: torch.nn.Module | None = None,
+    file: Path | None = None,
+    run_dir: Path | None = None,
+    model: str = "pruned",
+    precision: str = "fp32",
+    device: torch.device | str = "cpu",
+    threads: int | None = None,
+    cuda_graph: bool = False,
+    compile: bool = False,
+) -> Backend:
+    """Build backend ``name`` from a module (torch), a file (ONNX, engine, saved model) or a run.
+
+    ``run_dir`` + ``model`` (dense|pruned) resolve the run's own files through the run
+    layout: the final model (torch), ``export/<model>/unet.<precision>.onnx`` or
+    ``build/<model>/unet.engine``. Torch backends work on a private copy of ``unet``.
+    Raises UserError for an unknown name or option, ArtifactError for missing files.
+    """
+    check_backend_name(name)
+    return LOADERS[name](unet, file, run_dir, model, precision, device, threads, cuda_graph, compile)
+
+
+def load_variant(label: str, **kwargs) -> Backend:
+    """The bench variant ``label`` (see :data:`VARIANTS`) built by :func:`load_backend`."""
+    if label not in VARIANTS:
+        raise UserError(f"unknown backend variant {label!r}; choose one of {', '.join(VARIANTS)}")
+    name, options = VARIANTS[label]
+    return load_backend(name, **{**kwargs, **options})

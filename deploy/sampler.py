@@ -7,19 +7,16 @@ images = sampler(num_images=16, steps=50, seed=0)   # (N, C, H, W) in [0, 1]
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from compressor import runlayout
-from compressor.errors import ArtifactError
+from compressor.errors import ArtifactError, UserError
 from compressor.models import NoisePredictor
+from compressor.records import final_model_dir
 from compressor.sampling import generate, make_scheduler
-from deploy.runtimes import check_backend_name, onnxruntime_backend, torch_backend
-
-MODEL_STAGES = ("finetune", "prune")
+from deploy.runtimes import check_backend_name, load_backend
 
 
 @dataclass
@@ -32,6 +29,11 @@ class Sampler:
     info: dict = field(default_factory=dict)
     device: str = "cpu"
 
+    @property
+    def max_steps(self) -> int:
+        """The most sampling steps the model's schedule allows (its training timesteps)."""
+        return int(self.scheduler_config.get("num_train_timesteps", 1000))
+
     def __call__(
         self,
         num_images: int = 16,
@@ -41,64 +43,35 @@ class Sampler:
         scheduler: str = "ddim",
         batch_size: int = 64,
     ) -> torch.Tensor:
-        """Images from seeds ``seed .. seed + num_images - 1``."""
+        """Images from seeds ``seed .. seed + num_images - 1``; UserError for steps beyond the schedule."""
+        if not 1 <= steps <= self.max_steps:
+            raise UserError(
+                f"steps {steps}: the model was trained with {self.max_steps} timesteps; "
+                f"use 1..{self.max_steps}"
+            )
         sched = make_scheduler(scheduler, self.scheduler_config)
         return generate(
             self.predict, sched, self.image_shape, num_images, steps, eta, seed, batch_size, self.device
         )
 
 
-def _model_folder(run_dir: Path) -> Path:
-    for stage in MODEL_STAGES:
-        folder = runlayout.model_dir(run_dir, stage)
-        if runlayout.record_path(run_dir, stage).is_file() and (folder / "unet.json").is_file():
-            return folder
-    raise ArtifactError(
-        f"{run_dir} holds no compressed model (no prune or finetune output); run "
-        "`compress-deploy CONFIG --stages prune` first"
-    )
-
-
 def load_sampler(
     run_dir: str | Path, backend: str = "torch", model: str = "pruned", device: str = "cpu"
 ) -> Sampler:
     """The sampler of a finished run: ``model`` is pruned (finetuned if run) or dense."""
-    from compressor.persist import load_unet, read_plan
+    from compressor.persist import read_structure
 
     check_backend_name(backend)
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ArtifactError(f"run directory {run_dir} not found; pass the folder a run wrote")
-    folder = _model_folder(run_dir)
-    plan = read_plan(folder)
-    sched_cfg = plan.get("scheduler_config")
+    folder = final_model_dir(run_dir)[1]
+    structure = read_structure(folder)
+    sched_cfg = structure.get("scheduler_config")
     if not sched_cfg:
-        raise ArtifactError(f"{folder / 'unet.json'} has no scheduler config; rerun the prune stage")
-    cfg = plan["unet_config"]
+        raise ArtifactError(f"{folder}: its structure file has no scheduler config; rerun the prune stage")
+    cfg = structure["unet_config"]
     size = cfg["sample_size"] if isinstance(cfg["sample_size"], int) else cfg["sample_size"][0]
     shape = (cfg["in_channels"], size, size)
-    if backend == "torch":
-        if model == "dense":
-            unet = _dense_unet(run_dir)
-        else:
-            unet = load_unet(folder)[0]
-        b = torch_backend(unet, torch.device(device))
-    elif backend == "onnxruntime":
-        path = runlayout.onnx_path(run_dir, model, "fp32")
-        if not path.is_file():
-            raise ArtifactError(f"{path} not found; run `compress-deploy CONFIG --stages export` first")
-        b = onnxruntime_backend(path)
-    else:
-        from deploy import tensorrt_backend
-
-        b = tensorrt_backend.engine_backend(run_dir, model)
+    b = load_backend(backend, run_dir=run_dir, model=model, device=device)
     return Sampler(b.predict, sched_cfg, shape, {"backend": backend, "model": model, **b.info}, device)
-
-
-def _dense_unet(run_dir: Path):
-    from compressor.config import ModelConfig
-    from compressor.models import load_model
-
-    rec = json.loads(runlayout.record_path(run_dir, "prune").read_text())
-    model_cfg = ModelConfig(**rec["config"]["model"])
-    return load_model(model_cfg, rec["config"].get("seed", 0)).unet

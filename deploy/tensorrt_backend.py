@@ -15,21 +15,22 @@ import functools
 import hashlib
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from compressor import runlayout
-from compressor.errors import UserError
+from compressor.config import BuildConfig
+from compressor.errors import ArtifactError, UserError
 from deploy.engines import (
     Profile,
     check_compatible,
     check_integrity,
     profile_of,
-    read_manifest,
-    write_manifest,
+    read_engine_info,
+    write_engine_info,
 )
-from deploy.runtimes import Backend
 
 INSTALL_HINT = (
     "install TensorRT (pip install 'compress-deploy[gpu]' on a CUDA host) or run inside the "
@@ -134,7 +135,7 @@ def build_engine(
     timing_cache: Path,
     label: str,
 ) -> dict:
-    """Build and serialise a strongly typed engine from ``onnx_path``; writes engine + manifest + cache.
+    """Build and serialise a strongly typed engine from ``onnx_path``; writes engine, info, cache.
 
     ``onnx_path`` must be the ONNX of ``precision`` (the fp16 ONNX for fp16 engines, on 10
     and 11 alike): the network is strongly typed, so the engine computes in the file's types.
@@ -177,7 +178,7 @@ def build_engine(
     cache_tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
     cache_tmp.replace(timing_cache)
     name, capability = gpu_identity()
-    manifest = {
+    info = {
         "onnx": onnx_path.name,
         "onnx_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
         "engine_sha256": hashlib.sha256(data).hexdigest(),
@@ -194,8 +195,8 @@ def build_engine(
         "strongly_typed": True,
         "build_seconds": round(seconds, 2),
     }
-    write_manifest(engine_path, manifest)
-    return manifest
+    write_engine_info(engine_path, info)
+    return info
 
 
 class EngineRunner:
@@ -206,13 +207,13 @@ class EngineRunner:
 
         trt = require_tensorrt()
         verify_against_manifest(engine_path)
-        manifest = read_manifest(engine_path)
+        info = read_engine_info(engine_path)
         data = engine_path.read_bytes()
-        check_integrity(manifest, engine_path, hashlib.sha256(data).hexdigest())
-        check_compatible(manifest, engine_path, trt.__version__, *gpu_identity())
-        self.profile = profile_of(manifest)
+        check_integrity(info, engine_path, hashlib.sha256(data).hexdigest())
+        check_compatible(info, engine_path, trt.__version__, *gpu_identity())
+        self.profile = profile_of(info)
         self.path = engine_path
-        self.manifest = manifest
+        self.info = info
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(data)
@@ -266,22 +267,49 @@ class EngineRunner:
         return out.clone()
 
 
-def engine_backend(run_dir: Path, model: str, cuda_graph: bool = False) -> Backend:
-    """The TensorRT backend of a run's engine."""
-    runner = EngineRunner(runlayout.engine_path(run_dir, model), cuda_graph)
-    info = {k: runner.manifest[k] for k in ("tensorrt_version", "gpu_name", "precision")}
-    info["cuda_graph"] = cuda_graph
-    return Backend("tensorrt", runner, info)
-
-
-def run_backends(run_dir: Path, cuda_graph: bool = False) -> dict[str, Backend]:
-    """Dense and pruned TensorRT backends of a run."""
-    return {m: engine_backend(run_dir, m, cuda_graph) for m in ("dense", "pruned")}
-
-
 def make_trt_runner(engine_file: Path, name: str):
-    """Polygraphy's TensorRT runner over a run's engine (manifest-checked first)."""
+    """Polygraphy's TensorRT runner over a run's engine (its engine info checked first)."""
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-    runner = EngineRunner(engine_file)  # manifest, integrity and version checks
+    runner = EngineRunner(engine_file)  # engine info, integrity and version checks
     return TrtRunner(EngineFromBytes(engine_file.read_bytes()), name=name), runner.profile
+
+
+def build_run_engines(run_dir: Path, cfg: BuildConfig, log: Callable[[str], None]) -> tuple[dict, list[Path]]:
+    """Build dense and pruned engines from ``RUN/export``; needs only the ONNX files.
+
+    Returns (engine info per model, files written).
+    """
+    from export.onnx_export import check_onnx, onnx_sample_shape
+
+    profile = Profile(cfg.min_batch, cfg.opt_batch, cfg.max_batch)
+    profile.validate()
+    require_tensorrt()
+    source = cfg.precision  # strongly typed on 10 and 11: the engine's precision is the ONNX file's
+    cache = runlayout.timing_cache(run_dir)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    engines, files = {}, []
+    for model in ("dense", "pruned"):
+        src = runlayout.onnx_path(run_dir, model, source)
+        if not src.is_file():
+            raise ArtifactError(
+                f"{src} not found; run the export stage (with export.precisions incl. {source})"
+            )
+        check_onnx(src)
+        dst = runlayout.engine_path(run_dir, model)
+        log(f"{model}: {src.name} -> {dst} ({cfg.precision}, batch {cfg.min_batch}..{cfg.max_batch})")
+        info = build_engine(
+            src,
+            dst,
+            profile,
+            onnx_sample_shape(src),
+            cfg.precision,
+            cfg.workspace_gib,
+            cfg.optimization_level,
+            cache,
+            model,
+        )
+        log(f"{model}: built in {info['build_seconds']:.1f} s")
+        engines[model] = info
+        files += [dst, runlayout.engine_info_path(dst)]
+    return engines, files + [cache]

@@ -121,14 +121,14 @@ def _choose_unet(run_dir: Path, s: RepoSettings) -> str:
 
 def write_repository(run_dir: Path, out: Path, s: RepoSettings) -> dict:
     """Write ``out/{unet,sampler}`` for ``run_dir``; returns facts (what each model serves)."""
-    from compressor.persist import read_plan
-    from deploy.sampler import _model_folder
+    from compressor.persist import read_structure
+    from compressor.records import final_model_dir
 
     if s.unet_kind not in UNET_KINDS:
         raise UserError(f"unknown unet kind {s.unet_kind!r}; choose one of {', '.join(UNET_KINDS)}")
-    folder = _model_folder(run_dir)
-    plan = read_plan(folder)
-    cfg = plan["unet_config"]
+    folder = final_model_dir(run_dir)[1]
+    structure = read_structure(folder)
+    cfg = structure["unet_config"]
     size = cfg["sample_size"] if isinstance(cfg["sample_size"], int) else cfg["sample_size"][0]
     shape = (cfg["in_channels"], size, size)
     kind = _choose_unet(run_dir, s)
@@ -164,12 +164,12 @@ def write_repository(run_dir: Path, out: Path, s: RepoSettings) -> dict:
             shutil.copytree(folder, unet_dir / "pruned_unet")
             spec = {"backend": "torch", "file": "pruned_unet"}
         else:
-            from deploy.engines import manifest_path
+            from compressor.runlayout import engine_info_path
 
-            shutil.copy2(need(engine, "build"), unet_dir / "engine.plan")
-            shutil.copy2(need(manifest_path(engine), "build"), manifest_path(unet_dir / "engine.plan"))
-            spec = {"backend": "tensorrt", "file": "engine.plan"}
-        (unet_dir / "unet.json").write_text(json.dumps({**spec, "threads": s.threads}, indent=1))
+            shutil.copy2(need(engine, "build"), unet_dir / "unet.engine")
+            shutil.copy2(need(engine_info_path(engine), "build"), engine_info_path(unet_dir / "unet.engine"))
+            spec = {"backend": "tensorrt", "file": "unet.engine"}
+        (unet_dir / "backend.json").write_text(json.dumps({**spec, "threads": s.threads}, indent=1))
         served = f"Python backend running {s.backend} in process"
     sampler_dir = out / "sampler" / "1"
     sampler_dir.mkdir(parents=True)
@@ -178,7 +178,7 @@ def write_repository(run_dir: Path, out: Path, s: RepoSettings) -> dict:
         json.dumps(
             {
                 "image_shape": list(shape),
-                "scheduler_config": plan["scheduler_config"],
+                "scheduler_config": structure["scheduler_config"],
                 "scheduler": s.scheduler,
                 "max_steps": s.max_steps,
                 "default_steps": s.default_steps,
@@ -253,27 +253,41 @@ def server_environment(libs: Path | None) -> dict[str, str]:
     return env
 
 
-def server_ready(port: int) -> bool:
-    """True when a Triton on ``127.0.0.1:port`` answers ``/v2/health/ready`` with 200."""
+def server_ready(port: int, host: str = "127.0.0.1") -> bool:
+    """True when a Triton on ``host:port`` answers ``/v2/health/ready`` with 200."""
     import urllib.error
     import urllib.request
 
+    where = f"[{host}]" if ":" in host else host
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as r:
+        with urllib.request.urlopen(f"http://{where}:{port}/v2/health/ready", timeout=2) as r:
             return r.status == 200
     except (urllib.error.URLError, OSError):
         return False
 
 
 def server_command(
-    binary: Path, repo: Path, backends: Path | None, http: int, grpc: int, metrics: int
+    binary: Path,
+    repo: Path,
+    backends: Path | None,
+    http: int,
+    grpc: int,
+    metrics: int,
+    host: str = "127.0.0.1",
 ) -> list[str]:
-    """tritonserver's command line for ``repo`` (explicit ports; clean exit waits for in-flight work)."""
+    """tritonserver's command line for ``repo``: explicit ports, every endpoint bound to ``host``.
+
+    Triton binds 0.0.0.0 by default and authenticates no one, so the address is always
+    given; a clean exit waits for in-flight work.
+    """
     cmd = [
         str(binary),
         f"--model-repository={repo}",
+        f"--http-address={host}",
         f"--http-port={http}",
+        f"--grpc-address={host}",
         f"--grpc-port={grpc}",
+        f"--metrics-address={host}",
         f"--metrics-port={metrics}",
         "--exit-timeout-secs=60",
         "--log-verbose=0",

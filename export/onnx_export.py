@@ -102,7 +102,7 @@ def export_unet(
     """Export ``unet`` to ``path`` (written atomically); returns facts for the record."""
     import onnx
 
-    unet = unet.eval().cpu()
+    unet = copy.deepcopy(unet).eval().cpu()  # the caller's model keeps its device and mode
     dtype = torch.float16 if precision == "fp16" else torch.float32
     model = half_with_fp32_norms(unet) if precision == "fp16" else unet
     wrapper = NoisePredictorModule(model, dtype).eval()

@@ -10,6 +10,7 @@ computed from the same outputs.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -36,14 +37,14 @@ def quiet_polygraphy() -> None:
 
 
 def make_torch_runner(unet: nn.Module, name: str, device: str = "cpu"):
-    """A Polygraphy runner calling a torch UNet as ``(sample, timestep) -> noise``."""
+    """A Polygraphy runner calling a torch UNet as ``(sample, timestep) -> noise`` (on a private copy)."""
     from polygraphy.backend.base import BaseRunner
     from polygraphy.common import TensorMetadata
 
     class TorchRunner(BaseRunner):
         def __init__(self) -> None:
             super().__init__(name=name, prefix="torch-runner")
-            self.unet = unet.to(device).eval()
+            self.unet = copy.deepcopy(unet).to(device).eval()
 
         def get_input_metadata_impl(self):
             meta = TensorMetadata()

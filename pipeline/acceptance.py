@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from compressor.config import AcceptanceConfig, LatencyTarget
+from compressor.records import BenchMetrics, ParityMetrics, QualityMetrics
 
 
 @dataclass
@@ -26,25 +27,11 @@ class Check:
         )
 
 
-def _bench_value(bench: dict | None, backend: str, batch: int, what: str, key: str) -> float | None:
-    if not bench:
-        return None
-    if key == "speedup":
-        for row in bench["metrics"]["speedup"]:
-            if (row["backend"], row["batch"], row["what"]) == (backend, batch, what):
-                return row["speedup"]
-        return None
-    for row in bench["metrics"]["results"]:
-        if (row["backend"], row["batch"], row["what"], row["model"]) == (backend, batch, what, "pruned"):
-            return row["median_ms"] / (batch if key == "per_image" else 1)
-    return None
-
-
-def latency_target_check(target: LatencyTarget, bench: dict | None) -> Check:
+def latency_target_check(target: LatencyTarget, bench: BenchMetrics | None) -> Check:
     """The prune stage's latency target, verified by the bench stage's own measurement (no margin)."""
     key = "speedup" if target.speedup is not None else "ms"
     what = "sampler" if target.what == "sampler" else "unet"
-    value = _bench_value(bench, target.backend, target.batch, what, key)
+    value = bench.value(target.backend, target.batch, what, key) if bench else None
     limit = target.speedup if target.speedup is not None else target.ms
     direction = ">=" if key == "speedup" else "<="
     detail = f"[{target.backend}, {what}, batch {target.batch}, measured by bench]"
@@ -58,30 +45,33 @@ def latency_target_check(target: LatencyTarget, bench: dict | None) -> Check:
 
 
 def evaluate(
-    cfg: AcceptanceConfig, records: dict[str, dict | None], target: LatencyTarget | None = None
+    cfg: AcceptanceConfig,
+    bench: BenchMetrics | None,
+    parity: ParityMetrics | None,
+    quality: QualityMetrics | None,
+    target: LatencyTarget | None = None,
 ) -> list[Check]:
     """All configured checks (limits left null are not checked), plus an active latency target."""
-    bench, parity, quality = records.get("bench"), records.get("parity"), records.get("quality")
     where = f"[{cfg.backend}, batch {cfg.batch}]"
     compressed = None
     fd = None
     if quality:
-        models = quality["metrics"]["models"]
-        compressed = models.get("finetuned") or models.get("pruned")
-        metric = quality["metrics"]["frechet_metric"]
-        if compressed and models["dense"].get(metric) and compressed.get(metric) is not None:
-            fd = compressed[metric] / models["dense"][metric]
+        label = quality.compressed_label()
+        compressed = quality.models[label] if label else None
+        dense_fd, fd_c = quality.frechet("dense"), quality.frechet(label) if label else None
+        if dense_fd and fd_c is not None:
+            fd = fd_c / dense_fd
+
+    def timed(what: str, key: str) -> float | None:
+        return bench.value(cfg.backend, cfg.batch, what, key) if bench else None
+
     measured = {
-        "max_unet_ms": (_bench_value(bench, cfg.backend, cfg.batch, "unet", "ms"), "<=", where),
-        "max_image_ms": (_bench_value(bench, cfg.backend, cfg.batch, "sampler", "per_image"), "<=", where),
-        "min_speedup": (_bench_value(bench, cfg.backend, cfg.batch, "unet", "speedup"), ">=", where),
-        "min_sampler_speedup": (
-            _bench_value(bench, cfg.backend, cfg.batch, "sampler", "speedup"),
-            ">=",
-            where,
-        ),
+        "max_unet_ms": (timed("unet", "ms"), "<=", where),
+        "max_image_ms": (timed("sampler", "per_image"), "<=", where),
+        "min_speedup": (timed("unet", "speedup"), ">=", where),
+        "min_sampler_speedup": (timed("sampler", "speedup"), ">=", where),
         "max_parity_error": (
-            parity["metrics"].get("max_abs_error_fp32") if parity else None,
+            parity.max_abs_error_fp32 if parity else None,
             "<=",
             "[fp32 ONNX vs torch]",
         ),
@@ -98,3 +88,12 @@ def evaluate(
     if target is not None and target.active:
         checks.append(latency_target_check(target, bench))
     return checks
+
+
+def evaluate_run(run, cfg: AcceptanceConfig, target: LatencyTarget | None = None) -> list[Check]:
+    """:func:`evaluate` over the bench, parity and quality records of run directory ``run``."""
+    from compressor.records import read_metrics
+
+    return evaluate(
+        cfg, read_metrics(run, "bench"), read_metrics(run, "parity"), read_metrics(run, "quality"), target
+    )

@@ -16,6 +16,7 @@ from types import ModuleType
 from compressor import runlayout
 from compressor.artifacts import artifact_matches, read_manifest, write_json
 from compressor.config import config_to_dict
+from compressor.records import RecordError, read_record
 from pipeline.context import RunContext, environment_facts
 
 
@@ -51,13 +52,22 @@ def stage_key(ctx: RunContext, name: str, module: ModuleType) -> dict:
     extra = getattr(module, "key_extra", None)
     if extra is not None:  # what a stage reads only under some settings (e.g. a latency target)
         config.update(extra(ctx))
-    inputs = {up: fingerprint(ctx.run_dir, ctx.record(up)) for up in module.INPUTS}
+    inputs = {up: fingerprint(ctx.run_dir, _upstream(ctx.run_dir, up)) for up in module.INPUTS}
     parts: dict = {"config": _digest(config), "inputs": inputs}
     names = getattr(module, "ENVIRONMENT", [])
     if names:
         facts = environment_facts(ctx.device)
         parts["environment"] = {n: facts.get(n) for n in names}
     return {"key": _digest({"stage": name, **parts}), **parts, "sections": list(module.SECTIONS)}
+
+
+def _upstream(run_dir: Path, stage: str) -> dict | None:
+    """An upstream stage's record as written; a damaged one reads as absent (its stage reruns)."""
+    try:
+        rec = read_record(run_dir, stage)
+    except RecordError:
+        return None
+    return rec.data if rec else None
 
 
 def outputs_verify(run_dir: Path, rec: dict) -> bool:
@@ -69,13 +79,13 @@ def why_rerun(ctx: RunContext, name: str, key: dict, forced: bool) -> str | None
     """None when the stage can be skipped, else the reason it must run."""
     if forced:
         return "forced with --force"
-    path = runlayout.record_path(ctx.run_dir, name)
-    if not path.is_file():
-        return "not run yet"
     try:
-        rec = json.loads(path.read_text())
-    except json.JSONDecodeError:
+        found = read_record(ctx.run_dir, name, done_only=False)
+    except RecordError:
         return "its record is damaged"
+    if found is None:
+        return "not run yet"
+    rec = found.data
     if rec.get("status") != "ok":
         return f"last run ended with status {rec.get('status')!r}"
     old = rec.get("cache", {})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import platform
 import sys
@@ -18,8 +17,9 @@ import torch
 from compressor import runlayout
 from compressor.artifacts import sha256_file, write_json
 from compressor.config import RunConfig, config_to_dict
-from compressor.errors import ArtifactError, UserError
+from compressor.errors import UserError
 from compressor.models import LoadedModel, load_model, resolve_device
+from compressor.records import Record, final_model_dir, read_record, require_record, run_config_name
 
 
 @dataclass
@@ -107,10 +107,7 @@ class RunContext:
         """Create the run directory, or refuse one that belongs to another config."""
         marker = runlayout.run_file(self.run_dir)
         if marker.is_file():
-            try:
-                owner = json.loads(marker.read_text()).get("config_name")
-            except (json.JSONDecodeError, AttributeError):
-                owner = None
+            owner = run_config_name(self.run_dir)
             if owner != self.cfg.name:
                 raise UserError(
                     f"run directory {self.run_dir} belongs to config {owner!r}, not {self.cfg.name!r}; "
@@ -129,26 +126,13 @@ class RunContext:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def record(self, stage: str) -> dict | None:
-        """A stage's record.json, or None if it has not completed."""
-        path = runlayout.record_path(self.run_dir, stage)
-        if not path.is_file():
-            return None
-        try:
-            rec = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            return None
-        return rec if rec.get("status") in ("ok", "skipped") else None
+    def record(self, stage: str) -> Record | None:
+        """A stage's completed record (ok or skipped), or None; RecordError when damaged."""
+        return read_record(self.run_dir, stage)
 
-    def require(self, stage: str, needed_by: str) -> dict:
-        """The record of ``stage``; raises ArtifactError telling the user to run it."""
-        rec = self.record(stage)
-        if rec is None or rec.get("status") != "ok":
-            raise ArtifactError(
-                f"{needed_by} needs the {stage} stage's output, missing in {self.run_dir}; run "
-                f"`compress-deploy CONFIG --stages {stage},{needed_by} --run-dir {self.run_dir}`"
-            )
-        return rec
+    def require(self, stage: str, needed_by: str) -> Record:
+        """The ok record of ``stage``; raises RecordError telling the user to run it."""
+        return require_record(self.run_dir, stage, needed_by)
 
     # -- shared inputs ------------------------------------------------------------------
 
@@ -162,6 +146,16 @@ class RunContext:
         loaded = load_model(self.cfg.model, self.cfg.seed)
         loaded.unet.eval()
         return loaded
+
+    def dense_on(self, device: torch.device | str | None = None) -> torch.nn.Module:
+        """A private copy of the dense UNet on ``device`` (default: the run's), in eval mode.
+
+        Stages get copies: the cached dense model is never moved or switched to train mode,
+        so no stage's result depends on which stage ran before it in the same process.
+        """
+        import copy
+
+        return copy.deepcopy(self.dense.unet).to(device or self.device).eval()
 
     def image_shape(self) -> tuple[int, int, int]:
         cfg = self.dense.unet.config
@@ -183,14 +177,8 @@ class RunContext:
         return make_scheduler("ddpm", self.dense.scheduler_config)
 
     def final_model_dir(self) -> tuple[str, Path]:
-        """The newest compressed model of this run: finetuned if present, else pruned."""
-        for stage in ("finetune", "prune"):
-            rec = self.record(stage)
-            if rec and rec.get("status") == "ok":
-                return stage, runlayout.model_dir(self.run_dir, stage)
-        raise ArtifactError(
-            f"{self.run_dir} holds no pruned model; run `compress-deploy CONFIG --stages prune` first"
-        )
+        """The newest compressed model of this run (see :func:`compressor.records.final_model_dir`)."""
+        return final_model_dir(self.run_dir)
 
     def write_record(
         self, stage: str, sections: list[str], result: StageResult, seconds: float, cache: dict | None = None

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from compressor import runlayout
 from pipeline.context import RunContext, log
 
 
@@ -18,7 +19,8 @@ def checkpoint_dir(ctx: RunContext, stage: str) -> Path:
     forced one (--force), while a rerun of an interrupted identical stage resumes. Stale
     folders are removed only once the new run has succeeded.
     """
-    root = ctx.stage_dir(stage) / "checkpoints"
+    ctx.stage_dir(stage)
+    root = runlayout.checkpoints_dir(ctx.run_dir, stage)
     mine = root / ctx.stage_key[:16]
     if ctx.is_main and ctx.forced and mine.is_dir():
         shutil.rmtree(mine)
@@ -27,7 +29,7 @@ def checkpoint_dir(ctx: RunContext, stage: str) -> Path:
 
 def drop_stale_checkpoints(ctx: RunContext, stage: str) -> None:
     """After a successful run: remove checkpoints that belong to other stage inputs."""
-    root = ctx.stage_dir(stage) / "checkpoints"
+    root = runlayout.checkpoints_dir(ctx.run_dir, stage)
     mine = root / ctx.stage_key[:16]
     if ctx.is_main:
         for other in root.iterdir():

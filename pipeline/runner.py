@@ -100,7 +100,7 @@ def _run_stages(ctx: RunContext, stages: list[str], force: set[str] | None) -> d
             reason = why_rerun(ctx, name, key, name in forced)
             if reason is None:
                 log(name, "cached: config and inputs unchanged, outputs verified")
-                records[name] = ctx.record(name)
+                records[name] = ctx.record(name).data
                 continue
             log(name, f"start ({reason})")
             ctx.stage_key = key["key"]  # e.g. checkpoints are only resumed under the same key

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -107,13 +108,8 @@ def test_changing_threads_reruns_bench_and_parity_and_nothing_else(measured_run,
     }
 
 
-class _Ctx(SimpleNamespace):
-    def record(self, stage):
-        return None
-
-
 def _keys(cfg, facts) -> dict[str, str]:
-    ctx = _Ctx(cfg=cfg, run_dir=None, device=torch.device("cpu"))
+    ctx = SimpleNamespace(cfg=cfg, run_dir=Path("/nonexistent-run"), device=torch.device("cpu"))
     return {name: cache.stage_key(ctx, name, module)["key"] for name, module in STAGES.items()}
 
 

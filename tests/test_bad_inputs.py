@@ -278,7 +278,7 @@ CASES = [
         "unknown stage 'shrink'",
     ),
     ("unknown-command", lambda t, c, r: ["frobnicate", r], "neither a command"),
-    ("unknown-backend", lambda t, c, r: ["sample", r, "--backend", "openvino"], "unknown backend 'openvino'"),
+    ("unknown-backend", lambda t, c, r: ["sample", r, "--backend", "openvino"], "--backend: expected one of"),
     (
         "other-config-run-dir",
         lambda t, c, r: [shutil.copy(c, t / "other.yaml"), "--run-dir", r],
@@ -362,7 +362,40 @@ CASES = [
     ("ablate-selection", lambda t, c, r: ["ablate", c, "--selections", "best"], "--selections: unknown rule"),
     ("ablate-method", lambda t, c, r: ["ablate", c, "--methods", "lottery"], "--methods: unknown method"),
     ("ablate-seeds", lambda t, c, r: ["ablate", c, "--seeds", "a,b"], "comma-separated numbers"),
-    ("sample-zero-steps", lambda t, c, r: ["sample", r, "--steps", "0"], "must be at least 1"),
+    ("sample-zero-steps", lambda t, c, r: ["sample", r, "--steps", "0"], "--steps: expected an integer >= 1"),
+    # command-line flags go through the config's validators (issue 17)
+    (
+        "sample-too-many-steps",
+        lambda t, c, r: ["sample", r, "--steps", "100000"],
+        "--steps: expected at most",
+    ),
+    ("sample-eta-5", lambda t, c, r: ["sample", r, "--eta", "5"], "--eta: expected a number in [0.0, 1.0]"),
+    ("sample-eta-nan", lambda t, c, r: ["sample", r, "--eta", "nan"], "--eta: expected a number"),
+    (
+        "sample-seed-negative",
+        lambda t, c, r: ["sample", r, "--seed", "-1"],
+        "--seed: expected an integer >= 0",
+    ),
+    ("sample-steps-text", lambda t, c, r: ["sample", r, "--steps", "many"], "--steps: expected an integer"),
+    ("sample-unknown-flag", lambda t, c, r: ["sample", r, "--stpes", "3"], "unrecognized arguments: --stpes"),
+    ("plan-repeat-zero", lambda t, c, r: ["plan", c, "--repeat", "0"], "--repeat: expected an integer >= 3"),
+    ("plan-what", lambda t, c, r: ["plan", c, "--what", "vae"], "--what: expected one of 'unet', 'sampler'"),
+    ("plan-batches", lambda t, c, r: ["plan", c, "--batches", "0,4"], "--batches '0,4': every value"),
+    (
+        "serve-port",
+        lambda t, c, r: ["serve", r, "--http-port", "70000"],
+        "--http-port: expected an integer in",
+    ),
+    ("serve-host", lambda t, c, r: ["serve", r, "--host", "my laptop"], "--host: expected an IP address"),
+    ("serve-same-ports", lambda t, c, r: ["serve", r, "--grpc-port", "8000"], "the three ports must differ"),
+    ("sample-device-cuda", lambda t, c, r: ["sample", r, "--device", "cuda"], "no CUDA device is visible"),
+    ("sample-device-tpu", lambda t, c, r: ["sample", r, "--device", "tpu"], "--device: expected one of"),
+    ("serve-threads", lambda t, c, r: ["serve", r, "--threads", "0"], "--threads: expected an integer >= 1"),
+    (
+        "repo-unet-kind",
+        lambda t, c, r: ["triton-repo", r, str(t / "repo"), "--unet", "jit"],
+        "--unet: expected",
+    ),
     ("check-foreign-override", lambda t, c, r: ["check", r, "prune.ratio=0.1"], "only takes acceptance.*"),
     ("build-foreign-override", lambda t, c, r: ["build", r, "export.trace_batch=1"], "only takes build.*"),
 ]
@@ -390,6 +423,8 @@ def test_bad_input(case, finished, tmp_path, capsys):
     name, build, expected = case
     if name == "build-without-tensorrt" and not tensorrt_reason():
         pytest.skip("TensorRT and a CUDA GPU are usable on this host, so `build` is not bad input here")
+    if name == "sample-device-cuda" and __import__("torch").cuda.is_available():
+        pytest.skip("a CUDA device is visible here, so --device cuda is not bad input")
     _, cfg, base = finished
     run_dir = tmp_path / "run"
     shutil.copytree(base, run_dir)

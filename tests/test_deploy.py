@@ -1,4 +1,4 @@
-"""Engine manifests, compatibility, profiles, the TensorRT module without TensorRT, acceptance, bench."""
+"""Engine info, compatibility, profiles, the TensorRT module without TensorRT, acceptance, bench."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ import pytest
 
 from compressor.config import AcceptanceConfig, config_from_mapping
 from compressor.errors import ArtifactError, ConfigError, UserError
+from compressor.records import BenchMetrics, ParityMetrics, QualityMetrics
 from deploy.bench import percentile_ms, time_alternating
 from deploy.engines import (
     Profile,
     check_compatible,
     check_integrity,
     profile_of,
-    read_manifest,
-    write_manifest,
+    read_engine_info,
+    write_engine_info,
 )
 from pipeline.acceptance import evaluate
 
@@ -32,9 +33,9 @@ MANIFEST = {
 
 
 def _engine(tmp_path, data=b"engine-bytes"):
-    engine = tmp_path / "unet.plan"
+    engine = tmp_path / "unet.engine"
     engine.write_bytes(data)
-    write_manifest(engine, {**MANIFEST, "engine_sha256": hashlib.sha256(data).hexdigest()})
+    write_engine_info(engine, {**MANIFEST, "engine_sha256": hashlib.sha256(data).hexdigest()})
     return engine
 
 
@@ -66,7 +67,7 @@ def test_profile_shapes_cover_both_inputs():
 
 def test_manifest_round_trip_and_checks(tmp_path):
     engine = _engine(tmp_path)
-    manifest = read_manifest(engine)
+    manifest = read_engine_info(engine)
     assert profile_of(manifest) == Profile(1, 8, 16)
     check_integrity(manifest, engine, hashlib.sha256(engine.read_bytes()).hexdigest())
     check_compatible(manifest, engine, "10.13.0", "NVIDIA H100 80GB HBM3", "9.0")
@@ -77,31 +78,31 @@ def test_engine_from_another_tensorrt_version_is_refused(tmp_path):
     with pytest.raises(
         ArtifactError, match="built with TensorRT 10.13.0, this is TensorRT 11.0.0.*compress-deploy build"
     ):
-        check_compatible(read_manifest(engine), engine, "11.0.0", "NVIDIA H100 80GB HBM3", "9.0")
+        check_compatible(read_engine_info(engine), engine, "11.0.0", "NVIDIA H100 80GB HBM3", "9.0")
 
 
 def test_engine_for_another_gpu_architecture_is_refused(tmp_path):
     engine = _engine(tmp_path)
     with pytest.raises(ArtifactError, match="compute capability 9.0.*this is NVIDIA L4 \\(8.9\\)"):
-        check_compatible(read_manifest(engine), engine, "10.13.0", "NVIDIA L4", "8.9")
+        check_compatible(read_engine_info(engine), engine, "10.13.0", "NVIDIA L4", "8.9")
 
 
 def test_corrupted_engine_is_refused(tmp_path):
     engine = _engine(tmp_path)
     engine.write_bytes(b"engine-by")  # truncated
-    manifest = read_manifest(engine)
-    with pytest.raises(ArtifactError, match="does not match its manifest"):
+    manifest = read_engine_info(engine)
+    with pytest.raises(ArtifactError, match="does not match its engine info"):
         check_integrity(manifest, engine, hashlib.sha256(engine.read_bytes()).hexdigest())
 
 
 def test_engine_without_manifest_is_refused(tmp_path):
-    engine = tmp_path / "unet.plan"
+    engine = tmp_path / "unet.engine"
     engine.write_bytes(b"x")
-    with pytest.raises(ArtifactError, match="has no manifest"):
-        read_manifest(engine)
-    (tmp_path / "unet.plan.json").write_text(json.dumps({"tensorrt_version": "10"}))
-    with pytest.raises(ArtifactError, match="manifest lacks"):
-        read_manifest(engine)
+    with pytest.raises(ArtifactError, match="has no engine info"):
+        read_engine_info(engine)
+    (tmp_path / "unet.engine.json").write_text(json.dumps({"tensorrt_version": "10"}))
+    with pytest.raises(ArtifactError, match="engine info lacks"):
+        read_engine_info(engine)
 
 
 def test_tensorrt_module_imports_and_says_why_it_cannot_run():
@@ -131,7 +132,7 @@ def test_time_alternating_interleaves_calls():
 
 
 def _records(speedup=2.0, err=1e-6, ssim=0.95, fd=(10.0, 12.0)):
-    return {
+    d = {
         "bench": {
             "metrics": {
                 "results": [
@@ -168,6 +169,12 @@ def _records(speedup=2.0, err=1e-6, ssim=0.95, fd=(10.0, 12.0)):
         },
     }
 
+    return (
+        BenchMetrics(**d["bench"]["metrics"]),
+        ParityMetrics(results=[], **d["parity"]["metrics"]),
+        QualityMetrics(num_samples=4, steps=10, scheduler="ddim", **d["quality"]["metrics"]),
+    )
+
 
 def test_acceptance_checks_pass_and_fail_on_limits():
     cfg = AcceptanceConfig(
@@ -181,17 +188,17 @@ def test_acceptance_checks_pass_and_fail_on_limits():
         min_ssim=0.9,
         max_fd_ratio=1.5,
     )
-    checks = {c.name: c for c in evaluate(cfg, _records())}
+    checks = {c.name: c for c in evaluate(cfg, *_records())}
     assert all(c.passed for c in checks.values()), [c.line() for c in checks.values()]
     assert checks["max_image_ms"].measured == pytest.approx(100.0)
     assert checks["max_fd_ratio"].measured == pytest.approx(1.2)
     tight = AcceptanceConfig(backend="onnxruntime", batch=4, min_speedup=3.0, min_ssim=0.99)
-    failed = {c.name: c for c in evaluate(tight, _records()) if not c.passed}
+    failed = {c.name: c for c in evaluate(tight, *_records()) if not c.passed}
     assert set(failed) == {"min_speedup", "min_ssim"}
     assert failed["min_speedup"].line().startswith("FAIL  min_speedup: 2 (limit >= 3)")
 
 
 def test_unmeasured_limit_fails():
     cfg = AcceptanceConfig(backend="tensorrt", batch=4, min_speedup=1.1)
-    (check,) = evaluate(cfg, _records())
+    (check,) = evaluate(cfg, *_records())
     assert not check.passed and check.measured is None and "not measured" in check.line()

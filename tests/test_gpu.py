@@ -13,9 +13,10 @@ import torch
 from compressor import runlayout
 from compressor.errors import ArtifactError, UserError
 from compressor.models import example_inputs, predict_noise
+from compressor.runlayout import engine_info_path
 from deploy import tensorrt_backend
-from deploy.engines import Profile, manifest_path
-from deploy.runtimes import torch_backend
+from deploy.engines import Profile
+from deploy.runtimes import load_backend, torch_backend
 
 NO_CUDA = "needs a CUDA GPU (none visible here)"
 TRT_REASON = tensorrt_backend.unavailable_reason()
@@ -143,8 +144,8 @@ def test_engine_matches_torch_through_polygraphy(engine_run, tiny_unet):
 @pytest.mark.tensorrt
 @trt
 def test_cuda_graph_replay_equals_plain_execution(engine_run, tiny_unet):
-    plain = tensorrt_backend.engine_backend(engine_run, "dense")
-    graph = tensorrt_backend.engine_backend(engine_run, "dense", cuda_graph=True)
+    plain = load_backend("tensorrt", run_dir=engine_run, model="dense")
+    graph = load_backend("tensorrt", run_dir=engine_run, model="dense", cuda_graph=True)
     x = example_inputs(tiny_unet, 2, "cuda")
     for _ in range(3):
         assert torch.equal(
@@ -156,19 +157,19 @@ def test_cuda_graph_replay_equals_plain_execution(engine_run, tiny_unet):
 @pytest.mark.tensorrt
 @trt
 def test_engine_refusals(engine_run, tiny_unet):
-    backend = tensorrt_backend.engine_backend(engine_run, "dense")
+    backend = load_backend("tensorrt", run_dir=engine_run, model="dense")
     x = example_inputs(tiny_unet, 8, "cuda")
     with pytest.raises(UserError, match="outside the profile"):
         backend.predict(x["sample"], x["timestep"])
     engine = runlayout.engine_path(engine_run, "dense")
-    manifest = json.loads(manifest_path(engine).read_text())
+    manifest = json.loads(engine_info_path(engine).read_text())
     manifest["tensorrt_version"] = "0.0.1"
-    manifest_path(engine).write_text(json.dumps(manifest))
+    engine_info_path(engine).write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="built with TensorRT 0.0.1"):
-        tensorrt_backend.engine_backend(engine_run, "dense")
+        load_backend("tensorrt", run_dir=engine_run, model="dense")
     engine.write_bytes(engine.read_bytes()[:1000])
-    with pytest.raises(ArtifactError, match="does not match its manifest"):
-        tensorrt_backend.engine_backend(engine_run, "dense")
+    with pytest.raises(ArtifactError, match="does not match its engine info"):
+        load_backend("tensorrt", run_dir=engine_run, model="dense")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible: the check would run")

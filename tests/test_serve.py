@@ -229,7 +229,7 @@ def test_triton_repo_configs_parse_and_load_in_tritonserver(served, tmp_path, ca
     # the variant PyTriton's binary can load (its only backend is Python), loaded by that binary
     py = tmp_path / "repo-python"
     assert main(["triton-repo", str(run), str(py), "--unet", "python", "--backend", "torch"]) == 0
-    assert json.loads((py / "unet" / "1" / "unet.json").read_text())["backend"] == "torch"
+    assert json.loads((py / "unet" / "1" / "backend.json").read_text())["backend"] == "torch"
     binary, bundled, libs = find_server()
     http, grpc, metrics = free_ports(3)
     backends = python_backend_dir(bundled, tmp_path / "backends")

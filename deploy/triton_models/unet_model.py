@@ -1,7 +1,7 @@
 """Triton Python-backend model ``unet``: (sample, timestep) -> noise through a compress-deploy backend.
 
 Copied as ``unet/1/model.py`` by ``compress-deploy triton-repo --unet python`` and by ``serve``
-(for servers whose only backend is Python). ``unet.json`` beside it names the backend
+(for servers whose only backend is Python). ``backend.json`` beside it names the backend
 (onnxruntime, torch or tensorrt) and the file it loads from this folder.
 """
 
@@ -21,27 +21,17 @@ class TritonPythonModel:
     """Batches of requests are concatenated into one UNet call and split back."""
 
     def initialize(self, args):
-        """Load the backend named in unet.json."""
+        """Load the backend named in backend.json."""
         here = Path(__file__).parent
-        spec = json.loads((here / "unet.json").read_text())
-        backend = spec["backend"]
+        spec = json.loads((here / "backend.json").read_text())
         if spec.get("threads"):
             torch.set_num_threads(spec["threads"])
-        if backend == "onnxruntime":
-            from deploy.runtimes import onnxruntime_backend
+        from deploy.runtimes import load_backend
 
-            self.backend = onnxruntime_backend(here / spec["file"], spec.get("threads"))
-        elif backend == "torch":
-            from compressor.persist import load_unet
-            from deploy.runtimes import torch_backend
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            self.backend = torch_backend(load_unet(here / spec["file"])[0], torch.device(device))
-        else:
-            from deploy.runtimes import Backend
-            from deploy.tensorrt_backend import EngineRunner
-
-            self.backend = Backend("tensorrt", EngineRunner(here / spec["file"]))
+        device = "cuda" if spec["backend"] == "torch" and torch.cuda.is_available() else "cpu"
+        self.backend = load_backend(
+            spec["backend"], file=here / spec["file"], threads=spec.get("threads"), device=device
+        )
 
     def execute(self, requests):
         """One UNet call for the whole batch; one response per request."""

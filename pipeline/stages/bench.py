@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from compressor import runlayout
 from compressor.persist import load_unet
 from compressor.sampling import make_scheduler
 from deploy.bench import host_facts, percentile_ms, sampler_call, time_alternating, unet_call
-from deploy.runtimes import Backend, onnxruntime_backend, torch_backend
+from deploy.runtimes import Backend, load_variant
 from pipeline.context import RunContext, StageResult, log
 
 SECTIONS = ["bench", "build", "device", "threads"]
@@ -16,44 +15,50 @@ INPUTS = ["prune", "finetune", "export", "build"]
 ENVIRONMENT = ["torch", "onnxruntime", "tensorrt", "gpu"]
 
 
-def torch_variants(ctx: RunContext, models: dict) -> dict[str, dict[str, Backend]]:
-    """fp32 eager everywhere; on CUDA also fp16, bf16, fp16 with CUDA graphs (and compiled)."""
-    fp16 = torch.float16
-    plans: dict[str, dict] = {"torch": {}}
-    if ctx.device.type == "cuda":
-        plans["torch-fp16"] = {"dtype": fp16}
-        if torch.cuda.is_bf16_supported():
-            plans["torch-bf16"] = {"dtype": torch.bfloat16}
-        plans["torch-fp16+cudagraph"] = {"dtype": fp16, "cuda_graph": True}
-        if ctx.cfg.bench.torch_compile:
-            plans["torch-fp16+compile"] = {"dtype": fp16, "compile": True}
-    return {
-        label: {m: torch_backend(u, ctx.device, **kw) for m, u in models.items()}
-        for label, kw in plans.items()
-    }
+def variant_labels(ctx: RunContext, kind: str) -> list[str]:
+    """The variants of backend ``kind`` this host times (labels of :data:`deploy.runtimes.VARIANTS`).
+
+    torch: fp32 eager everywhere; on CUDA also fp16, bf16, fp16 with CUDA graphs (and
+    compiled). TensorRT: plain, and with CUDA graphs when ``build.cuda_graphs``.
+    """
+    if kind == "torch":
+        labels = ["torch"]
+        if ctx.device.type == "cuda":
+            labels.append("torch-fp16")
+            if torch.cuda.is_bf16_supported():
+                labels.append("torch-bf16")
+            labels.append("torch-fp16+cudagraph")
+            if ctx.cfg.bench.torch_compile:
+                labels.append("torch-fp16+compile")
+        return labels
+    if kind == "tensorrt":
+        return ["tensorrt", "tensorrt+cudagraph"] if ctx.cfg.build.cuda_graphs else ["tensorrt"]
+    return [kind]
 
 
-def load_backends(ctx: RunContext, name: str, models: dict) -> tuple[dict[str, dict[str, Backend]], str]:
+def load_backends(ctx: RunContext, kind: str, models: dict) -> tuple[dict[str, dict[str, Backend]], str]:
     """Variants (label -> dense/compressed backends) of one backend, or ({}, why unavailable)."""
-    threads = ctx.cfg.bench.threads
-    if name == "torch":
-        return torch_variants(ctx, models), ""
-    if name == "onnxruntime":
-        ctx.require("export", "bench")
-        return {
-            "onnxruntime": {
-                m: onnxruntime_backend(runlayout.onnx_path(ctx.run_dir, m, "fp32"), threads) for m in models
-            }
-        }, ""
-    from deploy import tensorrt_backend
+    if kind == "tensorrt":
+        from deploy import tensorrt_backend
 
-    reason = tensorrt_backend.unavailable_reason()
-    if reason:
-        return {}, reason
-    ctx.require("build", "bench")
-    variants = {"tensorrt": tensorrt_backend.run_backends(ctx.run_dir)}
-    if ctx.cfg.build.cuda_graphs:
-        variants["tensorrt+cudagraph"] = tensorrt_backend.run_backends(ctx.run_dir, cuda_graph=True)
+        reason = tensorrt_backend.unavailable_reason()
+        if reason:
+            return {}, reason
+    if kind != "torch":
+        ctx.require("export" if kind == "onnxruntime" else "build", "bench")
+    variants = {}
+    for label in variant_labels(ctx, kind):
+        variants[label] = {
+            m: load_variant(
+                label,
+                unet=unet if kind == "torch" else None,
+                run_dir=ctx.run_dir,
+                model=m,
+                device=ctx.device,
+                threads=ctx.cfg.bench.threads,
+            )
+            for m, unet in models.items()
+        }
     return variants, ""
 
 
@@ -63,9 +68,8 @@ def run(ctx: RunContext) -> StageResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     source, folder = ctx.final_model_dir()
-    models = {"dense": ctx.dense.unet, "pruned": load_unet(folder)[0]}
-    macs = ctx.require("prune", "bench")["metrics"]
-    macs_reduction = macs["macs_before"] / macs["macs_after"]
+    models = {"dense": ctx.dense.unet, "pruned": load_unet(folder)[0]}  # backends build private copies
+    macs_reduction = ctx.require("prune", "bench").typed().macs_reduction
     scheduler = make_scheduler("ddim", ctx.dense.scheduler_config)
     shape = ctx.image_shape()
     rows, speedups, skipped, backend_info = [], [], {}, {}

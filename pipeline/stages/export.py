@@ -17,13 +17,13 @@ def run(ctx: RunContext) -> StageResult:
     """Write ``RUN/export/{dense,pruned}/unet.{fp32,fp16}.onnx`` and check each file."""
     cfg = ctx.cfg.export
     source, folder = ctx.final_model_dir()
-    models = {"dense": ctx.dense.unet, "pruned": load_unet(folder)[0]}
+    models = {"dense": ctx.dense_on("cpu"), "pruned": load_unet(folder)[0]}
     quiet_polygraphy()
     files, facts = [], {}
     for model, unet in models.items():
         for precision in cfg.precisions:
             path = runlayout.onnx_path(ctx.run_dir, model, precision)
-            info = export_unet(unet.cpu(), path, precision, cfg.trace_batch, cfg.fold_constants)
+            info = export_unet(unet, path, precision, cfg.trace_batch, cfg.fold_constants)
             log(
                 "export",
                 f"{model} {precision}: {info['nodes']} nodes ({info['nodes_exported']} before folding), "

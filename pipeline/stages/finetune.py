@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from compressor import runlayout
 from compressor.data import stack
-from compressor.persist import load_unet, read_plan, save_unet
+from compressor.persist import load_unet, read_structure, save_unet
 from compressor.quality import denoising_eval_loss
 from pipeline.context import RunContext, StageResult, log
 from pipeline.fitting import fit, train_metrics
@@ -22,16 +22,16 @@ def run(ctx: RunContext) -> StageResult:
     if not ctx.is_main:  # data-parallel ranks: only rank 0 writes (all ranks hold the same weights)
         return StageResult(train_metrics(result))
     ctx.stage_dir("finetune")
-    plan = read_plan(src)
+    structure = read_structure(src)
     files = []
     for raw, model in ((False, result.ema_unet), (True, result.unet)):
         files += save_unet(
             model.cpu(),
             runlayout.model_dir(ctx.run_dir, "finetune", raw=raw),
-            plan["unet_config"],
-            plan["history"],
-            plan["kept_widths"],
-            extra={"scheduler_config": plan.get("scheduler_config"), "finetuned_from": "prune/model"},
+            structure["unet_config"],
+            structure["history"],
+            structure["kept_widths"],
+            extra={"scheduler_config": structure.get("scheduler_config"), "finetuned_from": "prune/model"},
         )
     images = stack(ctx.dataset, 16)
     sched = ctx.noise_scheduler()

@@ -7,7 +7,7 @@ from compressor.errors import UserError
 from compressor.persist import load_unet
 from compressor.quality import psnr
 from compressor.sampling import generate, make_scheduler
-from deploy.runtimes import onnxruntime_backend, torch_backend
+from deploy.runtimes import load_backend
 from export.parity import compare, make_onnxrt_runner, make_torch_runner, parity_feeds
 from pipeline.context import RunContext, StageResult, log
 
@@ -36,8 +36,6 @@ def _sampler_images(ctx: RunContext, predict, scheduler, device: str = "cpu"):
 
 def _engine_parity(ctx: RunContext, model: str, unet, scheduler) -> dict:
     """TensorRT engine vs the fp32 torch reference on the GPU (fp16 tolerances), plus sampler PSNR."""
-    import torch
-
     from deploy import tensorrt_backend
 
     cfg = ctx.cfg.parity
@@ -47,8 +45,10 @@ def _engine_parity(ctx: RunContext, model: str, unet, scheduler) -> dict:
     feeds = parity_feeds(unet, batches, cfg.timesteps, ctx.cfg.seed)
     ref = make_torch_runner(unet, f"torch-{model}-fp32", device="cuda")
     report = compare([ref, runner], feeds, cfg.atol_fp16, cfg.rtol_fp16)[0]
-    reference = _sampler_images(ctx, torch_backend(unet, torch.device("cuda")).predict, scheduler, "cuda")
-    engine_predict = tensorrt_backend.engine_backend(ctx.run_dir, model).predict
+    reference = _sampler_images(
+        ctx, load_backend("torch", unet=unet, device="cuda").predict, scheduler, "cuda"
+    )
+    engine_predict = load_backend("tensorrt", run_dir=ctx.run_dir, model=model).predict
     images = _sampler_images(ctx, engine_predict, scheduler, "cuda")
     sampler_psnr = psnr(images, reference)
     passed = report.passed and sampler_psnr >= cfg.min_psnr_fp16
@@ -70,17 +70,15 @@ def _engine_parity(ctx: RunContext, model: str, unet, scheduler) -> dict:
 
 def run(ctx: RunContext) -> StageResult:
     """Compare every exported file with its torch model; a breach fails the stage."""
-    import torch
-
     cfg = ctx.cfg.parity
     ctx.require("export", "parity")
     _, folder = ctx.final_model_dir()
-    models = {"dense": ctx.dense.unet.cpu(), "pruned": load_unet(folder)[0]}
+    models = {"dense": ctx.dense_on("cpu"), "pruned": load_unet(folder)[0]}
     scheduler = make_scheduler("ddim", ctx.dense.scheduler_config)
     rows, failures = [], []
     for model, unet in models.items():
         feeds = parity_feeds(unet, cfg.batches, cfg.timesteps, ctx.cfg.seed)
-        reference = _sampler_images(ctx, torch_backend(unet, torch.device("cpu")).predict, scheduler)
+        reference = _sampler_images(ctx, load_backend("torch", unet=unet).predict, scheduler)
         for precision in ctx.cfg.export.precisions:
             path = runlayout.onnx_path(ctx.run_dir, model, precision)
             atol, rtol = (
@@ -89,7 +87,7 @@ def run(ctx: RunContext) -> StageResult:
             min_psnr = cfg.min_psnr_fp16 if precision == "fp16" else cfg.min_psnr_fp32
             runner = make_onnxrt_runner(path, f"onnxruntime-{model}-{precision}")
             report = compare([make_torch_runner(unet, f"torch-{model}-fp32"), runner], feeds, atol, rtol)[0]
-            backend = onnxruntime_backend(path)
+            backend = load_backend("onnxruntime", file=path)
             images = _sampler_images(ctx, backend.predict, scheduler)
             sampler_psnr = psnr(images, reference)
             row = {
@@ -114,7 +112,7 @@ def run(ctx: RunContext) -> StageResult:
                     f"{model} {precision} (max abs {report.max_abs_error:.2e}, PSNR {sampler_psnr:.1f} dB)"
                 )
     build = ctx.record("build")
-    if build and build["status"] == "ok":
+    if build and build.ok:
         for model, unet in models.items():
             row = _engine_parity(ctx, model, unet, scheduler)
             rows.append(row)

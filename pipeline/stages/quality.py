@@ -30,15 +30,10 @@ def feature_network(ctx: RunContext):
 
 def _deployed(ctx: RunContext, backend: str, model: str):
     """A deployed backend (ONNX Runtime session or TensorRT engine) of the run."""
-    from deploy.runtimes import onnxruntime_backend
+    from deploy.runtimes import load_backend
 
-    if backend == "onnxruntime":
-        ctx.require("export", "quality")
-        return onnxruntime_backend(runlayout.onnx_path(ctx.run_dir, model, "fp32"))
-    from deploy import tensorrt_backend
-
-    ctx.require("build", "quality")
-    return tensorrt_backend.engine_backend(ctx.run_dir, model)
+    ctx.require("export" if backend == "onnxruntime" else "build", "quality")
+    return load_backend(backend, run_dir=ctx.run_dir, model=model, device=ctx.device)
 
 
 def run(ctx: RunContext) -> StageResult:
@@ -56,7 +51,7 @@ def run(ctx: RunContext) -> StageResult:
         fd_note = f"fid unavailable: {reason}" if reason else None
     steps = cfg.steps or ctx.cfg.sample.steps
     scheduler = make_scheduler(ctx.cfg.sample.scheduler, ctx.dense.scheduler_config)
-    models = {"dense": ctx.dense.unet.to(ctx.device)}
+    models = {"dense": ctx.dense_on()}
     for stage, label in MODEL_LABELS.items():
         if ctx.record(stage):
             models[label] = load_unet(runlayout.model_dir(ctx.run_dir, stage), ctx.device)[0]

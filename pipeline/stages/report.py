@@ -8,8 +8,17 @@ import shutil
 from pathlib import Path
 
 from compressor import runlayout
-from pipeline.acceptance import evaluate
+from compressor.records import (
+    BenchMetrics,
+    FinetuneMetrics,
+    ParityMetrics,
+    PruneMetrics,
+    QualityMetrics,
+    read_metrics,
+)
+from pipeline.acceptance import Check, evaluate
 from pipeline.context import RunContext, StageResult, log
+from pipeline.plots import plot_speedup_vs_macs, plot_taylor_diagnostics
 
 SECTIONS = ["model", "prune", "finetune", "acceptance"]
 INPUTS = ["prune", "finetune", "samples", "quality", "parity", "bench", "check"]
@@ -145,23 +154,131 @@ def _plot_latency(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def _latency_trials(doc: Doc, m: dict, out: Path) -> None:
-    """The latency search: target, every trial, the chosen structure and the chart."""
-    from pipeline.plan import chart
+def run(ctx: RunContext) -> StageResult:
+    """Write ``RUN/report/report.md`` and ``RUN/report/report.html`` from the run's records."""
+    out = ctx.stage_dir("report")
+    metrics = {s: read_metrics(ctx.run_dir, s) for s in ("prune", "finetune", "quality", "parity", "bench")}
+    checks = evaluate(
+        ctx.cfg.acceptance,
+        metrics["bench"],
+        metrics["parity"],
+        metrics["quality"],
+        ctx.cfg.prune.target_latency,
+    )
+    verdict = "PASS" if all(c.passed for c in checks) else "FAIL"
+    doc = Doc(f"compress-deploy report: {ctx.cfg.name}")
+    verdict_section(doc, checks, verdict)
+    settings_section(doc, ctx)
+    if metrics["prune"]:
+        prune_section(doc, metrics["prune"], out)
+    if metrics["finetune"]:
+        finetune_section(doc, metrics["finetune"], out)
+    if metrics["quality"]:
+        quality_section(doc, metrics["quality"])
+    if ctx.record("samples"):
+        samples_section(doc, ctx, out)
+    if metrics["parity"]:
+        parity_section(doc, metrics["parity"])
+    if metrics["bench"]:
+        bench_section(doc, metrics["bench"], out)
+    acceptance_section(doc, checks)
+    files = write_report(doc, out)
+    return StageResult({"verdict": verdict, "checks": len(checks)}, files)
 
-    lat = m["target"]["target_latency"]
+
+def write_report(doc: Doc, out: Path) -> list[Path]:
+    """``report.md`` and ``report.html`` (atomically), plus the plots they show."""
+    md, page = out / "report.md", out / "report.html"
+    for path, text in ((md, doc.markdown()), (page, doc.html())):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    log("report", f"wrote {md} and {page}")
+    plots = [value[0] for kind, value in doc.blocks if kind == "img"]
+    return [md, page] + [p for p in dict.fromkeys(plots) if p.is_file()]
+
+
+def verdict_section(doc: Doc, checks: list[Check], verdict: str) -> None:
+    """The acceptance verdict, first thing on the page."""
+    doc.para(
+        f"**Acceptance: {verdict}** ({sum(c.passed for c in checks)}/{len(checks)} checks passed)"
+        if checks
+        else "**Acceptance: no limits configured**"
+    )
+
+
+def settings_section(doc: Doc, ctx: RunContext) -> None:
+    """What was done: model, data, pruning criterion and target, finetune recipe."""
+    cfg = ctx.cfg
+    p, lat = cfg.prune, cfg.prune.target_latency
+    target = ", ".join(
+        f"{k}={getattr(p, k)}" for k in ("ratio", "target_macs", "target_params") if getattr(p, k) is not None
+    )
+    doc.heading("What was done")
+    doc.table(
+        ["setting", "value"],
+        [
+            ["model", f"{cfg.model.name} ({cfg.model.init})"],
+            ["data", cfg.data.source],
+            [
+                "pruning",
+                f"{p.method}, threshold {p.threshold}, stride {p.timestep_stride}, "
+                f"Taylor batch {p.batch_size}, score {p.taylor_score}, "
+                f"GroupNorm channels {p.group_selection}",
+            ],
+            ["target", target or f"latency: {lat.goal()} on {lat.backend} ({lat.what}, batch {lat.batch})"],
+            [
+                "finetune",
+                f"{cfg.finetune.steps} steps, batch {cfg.finetune.batch_size}, lr {cfg.finetune.lr}, "
+                f"EMA {cfg.finetune.ema_decay}",
+            ],
+            ["run directory", str(ctx.run_dir)],
+        ],
+    )
+
+
+def prune_section(doc: Doc, m: PruneMetrics, out: Path) -> None:
+    """Size before and after, the Taylor timesteps, the latency search and the diagnostic."""
+    doc.heading("Size")
+    doc.table(
+        ["", "dense", "pruned", "kept"],
+        [
+            ["params", f"{m.params_before / 1e6:.3f}M", f"{m.params_after / 1e6:.3f}M", m.params_kept],
+            ["MACs", f"{m.macs_before / 1e9:.4f}G", f"{m.macs_after / 1e9:.4f}G", m.macs_kept],
+        ],
+    )
+    ts = m.timesteps_used
+    doc.para(
+        f"Pruning ratio {m.ratio:.4g}. Taylor timesteps kept: {len(ts)} ({ts[0]}..{ts[-1]})."
+        if ts
+        else f"Pruning ratio {m.ratio:.4g}; {m.method} needs no Taylor pass."
+    )
+    if m.trials and m.target_latency:
+        latency_search_section(doc, m, out)
+    if m.diagnostics:
+        plot_taylor_diagnostics([("", m.diagnostics)], {m.threshold: ts[-1]}, out / "taylor.png")
+        doc.para(
+            "Per-timestep diagnostic of the Taylor pass: each timestep's loss against the largest, "
+            "the norm of its gradient, and how well the gradients of two halves of the Taylor batch "
+            "agree (cosine near 1: signal; near 0: noise)."
+        )
+        doc.image(out / "taylor.png", "Taylor pass diagnostic")
+
+
+def latency_search_section(doc: Doc, m: PruneMetrics, out: Path) -> None:
+    """The latency search: target, every trial, the chosen structure and the chart."""
+    lat = m.target_latency
     doc.heading("Latency search")
     milder = lat.get("next_milder")
     goal = f"{lat['speedup']:g}x over dense" if lat["speedup"] is not None else f"at most {lat['ms']:g} ms"
+    chosen = (
+        "levels " + ", ".join(f"{k}: {v:g}" for k, v in m.level_ratios.items())
+        if m.level_ratios
+        else f"ratio {m.ratio:.4g}"
+    )
     doc.para(
-        f"Target: {goal} "
-        f"on {lat['probe']}, noise margin {lat['margin']:.0%}. Chosen: "
-        + (
-            "levels " + ", ".join(f"{k}: {v:g}" for k, v in m["level_ratios"].items())
-            if m.get("level_ratios")
-            else f"ratio {m['ratio']:.4g}"
-        )
-        + f", measured {lat['chosen']['speedup']:.2f}x ({lat['chosen']['median_ms']:.2f} ms, dense "
+        f"Target: {goal} on {lat['probe']}, noise margin {lat['margin']:.0%}. Chosen: {chosen}, measured "
+        f"{lat['chosen']['speedup']:.2f}x ({lat['chosen']['median_ms']:.2f} ms, dense "
         f"{lat['chosen']['dense_ms']:.2f} ms)"
         + (
             f"; the next milder trial (ratio {milder['ratio']:.4g}) measured {milder['speedup']:.2f}x"
@@ -199,201 +316,96 @@ def _latency_trials(doc: Doc, m: dict, out: Path) -> None:
                 f"{t['speedup']:.2f}x",
                 "yes" if t.get("meets") else "no",
             ]
-            for t in m["trials"]
+            for t in m.trials
         ],
     )
-    rows = [{**t, "backend": lat["backend"], "batch": lat["batch"], "what": lat["what"]} for t in m["trials"]]
-    chart(rows, out / "latency_search.png", "latency search: measured speed-up vs MACs reduction")
+    rows = [{**t, "backend": lat["backend"], "batch": lat["batch"], "what": lat["what"]} for t in m.trials]
+    plot_speedup_vs_macs(
+        rows, out / "latency_search.png", "latency search: measured speed-up vs MACs reduction"
+    )
     doc.image(out / "latency_search.png", "latency search trials")
 
 
-def run(ctx: RunContext) -> StageResult:
-    """Write ``RUN/report/report.md`` and ``RUN/report/report.html`` from the run's records."""
-    out = ctx.stage_dir("report")
-    rec = {s: ctx.record(s) for s in ("prune", "finetune", "quality", "parity", "bench", "samples", "check")}
-    cfg = ctx.cfg
-    doc = Doc(f"compress-deploy report: {cfg.name}")
-    checks = evaluate(cfg.acceptance, rec, cfg.prune.target_latency)
-    verdict = "PASS" if all(c.passed for c in checks) else "FAIL"
+def finetune_section(doc: Doc, m: FinetuneMetrics, out: Path) -> None:
+    """Final and evaluation losses, and the loss curve."""
+    doc.heading("Finetuning")
     doc.para(
-        f"**Acceptance: {verdict}** ({sum(c.passed for c in checks)}/{len(checks)} checks passed)"
-        if checks
-        else "**Acceptance: no limits configured**"
+        f"Final training loss {_fmt(m.final_loss)}; evaluation loss EMA {_fmt(m.eval_loss_ema)} "
+        f"vs raw {_fmt(m.eval_loss_raw)}."
     )
-    doc.heading("What was done")
+    if _plot_losses(m.losses, out / "loss.png"):
+        doc.image(out / "loss.png", "finetune loss curve")
+
+
+def quality_section(doc: Doc, m: QualityMetrics) -> None:
+    """SSIM/PSNR vs dense and the Frechet distance of every model."""
+    doc.heading("Quality")
     doc.table(
-        ["setting", "value"],
+        ["model", "SSIM vs dense", "PSNR vs dense (dB)", m.frechet_metric],
         [
-            ["model", f"{cfg.model.name} ({cfg.model.init})"],
-            ["data", cfg.data.source],
-            [
-                "pruning",
-                f"{cfg.prune.method}, threshold {cfg.prune.threshold}, stride {cfg.prune.timestep_stride}, "
-                f"Taylor batch {cfg.prune.batch_size}, score {cfg.prune.taylor_score}, "
-                f"GroupNorm channels {cfg.prune.group_selection}",
-            ],
-            [
-                "target",
-                ", ".join(
-                    f"{k}={getattr(cfg.prune, k)}"
-                    for k in ("ratio", "target_macs", "target_params")
-                    if getattr(cfg.prune, k) is not None
-                )
-                or (
-                    f"latency: {cfg.prune.target_latency.goal()} on {cfg.prune.target_latency.backend} "
-                    f"({cfg.prune.target_latency.what}, batch {cfg.prune.target_latency.batch})"
-                ),
-            ],
-            [
-                "finetune",
-                f"{cfg.finetune.steps} steps, batch {cfg.finetune.batch_size}, lr {cfg.finetune.lr}, "
-                f"EMA {cfg.finetune.ema_decay}",
-            ],
-            ["run directory", str(ctx.run_dir)],
+            [k, v.get("ssim_vs_dense"), v.get("psnr_vs_dense"), v.get(m.frechet_metric)]
+            for k, v in m.models.items()
         ],
     )
-    if rec["prune"]:
-        m = rec["prune"]["metrics"]
-        doc.heading("Size")
-        doc.table(
-            ["", "dense", "pruned", "kept"],
-            [
-                [
-                    "params",
-                    f"{m['params_before'] / 1e6:.3f}M",
-                    f"{m['params_after'] / 1e6:.3f}M",
-                    m["params_kept"],
-                ],
-                ["MACs", f"{m['macs_before'] / 1e9:.4f}G", f"{m['macs_after'] / 1e9:.4f}G", m["macs_kept"]],
-            ],
-        )
-        ts = m["timesteps_used"]
-        doc.para(
-            f"Pruning ratio {m['ratio']:.4g}. Taylor timesteps kept: {len(ts)} ({ts[0]}..{ts[-1]})."
-            if ts
-            else f"Pruning ratio {m['ratio']:.4g}; {m['method']} needs no Taylor pass."
-        )
-        if m.get("trials"):
-            _latency_trials(doc, m, out)
-        if m.get("diagnostics"):
-            from pipeline.plots import plot_taylor_diagnostics
+    doc.para(
+        f"{m.num_samples} samples per model, {m.scheduler.upper()} {m.steps} steps, same seeds; "
+        f"{m.num_reference} reference images." + (f" {m.frechet_note}" if m.frechet_note else "")
+    )
 
-            plot_taylor_diagnostics([("", m["diagnostics"])], {m["threshold"]: ts[-1]}, out / "taylor.png")
-            doc.para(
-                "Per-timestep diagnostic of the Taylor pass: each timestep's loss against the largest, "
-                "the norm of its gradient, and how well the gradients of two halves of the Taylor batch "
-                "agree (cosine near 1: signal; near 0: noise)."
-            )
-            doc.image(out / "taylor.png", "Taylor pass diagnostic")
-    if rec["finetune"]:
-        m = rec["finetune"]["metrics"]
-        doc.heading("Finetuning")
-        doc.para(
-            f"Final training loss {_fmt(m['final_loss'])}; "
-            f"evaluation loss EMA {_fmt(m.get('eval_loss_ema'))} "
-            f"vs raw {_fmt(m.get('eval_loss_raw'))}."
-        )
-        if _plot_losses(m["losses"], out / "loss.png"):
-            doc.image(out / "loss.png", "finetune loss curve")
-    if rec["quality"]:
-        m = rec["quality"]["metrics"]
-        metric = m["frechet_metric"]
-        doc.heading("Quality")
-        doc.table(
-            ["model", "SSIM vs dense", "PSNR vs dense (dB)", metric],
-            [
-                [k, v.get("ssim_vs_dense"), v.get("psnr_vs_dense"), v.get(metric)]
-                for k, v in m["models"].items()
-            ],
-        )
-        doc.para(
-            f"{m['num_samples']} samples per model, {m['scheduler'].upper()} {m['steps']} steps, same seeds; "
-            f"{m['num_reference']} reference images."
-            + (f" {m['frechet_note']}" if m.get("frechet_note") else "")
-        )
-    if rec["samples"]:
-        grid = runlayout.samples_grid(ctx.run_dir)
-        if grid.is_file():
-            shutil.copyfile(grid, out / "grid.png")
-            doc.heading("Samples (same seeds)")
-            doc.image(out / "grid.png", "dense vs pruned samples")
-    if rec["parity"]:
-        doc.heading("Parity (ONNX Runtime vs PyTorch)")
-        doc.table(
-            [
-                "model",
-                "precision",
-                "provider",
-                "max abs",
-                "median abs",
-                "min cosine",
-                "sampler PSNR (dB)",
-                "verdict",
-            ],
-            [
-                [
-                    r["model"],
-                    r["precision"],
-                    r["provider"],
-                    r["max_abs_error"],
-                    r["median_abs_error"],
-                    r["min_cosine"],
-                    r["sampler_psnr_db"],
-                    "PASS" if r["passed"] else "FAIL",
-                ]
-                for r in rec["parity"]["metrics"]["results"]
-            ],
-        )
-    if rec["bench"]:
-        m = rec["bench"]["metrics"]
-        doc.heading("Latency")
-        doc.table(
-            ["backend", "what", "batch", "model", "median ms", "p95 ms"],
-            [
-                [r["backend"], r["what"], r["batch"], r["model"], r["median_ms"], r["p95_ms"]]
-                for r in m["results"]
-            ],
-        )
-        doc.table(
-            ["backend", "what", "batch", "speed-up", "MACs reduction", "speed-up / MACs reduction"],
-            [
-                [
-                    s["backend"],
-                    s["what"],
-                    s["batch"],
-                    s["speedup"],
-                    s["macs_reduction"],
-                    s["speedup_over_macs_reduction"],
-                ]
-                for s in m["speedup"]
-            ],
-        )
-        for name, why in m.get("skipped", {}).items():
-            doc.para(f"{name}: skipped ({why})")
-        host = m.get("host", {})
-        doc.para("Host: " + ", ".join(f"{k} {v}" for k, v in host.items()))
-        if _plot_latency(m["results"], out / "latency.png"):
-            doc.image(out / "latency.png", "latency bar chart")
-    doc.heading("Acceptance checks")
-    if checks:
-        doc.table(
-            ["check", "measured", "limit", "verdict"],
-            [
-                [c.name, c.measured, f"{c.direction} {c.limit:g}", "PASS" if c.passed else "FAIL"]
-                for c in checks
-            ],
-        )
-    else:
-        doc.para("No limits are configured in the acceptance section.")
-    md, page = out / "report.md", out / "report.html"
-    for path, text in ((md, doc.markdown()), (page, doc.html())):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-    log("report", f"wrote {md} and {page}")
-    files = [md, page] + [
-        p
-        for p in (out / "loss.png", out / "latency.png", out / "grid.png", out / "taylor.png")
-        if p.is_file()
+
+def samples_section(doc: Doc, ctx: RunContext, out: Path) -> None:
+    """The dense-vs-compressed sample grid."""
+    grid = runlayout.samples_grid(ctx.run_dir)
+    if grid.is_file():
+        shutil.copyfile(grid, out / "grid.png")
+        doc.heading("Samples (same seeds)")
+        doc.image(out / "grid.png", "dense vs pruned samples")
+
+
+def parity_section(doc: Doc, m: ParityMetrics) -> None:
+    """ONNX Runtime (and TensorRT) vs PyTorch, per file."""
+    doc.heading("Parity (ONNX Runtime vs PyTorch)")
+    header = ["model", "precision", "provider", "max abs", "median abs", "min cosine", "sampler PSNR (dB)"]
+    keys = [
+        "model",
+        "precision",
+        "provider",
+        "max_abs_error",
+        "median_abs_error",
+        "min_cosine",
+        "sampler_psnr_db",
     ]
-    return StageResult({"verdict": verdict, "checks": len(checks)}, files)
+    doc.table(
+        [*header, "verdict"], [[r[k] for k in keys] + ["PASS" if r["passed"] else "FAIL"] for r in m.results]
+    )
+
+
+def bench_section(doc: Doc, m: BenchMetrics, out: Path) -> None:
+    """Latency rows, speed-ups, skipped backends, host facts and the bar chart."""
+    doc.heading("Latency")
+    doc.table(
+        ["backend", "what", "batch", "model", "median ms", "p95 ms"],
+        [[r["backend"], r["what"], r["batch"], r["model"], r["median_ms"], r["p95_ms"]] for r in m.results],
+    )
+    keys = ["backend", "what", "batch", "speedup", "macs_reduction", "speedup_over_macs_reduction"]
+    doc.table(
+        ["backend", "what", "batch", "speed-up", "MACs reduction", "speed-up / MACs reduction"],
+        [[s[k] for k in keys] for s in m.speedup],
+    )
+    for name, why in m.skipped.items():
+        doc.para(f"{name}: skipped ({why})")
+    doc.para("Host: " + ", ".join(f"{k} {v}" for k, v in m.host.items()))
+    if _plot_latency(m.results, out / "latency.png"):
+        doc.image(out / "latency.png", "latency bar chart")
+
+
+def acceptance_section(doc: Doc, checks: list[Check]) -> None:
+    """Every acceptance check with its measured figure, limit and verdict."""
+    doc.heading("Acceptance checks")
+    if not checks:
+        doc.para("No limits are configured in the acceptance section.")
+        return
+    doc.table(
+        ["check", "measured", "limit", "verdict"],
+        [[c.name, c.measured, f"{c.direction} {c.limit:g}", "PASS" if c.passed else "FAIL"] for c in checks],
+    )

@@ -18,7 +18,7 @@ def run(ctx: RunContext) -> StageResult:
     scheduler = make_scheduler(cfg.scheduler, ctx.dense.scheduler_config)
     shape = ctx.image_shape()
     rows = {}
-    models = {"dense": ctx.dense.unet.to(ctx.device)}
+    models = {"dense": ctx.dense_on()}
     for stage in ("prune", "finetune"):
         if ctx.record(stage):
             models[{"prune": "pruned", "finetune": "pruned + finetuned"}[stage]] = load_unet(

@@ -15,19 +15,19 @@ INPUTS: list[str] = []
 
 def run(ctx: RunContext) -> StageResult:
     """Train with the ``finetune`` recipe; writes ``RUN/train/model`` and a diffusers folder."""
-    result = fit(ctx, ctx.dense.unet, "train")
+    result = fit(ctx, ctx.dense_on(), "train")
     if not ctx.is_main:  # data-parallel ranks: only rank 0 writes (all ranks hold the same weights)
         return StageResult(train_metrics(result))
-    out = ctx.stage_dir("train")
+    ctx.stage_dir("train")
     model_dir = runlayout.model_dir(ctx.run_dir, "train")
     files = save_unet(result.ema_unet.cpu(), model_dir, dense_config(ctx.dense.unet))
-    folder = out / "diffusers"
+    folder = runlayout.diffusers_dir(ctx.run_dir)
     result.ema_unet.save_pretrained(str(folder), safe_serialization=True)
-    (folder / "scheduler_config.json").write_text(json.dumps(ctx.dense.scheduler_config, indent=2))
+    (folder / runlayout.SCHEDULER_CONFIG).write_text(json.dumps(ctx.dense.scheduler_config, indent=2))
     files += [
         folder / "config.json",
         folder / "diffusion_pytorch_model.safetensors",
-        folder / "scheduler_config.json",
+        folder / runlayout.SCHEDULER_CONFIG,
     ]
     log("train", f"wrote {model_dir} and the diffusers folder {folder}")
     return StageResult(train_metrics(result), files)

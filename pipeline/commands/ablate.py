@@ -17,14 +17,14 @@ Writes ``RUN/ablation/summary.{json,md,png}`` and ``diagnostics.png``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 from pathlib import Path
 
 from compressor import runlayout
 from compressor.config import RunConfig, load_config
 from compressor.errors import UserError
+from compressor.records import QualityMetrics, read_metrics
+from pipeline.commands.args import CommandParser
 from pipeline.context import log, write_json
 from pipeline.runner import run_pipeline
 
@@ -79,12 +79,11 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def finished(run_dir: Path, stages: list[str]) -> bool:
-    """Whether every stage in ``stages`` has a record (and quality saw the finetune)."""
-    if not all(runlayout.record_path(run_dir, s).is_file() for s in stages):
+    """Whether every stage in ``stages`` has completed (and quality saw the finetune)."""
+    if not all(read_metrics(run_dir, s) is not None for s in stages):
         return False
     if "finetune" in stages:
-        quality = json.loads(runlayout.record_path(run_dir, "quality").read_text())
-        return "finetuned" in quality["metrics"]["models"]
+        return "finetuned" in read_metrics(run_dir, "quality").models
     return True
 
 
@@ -101,42 +100,38 @@ def run_variant(
 
 
 def load_variant(run_dir: Path) -> dict:
-    """The records a variant's run directory holds (prune and quality at least)."""
-    return {
-        s: json.loads(runlayout.record_path(run_dir, s).read_text())
-        for s in STAGES
-        if runlayout.record_path(run_dir, s).is_file()
-    }
+    """The typed metrics a variant's run directory holds (prune and quality at least)."""
+    found = {s: read_metrics(run_dir, s) for s in STAGES}
+    return {s: m for s, m in found.items() if m is not None}
 
 
 def summarize(results: dict[str, list[dict]]) -> list[dict]:
     """One row per variant: means and spreads over seeds."""
     rows = []
     for name, runs in results.items():
-        prune = [r["prune"]["metrics"] for r in runs]
-        quality = [r["quality"]["metrics"] for r in runs]
-        metric = quality[0]["frechet_metric"]
-        criterion = prune[0].get("criterion", {})
+        prune = [r["prune"] for r in runs]
+        quality = [r["quality"] for r in runs]
+        metric = quality[0].frechet_metric
         row = {
             "variant": name,
-            "method": prune[0]["method"],
-            "threshold": prune[0].get("threshold"),
-            "selection": criterion.get("group_selection", "shared"),
+            "method": prune[0].method,
+            "threshold": prune[0].threshold,
+            "selection": prune[0].group_selection,
             "seeds": len(runs),
-            "params": prune[0]["params_after"],
-            "macs": prune[0]["macs_after"],
-            "macs_kept": prune[0]["macs_kept"],
-            "timesteps_kept": [len(p["timesteps_used"]) for p in prune],
-            "last_timestep": [p["timesteps_used"][-1] if p["timesteps_used"] else None for p in prune],
+            "params": prune[0].params_after,
+            "macs": prune[0].macs_after,
+            "macs_kept": prune[0].macs_kept,
+            "timesteps_kept": [len(p.timesteps_used) for p in prune],
+            "last_timestep": [p.timesteps_used[-1] if p.timesteps_used else None for p in prune],
             "frechet_metric": metric,
-            "fd_dense": quality[0]["models"]["dense"][metric],
+            "fd_dense": quality[0].frechet("dense"),
         }
 
-        def model(q: dict, label: str) -> dict:
-            return q["models"].get(label, {})
+        def model(q: QualityMetrics, label: str) -> dict:
+            return q.models.get(label, {})
 
         stats = {
-            "loss_after_pruning": [p["loss_after_pruning"] for p in prune],
+            "loss_after_pruning": [p.loss_after_pruning for p in prune],
             "ssim_after_pruning": [model(q, "pruned").get("ssim_vs_dense") for q in quality],
             "fd_after_pruning": [model(q, "pruned").get(metric) for q in quality],
             "ssim_after_finetune": [model(q, "finetuned").get("ssim_vs_dense") for q in quality],
@@ -166,19 +161,18 @@ def overlaps(results: dict[str, list[dict]]) -> list[dict]:
     for name, runs in results.items():
         if name == CONTROL or not runs:
             continue
-        sel = runs[0]["prune"]["metrics"].get("criterion", {}).get("group_selection", "shared")
+        sel = runs[0]["prune"].group_selection
         by_sel.setdefault(sel, {})[name] = runs
     rows = []
     for sel, group in by_sel.items():
-        method = {n: runs[0]["prune"]["metrics"]["method"] for n, runs in group.items()}
+        method = {n: runs[0]["prune"].method for n, runs in group.items()}
         ours = [n for n in group if method[n] == "diff-pruning"]
         pairs = [(a, b) for a in ours for b in group if method[b] in ("taylor", "magnitude", "random")]
         pairs += [(a, b) for a in group for b in group if method[a] == "magnitude" and method[b] == "random"]
         for a, b in pairs:
             values = []
             for ra, rb in zip(group[a], group[b], strict=False):
-                ka = ra["prune"]["metrics"].get("kept_channels")
-                kb = rb["prune"]["metrics"].get("kept_channels")
+                ka, kb = ra["prune"].kept_channels, rb["prune"].kept_channels
                 if ka and kb:
                     values.append(channel_overlap(ka, kb)["mean"])
             if values:
@@ -192,7 +186,7 @@ def diagnostics(results: dict[str, list[dict]]) -> list[dict]:
     out = []
     for name, runs in results.items():
         for k, r in enumerate(runs):
-            rows = r["prune"]["metrics"].get("diagnostics") or []
+            rows = r["prune"].diagnostics
             if rows:
                 out.append({"variant": name, "seed_index": k, "rows": rows})
     return out
@@ -332,7 +326,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str]) -> int:
     """Entry point of ``compress-deploy ablate``."""
-    parser = argparse.ArgumentParser(prog="compress-deploy ablate", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="compress-deploy ablate", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", type=Path)
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--seeds", default="0,1,2")
@@ -361,7 +355,7 @@ def main(argv: list[str]) -> int:
         if sel not in SELECTIONS:
             raise UserError(f"--selections: unknown rule {sel!r}; choose from {', '.join(SELECTIONS)}")
     cfg: RunConfig = load_config(args.config, args.overrides)  # validate before any work
-    root = (args.run_dir or Path("runs") / cfg.name) / "ablation"
+    root = runlayout.ablation_dir(args.run_dir or Path("runs") / cfg.name)
     stages = ["prune", "quality"] if args.no_finetune else STAGES
     results: dict[str, list[dict]] = {}
     only = {v.strip() for v in args.only.split(",")} if args.only else None
@@ -369,7 +363,7 @@ def main(argv: list[str]) -> int:
     for name, overrides in table.items():
         base = root / _slug(name)
         if only is not None and name not in only:
-            if all(runlayout.record_path(base / f"seed-{seed}", "quality").is_file() for seed in seeds):
+            if all(read_metrics(base / f"seed-{seed}", "quality") for seed in seeds):
                 results[name] = [load_variant(base / f"seed-{seed}") for seed in seeds]
             continue
         for seed in seeds:

@@ -1,0 +1,310 @@
+"""Typed readers of a run's records: the one place that knows what each stage's record holds.
+
+``RUN/<stage>/record.json`` is written by the pipeline (see :mod:`pipeline.context`); every
+reader of it, in any floor, goes through here. A missing record is ``None`` (or, where it
+is required, one :class:`RecordError` naming the stage to run); a damaged one (not JSON,
+not a mapping, a field missing or of the wrong kind) is one :class:`RecordError` naming
+the file and the field, which the CLI prints as one line with exit 2. Metrics a reader
+does not name stay in :attr:`Record.metrics` for display; no module indexes another
+stage's metrics by string keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compressor import runlayout
+from compressor.errors import ArtifactError
+
+DONE = ("ok", "skipped")
+
+
+class RecordError(ArtifactError):
+    """A stage's record is missing where it is needed, or damaged."""
+
+
+def _rerun(path: Path, stage: str) -> str:
+    return f"rerun that stage with `compress-deploy CONFIG --force {stage} --run-dir {path.parent.parent}`"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One stage's record as written, with typed access to its metrics (see ``METRICS``)."""
+
+    stage: str
+    status: str
+    reason: str
+    config: dict
+    metrics: dict
+    artifacts: dict
+    cache: dict
+    path: Path
+    data: dict = field(repr=False)
+
+    @property
+    def ok(self) -> bool:
+        """The stage completed and wrote its outputs (not skipped, not failed)."""
+        return self.status == "ok"
+
+    def typed(self) -> Any:
+        """This stage's metrics as its typed view (``METRICS[stage]``)."""
+        return _build(METRICS[self.stage], self.metrics, self.path, "metrics")
+
+    def section(self, name: str) -> dict:
+        """A config section the stage recorded; RecordError when absent."""
+        value = self.config.get(name)
+        if not isinstance(value, dict):
+            raise RecordError(
+                f"{self.path}: damaged record (no config.{name}); {_rerun(self.path, self.stage)}"
+            )
+        return value
+
+
+def _build(cls: type, data: Any, path: Path, where: str) -> Any:
+    """``cls`` from the mapping ``data``: every field without a default must be there."""
+    stage = path.parent.name
+    if not isinstance(data, dict):
+        raise RecordError(f"{path}: damaged record ({where} is not a mapping); {_rerun(path, stage)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = data[f.name]
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RecordError(f"{path}: damaged record (no {where}.{f.name}); {_rerun(path, stage)}")
+    return cls(**kwargs)
+
+
+def read_record(run: Path, stage: str, done_only: bool = True) -> Record | None:
+    """``RUN/<stage>/record.json``, or None when the stage has not completed.
+
+    ``done_only``: a record whose status is not ok/skipped (failed acceptance, say) reads
+    as None. Raises RecordError for a damaged record.
+    """
+    path = runlayout.record_path(run, stage)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RecordError(f"{path}: damaged record (not valid JSON); {_rerun(path, stage)}") from None
+    if not isinstance(data, dict):
+        raise RecordError(f"{path}: damaged record (not a JSON object); {_rerun(path, stage)}")
+    for key, kind in (("status", str), ("config", dict), ("metrics", dict)):
+        if not isinstance(data.get(key), kind):
+            raise RecordError(f"{path}: damaged record (no {key}); {_rerun(path, stage)}")
+    rec = Record(
+        stage=stage,
+        status=data["status"],
+        reason=str(data.get("reason", "")),
+        config=data["config"],
+        metrics=data["metrics"],
+        artifacts=data.get("artifacts") if isinstance(data.get("artifacts"), dict) else {},
+        cache=data.get("cache") if isinstance(data.get("cache"), dict) else {},
+        path=path,
+        data=data,
+    )
+    if done_only and rec.status not in DONE:
+        return None
+    return rec
+
+
+def require_record(run: Path, stage: str, needed_by: str) -> Record:
+    """The completed record of ``stage``; RecordError telling the user which stage to run."""
+    rec = read_record(run, stage)
+    if rec is None or not rec.ok:
+        raise RecordError(
+            f"{needed_by} needs the {stage} stage's output, missing in {run}; run "
+            f"`compress-deploy CONFIG --stages {stage},{needed_by} --run-dir {run}`"
+        )
+    return rec
+
+
+def final_model_dir(run: Path) -> tuple[str, Path]:
+    """(stage, folder) of the run's newest compressed model: finetuned if done, else pruned.
+
+    The one rule for "the final model": a stage counts when its record is ok and its
+    model folder holds a structure file. Raises RecordError when neither does.
+    """
+    for stage in runlayout.MODEL_STAGES:
+        rec = read_record(run, stage)
+        folder = runlayout.model_dir(run, stage)
+        if rec is not None and rec.ok and runlayout.structure_file(folder).is_file():
+            return stage, folder
+    raise RecordError(
+        f"{run} holds no compressed model (no prune or finetune output); run "
+        "`compress-deploy CONFIG --stages prune` first"
+    )
+
+
+# -- typed metrics, one view per stage ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PruneMetrics:
+    """What the prune stage measured and chose."""
+
+    method: str
+    ratio: float
+    params_before: int
+    params_after: int
+    macs_before: float
+    macs_after: float
+    params_kept: float
+    macs_kept: float
+    timesteps_used: list = field(default_factory=list)
+    trials: list = field(default_factory=list)
+    target: dict = field(default_factory=dict)
+    level_ratios: dict = field(default_factory=dict)
+    diagnostics: list = field(default_factory=list)
+    threshold: float | None = None
+    kept_channels: dict | None = None
+    criterion: dict = field(default_factory=dict)
+    importance_kept: float | None = None
+    loss_dense: float | None = None
+    loss_after_pruning: float | None = None
+
+    @property
+    def macs_reduction(self) -> float:
+        """Dense MACs / pruned MACs."""
+        return self.macs_before / self.macs_after
+
+    @property
+    def target_latency(self) -> dict | None:
+        """The latency search's summary (target, probe, chosen trial, ...), if one ran."""
+        return self.target.get("target_latency")
+
+    @property
+    def group_selection(self) -> str:
+        """How GroupNorm-coupled channels were selected (records before the option: shared)."""
+        return self.criterion.get("group_selection", "shared")
+
+
+@dataclass(frozen=True)
+class FinetuneMetrics:
+    """The finetune's losses."""
+
+    final_loss: float | None
+    losses: list = field(default_factory=list)
+    eval_loss_ema: float | None = None
+    eval_loss_raw: float | None = None
+
+
+@dataclass(frozen=True)
+class QualityMetrics:
+    """Per-model quality figures of the quality stage."""
+
+    models: dict
+    frechet_metric: str
+    num_samples: int
+    steps: int
+    scheduler: str
+    num_reference: int = 0
+    backend: str = "torch"
+    frechet_note: str | None = None
+
+    def compressed_label(self) -> str | None:
+        """The final compressed model's label: finetuned if scored, else pruned."""
+        return next((k for k in ("finetuned", "pruned") if k in self.models), None)
+
+    def frechet(self, label: str) -> float | None:
+        """The Frechet distance of model ``label`` (None when not measured)."""
+        return self.models.get(label, {}).get(self.frechet_metric)
+
+
+@dataclass(frozen=True)
+class ParityMetrics:
+    """The parity rows and the worst fp32 error."""
+
+    results: list
+    max_abs_error_fp32: float | None = None
+
+
+@dataclass(frozen=True)
+class BenchMetrics:
+    """Latency rows, speed-ups, skipped backends and host facts."""
+
+    results: list
+    speedup: list
+    skipped: dict = field(default_factory=dict)
+    host: dict = field(default_factory=dict)
+    sampler_steps: int | None = None
+
+    def value(self, backend: str, batch: int, what: str, key: str) -> float | None:
+        """``speedup``, the pruned model's median ``ms`` or its ``per_image`` ms; None when not timed."""
+        if key == "speedup":
+            for row in self.speedup:
+                if (row["backend"], row["batch"], row["what"]) == (backend, batch, what):
+                    return row["speedup"]
+            return None
+        for row in self.results:
+            if (row["backend"], row["batch"], row["what"], row["model"]) == (backend, batch, what, "pruned"):
+                return row["median_ms"] / (batch if key == "per_image" else 1)
+        return None
+
+
+@dataclass(frozen=True)
+class CheckMetrics:
+    """The acceptance checks and their verdict."""
+
+    checks: list
+    passed: bool
+    failed: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ExportMetrics:
+    """The exported ONNX files."""
+
+    files: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BuildMetrics:
+    """The TensorRT engines built."""
+
+    engines: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SamplesMetrics:
+    """The sample grid's rows."""
+
+    rows: list = field(default_factory=list)
+    num_images: int = 0
+    steps: int = 0
+
+
+METRICS: dict[str, type] = {
+    "prune": PruneMetrics,
+    "finetune": FinetuneMetrics,
+    "train": FinetuneMetrics,
+    "samples": SamplesMetrics,
+    "export": ExportMetrics,
+    "build": BuildMetrics,
+    "quality": QualityMetrics,
+    "parity": ParityMetrics,
+    "bench": BenchMetrics,
+    "check": CheckMetrics,
+}
+
+
+def read_metrics(run: Path, stage: str) -> Any:
+    """The typed metrics of ``stage``'s completed record, or None when it has not completed."""
+    rec = read_record(run, stage)
+    return None if rec is None or not rec.ok else rec.typed()
+
+
+def run_config_name(run: Path) -> str | None:
+    """The config name ``RUN/run.json`` binds the run to (None when absent or unreadable)."""
+    path = runlayout.run_file(run)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data.get("config_name") if isinstance(data, dict) else None

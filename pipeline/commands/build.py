@@ -1,0 +1,18 @@
+"""``compress-deploy build RUN [build.key=value ...]``: (re)build TensorRT engines from a run's ONNX."""
+
+from __future__ import annotations
+
+from compressor import runlayout
+from deploy.tensorrt_backend import build_run_engines
+from pipeline.commands.args import run_settings
+from pipeline.context import log
+from pipeline.runlock import RunLock
+
+
+def main(argv: list[str]) -> int:
+    """Build dense and pruned engines under the run's lock."""
+    run, cfg = run_settings("build", "build", argv, "Build TensorRT engines from a run's ONNX files.")
+    with RunLock(run, " ".join(["compress-deploy build", *argv])):
+        engines, _ = build_run_engines(run, cfg.build, lambda m: log("build", m))
+    print(f"built {', '.join(engines)} engines in {runlayout.stage_dir(run, 'build')}")
+    return 0

@@ -1,0 +1,38 @@
+"""``compress-deploy triton-repo RUN OUT``: a Triton model repository for the stock Triton container.
+
+    compress-deploy triton-repo RUN OUT [--unet auto|tensorrt|onnxruntime|python] [--backend B]
+                                        [same batching options as serve]
+
+The UNet is a TensorRT plan where the run has an engine (``auto``), else ONNX, or a
+Python-backend model running ``--backend`` in process; the sampler is a Python-backend
+model calling it (BLS).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from compressor.config import ServeConfig
+from compressor.errors import UserError
+from deploy.triton import UNET_KINDS, write_repository
+from pipeline.commands.args import CommandParser, config_flag, run_dir_arg
+from pipeline.commands.serve import batching_args, repo_settings
+
+
+def main(argv: list[str]) -> int:
+    """Write the repository and say what each model serves."""
+    parser = CommandParser(prog="compress-deploy triton-repo", description=__doc__.split("\n")[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument(
+        "--unet", default="auto", help=f"how the unet is served: one of {', '.join(UNET_KINDS)}"
+    )
+    config_flag(parser, "--backend", ServeConfig, "backend", help="in-process backend of --unet python")
+    batching_args(parser)
+    args = parser.parse_intermixed_args(argv)
+    if args.unet not in UNET_KINDS:
+        raise UserError(f"--unet: expected one of {', '.join(UNET_KINDS)}, got {args.unet!r}")
+    facts = write_repository(run_dir_arg(args.run), args.out, repo_settings(args, args.backend, args.unet))
+    print(f"wrote {args.out}: unet = {facts['unet']}; sampler = Python backend (BLS calls to unet)")
+    print(f"configs parsed with Triton's ModelConfig protobuf; image shape {facts['image_shape']}")
+    return 0
