@@ -277,6 +277,7 @@ class AcceptanceConfig:
         "torch-fp16",
         "torch-bf16",
         "torch-fp16+cudagraph",
+        "torch-fp16+compile",
         "onnxruntime",
         "tensorrt",
         "tensorrt+cudagraph",

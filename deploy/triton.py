@@ -166,9 +166,11 @@ def write_repository(run_dir: Path, out: Path, s: RepoSettings) -> dict:
         else:
             from compressor.runlayout import engine_info_path
 
-            shutil.copy2(need(engine, "build"), unet_dir / "unet.engine")
-            shutil.copy2(need(engine_info_path(engine), "build"), engine_info_path(unet_dir / "unet.engine"))
-            spec = {"backend": "tensorrt", "file": "unet.engine"}
+            shutil.copy2(need(engine, "build"), unet_dir / runlayout.ENGINE_FILE)
+            shutil.copy2(
+                need(engine_info_path(engine), "build"), engine_info_path(unet_dir / runlayout.ENGINE_FILE)
+            )
+            spec = {"backend": "tensorrt", "file": runlayout.ENGINE_FILE}
         (unet_dir / "backend.json").write_text(json.dumps({**spec, "threads": s.threads}, indent=1))
         served = f"Python backend running {s.backend} in process"
     sampler_dir = out / "sampler" / "1"

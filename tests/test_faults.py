@@ -202,13 +202,70 @@ def test_layers_and_the_run_layout_have_one_owner():
             assert not bad, (path, bad)
     for path in (ROOT / "deploy").rglob("*.py"):
         assert not [m for m in _imports(path) if m.startswith("pipeline")], path
+    # stages never import a stage or a command; commands never import a stage
     for path in (ROOT / "pipeline" / "stages").glob("*.py"):
         if path.name != "__init__.py":
-            assert not [m for m in _imports(path) if m.startswith("pipeline.stages")], path
-    assert "pipeline.cli" not in _imports(ROOT / "pipeline" / "ablation.py")
-    # paths inside a run are joined only by compressor/runlayout.py
-    hand_made = ('/ "record.json"', '/ "export" /', '/ "build" /', '/ "model"', '"model-raw"', '"unet.plan"')
+            bad = [
+                m
+                for m in _imports(path)
+                if m.startswith(("pipeline.stages", "pipeline.commands", "pipeline.cli"))
+            ]
+            assert not bad, (path, bad)
+    for path in (ROOT / "pipeline" / "commands").glob("*.py"):
+        bad = [m for m in _imports(path) if m.startswith(("pipeline.stages", "pipeline.cli"))]
+        assert not bad, (path, bad)
+    # paths inside a run (and a model folder) are joined only by compressor/runlayout.py
+    hand_made = (
+        '/ "record.json"', '/ "export" /', '/ "build" /', '/ "model"', '"model-raw"', '"unet.plan"',
+        '"unet.engine"', '"unet.json"', '"unet.safetensors"', '"probe.safetensors"', '"checkpoints"',
+        '"trainer.json"', '"run.json"', '"manifest.json"', '/ "ablation"', '/ "diffusers"', '/ "plan"',
+    )  # fmt: skip
+    for folder in ("compressor", "export", "pipeline", "deploy"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if path.name == "runlayout.py":
+                continue
+            text = path.read_text()
+            assert not [h for h in hand_made if h in text], (path, [h for h in hand_made if h in text])
+    # records are parsed only by compressor/records.py (and the cache's own bookkeeping reads none)
+    for folder in ("compressor", "export", "pipeline", "deploy"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if path.name != "records.py":
+                text = path.read_text()
+                assert '["metrics"]' not in text and "['metrics']" not in text, path
+                users = ("runlayout.py", "context.py", "runner.py", "parity.py")  # name or write the file
+                assert "record_path(" not in text or path.name in users, path
+
+
+def test_backends_are_built_by_one_registry():
+    """Only deploy/runtimes.py turns a backend name into a backend; the lists of names agree."""
+    import typing
+
+    from compressor.config import (
+        BACKENDS as CONFIG_BACKENDS,
+    )
+    from compressor.config import (
+        AcceptanceConfig,
+        BenchConfig,
+        LatencyTarget,
+        QualityConfig,
+        ServeConfig,
+    )
+    from deploy import runtimes
+
+    assert runtimes.BACKENDS == tuple(runtimes.LOADERS) == CONFIG_BACKENDS
+    hints = {
+        cls: typing.get_type_hints(cls) for cls in (LatencyTarget, QualityConfig, ServeConfig, BenchConfig)
+    }
+    for cls, field in ((LatencyTarget, "backend"), (QualityConfig, "backend"), (ServeConfig, "backend")):
+        assert typing.get_args(hints[cls][field]) == runtimes.BACKENDS, (cls, field)
+    assert typing.get_args(typing.get_args(hints[BenchConfig]["backends"])[0]) == runtimes.BACKENDS
+    variants = typing.get_args(typing.get_type_hints(AcceptanceConfig)["backend"])
+    assert set(variants) == set(runtimes.VARIANTS)
+    assert {name for name, _ in runtimes.VARIANTS.values()} == set(runtimes.BACKENDS)
+    builders = ("onnxruntime_backend(", "torch_backend(", "EngineRunner(")
     for folder in ("pipeline", "deploy"):
         for path in (ROOT / folder).rglob("*.py"):
+            if path.name in ("runtimes.py", "tensorrt_backend.py"):
+                continue
             text = path.read_text()
-            assert not [h for h in hand_made if h in text], path
+            assert not [b for b in builders if b in text], path
