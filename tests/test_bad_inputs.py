@@ -254,8 +254,8 @@ CASES = [
         "truncated or corrupted",
     ),
     (
-        "foreign-plan",
-        lambda t, c, r: (_foreign_plan(Path(r)), ["sample", r, "--num-images", "1"])[1],
+        "foreign-history",
+        lambda t, c, r: (_foreign_history(Path(r)), ["sample", r, "--num-images", "1"])[1],
         "does not fit its architecture",
     ),
     (
@@ -401,7 +401,7 @@ CASES = [
 ]
 
 
-def _foreign_plan(run_dir: Path) -> None:
+def _foreign_history(run_dir: Path) -> None:
     plan = run_dir / "finetune" / "model" / "unet.json"
     meta = json.loads(plan.read_text())
     meta["history"] = [["down_blocks.9.nothing", True, [0]]]

@@ -82,13 +82,13 @@ def test_weights_from_another_plan_are_refused(tiny_unet, tmp_path):
         load_unet(tmp_path / "b")
 
 
-def test_foreign_plan_is_refused(tiny_unet, tmp_path):
+def test_foreign_pruning_history_is_refused(tiny_unet, tmp_path):
     cfg, result = _pruned(tiny_unet)
     save_unet(tiny_unet, tmp_path / "m", cfg, result.history, result.kept_widths)
     meta = json.loads((tmp_path / "m" / "unet.json").read_text())
     meta["history"] = [["no_such_layer", True, [0, 1]]]
     (tmp_path / "m" / "unet.json").write_text(json.dumps(meta))
-    with pytest.raises(ModelError, match="pruning plan does not fit"):
+    with pytest.raises(ModelError, match="pruning history does not fit"):
         load_unet(tmp_path / "m")
 
 

@@ -182,7 +182,7 @@ def test_run_level_bad_inputs(finished_run, capsys, tmp_path):
     cfg, run_dir = finished_run
     before = tree_hashes(run_dir)
     cases = [
-        (["sample", str(run_dir), "--backend", "openvino"], "unknown backend 'openvino'"),
+        (["sample", str(run_dir), "--backend", "openvino"], "--backend: expected one of 'torch'"),
         (["check", str(tmp_path / "nowhere")], "not found"),
         (
             [str(cfg), "parity.atol_fp32=-1", "--run-dir", str(run_dir)],

@@ -57,7 +57,28 @@ def start_serve(run: Path, *extra: str) -> tuple[subprocess.Popen, int, int]:
         assert proc.poll() is None, proc.stdout.read()
         assert time.monotonic() - began < 180, "server not ready in 180 s"
         time.sleep(0.5)
+    proc.ports = (http, grpc, metrics)
     return proc, http, metrics
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses with a TCP socket listening on ``port`` (read from /proc/net/tcp{,6})."""
+    import ipaddress
+
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        path = Path(table)
+        if not path.is_file():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hex_port = local.partition(":")
+            if state != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(address)  # little-endian 32-bit words
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            found.add(str(ipaddress.ip_address(raw)) if width == 8 else str(ipaddress.IPv6Address(raw)))
+    return found
 
 
 def infer(port: int, model: str, inputs: list[dict]) -> tuple[int, dict]:
@@ -92,6 +113,13 @@ def served(tmp_path_factory):
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").is_file(), reason="reads listening sockets from /proc/net/tcp")
+def test_a_default_serve_listens_on_loopback_only(served):
+    _, proc, _, _ = served
+    for port in proc.ports:  # HTTP, gRPC and metrics
+        assert listening_addresses(port) == {"127.0.0.1"}, (port, listening_addresses(port))
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])

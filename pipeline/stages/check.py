@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.acceptance import evaluate
+from pipeline.acceptance import evaluate_run
 from pipeline.context import RunContext, StageResult, log
 
 SECTIONS = ["acceptance", "prune"]
@@ -11,8 +11,7 @@ INPUTS = ["bench", "parity", "quality"]
 
 def run(ctx: RunContext) -> StageResult:
     """Evaluate ``acceptance``; the record's status is ``failed`` when any gate fails."""
-    records = {s: ctx.record(s) for s in ("bench", "parity", "quality")}
-    checks = evaluate(ctx.cfg.acceptance, records, ctx.cfg.prune.target_latency)
+    checks = evaluate_run(ctx.run_dir, ctx.cfg.acceptance, ctx.cfg.prune.target_latency)
     for c in checks:
         log("check", c.line())
     failed = [c.name for c in checks if not c.passed]
