@@ -66,7 +66,7 @@ def listening_addresses(port: int) -> set[str]:
     import ipaddress
 
     found = set()
-    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         path = Path(table)
         if not path.is_file():
             continue
@@ -77,7 +77,9 @@ def listening_addresses(port: int) -> set[str]:
                 continue
             raw = bytes.fromhex(address)  # little-endian 32-bit words
             raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-            found.add(str(ipaddress.ip_address(raw)) if width == 8 else str(ipaddress.IPv6Address(raw)))
+            address = ipaddress.ip_address(raw)
+            mapped = getattr(address, "ipv4_mapped", None)  # gRPC listens on ::ffff:127.0.0.1
+            found.add(str(mapped or address))
     return found
 
 
