@@ -44,8 +44,8 @@ DEFAULT_STAGES = (
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")  # the backend registry's names (deploy/runtimes.py)
 Backend = Literal["torch", "onnxruntime", "tensorrt"]
-SCHEDULERS = ("ddim", "ddpm")
-Scheduler = Literal["ddim", "ddpm"]
+SCHEDULERS = ("ddim", "ddpm", "dpmsolver++", "unipc")  # compressor.sampling.SCHEDULERS
+Scheduler = Literal["ddim", "ddpm", "dpmsolver++", "unipc"]
 
 
 @dataclass
@@ -193,6 +193,18 @@ class SampleConfig:
     num_images: int = _spec(16, "images in the grid", ge=1)
     batch_size: int = _spec(64, "images per UNet call", ge=1)
     seed: int = _spec(0, "first noise seed (image i uses seed + i)", ge=0)
+    cache_interval: int = _spec(
+        1, "feature reuse (DeepCache): a full UNet pass every N steps, shallow passes between; 1 = off", ge=1
+    )
+    cache_level: int = _spec(
+        0, "feature reuse boundary: the skip branch of this level (0 = shallowest)", ge=0
+    )
+    cache_schedule: Literal["uniform", "quadratic"] = _spec(
+        "uniform", "which steps run the full pass: every N-th, or as many spaced denser early"
+    )
+    precision: Literal["fp32", "fp16"] = _spec(
+        "fp32", "sampler precision: the torch dtype, or which exported ONNX file runs"
+    )
 
 
 @dataclass
@@ -220,6 +232,9 @@ class ExportConfig:
     precisions: list[Literal["fp32", "fp16"]] = _spec(["fp32", "fp16"], "ONNX variants to write")
     trace_batch: int = _spec(2, "batch size of the tracing input (the batch axis stays dynamic)", ge=1)
     fold_constants: bool = _spec(True, "constant folding with Polygraphy")
+    feature_reuse: bool = _spec(
+        False, "also export the full and shallow passes of feature reuse, split at sample.cache_level"
+    )
 
 
 @dataclass

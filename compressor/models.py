@@ -33,6 +33,24 @@ NoisePredictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
+class ReusePredictor:
+    """A noise predictor with DeepCache's two passes (see :mod:`compressor.feature_reuse`).
+
+    ``full(sample, timestep) -> (noise, feature)``, ``shallow(sample, timestep, feature) ->
+    noise``. Called like a plain predictor it runs the full pass, so a backend built for
+    feature reuse also serves every sampler that does not reuse.
+    """
+
+    full: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    shallow: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    level: int = 0
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """The full pass's noise."""
+        return self.full(sample, timestep)[0]
+
+
+@dataclass
 class LoadedModel:
     """A UNet, its scheduler config and where it came from."""
 

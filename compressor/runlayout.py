@@ -14,7 +14,7 @@ finished runs without importing the pipeline. What the files hold is read throug
     RUN/finetune/model/, model-raw/       the finetuned UNet (EMA) and its raw weights
     RUN/<train|finetune>/checkpoints/<key>/   resumable checkpoints, keyed by the stage's cache key
     RUN/train/diffusers/                  the trained dense model as a diffusers folder
-    RUN/export/<dense|pruned>/unet.<precision>.onnx
+    RUN/export/<dense|pruned>/unet.<precision>.onnx, unet-{full,shallow}-l<level>.<precision>.onnx
     RUN/build/<dense|pruned>/unet.engine  TensorRT engines (+ unet.engine.json, the engine's
                                           metadata), build/timing.cache
     RUN/samples/grid.png, RUN/quality/samples.safetensors, RUN/report/report.{md,html}
@@ -103,9 +103,14 @@ def trainer_state(checkpoint: Path) -> Path:
     return Path(checkpoint) / TRAINER_STATE
 
 
-def onnx_path(run: Path, model: str, precision: str) -> Path:
-    """The exported ONNX of ``model`` (dense|pruned) at ``precision`` (fp32|fp16)."""
-    return stage_dir(run, "export") / model / f"unet.{precision}.onnx"
+def onnx_path(run: Path, model: str, precision: str, part: str = "unet", level: int = 0) -> Path:
+    """The exported ONNX of ``model`` (dense|pruned) at ``precision`` (fp32|fp16).
+
+    ``part``: the plain call (``unet.<precision>.onnx``) or a feature-reuse pass split at
+    ``level`` (``unet-full-l<level>.<precision>.onnx``, ``unet-shallow-l<level>...``).
+    """
+    name = "unet" if part == "unet" else f"unet-{part}-l{level}"
+    return stage_dir(run, "export") / model / f"{name}.{precision}.onnx"
 
 
 def engine_path(run: Path, model: str) -> Path:

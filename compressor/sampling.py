@@ -19,14 +19,36 @@ import torch
 
 from compressor.models import NoisePredictor
 
+# The samplers by name: diffusers' class and the settings that make it the named method.
+# DPM-Solver++ (Lu et al. 2022) and UniPC (Zhao et al. 2023) are 2nd-order multistep solvers
+# that keep history between steps: the loop always steps a fresh copy.
+SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "unipc": ("UniPCMultistepScheduler", {"solver_order": 2}),
+}
+
 
 def make_scheduler(kind: str, scheduler_config: dict):
-    """A fresh DDIM or DDPM scheduler built from a model's scheduler config."""
-    from diffusers import DDIMScheduler, DDPMScheduler
+    """A fresh scheduler ``kind`` (see :data:`SCHEDULERS`) built from a model's scheduler config.
 
-    cls = DDIMScheduler if kind == "ddim" else DDPMScheduler
-    cfg = {k: v for k, v in scheduler_config.items() if k != "_class_name"}
-    return cls.from_config(cfg)
+    The model's training schedule (betas, timesteps, prediction type) carries over; keys
+    a solver does not know (e.g. DDPM's ``variance_type``) are dropped, not warned about.
+    """
+    import inspect
+
+    import diffusers
+
+    if kind not in SCHEDULERS:
+        from compressor.errors import ConfigError
+
+        raise ConfigError(f"unknown scheduler {kind!r}; choose one of {', '.join(SCHEDULERS)}")
+    name, settings = SCHEDULERS[kind]
+    cls = getattr(diffusers, name)
+    known = set(inspect.signature(cls.__init__).parameters)
+    cfg = {k: v for k, v in scheduler_config.items() if k in known}
+    return cls.from_config({**cfg, **settings})
 
 
 def initial_noise(shape: tuple[int, int, int], seeds: list[int]) -> torch.Tensor:
@@ -50,26 +72,51 @@ def denoise(
     eta: float = 0.0,
     seeds: list[int] | None = None,
     on_step: Callable[[int], None] | None = None,
+    cache_interval: int = 1,
+    cache_schedule: str = "uniform",
 ) -> torch.Tensor:
     """Run the reverse process from ``noise``; returns images in [0, 1] (CPU, float32).
 
     ``seeds`` (one per image, default 0..N-1) seed each image's step-noise generator.
+    ``cache_interval`` > 1 reuses deep features (DeepCache): ``predict`` must then be a
+    :class:`compressor.models.ReusePredictor`; the full pass runs at the steps
+    :func:`compressor.feature_reuse.full_steps` names, the shallow pass in between.
     """
+    from compressor.feature_reuse import full_steps
+    from compressor.models import ReusePredictor
+
+    if cache_interval > 1 and not isinstance(predict, ReusePredictor):
+        from compressor.errors import ConfigError
+
+        raise ConfigError(
+            f"sample.cache_interval={cache_interval} needs a backend built for feature reuse "
+            "(its full and shallow passes); this one has a single UNet call"
+        )
+    full_at = set(full_steps(steps, cache_interval, cache_schedule)) if cache_interval > 1 else None
+    feature = None
     scheduler = copy.deepcopy(scheduler)
     # 1. choose the timesteps the sampler visits
     scheduler.set_timesteps(steps)
     seeds = list(range(noise.shape[0])) if seeds is None else seeds
     if len(seeds) != noise.shape[0]:
         raise ValueError(f"denoise: {len(seeds)} seeds for a batch of {noise.shape[0]}")
-    generator = step_generators(seeds)  # diffusers' randn_tensor draws image i from generator[i]
+    params = _step_params(scheduler)
+    step_kwargs = {"eta": eta} if "eta" in params else {}
+    if "generator" in params:  # diffusers' randn_tensor draws image i from generator[i]
+        step_kwargs["generator"] = step_generators(seeds)
     x = noise * scheduler.init_noise_sigma
-    step_kwargs = {"eta": eta} if "eta" in _step_params(scheduler) else {}
     for i, t in enumerate(scheduler.timesteps):
-        # 2. predict the noise at this timestep
+        # 2. predict the noise at this timestep (a full or a shallow pass when reusing features)
         timestep = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
-        eps = predict(x, timestep).to(x.dtype)
+        if full_at is None:
+            eps = predict(x, timestep)
+        elif i in full_at:
+            eps, feature = predict.full(x, timestep)
+        else:
+            eps = predict.shallow(x, timestep, feature)
+        eps = eps.to(x.dtype)
         # 3. let the scheduler take one reverse step
-        x = scheduler.step(eps, t, x, generator=generator, **step_kwargs).prev_sample
+        x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
         if on_step:
             on_step(i)
     # 4. map from [-1, 1] to [0, 1]
@@ -94,13 +141,17 @@ def generate(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     on_batch: Callable[[int], None] | None = None,
+    cache_interval: int = 1,
+    cache_schedule: str = "uniform",
 ) -> torch.Tensor:
-    """``num_images`` images from seeds ``seed .. seed + num_images - 1`` in batches."""
+    """``num_images`` images from seeds ``seed .. seed + num_images - 1`` in batches (see :func:`denoise`)."""
     out = []
     for start in range(0, num_images, batch_size):
         seeds = list(range(seed + start, seed + min(num_images, start + batch_size)))
         noise = initial_noise(image_shape, seeds).to(device=device, dtype=dtype)
-        out.append(denoise(predict, scheduler, noise, steps, eta, seeds))
+        out.append(
+            denoise(predict, scheduler, noise, steps, eta, seeds, None, cache_interval, cache_schedule)
+        )
         if on_batch:
             on_batch(len(seeds))
     return torch.cat(out)

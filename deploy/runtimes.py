@@ -52,8 +52,8 @@ def ort_providers(preference: str = "auto") -> list[str]:
     return wanted
 
 
-def onnxruntime_backend(path: Path, threads: int | None = None, providers: str = "auto") -> Backend:
-    """An ONNX Runtime session over ``path`` as a noise predictor (torch tensors in and out)."""
+def _ort_session(path: Path, threads: int | None, providers: str):
+    """A checked ONNX Runtime session over ``path`` (ArtifactError when it cannot load)."""
     import onnxruntime as ort
 
     from export.onnx_export import check_onnx
@@ -70,6 +70,40 @@ def onnxruntime_backend(path: Path, threads: int | None = None, providers: str =
         raise ArtifactError(
             f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:160]}); rerun the export stage"
         ) from None
+    return session
+
+
+def onnxruntime_reuse_backend(
+    full_path: Path, shallow_path: Path, level: int, threads: int | None = None, providers: str = "auto"
+) -> Backend:
+    """Feature reuse on ONNX Runtime: the full and shallow graphs as a ReusePredictor."""
+    from compressor.models import ReusePredictor
+
+    full_s = _ort_session(full_path, threads, providers)
+    shallow_s = _ort_session(shallow_path, threads, providers)
+
+    def run(session, names: list[str], **feeds: torch.Tensor) -> list[torch.Tensor]:
+        arrays = {k: v.detach().cpu().numpy() for k, v in feeds.items()}
+        return [torch.from_numpy(a) for a in session.run(names, arrays)]
+
+    def full(sample: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        noise, feature = run(full_s, ["noise", "feature"], sample=sample.float(), timestep=timestep.long())
+        return noise.to(sample.device), feature
+
+    def shallow(sample: torch.Tensor, timestep: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+        (noise,) = run(
+            shallow_s, ["noise"], sample=sample.float(), timestep=timestep.long(), feature=feature.float()
+        )
+        return noise.to(sample.device)
+
+    used = full_s.get_providers()
+    info = {"provider": used[0], "providers": used, "path": str(full_path), "cache_level": level}
+    return Backend("onnxruntime", ReusePredictor(full, shallow, level), info)
+
+
+def onnxruntime_backend(path: Path, threads: int | None = None, providers: str = "auto") -> Backend:
+    """An ONNX Runtime session over ``path`` as a noise predictor (torch tensors in and out)."""
+    session = _ort_session(path, threads, providers)
     used = session.get_providers()  # what the session really uses, not what is installed
     on_gpu = used[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
@@ -109,6 +143,7 @@ def torch_backend(
     dtype: torch.dtype = torch.float32,
     cuda_graph: bool = False,
     compile: bool = False,
+    cache_level: int | None = None,
 ) -> Backend:
     """The torch UNet (eager) in ``dtype`` on ``device``, on a private copy.
 
@@ -116,11 +151,14 @@ def torch_backend(
     as they were), so backends of several precisions can be built from one model.
     ``cuda_graph`` captures one CUDA graph per input shape and replays it (CUDA
     only: static shapes, no Python per step); ``compile`` wraps the copy in
-    ``torch.compile``. Inputs and outputs are float32 whatever ``dtype`` is.
+    ``torch.compile``. ``cache_level`` (feature reuse) makes ``predict`` a
+    :class:`compressor.models.ReusePredictor` whose full and shallow passes split the
+    UNet at that level (each captured as its own CUDA graph). Inputs and outputs are
+    float32 whatever ``dtype`` is.
     """
     import copy
 
-    from compressor.models import predict_noise
+    from compressor.models import ReusePredictor, predict_noise
 
     device = torch.device(device)
     if dtype not in PRECISIONS:
@@ -137,42 +175,63 @@ def torch_backend(
         with torch.inference_mode():
             return predict_noise(forward, sample.to(device=device, dtype=dtype), timestep.to(device)).float()
 
-    predict = _cuda_graph_replayer(eager, device) if cuda_graph else eager
     info = {
         "device": str(device),
         "precision": PRECISIONS[dtype],
         "cuda_graph": cuda_graph,
         "compile": compile,
     }
+    if cache_level is not None:
+        from compressor.feature_reuse import FeatureReuseUNet
+
+        split = FeatureReuseUNet(model, cache_level)
+
+        def full(sample: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.inference_mode():
+                noise, feature = split.full(sample.to(device=device, dtype=dtype), timestep.to(device))
+                return noise.float(), feature.float()
+
+        def shallow(sample: torch.Tensor, timestep: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                x = sample.to(device=device, dtype=dtype)
+                return split.shallow(x, timestep.to(device), feature.to(device=device, dtype=dtype)).float()
+
+        if cuda_graph:
+            full, shallow = _cuda_graph_replayer(full, device), _cuda_graph_replayer(shallow, device)
+        predict: Callable = ReusePredictor(full, shallow, cache_level)
+        return Backend("torch", predict, {**info, "cache_level": cache_level})
+    predict = _cuda_graph_replayer(eager, device) if cuda_graph else eager
     return Backend("torch", predict, info)
 
 
-def _cuda_graph_replayer(
-    eager: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], device: torch.device
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Capture ``eager`` once per input shape as a CUDA graph, then replay it on copied inputs."""
+def _cuda_graph_replayer(eager: Callable, device: torch.device) -> Callable:
+    """Capture ``eager`` once per input shape as a CUDA graph, then replay it on copied inputs.
+
+    ``eager`` takes tensors and returns a tensor or a tuple of tensors; so does the replayer.
+    """
     graphs: dict[tuple, tuple] = {}
 
-    def predict(sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        key = (tuple(sample.shape), tuple(timestep.shape))
+    def predict(*inputs: torch.Tensor):
+        key = tuple(tuple(x.shape) for x in inputs)
         if key not in graphs:
-            static_sample = sample.detach().to(device, torch.float32).clone()
-            static_t = timestep.detach().to(device).clone()
+            static_in = [x.detach().to(device).clone() for x in inputs]
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 for _ in range(3):  # warm-up on a side stream, as CUDA graph capture requires
-                    eager(static_sample, static_t)
+                    eager(*static_in)
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                static_out = eager(static_sample, static_t)
-            graphs[key] = (graph, static_sample, static_t, static_out)
-        graph, static_sample, static_t, static_out = graphs[key]
-        static_sample.copy_(sample)
-        static_t.copy_(timestep)
+                static_out = eager(*static_in)
+            graphs[key] = (graph, static_in, static_out)
+        graph, static_in, static_out = graphs[key]
+        for dst, src in zip(static_in, inputs, strict=True):
+            dst.copy_(src)
         graph.replay()
-        return static_out.clone().to(sample.device)
+        if isinstance(static_out, tuple):
+            return tuple(o.clone().to(inputs[0].device) for o in static_out)
+        return static_out.clone().to(inputs[0].device)
 
     return predict
 
@@ -200,21 +259,32 @@ def load_run_unet(
     return load_unet(final_model_dir(Path(run_dir))[1], device)[0]
 
 
-def _source(kind: str, file: Path | None, run_dir: Path | None, model: str, precision: str) -> Path:
-    """The file a deployed backend loads: ``file``, else the run's ONNX export or engine."""
+def _source(
+    kind: str,
+    file: Path | None,
+    run_dir: Path | None,
+    model: str,
+    precision: str,
+    part: str = "unet",
+    level: int = 0,
+) -> Path:
+    """The file a deployed backend loads: ``file``, else the run's ONNX export (``part``) or engine."""
     if file is not None:
         return Path(file)
     if run_dir is None:
         raise UserError(f"{kind} backend: pass file= or run_dir=")
     if kind == "onnxruntime":
-        path = runlayout.onnx_path(run_dir, model, precision)
+        path = runlayout.onnx_path(run_dir, model, precision, part, level)
         if not path.is_file():
-            raise ArtifactError(f"{path} not found; run `compress-deploy CONFIG --stages export` first")
+            hint = "" if part == "unet" else f"export.feature_reuse=true sample.cache_level={level} "
+            raise ArtifactError(f"{path} not found; run `compress-deploy CONFIG {hint}--stages export` first")
         return path
     return runlayout.engine_path(run_dir, model)
 
 
-def _load_torch(unet, file, run_dir, model, precision, device, threads, cuda_graph, compile) -> Backend:
+def _load_torch(
+    unet, file, run_dir, model, precision, device, threads, cuda_graph, compile, level
+) -> Backend:
     if precision not in DTYPES:
         raise UserError(f"torch backend: precision {precision!r}; choose one of {', '.join(DTYPES)}")
     if unet is None:
@@ -226,18 +296,31 @@ def _load_torch(unet, file, run_dir, model, precision, device, threads, cuda_gra
             unet = load_run_unet(run_dir, model)
         else:
             raise UserError("torch backend: pass unet=, file= (a saved model folder) or run_dir=")
-    return torch_backend(unet, torch.device(device), DTYPES[precision], cuda_graph, compile)
+    return torch_backend(unet, torch.device(device), DTYPES[precision], cuda_graph, compile, level)
 
 
-def _load_onnxruntime(unet, file, run_dir, model, precision, device, threads, cuda_graph, compile) -> Backend:
+def _load_onnxruntime(
+    unet, file, run_dir, model, precision, device, threads, cuda_graph, compile, level
+) -> Backend:
     if cuda_graph or compile:
         raise UserError("onnxruntime backend: CUDA graphs and torch.compile are torch/TensorRT options")
+    if level is not None:
+        full = _source("onnxruntime", None, run_dir, model, precision, "full", level)
+        shallow = _source("onnxruntime", None, run_dir, model, precision, "shallow", level)
+        return onnxruntime_reuse_backend(full, shallow, level, threads)
     return onnxruntime_backend(_source("onnxruntime", file, run_dir, model, precision), threads)
 
 
-def _load_tensorrt(unet, file, run_dir, model, precision, device, threads, cuda_graph, compile) -> Backend:
+def _load_tensorrt(
+    unet, file, run_dir, model, precision, device, threads, cuda_graph, compile, level
+) -> Backend:
     from deploy import tensorrt_backend
 
+    if level is not None:
+        raise UserError(
+            "feature reuse on TensorRT: engines of the full and shallow passes are not built yet; "
+            "use the torch or onnxruntime backend for sample.cache_interval > 1"
+        )
     runner = tensorrt_backend.EngineRunner(_source("tensorrt", file, run_dir, model, precision), cuda_graph)
     info = {k: runner.info[k] for k in ("tensorrt_version", "gpu_name", "precision")}
     return Backend("tensorrt", runner, {**info, "cuda_graph": cuda_graph})
@@ -275,16 +358,22 @@ def load_backend(
     threads: int | None = None,
     cuda_graph: bool = False,
     compile: bool = False,
+    cache_level: int | None = None,
 ) -> Backend:
     """Build backend ``name`` from a module (torch), a file (ONNX, engine, saved model) or a run.
 
     ``run_dir`` + ``model`` (dense|pruned) resolve the run's own files through the run
     layout: the final model (torch), ``export/<model>/unet.<precision>.onnx`` or
     ``build/<model>/unet.engine``. Torch backends work on a private copy of ``unet``.
-    Raises UserError for an unknown name or option, ArtifactError for missing files.
+    ``cache_level`` builds the two feature-reuse passes split at that level (torch: from
+    the module; ONNX Runtime: the run's ``unet-full-l<k>`` / ``unet-shallow-l<k>`` graphs)
+    and makes ``predict`` a ReusePredictor. Raises UserError for an unknown name or
+    option, ArtifactError for missing files.
     """
     check_backend_name(name)
-    return LOADERS[name](unet, file, run_dir, model, precision, device, threads, cuda_graph, compile)
+    return LOADERS[name](
+        unet, file, run_dir, model, precision, device, threads, cuda_graph, compile, cache_level
+    )
 
 
 def load_variant(label: str, **kwargs) -> Backend:

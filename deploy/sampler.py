@@ -3,6 +3,10 @@
 from deploy.sampler import load_sampler
 sampler = load_sampler("runs/demo", backend="onnxruntime")
 images = sampler(num_images=16, steps=50, seed=0)   # (N, C, H, W) in [0, 1]
+images = sampler(num_images=16, steps=10, seed=0, scheduler="dpmsolver++")
+
+fast = load_sampler("runs/demo", backend="torch", cache_level=0)   # feature reuse (DeepCache)
+images = fast(num_images=16, steps=20, scheduler="dpmsolver++", cache_interval=3)
 """
 
 from __future__ import annotations
@@ -42,8 +46,13 @@ class Sampler:
         eta: float = 0.0,
         scheduler: str = "ddim",
         batch_size: int = 64,
+        cache_interval: int = 1,
+        cache_schedule: str = "uniform",
     ) -> torch.Tensor:
-        """Images from seeds ``seed .. seed + num_images - 1``; UserError for steps beyond the schedule."""
+        """Images from seeds ``seed .. seed + num_images - 1``; UserError for steps beyond the schedule.
+
+        ``cache_interval`` > 1 needs a sampler loaded with ``cache_level`` (feature reuse).
+        """
         if not 1 <= steps <= self.max_steps:
             raise UserError(
                 f"steps {steps}: the model was trained with {self.max_steps} timesteps; "
@@ -51,14 +60,33 @@ class Sampler:
             )
         sched = make_scheduler(scheduler, self.scheduler_config)
         return generate(
-            self.predict, sched, self.image_shape, num_images, steps, eta, seed, batch_size, self.device
+            self.predict,
+            sched,
+            self.image_shape,
+            num_images,
+            steps,
+            eta,
+            seed,
+            batch_size,
+            self.device,
+            cache_interval=cache_interval,
+            cache_schedule=cache_schedule,
         )
 
 
 def load_sampler(
-    run_dir: str | Path, backend: str = "torch", model: str = "pruned", device: str = "cpu"
+    run_dir: str | Path,
+    backend: str = "torch",
+    model: str = "pruned",
+    device: str = "cpu",
+    precision: str = "fp32",
+    cache_level: int | None = None,
 ) -> Sampler:
-    """The sampler of a finished run: ``model`` is pruned (finetuned if run) or dense."""
+    """The sampler of a finished run: ``model`` is pruned (finetuned if run) or dense.
+
+    ``precision`` picks the torch dtype or the exported ONNX file; ``cache_level`` loads
+    the two feature-reuse passes split at that level (see :mod:`compressor.feature_reuse`).
+    """
     from compressor.persist import read_structure
 
     check_backend_name(backend)
@@ -73,5 +101,7 @@ def load_sampler(
     cfg = structure["unet_config"]
     size = cfg["sample_size"] if isinstance(cfg["sample_size"], int) else cfg["sample_size"][0]
     shape = (cfg["in_channels"], size, size)
-    b = load_backend(backend, run_dir=run_dir, model=model, device=device)
+    b = load_backend(
+        backend, run_dir=run_dir, model=model, device=device, precision=precision, cache_level=cache_level
+    )
     return Sampler(b.predict, sched_cfg, shape, {"backend": backend, "model": model, **b.info}, device)

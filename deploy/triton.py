@@ -7,8 +7,8 @@
   (``onnxruntime_onnx``), or, for servers whose only backend is Python (PyTriton's
   bundled ``tritonserver``), a Python-backend model running the run's ONNX Runtime,
   torch or TensorRT backend in process (``unet_kind="python"``).
-- ``sampler`` (seed INT64 [1], optional steps INT32 [1] and eta FP32 [1] -> image FP32
-  [C,H,W] in [0, 1]): a Python-backend model running the sampling loop and calling
+- ``sampler`` (seed INT64 [1], optional steps INT32 [1], eta FP32 [1] and scheduler BYTES [1]
+  -> image FP32 [C,H,W] in [0, 1]): a Python-backend model running the sampling loop and calling
   ``unet`` for every step.
 
 Both use dynamic batching (``max_batch``, ``max_queue_delay_us``) and one instance group.
@@ -87,7 +87,7 @@ def unet_config(shape: tuple[int, int, int], kind: str, s: RepoSettings) -> str:
 def sampler_config(shape: tuple[int, int, int], s: RepoSettings) -> str:
     """config.pbtxt of the ``sampler`` model (Python backend)."""
     dims = ", ".join(str(d) for d in shape)
-    optional = [("steps", "TYPE_INT32"), ("eta", "TYPE_FP32")]
+    optional = [("steps", "TYPE_INT32"), ("eta", "TYPE_FP32"), ("scheduler", "TYPE_STRING")]
     inputs = ['  {\n    name: "seed"\n    data_type: TYPE_INT64\n    dims: [ 1 ]\n  }'] + [
         f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ 1 ]\n    optional: true\n  }}'
         for n, t in optional

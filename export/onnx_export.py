@@ -39,6 +39,12 @@ from compressor.models import predict_noise, sample_shape
 
 INPUT_NAMES = ["sample", "timestep"]
 OUTPUT_NAMES = ["noise"]
+# The graphs a UNet exports as: the plain call, and DeepCache's two passes (feature reuse).
+INTERFACES: dict[str, tuple[list[str], list[str]]] = {
+    "unet": (INPUT_NAMES, OUTPUT_NAMES),
+    "full": (INPUT_NAMES, ["noise", "feature"]),
+    "shallow": ([*INPUT_NAMES, "feature"], OUTPUT_NAMES),
+}
 TWO_GIB = 2**31
 OPSET = 18
 
@@ -53,6 +59,31 @@ class NoisePredictorModule(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         return predict_noise(self.unet, sample.to(self.dtype), timestep).float()
+
+
+class FullPassModule(nn.Module):
+    """The full pass of a feature-reuse split as a graph: (sample, timestep) -> (noise, feature)."""
+
+    def __init__(self, split: nn.Module, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.split = split
+        self.dtype = dtype
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        noise, feature = self.split.full(sample.to(self.dtype), timestep)
+        return noise.float(), feature.float()
+
+
+class ShallowPassModule(nn.Module):
+    """The shallow pass as a graph: (sample, timestep, feature) -> noise (float32 at the edges)."""
+
+    def __init__(self, split: nn.Module, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.split = split
+        self.dtype = dtype
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+        return self.split.shallow(sample.to(self.dtype), timestep, feature.to(self.dtype)).float()
 
 
 class Float32GroupNorm(nn.GroupNorm):
@@ -98,23 +129,44 @@ def export_unet(
     precision: str = "fp32",
     batch: int = 2,
     fold: bool = True,
+    part: str = "unet",
+    level: int = 0,
 ) -> dict:
-    """Export ``unet`` to ``path`` (written atomically); returns facts for the record."""
+    """Export ``unet`` to ``path`` (written atomically); returns facts for the record.
+
+    ``part``: ``unet`` (one call), or the ``full`` / ``shallow`` pass of feature reuse
+    split at ``level`` (see :mod:`compressor.feature_reuse`; the interfaces are
+    :data:`INTERFACES`, float32 at the edges whatever ``precision`` is).
+    """
     import onnx
+
+    from compressor.feature_reuse import FeatureReuseUNet
 
     unet = copy.deepcopy(unet).eval().cpu()  # the caller's model keeps its device and mode
     dtype = torch.float16 if precision == "fp16" else torch.float32
     model = half_with_fp32_norms(unet) if precision == "fp16" else unet
-    wrapper = NoisePredictorModule(model, dtype).eval()
+    if part == "unet":
+        wrapper: nn.Module = NoisePredictorModule(model, dtype).eval()
+    else:
+        split = FeatureReuseUNet(model, level)
+        wrapper = (FullPassModule if part == "full" else ShallowPassModule)(split, dtype).eval()
+    inputs, outputs = INTERFACES[part]
     g = torch.Generator().manual_seed(0)
     full = sample_shape(unet, batch)
     traced = (*full[:2], *fp16_trace_size(unet)) if precision == "fp16" else full
     sample = torch.randn(traced, generator=g)
-    dynamic = {"sample": {0: "batch"}, "timestep": {0: "batch"}, "noise": {0: "batch"}}
-    if traced != full:
-        dynamic["sample"].update({2: "height", 3: "width"})
-        dynamic["noise"].update({2: "height", 3: "width"})
     timestep = torch.full((batch,), 500, dtype=torch.long)
+    shapes = _io_shapes(unet, part, level, full)  # every input/output at the model's own size
+    args: tuple = (sample, timestep)
+    if part == "shallow":
+        with torch.no_grad():
+            feature = FeatureReuseUNet(unet, level).full(sample, timestep)[1]
+        args = (sample, timestep, feature)
+    dynamic = {name: {0: "batch"} for name in (*inputs, *outputs)}
+    if traced != full:
+        for name, shape in shapes.items():
+            if len(shape) == 4:
+                dynamic[name].update({2: f"{name}_height", 3: f"{name}_width"})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.onnx")
     began = time.perf_counter()
@@ -122,10 +174,10 @@ def export_unet(
         warnings.simplefilter("ignore")  # tracer warnings about diffusers' shape checks
         torch.onnx.export(
             wrapper,
-            (sample, timestep),
+            args,
             str(tmp),
-            input_names=INPUT_NAMES,
-            output_names=OUTPUT_NAMES,
+            input_names=inputs,
+            output_names=outputs,
             dynamic_axes=dynamic,
             opset_version=OPSET,
             dynamo=False,
@@ -135,7 +187,7 @@ def export_unet(
     proto = onnx.load(str(tmp))
     nodes_exported = len(proto.graph.node)
     if traced != full:
-        pin_spatial_size(proto, full[2], full[3])
+        pin_spatial_size(proto, shapes)
     if fold:
         from polygraphy.backend.onnx import fold_constants
 
@@ -144,9 +196,11 @@ def export_unet(
     external = size > TWO_GIB - (1 << 20)
     tmp.unlink()
     save_onnx(proto, path, external)
-    check_onnx(path, against_manifest=False)  # the manifest still lists the previous export
+    check_onnx(path, against_manifest=False, part=part)  # the manifest still lists the previous export
     return {
         "path": path.name,
+        "part": part,
+        **({"cache_level": level} if part != "unet" else {}),
         "precision": precision,
         "opset": OPSET,
         "exporter": "torchscript (dynamo=False)",
@@ -166,11 +220,27 @@ def fp16_trace_size(unet: nn.Module) -> tuple[int, int]:
     return min(h, max(least, 8)), min(w, max(least, 8))
 
 
-def pin_spatial_size(proto, height: int, width: int) -> None:
-    """Fix the dynamic height/width of ``sample`` and ``noise`` to the model's size (in place)."""
-    for value in (*proto.graph.input[:1], *proto.graph.output):
+def _io_shapes(unet: nn.Module, part: str, level: int, full: tuple) -> dict[str, tuple]:
+    """The shape of every graph input and output at the model's own size (batch ``full[0]``)."""
+    shapes = {"sample": full, "timestep": (full[0],), "noise": full}
+    if part != "unet":
+        from compressor.feature_reuse import FeatureReuseUNet
+
+        with torch.no_grad():
+            x = torch.zeros(full)
+            feature = FeatureReuseUNet(unet, level).full(x, torch.zeros(full[0], dtype=torch.long))[1]
+        shapes["feature"] = tuple(feature.shape)
+    return shapes
+
+
+def pin_spatial_size(proto, shapes: dict[str, tuple]) -> None:
+    """Fix the dynamic height/width of every 4-D input and output to its full size (in place)."""
+    for value in (*proto.graph.input, *proto.graph.output):
+        shape = shapes.get(value.name)
+        if shape is None or len(shape) != 4:
+            continue
         dims = value.type.tensor_type.shape.dim
-        dims[2].dim_value, dims[3].dim_value = height, width
+        dims[2].dim_value, dims[3].dim_value = shape[2], shape[3]
     del proto.graph.value_info[:]  # inferred again, now with the fixed size
 
 
@@ -189,8 +259,12 @@ def save_onnx(proto, path: Path, external: bool) -> None:
     tmp.replace(path)
 
 
-def check_onnx(path: Path, against_manifest: bool = True) -> None:
-    """Manifest hash, ``onnx.checker`` and the interface contract; ArtifactError on a bad file."""
+def check_onnx(path: Path, against_manifest: bool = True, part: str | None = None) -> None:
+    """Manifest hash, ``onnx.checker`` and the interface contract; ArtifactError on a bad file.
+
+    ``part`` (unet|full|shallow) names the interface; by default it follows the file name
+    (``unet-full-*``, ``unet-shallow-*``, else the plain call).
+    """
     import onnx
 
     from compressor.artifacts import verify_against_manifest
@@ -210,11 +284,22 @@ def check_onnx(path: Path, against_manifest: bool = True) -> None:
         ) from None
     names = [i.name for i in proto.graph.input]
     outs = [o.name for o in proto.graph.output]
-    if names != INPUT_NAMES or outs != OUTPUT_NAMES:
+    part = part or graph_part(path)
+    want_in, want_out = INTERFACES[part]
+    if names != want_in or outs != want_out:
         raise ArtifactError(
-            f"{path}: inputs {names} / outputs {outs} do not match {INPUT_NAMES} -> {OUTPUT_NAMES}; "
+            f"{path}: inputs {names} / outputs {outs} do not match {want_in} -> {want_out}; "
             "export it with `compress-deploy CONFIG --stages export`"
         )
+
+
+def graph_part(path: Path) -> str:
+    """Which interface an exported file has, from its name (see compressor.runlayout.onnx_path)."""
+    name = Path(path).name
+    for part in ("full", "shallow"):
+        if name.startswith(f"unet-{part}-"):
+            return part
+    return "unet"
 
 
 def check_external_data(path: Path) -> None:

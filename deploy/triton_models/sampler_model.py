@@ -1,8 +1,8 @@
-"""Triton Python-backend model ``sampler``: seed (+ steps, eta) -> image, calling ``unet`` per step.
+"""Triton Python-backend model ``sampler``: seed (+ steps, eta, scheduler) -> image, calling ``unet``.
 
 Copied as ``sampler/1/model.py`` by ``compress-deploy triton-repo`` and ``serve``;
 ``sampler.json`` beside it holds the scheduler config, image shape and limits. Requests
-the dynamic batcher puts together are grouped by (steps, eta) and each group runs one
+the dynamic batcher puts together are grouped by (scheduler, steps, eta) and each group runs one
 batched sampling loop whose UNet calls go to the ``unet`` model (Triton's BLS), so the
 UNet runs on whatever backend serves it (TensorRT plan, ONNX Runtime, Python). Every
 image draws its initial and step noise from its own seed (compressor.sampling), so an
@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from compressor.sampling import denoise, initial_noise, make_scheduler  # noqa: E402
+from compressor.sampling import SCHEDULERS, denoise, initial_noise, make_scheduler  # noqa: E402
 
 
 class BadRequest(ValueError):
@@ -41,7 +41,7 @@ class TritonPythonModel:
         self.max_steps = int(spec["max_steps"])
         self.default_steps = int(spec["default_steps"])
         self.unet_batch = int(spec["unet_max_batch"])
-        self.schedulers = {k: make_scheduler(k, spec["scheduler_config"]) for k in ("ddim", "ddpm")}
+        self.schedulers = {k: make_scheduler(k, spec["scheduler_config"]) for k in SCHEDULERS}
         self.scheduler = spec.get("scheduler", "ddim")
 
     def _settings(self, request):
@@ -51,6 +51,17 @@ class TritonPythonModel:
         seeds = seed_t.as_numpy().reshape(-1)
         steps_t = pb_utils.get_input_tensor_by_name(request, "steps")
         eta_t = pb_utils.get_input_tensor_by_name(request, "eta")
+        scheduler_t = pb_utils.get_input_tensor_by_name(request, "scheduler")
+        scheduler = self.scheduler
+        if scheduler_t is not None:
+            names = {
+                v.decode() if isinstance(v, bytes) else str(v) for v in scheduler_t.as_numpy().reshape(-1)
+            }
+            if len(names) != 1:
+                raise BadRequest("scheduler: one value per request")
+            scheduler = names.pop()
+            if scheduler not in self.schedulers:
+                raise BadRequest(f"scheduler must be one of {', '.join(self.schedulers)}, got {scheduler!r}")
         steps = self.default_steps if steps_t is None else steps_t.as_numpy().reshape(-1)
         eta = 0.0 if eta_t is None else eta_t.as_numpy().reshape(-1)
         if not isinstance(steps, int):
@@ -67,7 +78,7 @@ class TritonPythonModel:
             raise BadRequest(f"steps must be in [1, {self.max_steps}], got {steps}")
         if not 0.0 <= eta <= 1.0:
             raise BadRequest(f"eta must be in [0, 1], got {eta}")
-        return [int(s) for s in seeds], steps, round(eta, 6)
+        return [int(s) for s in seeds], scheduler, steps, round(eta, 6)
 
     def _predict(self, sample, timestep):
         outs = []
@@ -94,17 +105,17 @@ class TritonPythonModel:
         groups = {}
         for i, request in enumerate(requests):
             try:
-                seeds, steps, eta = self._settings(request)
+                seeds, scheduler, steps, eta = self._settings(request)
             except BadRequest as exc:
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
                 continue
-            groups.setdefault((steps, eta), []).append((i, seeds))
-        for (steps, eta), items in groups.items():
+            groups.setdefault((scheduler, steps, eta), []).append((i, seeds))
+        for (scheduler, steps, eta), items in groups.items():
             seeds = [s for _, group in items for s in group]
             try:
                 with torch.no_grad():
                     noise = initial_noise(self.shape, seeds)
-                    images = denoise(self._predict, self.schedulers[self.scheduler], noise, steps, eta, seeds)
+                    images = denoise(self._predict, self.schedulers[scheduler], noise, steps, eta, seeds)
             except Exception as exc:  # noqa: BLE001 - answered as this group's error
                 for i, _ in items:
                     responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)[:500]))

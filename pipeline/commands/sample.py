@@ -1,7 +1,12 @@
 """``compress-deploy sample RUN``: generate images from a finished run on any backend.
 
-compress-deploy sample RUN [--backend B] [--model pruned|dense] [--num-images N] [--steps S]
-                           [--seed K] [--eta E] [--scheduler ddim|ddpm] [--device D] [--out PNG]
+    compress-deploy sample RUN [--backend B] [--model pruned|dense] [--num-images N] [--steps S]
+                               [--seed K] [--eta E] [--scheduler ddim|ddpm|dpmsolver++|unipc]
+                               [--cache-interval N] [--cache-level L] [--cache-schedule uniform|quadratic]
+                               [--precision fp32|fp16] [--device D] [--out PNG]
+
+``--cache-interval N`` > 1 reuses deep features (DeepCache): torch splits the model itself,
+ONNX Runtime needs the run's exported passes (``export.feature_reuse=true``).
 """
 
 from __future__ import annotations
@@ -28,18 +33,32 @@ def main(argv: list[str]) -> int:
     config_flag(parser, "--seed", SampleConfig, "seed")
     config_flag(parser, "--eta", SampleConfig, "eta")
     config_flag(parser, "--scheduler", SampleConfig, "scheduler")
+    config_flag(parser, "--cache-interval", SampleConfig, "cache_interval")
+    config_flag(parser, "--cache-level", SampleConfig, "cache_level")
+    config_flag(parser, "--cache-schedule", SampleConfig, "cache_schedule")
+    config_flag(parser, "--precision", SampleConfig, "precision")
     config_flag(parser, "--device", RunConfig, "device", default="cpu")
     parser.add_argument("--out", type=Path, help="PNG grid to write (default ./sample-<backend>-<model>.png)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    sampler = load_sampler(run_dir_arg(args.run), args.backend, args.model, str(device))
+    level = args.cache_level if args.cache_interval > 1 else None
+    run = run_dir_arg(args.run)
+    sampler = load_sampler(run, args.backend, args.model, str(device), args.precision, level)
     if args.steps > sampler.max_steps:
         raise UserError(
             f"--steps: expected at most {sampler.max_steps} (the model's training timesteps), "
             f"got {args.steps}"
         )
     began = time.perf_counter()
-    images = sampler(args.num_images, args.steps, args.seed, args.eta, args.scheduler)
+    images = sampler(
+        args.num_images,
+        args.steps,
+        args.seed,
+        args.eta,
+        args.scheduler,
+        cache_interval=args.cache_interval,
+        cache_schedule=args.cache_schedule,
+    )
     seconds = time.perf_counter() - began
     out = args.out or Path(f"sample-{args.backend}-{args.model}.png")
     save_comparison({f"{args.model} ({args.backend}, {sampler.info.get('provider', '')})": images}, out)
