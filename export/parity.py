@@ -64,6 +64,45 @@ def make_torch_runner(unet: nn.Module, name: str, device: str = "cpu"):
     return TorchRunner()
 
 
+def make_pass_runner(split: nn.Module, part: str, name: str, feature_shape: tuple):
+    """A Polygraphy runner over one feature-reuse pass in torch fp32 (``full`` or ``shallow``).
+
+    ``split`` is a :class:`compressor.feature_reuse.FeatureReuseUNet`; its outputs are named
+    as in the exported graphs (full: noise, feature; shallow: noise).
+    """
+    from polygraphy.backend.base import BaseRunner
+    from polygraphy.common import TensorMetadata
+
+    class PassRunner(BaseRunner):
+        def __init__(self) -> None:
+            super().__init__(name=name, prefix="torch-pass-runner")
+
+        def get_input_metadata_impl(self):
+            meta = TensorMetadata()
+            meta.add("sample", np.float32, (-1, *sample_shape(split.unet, 1)[1:]))
+            meta.add("timestep", np.int64, (-1,))
+            if part == "shallow":
+                meta.add("feature", np.float32, (-1, *feature_shape[1:]))
+            return meta
+
+        def infer_impl(self, feed_dict):
+            args = [torch.from_numpy(np.ascontiguousarray(feed_dict[k])) for k in ("sample", "timestep")]
+            start = time.perf_counter()
+            with torch.no_grad():
+                if part == "full":
+                    noise, feature = split.full(*args)
+                    out = OrderedDict(
+                        noise=noise.float().numpy(), feature=feature.float().contiguous().numpy()
+                    )
+                else:
+                    feature = torch.from_numpy(np.ascontiguousarray(feed_dict["feature"]))
+                    out = OrderedDict(noise=split.shallow(*args, feature).float().contiguous().numpy())
+            self.inference_time = time.perf_counter() - start
+            return OrderedDict((k, np.ascontiguousarray(v)) for k, v in out.items())
+
+    return PassRunner()
+
+
 def make_onnxrt_runner(path: Path, name: str, providers: list[str] | None = None):
     """Polygraphy's ONNX Runtime runner over an ONNX file."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx

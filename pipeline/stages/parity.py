@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from compressor import runlayout
 from compressor.errors import UserError
 from compressor.persist import load_unet
@@ -20,7 +22,7 @@ class ParityError(UserError):
     """Exported models disagree with PyTorch beyond the configured tolerance."""
 
 
-def _sampler_images(ctx: RunContext, predict, scheduler, device: str = "cpu"):
+def _sampler_images(ctx: RunContext, predict, scheduler, device: str = "cpu", cache_interval: int = 1):
     """The parity sampler's images (same seed, steps and count for every backend)."""
     cfg = ctx.cfg.parity
     return generate(
@@ -31,7 +33,67 @@ def _sampler_images(ctx: RunContext, predict, scheduler, device: str = "cpu"):
         cfg.sampler_steps,
         seed=ctx.cfg.sample.seed,
         device=device,
+        cache_interval=cache_interval,
+        cache_schedule=ctx.cfg.sample.cache_schedule,
     )
+
+
+def reuse_interval(ctx: RunContext) -> int:
+    """The cache interval the passes' sampler parity runs at (the run's, or 3 when it is off)."""
+    return ctx.cfg.sample.cache_interval if ctx.cfg.sample.cache_interval > 1 else 3
+
+
+def _reuse_parity(ctx: RunContext, model: str, unet, precision: str, scheduler) -> list[dict]:
+    """The exported full and shallow passes vs torch fp32: per call (the shallow pass fed torch's
+    cached feature) and the whole feature-reuse sampler (PSNR against the same sampler in torch)."""
+    from compressor.feature_reuse import FeatureReuseUNet
+    from export.parity import make_pass_runner
+
+    cfg, level = ctx.cfg.parity, ctx.cfg.sample.cache_level
+    atol, rtol = (cfg.atol_fp16, cfg.rtol_fp16) if precision == "fp16" else (cfg.atol_fp32, cfg.rtol_fp32)
+    min_psnr = cfg.min_psnr_fp16 if precision == "fp16" else cfg.min_psnr_fp32
+    split = FeatureReuseUNet(unet, level)
+    feeds = parity_feeds(unet, cfg.batches, cfg.timesteps, ctx.cfg.seed)
+    with torch.no_grad():
+        for feed in feeds:
+            feed["feature"] = split.full(
+                torch.from_numpy(feed["sample"]), torch.from_numpy(feed["timestep"])
+            )[1].numpy()
+    interval = reuse_interval(ctx)
+    reference = _sampler_images(
+        ctx, load_backend("torch", unet=unet, cache_level=level).predict, scheduler, cache_interval=interval
+    )
+    backend = load_backend(
+        "onnxruntime", run_dir=ctx.run_dir, model=model, precision=precision, cache_level=level
+    )
+    sampler_psnr = psnr(_sampler_images(ctx, backend.predict, scheduler, cache_interval=interval), reference)
+    rows = []
+    for part in ("full", "shallow"):
+        path = runlayout.onnx_path(ctx.run_dir, model, precision, part, level)
+        part_feeds = (
+            feeds if part == "shallow" else [{k: f[k] for k in ("sample", "timestep")} for f in feeds]
+        )
+        ref = make_pass_runner(split, part, f"torch-{model}-{part}", feeds[0]["feature"].shape)
+        cand = make_onnxrt_runner(path, f"onnxruntime-{model}-{part}-{precision}")
+        report = compare([ref, cand], part_feeds, atol, rtol)[0]
+        row = {
+            "model": model,
+            "precision": precision,
+            "part": f"{part} pass (level {level})",
+            "provider": backend.info["provider"],
+            **{k: v for k, v in report.as_dict().items() if k not in ("reference", "candidate")},
+            "sampler_psnr_db": sampler_psnr,
+            "sampler_cache_interval": interval,
+            "min_psnr_db": min_psnr,
+        }
+        row["passed"] = report.passed and sampler_psnr >= min_psnr
+        rows.append(row)
+        log(
+            "parity",
+            f"{model} {precision} {part} pass: max abs {report.max_abs_error:.2e}, sampler (cache interval "
+            f"{interval}) PSNR {sampler_psnr:.1f} dB -> {'PASS' if row['passed'] else 'FAIL'}",
+        )
+    return rows
 
 
 def _engine_parity(ctx: RunContext, model: str, unet, scheduler) -> dict:
@@ -111,6 +173,13 @@ def run(ctx: RunContext) -> StageResult:
                 failures.append(
                     f"{model} {precision} (max abs {report.max_abs_error:.2e}, PSNR {sampler_psnr:.1f} dB)"
                 )
+            if ctx.cfg.export.feature_reuse:
+                for row in _reuse_parity(ctx, model, unet, precision, scheduler):
+                    rows.append(row)
+                    if not row["passed"]:
+                        failures.append(
+                            f"{model} {precision} {row['part']} (max abs {row['max_abs_error']:.2e})"
+                        )
     build = ctx.record("build")
     if build and build.ok:
         for model, unet in models.items():

@@ -365,18 +365,23 @@ def samples_section(doc: Doc, ctx: RunContext, out: Path) -> None:
 def parity_section(doc: Doc, m: ParityMetrics) -> None:
     """ONNX Runtime (and TensorRT) vs PyTorch, per file."""
     doc.heading("Parity (ONNX Runtime vs PyTorch)")
-    header = ["model", "precision", "provider", "max abs", "median abs", "min cosine", "sampler PSNR (dB)"]
-    keys = [
+    header = [
         "model",
+        "graph",
         "precision",
         "provider",
-        "max_abs_error",
-        "median_abs_error",
-        "min_cosine",
-        "sampler_psnr_db",
+        "max abs",
+        "median abs",
+        "min cosine",
+        "sampler PSNR",
     ]
+    keys = ["precision", "provider", "max_abs_error", "median_abs_error", "min_cosine", "sampler_psnr_db"]
     doc.table(
-        [*header, "verdict"], [[r[k] for k in keys] + ["PASS" if r["passed"] else "FAIL"] for r in m.results]
+        [*header, "verdict"],
+        [
+            [r["model"], r.get("part", "UNet call"), *[r[k] for k in keys], "PASS" if r["passed"] else "FAIL"]
+            for r in m.results
+        ],
     )
 
 
