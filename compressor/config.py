@@ -48,6 +48,37 @@ SCHEDULERS = ("ddim", "ddpm", "dpmsolver++", "unipc")  # compressor.sampling.SCH
 Scheduler = Literal["ddim", "ddpm", "dpmsolver++", "unipc"]
 
 
+@dataclass(frozen=True)
+class SamplerVariant:
+    """One timed sampler: scheduler, steps and feature-reuse interval (``ddim:20``, ``dpmsolver++:10:3``)."""
+
+    scheduler: str
+    steps: int
+    cache_interval: int = 1
+
+    def __str__(self) -> str:
+        return f"{self.scheduler}:{self.steps}:{self.cache_interval}"
+
+    @classmethod
+    def parse(cls, text: str, key: str = "bench.variants") -> SamplerVariant:
+        """``SCHEDULER:STEPS[:CACHE_INTERVAL]``; ConfigError naming ``key`` otherwise."""
+        parts = str(text).split(":")
+        hint = "e.g. ddim:50, dpmsolver++:10 or ddim:20:3 (scheduler:steps[:cache interval])"
+        if len(parts) not in (2, 3):
+            raise ConfigError(f"{key}: expected SCHEDULER:STEPS[:CACHE_INTERVAL], got {text!r}; {hint}")
+        if parts[0] not in SCHEDULERS:
+            raise ConfigError(f"{key}: scheduler {parts[0]!r} is not one of {', '.join(SCHEDULERS)}; {hint}")
+        try:
+            steps, interval = int(parts[1]), int(parts[2]) if len(parts) == 3 else 1
+        except ValueError:
+            raise ConfigError(
+                f"{key}: steps and cache interval must be integers, got {text!r}; {hint}"
+            ) from None
+        if steps < 1 or interval < 1:
+            raise ConfigError(f"{key}: steps and cache interval must be >= 1, got {text!r}")
+        return cls(parts[0], steps, interval)
+
+
 @dataclass
 class ModelConfig:
     """Which UNet to compress."""
@@ -268,6 +299,17 @@ class BenchConfig:
     sampler_repeat: int = _spec(3, "timed sampler runs per model", ge=1)
     threads: int | None = _spec(None, "CPU threads for torch and ONNX Runtime (default: all)", ge=1)
     torch_compile: bool = _spec(False, "on CUDA also time torch.compile'd fp16 (minutes of warm-up)")
+    variants: list[str] | None = _spec(
+        None,
+        "timed samplers as SCHEDULER:STEPS[:CACHE_INTERVAL] (e.g. [ddim:50, dpmsolver++:10:3]); "
+        "default: DDIM at sampler_steps",
+    )
+
+    def sampler_variants(self) -> list[SamplerVariant]:
+        """The timed samplers, the default (DDIM at ``sampler_steps``) when none are listed."""
+        if not self.variants:
+            return [SamplerVariant("ddim", self.sampler_steps)]
+        return [SamplerVariant.parse(v, f"bench.variants[{i}]") for i, v in enumerate(self.variants)]
 
 
 @dataclass
@@ -305,6 +347,9 @@ class AcceptanceConfig:
     max_parity_error: float | None = _spec(None, "max abs error, fp32 ONNX vs torch", gt=0.0)
     min_ssim: float | None = _spec(None, "min SSIM vs dense samples", ge=0.0, le=1.0)
     max_fd_ratio: float | None = _spec(None, "max Frechet distance of compressed / dense", gt=0.0)
+    variant: str | None = _spec(
+        None, "bench sampler variant the sampler gates read (SCHEDULER:STEPS[:INTERVAL]; default: the first)"
+    )
 
 
 @dataclass
@@ -350,6 +395,14 @@ class RunConfig:
 
     def check(self) -> None:
         """Cross-field rules that single-field checks cannot express."""
+        variants = [str(v) for v in self.bench.sampler_variants()]  # each parsed, errors name the entry
+        if self.acceptance.variant is not None:
+            wanted = str(SamplerVariant.parse(self.acceptance.variant, "acceptance.variant"))
+            if wanted not in variants:
+                raise ConfigError(
+                    f"acceptance.variant={self.acceptance.variant}: bench does not time it; add it to "
+                    f"bench.variants (now {', '.join(variants)})"
+                )
         targets = self.prune.targets()
         b = self.build
         if not b.min_batch <= b.opt_batch <= b.max_batch:

@@ -205,6 +205,7 @@ class QualityMetrics:
     num_reference: int = 0
     backend: str = "torch"
     frechet_note: str | None = None
+    cache_interval: int = 1
 
     def compressed_label(self) -> str | None:
         """The final compressed model's label: finetuned if scored, else pruned."""
@@ -233,15 +234,23 @@ class BenchMetrics:
     host: dict = field(default_factory=dict)
     sampler_steps: int | None = None
 
-    def value(self, backend: str, batch: int, what: str, key: str) -> float | None:
-        """``speedup``, the pruned model's median ``ms`` or its ``per_image`` ms; None when not timed."""
+    def value(
+        self, backend: str, batch: int, what: str, key: str, variant: str | None = None
+    ) -> float | None:
+        """``speedup``, the pruned model's median ``ms`` or its ``per_image`` ms; None when not timed.
+
+        ``variant`` (``scheduler:steps:interval``) picks a sampler row; default: the first timed.
+        """
+
+        def matches(row: dict) -> bool:
+            same = (row["backend"], row["batch"], row["what"]) == (backend, batch, what)
+            # rows written before bench.variants carry no variant: they are the default sampler
+            return same and (variant is None or what != "sampler" or row.get("variant", variant) == variant)
+
         if key == "speedup":
-            for row in self.speedup:
-                if (row["backend"], row["batch"], row["what"]) == (backend, batch, what):
-                    return row["speedup"]
-            return None
+            return next((row["speedup"] for row in self.speedup if matches(row)), None)
         for row in self.results:
-            if (row["backend"], row["batch"], row["what"], row["model"]) == (backend, batch, what, "pruned"):
+            if matches(row) and row["model"] == "pruned":
                 return row["median_ms"] / (batch if key == "per_image" else 1)
         return None
 

@@ -56,10 +56,12 @@ def unet_call(predict, shape: tuple, batch: int, device) -> Callable[[], object]
     return lambda: predict(sample, timestep)
 
 
-def sampler_call(predict, scheduler, shape: tuple, batch: int, steps: int, device) -> Callable[[], object]:
-    """One whole DDIM sampler run from fixed noise."""
+def sampler_call(
+    predict, scheduler, shape: tuple, batch: int, steps: int, device, cache_interval: int = 1
+) -> Callable[[], object]:
+    """One whole sampler run from fixed noise (``cache_interval`` > 1: with feature reuse)."""
     noise = initial_noise(shape, list(range(batch))).to(device)
-    return lambda: denoise(predict, scheduler, noise, steps)
+    return lambda: denoise(predict, scheduler, noise, steps, cache_interval=cache_interval)
 
 
 def host_facts() -> dict:

@@ -56,6 +56,7 @@ class LatencyProbe:
     repeat: int = 10
     precision: str = "fp16"  # TensorRT engines only
     scheduler_config: dict | None = None
+    scheduler: str = "ddim"  # the timed sampler's solver (what="sampler")
 
     def __post_init__(self) -> None:
         reason = backend_unavailable(self.backend)
@@ -76,6 +77,7 @@ class LatencyProbe:
         what: str | None = None,
         repeat: int | None = None,
         threads: int | None = None,
+        scheduler: str = "ddim",
     ) -> LatencyProbe:
         """A probe set up from a run config: ``prune.target_latency`` unless overridden.
 
@@ -95,6 +97,7 @@ class LatencyProbe:
             repeat or lat.repeat,
             cfg.build.precision,
             scheduler_config,
+            scheduler,
         )
 
     def dense(self, unet: nn.Module) -> Backend:
@@ -148,7 +151,7 @@ class LatencyProbe:
         device = "cuda" if self.backend == "tensorrt" else self.device
         if self.what == "unet":
             return unet_call(backend.predict, shape, self.batch, device)
-        scheduler = make_scheduler("ddim", self.scheduler_config or {})
+        scheduler = make_scheduler(self.scheduler, self.scheduler_config or {})
         return sampler_call(backend.predict, scheduler, shape, self.batch, self.steps, device)
 
     def measure(self, dense: Backend, candidate: Backend, shape: tuple) -> tuple[float, float]:
@@ -166,7 +169,7 @@ class LatencyProbe:
 
     def describe(self) -> str:
         """E.g. 'onnxruntime, UNet call at batch 16'."""
-        what = "UNet call" if self.what == "unet" else f"{self.steps}-step sampler"
+        what = "UNet call" if self.what == "unet" else f"{self.steps}-step {self.scheduler} sampler"
         return f"{self.backend}, {what} at batch {self.batch}"
 
 

@@ -52,13 +52,13 @@ def ort_providers(preference: str = "auto") -> list[str]:
     return wanted
 
 
-def _ort_session(path: Path, threads: int | None, providers: str):
-    """A checked ONNX Runtime session over ``path`` (ArtifactError when it cannot load)."""
+def _ort_session(path: Path, threads: int | None, providers: str, part: str = "unet"):
+    """A checked ONNX Runtime session over ``path`` with ``part``'s interface (ArtifactError if not)."""
     import onnxruntime as ort
 
     from export.onnx_export import check_onnx
 
-    check_onnx(path)
+    check_onnx(path, part=part)
     ort.set_default_logger_severity(3)
     opts = ort.SessionOptions()
     if threads:
@@ -79,8 +79,8 @@ def onnxruntime_reuse_backend(
     """Feature reuse on ONNX Runtime: the full and shallow graphs as a ReusePredictor."""
     from compressor.models import ReusePredictor
 
-    full_s = _ort_session(full_path, threads, providers)
-    shallow_s = _ort_session(shallow_path, threads, providers)
+    full_s = _ort_session(full_path, threads, providers, "full")
+    shallow_s = _ort_session(shallow_path, threads, providers, "shallow")
 
     def run(session, names: list[str], **feeds: torch.Tensor) -> list[torch.Tensor]:
         arrays = {k: v.detach().cpu().numpy() for k, v in feeds.items()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compressor.config import AcceptanceConfig, LatencyTarget
+from compressor.config import AcceptanceConfig, LatencyTarget, SamplerVariant
 from compressor.records import BenchMetrics, ParityMetrics, QualityMetrics
 
 
@@ -31,7 +31,8 @@ def latency_target_check(target: LatencyTarget, bench: BenchMetrics | None) -> C
     """The prune stage's latency target, verified by the bench stage's own measurement (no margin)."""
     key = "speedup" if target.speedup is not None else "ms"
     what = "sampler" if target.what == "sampler" else "unet"
-    value = bench.value(target.backend, target.batch, what, key) if bench else None
+    variant = f"ddim:{bench.sampler_steps}:1" if bench and what == "sampler" and bench.sampler_steps else None
+    value = bench.value(target.backend, target.batch, what, key, variant) if bench else None
     limit = target.speedup if target.speedup is not None else target.ms
     direction = ">=" if key == "speedup" else "<="
     detail = f"[{target.backend}, {what}, batch {target.batch}, measured by bench]"
@@ -39,6 +40,7 @@ def latency_target_check(target: LatencyTarget, bench: BenchMetrics | None) -> C
         detail += (
             f" bench has no such row: add {target.backend} to bench.backends and {target.batch} to "
             f"bench.{'sampler_' if what == 'sampler' else ''}batch_sizes"
+            + (f" (and {variant} to bench.variants)" if variant else "")
         )
     ok = value is not None and (value >= limit if key == "speedup" else value <= limit)  # type: ignore[operator]
     return Check(f"prune.target_latency.{key}", value, limit, direction, ok, detail)  # type: ignore[arg-type]
@@ -62,8 +64,12 @@ def evaluate(
         if dense_fd and fd_c is not None:
             fd = fd_c / dense_fd
 
+    variant = str(SamplerVariant.parse(cfg.variant, "acceptance.variant")) if cfg.variant else None
+    if variant:
+        where = f"[{cfg.backend}, batch {cfg.batch}, sampler {variant}]"
+
     def timed(what: str, key: str) -> float | None:
-        return bench.value(cfg.backend, cfg.batch, what, key) if bench else None
+        return bench.value(cfg.backend, cfg.batch, what, key, variant) if bench else None
 
     measured = {
         "max_unet_ms": (timed("unet", "ms"), "<=", where),

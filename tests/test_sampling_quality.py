@@ -11,16 +11,21 @@ from compressor.sampling import generate, make_scheduler
 from tests.conftest import DDPM_SCHEDULER
 
 
-@pytest.mark.parametrize("kind, eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)])
+@pytest.mark.parametrize(
+    "kind, eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0), ("dpmsolver++", 0.0), ("unipc", 0.0)]
+)
 def test_images_do_not_depend_on_batching(tiny_unet, kind, eta):
     predict = as_noise_predictor(tiny_unet)
     sched = make_scheduler(kind, DDPM_SCHEDULER)
     seven = generate(predict, sched, (3, 16, 16), 7, 3, eta, seed=7, batch_size=7)
     single = generate(predict, sched, (3, 16, 16), 7, 3, eta, seed=7, batch_size=1)
-    assert (seven - single).abs().max() <= 1e-5  # stochastic samplers too: per-image step noise
+    # multistep solvers extrapolate from earlier steps, which amplifies the rounding differences
+    # of batch-size-dependent conv kernels; no image ever sees another's noise or values
+    tol = 1e-4 if kind in ("dpmsolver++", "unipc") else 1e-5
+    assert (seven - single).abs().max() <= tol  # stochastic samplers too: per-image step noise
     # image 9 alone equals image 9 inside the batch of seeds 7..13, whatever its neighbours
     alone = generate(predict, sched, (3, 16, 16), 1, 3, eta, seed=9, batch_size=1)
-    assert (alone[0] - seven[2]).abs().max() <= 1e-5
+    assert (alone[0] - seven[2]).abs().max() <= tol
     again = generate(predict, sched, (3, 16, 16), 7, 3, eta, seed=7, batch_size=7)
     assert torch.equal(seven, again)
     assert seven.shape == (7, 3, 16, 16) and 0 <= seven.min() and seven.max() <= 1

@@ -1,7 +1,7 @@
 """``compress-deploy plan``: what each pruning ratio buys in measured latency, before pruning for real.
 
     compress-deploy plan CONFIG [key=value ...] [--backends onnxruntime,torch] [--batches 1,16]
-                                [--what unet|sampler] [--repeat N] [--out DIR]
+                                [--what unet|sampler] [--scheduler S] [--repeat N] [--out DIR]
 
 For every backend and batch size, every uniform-width ratio of the dense model is pruned
 on a copy (structure only) and timed alternately with dense (see :mod:`deploy.latency`).
@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from compressor import runlayout
-from compressor.config import LatencyTarget, check_value, load_config
+from compressor.config import LatencyTarget, SampleConfig, check_value, load_config
 from compressor.errors import UserError
 from compressor.pruning import uniform_ratios
 from deploy.latency import LatencyProbe, backend_unavailable, time_ratios
@@ -51,6 +51,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batches", help="comma-separated batch sizes (default: bench.batch_sizes)")
     config_flag(parser, "--what", LatencyTarget, "what")
     config_flag(parser, "--repeat", LatencyTarget, "repeat", default=None)
+    config_flag(
+        parser, "--scheduler", SampleConfig, "scheduler", help="solver of the timed sampler (--what sampler)"
+    )
     parser.add_argument("--out", type=Path, help="output folder (default runs/<config name>/plan)")
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -65,7 +68,7 @@ def main(argv: list[str]) -> int:
         for batch in batches:
             probe = LatencyProbe.from_config(
                 cfg, ctx.device, ctx.dense.scheduler_config, backend, batch, args.what, args.repeat,
-                cfg.bench.threads,
+                cfg.bench.threads, args.scheduler,
             )  # fmt: skip
             log("plan", f"{probe.describe()}: ratios {', '.join(f'{r:g}' for r in ratios)}")
             for row in time_ratios(

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from compressor.config import SamplerVariant
 from compressor.persist import load_unet
 from compressor.sampling import make_scheduler
 from deploy.bench import host_facts, percentile_ms, sampler_call, time_alternating, unet_call
-from deploy.runtimes import Backend, load_variant
+from deploy.runtimes import VARIANTS, Backend, load_variant
 from pipeline.context import RunContext, StageResult, log
 
 SECTIONS = ["bench", "build", "device", "threads"]
@@ -36,16 +37,25 @@ def variant_labels(ctx: RunContext, kind: str) -> list[str]:
     return [kind]
 
 
-def load_backends(ctx: RunContext, kind: str, models: dict) -> tuple[dict[str, dict[str, Backend]], str]:
-    """Variants (label -> dense/compressed backends) of one backend, or ({}, why unavailable)."""
+def load_backends(
+    ctx: RunContext, kind: str, models: dict, cache_level: int | None = None
+) -> tuple[dict[str, dict[str, Backend]], str]:
+    """Variants (label -> dense/compressed backends) of one backend, or ({}, why unavailable).
+
+    ``cache_level``: the feature-reuse builds of the same variants (two passes each).
+    """
     if kind == "tensorrt":
         from deploy import tensorrt_backend
 
         reason = tensorrt_backend.unavailable_reason()
         if reason:
             return {}, reason
+        if cache_level is not None:
+            return {}, "feature reuse on TensorRT needs engines of both passes, not built yet"
     if kind != "torch":
         ctx.require("export" if kind == "onnxruntime" else "build", "bench")
+    if kind == "onnxruntime" and cache_level is not None and not ctx.cfg.export.feature_reuse:
+        return {}, "feature reuse on ONNX Runtime needs the exported passes (set export.feature_reuse=true)"
     variants = {}
     for label in variant_labels(ctx, kind):
         variants[label] = {
@@ -56,6 +66,7 @@ def load_backends(ctx: RunContext, kind: str, models: dict) -> tuple[dict[str, d
                 model=m,
                 device=ctx.device,
                 threads=ctx.cfg.bench.threads,
+                cache_level=cache_level,
             )
             for m, unet in models.items()
         }
@@ -70,67 +81,112 @@ def run(ctx: RunContext) -> StageResult:
     source, folder = ctx.final_model_dir()
     models = {"dense": ctx.dense.unet, "pruned": load_unet(folder)[0]}  # backends build private copies
     macs_reduction = ctx.require("prune", "bench").typed().macs_reduction
-    scheduler = make_scheduler("ddim", ctx.dense.scheduler_config)
-    shape = ctx.image_shape()
-    rows, speedups, skipped, backend_info = [], [], {}, {}
-    variants: dict[str, dict[str, Backend]] = {}
-    for kind in cfg.backends:
-        found, reason = load_backends(ctx, kind, models)
-        if not found:
-            skipped[kind] = reason
-            log("bench", f"{kind}: skipped ({reason})")
-        variants.update(found)
-    for name, backends in variants.items():
-        backend_info[name] = {m: b.info for m, b in backends.items()}
-        plans = [("unet", b, cfg.repeat) for b in cfg.batch_sizes]
-        plans += [("sampler", b, cfg.sampler_repeat) for b in (cfg.sampler_batch_sizes or cfg.batch_sizes)]
-        for what, batch, repeat in plans:
+    samplers = cfg.sampler_variants()
+    plain, reuse, skipped = _backends(ctx, models, any(v.cache_interval > 1 for v in samplers))
+    rows, speedups = [], []
+    for name, backends in plain.items():
+        for batch in cfg.batch_sizes:
             calls = {
-                m: unet_call(bk.predict, shape, batch, ctx.device)
-                if what == "unet"
-                else sampler_call(bk.predict, scheduler, shape, batch, cfg.sampler_steps, ctx.device)
-                for m, bk in backends.items()
+                m: unet_call(b.predict, ctx.image_shape(), batch, ctx.device) for m, b in backends.items()
             }
-            warmup = cfg.warmup if what == "unet" else min(1, cfg.warmup)
-            times = time_alternating(calls, warmup, repeat)
-            med = {}
-            for model, samples in times.items():
-                median, p95 = percentile_ms(samples)
-                med[model] = median
-                rows.append(
-                    {
-                        "backend": name,
-                        "batch": batch,
-                        "model": model,
-                        "what": what,
-                        "median_ms": median,
-                        "p95_ms": p95,
-                        "runs": repeat,
-                    }
+            _time(
+                ctx, name, batch, "unet", None, calls, cfg.warmup, cfg.repeat, macs_reduction, rows, speedups
+            )
+        for variant in samplers:
+            chosen = backends if variant.cache_interval == 1 else reuse.get(name)
+            if chosen is None:
+                continue  # no feature-reuse build of this backend (the reason is in skipped)
+            for batch in cfg.sampler_batch_sizes or cfg.batch_sizes:
+                calls = {m: _sampler(ctx, b, variant, batch) for m, b in chosen.items()}
+                warmup = min(1, cfg.warmup)
+                _time(
+                    ctx,
+                    name,
+                    batch,
+                    "sampler",
+                    variant,
+                    calls,
+                    warmup,
+                    cfg.sampler_repeat,
+                    macs_reduction,
+                    rows,
+                    speedups,
                 )
-            speedup = med["dense"] / med["pruned"]
-            speedups.append(
-                {
-                    "backend": name,
-                    "batch": batch,
-                    "what": what,
-                    "speedup": speedup,
-                    "macs_reduction": macs_reduction,
-                    "speedup_over_macs_reduction": speedup / macs_reduction,
-                }
-            )
-            log(
-                "bench",
-                f"{name} {what} batch {batch}: dense {med['dense']:.1f} ms, pruned {med['pruned']:.1f} ms, "
-                f"speed-up {speedup:.2f}x (MACs reduction {macs_reduction:.2f}x)",
-            )
     metrics = {
         "results": rows,
         "speedup": speedups,
         "skipped": skipped,
-        "backends": backend_info,
+        "backends": {name: {m: b.info for m, b in bk.items()} for name, bk in plain.items()},
         "host": host_facts(),
         "sampler_steps": cfg.sampler_steps,
+        "variants": [str(v) for v in samplers],
         "compressed_from": source,
     }
     return StageResult(metrics)
+
+
+def _backends(ctx: RunContext, models: dict, with_reuse: bool) -> tuple[dict, dict, dict]:
+    """(plain variants, feature-reuse variants, skipped: name -> reason) of every bench backend."""
+    plain, reuse, skipped = {}, {}, {}
+    for kind in ctx.cfg.bench.backends:
+        found, reason = load_backends(ctx, kind, models)
+        if not found:
+            skipped[kind] = reason
+            log("bench", f"{kind}: skipped ({reason})")
+        plain.update(found)
+        if with_reuse and found:
+            found, reason = load_backends(ctx, kind, models, ctx.cfg.sample.cache_level)
+            if not found:
+                skipped[f"{kind} (feature reuse)"] = reason
+                log("bench", f"{kind} with feature reuse: skipped ({reason})")
+            reuse.update(found)
+    return plain, reuse, skipped
+
+
+def _sampler(ctx: RunContext, backend: Backend, variant: SamplerVariant, batch: int):
+    scheduler = make_scheduler(variant.scheduler, ctx.dense.scheduler_config)
+    shape = ctx.image_shape()
+    return sampler_call(
+        backend.predict, scheduler, shape, batch, variant.steps, ctx.device, variant.cache_interval
+    )
+
+
+def _time(ctx, name, batch, what, variant, calls, warmup, repeat, macs_reduction, rows, speedups) -> None:
+    """Time dense and pruned alternately; append their rows and the speed-up row."""
+    times = time_alternating(calls, warmup, repeat)
+    keys = {
+        "backend": name,
+        "batch": batch,
+        "what": what,
+        "variant": str(variant) if variant else None,
+        "scheduler": variant.scheduler if variant else None,
+        "steps": variant.steps if variant else None,
+        "cache_interval": variant.cache_interval if variant else 1,
+        "precision": _precision(ctx, name),
+    }
+    med = {}
+    for model, samples in times.items():
+        median, p95 = percentile_ms(samples)
+        med[model] = median
+        rows.append({**keys, "model": model, "median_ms": median, "p95_ms": p95, "runs": repeat})
+    speedup = med["dense"] / med["pruned"]
+    speedups.append(
+        {
+            **keys,
+            "speedup": speedup,
+            "macs_reduction": macs_reduction,
+            "speedup_over_macs_reduction": speedup / macs_reduction,
+        }
+    )
+    label = f"{what} {variant}" if variant else what
+    log(
+        "bench",
+        f"{name} {label} batch {batch}: dense {med['dense']:.1f} ms, pruned {med['pruned']:.1f} ms, "
+        f"speed-up {speedup:.2f}x (MACs reduction {macs_reduction:.2f}x)",
+    )
+
+
+def _precision(ctx: RunContext, label: str) -> str:
+    """The arithmetic a bench variant runs in (TensorRT: the engines' build precision)."""
+    backend, options = VARIANTS[label]
+    return ctx.cfg.build.precision if backend == "tensorrt" else options.get("precision", "fp32")

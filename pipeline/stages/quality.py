@@ -9,6 +9,7 @@ from compressor.models import as_noise_predictor
 from compressor.persist import load_unet
 from compressor.quality import FeatureAdapter, frechet_distance, inception_unavailable, psnr, ssim
 from compressor.sampling import generate, make_scheduler
+from deploy.runtimes import load_backend
 from pipeline.context import RunContext, StageResult, log
 
 SECTIONS = ["quality", "sample", "data"]
@@ -30,10 +31,10 @@ def feature_network(ctx: RunContext):
 
 def _deployed(ctx: RunContext, backend: str, model: str):
     """A deployed backend (ONNX Runtime session or TensorRT engine) of the run."""
-    from deploy.runtimes import load_backend
-
     ctx.require("export" if backend == "onnxruntime" else "build", "quality")
-    return load_backend(backend, run_dir=ctx.run_dir, model=model, device=ctx.device)
+    sample = ctx.cfg.sample
+    level = sample.cache_level if sample.cache_interval > 1 else None
+    return load_backend(backend, run_dir=ctx.run_dir, model=model, device=ctx.device, cache_level=level)
 
 
 def run(ctx: RunContext) -> StageResult:
@@ -61,7 +62,14 @@ def run(ctx: RunContext) -> StageResult:
         models["finetuned (raw)"] = load_unet(raw, ctx.device)[0]
     if len(models) == 1:
         ctx.require("prune", "quality")
-    predictors = {label: as_noise_predictor(unet) for label, unet in models.items()}
+    sample = ctx.cfg.sample
+    level = sample.cache_level if sample.cache_interval > 1 else None
+    predictors = {
+        label: load_backend("torch", unet=unet, device=ctx.device, cache_level=level).predict
+        if level is not None
+        else as_noise_predictor(unet)
+        for label, unet in models.items()
+    }
     if cfg.backend != "torch":
         # the deployed sampler: dense and final compressed model served by the chosen backend
         final = "finetuned" if "finetuned" in models else "pruned"
@@ -69,7 +77,12 @@ def run(ctx: RunContext) -> StageResult:
             predictors[label] = _deployed(ctx, cfg.backend, model).predict
     samples = {}
     for label, predict in predictors.items():
-        log("quality", f"sampling {cfg.num_samples} images from the {label} model ({steps} steps)")
+        reuse = f", cache interval {sample.cache_interval}" if level is not None else ""
+        log(
+            "quality",
+            f"sampling {cfg.num_samples} images from the {label} model "
+            f"({sample.scheduler} {steps} steps{reuse})",
+        )
         samples[label] = generate(
             predict,
             scheduler,
@@ -80,6 +93,8 @@ def run(ctx: RunContext) -> StageResult:
             ctx.cfg.sample.seed,
             ctx.cfg.sample.batch_size,
             ctx.device,
+            cache_interval=sample.cache_interval,
+            cache_schedule=sample.cache_schedule,
         )
     reference = (stack(ctx.dataset, cfg.num_reference) + 1) / 2
     results: dict[str, dict] = {label: {} for label in samples}
@@ -96,6 +111,7 @@ def run(ctx: RunContext) -> StageResult:
         "num_reference": int(reference.shape[0]),
         "steps": steps,
         "scheduler": ctx.cfg.sample.scheduler,
+        "cache_interval": sample.cache_interval,
         "backend": cfg.backend,
         "frechet_metric": metric,
         "frechet_note": fd_note,

@@ -6,6 +6,7 @@ from compressor import runlayout
 from compressor.models import as_noise_predictor
 from compressor.persist import load_unet
 from compressor.sampling import generate, make_scheduler, save_comparison
+from deploy.runtimes import load_backend
 from pipeline.context import RunContext, StageResult, log
 
 SECTIONS = ["sample"]
@@ -26,10 +27,16 @@ def run(ctx: RunContext) -> StageResult:
             )[0]
     if len(models) == 1:
         ctx.require("prune", "samples")
+    level = cfg.cache_level if cfg.cache_interval > 1 else None
     for label, unet in models.items():
         log("samples", f"{label}: {cfg.num_images} images, {cfg.scheduler.upper()} {cfg.steps} steps")
+        predict = (
+            load_backend("torch", unet=unet, device=ctx.device, cache_level=level).predict
+            if level is not None
+            else as_noise_predictor(unet)
+        )
         rows[label] = generate(
-            as_noise_predictor(unet),
+            predict,
             scheduler,
             shape,
             cfg.num_images,
@@ -38,6 +45,8 @@ def run(ctx: RunContext) -> StageResult:
             cfg.seed,
             cfg.batch_size,
             ctx.device,
+            cache_interval=cfg.cache_interval,
+            cache_schedule=cfg.cache_schedule,
         )
     ctx.stage_dir("samples")
     path = save_comparison(rows, runlayout.samples_grid(ctx.run_dir))
