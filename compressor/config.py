@@ -233,8 +233,8 @@ class SampleConfig:
     cache_schedule: Literal["uniform", "quadratic"] = _spec(
         "uniform", "which steps run the full pass: every N-th, or as many spaced denser early"
     )
-    precision: Literal["fp32", "fp16"] = _spec(
-        "fp32", "sampler precision: the torch dtype, or which exported ONNX file runs"
+    precision: Literal["fp32", "fp16", "int8"] = _spec(
+        "fp32", "sampler precision: the torch dtype, or which exported ONNX file runs (int8: ONNX only)"
     )
 
 
@@ -260,7 +260,11 @@ class QualityConfig:
 class ExportConfig:
     """ONNX export of the dense and the compressed UNet."""
 
-    precisions: list[Literal["fp32", "fp16"]] = _spec(["fp32", "fp16"], "ONNX variants to write")
+    precisions: list[Literal["fp32", "fp16", "int8"]] = _spec(
+        ["fp32", "fp16"], "ONNX variants to write (int8: QDQ, quantized from fp32 with calibration)"
+    )
+    calibration_images: int = _spec(8, "int8: images whose sampler trajectory calibrates the ranges", ge=1)
+    calibration_steps: int = _spec(20, "int8: DDIM steps of that trajectory (every step is one input)", ge=1)
     trace_batch: int = _spec(2, "batch size of the tracing input (the batch axis stays dynamic)", ge=1)
     fold_constants: bool = _spec(True, "constant folding with Polygraphy")
     feature_reuse: bool = _spec(
@@ -282,6 +286,10 @@ class ParityConfig:
     sampler_steps: int = _spec(20, "DDIM steps in the sampler-level comparison", ge=1)
     min_psnr_fp32: float = _spec(40.0, "minimum sampler PSNR (dB), fp32", ge=0.0)
     min_psnr_fp16: float = _spec(30.0, "minimum sampler PSNR (dB), fp16", ge=0.0)
+    median_abs_int8: float = _spec(
+        0.05, "int8: maximum median abs error per call vs fp32 torch, on sampler-trajectory inputs", gt=0.0
+    )
+    min_psnr_int8: float = _spec(25.0, "minimum sampler PSNR (dB), int8", ge=0.0)
 
 
 @dataclass
@@ -316,7 +324,9 @@ class BenchConfig:
 class BuildConfig:
     """TensorRT engines for the dense and the compressed UNet (GPU hosts)."""
 
-    precision: Literal["fp16", "fp32"] = _spec("fp16", "engine precision")
+    precision: Literal["fp16", "fp32", "int8"] = _spec(
+        "fp16", "engine precision (the ONNX file it is built from; int8: the QDQ file, explicit quantization)"
+    )
     min_batch: int = _spec(1, "optimisation profile: smallest batch", ge=1)
     opt_batch: int = _spec(8, "optimisation profile: batch tuned for", ge=1)
     max_batch: int = _spec(64, "optimisation profile: largest batch", ge=1)
@@ -336,6 +346,7 @@ class AcceptanceConfig:
         "torch-fp16+cudagraph",
         "torch-fp16+compile",
         "onnxruntime",
+        "onnxruntime-int8",
         "tensorrt",
         "tensorrt+cudagraph",
     ] = _spec("onnxruntime", "bench variant the latency gates read (GPU hosts: torch-fp16+cudagraph, ...)")
@@ -396,6 +407,8 @@ class RunConfig:
     def check(self) -> None:
         """Cross-field rules that single-field checks cannot express."""
         variants = [str(v) for v in self.bench.sampler_variants()]  # each parsed, errors name the entry
+        if "int8" in self.export.precisions and "fp32" not in self.export.precisions:
+            raise ConfigError("export.precisions: int8 is quantized from the fp32 export; list fp32 too")
         if self.acceptance.variant is not None:
             wanted = str(SamplerVariant.parse(self.acceptance.variant, "acceptance.variant"))
             if wanted not in variants:

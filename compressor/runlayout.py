@@ -20,6 +20,7 @@ finished runs without importing the pipeline. What the files hold is read throug
     RUN/samples/grid.png, RUN/quality/samples.safetensors, RUN/report/report.{md,html}
     RUN/plan/plan.{json,md,png}           ``compress-deploy plan`` (the latency plan)
     RUN/ablation/<variant>/               ``compress-deploy ablate``'s nested runs
+    RUN/levers/levers.{json,md}           ``scripts/levers_table.py`` (each lever, alone and stacked)
 
     <model folder>/unet.safetensors       weights
     <model folder>/unet.json              the structure file: dense config + pruning history
@@ -76,6 +77,11 @@ def diffusers_dir(run: Path) -> Path:
 def ablation_dir(run: Path) -> Path:
     """Where ``compress-deploy ablate`` keeps its nested runs."""
     return Path(run) / ABLATION
+
+
+def levers_dir(run: Path) -> Path:
+    """Where ``scripts/levers_table.py`` writes the levers table."""
+    return Path(run) / "levers"
 
 
 def plan_dir(run: Path) -> Path:

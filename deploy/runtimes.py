@@ -286,7 +286,10 @@ def _load_torch(
     unet, file, run_dir, model, precision, device, threads, cuda_graph, compile, level
 ) -> Backend:
     if precision not in DTYPES:
-        raise UserError(f"torch backend: precision {precision!r}; choose one of {', '.join(DTYPES)}")
+        raise UserError(
+            f"torch backend: precision {precision!r}; choose one of {', '.join(DTYPES)} "
+            "(int8 runs on onnxruntime or tensorrt)"
+        )
     if unet is None:
         if file is not None:
             from compressor.persist import load_unet
@@ -341,6 +344,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "torch-fp16+cudagraph": ("torch", {"precision": "fp16", "cuda_graph": True}),
     "torch-fp16+compile": ("torch", {"precision": "fp16", "compile": True}),
     "onnxruntime": ("onnxruntime", {}),
+    "onnxruntime-int8": ("onnxruntime", {"precision": "int8"}),
     "tensorrt": ("tensorrt", {}),
     "tensorrt+cudagraph": ("tensorrt", {"cuda_graph": True}),
 }

@@ -82,7 +82,9 @@ def test_cache_interval_one_is_the_plain_sampler_exactly(tiny_unet):
     assert isinstance(reuse, ReusePredictor)
     assert torch.equal(generate(reuse, sched, (3, 16, 16), 3, 8, seed=4, cache_interval=1), plain)
     cached = generate(reuse, sched, (3, 16, 16), 3, 8, seed=4, cache_interval=3)
-    assert not torch.equal(cached, plain)  # the shallow passes really ran (random weights: no closeness claim)
+    assert not torch.equal(
+        cached, plain
+    )  # the shallow passes really ran (random weights: no closeness claim)
 
 
 def test_the_loop_calls_the_full_pass_only_at_the_scheduled_steps(tiny_unet):
@@ -184,5 +186,58 @@ def test_every_lever_on_a_pruned_run_bench_rows_parity_and_sample(tmp_path, caps
                 "--cache-interval", "2", "--num-images", "2", "--out", str(out)]  # fmt: skip
         assert main(argv) == 0, capsys.readouterr().err
         assert out.is_file()
-    assert main(["sample", str(run), "--precision", "int8"]) == 2
-    assert "--precision: expected one of 'fp32', 'fp16'" in capsys.readouterr().err
+    assert main(["sample", str(run), "--backend", "onnxruntime", "--precision", "int8"]) == 2
+    assert "unet.int8.onnx not found" in capsys.readouterr().err  # int8 not exported by this run
+    assert main(["sample", str(run), "--precision", "int8"]) == 2  # torch has no int8
+    assert "int8 runs on onnxruntime or tensorrt" in capsys.readouterr().err
+
+
+def test_int8_qdq_model_is_calibrated_on_the_sampler_trajectory_and_keeps_norms_in_float(tmp_path, tiny_unet):
+    import onnx
+
+    from export.quantize import calibration_inputs, quantize_unet
+
+    fp32 = tmp_path / "unet.fp32.onnx"
+    export_unet(tiny_unet, fp32, "fp32")
+    ddim = make_scheduler("ddim", DDPM_SCHEDULER)
+    feeds = calibration_inputs(tiny_unet, ddim, (3, 16, 16), 4, 10)
+    assert len(feeds) == 10 and all(f["sample"].shape == (4, 3, 16, 16) for f in feeds)
+    expected = sorted(int(t) for t in _timesteps(ddim, 10))
+    assert sorted(int(f["timestep"][0]) for f in feeds) == expected  # every step the sampler visits
+    info = quantize_unet(fp32, tmp_path / "unet.int8.onnx", feeds)
+    assert info["calibration_inputs"] == 40 and info["dequantize_nodes"] > 0 and info["kept_in_float"] > 0
+    graph = onnx.load(str(tmp_path / "unet.int8.onnx")).graph
+    consumers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+    weights = {i.name for i in graph.initializer}
+    dq = [n for n in graph.node if n.op_type == "DequantizeLinear"]
+    weight_users = {op for n in dq if n.input[0] in weights for op in consumers.get(n.output[0], [])}
+    assert weight_users <= {"Conv", "MatMul"}, weight_users  # int8 weights only where asked
+    fed = {op for n in dq for op in consumers.get(n.output[0], [])}
+    assert "Gemm" not in fed  # the time embedding and its projections stay float
+    source = onnx.load(str(fp32)).graph
+    for op in ("InstanceNormalization", "Softmax", "Sigmoid"):  # computed in float, as in fp32
+        assert sum(n.op_type == op for n in graph.node) == sum(n.op_type == op for n in source.node), op
+    got = onnxruntime_backend_for(tmp_path / "unet.int8.onnx")
+    held_out = calibration_inputs(tiny_unet, ddim, (3, 16, 16), 2, 10, seed=99)
+    errors = []
+    for feed in held_out:
+        x, t = torch.from_numpy(feed["sample"]), torch.from_numpy(feed["timestep"])
+        errors.append(float((got(x, t) - as_noise_predictor(tiny_unet)(x, t)).abs().median()))
+    assert np.median(errors) <= 0.05  # parity.median_abs_int8's default
+
+
+def _timesteps(scheduler, steps: int):
+    import copy
+
+    s = copy.deepcopy(scheduler)
+    s.set_timesteps(steps)
+    return s.timesteps
+
+
+def onnxruntime_backend_for(path):
+    from deploy.runtimes import onnxruntime_backend
+
+    return onnxruntime_backend(path).predict

@@ -34,6 +34,8 @@ def variant_labels(ctx: RunContext, kind: str) -> list[str]:
         return labels
     if kind == "tensorrt":
         return ["tensorrt", "tensorrt+cudagraph"] if ctx.cfg.build.cuda_graphs else ["tensorrt"]
+    if kind == "onnxruntime" and "int8" in ctx.cfg.export.precisions:
+        return ["onnxruntime", "onnxruntime-int8"]
     return [kind]
 
 
@@ -57,7 +59,10 @@ def load_backends(
     if kind == "onnxruntime" and cache_level is not None and not ctx.cfg.export.feature_reuse:
         return {}, "feature reuse on ONNX Runtime needs the exported passes (set export.feature_reuse=true)"
     variants = {}
-    for label in variant_labels(ctx, kind):
+    labels = variant_labels(ctx, kind)
+    if cache_level is not None:  # the feature-reuse passes are exported in fp32/fp16 only
+        labels = [label for label in labels if VARIANTS[label][1].get("precision") != "int8"]
+    for label in labels:
         variants[label] = {
             m: load_variant(
                 label,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from compressor import runlayout
 from compressor.persist import load_unet
+from compressor.sampling import make_scheduler
 from export.onnx_export import export_unet
 from export.parity import quiet_polygraphy
+from export.quantize import calibration_inputs, quantize_unet
 from pipeline.context import RunContext, StageResult, log
 
 SECTIONS = ["export"]
@@ -14,8 +16,11 @@ ENVIRONMENT = ["torch", "onnx"]
 
 
 def key_extra(ctx: RunContext) -> dict:
-    """With feature reuse the split level (from the sample section) decides the two passes' graphs."""
-    return {"sample.cache_level": ctx.cfg.sample.cache_level} if ctx.cfg.export.feature_reuse else {}
+    """Settings of other sections the files depend on: the split level, the calibration seeds."""
+    extra = {"sample.cache_level": ctx.cfg.sample.cache_level} if ctx.cfg.export.feature_reuse else {}
+    if "int8" in ctx.cfg.export.precisions:
+        extra["sample.seed"] = ctx.cfg.sample.seed
+    return extra
 
 
 def parts(ctx: RunContext) -> list[str]:
@@ -32,7 +37,7 @@ def run(ctx: RunContext) -> StageResult:
     quiet_polygraphy()
     files, facts = [], {}
     for model, unet in models.items():
-        for precision in cfg.precisions:
+        for precision in [p for p in cfg.precisions if p != "int8"]:
             for part in parts(ctx):
                 path = runlayout.onnx_path(ctx.run_dir, model, precision, part, level)
                 info = export_unet(unet, path, precision, cfg.trace_batch, cfg.fold_constants, part, level)
@@ -46,4 +51,24 @@ def run(ctx: RunContext) -> StageResult:
                 files.append(path)
                 if info["external_data"]:
                     files.append(path.with_name(path.name + ".data"))
+        if "int8" in cfg.precisions:
+            facts[f"{model}.int8"] = _quantize(ctx, model, unet)
+            files.append(runlayout.onnx_path(ctx.run_dir, model, "int8"))
     return StageResult({"files": facts, "compressed_from": source}, files)
+
+
+def _quantize(ctx: RunContext, model: str, unet) -> dict:
+    """``unet.int8.onnx`` from the fp32 export, calibrated on the model's own sampler trajectory."""
+    cfg = ctx.cfg.export
+    scheduler = make_scheduler("ddim", ctx.dense.scheduler_config)
+    feeds = calibration_inputs(
+        unet, scheduler, ctx.image_shape(), cfg.calibration_images, cfg.calibration_steps, ctx.cfg.sample.seed
+    )
+    path = runlayout.onnx_path(ctx.run_dir, model, "int8")
+    info = quantize_unet(runlayout.onnx_path(ctx.run_dir, model, "fp32"), path, feeds)
+    log(
+        "export",
+        f"{model} int8: {info['dequantize_nodes']} Q/DQ pairs, calibrated on {info['calibration_inputs']} "
+        f"inputs at {len(info['calibration_timesteps'])} timesteps, {info['export_seconds']:.1f} s",
+    )
+    return info

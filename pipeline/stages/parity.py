@@ -38,6 +38,27 @@ def _sampler_images(ctx: RunContext, predict, scheduler, device: str = "cpu", ca
     )
 
 
+def _tolerances(ctx: RunContext, precision: str, unet, scheduler, feeds: list[dict]):
+    """(atol, rtol, min sampler PSNR, feeds) of one precision's per-call check.
+
+    int8 is checked on the inputs the sampler really produces (the trajectory of seeds other
+    than the calibration's: random noise at a low timestep lies outside every calibrated
+    range), elementwise only for the record (atol/rtol infinite) and gated on the median abs error.
+    """
+    cfg = ctx.cfg.parity
+    if precision == "int8":
+        from export.quantize import calibration_inputs
+
+        seed = ctx.cfg.sample.seed + 1000
+        held_out = calibration_inputs(
+            unet, scheduler, ctx.image_shape(), max(cfg.batches), cfg.sampler_steps, seed
+        )
+        return float("inf"), float("inf"), cfg.min_psnr_int8, held_out
+    if precision == "fp16":
+        return cfg.atol_fp16, cfg.rtol_fp16, cfg.min_psnr_fp16, feeds
+    return cfg.atol_fp32, cfg.rtol_fp32, cfg.min_psnr_fp32, feeds
+
+
 def reuse_interval(ctx: RunContext) -> int:
     """The cache interval the passes' sampler parity runs at (the run's, or 3 when it is off)."""
     return ctx.cfg.sample.cache_interval if ctx.cfg.sample.cache_interval > 1 else 3
@@ -143,12 +164,13 @@ def run(ctx: RunContext) -> StageResult:
         reference = _sampler_images(ctx, load_backend("torch", unet=unet).predict, scheduler)
         for precision in ctx.cfg.export.precisions:
             path = runlayout.onnx_path(ctx.run_dir, model, precision)
-            atol, rtol = (
-                (cfg.atol_fp16, cfg.rtol_fp16) if precision == "fp16" else (cfg.atol_fp32, cfg.rtol_fp32)
-            )
-            min_psnr = cfg.min_psnr_fp16 if precision == "fp16" else cfg.min_psnr_fp32
+            atol, rtol, min_psnr, these = _tolerances(ctx, precision, unet, scheduler, feeds)
             runner = make_onnxrt_runner(path, f"onnxruntime-{model}-{precision}")
-            report = compare([make_torch_runner(unet, f"torch-{model}-fp32"), runner], feeds, atol, rtol)[0]
+            report = compare([make_torch_runner(unet, f"torch-{model}-fp32"), runner], these, atol, rtol)[0]
+            gate = f"atol {atol}, rtol {rtol}"
+            if precision == "int8":  # a few outliers are int8's nature: the typical error is gated
+                report.passed = report.median_abs_error <= cfg.median_abs_int8
+                gate = f"median abs <= {cfg.median_abs_int8}"
             backend = load_backend("onnxruntime", file=path)
             images = _sampler_images(ctx, backend.predict, scheduler)
             sampler_psnr = psnr(images, reference)
@@ -167,13 +189,13 @@ def run(ctx: RunContext) -> StageResult:
                 f"{model} {precision}: max abs {report.max_abs_error:.2e}, "
                 f"median {report.median_abs_error:.2e}, "
                 f"cosine {report.min_cosine:.6f}, sampler PSNR {sampler_psnr:.1f} dB "
-                f"-> {'PASS' if row['passed'] else 'FAIL'} (atol {atol}, rtol {rtol}, PSNR >= {min_psnr})",
+                f"-> {'PASS' if row['passed'] else 'FAIL'} ({gate}, PSNR >= {min_psnr})",
             )
             if not row["passed"]:
                 failures.append(
                     f"{model} {precision} (max abs {report.max_abs_error:.2e}, PSNR {sampler_psnr:.1f} dB)"
                 )
-            if ctx.cfg.export.feature_reuse:
+            if ctx.cfg.export.feature_reuse and precision != "int8":
                 for row in _reuse_parity(ctx, model, unet, precision, scheduler):
                     rows.append(row)
                     if not row["passed"]:

@@ -1,0 +1,172 @@
+"""Each lever alone on the dense model and stacked on the pruned one: latency vs dense DDIM 50, quality.
+
+    python scripts/levers_table.py CONFIG [key=value ...] [--run-dir RUN] [--backend onnxruntime]
+                                   [--batches 1,16] [--samples 256] [--repeat 3] [--threads N]
+
+Needs a finished run (prune, finetune, export with ``export.feature_reuse=true``):
+
+    compress-deploy configs/demo.yaml export.feature_reuse=true
+    python scripts/levers_table.py configs/demo.yaml export.feature_reuse=true
+
+For every configuration (model, scheduler, steps, cache interval) it times the whole
+sampler on ``--backend`` alternately with the dense model's DDIM 50 sampler in the same
+process (medians of ``--repeat`` runs; speed-up = dense DDIM 50 ms / this ms) and scores
+``--samples`` images from the quality stage's seeds in torch fp32 (an fp32 sampler's images
+do not depend on the backend): the Frechet distance with the quality stage's features and
+SSIM against dense DDIM 50's images from the same seeds. Writes RUN/levers/levers.{json,md}
+and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from compressor import runlayout  # noqa: E402
+from compressor.config import SamplerVariant, load_config  # noqa: E402
+from compressor.data import stack  # noqa: E402
+from compressor.persist import load_unet  # noqa: E402
+from compressor.quality import frechet_distance, ssim  # noqa: E402
+from compressor.records import final_model_dir  # noqa: E402
+from compressor.sampling import generate, make_scheduler  # noqa: E402
+from deploy.bench import percentile_ms, sampler_call, time_alternating  # noqa: E402
+from deploy.runtimes import load_backend  # noqa: E402
+from pipeline.context import RunContext  # noqa: E402
+from pipeline.stages.quality import feature_network  # noqa: E402
+
+REFERENCE = ("dense", SamplerVariant("ddim", 50))
+DENSE = ["ddim:25", "ddim:10", "dpmsolver++:20", "dpmsolver++:10", "ddim:50:2", "ddim:50:3", "ddim:50:5"]
+PRUNED = [
+    "ddim:50",
+    "ddim:25",
+    "ddim:10",
+    "dpmsolver++:20",
+    "dpmsolver++:10",
+    "unipc:10",
+    "dpmsolver++:20:2",
+    "dpmsolver++:20:3",
+    "dpmsolver++:10:2",
+    "ddim:25:3",
+]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--run-dir", type=Path)
+    parser.add_argument("--backend", default="onnxruntime")
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int)
+    args = parser.parse_intermixed_args()
+    cfg = load_config(args.config, args.overrides)
+    run = args.run_dir or Path("runs") / cfg.name
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ctx = RunContext(cfg, run)
+    level = cfg.sample.cache_level
+    shape = ctx.image_shape()
+    configs = [REFERENCE] + [("dense", SamplerVariant.parse(v)) for v in DENSE]
+    configs += [("pruned", SamplerVariant.parse(v)) for v in PRUNED]
+    sched_cfg = ctx.dense.scheduler_config
+    pruned_unet = load_unet(final_model_dir(run)[1])[0]
+    torch_models = {"dense": ctx.dense.unet, "pruned": pruned_unet}
+
+    def backend(model: str, reuse: bool, name: str):
+        return load_backend(
+            name,
+            unet=torch_models[model] if name == "torch" else None,
+            run_dir=run,
+            model=model,
+            threads=args.threads,
+            cache_level=level if reuse else None,
+        ).predict
+
+    deployed = {(m, r): backend(m, r, args.backend) for m in ("dense", "pruned") for r in (False, True)}
+    scored = {(m, r): backend(m, r, "torch") for m in ("dense", "pruned") for r in (False, True)}
+
+    feature, metric = feature_network(ctx)
+    reference_images = (stack(ctx.dataset, cfg.quality.num_reference) + 1) / 2
+    images = {}
+    rows = []
+    for model, v in configs:
+        predict = scored[(model, v.cache_interval > 1)]
+        images[(model, str(v))] = generate(
+            predict,
+            make_scheduler(v.scheduler, sched_cfg),
+            shape,
+            args.samples,
+            v.steps,
+            seed=cfg.sample.seed,
+            batch_size=cfg.sample.batch_size,
+            cache_interval=v.cache_interval,
+            cache_schedule=cfg.sample.cache_schedule,
+        )
+    ref_images = images[(REFERENCE[0], str(REFERENCE[1]))]
+    fd_ref = frechet_distance(reference_images, ref_images, feature)
+    for model, v in configs:
+        imgs = images[(model, str(v))]
+        row = {
+            "model": model,
+            "variant": str(v),
+            "scheduler": v.scheduler,
+            "steps": v.steps,
+            "cache_interval": v.cache_interval,
+            "precision": "fp32",
+            metric: frechet_distance(reference_images, imgs, feature),
+            "ssim_vs_dense_ddim50": None if (model, v) == REFERENCE else ssim(imgs, ref_images),
+        }
+        row["fd_ratio"] = row[metric] / fd_ref
+        for batch in [int(b) for b in args.batches.split(",")]:
+            ref_call = sampler_call(
+                deployed[("dense", False)], make_scheduler("ddim", sched_cfg), shape, batch, 50, "cpu"
+            )
+            call = sampler_call(
+                deployed[(model, v.cache_interval > 1)],
+                make_scheduler(v.scheduler, sched_cfg),
+                shape,
+                batch,
+                v.steps,
+                "cpu",
+                v.cache_interval,
+            )
+            times = time_alternating({"reference": ref_call, "candidate": call}, 1, args.repeat)
+            ref_ms, ms = percentile_ms(times["reference"])[0], percentile_ms(times["candidate"])[0]
+            row[f"ms_b{batch}"] = ms
+            row[f"speedup_b{batch}"] = ref_ms / ms
+        rows.append(row)
+        shown = ", ".join(f"{k} {v:.3g}" for k, v in row.items() if isinstance(v, float))
+        print(f"{model} {v}: {shown}", file=sys.stderr, flush=True)
+    batches = [int(b) for b in args.batches.split(",")]
+    header = ["model", "sampler", "cache interval"]
+    header += [f"ms (batch {b})" for b in batches] + [f"speed-up (batch {b})" for b in batches]
+    header += [metric, "Frechet ratio", "SSIM vs dense DDIM 50"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [r["model"], f"{r['scheduler']} {r['steps']}", str(r["cache_interval"])]
+        cells += [f"{r[f'ms_b{b}']:.1f}" for b in batches] + [f"{r[f'speedup_b{b}']:.2f}x" for b in batches]
+        ssim_text = "-" if r["ssim_vs_dense_ddim50"] is None else f"{r['ssim_vs_dense_ddim50']:.3f}"
+        cells += [f"{r[metric]:.1f}", f"{r['fd_ratio']:.2f}", ssim_text]
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    out = runlayout.levers_dir(run)
+    out.mkdir(parents=True, exist_ok=True)
+    facts = {"backend": args.backend, "threads": torch.get_num_threads(), "samples": args.samples}
+    (out / "levers.json").write_text(json.dumps({**facts, "rows": rows}, indent=1))
+    (out / "levers.md").write_text(f"# Levers on {cfg.name} ({args.backend})\n\n{table}\n")
+    print(table)
+    print(f"wrote {out / 'levers.md'} and levers.json", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
