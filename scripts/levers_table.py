@@ -5,8 +5,9 @@
 
 Needs a finished run (prune, finetune, export with ``export.feature_reuse=true``):
 
-    compress-deploy configs/demo.yaml export.feature_reuse=true
-    python scripts/levers_table.py configs/demo.yaml export.feature_reuse=true
+    LEVERS='export.feature_reuse=true export.precisions=[fp32,fp16,int8]'
+    compress-deploy configs/demo.yaml $LEVERS
+    python scripts/levers_table.py configs/demo.yaml $LEVERS
 
 For every configuration (model, scheduler, steps, cache interval) it times the whole
 sampler on ``--backend`` alternately with the dense model's DDIM 50 sampler in the same
@@ -41,7 +42,7 @@ from deploy.runtimes import load_backend  # noqa: E402
 from pipeline.context import RunContext  # noqa: E402
 from pipeline.stages.quality import feature_network  # noqa: E402
 
-REFERENCE = ("dense", SamplerVariant("ddim", 50))
+REFERENCE = ("dense", SamplerVariant("ddim", 50), "fp32")
 DENSE = ["ddim:25", "ddim:10", "dpmsolver++:20", "dpmsolver++:10", "ddim:50:2", "ddim:50:3", "ddim:50:5"]
 PRUNED = [
     "ddim:50",
@@ -55,6 +56,7 @@ PRUNED = [
     "dpmsolver++:10:2",
     "ddim:25:3",
 ]
+INT8 = [("dense", "ddim:50"), ("pruned", "dpmsolver++:10"), ("pruned", "dpmsolver++:20")]  # int8 rows
 
 
 def main() -> int:
@@ -75,32 +77,38 @@ def main() -> int:
     ctx = RunContext(cfg, run)
     level = cfg.sample.cache_level
     shape = ctx.image_shape()
-    configs = [REFERENCE] + [("dense", SamplerVariant.parse(v)) for v in DENSE]
-    configs += [("pruned", SamplerVariant.parse(v)) for v in PRUNED]
+    configs = [REFERENCE] + [("dense", SamplerVariant.parse(v), "fp32") for v in DENSE]
+    configs += [("pruned", SamplerVariant.parse(v), "fp32") for v in PRUNED]
+    if "int8" in cfg.export.precisions:
+        configs += [(m, SamplerVariant.parse(v), "int8") for m, v in INT8]
     sched_cfg = ctx.dense.scheduler_config
     pruned_unet = load_unet(final_model_dir(run)[1])[0]
     torch_models = {"dense": ctx.dense.unet, "pruned": pruned_unet}
 
-    def backend(model: str, reuse: bool, name: str):
+    def backend(model: str, reuse: bool, name: str, precision: str = "fp32"):
         return load_backend(
             name,
             unet=torch_models[model] if name == "torch" else None,
             run_dir=run,
             model=model,
             threads=args.threads,
+            precision=precision,
             cache_level=level if reuse else None,
         ).predict
 
-    deployed = {(m, r): backend(m, r, args.backend) for m in ("dense", "pruned") for r in (False, True)}
-    scored = {(m, r): backend(m, r, "torch") for m in ("dense", "pruned") for r in (False, True)}
+    keys = [(m, r, "fp32") for m in ("dense", "pruned") for r in (False, True)]
+    keys += [(m, False, "int8") for m in ("dense", "pruned") if "int8" in cfg.export.precisions]
+    deployed = {k: backend(k[0], k[1], args.backend, k[2]) for k in keys}
+    # fp32 images do not depend on the backend: scored in torch; int8 through the backend that runs it
+    scored = {k: backend(k[0], k[1], "torch") if k[2] == "fp32" else deployed[k] for k in keys}
 
     feature, metric = feature_network(ctx)
     reference_images = (stack(ctx.dataset, cfg.quality.num_reference) + 1) / 2
     images = {}
     rows = []
-    for model, v in configs:
-        predict = scored[(model, v.cache_interval > 1)]
-        images[(model, str(v))] = generate(
+    for model, v, precision in configs:
+        predict = scored[(model, v.cache_interval > 1, precision)]
+        images[(model, str(v), precision)] = generate(
             predict,
             make_scheduler(v.scheduler, sched_cfg),
             shape,
@@ -111,27 +119,27 @@ def main() -> int:
             cache_interval=v.cache_interval,
             cache_schedule=cfg.sample.cache_schedule,
         )
-    ref_images = images[(REFERENCE[0], str(REFERENCE[1]))]
+    ref_images = images[(REFERENCE[0], str(REFERENCE[1]), REFERENCE[2])]
     fd_ref = frechet_distance(reference_images, ref_images, feature)
-    for model, v in configs:
-        imgs = images[(model, str(v))]
+    for model, v, precision in configs:
+        imgs = images[(model, str(v), precision)]
         row = {
             "model": model,
             "variant": str(v),
             "scheduler": v.scheduler,
             "steps": v.steps,
             "cache_interval": v.cache_interval,
-            "precision": "fp32",
+            "precision": precision,
             metric: frechet_distance(reference_images, imgs, feature),
-            "ssim_vs_dense_ddim50": None if (model, v) == REFERENCE else ssim(imgs, ref_images),
+            "ssim_vs_dense_ddim50": None if (model, v, precision) == REFERENCE else ssim(imgs, ref_images),
         }
         row["fd_ratio"] = row[metric] / fd_ref
         for batch in [int(b) for b in args.batches.split(",")]:
             ref_call = sampler_call(
-                deployed[("dense", False)], make_scheduler("ddim", sched_cfg), shape, batch, 50, "cpu"
+                deployed[("dense", False, "fp32")], make_scheduler("ddim", sched_cfg), shape, batch, 50, "cpu"
             )
             call = sampler_call(
-                deployed[(model, v.cache_interval > 1)],
+                deployed[(model, v.cache_interval > 1, precision)],
                 make_scheduler(v.scheduler, sched_cfg),
                 shape,
                 batch,
@@ -145,14 +153,14 @@ def main() -> int:
             row[f"speedup_b{batch}"] = ref_ms / ms
         rows.append(row)
         shown = ", ".join(f"{k} {v:.3g}" for k, v in row.items() if isinstance(v, float))
-        print(f"{model} {v}: {shown}", file=sys.stderr, flush=True)
+        print(f"{model} {v} {precision}: {shown}", file=sys.stderr, flush=True)
     batches = [int(b) for b in args.batches.split(",")]
-    header = ["model", "sampler", "cache interval"]
+    header = ["model", "sampler", "cache interval", "precision"]
     header += [f"ms (batch {b})" for b in batches] + [f"speed-up (batch {b})" for b in batches]
     header += [metric, "Frechet ratio", "SSIM vs dense DDIM 50"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = [r["model"], f"{r['scheduler']} {r['steps']}", str(r["cache_interval"])]
+        cells = [r["model"], f"{r['scheduler']} {r['steps']}", str(r["cache_interval"]), r["precision"]]
         cells += [f"{r[f'ms_b{b}']:.1f}" for b in batches] + [f"{r[f'speedup_b{b}']:.2f}x" for b in batches]
         ssim_text = "-" if r["ssim_vs_dense_ddim50"] is None else f"{r['ssim_vs_dense_ddim50']:.3f}"
         cells += [f"{r[metric]:.1f}", f"{r['fd_ratio']:.2f}", ssim_text]
