@@ -41,27 +41,59 @@ def run(ctx: RunContext) -> StageResult:
     """Sample every model of the run from the same seeds and score them."""
     cfg = ctx.cfg.quality
     feature, metric = feature_network(ctx)
-    fd_note = None
-    if metric == "fid":  # find out before sampling whether FID can run at all
-        reason = inception_unavailable(cfg.inception_weights)
-        if reason and cfg.require_fid:
-            raise UserError(
-                f"quality.require_fid is set but FID cannot run ({reason}); install the `fid` extra and set "
-                "quality.inception_weights to a local Inception weights file"
-            )
-        fd_note = f"fid unavailable: {reason}" if reason else None
-    steps = cfg.steps or ctx.cfg.sample.steps
-    scheduler = make_scheduler(ctx.cfg.sample.scheduler, ctx.dense.scheduler_config)
+    fd_note = _frechet_note(ctx, metric)
+    predictors = _predictors(ctx, _models(ctx))
+    samples = {label: _sample(ctx, label, predict) for label, predict in predictors.items()}
+    reference = (stack(ctx.dataset, cfg.num_reference) + 1) / 2
+    results = _score(ctx, samples, reference, feature, metric, fd_note)
+    metrics = {
+        "models": results,
+        "num_samples": cfg.num_samples,
+        "num_reference": int(reference.shape[0]),
+        "steps": cfg.steps or ctx.cfg.sample.steps,
+        "scheduler": ctx.cfg.sample.scheduler,
+        "cache_interval": ctx.cfg.sample.cache_interval,
+        "backend": cfg.backend,
+        "frechet_metric": metric,
+        "frechet_note": fd_note,
+    }
+    if metric == "fd_digits" and reference.shape[0] >= 4:
+        half = reference.shape[0] // 2
+        metrics["fd_digits_real_floor"] = frechet_distance(reference[:half], reference[half:], feature)
+    return StageResult(metrics, [_save(ctx, samples)])
+
+
+def _frechet_note(ctx: RunContext, metric: str) -> str | None:
+    """Why FID cannot run (None when it can); UserError when it must (``quality.require_fid``)."""
+    cfg = ctx.cfg.quality
+    if metric != "fid":
+        return None
+    reason = inception_unavailable(cfg.inception_weights)
+    if reason and cfg.require_fid:
+        raise UserError(
+            f"quality.require_fid is set but FID cannot run ({reason}); install the `fid` extra and set "
+            "quality.inception_weights to a local Inception weights file"
+        )
+    return f"fid unavailable: {reason}" if reason else None
+
+
+def _models(ctx: RunContext) -> dict:
+    """Label -> torch UNet: dense, pruned, finetuned and (``compare_raw``) finetune's raw weights."""
     models = {"dense": ctx.dense_on()}
     for stage, label in MODEL_LABELS.items():
         if ctx.record(stage):
             models[label] = load_unet(runlayout.model_dir(ctx.run_dir, stage), ctx.device)[0]
     raw = runlayout.model_dir(ctx.run_dir, "finetune", raw=True)
-    if cfg.compare_raw and ctx.record("finetune") and raw.is_dir():
+    if ctx.cfg.quality.compare_raw and ctx.record("finetune") and raw.is_dir():
         # the raw (non-EMA) weights too, to show which copy is the better one
         models["finetuned (raw)"] = load_unet(raw, ctx.device)[0]
     if len(models) == 1:
         ctx.require("prune", "quality")
+    return models
+
+
+def _predictors(ctx: RunContext, models: dict) -> dict:
+    """Label -> noise predictor: torch (two passes with feature reuse), or the deployed backend."""
     sample = ctx.cfg.sample
     level = sample.cache_level if sample.cache_interval > 1 else None
     predictors = {
@@ -70,64 +102,62 @@ def run(ctx: RunContext) -> StageResult:
         else as_noise_predictor(unet)
         for label, unet in models.items()
     }
-    if cfg.backend != "torch":
+    if ctx.cfg.quality.backend != "torch":
         # the deployed sampler: dense and final compressed model served by the chosen backend
         final = "finetuned" if "finetuned" in models else "pruned"
         for label, model in (("dense", "dense"), (final, "pruned")):
-            predictors[label] = _deployed(ctx, cfg.backend, model).predict
-    samples = {}
-    for label, predict in predictors.items():
-        reuse = f", cache interval {sample.cache_interval}" if level is not None else ""
-        log(
-            "quality",
-            f"sampling {cfg.num_samples} images from the {label} model "
-            f"({sample.scheduler} {steps} steps{reuse})",
-        )
-        samples[label] = generate(
-            predict,
-            scheduler,
-            ctx.image_shape(),
-            cfg.num_samples,
-            steps,
-            ctx.cfg.sample.eta,
-            ctx.cfg.sample.seed,
-            ctx.cfg.sample.batch_size,
-            ctx.device,
-            cache_interval=sample.cache_interval,
-            cache_schedule=sample.cache_schedule,
-        )
-    reference = (stack(ctx.dataset, cfg.num_reference) + 1) / 2
+            predictors[label] = _deployed(ctx, ctx.cfg.quality.backend, model).predict
+    return predictors
+
+
+def _sample(ctx: RunContext, label: str, predict):
+    """``quality.num_samples`` images of one model from the run's seeds, with the run's sampler."""
+    cfg, sample = ctx.cfg.quality, ctx.cfg.sample
+    steps = cfg.steps or sample.steps
+    reuse = f", cache interval {sample.cache_interval}" if sample.cache_interval > 1 else ""
+    log(
+        "quality",
+        f"sampling {cfg.num_samples} images from the {label} model ({sample.scheduler} {steps} steps{reuse})",
+    )
+    return generate(
+        predict,
+        make_scheduler(sample.scheduler, ctx.dense.scheduler_config),
+        ctx.image_shape(),
+        cfg.num_samples,
+        steps,
+        sample.eta,
+        sample.seed,
+        sample.batch_size,
+        ctx.device,
+        cache_interval=sample.cache_interval,
+        cache_schedule=sample.cache_schedule,
+    )
+
+
+def _score(ctx: RunContext, samples: dict, reference, feature, metric: str, fd_note: str | None) -> dict:
+    """SSIM and PSNR against dense from the same seeds, and each model's Frechet distance."""
     results: dict[str, dict] = {label: {} for label in samples}
     for label, imgs in samples.items():
         if label != "dense":
             results[label]["ssim_vs_dense"] = ssim(imgs, samples["dense"])
             results[label]["psnr_vs_dense"] = psnr(imgs, samples["dense"])
         results[label][metric] = (
-            None if fd_note else frechet_distance(reference, imgs, feature, cfg.inception_weights)
+            None if fd_note else frechet_distance(reference, imgs, feature, ctx.cfg.quality.inception_weights)
         )
-    metrics = {
-        "models": results,
-        "num_samples": cfg.num_samples,
-        "num_reference": int(reference.shape[0]),
-        "steps": steps,
-        "scheduler": ctx.cfg.sample.scheduler,
-        "cache_interval": sample.cache_interval,
-        "backend": cfg.backend,
-        "frechet_metric": metric,
-        "frechet_note": fd_note,
-    }
-    if metric == "fd_digits" and reference.shape[0] >= 4:
-        half = reference.shape[0] // 2
-        metrics["fd_digits_real_floor"] = frechet_distance(reference[:half], reference[half:], feature)
     for label, vals in results.items():
         shown = ", ".join(f"{k} {v:.4g}" for k, v in vals.items() if isinstance(v, float))
         log("quality", f"{label}: {shown or 'no figures'}")
     if fd_note:
         log("quality", fd_note)
-    ctx.stage_dir("quality")
-    path = runlayout.quality_samples(ctx.run_dir)
+    return results
+
+
+def _save(ctx: RunContext, samples: dict):
+    """Every model's samples in ``RUN/quality/samples.safetensors`` (atomically)."""
     from safetensors.torch import save_file
 
+    ctx.stage_dir("quality")
+    path = runlayout.quality_samples(ctx.run_dir)
     save_file({k: v.contiguous() for k, v in samples.items()}, str(path.with_suffix(".tmp")))
     path.with_suffix(".tmp").replace(path)
-    return StageResult(metrics, [path])
+    return path
