@@ -124,6 +124,22 @@ def test_a_default_serve_listens_on_loopback_only(served):
         assert listening_addresses(port) == {"127.0.0.1"}, (port, listening_addresses(port))
 
 
+def test_a_request_may_choose_the_solver(served):
+    from deploy.sampler import load_sampler
+
+    run, _, http, _ = served
+    local = load_sampler(run, backend="onnxruntime")(num_images=2, steps=4, seed=3, scheduler="dpmsolver++")
+    solver = {"name": "scheduler", "shape": [2, 1], "datatype": "BYTES", "data": ["dpmsolver++"] * 2}
+    code, reply = infer(http, "sampler", [seed_input([3, 4]), steps_input(4, 2), solver])
+    assert code == 200, reply
+    assert np.abs(image_of(reply) - local.numpy()).max() <= 1e-5
+    ddim = load_sampler(run, backend="onnxruntime")(num_images=2, steps=4, seed=3)
+    assert np.abs(image_of(reply) - ddim.numpy()).max() > 1e-3  # the request's solver, not the default
+    bad = {**solver, "data": ["euler"] * 2}
+    code, reply = infer(http, "sampler", [seed_input([3, 4]), bad])
+    assert code != 200 and "scheduler must be one of" in json.dumps(reply)
+
+
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_served_images_equal_local_sampling_and_ignore_batching(served, eta):
     from deploy.sampler import load_sampler
