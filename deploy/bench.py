@@ -57,11 +57,20 @@ def unet_call(predict, shape: tuple, batch: int, device) -> Callable[[], object]
 
 
 def sampler_call(
-    predict, scheduler, shape: tuple, batch: int, steps: int, device, cache_interval: int = 1
+    predict,
+    scheduler,
+    shape: tuple,
+    batch: int,
+    steps: int,
+    device,
+    cache_interval: int = 1,
+    cache_schedule: str = "uniform",
 ) -> Callable[[], object]:
     """One whole sampler run from fixed noise (``cache_interval`` > 1: with feature reuse)."""
     noise = initial_noise(shape, list(range(batch))).to(device)
-    return lambda: denoise(predict, scheduler, noise, steps, cache_interval=cache_interval)
+    return lambda: denoise(
+        predict, scheduler, noise, steps, cache_interval=cache_interval, cache_schedule=cache_schedule
+    )
 
 
 def host_facts() -> dict:

@@ -16,6 +16,14 @@ INPUTS = ["prune", "finetune", "export", "build"]
 ENVIRONMENT = ["torch", "onnxruntime", "tensorrt", "gpu"]
 
 
+def key_extra(ctx: RunContext) -> dict:
+    """Timed feature-reuse samplers also depend on the split level and the full-step schedule."""
+    if not any(v.cache_interval > 1 for v in ctx.cfg.bench.sampler_variants()):
+        return {}
+    sample = ctx.cfg.sample
+    return {"sample.cache_level": sample.cache_level, "sample.cache_schedule": sample.cache_schedule}
+
+
 def variant_labels(ctx: RunContext, kind: str) -> list[str]:
     """The variants of backend ``kind`` this host times (labels of :data:`deploy.runtimes.VARIANTS`).
 
@@ -151,8 +159,9 @@ def _backends(ctx: RunContext, models: dict, with_reuse: bool) -> tuple[dict, di
 def _sampler(ctx: RunContext, backend: Backend, variant: SamplerVariant, batch: int):
     scheduler = make_scheduler(variant.scheduler, ctx.dense.scheduler_config)
     shape = ctx.image_shape()
+    schedule = ctx.cfg.sample.cache_schedule
     return sampler_call(
-        backend.predict, scheduler, shape, batch, variant.steps, ctx.device, variant.cache_interval
+        backend.predict, scheduler, shape, batch, variant.steps, ctx.device, variant.cache_interval, schedule
     )
 
 
