@@ -237,6 +237,11 @@ class SampleConfig:
         "fp32", "sampler precision: the torch dtype, or which exported ONNX file runs (int8: ONNX only)"
     )
 
+    @property
+    def reuse_level(self) -> int | None:
+        """The feature-reuse split level when reuse is on (``cache_interval`` > 1), else None."""
+        return self.cache_level if self.cache_interval > 1 else None
+
 
 @dataclass
 class QualityConfig:

@@ -96,7 +96,8 @@ def quantize_unet(fp32_path: Path, out_path: Path, feeds: list[dict[str, np.ndar
     finally:
         pre.unlink(missing_ok=True)
         tmp.unlink(missing_ok=True)
-    quantized = sum(1 for n in onnx.load(str(out_path)).graph.node if n.op_type == "DequantizeLinear")
+    nodes = onnx.load(str(out_path)).graph.node
+    quantized = sum(1 for n in nodes if n.op_type == "DequantizeLinear")
     timesteps = sorted({int(f["timestep"][0]) for f in feeds})
     return {
         "path": out_path.name,
@@ -109,6 +110,6 @@ def quantize_unet(fp32_path: Path, out_path: Path, feeds: list[dict[str, np.ndar
         "export_seconds": round(time.perf_counter() - began, 3),
         "bytes": out_path.stat().st_size,
         "external_data": False,
-        "nodes": len(onnx.load(str(out_path)).graph.node),
-        "nodes_exported": len(onnx.load(str(fp32_path)).graph.node),
+        "nodes": len(nodes),
+        "nodes_exported": len(onnx.load(str(fp32_path), load_external_data=False).graph.node),
     }

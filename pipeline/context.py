@@ -157,6 +157,35 @@ class RunContext:
 
         return copy.deepcopy(self.dense.unet).to(device or self.device).eval()
 
+    def torch_predictor(self, unet: torch.nn.Module):
+        """``unet`` as the run's sampler calls it: two passes when ``sample`` reuses features."""
+        from compressor.models import as_noise_predictor
+        from deploy.runtimes import load_backend
+
+        level = self.cfg.sample.reuse_level
+        if level is None:
+            return as_noise_predictor(unet)
+        return load_backend("torch", unet=unet, device=self.device, cache_level=level).predict
+
+    def sample_images(self, predict, num_images: int, steps: int) -> torch.Tensor:
+        """``num_images`` images from the run's seeds with its sampler (``sample`` section) at ``steps``."""
+        from compressor.sampling import generate, make_scheduler
+
+        s = self.cfg.sample
+        return generate(
+            predict,
+            make_scheduler(s.scheduler, self.dense.scheduler_config),
+            self.image_shape(),
+            num_images,
+            steps,
+            s.eta,
+            s.seed,
+            s.batch_size,
+            self.device,
+            cache_interval=s.cache_interval,
+            cache_schedule=s.cache_schedule,
+        )
+
     def image_shape(self) -> tuple[int, int, int]:
         cfg = self.dense.unet.config
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]

@@ -5,10 +5,8 @@ from __future__ import annotations
 from compressor import runlayout
 from compressor.data import stack
 from compressor.errors import UserError
-from compressor.models import as_noise_predictor
 from compressor.persist import load_unet
 from compressor.quality import FeatureAdapter, frechet_distance, inception_unavailable, psnr, ssim
-from compressor.sampling import generate, make_scheduler
 from deploy.runtimes import load_backend
 from pipeline.context import RunContext, StageResult, log
 
@@ -32,8 +30,7 @@ def feature_network(ctx: RunContext):
 def _deployed(ctx: RunContext, backend: str, model: str):
     """A deployed backend (ONNX Runtime session or TensorRT engine) of the run."""
     ctx.require("export" if backend == "onnxruntime" else "build", "quality")
-    sample = ctx.cfg.sample
-    level = sample.cache_level if sample.cache_interval > 1 else None
+    level = ctx.cfg.sample.reuse_level
     return load_backend(backend, run_dir=ctx.run_dir, model=model, device=ctx.device, cache_level=level)
 
 
@@ -94,14 +91,7 @@ def _models(ctx: RunContext) -> dict:
 
 def _predictors(ctx: RunContext, models: dict) -> dict:
     """Label -> noise predictor: torch (two passes with feature reuse), or the deployed backend."""
-    sample = ctx.cfg.sample
-    level = sample.cache_level if sample.cache_interval > 1 else None
-    predictors = {
-        label: load_backend("torch", unet=unet, device=ctx.device, cache_level=level).predict
-        if level is not None
-        else as_noise_predictor(unet)
-        for label, unet in models.items()
-    }
+    predictors = {label: ctx.torch_predictor(unet) for label, unet in models.items()}
     if ctx.cfg.quality.backend != "torch":
         # the deployed sampler: dense and final compressed model served by the chosen backend
         final = "finetuned" if "finetuned" in models else "pruned"
@@ -119,19 +109,7 @@ def _sample(ctx: RunContext, label: str, predict):
         "quality",
         f"sampling {cfg.num_samples} images from the {label} model ({sample.scheduler} {steps} steps{reuse})",
     )
-    return generate(
-        predict,
-        make_scheduler(sample.scheduler, ctx.dense.scheduler_config),
-        ctx.image_shape(),
-        cfg.num_samples,
-        steps,
-        sample.eta,
-        sample.seed,
-        sample.batch_size,
-        ctx.device,
-        cache_interval=sample.cache_interval,
-        cache_schedule=sample.cache_schedule,
-    )
+    return ctx.sample_images(predict, cfg.num_samples, steps)
 
 
 def _score(ctx: RunContext, samples: dict, reference, feature, metric: str, fd_note: str | None) -> dict:
