@@ -156,17 +156,17 @@ def export_unet(
     traced = (*full[:2], *fp16_trace_size(unet)) if precision == "fp16" else full
     sample = torch.randn(traced, generator=g)
     timestep = torch.full((batch,), 500, dtype=torch.long)
-    shapes = _io_shapes(unet, part, level, full)  # every input/output at the model's own size
+    # traced below the model's size (fp16): every input/output's full size, to pin afterwards
+    shapes = _io_shapes(unet, part, level, full) if traced != full else {}
     args: tuple = (sample, timestep)
     if part == "shallow":
         with torch.no_grad():
             feature = FeatureReuseUNet(unet, level).full(sample, timestep)[1]
         args = (sample, timestep, feature)
     dynamic = {name: {0: "batch"} for name in (*inputs, *outputs)}
-    if traced != full:
-        for name, shape in shapes.items():
-            if len(shape) == 4:
-                dynamic[name].update({2: f"{name}_height", 3: f"{name}_width"})
+    for name, shape in shapes.items():
+        if len(shape) == 4:
+            dynamic[name].update({2: f"{name}_height", 3: f"{name}_width"})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.onnx")
     began = time.perf_counter()
