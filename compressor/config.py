@@ -194,6 +194,30 @@ class PruneConfig:
 
 
 @dataclass
+class DistillConfig:
+    """The dense model as teacher during the finetune (off while both distillation weights are 0).
+
+    The loss is ``weight_task`` x the plain denoising loss + ``weight_output`` x MSE(student
+    noise, teacher noise) + ``weight_features`` x the mean over ``feature_points`` of MSE(block
+    output of the student, projected by a learned 1x1 convolution where widths differ, block
+    output of the teacher). The teacher is frozen, in eval mode, without gradients; each
+    process holds its own copy. Projections are trained with the student and never saved.
+    """
+
+    weight_task: float = _spec(1.0, "weight of the plain denoising loss", ge=0.0)
+    weight_output: float = _spec(0.0, "weight of the MSE between student and teacher noise", ge=0.0)
+    weight_features: float = _spec(0.0, "weight of the block-output matching loss", ge=0.0)
+    feature_points: list[str] = _spec(
+        ["mid", "up"], "blocks whose outputs are matched: down.I, mid, up.I, or down/up for all of a kind"
+    )
+
+    @property
+    def active(self) -> bool:
+        """True when the teacher is used (an output or feature weight above 0)."""
+        return self.weight_output > 0 or self.weight_features > 0
+
+
+@dataclass
 class FinetuneConfig:
     """Finetuning after pruning (epsilon-prediction DDPM loss)."""
 
@@ -212,6 +236,7 @@ class FinetuneConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = _spec("no", "autocast on GPU")
     checkpoint_every: int = _spec(100, "steps between checkpoints", ge=1)
     log_every: int = _spec(10, "steps between loss log rows", ge=1)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 @dataclass
@@ -421,6 +446,12 @@ class RunConfig:
                     f"acceptance.variant={self.acceptance.variant}: bench does not time it; add it to "
                     f"bench.variants (now {', '.join(variants)})"
                 )
+        d = self.finetune.distill
+        if d.weight_task + d.weight_output + d.weight_features == 0:
+            raise ConfigError(
+                "finetune.distill: weight_task, weight_output and weight_features are all 0, so the "
+                "finetune has no loss; set weight_task=1 (the plain loss) or a distillation weight"
+            )
         targets = self.prune.targets()
         b = self.build
         if not b.min_batch <= b.opt_batch <= b.max_batch:

@@ -191,6 +191,8 @@ class FinetuneMetrics:
     losses: list = field(default_factory=list)
     eval_loss_ema: float | None = None
     eval_loss_raw: float | None = None
+    loss_terms: list = field(default_factory=list)  # distillation: [step, task, output, features]
+    steps_per_second: float | None = None
 
 
 @dataclass(frozen=True)

@@ -119,9 +119,15 @@ def onnx_path(run: Path, model: str, precision: str, part: str = "unet", level: 
     return stage_dir(run, "export") / model / f"{name}.{precision}.onnx"
 
 
-def engine_path(run: Path, model: str) -> Path:
-    """The TensorRT engine of ``model`` (dense|pruned)."""
-    return stage_dir(run, "build") / model / ENGINE_FILE
+def engine_path(run: Path, model: str, part: str = "unet", level: int = 0) -> Path:
+    """The TensorRT engine of ``model`` (dense|pruned): the plain call or a feature-reuse pass.
+
+    ``part`` as in :func:`onnx_path`: ``unet.engine`` or ``unet-full-l<level>.engine`` /
+    ``unet-shallow-l<level>.engine`` (each built from the ONNX graph of the same name).
+    """
+    if part == "unet":
+        return stage_dir(run, "build") / model / ENGINE_FILE
+    return stage_dir(run, "build") / model / f"unet-{part}-l{level}.engine"
 
 
 def engine_info_path(engine: Path) -> Path:

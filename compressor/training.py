@@ -39,6 +39,7 @@ class TrainResult:
     unet: nn.Module
     ema_unet: nn.Module
     losses: list[list[float]] = field(default_factory=list)  # [step, loss]
+    loss_terms: list[list[float]] = field(default_factory=list)  # [step, task, output, features]
     resumed_from: int | None = None
     steps_per_second: float = 0.0
     world_size: int = 1
@@ -91,8 +92,21 @@ def make_ema(unet: nn.Module, cfg: FinetuneConfig):
 # -- checkpoints -------------------------------------------------------------------------
 
 
-def save_checkpoint(folder: Path, step: int, unet: nn.Module, opt, ema, losses: list) -> Path:
-    """Write a checkpoint atomically (temporary folder renamed into place)."""
+def save_checkpoint(
+    folder: Path,
+    step: int,
+    unet: nn.Module,
+    opt,
+    ema,
+    losses: list,
+    projections: nn.Module | None = None,
+    loss_terms: list | None = None,
+) -> Path:
+    """Write a checkpoint atomically (temporary folder renamed into place).
+
+    ``projections``: distillation's 1x1 projections (``projections.safetensors``), kept for an
+    exact resume and never part of the model.
+    """
     from safetensors.torch import save_file
 
     final = folder / f"{CKPT_PREFIX}{step:08d}"
@@ -117,9 +131,13 @@ def save_checkpoint(folder: Path, step: int, unet: nn.Module, opt, ema, losses: 
             else:
                 scalars[f"{idx}.{key}"] = val
     save_file(tensors, str(tmp / "optimizer.safetensors"))
+    if projections is not None:
+        state = {k: v.detach().contiguous().cpu() for k, v in projections.state_dict().items()}
+        save_file(state, str(tmp / "projections.safetensors"))
     meta = {
         "step": step,
         "losses": losses,
+        "loss_terms": loss_terms or [],
         "ema": {k: v for k, v in ema_state.items() if not torch.is_tensor(v)},
         "optimizer": {"param_groups": opt_state["param_groups"], "scalars": scalars},
     }
@@ -138,8 +156,10 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, unet: nn.Module, opt, ema) -> tuple[int, list]:
-    """Restore model, optimizer and EMA from ``path``; returns (step, losses)."""
+def load_checkpoint(
+    path: Path, unet: nn.Module, opt, ema, projections: nn.Module | None = None
+) -> tuple[int, list, list]:
+    """Restore model, optimizer, EMA (and projections) from ``path``; (step, losses, loss terms)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -148,6 +168,7 @@ def load_checkpoint(path: Path, unet: nn.Module, opt, ema) -> tuple[int, list]:
         model_state = load_file(str(path / "model.safetensors"))
         ema_tensors = load_file(str(path / "ema.safetensors"))
         opt_tensors = load_file(str(path / "optimizer.safetensors"))
+        proj_state = load_file(str(path / "projections.safetensors")) if projections is not None else None
     except (OSError, ValueError, SafetensorError, json.JSONDecodeError) as exc:
         raise ModelError(
             f"checkpoint {path} is corrupted or incomplete ({type(exc).__name__}); delete it to resume "
@@ -160,6 +181,8 @@ def load_checkpoint(path: Path, unet: nn.Module, opt, ema) -> tuple[int, list]:
             "or rerun with --force STAGE to start afresh"
         )
     unet.load_state_dict(model_state)
+    if projections is not None:
+        projections.load_state_dict(proj_state)
     state: dict = {}
     for key, val in opt_tensors.items():
         idx, name = key.split(".", 1)
@@ -171,7 +194,7 @@ def load_checkpoint(path: Path, unet: nn.Module, opt, ema) -> tuple[int, list]:
     ema_state = dict(meta["ema"])
     ema_state["shadow_params"] = [ema_tensors[str(i)] for i in range(len(ema_tensors))]
     ema.load_state_dict(ema_state)
-    return int(meta["step"]), meta["losses"]
+    return int(meta["step"]), meta["losses"], meta.get("loss_terms", [])
 
 
 # -- the loop ----------------------------------------------------------------------------
@@ -188,12 +211,15 @@ def train(
     resume: bool = True,
     on_step: Callable[[int, float, float], None] | None = None,
     stop_after: int | None = None,
+    teacher: nn.Module | None = None,
 ) -> TrainResult:
     """Train ``unet`` on ``images`` (indexable, items (C, H, W) in [-1, 1]) for ``cfg.steps``.
 
     Data-parallel when started under ``accelerate launch``/``torchrun``: the global
     batch ``cfg.batch_size`` is split evenly over processes and gradient
     accumulation micro-batches. ``stop_after`` ends early (tests of resume).
+    ``teacher`` (with ``cfg.distill`` active): distil from it (see :mod:`compressor.distill`);
+    every process holds its own frozen copy and computes its own micro-batches' targets.
     """
     from accelerate import Accelerator
 
@@ -216,14 +242,24 @@ def train(
         )
     unet = unet.to(accelerator.device)
     unet.train()
-    opt = make_optimizer(unet, cfg)
+    distill = cfg.distill if teacher is not None and cfg.distill.active else None
+    student: nn.Module = unet
+    points: list[str] = []
+    if distill is not None:
+        from compressor.distill import DistillStudent, make_teacher, resolve_points
+
+        teacher = make_teacher(teacher, accelerator.device)
+        points = resolve_points(unet, distill.feature_points) if distill.weight_features > 0 else []
+        student = DistillStudent(unet, teacher, points, seed)
+    projections = student.projections if distill is not None else None
+    opt = make_optimizer(student, cfg)
     ema = make_ema(unet, cfg)
-    start, losses, resumed_from = 0, [], None
+    start, losses, loss_terms, resumed_from = 0, [], [], None
     ckpt = latest_checkpoint(checkpoint_dir) if resume else None
     if ckpt is not None:
-        start, losses = load_checkpoint(ckpt, unet, opt, ema)
+        start, losses, loss_terms = load_checkpoint(ckpt, unet, opt, ema, projections)
         resumed_from = start
-    model, opt = accelerator.prepare(unet, opt)
+    model, opt = accelerator.prepare(student, opt)
     ema.to(accelerator.device)
     sample_shape = tuple(images[0].shape)
     num_t = noise_scheduler.config.num_train_timesteps
@@ -236,36 +272,47 @@ def train(
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg)
         step_loss = torch.zeros((), device=accelerator.device)
+        step_terms = torch.zeros(3, device=accelerator.device)
         for k in range(cfg.grad_accum):
             sl = slice(lo + k * micro, lo + (k + 1) * micro)
             xb, nb, tb = (v[sl].to(accelerator.device) for v in (x0, noise, t))
             sync = accelerator.no_sync(model) if k < cfg.grad_accum - 1 else contextlib.nullcontext()
             with sync, accelerator.autocast():
                 noisy = noise_scheduler.add_noise(xb, nb, tb)
-                loss = F.mse_loss(predict_noise(model, noisy, tb).float(), nb) / cfg.grad_accum
+                if distill is None:
+                    loss = F.mse_loss(predict_noise(model, noisy, tb).float(), nb) / cfg.grad_accum
+                else:
+                    from compressor.distill import distill_losses
+
+                    terms = distill_losses(distill, nb, model(noisy, tb), teacher, noisy, tb, points)
+                    loss = terms["total"] / cfg.grad_accum
+                    parts = [terms["task"], terms["output"], terms["features"]]
+                    step_terms += torch.stack(parts).detach() / cfg.grad_accum
                 accelerator.backward(loss)
             step_loss += loss.detach()
         if cfg.grad_clip > 0:
             accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        ema.step(accelerator.unwrap_model(model).parameters())
+        ema.step(unet.parameters())
         mean_loss = float(accelerator.reduce(step_loss, "mean"))
         done += 1
         if (step + 1) % cfg.log_every == 0 or step == start:
             losses.append([step + 1, mean_loss])
+            if distill is not None:
+                loss_terms.append([step + 1, *accelerator.reduce(step_terms, "mean").tolist()])
         if on_step and accelerator.is_main_process:
             on_step(step + 1, mean_loss, done / (time.perf_counter() - began))
         last = step + 1 == end
         if (step + 1) % cfg.checkpoint_every == 0 or last:
             if accelerator.is_main_process:
-                save_checkpoint(checkpoint_dir, step + 1, accelerator.unwrap_model(model), opt, ema, losses)
+                save_checkpoint(checkpoint_dir, step + 1, unet, opt, ema, losses, projections, loss_terms)
             accelerator.wait_for_everyone()
-    raw = accelerator.unwrap_model(model)
+    raw = unet  # the UNet module itself (DDP and the distillation wrapper only hold it)
     raw.eval()
     ema_unet = copy.deepcopy(raw)
     ema.copy_to(ema_unet.parameters())
     elapsed = time.perf_counter() - began
     return TrainResult(
-        raw, ema_unet.eval(), losses, resumed_from, done / elapsed if elapsed > 0 else 0.0, world
+        raw, ema_unet.eval(), losses, loss_terms, resumed_from, done / elapsed if elapsed > 0 else 0.0, world
     )

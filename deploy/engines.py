@@ -36,12 +36,14 @@ class Profile:
                 f"{self.min_batch}/{self.opt_batch}/{self.max_batch}; fix build.min_batch/opt_batch/max_batch"
             )
 
-    def shapes(self, sample_shape: tuple[int, int, int]) -> dict[str, tuple[tuple, tuple, tuple]]:
-        """(min, opt, max) shapes of every engine input."""
-        return {
-            "sample": tuple((b, *sample_shape) for b in (self.min_batch, self.opt_batch, self.max_batch)),
-            "timestep": tuple((b,) for b in (self.min_batch, self.opt_batch, self.max_batch)),
-        }
+    def shapes(self, inputs: dict[str, tuple[int, ...]]) -> dict[str, tuple[tuple, tuple, tuple]]:
+        """(min, opt, max) shapes of every engine input, from each input's per-sample shape.
+
+        ``inputs`` as :func:`export.onnx_export.onnx_input_shapes` reads them from the graph:
+        ``{"sample": (C, H, W), "timestep": ()}`` plus ``feature`` for a shallow pass.
+        """
+        batches = (self.min_batch, self.opt_batch, self.max_batch)
+        return {name: tuple((b, *dims) for b in batches) for name, dims in inputs.items()}
 
     def check_batch(self, batch: int, engine: Path) -> None:
         """Raise UserError for a batch size the engine was not built for."""

@@ -128,14 +128,14 @@ class LatencyProbe:
         from compressor.runlayout import engine_info_path
         from deploy import tensorrt_backend
         from deploy.engines import Profile
-        from export.onnx_export import onnx_sample_shape
+        from export.onnx_export import onnx_input_shapes
 
         engine = onnx_file.with_suffix(".plan")
         tensorrt_backend.build_engine(
             onnx_file,
             engine,
             Profile(self.batch, self.batch, self.batch),
-            onnx_sample_shape(onnx_file),
+            onnx_input_shapes(onnx_file),
             precision,
             4.0,
             3,

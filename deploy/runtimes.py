@@ -286,7 +286,13 @@ def _source(
             hint = "" if part == "unet" else f"export.feature_reuse=true sample.cache_level={level} "
             raise ArtifactError(f"{path} not found; run `compress-deploy CONFIG {hint}--stages export` first")
         return path
-    return runlayout.engine_path(run_dir, model)
+    path = runlayout.engine_path(run_dir, model, part, level)
+    if part != "unet" and not path.is_file():
+        raise ArtifactError(
+            f"{path} not found; export the passes (export.feature_reuse=true sample.cache_level={level}) "
+            "and rebuild with `compress-deploy build RUN`"
+        )
+    return path
 
 
 def _load_torch(
@@ -321,16 +327,19 @@ def _load_onnxruntime(
     return onnxruntime_backend(_source("onnxruntime", file, run_dir, model, precision), threads)
 
 
+PASSES = ("full", "shallow")  # feature reuse's two graphs (export.onnx_export.INTERFACES)
+
+
 def _load_tensorrt(
     unet, file, run_dir, model, precision, device, threads, cuda_graph, compile, level
 ) -> Backend:
     from deploy import tensorrt_backend
 
     if level is not None:
-        raise UserError(
-            "feature reuse on TensorRT: engines of the full and shallow passes are not built yet; "
-            "use the torch or onnxruntime backend for sample.cache_interval > 1"
-        )
+        engines = [_source("tensorrt", None, run_dir, model, precision, p, level) for p in PASSES]
+        predict, runner = tensorrt_backend.reuse_predictor(*engines, level, cuda_graph)
+        info = {k: runner.info[k] for k in ("tensorrt_version", "gpu_name", "precision")}
+        return Backend("tensorrt", predict, {**info, "cuda_graph": cuda_graph, "cache_level": level})
     runner = tensorrt_backend.EngineRunner(_source("tensorrt", file, run_dir, model, precision), cuda_graph)
     info = {k: runner.info[k] for k in ("tensorrt_version", "gpu_name", "precision")}
     return Backend("tensorrt", runner, {**info, "cuda_graph": cuda_graph})

@@ -128,7 +128,7 @@ def build_engine(
     onnx_path: Path,
     engine_path: Path,
     profile: Profile,
-    sample_shape: tuple[int, int, int],
+    input_shapes: dict[str, tuple[int, ...]],
     precision: str,
     workspace_gib: float,
     optimization_level: int,
@@ -137,8 +137,10 @@ def build_engine(
 ) -> dict:
     """Build and serialise a strongly typed engine from ``onnx_path``; writes engine, info, cache.
 
-    ``onnx_path`` must be the ONNX of ``precision`` (the fp16 ONNX for fp16 engines, on 10
-    and 11 alike): the network is strongly typed, so the engine computes in the file's types.
+    ``onnx_path`` must be the ONNX of ``precision`` (the fp16 ONNX for fp16 engines, the QDQ
+    ONNX for int8 ones, on 10 and 11 alike): the network is strongly typed, so the engine
+    computes in the file's types. ``input_shapes``: each input's per-sample shape
+    (:func:`export.onnx_export.onnx_input_shapes`), stretched over the profile's batches.
     """
     trt = require_tensorrt()
     profile.validate()
@@ -153,7 +155,7 @@ def build_engine(
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     config.builder_optimization_level = optimization_level
     opt_profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in profile.shapes(sample_shape).items():
+    for name, (lo, opt, hi) in profile.shapes(input_shapes).items():
         opt_profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(opt_profile)
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
@@ -190,7 +192,8 @@ def build_engine(
             "opt_batch": profile.opt_batch,
             "max_batch": profile.max_batch,
         },
-        "sample_shape": list(sample_shape),
+        "sample_shape": list(input_shapes["sample"]),
+        "inputs": {k: list(v) for k, v in input_shapes.items()},
         "precision": precision,
         "strongly_typed": True,
         "build_seconds": round(seconds, 2),
@@ -199,8 +202,26 @@ def build_engine(
     return info
 
 
+def torch_dtype(trt, dtype) -> torch.dtype:
+    """The torch dtype of an engine I/O tensor's ``trt.DataType``."""
+    table = {
+        trt.DataType.FLOAT: torch.float32,
+        trt.DataType.HALF: torch.float16,
+        trt.DataType.INT64: torch.int64,
+        trt.DataType.INT32: torch.int32,
+    }
+    if dtype not in table:
+        raise ArtifactError(f"engine I/O tensor of TensorRT type {dtype}; rebuild from the project's ONNX")
+    return table[dtype]
+
+
 class EngineRunner:
-    """A deserialised engine called as ``(sample, timestep) -> noise`` on CUDA tensors."""
+    """A deserialised engine called on CUDA tensors by I/O name (``run``), or as a UNet call.
+
+    The engine's own I/O list (names, modes, types) drives the bindings, so one runner
+    serves the plain UNet (``sample, timestep -> noise``) and both feature-reuse passes
+    (``-> noise, feature`` and ``sample, timestep, feature -> noise``).
+    """
 
     def __init__(self, engine_path: Path, cuda_graph: bool = False) -> None:
         from compressor.artifacts import verify_against_manifest
@@ -221,50 +242,90 @@ class EngineRunner:
             raise UserError(
                 f"{engine_path}: TensorRT cannot deserialize it; rebuild with `compress-deploy build RUN`"
             )
+        self.inputs: dict[str, torch.dtype] = {}
+        self.outputs: dict[str, torch.dtype] = {}
+        for index in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(index)
+            dtype = torch_dtype(trt, self.engine.get_tensor_dtype(name))
+            is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            (self.inputs if is_input else self.outputs)[name] = dtype
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream()
         self.cuda_graph = cuda_graph
         self.graphs: dict[int, tuple] = {}
 
-    def _bind(self, sample: torch.Tensor, timestep: torch.Tensor, out: torch.Tensor) -> None:
-        self.context.set_input_shape("sample", tuple(sample.shape))
-        self.context.set_input_shape("timestep", tuple(timestep.shape))
-        self.context.set_tensor_address("sample", sample.data_ptr())
-        self.context.set_tensor_address("timestep", timestep.data_ptr())
-        self.context.set_tensor_address("noise", out.data_ptr())
+    def _bind(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Point the context at ``feeds`` and at fresh output buffers (returned)."""
+        for name, tensor in feeds.items():
+            self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        outputs = {}
+        for name, dtype in self.outputs.items():
+            shape = tuple(self.context.get_tensor_shape(name))
+            outputs[name] = torch.empty(shape, dtype=dtype, device="cuda")
+            self.context.set_tensor_address(name, outputs[name].data_ptr())
+        return outputs
 
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        batch = sample.shape[0]
-        self.profile.check_batch(batch, self.path)
-        sample = sample.to("cuda", torch.float32).contiguous()
-        timestep = timestep.to("cuda", torch.int64).contiguous()
+    def run(self, **feeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Execute on ``feeds`` (one tensor per engine input); the outputs by name."""
+        missing = sorted(set(self.inputs) - set(feeds))
+        if missing:
+            takes = ", ".join(self.inputs)
+            raise UserError(f"{self.path}: inputs {', '.join(missing)} not given (it takes {takes})")
+        self.profile.check_batch(feeds["sample"].shape[0], self.path)
+        feeds = {n: feeds[n].to("cuda", dtype).contiguous() for n, dtype in self.inputs.items()}
         if self.cuda_graph:
-            return self._graph_call(sample, timestep)
-        out = torch.empty_like(sample)
-        self._bind(sample, timestep, out)
+            return self._graph_run(feeds)
+        outputs = self._bind(feeds)
         self.stream.wait_stream(torch.cuda.current_stream())
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError(f"TensorRT execution failed for {self.path}")
         torch.cuda.current_stream().wait_stream(self.stream)
-        return out
+        return outputs
 
-    def _graph_call(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """The plain UNet call: noise for ``sample`` at ``timestep``."""
+        return self.run(sample=sample, timestep=timestep)["noise"]
+
+    def _graph_run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Replay a CUDA graph captured once per batch size (static shapes and buffers)."""
-        batch = sample.shape[0]
+        batch = feeds["sample"].shape[0]
         if batch not in self.graphs:
-            s_in, t_in, out = sample.clone(), timestep.clone(), torch.empty_like(sample)
-            self._bind(s_in, t_in, out)
+            inputs = {n: t.clone() for n, t in feeds.items()}
+            outputs = self._bind(inputs)
             with torch.cuda.stream(self.stream):
                 self.context.execute_async_v3(self.stream.cuda_stream)  # warm-up outside capture
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, stream=self.stream):
                     self.context.execute_async_v3(self.stream.cuda_stream)
-            self.graphs[batch] = (graph, s_in, t_in, out)
-        graph, s_in, t_in, out = self.graphs[batch]
-        s_in.copy_(sample)
-        t_in.copy_(timestep)
+            self.graphs[batch] = (graph, inputs, outputs)
+        graph, inputs, outputs = self.graphs[batch]
+        for name, tensor in feeds.items():
+            inputs[name].copy_(tensor)
         graph.replay()
-        return out.clone()
+        return {n: t.clone() for n, t in outputs.items()}
+
+
+def reuse_predictor(full_engine: Path, shallow_engine: Path, level: int, cuda_graph: bool = False):
+    """Feature reuse on TensorRT: the two pass engines as a ReusePredictor (and the full runner)."""
+    from compressor.models import ReusePredictor
+
+    full_runner = EngineRunner(full_engine, cuda_graph)
+    shallow_runner = EngineRunner(shallow_engine, cuda_graph)
+    for runner, needed in ((full_runner, {"noise", "feature"}), (shallow_runner, {"noise"})):
+        if not needed <= set(runner.outputs):
+            raise ArtifactError(
+                f"{runner.path}: outputs {sorted(runner.outputs)}, expected {sorted(needed)}; rebuild it"
+            )
+
+    def full(sample: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = full_runner.run(sample=sample, timestep=timestep)
+        return out["noise"], out["feature"]
+
+    def shallow(sample: torch.Tensor, timestep: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+        return shallow_runner.run(sample=sample, timestep=timestep, feature=feature)["noise"]
+
+    return ReusePredictor(full, shallow, level), full_runner
 
 
 def make_trt_runner(engine_file: Path, name: str):
@@ -275,41 +336,58 @@ def make_trt_runner(engine_file: Path, name: str):
     return TrtRunner(EngineFromBytes(engine_file.read_bytes()), name=name), runner.profile
 
 
-def build_run_engines(run_dir: Path, cfg: BuildConfig, log: Callable[[str], None]) -> tuple[dict, list[Path]]:
+def build_run_engines(
+    run_dir: Path,
+    cfg: BuildConfig,
+    log: Callable[[str], None],
+    reuse_level: int | None = None,
+) -> tuple[dict, list[Path]]:
     """Build dense and pruned engines from ``RUN/export``; needs only the ONNX files.
 
-    Returns (engine info per model, files written).
+    ``reuse_level``: also build the feature-reuse passes split there (``unet-full-l<k>`` and
+    ``unet-shallow-l<k>``, from the export stage's graphs of the build precision; the
+    passes are exported in fp32/fp16, so an int8 build skips them and says so).
+    Returns (engine info per model and pass: ``dense``, ``dense.full``, ...; files written).
     """
-    from export.onnx_export import check_onnx, onnx_sample_shape
+    from export.onnx_export import check_onnx, onnx_input_shapes
 
     profile = Profile(cfg.min_batch, cfg.opt_batch, cfg.max_batch)
     profile.validate()
     require_tensorrt()
     source = cfg.precision  # strongly typed on 10 and 11: the engine's precision is the ONNX file's
+    parts = ["unet"]
+    if reuse_level is not None and source == "int8":
+        log("feature-reuse passes: not built at int8 (their graphs are exported in fp32/fp16 only)")
+    elif reuse_level is not None:
+        parts += ["full", "shallow"]
+    level = reuse_level or 0
     cache = runlayout.timing_cache(run_dir)
     cache.parent.mkdir(parents=True, exist_ok=True)
     engines, files = {}, []
     for model in ("dense", "pruned"):
-        src = runlayout.onnx_path(run_dir, model, source)
-        if not src.is_file():
-            raise ArtifactError(
-                f"{src} not found; run the export stage (with export.precisions incl. {source})"
+        for part in parts:
+            src = runlayout.onnx_path(run_dir, model, source, part, level)
+            if not src.is_file():
+                hint = "" if part == "unet" else f" and export.feature_reuse=true sample.cache_level={level}"
+                raise ArtifactError(
+                    f"{src} not found; run the export stage (with export.precisions incl. {source}{hint})"
+                )
+            check_onnx(src, part=part)
+            dst = runlayout.engine_path(run_dir, model, part, level)
+            label = model if part == "unet" else f"{model} {part} pass (level {level})"
+            log(f"{label}: {src.name} -> {dst} ({cfg.precision}, batch {cfg.min_batch}..{cfg.max_batch})")
+            info = build_engine(
+                src,
+                dst,
+                profile,
+                onnx_input_shapes(src),
+                cfg.precision,
+                cfg.workspace_gib,
+                cfg.optimization_level,
+                cache,
+                label,
             )
-        check_onnx(src)
-        dst = runlayout.engine_path(run_dir, model)
-        log(f"{model}: {src.name} -> {dst} ({cfg.precision}, batch {cfg.min_batch}..{cfg.max_batch})")
-        info = build_engine(
-            src,
-            dst,
-            profile,
-            onnx_sample_shape(src),
-            cfg.precision,
-            cfg.workspace_gib,
-            cfg.optimization_level,
-            cache,
-            model,
-        )
-        log(f"{model}: built in {info['build_seconds']:.1f} s")
-        engines[model] = info
-        files += [dst, runlayout.engine_info_path(dst)]
+            log(f"{label}: built in {info['build_seconds']:.1f} s")
+            engines[model if part == "unet" else f"{model}.{part}"] = info
+            files += [dst, runlayout.engine_info_path(dst)]
     return engines, files + [cache]

@@ -326,10 +326,20 @@ def check_external_data(path: Path) -> None:
                 )
 
 
-def onnx_sample_shape(path: Path) -> tuple[int, int, int]:
-    """(C, H, W) of an exported model's ``sample`` input."""
+def onnx_input_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Each input of an exported graph and its per-sample shape (the dims after the batch axis).
+
+    ``sample`` -> (C, H, W), ``timestep`` -> (), a shallow pass's ``feature`` -> (C', H', W').
+    """
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
-    dims = proto.graph.input[0].type.tensor_type.shape.dim
-    return tuple(int(d.dim_value) for d in dims[1:])  # type: ignore[return-value]
+    return {
+        value.name: tuple(int(d.dim_value) for d in value.type.tensor_type.shape.dim[1:])
+        for value in proto.graph.input
+    }
+
+
+def onnx_sample_shape(path: Path) -> tuple[int, int, int]:
+    """(C, H, W) of an exported model's ``sample`` input."""
+    return onnx_input_shapes(path)["sample"]  # type: ignore[return-value]

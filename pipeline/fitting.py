@@ -42,6 +42,18 @@ def fit(ctx: RunContext, unet, stage: str):
     from compressor.training import train
 
     cfg = ctx.cfg.finetune
+    teacher = None
+    if cfg.distill.active and stage == "finetune":  # the dense model the pruned one came from
+        teacher = ctx.dense_on()
+        d = cfg.distill
+        log(
+            stage,
+            f"distilling from the dense model: task x {d.weight_task:g}, output x {d.weight_output:g}, "
+            f"features x {d.weight_features:g}"
+            + (f" at {', '.join(d.feature_points)}" if d.weight_features > 0 else ""),
+        )
+    elif cfg.distill.active:
+        log(stage, "finetune.distill is ignored here: the dense model has no teacher")
     with tqdm(total=cfg.steps, desc=f"[{stage}]", unit="step", disable=not ctx.is_main) as bar:
 
         def on_step(step: int, loss: float, sps: float) -> None:
@@ -59,6 +71,7 @@ def fit(ctx: RunContext, unet, stage: str):
             ctx.device,
             resume=True,
             on_step=on_step,
+            teacher=teacher,
         )
     drop_stale_checkpoints(ctx, stage)
     if result.resumed_from is not None:
@@ -74,4 +87,5 @@ def train_metrics(result) -> dict:
         "resumed_from": result.resumed_from,
         "steps_per_second": result.steps_per_second,
         "processes": result.world_size,
+        "loss_terms": result.loss_terms,  # distillation: [step, task, output, features]
     }

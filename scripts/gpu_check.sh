@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check for any CUDA host (under 8 minutes on one H100; no network needed): the GPU-marked
 # tests, then dense vs pruned (57% of MACs) on the ddpm-cifar10-32 architecture (random weights)
-# for every GPU backend present: torch fp32 / fp16 / bf16 / fp16+CUDA graphs, ONNX Runtime (its CUDA
+# for every GPU backend present (sampler rows: DDIM 20, DDIM 20 with feature reuse every 3rd step
+# through the full and shallow passes/engines, DPM-Solver++ 10): torch fp32 / fp16 / bf16 / fp16+CUDA graphs, ONNX Runtime (its CUDA
 # provider; left out when only the CPU onnxruntime is installed) and TensorRT (+CUDA graphs); a summary table; and the
 # standard Inception FID path end to end (real weights from $INCEPTION_WEIGHTS when set, else a
 # randomly initialised file: figures meaningless, code path real).
@@ -19,7 +20,7 @@ RUN=runs/gpu-check
 for arg in "$@"; do
   case $arg in
     --no-tensorrt) NO_TRT=1 ;;
-    -h|--help) sed -n 2,13p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,14p "$0"; exit 0 ;;
     -*) echo "gpu_check: unknown option $arg (known: --no-tensorrt)" >&2; exit 2 ;;
     *) RUN=$arg ;;
   esac
@@ -72,20 +73,20 @@ STAGES=prune,export,build,parity,bench
 step "cifar10 architecture: prune, export, build, parity, bench" "$PY" -m pipeline.cli configs/demo.yaml \
   model.name=ddpm-cifar10-32 model.init=random device=cuda \
   prune.method=magnitude prune.target_macs=0.57 prune.eval_batch=0 \
-  export.precisions=[fp32,fp16] build.min_batch=1 build.opt_batch=64 build.max_batch=256 \
+  export.precisions=[fp32,fp16] export.feature_reuse=true build.min_batch=1 build.opt_batch=64 build.max_batch=256 \
   parity.batches=[1,8] parity.min_psnr_fp16=0 \
   bench.backends="$BACKENDS" bench.batch_sizes=[1,64,256] bench.sampler_batch_sizes=[64] \
-  bench.sampler_steps=20 bench.repeat=30 bench.sampler_repeat=3 \
+  bench.variants=[ddim:20,ddim:20:3,dpmsolver++:10] bench.repeat=30 bench.sampler_repeat=3 \
   --stages $STAGES --run-dir "$RUN"
 step "summary table" "$PY" - "$RUN" <<'PYEOF'
 import json, sys
 rec = json.load(open(f"{sys.argv[1]}/bench/record.json"))["metrics"]
-ms = {(r["backend"], r["what"], r["batch"], r["model"]): r["median_ms"] for r in rec["results"]}
-print(f"{'backend':22} {'what':8} {'batch':>5} {'dense ms':>10} {'pruned ms':>10} {'speed-up':>9} "
-      f"{'MACs red.':>9} {'ratio':>6}")
+ms = {(r["backend"], r["what"], r["variant"], r["batch"], r["model"]): r["median_ms"] for r in rec["results"]}
+print(f"{'backend':22} {'what':8} {'sampler':18} {'batch':>5} {'dense ms':>10} {'pruned ms':>10} "
+      f"{'speed-up':>9} {'MACs red.':>9} {'ratio':>6}")
 for s in rec["speedup"]:
-    k = (s["backend"], s["what"], s["batch"])
-    print(f"{s['backend']:22} {s['what']:8} {s['batch']:5d} {ms[k + ('dense',)]:10.3f} "
+    k = (s["backend"], s["what"], s["variant"], s["batch"])
+    print(f"{s['backend']:22} {s['what']:8} {s['variant'] or '-':18} {s['batch']:5d} {ms[k + ('dense',)]:10.3f} "
           f"{ms[k + ('pruned',)]:10.3f} {s['speedup']:8.2f}x {s['macs_reduction']:8.2f}x "
           f"{s['speedup_over_macs_reduction']:6.2f}")
 for name, info in rec["backends"].items():

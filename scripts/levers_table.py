@@ -2,6 +2,7 @@
 
     python scripts/levers_table.py CONFIG [key=value ...] [--run-dir RUN] [--backend onnxruntime]
                                    [--batches 1,16] [--samples 256] [--repeat 3] [--threads N]
+                                   [--latency-only] [--warmup 1]
 
 Needs a finished run (prune, finetune, export with ``export.feature_reuse=true``):
 
@@ -16,6 +17,15 @@ process (medians of ``--repeat`` runs; speed-up = dense DDIM 50 ms / this ms) an
 do not depend on the backend): the Frechet distance with the quality stage's features and
 SSIM against dense DDIM 50's images from the same seeds. Writes RUN/levers/levers.{json,md}
 and prints the table.
+
+``--latency-only`` (an architecture with random weights, whose images mean nothing) skips the
+scoring and times a shorter list of rows (one per lever, :data:`LATENCY_ROWS`); the run needs
+only the prune and export stages, e.g. for the ddpm-cifar10-32 architecture:
+
+    CIFAR='model.name=ddpm-cifar10-32 model.init=random prune.method=magnitude prune.target_macs=0.57
+           prune.eval_batch=0 export.feature_reuse=true export.precisions=[fp32,int8] name=levers-cifar10'
+    compress-deploy configs/demo.yaml $CIFAR --stages prune,export
+    python scripts/levers_table.py configs/demo.yaml $CIFAR --latency-only --repeat 1 --warmup 0
 """
 
 from __future__ import annotations
@@ -57,6 +67,52 @@ PRUNED = [
     "ddim:25:3",
 ]
 INT8 = [("dense", "ddim:50"), ("pruned", "dpmsolver++:10"), ("pruned", "dpmsolver++:20")]  # int8 rows
+LATENCY_ROWS = [  # --latency-only: each lever once on the dense model, and stacked on the pruned one
+    ("dense", "ddim:10", "fp32"),
+    ("dense", "dpmsolver++:10", "fp32"),
+    ("dense", "ddim:50:2", "fp32"),
+    ("dense", "ddim:50:3", "fp32"),
+    ("dense", "ddim:50:5", "fp32"),
+    ("dense", "ddim:50", "int8"),
+    ("pruned", "ddim:50", "fp32"),
+    ("pruned", "dpmsolver++:10", "fp32"),
+    ("pruned", "dpmsolver++:10:2", "fp32"),
+    ("pruned", "dpmsolver++:10", "int8"),
+]
+
+
+def score(ctx: RunContext, configs: list, scored: dict, samples: int) -> dict:
+    """Frechet distance, its ratio to dense DDIM 50's and SSIM vs dense DDIM 50, per configuration."""
+    cfg = ctx.cfg
+    feature, metric = feature_network(ctx)
+    reference_images = (stack(ctx.dataset, cfg.quality.num_reference) + 1) / 2
+    images = {}
+    for model, v, precision in configs:
+        images[(model, str(v), precision)] = generate(
+            scored[(model, v.cache_interval > 1, precision)],
+            make_scheduler(v.scheduler, ctx.dense.scheduler_config),
+            ctx.image_shape(),
+            samples,
+            v.steps,
+            seed=cfg.sample.seed,
+            batch_size=cfg.sample.batch_size,
+            cache_interval=v.cache_interval,
+            cache_schedule=cfg.sample.cache_schedule,
+        )
+    ref_images = images[(REFERENCE[0], str(REFERENCE[1]), REFERENCE[2])]
+    fd_ref = frechet_distance(reference_images, ref_images, feature)
+    out = {}
+    for model, v, precision in configs:
+        imgs = images[(model, str(v), precision)]
+        fd = frechet_distance(reference_images, imgs, feature)
+        is_ref = (model, v, precision) == REFERENCE
+        out[(model, str(v), precision)] = {
+            "metric": metric,
+            "fd": fd,
+            "ratio": fd / fd_ref,
+            "ssim": None if is_ref else ssim(imgs, ref_images),
+        }
+    return out
 
 
 def main() -> int:
@@ -69,6 +125,8 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--latency-only", action="store_true", help="time the rows, score nothing")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed sampler runs before each row")
     args = parser.parse_intermixed_args()
     cfg = load_config(args.config, args.overrides)
     run = args.run_dir or Path("runs") / cfg.name
@@ -77,10 +135,14 @@ def main() -> int:
     ctx = RunContext(cfg, run)
     level = cfg.sample.cache_level
     shape = ctx.image_shape()
-    configs = [REFERENCE] + [("dense", SamplerVariant.parse(v), "fp32") for v in DENSE]
-    configs += [("pruned", SamplerVariant.parse(v), "fp32") for v in PRUNED]
-    if "int8" in cfg.export.precisions:
-        configs += [(m, SamplerVariant.parse(v), "int8") for m, v in INT8]
+    if args.latency_only:
+        configs = [REFERENCE] + [(m, SamplerVariant.parse(v), p) for m, v, p in LATENCY_ROWS]
+        configs = [c for c in configs if c[2] != "int8" or "int8" in cfg.export.precisions]
+    else:
+        configs = [REFERENCE] + [("dense", SamplerVariant.parse(v), "fp32") for v in DENSE]
+        configs += [("pruned", SamplerVariant.parse(v), "fp32") for v in PRUNED]
+        if "int8" in cfg.export.precisions:
+            configs += [(m, SamplerVariant.parse(v), "int8") for m, v in INT8]
     sched_cfg = ctx.dense.scheduler_config
     pruned_unet = load_unet(final_model_dir(run)[1])[0]
     torch_models = {"dense": ctx.dense.unet, "pruned": pruned_unet}
@@ -102,27 +164,10 @@ def main() -> int:
     # fp32 images do not depend on the backend: scored in torch; int8 through the backend that runs it
     scored = {k: backend(k[0], k[1], "torch") if k[2] == "fp32" else deployed[k] for k in keys}
 
-    feature, metric = feature_network(ctx)
-    reference_images = (stack(ctx.dataset, cfg.quality.num_reference) + 1) / 2
-    images = {}
+    scores = {} if args.latency_only else score(ctx, configs, scored, args.samples)
+    metric = next(iter(scores.values()))["metric"] if scores else "fd"
     rows = []
     for model, v, precision in configs:
-        predict = scored[(model, v.cache_interval > 1, precision)]
-        images[(model, str(v), precision)] = generate(
-            predict,
-            make_scheduler(v.scheduler, sched_cfg),
-            shape,
-            args.samples,
-            v.steps,
-            seed=cfg.sample.seed,
-            batch_size=cfg.sample.batch_size,
-            cache_interval=v.cache_interval,
-            cache_schedule=cfg.sample.cache_schedule,
-        )
-    ref_images = images[(REFERENCE[0], str(REFERENCE[1]), REFERENCE[2])]
-    fd_ref = frechet_distance(reference_images, ref_images, feature)
-    for model, v, precision in configs:
-        imgs = images[(model, str(v), precision)]
         row = {
             "model": model,
             "variant": str(v),
@@ -130,10 +175,11 @@ def main() -> int:
             "steps": v.steps,
             "cache_interval": v.cache_interval,
             "precision": precision,
-            metric: frechet_distance(reference_images, imgs, feature),
-            "ssim_vs_dense_ddim50": None if (model, v, precision) == REFERENCE else ssim(imgs, ref_images),
         }
-        row["fd_ratio"] = row[metric] / fd_ref
+        if scores:
+            found = scores[(model, str(v), precision)]
+            row[metric], row["fd_ratio"] = found["fd"], found["ratio"]
+            row["ssim_vs_dense_ddim50"] = found["ssim"]
         for batch in [int(b) for b in args.batches.split(",")]:
             ref_call = sampler_call(
                 deployed[("dense", False, "fp32")], make_scheduler("ddim", sched_cfg), shape, batch, 50, "cpu"
@@ -147,7 +193,7 @@ def main() -> int:
                 "cpu",
                 v.cache_interval,
             )
-            times = time_alternating({"reference": ref_call, "candidate": call}, 1, args.repeat)
+            times = time_alternating({"reference": ref_call, "candidate": call}, args.warmup, args.repeat)
             ref_ms, ms = percentile_ms(times["reference"])[0], percentile_ms(times["candidate"])[0]
             row[f"ms_b{batch}"] = ms
             row[f"speedup_b{batch}"] = ref_ms / ms
@@ -157,18 +203,21 @@ def main() -> int:
     batches = [int(b) for b in args.batches.split(",")]
     header = ["model", "sampler", "cache interval", "precision"]
     header += [f"ms (batch {b})" for b in batches] + [f"speed-up (batch {b})" for b in batches]
-    header += [metric, "Frechet ratio", "SSIM vs dense DDIM 50"]
+    if scores:
+        header += [metric, "Frechet ratio", "SSIM vs dense DDIM 50"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [r["model"], f"{r['scheduler']} {r['steps']}", str(r["cache_interval"]), r["precision"]]
         cells += [f"{r[f'ms_b{b}']:.1f}" for b in batches] + [f"{r[f'speedup_b{b}']:.2f}x" for b in batches]
-        ssim_text = "-" if r["ssim_vs_dense_ddim50"] is None else f"{r['ssim_vs_dense_ddim50']:.3f}"
-        cells += [f"{r[metric]:.1f}", f"{r['fd_ratio']:.2f}", ssim_text]
+        if scores:
+            ssim_text = "-" if r["ssim_vs_dense_ddim50"] is None else f"{r['ssim_vs_dense_ddim50']:.3f}"
+            cells += [f"{r[metric]:.1f}", f"{r['fd_ratio']:.2f}", ssim_text]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     out = runlayout.levers_dir(run)
     out.mkdir(parents=True, exist_ok=True)
-    facts = {"backend": args.backend, "threads": torch.get_num_threads(), "samples": args.samples}
+    facts = {"backend": args.backend, "threads": torch.get_num_threads(), "model": cfg.model.name}
+    facts["samples"] = args.samples if scores else 0
     (out / "levers.json").write_text(json.dumps({**facts, "rows": rows}, indent=1))
     (out / "levers.md").write_text(f"# Levers on {cfg.name} ({args.backend})\n\n{table}\n")
     print(table)

@@ -10,28 +10,46 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from compressor.config import FinetuneConfig
+from compressor.config import DistillConfig, FinetuneConfig
 from compressor.models import build_unet
 from compressor.sampling import make_scheduler
 from compressor.training import train
 from tests.conftest import DDPM_SCHEDULER, TINY_UNET
 
 
-def main(out: Path) -> None:
+def main(out: Path, distill: bool = False) -> None:
+    """Train 4 steps; ``distill``: a pruned student taught by the dense UNet (outputs and features)."""
     torch.set_num_threads(1)
     unet = build_unet(TINY_UNET, seed=0)
+    teacher = None
+    if distill:
+        from deploy.latency import pruned_copy
+
+        teacher, unet = unet, pruned_copy(unet, 0.25, None)
     images = torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     cfg = FinetuneConfig(steps=4, batch_size=4, lr=1e-3, checkpoint_every=100, log_every=1, grad_clip=1.0)
+    if distill:
+        cfg.distill = DistillConfig(
+            weight_output=1.0, weight_features=0.5, feature_points=["down", "mid", "up"]
+        )
     result = train(
-        unet, make_scheduler("ddpm", DDPM_SCHEDULER), images, cfg, out / "ckpt", 0, torch.device("cpu")
+        unet,
+        make_scheduler("ddpm", DDPM_SCHEDULER),
+        images,
+        cfg,
+        out / "ckpt",
+        0,
+        torch.device("cpu"),
+        teacher=teacher,
     )
     if int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1:
         # the last rank writes (with 2 processes: not the checkpoint writer), proving ranks agree
         save_file(
             {k: v.contiguous() for k, v in result.unet.state_dict().items()}, str(out / "weights.safetensors")
         )
-        (out / "losses.json").write_text(json.dumps({"losses": result.losses, "world": result.world_size}))
+        meta = {"losses": result.losses, "terms": result.loss_terms, "world": result.world_size}
+        (out / "losses.json").write_text(json.dumps(meta))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), "--distill" in sys.argv[2:])

@@ -59,10 +59,11 @@ def test_batch_outside_the_profile_is_a_clear_error(tmp_path):
         profile.check_batch(32, tmp_path / "e.plan")
 
 
-def test_profile_shapes_cover_both_inputs():
-    shapes = Profile(1, 4, 8).shapes((3, 32, 32))
+def test_profile_shapes_cover_every_input():
+    shapes = Profile(1, 4, 8).shapes({"sample": (3, 32, 32), "timestep": (), "feature": (64, 16, 16)})
     assert shapes["sample"] == ((1, 3, 32, 32), (4, 3, 32, 32), (8, 3, 32, 32))
     assert shapes["timestep"] == ((1,), (4,), (8,))
+    assert shapes["feature"] == ((1, 64, 16, 16), (4, 64, 16, 16), (8, 64, 16, 16))
 
 
 def test_manifest_round_trip_and_checks(tmp_path):

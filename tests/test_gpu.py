@@ -117,7 +117,7 @@ def engine_run(tiny_unet, tmp_path):
             onnx_file,
             runlayout.engine_path(tmp_path, model),
             profile,
-            (3, 16, 16),
+            {"sample": (3, 16, 16), "timestep": ()},
             "fp16",
             1.0,
             3,
@@ -170,6 +170,52 @@ def test_engine_refusals(engine_run, tiny_unet):
     engine.write_bytes(engine.read_bytes()[:1000])
     with pytest.raises(ArtifactError, match="does not match its engine info"):
         load_backend("tensorrt", run_dir=engine_run, model="dense")
+
+
+@pytest.fixture
+def pass_engines(tiny_unet, tmp_path):
+    """fp16 engines of the tiny UNet's full and shallow feature-reuse passes (TensorRT only)."""
+    from export.onnx_export import export_unet, onnx_input_shapes
+
+    tensorrt_backend.require_tensorrt()
+    for part in ("full", "shallow"):
+        onnx_file = runlayout.onnx_path(tmp_path, "dense", "fp16", part, 0)
+        export_unet(tiny_unet, onnx_file, "fp16", part=part, level=0)
+        tensorrt_backend.build_engine(
+            onnx_file,
+            runlayout.engine_path(tmp_path, "dense", part, 0),
+            Profile(1, 2, 4),
+            onnx_input_shapes(onnx_file),
+            "fp16",
+            1.0,
+            3,
+            tmp_path / "timing.cache",
+            part,
+        )
+    return tmp_path
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@trt
+def test_feature_reuse_engines_match_the_torch_passes(pass_engines, tiny_unet):
+    from compressor.feature_reuse import FeatureReuseUNet
+
+    split = FeatureReuseUNet(tiny_unet, 0)
+    engines = load_backend("tensorrt", run_dir=pass_engines, model="dense", cache_level=0).predict
+    graphs = load_backend("tensorrt", run_dir=pass_engines, model="dense", cache_level=0, cuda_graph=True)
+    x = example_inputs(tiny_unet, 3)
+    with torch.no_grad():
+        noise, feature = split.full(x["sample"], x["timestep"])
+        shallow = split.shallow(x["sample"], x["timestep"], feature)
+    got_noise, got_feature = engines.full(x["sample"].cuda(), x["timestep"].cuda())
+    assert (got_noise.cpu() - noise).abs().max() < 2e-2
+    assert (got_feature.float().cpu() - feature).abs().max() < 2e-2
+    got = engines.shallow(x["sample"].cuda(), x["timestep"].cuda(), feature.cuda())  # torch's feature
+    assert (got.cpu() - shallow).abs().max() < 2e-2
+    for _ in range(2):  # replayed CUDA graphs give the plain engines' outputs
+        replay = graphs.predict.shallow(x["sample"].cuda(), x["timestep"].cuda(), feature.cuda())
+        assert torch.equal(replay, got)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible: the check would run")

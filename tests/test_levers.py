@@ -241,3 +241,45 @@ def onnxruntime_backend_for(path):
     from deploy.runtimes import onnxruntime_backend
 
     return onnxruntime_backend(path).predict
+
+
+def test_the_build_makes_engines_of_both_passes_with_every_input_in_the_profile(
+    tmp_path, tiny_unet, monkeypatch
+):
+    from compressor import runlayout
+    from compressor.config import BuildConfig
+    from compressor.errors import ArtifactError
+    from deploy import tensorrt_backend
+
+    for model in ("dense", "pruned"):
+        for part in ("unet", "full", "shallow"):
+            path = runlayout.onnx_path(tmp_path, model, "fp32", part, 0)
+            export_unet(tiny_unet, path, "fp32", part=part, level=0)
+    built = []
+
+    def fake_build(src, dst, profile, shapes, precision, *rest):  # TensorRT itself cannot run here
+        built.append((src.name, dst.relative_to(tmp_path).as_posix(), profile.shapes(shapes)))
+        return {"build_seconds": 0.0}
+
+    monkeypatch.setattr(tensorrt_backend, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(tensorrt_backend, "build_engine", fake_build)
+    cfg = BuildConfig(precision="fp32", min_batch=1, opt_batch=2, max_batch=4)
+    engines, files = tensorrt_backend.build_run_engines(tmp_path, cfg, lambda m: None, reuse_level=0)
+    assert set(engines) == {"dense", "pruned", "dense.full", "dense.shallow", "pruned.full", "pruned.shallow"}
+    by_engine = {dst: (src, shapes) for src, dst, shapes in built}
+    src, shapes = by_engine["build/pruned/unet-shallow-l0.engine"]
+    feature = FeatureReuseUNet(tiny_unet, 0).full(torch.randn(1, 3, 16, 16), torch.tensor([5]))[1]
+    assert src == "unet-shallow-l0.fp32.onnx"
+    assert shapes["feature"] == tuple((b, *feature.shape[1:]) for b in (1, 2, 4))
+    assert set(by_engine["build/dense/unet-full-l0.engine"][1]) == {"sample", "timestep"}
+    assert runlayout.engine_path(tmp_path, "dense", "full", 0) in files
+    built.clear()  # int8: the passes are not quantized, so only the plain graphs become engines
+    for model in ("dense", "pruned"):
+        export_unet(tiny_unet, runlayout.onnx_path(tmp_path, model, "int8"), "fp32")
+    cfg = BuildConfig(precision="int8", min_batch=1, opt_batch=2, max_batch=4)
+    engines, _ = tensorrt_backend.build_run_engines(tmp_path, cfg, lambda m: None, reuse_level=0)
+    assert set(engines) == {"dense", "pruned"}
+    with pytest.raises(ArtifactError, match="unet-full-l2.fp32.onnx not found.*export.feature_reuse=true"):
+        tensorrt_backend.build_run_engines(tmp_path, BuildConfig(precision="fp32"), lambda m: None, 2)
+    with pytest.raises(ArtifactError, match="unet-full-l0.engine not found; export the passes"):
+        load_backend("tensorrt", run_dir=tmp_path, model="dense", cache_level=0)

@@ -110,13 +110,15 @@ def test_ema_warmup_lets_short_runs_move():
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("distill", [False, True], ids=["plain", "distilled"])
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, distill):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
+    flag = ["--distill"] if distill else []
     subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "dp_train.py"), str(one)], check=True, env=env, cwd=ROOT
+        [sys.executable, str(ROOT / "tests" / "dp_train.py"), str(one), *flag], check=True, env=env, cwd=ROOT
     )
     subprocess.run(
         [
@@ -129,6 +131,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
             "29512",
             str(ROOT / "tests" / "dp_train.py"),
             str(two),
+            *flag,
         ],
         check=True,
         env=env,
@@ -144,6 +147,9 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     # Same loss curve and weights as one process, up to float summation order (all-reduce).
     for (s1, l1), (s2, l2) in zip(meta_one["losses"], meta_two["losses"], strict=True):
         assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5, abs=1e-7)
+    assert len(meta_one["terms"]) == (4 if distill else 0)  # each process distils its own micro-batches
+    for t1, t2 in zip(meta_one["terms"], meta_two["terms"], strict=True):
+        assert t1 == pytest.approx(t2, rel=1e-5, abs=1e-7)
     # Adam divides by sqrt(v): for parameters with near-zero gradients the float-order noise of
     # the all-reduce is amplified, so weights agree to a tenth of one lr=1e-3 step, not to 1e-7.
     w1 = load_file(str(one / "weights.safetensors"))

@@ -48,9 +48,16 @@ PROJECT_API: dict[str, dict[str, list[str] | None]] = {
         "phase_finish": ["phase_name"],
     },
     "Runtime": {"deserialize_cuda_engine": ["serialized_engine"]},
-    "ICudaEngine": {"create_execution_context": []},
+    "ICudaEngine": {
+        "create_execution_context": [],
+        "num_io_tensors": None,
+        "get_tensor_name": ["index"],
+        "get_tensor_mode": ["name"],
+        "get_tensor_dtype": ["name"],
+    },
     "IExecutionContext": {
         "set_input_shape": ["name", "shape"],
+        "get_tensor_shape": ["name"],
         "set_tensor_address": ["name", "memory"],
         "execute_async_v3": ["stream_handle"],
     },
@@ -180,6 +187,17 @@ def check_behaviour() -> list[str]:
         if monitor.step_complete("Building engine", 5) is not True:
             problems.append("IProgressMonitor.step_complete must return True to continue the build")
         monitor.phase_finish("Building engine")
+    expected_types = {"FLOAT": torch.float32, "HALF": torch.float16, "INT64": torch.int64}
+    expected_types["INT32"] = torch.int32
+    for name, dtype in expected_types.items():
+        if tb.torch_dtype(trt, getattr(trt.DataType, name)) != dtype:
+            problems.append(f"torch_dtype(trt.DataType.{name}) is not {dtype}")
+    try:
+        tb.torch_dtype(trt, trt.DataType.INT8)
+        problems.append("torch_dtype accepted an int8 I/O tensor (the project's graphs have none)")
+    except Exception as exc:  # noqa: BLE001 - the check reports any exception type
+        if type(exc).__name__ != "ArtifactError":
+            problems.append(f"torch_dtype(INT8) raised {type(exc).__name__}, expected ArtifactError")
     reason = tb.unavailable_reason()
     if not reason or "\n" in reason:
         problems.append(f"unavailable_reason on a host without a usable TensorRT: {reason!r}")

@@ -13,6 +13,7 @@ def main(argv: list[str]) -> int:
     """Build dense and pruned engines under the run's lock."""
     run, cfg = run_settings("build", "build", argv, "Build TensorRT engines from a run's ONNX files.")
     with RunLock(run, " ".join(["compress-deploy build", *argv])):
-        engines, _ = build_run_engines(run, cfg.build, lambda m: log("build", m))
+        level = cfg.sample.cache_level if cfg.export.feature_reuse else None
+        engines, _ = build_run_engines(run, cfg.build, lambda m: log("build", m), level)
     print(f"built {', '.join(engines)} engines in {runlayout.stage_dir(run, 'build')}")
     return 0

@@ -60,12 +60,12 @@ def load_backends(
         reason = tensorrt_backend.unavailable_reason()
         if reason:
             return {}, reason
-        if cache_level is not None:
-            return {}, "feature reuse on TensorRT needs engines of both passes, not built yet"
+        if cache_level is not None and ctx.cfg.build.precision == "int8":
+            return {}, "feature reuse on TensorRT: the passes are built in fp32/fp16 only (build.precision)"
     if kind != "torch":
         ctx.require("export" if kind == "onnxruntime" else "build", "bench")
-    if kind == "onnxruntime" and cache_level is not None and not ctx.cfg.export.feature_reuse:
-        return {}, "feature reuse on ONNX Runtime needs the exported passes (set export.feature_reuse=true)"
+    if kind != "torch" and cache_level is not None and not ctx.cfg.export.feature_reuse:
+        return {}, f"feature reuse on {kind} needs the exported passes (set export.feature_reuse=true)"
     variants = {}
     labels = variant_labels(ctx, kind)
     if cache_level is not None:  # the feature-reuse passes are exported in fp32/fp16 only

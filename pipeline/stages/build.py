@@ -11,6 +11,11 @@ INPUTS = ["export"]
 ENVIRONMENT = ["tensorrt", "gpu"]
 
 
+def reuse_level(ctx: RunContext) -> int | None:
+    """The split level whose feature-reuse passes the export wrote (None: none exported)."""
+    return ctx.cfg.sample.cache_level if ctx.cfg.export.feature_reuse else None
+
+
 def run(ctx: RunContext) -> StageResult:
     """Build the engines; reports itself skipped (with the reason) where TensorRT cannot run."""
     cfg = ctx.cfg.build
@@ -20,5 +25,7 @@ def run(ctx: RunContext) -> StageResult:
         log("build", f"skipped: {reason}")
         return StageResult({"engines": {}}, status="skipped", reason=reason)
     ctx.require("export", "build")
-    engines, files = tensorrt_backend.build_run_engines(ctx.run_dir, cfg, lambda m: log("build", m))
+    engines, files = tensorrt_backend.build_run_engines(
+        ctx.run_dir, cfg, lambda m: log("build", m), reuse_level(ctx)
+    )
     return StageResult({"engines": engines}, files)

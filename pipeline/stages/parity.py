@@ -64,44 +64,68 @@ def reuse_interval(ctx: RunContext) -> int:
     return ctx.cfg.sample.cache_interval if ctx.cfg.sample.cache_interval > 1 else 3
 
 
-def _reuse_parity(ctx: RunContext, model: str, unet, precision: str, scheduler) -> list[dict]:
+def _engine_batches(ctx: RunContext, engine) -> list[int]:
+    """The parity batches an engine's profile covers (its smallest batch if none is)."""
+    from deploy.engines import profile_of, read_engine_info
+
+    profile = profile_of(read_engine_info(engine))
+    batches = [b for b in ctx.cfg.parity.batches if profile.min_batch <= b <= profile.max_batch]
+    return batches or [profile.min_batch]
+
+
+def _reuse_parity(
+    ctx: RunContext, model: str, unet, precision: str, scheduler, kind: str = "onnxruntime"
+) -> list[dict]:
     """The exported full and shallow passes vs torch fp32: per call (the shallow pass fed torch's
-    cached feature) and the whole feature-reuse sampler (PSNR against the same sampler in torch)."""
+    cached feature) and the whole feature-reuse sampler (PSNR against the same sampler in torch).
+
+    ``kind``: the passes' ONNX graphs on ONNX Runtime, or their TensorRT engines (on the GPU,
+    the build precision's tolerances).
+    """
     from compressor.feature_reuse import FeatureReuseUNet
     from export.parity import make_pass_runner
 
     cfg, level = ctx.cfg.parity, ctx.cfg.sample.cache_level
-    atol, rtol = (cfg.atol_fp16, cfg.rtol_fp16) if precision == "fp16" else (cfg.atol_fp32, cfg.rtol_fp32)
-    min_psnr = cfg.min_psnr_fp16 if precision == "fp16" else cfg.min_psnr_fp32
+    atol, rtol = (cfg.atol_fp32, cfg.rtol_fp32) if precision == "fp32" else (cfg.atol_fp16, cfg.rtol_fp16)
+    min_psnr = cfg.min_psnr_fp32 if precision == "fp32" else cfg.min_psnr_fp16
+    device = "cuda" if kind == "tensorrt" else "cpu"
     split = FeatureReuseUNet(unet, level)
     feeds = parity_feeds(unet, cfg.batches, cfg.timesteps, ctx.cfg.seed)
+    if kind == "tensorrt":
+        from deploy import tensorrt_backend
+
+        engine = runlayout.engine_path(ctx.run_dir, model, "full", level)
+        feeds = parity_feeds(unet, _engine_batches(ctx, engine), cfg.timesteps, ctx.cfg.seed)
     with torch.no_grad():
         for feed in feeds:
             feed["feature"] = split.full(
                 torch.from_numpy(feed["sample"]), torch.from_numpy(feed["timestep"])
             )[1].numpy()
     interval = reuse_interval(ctx)
-    reference = _sampler_images(
-        ctx, load_backend("torch", unet=unet, cache_level=level).predict, scheduler, cache_interval=interval
-    )
-    backend = load_backend(
-        "onnxruntime", run_dir=ctx.run_dir, model=model, precision=precision, cache_level=level
-    )
-    sampler_psnr = psnr(_sampler_images(ctx, backend.predict, scheduler, cache_interval=interval), reference)
+    torch_reuse = load_backend("torch", unet=unet, device=device, cache_level=level)
+    reference = _sampler_images(ctx, torch_reuse.predict, scheduler, device, cache_interval=interval)
+    options = {"precision": precision} if kind == "onnxruntime" else {}
+    backend = load_backend(kind, run_dir=ctx.run_dir, model=model, cache_level=level, **options)
+    images = _sampler_images(ctx, backend.predict, scheduler, device, cache_interval=interval)
+    sampler_psnr = psnr(images, reference)
     rows = []
     for part in ("full", "shallow"):
-        path = runlayout.onnx_path(ctx.run_dir, model, precision, part, level)
         part_feeds = (
             feeds if part == "shallow" else [{k: f[k] for k in ("sample", "timestep")} for f in feeds]
         )
         ref = make_pass_runner(split, part, f"torch-{model}-{part}", feeds[0]["feature"].shape)
-        cand = make_onnxrt_runner(path, f"onnxruntime-{model}-{part}-{precision}")
+        if kind == "tensorrt":
+            engine = runlayout.engine_path(ctx.run_dir, model, part, level)
+            cand, _ = tensorrt_backend.make_trt_runner(engine, f"tensorrt-{model}-{part}")
+        else:
+            path = runlayout.onnx_path(ctx.run_dir, model, precision, part, level)
+            cand = make_onnxrt_runner(path, f"onnxruntime-{model}-{part}-{precision}")
         report = compare([ref, cand], part_feeds, atol, rtol)[0]
         row = {
             "model": model,
-            "precision": precision,
+            "precision": precision if kind == "onnxruntime" else f"tensorrt-{precision}",
             "part": f"{part} pass (level {level})",
-            "provider": backend.info["provider"],
+            "provider": backend.info.get("provider", "TensorRT"),
             **{k: v for k, v in report.as_dict().items() if k not in ("reference", "candidate")},
             "sampler_psnr_db": sampler_psnr,
             "sampler_cache_interval": interval,
@@ -111,8 +135,8 @@ def _reuse_parity(ctx: RunContext, model: str, unet, precision: str, scheduler) 
         rows.append(row)
         log(
             "parity",
-            f"{model} {precision} {part} pass: max abs {report.max_abs_error:.2e}, sampler (cache interval "
-            f"{interval}) PSNR {sampler_psnr:.1f} dB -> {'PASS' if row['passed'] else 'FAIL'}",
+            f"{model} {row['precision']} {part} pass: max abs {report.max_abs_error:.2e}, sampler (cache "
+            f"interval {interval}) PSNR {sampler_psnr:.1f} dB -> {'PASS' if row['passed'] else 'FAIL'}",
         )
     return rows
 
@@ -123,22 +147,29 @@ def _engine_parity(ctx: RunContext, model: str, unet, scheduler) -> dict:
 
     cfg = ctx.cfg.parity
     engine = runlayout.engine_path(ctx.run_dir, model)
-    runner, profile = tensorrt_backend.make_trt_runner(engine, f"tensorrt-{model}")
-    batches = [b for b in cfg.batches if profile.min_batch <= b <= profile.max_batch] or [profile.min_batch]
-    feeds = parity_feeds(unet, batches, cfg.timesteps, ctx.cfg.seed)
+    runner, _ = tensorrt_backend.make_trt_runner(engine, f"tensorrt-{model}")
+    feeds = parity_feeds(unet, _engine_batches(ctx, engine), cfg.timesteps, ctx.cfg.seed)
     ref = make_torch_runner(unet, f"torch-{model}-fp32", device="cuda")
+    int8 = ctx.cfg.build.precision == "int8"
+    if int8:  # the QDQ engine: gated like the int8 ONNX, on the inputs the sampler produces
+        feeds = _tolerances(ctx, "int8", unet, scheduler, feeds)[3]
     report = compare([ref, runner], feeds, cfg.atol_fp16, cfg.rtol_fp16)[0]
+    gate = f"atol {cfg.atol_fp16}, rtol {cfg.rtol_fp16}"
+    min_psnr = cfg.min_psnr_int8 if int8 else cfg.min_psnr_fp16
+    if int8:
+        report.passed = report.median_abs_error <= cfg.median_abs_int8
+        gate = f"median abs <= {cfg.median_abs_int8}"
     reference = _sampler_images(
         ctx, load_backend("torch", unet=unet, device="cuda").predict, scheduler, "cuda"
     )
     engine_predict = load_backend("tensorrt", run_dir=ctx.run_dir, model=model).predict
     images = _sampler_images(ctx, engine_predict, scheduler, "cuda")
     sampler_psnr = psnr(images, reference)
-    passed = report.passed and sampler_psnr >= cfg.min_psnr_fp16
+    passed = report.passed and sampler_psnr >= min_psnr
     log(
         "parity",
         f"{model} TensorRT: max abs {report.max_abs_error:.2e}, sampler PSNR {sampler_psnr:.1f} dB -> "
-        f"{'PASS' if passed else 'FAIL'} (atol {cfg.atol_fp16}, rtol {cfg.rtol_fp16})",
+        f"{'PASS' if passed else 'FAIL'} ({gate}, PSNR >= {min_psnr})",
     )
     return {
         "model": model,
@@ -146,7 +177,7 @@ def _engine_parity(ctx: RunContext, model: str, unet, scheduler) -> dict:
         "provider": "TensorRT",
         **{k: v for k, v in report.as_dict().items() if k not in ("reference", "candidate")},
         "sampler_psnr_db": sampler_psnr,
-        "min_psnr_db": cfg.min_psnr_fp16,
+        "min_psnr_db": min_psnr,
         "passed": passed,
     }
 
@@ -209,6 +240,12 @@ def run(ctx: RunContext) -> StageResult:
             rows.append(row)
             if not row["passed"]:
                 failures.append(f"{model} TensorRT engine (max abs {row['max_abs_error']:.2e})")
+            if f"{model}.full" in build.metrics.get("engines", {}):
+                for row in _reuse_parity(ctx, model, unet, ctx.cfg.build.precision, scheduler, "tensorrt"):
+                    rows.append(row)
+                    if not row["passed"]:
+                        error = f"max abs {row['max_abs_error']:.2e}"
+                        failures.append(f"{model} TensorRT {row['part']} ({error})")
     fp32 = [r for r in rows if r["precision"] == "fp32" and r["provider"] != "TensorRT"]
     metrics = {
         "results": rows,

@@ -106,7 +106,8 @@ def _inline(text: str) -> str:
     return out
 
 
-def _plot_losses(losses: list, path: Path) -> bool:
+def _plot_losses(losses: list, path: Path, terms: list | None = None) -> bool:
+    """The loss curve; with distillation, its task, output and feature terms beside the total."""
     if not losses:
         return False
     import matplotlib
@@ -115,7 +116,14 @@ def _plot_losses(losses: list, path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3))
-    ax.plot([s for s, _ in losses], [v for _, v in losses])
+    ax.plot([s for s, _ in losses], [v for _, v in losses], label="total (weighted)")
+    for i, name in enumerate(("task", "output distillation", "feature distillation"), start=1):
+        values = [row[i] for row in terms or []]
+        if any(values):
+            ax.plot([row[0] for row in terms], values, label=name, alpha=0.8)
+    if terms:
+        ax.legend(fontsize=7)
+        ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title("finetune loss")
@@ -333,7 +341,13 @@ def finetune_section(doc: Doc, m: FinetuneMetrics, out: Path) -> None:
         f"Final training loss {_fmt(m.final_loss)}; evaluation loss EMA {_fmt(m.eval_loss_ema)} "
         f"vs raw {_fmt(m.eval_loss_raw)}."
     )
-    if _plot_losses(m.losses, out / "loss.png"):
+    if m.loss_terms:
+        step, task, output, features = m.loss_terms[-1]
+        doc.para(
+            f"Distilled from the dense model; at step {step:g}: task loss {_fmt(task)}, output "
+            f"distillation {_fmt(output)}, feature distillation {_fmt(features)} (unweighted)."
+        )
+    if _plot_losses(m.losses, out / "loss.png", m.loss_terms):
         doc.image(out / "loss.png", "finetune loss curve")
 
 

@@ -1,0 +1,150 @@
+"""Distillation from the dense model in the finetune: losses, projections, resume, the stage."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from compressor import runlayout
+from compressor.config import ConfigError, DistillConfig, FinetuneConfig, load_config
+from compressor.distill import DistillStudent, block_widths, distill_losses, resolve_points
+from compressor.models import build_unet
+from compressor.sampling import make_scheduler
+from compressor.training import train
+from deploy.latency import pruned_copy
+from pipeline.cli import main
+from tests.conftest import DDPM_SCHEDULER, TINY_UNET, write_config, write_images, write_model_folder
+
+OUTPUT_ONLY = DistillConfig(weight_task=0.0, weight_output=1.0)
+BOTH = DistillConfig(weight_output=1.0, weight_features=0.5, feature_points=["down", "mid", "up"])
+
+
+def _images(n=16):
+    return torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
+def _train(tmp, student, teacher, distill, steps=4, stop_after=None):
+    cfg = FinetuneConfig(steps=steps, batch_size=4, lr=1e-3, checkpoint_every=2, log_every=1, distill=distill)
+    scheduler = make_scheduler("ddpm", DDPM_SCHEDULER)
+    return train(
+        student,
+        scheduler,
+        _images(),
+        cfg,
+        tmp,
+        0,
+        torch.device("cpu"),
+        stop_after=stop_after,
+        teacher=teacher,
+    )
+
+
+def test_a_student_identical_to_its_teacher_has_zero_loss_and_zero_gradient(tmp_path):
+    teacher = build_unet(TINY_UNET, seed=0).eval()
+    noisy, t, noise = torch.randn(4, 3, 16, 16), torch.tensor([0, 10, 500, 999]), torch.randn(4, 3, 16, 16)
+    student = DistillStudent(copy.deepcopy(teacher), teacher, [], seed=0).train()
+    assert not student.unet.training  # no dropout: computed in the teacher's mode (same kernels)
+    terms = distill_losses(OUTPUT_ONLY, noise, student(noisy, t), teacher, noisy, t, [])
+    assert terms["total"].item() == 0.0 and terms["output"].item() == 0.0
+    assert terms["task"].item() > 0.1  # the plain loss is not zero: only its weight is
+    terms["total"].backward()
+    assert all(p.grad is not None and not p.grad.any() for p in student.unet.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    # through the whole loop: zero losses, and the weights never move (Adam steps on zero gradients)
+    result = _train(tmp_path, copy.deepcopy(teacher), teacher, OUTPUT_ONLY, steps=3)
+    assert [loss for _, loss in result.losses] == [0.0, 0.0, 0.0]
+    assert all(torch.equal(a, b) for a, b in zip(result.unet.parameters(), teacher.parameters(), strict=True))
+    dropout = build_unet({**TINY_UNET, "dropout": 0.1}, seed=0)
+    assert DistillStudent(dropout, teacher, [], seed=0).train().unet.training  # real dropout: train mode
+
+
+def test_projections_exist_exactly_where_the_pruned_widths_differ():
+    teacher = build_unet(TINY_UNET, seed=0).eval()
+    pruned = pruned_copy(teacher, 0.25, None)
+    points = resolve_points(pruned, ["down", "mid", "up"])
+    assert points == ["down.0", "down.1", "mid", "up.0", "up.1"]
+    ws, wt = block_widths(pruned, points), block_widths(teacher, points)
+    student = DistillStudent(pruned, teacher, points, seed=0)
+    differ = {p.replace(".", "_") for p in points if ws[p] != wt[p]}
+    assert differ and set(student.projections) == differ
+    for point in points:
+        key = point.replace(".", "_")
+        if key in student.projections:
+            assert tuple(student.projections[key].weight.shape[:2]) == (wt[point], ws[point])
+    _, feats = student(torch.randn(2, 3, 16, 16), torch.tensor([3, 700]))
+    with torch.no_grad():
+        _, teacher_feats = DistillStudent(teacher, teacher, points, seed=0)(
+            torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
+        )
+    assert all(feats[p].shape == teacher_feats[p].shape for p in points)
+    assert not DistillStudent(copy.deepcopy(teacher), teacher, points, seed=0).projections  # same widths
+    with pytest.raises(ConfigError, match="'up.7' is not a block of this UNet; choose from down.0"):
+        resolve_points(pruned, ["up.7"])
+
+
+def test_resume_with_distillation_is_bit_identical(tmp_path):
+    teacher = build_unet(TINY_UNET, seed=0).eval()
+    pruned = pruned_copy(teacher, 0.25, None)
+    full = _train(tmp_path / "a", copy.deepcopy(pruned), teacher, BOTH)
+    part = _train(tmp_path / "b", copy.deepcopy(pruned), teacher, BOTH, stop_after=2)
+    assert part.resumed_from is None
+    ckpt = tmp_path / "b" / "step-00000002"
+    assert (ckpt / "projections.safetensors").is_file()
+    resumed = _train(tmp_path / "b", copy.deepcopy(pruned), teacher, BOTH)
+    assert resumed.resumed_from == 2
+    for a, b in zip(full.unet.state_dict().values(), resumed.unet.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(full.ema_unet.parameters(), resumed.ema_unet.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert full.losses == resumed.losses and full.loss_terms == resumed.loss_terms
+    assert len(full.loss_terms) == 4 and all(row[3] > 0 for row in full.loss_terms)  # features matched
+    plain = _train(tmp_path / "c", copy.deepcopy(pruned), teacher, DistillConfig())
+    assert plain.loss_terms == [] and plain.losses != full.losses  # off: the plain loop, untouched
+
+
+def test_the_finetune_stage_distils_records_the_terms_and_saves_no_projection(tmp_path, capsys):
+    model = write_model_folder(tmp_path / "model")
+    write_images(tmp_path / "images", 8)
+    text = (
+        f"seed: 0\ndevice: cpu\nmodel: {{name: {model}, init: pretrained}}\n"
+        f"data: {{source: {tmp_path / 'images'}}}\n"
+        "prune: {method: magnitude, ratio: 0.25}\n"
+        "finetune: {steps: 3, batch_size: 4, log_every: 1, checkpoint_every: 2,\n"
+        "  distill: {weight_output: 1.0, weight_features: 1.0, feature_points: [mid, up]}}\n"
+    )
+    cfg = write_config(tmp_path / "distill.yaml", text)
+    run = tmp_path / "run"
+    assert main([str(cfg), "--stages", "prune,finetune", "--run-dir", str(run)]) == 0
+    assert (
+        "distilling from the dense model: task x 1, output x 1, features x 1 at mid, up"
+        in capsys.readouterr().err
+    )
+    record = json.loads(runlayout.record_path(run, "finetune").read_text())
+    assert [len(row) for row in record["metrics"]["loss_terms"]] == [4, 4, 4]
+    assert record["config"]["finetune"]["distill"]["weight_features"] == 1.0
+    for folder in (runlayout.model_dir(run, "finetune"), runlayout.model_dir(run, "finetune", raw=True)):
+        keys = load_file(str(runlayout.weights_file(folder))).keys()
+        assert keys and not any("projection" in k for k in keys)
+    pruned_keys = load_file(str(runlayout.weights_file(runlayout.model_dir(run, "prune")))).keys()
+    assert set(keys) == set(pruned_keys)  # the finetuned model is the pruned architecture, nothing more
+    with pytest.raises(ConfigError, match="finetune.distill: weight_task, weight_output and weight_features"):
+        zero = ["weight_task=0", "weight_output=0", "weight_features=0"]
+        load_config(cfg, [f"finetune.distill.{k}" for k in zero])
+    assert (
+        main(
+            [
+                str(cfg),
+                "finetune.distill.feature_points=[up.9]",
+                "--stages",
+                "finetune",
+                "--run-dir",
+                str(run),
+            ]
+        )
+        == 2
+    )
+    assert "'up.9' is not a block of this UNet" in capsys.readouterr().err
