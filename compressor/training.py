@@ -109,7 +109,7 @@ def save_checkpoint(
     """
     from safetensors.torch import save_file
 
-    final = folder / f"{CKPT_PREFIX}{step:08d}"
+    final = checkpoint_at(folder, step)
     tmp = folder / f".tmp-{CKPT_PREFIX}{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -195,6 +195,30 @@ def load_checkpoint(
     ema_state["shadow_params"] = [ema_tensors[str(i)] for i in range(len(ema_tensors))]
     ema.load_state_dict(ema_state)
     return int(meta["step"]), meta["losses"], meta.get("loss_terms", [])
+
+
+def checkpoint_at(folder: Path, step: int) -> Path:
+    """The checkpoint folder of ``step`` (complete or not)."""
+    return folder / f"{CKPT_PREFIX}{step:08d}"
+
+
+def ema_model(checkpoint: Path, unet: nn.Module) -> nn.Module:
+    """A copy of ``unet`` holding the EMA weights saved in ``checkpoint`` (in eval mode)."""
+    from safetensors.torch import load_file
+
+    try:
+        shadow = load_file(str(checkpoint / "ema.safetensors"))
+    except (OSError, ValueError) as exc:
+        why = type(exc).__name__
+        raise ModelError(f"checkpoint {checkpoint} has no readable EMA weights ({why})") from None
+    model = copy.deepcopy(unet).eval()
+    params = list(model.parameters())
+    if len(shadow) != len(params) or any(shadow[str(i)].shape != p.shape for i, p in enumerate(params)):
+        raise ModelError(f"checkpoint {checkpoint} belongs to a different architecture")
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(shadow[str(i)])
+    return model
 
 
 # -- the loop ----------------------------------------------------------------------------

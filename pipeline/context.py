@@ -186,6 +186,22 @@ class RunContext:
             cache_schedule=s.cache_schedule,
         )
 
+    def frechet_features(self):
+        """The Frechet feature extractor and its metric name (``fd_digits`` or ``fid``).
+
+        ``quality.feature``: the digits feature network for digits data, else Inception
+        (2048-d, by name: :func:`compressor.quality.frechet_distance` loads it).
+        """
+        kind = self.cfg.quality.feature
+        if kind == "auto":
+            kind = "digits" if self.cfg.data.source == "digits" else "inception"
+        if kind == "digits":
+            from compressor.features import NUM_FEATURES, load_digits_features
+            from compressor.quality import FeatureAdapter
+
+            return FeatureAdapter(load_digits_features(), 1, NUM_FEATURES), "fd_digits"
+        return 2048, "fid"
+
     def image_shape(self) -> tuple[int, int, int]:
         cfg = self.dense.unet.config
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]

@@ -50,7 +50,6 @@ from compressor.sampling import generate, make_scheduler  # noqa: E402
 from deploy.bench import percentile_ms, sampler_call, time_alternating  # noqa: E402
 from deploy.runtimes import load_backend  # noqa: E402
 from pipeline.context import RunContext  # noqa: E402
-from pipeline.stages.quality import feature_network  # noqa: E402
 
 REFERENCE = ("dense", SamplerVariant("ddim", 50), "fp32")
 DENSE = ["ddim:25", "ddim:10", "dpmsolver++:20", "dpmsolver++:10", "ddim:50:2", "ddim:50:3", "ddim:50:5"]
@@ -84,7 +83,7 @@ LATENCY_ROWS = [  # --latency-only: each lever once on the dense model, and stac
 def score(ctx: RunContext, configs: list, scored: dict, samples: int) -> dict:
     """Frechet distance, its ratio to dense DDIM 50's and SSIM vs dense DDIM 50, per configuration."""
     cfg = ctx.cfg
-    feature, metric = feature_network(ctx)
+    feature, metric = ctx.frechet_features()
     reference_images = (stack(ctx.dataset, cfg.quality.num_reference) + 1) / 2
     images = {}
     for model, v, precision in configs:

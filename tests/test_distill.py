@@ -148,3 +148,38 @@ def test_the_finetune_stage_distils_records_the_terms_and_saves_no_projection(tm
         == 2
     )
     assert "'up.9' is not a block of this UNet" in capsys.readouterr().err
+
+
+def test_a_budget_is_a_checkpoint_of_the_longer_finetune_under_a_constant_schedule(tmp_path):
+    from compressor.training import checkpoint_at, ema_model
+
+    teacher = build_unet(TINY_UNET, seed=0).eval()
+    pruned = pruned_copy(teacher, 0.25, None)
+    long = _train(tmp_path / "long", copy.deepcopy(pruned), teacher, BOTH, steps=4)
+    short = _train(tmp_path / "short", copy.deepcopy(pruned), teacher, BOTH, steps=2)
+    assert long.loss_terms[:2] == short.loss_terms
+    at_two = ema_model(checkpoint_at(tmp_path / "long", 2), pruned)
+    assert all(
+        torch.equal(a, b) for a, b in zip(at_two.parameters(), short.ema_unet.parameters(), strict=True)
+    )
+
+
+@pytest.mark.slow
+def test_the_distillation_sweep_scores_every_budget_and_resumes(tmp_path, tiny_config, capsys):
+    run = tmp_path / "run"
+    argv = ["ablate", str(tiny_config), "--distill", "off,output+features", "--finetune-steps", "2,4",
+            "--ratios", "0.8", "--seeds", "0,1", "--run-dir", str(run)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    summary = json.loads((run / "ablation" / "distill" / "summary.json").read_text())
+    cells = {(r["ratio"], r["mode"], r["budget"]): r for r in summary["rows"]}
+    assert set(cells) == {(0.8, m, b) for m in ("off", "output+features") for b in (2, 4)}
+    assert all(len(r["fd_per_seed"]) == 2 and r["fd_mean"] > 0 for r in cells.values())
+    assert cells[(0.8, "off", 4)]["fd_per_seed"] != cells[(0.8, "output+features", 4)]["fd_per_seed"]
+    assert len(summary["verdicts"]) == 1 and "MACs 0.8, output+features" in summary["verdicts"][0]
+    assert (run / "ablation" / "distill" / "summary.png").stat().st_size > 0
+    capsys.readouterr()
+    assert main(argv) == 0  # rerun: the prunes, finetunes and scores are all reused
+    assert ": finetune 4 steps" not in capsys.readouterr().err
+    assert json.loads((run / "ablation" / "distill" / "summary.json").read_text())["rows"] == summary["rows"]
+    assert main([*argv[:3], "off,teacher", *argv[4:]]) == 2
+    assert "--distill: unknown mode 'teacher'" in capsys.readouterr().err

@@ -3,6 +3,8 @@
     compress-deploy ablate CONFIG [key=value ...] [--seeds 0,1,2] [--thresholds 0,0.02,0.05,0.1]
                                   [--methods taylor,magnitude,random,reinit]
                                   [--selections shared,independent] [--no-finetune] [--run-dir DIR]
+    compress-deploy ablate CONFIG [key=value ...] --distill off,output,output+features
+                                  [--finetune-steps 150,300,600,1200] [--ratios 0.57,0.3] [--seeds 0,1,2]
 
 Each variant runs the ``prune``, ``finetune`` and ``quality`` stages in its own run
 directory ``RUN/ablation/<variant>/seed-<k>/`` (finished variants are reused when the
@@ -13,6 +15,9 @@ under each GroupNorm channel-selection rule; ``--no-finetune`` measures right af
 pruning only (a later run with finetuning reuses those prunes). The diff-pruning
 variant with the smallest threshold also records the per-timestep diagnostic.
 Writes ``RUN/ablation/summary.{json,md,png}`` and ``diagnostics.png``.
+
+``--distill`` runs the distillation sweep instead (plain vs distilled finetuning at equal
+budgets, per kept-MACs ratio and seed): see :mod:`pipeline.distill_sweep`.
 """
 
 from __future__ import annotations
@@ -340,7 +345,20 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--only", help="run only these variants (comma-separated names); others are summarised if finished"
     )
+    parser.add_argument(
+        "--distill",
+        help="the distillation sweep instead: finetune modes to compare, e.g. off,output,output+features",
+    )
+    parser.add_argument("--finetune-steps", default="150,300,600,1200", help="--distill: the budgets")
+    parser.add_argument("--ratios", help="--distill: kept-MACs fractions (default: target_macs and 0.3)")
     args = parser.parse_intermixed_args(argv)  # key=value overrides may sit among the flags
+    if args.distill:
+        from pipeline import distill_sweep
+
+        if args.ratios is None:
+            target = load_config(args.config, args.overrides).prune.target_macs
+            args.ratios = ",".join(f"{r:g}" for r in dict.fromkeys([target or 0.57, 0.3]))
+        return distill_sweep.run(args, args.overrides)
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]

@@ -6,25 +6,13 @@ from compressor import runlayout
 from compressor.data import stack
 from compressor.errors import UserError
 from compressor.persist import load_unet
-from compressor.quality import FeatureAdapter, frechet_distance, inception_unavailable, psnr, ssim
+from compressor.quality import frechet_distance, inception_unavailable, psnr, ssim
 from deploy.runtimes import load_backend
 from pipeline.context import RunContext, StageResult, log
 
 SECTIONS = ["quality", "sample", "data"]
 INPUTS = ["prune", "finetune", "export", "build"]
 MODEL_LABELS = {"prune": "pruned", "finetune": "finetuned"}
-
-
-def feature_network(ctx: RunContext):
-    """The Frechet feature extractor and its metric name (``fd_digits`` or ``fid``)."""
-    kind = ctx.cfg.quality.feature
-    if kind == "auto":
-        kind = "digits" if ctx.cfg.data.source == "digits" else "inception"
-    if kind == "digits":
-        from compressor.features import NUM_FEATURES, load_digits_features
-
-        return FeatureAdapter(load_digits_features(), 1, NUM_FEATURES), "fd_digits"
-    return 2048, "fid"
 
 
 def _deployed(ctx: RunContext, backend: str, model: str):
@@ -37,7 +25,7 @@ def _deployed(ctx: RunContext, backend: str, model: str):
 def run(ctx: RunContext) -> StageResult:
     """Sample every model of the run from the same seeds and score them."""
     cfg = ctx.cfg.quality
-    feature, metric = feature_network(ctx)
+    feature, metric = ctx.frechet_features()
     fd_note = _frechet_note(ctx, metric)
     predictors = _predictors(ctx, _models(ctx))
     samples = {label: _sample(ctx, label, predict) for label, predict in predictors.items()}

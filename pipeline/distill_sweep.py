@@ -1,0 +1,309 @@
+"""The distillation sweep of ``compress-deploy ablate --distill``: plain vs distilled finetuning.
+
+    compress-deploy ablate CONFIG [key=value ...] --distill off,output,output+features
+                           [--finetune-steps 150,300,600,1200] [--ratios 0.57,0.3] [--seeds 0,1,2]
+                           [--run-dir DIR]
+
+For each kept-MACs ratio and seed the run's pruning (``prune.target_macs`` = the ratio,
+``seed`` = the seed: another Taylor batch) runs once in
+``RUN/ablation/distill/macs-<r>/seed-<k>/``; then each distillation mode finetunes that
+pruned model with the run's finetune recipe and scores the EMA weights after every budget:
+the Frechet distance (the quality stage's features) and SSIM against the dense model's
+images from the same seeds, ``quality.num_samples`` images with the run's sampler.
+
+Budgets share one finetune when the learning-rate schedule does not depend on the total
+step count (``finetune.schedule: constant``): the EMA after 150 of 600 steps is exactly
+what a 150-step finetune ends with (every step's batch, noise and EMA decay depend only
+on the step), so each budget is a checkpoint of the longest run. Other schedules run one
+finetune per budget. Everything is resumable: a rerun continues the interrupted finetune
+from its checkpoint and reuses every score already written.
+
+Modes: ``off`` (the plain loss), ``output`` (+ output distillation, weight 1), ``features``
+(+ feature distillation at ``finetune.distill.feature_points``, weight 1) and
+``output+features`` (both). Writes ``RUN/ablation/distill/summary.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from pathlib import Path
+
+from compressor import runlayout
+from compressor.config import DistillConfig, RunConfig, load_config
+from compressor.errors import UserError
+from compressor.persist import load_unet
+from compressor.quality import frechet_distance, ssim
+from pipeline.context import RunContext, log, write_json
+from pipeline.runner import run_pipeline
+
+MODES = ("off", "output", "features", "output+features")
+
+
+def mode_config(mode: str, base: DistillConfig) -> DistillConfig:
+    """The distillation settings of a sweep mode (feature points from the run's config)."""
+    if mode not in MODES:
+        raise UserError(f"--distill: unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    parts = mode.split("+")
+    return DistillConfig(
+        weight_task=1.0,
+        weight_output=1.0 if "output" in parts else 0.0,
+        weight_features=1.0 if "features" in parts else 0.0,
+        feature_points=list(base.feature_points),
+    )
+
+
+def _slug(ratio: float) -> str:
+    return f"macs-{ratio:g}"
+
+
+def _score_path(folder: Path, mode: str, budget: int, key: str) -> Path:
+    return folder / "scores" / f"{mode}-{key}-{budget}.json"
+
+
+def cell_key(cfg: RunConfig, ctx: RunContext) -> str:
+    """What a cell's finetunes and scores depend on: the pruned model (the prune stage's cache
+    key), the finetune recipe and the sampler/quality settings; 12 hex digits.
+
+    Checkpoints and scores are filed under it, so a changed config never resumes or reuses
+    another config's work.
+    """
+    import hashlib
+    import json
+
+    rec = ctx.require("prune", "the distillation sweep")
+    facts = [rec.cache, dataclasses.asdict(cfg.finetune), dataclasses.asdict(cfg.sample)]
+    facts.append(dataclasses.asdict(cfg.quality))
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _read_json(path: Path) -> dict | None:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class Scorer:
+    """Frechet distance and SSIM vs dense of a model, with the dense images computed once."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        from compressor.data import stack
+
+        self.ctx = ctx
+        self.feature, self.metric = ctx.frechet_features()
+        self.reference = (stack(ctx.dataset, ctx.cfg.quality.num_reference) + 1) / 2
+        self.steps = ctx.cfg.quality.steps or ctx.cfg.sample.steps
+        self.count = ctx.cfg.quality.num_samples
+        self.dense = self.images(ctx.dense_on())
+        self.dense_fd = frechet_distance(self.reference, self.dense, self.feature)
+
+    def images(self, unet):
+        """The run's sampler's images of ``unet`` from the quality seeds."""
+        return self.ctx.sample_images(self.ctx.torch_predictor(unet), self.count, self.steps)
+
+    def score(self, unet) -> dict:
+        """{fd, ssim_vs_dense} of ``unet``."""
+        imgs = self.images(unet)
+        fd = frechet_distance(self.reference, imgs, self.feature)
+        return {"fd": fd, "ssim_vs_dense": ssim(imgs, self.dense)}
+
+
+def sweep_cell(
+    cfg: RunConfig, folder: Path, mode: str, budgets: list[int], scorer: Scorer, ctx: RunContext
+) -> list[dict]:
+    """Finetune one pruned model in one mode and score it after each budget (cached, resumable)."""
+    from compressor.training import checkpoint_at, ema_model, train
+
+    key = cell_key(cfg, ctx)
+    wanted = [b for b in budgets if _read_json(_score_path(folder, mode, b, key)) is None]
+    if wanted:
+        pruned = load_unet(runlayout.model_dir(folder, "prune"), ctx.device)[0]
+        distill = mode_config(mode, cfg.finetune.distill)
+        shared = cfg.finetune.schedule == "constant"
+        runs = [max(budgets)] if shared else wanted
+        every = math.gcd(*budgets) if shared else None
+        for steps in runs:
+            ft = dataclasses.replace(
+                cfg.finetune, steps=steps, distill=distill, checkpoint_every=every or steps, log_every=10
+            )
+            ckpts = folder / "finetune" / (f"{mode}-{key}" if shared else f"{mode}-{key}-{steps}")
+            log("ablate", f"{folder.name} {mode}: finetune {steps} steps -> {ckpts}")
+            began = time.perf_counter()
+            result = train(
+                _copy(pruned),
+                ctx.noise_scheduler(),
+                ctx.dataset,
+                ft,
+                ckpts,
+                cfg.seed,
+                ctx.device,
+                teacher=ctx.dense_on() if distill.active else None,
+            )
+            took = time.perf_counter() - began
+            for budget in budgets if shared else [steps]:
+                if budget not in wanted:
+                    continue
+                found = scorer.score(ema_model(checkpoint_at(ckpts, budget), pruned))
+                row = {"mode": mode, "budget": budget, **found, "steps_per_second": result.steps_per_second}
+                row["finetune_seconds"] = took
+                write_json(_score_path(folder, mode, budget, key), row)
+                shown = f"fd {found['fd']:.2f}, ssim {found['ssim_vs_dense']:.3f}"
+                log("ablate", f"{folder.parent.name}/{folder.name} {mode} {budget} steps: {shown}")
+    return [_read_json(_score_path(folder, mode, b, key)) for b in budgets]
+
+
+def _copy(unet):
+    import copy
+
+    return copy.deepcopy(unet).train()
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(cells: dict, dense_fd: float) -> list[dict]:
+    """One row per (ratio, mode, budget): mean and std over seeds, and every seed's value."""
+    rows = []
+    order = sorted(cells.items(), key=lambda kv: (-kv[0][0], MODES.index(kv[0][1]), kv[0][2]))
+    for (ratio, mode, budget), scores in order:
+        fd = [s["fd"] for s in scores]
+        sim = [s["ssim_vs_dense"] for s in scores]
+        sps = [s["steps_per_second"] for s in scores if s.get("steps_per_second")]
+        rows.append(
+            {
+                "ratio": ratio,
+                "mode": mode,
+                "budget": budget,
+                "fd_mean": _mean_std(fd)[0],
+                "fd_std": _mean_std(fd)[1],
+                "fd_ratio_mean": _mean_std(fd)[0] / dense_fd,
+                "ssim_mean": _mean_std(sim)[0],
+                "ssim_std": _mean_std(sim)[1],
+                "fd_per_seed": fd,
+                "steps_per_second": statistics.fmean(sps) if sps else None,
+            }
+        )
+    return rows
+
+
+def verdicts(rows: list[dict], budgets: list[int]) -> list[str]:
+    """The issue's three questions, answered from the figures, per ratio and distillation mode."""
+    lines = []
+    full = max(budgets)
+    by = {(r["ratio"], r["mode"], r["budget"]): r for r in rows}
+    for ratio in sorted({r["ratio"] for r in rows}, reverse=True):
+        plain = by.get((ratio, "off", full))
+        if plain is None:
+            continue
+        distilled = {r["mode"] for r in rows if r["ratio"] == ratio and r["mode"] != "off"}
+        for mode in sorted(distilled, key=MODES.index):
+            reach = [b for b in sorted(budgets) if by[(ratio, mode, b)]["fd_mean"] <= plain["fd_mean"]]
+            mine = by[(ratio, mode, full)]["fd_per_seed"]
+            lower = sum(a < b for a, b in zip(mine, plain["fd_per_seed"], strict=True))
+            worse = sum(a > b for a, b in zip(mine, plain["fd_per_seed"], strict=True))
+            goal = f"plain's {full}-step FD {plain['fd_mean']:.2f}"
+            reached = f"reaches {goal} at {reach[0]} steps" if reach else f"never reaches {goal}"
+            lines.append(
+                f"MACs {ratio:g}, {mode}: {reached}; at {full} steps lower than plain on {lower} of "
+                f"{len(mine)} seeds, worse on {worse}"
+            )
+    return lines
+
+
+def markdown(rows: list[dict], budgets: list[int], dense_fd: float, metric: str, notes: list[str]) -> str:
+    """The sweep table and verdicts as Markdown."""
+    head = f"| kept MACs | distillation | steps | {metric} (mean +- std) | / dense | SSIM vs dense |"
+    head += " steps/s |"
+    lines = [
+        "# Distillation sweep: plain vs distilled finetuning at equal budgets",
+        "",
+        f"Dense {metric}: {dense_fd:.2f}. Means over seeds; each seed prunes with its own Taylor batch.",
+        "",
+        head,
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        sps = "-" if r["steps_per_second"] is None else f"{r['steps_per_second']:.2f}"
+        lines.append(
+            f"| {r['ratio']:g} | {r['mode']} | {r['budget']} | {r['fd_mean']:.2f} +- {r['fd_std']:.2f} | "
+            f"{r['fd_ratio_mean']:.2f} | {r['ssim_mean']:.3f} +- {r['ssim_std']:.3f} | {sps} |"
+        )
+    return "\n".join([*lines, "", *[f"- {n}" for n in notes], ""])
+
+
+def plot(rows: list[dict], path: Path, metric: str) -> None:
+    """Frechet distance vs finetune steps, one line per (ratio, mode), error bars over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratios = sorted({r["ratio"] for r in rows}, reverse=True)
+    fig, axes = plt.subplots(1, len(ratios), figsize=(5 * len(ratios), 3.5), squeeze=False)
+    for ax, ratio in zip(axes[0], ratios, strict=True):
+        for mode in MODES:
+            mine = [r for r in rows if r["ratio"] == ratio and r["mode"] == mode]
+            if mine:
+                ax.errorbar([r["budget"] for r in mine], [r["fd_mean"] for r in mine],
+                            yerr=[r["fd_std"] for r in mine], marker="o", capsize=3, label=mode)  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_title(f"{ratio:g} of dense MACs")
+        ax.set_xlabel("finetune steps")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(args, overrides: list[str]) -> int:
+    """The sweep (``ablate --distill``); returns the exit code."""
+    modes = [m.strip() for m in args.distill.split(",") if m.strip()]
+    try:
+        budgets = sorted({int(b) for b in args.finetune_steps.split(",") if b.strip()})
+        ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UserError("--finetune-steps, --ratios and --seeds take comma-separated numbers") from None
+    if not budgets or min(budgets) < 1 or not ratios or not seeds or not modes:
+        raise UserError("--finetune-steps, --ratios, --seeds and --distill each need at least one value >= 1")
+    if any(not 0 < r <= 1 for r in ratios):
+        raise UserError(f"--ratios: kept-MACs fractions in (0, 1], got {args.ratios}")
+    base_cfg = load_config(args.config, overrides)  # validate before any work
+    for mode in modes:
+        mode_config(mode, base_cfg.finetune.distill)
+    root = runlayout.ablation_dir(args.run_dir or Path("runs") / base_cfg.name) / "distill"
+    cells: dict[tuple, list[dict]] = {}
+    scorer = None
+    for ratio in ratios:
+        for seed in seeds:
+            extra = [f"prune.target_macs={ratio}", "prune.ratio=null", "prune.target_params=null"]
+            extra.append(f"seed={seed}")
+            cfg = load_config(args.config, [*overrides, *extra])
+            cfg.name = f"{cfg.name}-distill"
+            folder = root / _slug(ratio) / f"seed-{seed}"
+            log("ablate", f"{_slug(ratio)} seed {seed}: pruning (reused when done)")
+            run_pipeline(cfg, folder, ["prune"])
+            ctx = RunContext(cfg, folder)
+            scorer = scorer or Scorer(ctx)  # the dense images do not depend on the pruning seed
+            for mode in modes:
+                for score in sweep_cell(cfg, folder, mode, budgets, scorer, ctx):
+                    cells.setdefault((ratio, mode, score["budget"]), []).append(score)
+    assert scorer is not None
+    rows = summarize(cells, scorer.dense_fd)
+    notes = verdicts(rows, budgets)
+    summary = {"dense_fd": scorer.dense_fd, "metric": scorer.metric, "rows": rows, "verdicts": notes}
+    write_json(root / "summary.json", summary)
+    text = markdown(rows, budgets, scorer.dense_fd, scorer.metric, notes)
+    (root / "summary.md").write_text(text)
+    plot(rows, root / "summary.png", scorer.metric)
+    print(text)
+    print(f"wrote {root / 'summary.md'}, summary.json and summary.png")
+    return 0
