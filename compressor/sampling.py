@@ -2,7 +2,8 @@
 
 Any ``unet(sample, timestep) -> noise`` callable plugs in: a torch module (see
 :func:`compressor.models.as_noise_predictor`), an ONNX Runtime session or a
-TensorRT engine. Image ``i`` always starts from the noise of seed ``seed + i`` and,
+TensorRT engine. Image ``i`` always starts from the noise of seed ``seed + i`` (numpy's
+PCG64 normals: see :func:`seed_noise`) and,
 for stochastic samplers (DDIM with eta > 0, DDPM), draws every step's noise from its
 own generator too, so an image depends only on (seed, steps, scheduler, eta): never on
 the batch it was computed in or its neighbours there (a batching server relies on this),
@@ -51,9 +52,22 @@ def make_scheduler(kind: str, scheduler_config: dict):
     return cls.from_config({**cfg, **settings})
 
 
+def seed_noise(shape: tuple[int, ...], seed: int):
+    """Image ``seed``'s starting noise: float32 standard normals from numpy's PCG64 (a numpy array).
+
+    A noise source that numpy alone reproduces, so a sampler bundle running on numpy and
+    ONNX Runtime (``compress-deploy bundle``) starts every image from exactly this noise.
+    """
+    import numpy as np
+
+    return np.random.Generator(np.random.PCG64(seed)).standard_normal(shape, dtype=np.float32)
+
+
 def initial_noise(shape: tuple[int, int, int], seeds: list[int]) -> torch.Tensor:
-    """Stacked starting noise, one generator per image so batching never changes it."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    """Stacked starting noise, one generator per image (:func:`seed_noise`) so batching never changes it."""
+    import numpy as np
+
+    return torch.from_numpy(np.stack([seed_noise(shape, s) for s in seeds]))
 
 
 STEP_NOISE_STREAM = 1 << 63  # step-noise generators are seeded seed | 2^63: apart from initial noise

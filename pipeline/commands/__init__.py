@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from pipeline.commands import ablate, build, check, plan, sample, serve, triton_repo, verify
+from pipeline.commands import ablate, build, bundle, check, plan, sample, serve, triton_repo, verify
 
 COMMANDS: dict[str, ModuleType] = {
     "ablate": ablate,
@@ -20,4 +20,5 @@ COMMANDS: dict[str, ModuleType] = {
     "sample": sample,
     "check": check,
     "verify": verify,
+    "bundle": bundle,
 }

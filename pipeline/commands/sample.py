@@ -3,10 +3,12 @@
     compress-deploy sample RUN [--backend B] [--model pruned|dense] [--num-images N] [--steps S]
                                [--seed K] [--eta E] [--scheduler ddim|ddpm|dpmsolver++|unipc]
                                [--cache-interval N] [--cache-level L] [--cache-schedule uniform|quadratic]
-                               [--precision fp32|fp16] [--device D] [--out PNG]
+                               [--precision fp32|fp16|int8] [--device D] [--out PNG|NPY]
 
 ``--cache-interval N`` > 1 reuses deep features (DeepCache): torch splits the model itself,
 ONNX Runtime needs the run's exported passes (``export.feature_reuse=true``).
+``--out X.npy`` writes the images themselves (float32, N x C x H x W in [0, 1]), e.g. to
+compare with a bundle's ``generate`` (see ``compress-deploy bundle``).
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ def main(argv: list[str]) -> int:
     config_flag(parser, "--cache-schedule", SampleConfig, "cache_schedule")
     config_flag(parser, "--precision", SampleConfig, "precision")
     config_flag(parser, "--device", RunConfig, "device", default="cpu")
-    parser.add_argument("--out", type=Path, help="PNG grid to write (default ./sample-<backend>-<model>.png)")
+    parser.add_argument(
+        "--out", type=Path, help="PNG grid, or .npy of the images (default ./sample-<backend>-<model>.png)"
+    )
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     level = args.cache_level if args.cache_interval > 1 else None
@@ -61,6 +65,11 @@ def main(argv: list[str]) -> int:
     )
     seconds = time.perf_counter() - began
     out = args.out or Path(f"sample-{args.backend}-{args.model}.png")
-    save_comparison({f"{args.model} ({args.backend}, {sampler.info.get('provider', '')})": images}, out)
+    if out.suffix == ".npy":
+        import numpy as np
+
+        np.save(out, images.numpy().astype(np.float32))
+    else:
+        save_comparison({f"{args.model} ({args.backend}, {sampler.info.get('provider', '')})": images}, out)
     print(f"{args.num_images} images in {seconds:.1f} s on {sampler.info} -> {out}")
     return 0

@@ -1,0 +1,244 @@
+"""``compress-deploy bundle``: a finished run's sampler as a folder that needs numpy and ONNX Runtime only.
+
+The folder holds the ONNX graph(s) of the chosen configuration (both feature-reuse passes
+when the cache interval is above 1; the dense model's too, for the speed-up gates, unless
+``with_dense`` is off), the scheduler's settings (``scheduler.json``) and tables
+(``scheduler.npz``, computed here by diffusers and read without pickle), the acceptance
+limits (``acceptance.json``), reference inputs/outputs and images from torch fp32
+(``reference.npz``), the runtime package (:mod:`deploy.bundle_runtime`, copied as
+``bundle_runtime/``) and ``manifest.json`` with the sha256 of every other file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compressor import runlayout
+from compressor.errors import ArtifactError, UserError
+from compressor.records import read_record
+from deploy.bundle_runtime import FORMAT
+from deploy.bundle_runtime.core import sha256
+
+RUNTIME = Path(__file__).resolve().parent / "bundle_runtime"
+SOLVERS = ("ddim", "dpmsolver++")  # the loops the runtime reimplements (deterministic ones)
+
+
+@dataclass
+class BundleSpec:
+    """What goes into a bundle."""
+
+    model: str = "pruned"
+    precision: str = "fp32"
+    scheduler: str = "ddim"
+    steps: int = 50
+    cache_interval: int = 1
+    cache_level: int = 0
+    cache_schedule: str = "uniform"
+    batch: int = 1
+    with_dense: bool = True
+    provider: str = "CPUExecutionProvider"
+    reference_images: int = 2
+
+
+def scheduler_tables(kind: str, scheduler_config: dict, steps: int) -> tuple[dict, dict[str, np.ndarray]]:
+    """(settings, arrays) of a solver after diffusers' ``set_timesteps(steps)``; UserError if unsupported."""
+    from compressor.sampling import make_scheduler
+
+    if kind not in SOLVERS:
+        raise UserError(
+            f"--scheduler {kind}: a bundle's runtime has the deterministic solvers {', '.join(SOLVERS)} "
+            "(ddpm and unipc are not reimplemented there); choose one of them"
+        )
+    s = make_scheduler(kind, scheduler_config)
+    s.set_timesteps(steps)
+    c = s.config
+    if c.prediction_type != "epsilon" or getattr(c, "thresholding", False):
+        raise UserError(
+            f"bundle: {kind} with prediction_type={c.prediction_type}, thresholding: not supported"
+        )
+    timesteps = s.timesteps.numpy().astype(np.int64)
+    settings = {"scheduler": kind, "steps": steps, "init_noise_sigma": float(s.init_noise_sigma)}
+    settings["num_train_timesteps"] = int(c.num_train_timesteps)
+    if kind == "ddim":
+        settings.update(clip_sample=bool(c.clip_sample), clip_sample_range=float(c.clip_sample_range))
+        prev = timesteps - c.num_train_timesteps // steps
+        arrays = {
+            "timesteps": timesteps,
+            "prev_timesteps": prev.astype(np.int64),
+            "alphas_cumprod": s.alphas_cumprod.numpy().astype(np.float32),
+            "final_alpha_cumprod": np.asarray(float(s.final_alpha_cumprod), dtype=np.float32),
+        }
+        return settings, arrays
+    expected = {"algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint",
+                "final_sigmas_type": "zero", "use_karras_sigmas": False, "euler_at_final": False,
+                "lower_order_final": True}  # fmt: skip
+    wrong = {k: getattr(c, k, None) for k, v in expected.items() if getattr(c, k, None) != v}
+    for flag in ("use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas"):
+        if getattr(c, flag, False):
+            wrong[flag] = True
+    if wrong:
+        raise UserError(f"bundle: DPM-Solver++ settings {wrong} are not what the runtime reimplements")
+    arrays = {"timesteps": timesteps, "sigmas": s.sigmas.numpy().astype(np.float32)}
+    return settings, arrays
+
+
+def _graph_files(run: Path, model: str, spec: BundleSpec) -> dict[str, Path]:
+    """The run's ONNX files a model's sampler needs: the plain call or both passes."""
+    parts = ["full", "shallow"] if spec.cache_interval > 1 else ["unet"]
+    if spec.cache_interval > 1 and spec.precision == "int8":
+        raise UserError("bundle: feature reuse runs the fp32/fp16 passes (they are not quantized); drop int8")
+    files = {}
+    for part in parts:
+        path = runlayout.onnx_path(run, model, spec.precision, part, spec.cache_level)
+        if not path.is_file():
+            hint = (
+                f"export.feature_reuse=true sample.cache_level={spec.cache_level} " if part != "unet" else ""
+            )
+            precision = f"export.precisions incl. {spec.precision} "
+            raise ArtifactError(
+                f"{path} not found; run `compress-deploy CONFIG {hint}{precision}--stages export`"
+            )
+        files[part] = path
+    return files
+
+
+def _limits(run: Path, spec: BundleSpec, overrides: dict) -> dict:
+    """The acceptance limits the bundle's ``check`` gates on: the run's, then ``overrides``."""
+    check = read_record(run, "check", done_only=False)
+    acc = check.section("acceptance") if check is not None else {}
+    parity = read_record(run, "parity", done_only=False)
+    par = parity.section("parity") if parity is not None else {}
+    limits = {k: acc.get(k) for k in ("max_unet_ms", "max_image_ms", "min_speedup", "min_sampler_speedup")}
+    limits.update({k: v for k, v in overrides.items() if v is not None})
+    if spec.precision == "int8":
+        limits.update(parity_statistic="median", max_unet_error=par.get("median_abs_int8", 0.05))
+    else:
+        atol = par.get(f"atol_{spec.precision}", 1e-4 if spec.precision == "fp32" else 2e-2)
+        limits.update(parity_statistic="max", max_unet_error=acc.get("max_parity_error") or atol)
+    # images: the build host's torch fp32 sampler; fp32 graphs match it to rounding, others less
+    limits["max_image_error"] = {"fp32": 1e-3, "fp16": 0.1, "int8": 0.25}[spec.precision]
+    return limits
+
+
+def _reference(run: Path, spec: BundleSpec, settings: dict, scheduler_config: dict, shape: tuple) -> dict:
+    """Torch fp32 outputs on fixed inputs (each pass) and images of the first seeds."""
+    from compressor.feature_reuse import FeatureReuseUNet
+    from compressor.models import predict_noise
+    from compressor.sampling import generate, make_scheduler
+    from deploy.runtimes import load_backend, load_run_unet
+
+    unet = load_run_unet(run, spec.model)
+    rng = np.random.Generator(np.random.PCG64(12345))
+    batch = max(1, min(spec.batch, 2))
+    sample = rng.standard_normal((batch, *shape), dtype=np.float32)
+    timestep = np.linspace(999, 0, batch).round().astype(np.int64)
+    x, t = torch.from_numpy(sample), torch.from_numpy(timestep)
+    out = {"sample": sample, "timestep": timestep}
+    with torch.no_grad():
+        if spec.cache_interval > 1:
+            split = FeatureReuseUNet(unet, spec.cache_level)
+            noise, feature = split.full(x, t)
+            out.update(noise=noise.numpy(), feature=feature.float().numpy())
+            out["shallow_noise"] = split.shallow(x, t, feature).numpy()
+        else:
+            out["noise"] = predict_noise(unet, x, t).numpy()
+    level = spec.cache_level if spec.cache_interval > 1 else None
+    predict = load_backend("torch", unet=unet, cache_level=level).predict
+    seeds = np.arange(spec.reference_images, dtype=np.int64)
+    images = generate(
+        predict,
+        make_scheduler(spec.scheduler, scheduler_config),
+        shape,
+        len(seeds),
+        spec.steps,
+        seed=0,
+        cache_interval=spec.cache_interval,
+        cache_schedule=spec.cache_schedule,
+    )
+    out.update(image_seeds=seeds, images=images.numpy().astype(np.float32))
+    return out
+
+
+def make_bundle(
+    run: Path, out: Path, spec: BundleSpec, limits: dict | None = None, archive: bool = False
+) -> dict:
+    """Write the bundle folder ``out`` (atomically: built beside it, then renamed); its manifest."""
+    from compressor.feature_reuse import full_steps
+    from deploy.sampler import load_sampler
+
+    run = Path(run)
+    if out.exists():
+        raise UserError(f"{out} exists; choose a new folder (a bundle never overwrites one)")
+    if spec.batch < 1 or spec.steps < 1 or spec.cache_interval < 1:
+        raise UserError("bundle: --batch, --steps and --cache-interval must be >= 1")
+    sampler = load_sampler(run, "torch", spec.model)  # structure, scheduler config, image shape
+    if spec.steps > sampler.max_steps:
+        raise UserError(f"--steps {spec.steps}: the model was trained with {sampler.max_steps} timesteps")
+    settings, arrays = scheduler_tables(spec.scheduler, sampler.scheduler_config, spec.steps)
+    settings.update(cache_interval=spec.cache_interval, cache_level=spec.cache_level)
+    settings["cache_schedule"] = spec.cache_schedule
+    if spec.cache_interval > 1:
+        settings["full_steps"] = sorted(full_steps(spec.steps, spec.cache_interval, spec.cache_schedule))
+    models = {"model": spec.model}
+    if spec.with_dense and spec.model != "dense":
+        models["dense"] = "dense"
+    sources = {label: _graph_files(run, m, spec) for label, m in models.items()}
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        graphs = {}
+        for label, parts in sources.items():
+            graphs[label] = {}
+            for part, src in parts.items():
+                rel = f"graphs/{label}/{src.name}"
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, tmp / rel)
+                data = src.with_name(src.name + ".data")
+                if data.is_file():  # external weights travel with their graph
+                    shutil.copyfile(data, tmp / rel.replace(src.name, data.name))
+                graphs[label][part] = rel
+        (tmp / "scheduler.json").write_text(json.dumps(settings, indent=1))
+        np.savez(tmp / "scheduler.npz", **arrays)
+        (tmp / "acceptance.json").write_text(json.dumps(_limits(run, spec, limits or {}), indent=1))
+        np.savez(
+            tmp / "reference.npz",
+            **_reference(run, spec, settings, sampler.scheduler_config, sampler.image_shape),
+        )
+        shutil.copytree(
+            RUNTIME, tmp / "bundle_runtime", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
+        files = {p.relative_to(tmp).as_posix(): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest = {
+            "format": FORMAT,
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "run": run.resolve().name,
+            "model": spec.model,
+            "precision": spec.precision,
+            "provider": spec.provider,
+            "image_shape": list(sampler.image_shape),
+            "batch": spec.batch,
+            "graphs": graphs,
+            "files": files,
+            "requires": ["numpy", "onnxruntime"],
+            "runtime_module": "bundle_runtime",
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if archive:
+        target = out.with_name(out.name + ".tar.gz")
+        with tarfile.open(target.with_name(target.name + ".tmp"), "w:gz") as tar:
+            tar.add(out, arcname=out.name)
+        target.with_name(target.name + ".tmp").replace(target)
+    return manifest

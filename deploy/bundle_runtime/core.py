@@ -1,0 +1,288 @@
+"""Bundle verification, the solver loops and the sampler (imports numpy and onnxruntime only)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+
+
+class BundleError(Exception):
+    """A tampered, incomplete or unusable bundle, or a bad argument: one line, exit 2."""
+
+
+# -- the bundle folder ----------------------------------------------------------------------
+
+
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(root: Path) -> dict:
+    """The manifest, after checking every file it lists (present, same sha256); BundleError if not."""
+    path = root / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleError(
+            f"{path} is missing: not a bundle folder (make one with `compress-deploy bundle`)"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise BundleError(
+            f"{path} is not readable JSON ({type(exc).__name__}); the bundle is damaged"
+        ) from None
+    from . import FORMAT
+
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{path}: not a {FORMAT} manifest; rebuild the bundle")
+    for name, expected in sorted(manifest.get("files", {}).items()):
+        file = root / name
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            raise BundleError(f"{path}: file entry {name!r} points outside the bundle")
+        if not file.is_file():
+            raise BundleError(f"{file} is missing; the bundle is incomplete (copy it again)")
+        if sha256(file) != expected:
+            raise BundleError(f"{file} does not match its sha256 in manifest.json; the bundle was altered")
+    return manifest
+
+
+def load_tables(root: Path) -> dict[str, np.ndarray]:
+    """The scheduler's arrays (NPZ without pickle)."""
+    with np.load(root / "scheduler.npz", allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+# -- noise and solvers ----------------------------------------------------------------------
+
+
+def seed_noise(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Image ``seed``'s starting noise: float32 standard normals of numpy's PCG64(seed)."""
+    return np.random.Generator(np.random.PCG64(seed)).standard_normal(shape, dtype=np.float32)
+
+
+class DDIM:
+    """Deterministic DDIM (eta = 0), epsilon prediction, from diffusers' DDIMScheduler tables."""
+
+    def __init__(self, settings: dict, tables: dict) -> None:
+        self.timesteps = tables["timesteps"].astype(np.int64)
+        self.prev = tables["prev_timesteps"].astype(np.int64)
+        self.alphas = tables["alphas_cumprod"].astype(np.float32)
+        self.final = np.float32(tables["final_alpha_cumprod"])
+        self.clip = settings["clip_sample"]
+        self.clip_range = np.float32(settings["clip_sample_range"])
+
+    def reset(self) -> None:
+        """DDIM keeps no state between steps."""
+
+    def step(self, i: int, eps: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """x at the next timestep from x and the predicted noise at step ``i``."""
+        a_t = self.alphas[self.timesteps[i]]
+        a_prev = self.alphas[self.prev[i]] if self.prev[i] >= 0 else self.final
+        x0 = (x - np.float32(1 - a_t) ** np.float32(0.5) * eps) / a_t ** np.float32(0.5)
+        if self.clip:
+            x0 = np.clip(x0, -self.clip_range, self.clip_range)
+        direction = np.float32(1 - a_prev) ** np.float32(0.5) * eps
+        return (a_prev ** np.float32(0.5) * x0 + direction).astype(np.float32)
+
+
+class DPMSolverPP:
+    """DPM-Solver++ 2M (midpoint), epsilon prediction, final sigma 0, first order at both ends."""
+
+    def __init__(self, settings: dict, tables: dict) -> None:
+        self.timesteps = tables["timesteps"].astype(np.int64)
+        self.sigmas = tables["sigmas"].astype(np.float32)
+        self.previous: np.ndarray | None = None
+
+    def reset(self) -> None:
+        """Forget the previous step's data prediction (a new sampler run)."""
+        self.previous = None
+
+    @staticmethod
+    def _alpha_sigma(sigma: np.float32) -> tuple[np.float32, np.float32]:
+        alpha = np.float32(1) / (sigma * sigma + np.float32(1)) ** np.float32(0.5)
+        return alpha, sigma * alpha
+
+    def _lambda(self, sigma: np.float32) -> np.float32:
+        alpha, sig = self._alpha_sigma(sigma)
+        return np.log(alpha) - np.log(sig)
+
+    def step(self, i: int, eps: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """x at the next timestep from x and the predicted noise at step ``i``."""
+        alpha_s0, sigma_s0 = self._alpha_sigma(self.sigmas[i])
+        x0 = ((x - sigma_s0 * eps) / alpha_s0).astype(np.float32)
+        previous, self.previous = self.previous, x0
+        nxt = self.sigmas[i + 1]
+        if nxt == 0:  # the last step to sigma 0 lands on the data prediction itself
+            return x0
+        alpha_t, sigma_t = self._alpha_sigma(nxt)
+        h = self._lambda(nxt) - self._lambda(self.sigmas[i])
+        decay = alpha_t * (np.exp(-h) - np.float32(1))
+        first = (sigma_t / sigma_s0) * x - decay * x0
+        if previous is None or i == len(self.timesteps) - 1:
+            return first.astype(np.float32)
+        h_0 = self._lambda(self.sigmas[i]) - self._lambda(self.sigmas[i - 1])
+        d1 = (np.float32(1) / (h_0 / h)) * (x0 - previous)
+        return (first - np.float32(0.5) * decay * d1).astype(np.float32)
+
+
+SOLVERS = {"ddim": DDIM, "dpmsolver++": DPMSolverPP}
+
+
+# -- ONNX Runtime -------------------------------------------------------------------------
+
+
+class Graphs:
+    """One model's ONNX Runtime sessions: the plain call, or the two feature-reuse passes."""
+
+    def __init__(self, root: Path, files: dict, provider: str, threads: int | None) -> None:
+        import onnxruntime as ort
+
+        ort.set_default_logger_severity(3)
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        if "full" in files:  # two sessions in turn: spinning threads would steal each other's cores
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.sessions = {}
+        for part, name in files.items():
+            try:
+                self.sessions[part] = ort.InferenceSession(str(root / name), opts, providers=[provider])
+            except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types
+                why = str(exc).splitlines()[0][:160]
+                raise BundleError(f"{root / name}: ONNX Runtime cannot load it ({why})") from None
+        self.reuse = "full" in files
+
+    def unet(self, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
+        """The plain UNet call (the full pass's noise when reusing features)."""
+        part = "full" if self.reuse else "unet"
+        return self.sessions[part].run(["noise"], {"sample": sample, "timestep": timestep})[0]
+
+    def full(self, sample: np.ndarray, timestep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        noise, feature = self.sessions["full"].run(
+            ["noise", "feature"], {"sample": sample, "timestep": timestep}
+        )
+        return noise, feature
+
+    def shallow(self, sample: np.ndarray, timestep: np.ndarray, feature: np.ndarray) -> np.ndarray:
+        feeds = {"sample": sample, "timestep": timestep, "feature": feature}
+        return self.sessions["shallow"].run(["noise"], feeds)[0]
+
+
+class Bundle:
+    """A verified bundle: its settings, tables and sessions."""
+
+    def __init__(self, root: Path, threads: int | None = None, fallback: bool = False) -> None:
+        import onnxruntime as ort
+
+        self.root = Path(root)
+        self.manifest = verify(self.root)
+        self.settings = json.loads((self.root / "scheduler.json").read_text())
+        self.acceptance = json.loads((self.root / "acceptance.json").read_text())
+        self.tables = load_tables(self.root)
+        provider = self.manifest["provider"]
+        available = ort.get_available_providers()
+        if provider not in available:
+            if not fallback:
+                raise BundleError(
+                    f"this ONNX Runtime has no {provider} (it has {', '.join(available)}), the provider the "
+                    "bundle was checked with; install the matching onnxruntime package or pass --fallback"
+                )
+            provider = "CPUExecutionProvider"
+        self.provider = provider
+        self.shape = tuple(self.manifest["image_shape"])
+        self.graphs = {m: Graphs(self.root, f, provider, threads) for m, f in self.manifest["graphs"].items()}
+        scheduler = self.settings["scheduler"]
+        if scheduler not in SOLVERS:
+            raise BundleError(
+                f"scheduler.json: solver {scheduler!r} is not one this runtime has ({', '.join(SOLVERS)})"
+            )
+        self.full_steps = set(self.settings.get("full_steps") or [])
+
+    def solver(self):
+        """A fresh solver of the bundle's scheduler."""
+        return SOLVERS[self.settings["scheduler"]](self.settings, self.tables)
+
+    def denoise(self, noise: np.ndarray, model: str = "model") -> np.ndarray:
+        """The sampler from ``noise``; images in [0, 1] (float32)."""
+        graphs, solver = self.graphs[model], self.solver()
+        x = noise * np.float32(self.settings["init_noise_sigma"])
+        feature = None
+        interval = int(self.settings.get("cache_interval", 1))
+        for i, t in enumerate(solver.timesteps):
+            timestep = np.full((x.shape[0],), int(t), dtype=np.int64)
+            if interval <= 1:
+                eps = graphs.unet(x, timestep)
+            elif i in self.full_steps:
+                eps, feature = graphs.full(x, timestep)
+            else:
+                eps = graphs.shallow(x, timestep, feature)
+            x = solver.step(i, eps.astype(np.float32), x)
+        return np.clip((x + 1) / 2, 0, 1).astype(np.float32)
+
+    def generate(
+        self, seed: int, num_images: int, batch: int | None = None, model: str = "model"
+    ) -> np.ndarray:
+        """Images of seeds ``seed .. seed + num_images - 1`` (each from its own noise)."""
+        batch = batch or int(self.manifest["batch"])
+        out = []
+        for start in range(0, num_images, batch):
+            seeds = range(seed + start, seed + min(num_images, start + batch))
+            out.append(self.denoise(np.stack([seed_noise(self.shape, s) for s in seeds]), model))
+        return np.concatenate(out)
+
+
+# -- images ---------------------------------------------------------------------------------
+
+
+def write_png(images: np.ndarray, path: Path, nrow: int = 8, pad: int = 2) -> None:
+    """A grid of ``images`` (N, C, H, W in [0, 1]) as an 8-bit PNG (zlib from the standard library)."""
+    n, c, h, w = images.shape
+    rows = (n + nrow - 1) // nrow
+    canvas = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
+    pixels = np.round(np.clip(images, 0, 1) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        canvas[y : y + h, x : x + w] = pixels[i]
+    color = {1: 0, 3: 2}[c]
+    raw = b"".join(b"\x00" + row.tobytes() for row in canvas)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
+    header = struct.pack(">IIBBBBB", canvas.shape[1], canvas.shape[0], 8, color, 0, 0, 0)
+    data = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw, 9))
+        + chunk(b"IEND", b"")
+    )
+    path.write_bytes(data)
+
+
+def median_ms(fn, repeat: int) -> float:
+    """Median wall time of ``fn()`` in milliseconds over ``repeat`` runs (after one warm-up)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        began = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - began) * 1e3)
+    return float(np.median(times))

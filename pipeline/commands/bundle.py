@@ -1,0 +1,67 @@
+"""``compress-deploy bundle RUN OUT``: the compressed sampler as a folder for numpy + ONNX Runtime alone.
+
+    compress-deploy bundle RUN OUT [--model pruned|dense] [--precision fp32|fp16|int8]
+                           [--scheduler ddim|dpmsolver++] [--steps N] [--cache-interval N]
+                           [--cache-level L] [--cache-schedule uniform|quadratic] [--batch B]
+                           [--no-dense] [--max-unet-ms MS] [--max-image-ms MS] [--min-speedup X]
+                           [--min-sampler-speedup X] [--archive]
+
+On the target: ``cd OUT && python -m bundle_runtime check`` (exit 0 pass, 3 fail, 2 bad
+input), ``generate --seed S --num-images N --out x.png|x.npy`` and ``info``; see
+:mod:`deploy.bundle_runtime`. The acceptance limits start from the run's ``check`` record.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from compressor.config import SampleConfig, ServeConfig
+from deploy.bundle import BundleSpec, make_bundle
+from pipeline.commands.args import CommandParser, config_flag, run_dir_arg
+from pipeline.runlock import RunLock
+
+
+def main(argv: list[str]) -> int:
+    """Write the bundle; print where and how large."""
+    parser = CommandParser(prog="compress-deploy bundle", description="Bundle a run's sampler for a device.")
+    parser.add_argument("run", type=Path)
+    parser.add_argument("out", type=Path)
+    config_flag(parser, "--model", ServeConfig, "model")
+    config_flag(parser, "--precision", SampleConfig, "precision")
+    config_flag(parser, "--scheduler", SampleConfig, "scheduler")
+    config_flag(parser, "--steps", SampleConfig, "steps")
+    config_flag(parser, "--cache-interval", SampleConfig, "cache_interval")
+    config_flag(parser, "--cache-level", SampleConfig, "cache_level")
+    config_flag(parser, "--cache-schedule", SampleConfig, "cache_schedule")
+    parser.add_argument("--batch", type=int, default=1, help="images per UNet call on the device")
+    parser.add_argument(
+        "--no-dense", action="store_true", help="leave out the dense graph (no speed-up gates)"
+    )
+    for flag in ("--max-unet-ms", "--max-image-ms", "--min-speedup", "--min-sampler-speedup"):
+        parser.add_argument(flag, type=float, help="acceptance limit (default: the run's)")
+    parser.add_argument("--archive", action="store_true", help="also write OUT.tar.gz")
+    args = parser.parse_args(argv)
+    run = run_dir_arg(args.run)
+    spec = BundleSpec(
+        model=args.model,
+        precision=args.precision,
+        scheduler=args.scheduler,
+        steps=args.steps,
+        cache_interval=args.cache_interval,
+        cache_level=args.cache_level,
+        cache_schedule=args.cache_schedule,
+        batch=args.batch,
+        with_dense=not args.no_dense,
+    )
+    limits = {
+        "max_unet_ms": args.max_unet_ms,
+        "max_image_ms": args.max_image_ms,
+        "min_speedup": args.min_speedup,
+        "min_sampler_speedup": args.min_sampler_speedup,
+    }
+    with RunLock(run, " ".join(["compress-deploy bundle", *argv])):
+        manifest = make_bundle(run, args.out, spec, limits, args.archive)
+    size = sum((args.out / name).stat().st_size for name in manifest["files"]) / 1e6
+    print(f"bundle of {len(manifest['files'])} files, {size:.2f} MB -> {args.out}")
+    print(f"run it there: cd {args.out} && python -m bundle_runtime check")
+    return 0

@@ -1,0 +1,174 @@
+"""The edge bundle: solver loops against diffusers, same images as `sample`, refusals, a bare venv."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compressor.sampling import initial_noise, make_scheduler, seed_noise
+from deploy.bundle import BundleSpec, make_bundle, scheduler_tables
+from deploy.bundle_runtime.core import SOLVERS
+from deploy.bundle_runtime.core import seed_noise as runtime_seed_noise
+from pipeline.cli import main
+from tests.conftest import DDPM_SCHEDULER, finished_tiny_run
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIPPED = {**DDPM_SCHEDULER, "clip_sample": True}
+
+
+@pytest.mark.parametrize("kind", ["ddim", "dpmsolver++"])
+@pytest.mark.parametrize("steps", [1, 2, 10, 25])
+def test_the_runtime_solvers_follow_diffusers(kind, steps):
+    settings, tables = scheduler_tables(kind, CLIPPED, steps)
+    ours = SOLVERS[kind](settings, tables)
+    theirs = make_scheduler(kind, CLIPPED)
+    theirs.set_timesteps(steps)
+    assert [int(t) for t in theirs.timesteps] == tables["timesteps"].tolist()
+    x = runtime_seed_noise((2, 3, 8, 8), 7)
+    xt = torch.from_numpy(x.copy())
+    weight = np.linspace(-0.5, 0.9, 3 * 8 * 8, dtype=np.float32).reshape(3, 8, 8)
+    for i, t in enumerate(theirs.timesteps):
+        eps = (0.8 * x + weight * np.float32(int(t) / 1000)).astype(np.float32)  # a model of sorts
+        eps_t = (0.8 * xt + torch.from_numpy(weight) * (int(t) / 1000)).float()
+        x = ours.step(i, eps, x)
+        xt = theirs.step(eps_t, t, xt).prev_sample
+        assert np.abs(x - xt.numpy()).max() <= 1e-5, (kind, steps, i)
+
+
+def test_the_noise_source_is_numpy_and_batch_independent():
+    a = initial_noise((3, 4, 4), [5, 6]).numpy()
+    assert np.array_equal(a[1], seed_noise((3, 4, 4), 6)) and np.array_equal(
+        a[1], runtime_seed_noise((3, 4, 4), 6)
+    )
+    assert np.array_equal(a[0], initial_noise((3, 4, 4), [5]).numpy()[0])
+
+
+def test_unsupported_samplers_are_refused():
+    from compressor.errors import UserError
+
+    for kind in ("ddpm", "unipc"):
+        with pytest.raises(UserError, match="deterministic solvers ddim, dpmsolver"):
+            scheduler_tables(kind, DDPM_SCHEDULER, 10)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundle-run")
+    cfg, run = finished_tiny_run(root, "prune")
+    overrides = ["export.feature_reuse=true", "export.precisions=[fp32]"]
+    assert main([str(cfg), *overrides, "--stages", "export", "--run-dir", str(run)]) == 0
+    return run
+
+
+def _runtime(folder: Path, *args: str, python: str = sys.executable) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run(
+        [python, "-m", "bundle_runtime", *args],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+
+
+@pytest.mark.parametrize("scheduler, interval", [("ddim", 1), ("dpmsolver++", 2)])
+def test_a_bundle_gives_the_images_of_sample_and_passes_its_check(exported, tmp_path, scheduler, interval):
+    out = tmp_path / "bundle"
+    spec = BundleSpec(scheduler=scheduler, steps=4, cache_interval=interval, batch=2)
+    manifest = make_bundle(exported, out, spec, archive=True)
+    assert (tmp_path / "bundle.tar.gz").stat().st_size > 0
+    parts = {"full", "shallow"} if interval > 1 else {"unet"}
+    assert set(manifest["graphs"]["model"]) == parts and set(manifest["graphs"]["dense"]) == parts
+    done = _runtime(out, "generate", "--seed", "3", "--num-images", "3", "--out", str(tmp_path / "b.npy"))
+    assert done.returncode == 0, done.stderr
+    argv = ["sample", str(exported), "--backend", "onnxruntime", "--scheduler", scheduler, "--steps", "4",
+            "--seed", "3", "--num-images", "3", "--cache-interval", str(interval)]  # fmt: skip
+    argv += ["--out", str(tmp_path / "s.npy")]
+    assert main(argv) == 0
+    ours, theirs = np.load(tmp_path / "b.npy"), np.load(tmp_path / "s.npy")
+    assert ours.shape == theirs.shape == (3, 3, 16, 16) and np.abs(ours - theirs).max() <= 1e-5
+    record = tmp_path / "check.json"
+    done = _runtime(out, "check", "--repeat", "3", "--sampler-repeat", "1", "--record", str(record))
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = [ln for ln in done.stdout.splitlines() if ln.split(" ")[0] in ("PASS", "FAIL", "INFO")]
+    assert len(lines) == 6 and all(not ln.startswith("FAIL") for ln in lines), done.stdout
+    facts = json.loads(record.read_text())
+    assert facts["passed"] and facts["unet_ms"] > 0 and facts["batch"] == 2
+    info = _runtime(out, "info")
+    assert info.returncode == 0 and "manifest.json" in info.stdout and scheduler in info.stdout
+
+
+def test_a_failed_gate_exits_3_and_bad_bundles_and_arguments_exit_2(exported, tmp_path):
+    out = tmp_path / "bundle"
+    make_bundle(exported, out, BundleSpec(steps=2), {"max_unet_ms": 1e-6})
+    done = _runtime(
+        out, "check", "--repeat", "3", "--sampler-repeat", "1", "--record", str(tmp_path / "r.json")
+    )
+    assert done.returncode == 3 and "FAIL unet latency" in done.stdout
+    assert _runtime(out, "generate", "--out", str(tmp_path / "x.gif")).returncode == 2
+    assert _runtime(out, "generate", "--num-images", "0").returncode == 2
+    assert _runtime(out, "no-such-command").returncode == 2
+    graph = out / "graphs" / "model" / "unet.fp32.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    done = _runtime(out, "generate")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: {graph} does not match its sha256 in manifest.json; the bundle was altered"
+    ]
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    (out / "scheduler.npz").unlink()
+    done = _runtime(out, "check")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"error: {out / 'scheduler.npz'} is missing; the bundle is incomplete (copy it again)"
+    ]
+    with pytest.raises(Exception, match="exists; choose a new folder"):
+        make_bundle(exported, out, BundleSpec(steps=2))
+
+
+def test_a_bundle_refuses_an_onnxruntime_without_its_provider_unless_told(exported, tmp_path):
+    out = tmp_path / "bundle"
+    make_bundle(exported, out, BundleSpec(steps=2, provider="CUDAExecutionProvider", with_dense=False))
+    done = _runtime(out, "generate", "--out", str(tmp_path / "a.png"))
+    assert (
+        done.returncode == 2 and "has no CUDAExecutionProvider" in done.stderr and "--fallback" in done.stderr
+    )
+    done = _runtime(out, "--fallback", "generate", "--num-images", "2", "--out", str(tmp_path / "a.png"))
+    assert done.returncode == 0 and (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_the_demo_bundle_runs_in_a_venv_with_only_numpy_and_onnxruntime(exported, tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = str(venv / "bin" / "python")
+    pip = subprocess.run([python, "-m", "pip", "install", "-q", "numpy", "onnxruntime"], capture_output=True,
+                         text=True, timeout=900)  # fmt: skip
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    for name in ("torch", "diffusers", "compressor"):
+        probe = subprocess.run([python, "-c", f"import {name}"], capture_output=True, text=True, cwd=tmp_path)
+        assert probe.returncode != 0, f"{name} is importable in the bare venv"
+    out = tmp_path / "bundle"
+    make_bundle(exported, out, BundleSpec(scheduler="dpmsolver++", steps=4, batch=2))
+    done = _runtime(
+        out, "generate", "--seed", "0", "--num-images", "2", "--out", str(tmp_path / "b.npy"), python=python
+    )
+    assert done.returncode == 0, done.stderr
+    argv = ["sample", str(exported), "--backend", "onnxruntime", "--scheduler", "dpmsolver++", "--steps", "4",
+            "--num-images", "2", "--out", str(tmp_path / "s.npy")]  # fmt: skip
+    assert main(argv) == 0
+    assert np.abs(np.load(tmp_path / "b.npy") - np.load(tmp_path / "s.npy")).max() <= 1e-5
+    record = str(tmp_path / "r.json")
+    done = _runtime(out, "check", "--repeat", "3", "--sampler-repeat", "1", "--record", record, python=python)
+    assert done.returncode == 0, done.stdout + done.stderr
