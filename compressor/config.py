@@ -198,10 +198,10 @@ class DistillConfig:
     """The dense model as teacher during the finetune (off while both distillation weights are 0).
 
     The loss is ``weight_task`` x the plain denoising loss + ``weight_output`` x MSE(student
-    noise, teacher noise) + ``weight_features`` x the mean over ``feature_points`` of MSE(block
-    output of the student, projected by a learned 1x1 convolution where widths differ, block
-    output of the teacher). The teacher is frozen, in eval mode, without gradients; each
-    process holds its own copy. Projections are trained with the student and never saved.
+    noise, teacher noise) + ``weight_features`` x the mean over ``feature_points`` of the relative
+    MSE (over the teacher output's mean square) of the student's block output, projected by a
+    learned 1x1 convolution where widths differ, against the teacher's. The teacher is frozen,
+    in eval mode, without gradients; each process holds its own copy. Projections are trained with the student and never saved.
     """
 
     weight_task: float = _spec(1.0, "weight of the plain denoising loss", ge=0.0)

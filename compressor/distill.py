@@ -2,9 +2,10 @@
 
 The student is the pruned UNet; the teacher is the dense UNet it was pruned from, frozen
 and in eval mode. Output distillation matches the two noise predictions on the same noisy
-input; feature distillation matches the outputs of chosen down/mid/up blocks, as BK-SDM
+input (MSE); feature distillation matches the outputs of chosen down/mid/up blocks, as BK-SDM
 matches stage outputs, through a learned 1x1 convolution where the student's width differs
-from the teacher's (pruning narrows most blocks). The projections live in
+from the teacher's (pruning narrows most blocks), each block's MSE relative to its teacher
+output's mean square (blocks of every scale weigh alike). The projections live in
 :class:`DistillStudent` beside the UNet so data-parallel training syncs their gradients
 with the UNet's; they are saved in checkpoints (for exact resume) and never in the model.
 """
@@ -176,7 +177,12 @@ def distill_losses(
         target = predict_noise(teacher, noisy, timestep).float()
     terms["output"] = F.mse_loss(pred, target)
     if cfg.weight_features > 0:
-        per_point = [F.mse_loss(feats[p].float(), found[p].float()) for p in points]
+        # relative MSE: each block's error over its teacher output's mean square, so blocks of
+        # any scale (deep ones run larger) weigh alike and the weight means the same at any depth
+        per_point = [
+            F.mse_loss(feats[p].float(), found[p].float()) / found[p].float().pow(2).mean().clamp_min(1e-8)
+            for p in points
+        ]
         terms["features"] = torch.stack(per_point).mean()
     else:
         terms["features"] = torch.zeros((), device=pred.device)
