@@ -201,7 +201,8 @@ class DistillConfig:
     noise, teacher noise) + ``weight_features`` x the mean over ``feature_points`` of the relative
     MSE (over the teacher output's mean square) of the student's block output, projected by a
     learned 1x1 convolution where widths differ, against the teacher's. The teacher is frozen,
-    in eval mode, without gradients; each process holds its own copy. Projections are trained with the student and never saved.
+    in eval mode, without gradients; each process holds its own copy. Projections are trained
+    with the student and never saved.
     """
 
     weight_task: float = _spec(1.0, "weight of the plain denoising loss", ge=0.0)
