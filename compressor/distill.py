@@ -160,6 +160,13 @@ def make_teacher(teacher: nn.Module, device: torch.device) -> nn.Module:
     return teacher
 
 
+def _relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over samples of each sample's MSE over its teacher output's mean square."""
+    dims = tuple(range(1, teacher.dim()))
+    error = (student - teacher).pow(2).mean(dims)
+    return (error / teacher.pow(2).mean(dims).clamp_min(1e-8)).mean()
+
+
 def distill_losses(
     cfg: DistillConfig,
     noise: torch.Tensor,
@@ -178,11 +185,9 @@ def distill_losses(
     terms["output"] = F.mse_loss(pred, target)
     if cfg.weight_features > 0:
         # relative MSE: each block's error over its teacher output's mean square, so blocks of
-        # any scale (deep ones run larger) weigh alike and the weight means the same at any depth
-        per_point = [
-            F.mse_loss(feats[p].float(), found[p].float()) / found[p].float().pow(2).mean().clamp_min(1e-8)
-            for p in points
-        ]
+        # any scale (deep ones run larger) weigh alike. Per sample, then averaged: a mean over
+        # samples splits exactly over data-parallel processes (a batch-wide ratio would not)
+        per_point = [_relative_mse(feats[p].float(), found[p].float()) for p in points]
         terms["features"] = torch.stack(per_point).mean()
     else:
         terms["features"] = torch.zeros((), device=pred.device)

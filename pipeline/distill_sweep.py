@@ -93,9 +93,16 @@ class Scorer:
 
     def __init__(self, ctx: RunContext) -> None:
         from compressor.data import stack
+        from compressor.quality import inception_unavailable
 
         self.ctx = ctx
         self.feature, self.metric = ctx.frechet_features()
+        reason = inception_unavailable(ctx.cfg.quality.inception_weights) if self.metric == "fid" else None
+        if reason:
+            raise UserError(
+                f"the distillation sweep scores Frechet distances and FID cannot run here ({reason}); "
+                "install the `fid` extra and set quality.inception_weights, or quality.feature=digits"
+            )
         self.reference = (stack(ctx.dataset, ctx.cfg.quality.num_reference) + 1) / 2
         self.steps = ctx.cfg.quality.steps or ctx.cfg.sample.steps
         self.count = ctx.cfg.quality.num_samples

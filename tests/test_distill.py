@@ -169,6 +169,10 @@ def test_the_distillation_sweep_scores_every_budget_and_resumes(tmp_path, tiny_c
     run = tmp_path / "run"
     argv = ["ablate", str(tiny_config), "--distill", "off,output+features", "--finetune-steps", "2,4",
             "--ratios", "0.8", "--seeds", "0,1", "--run-dir", str(run)]  # fmt: skip
+    assert main(argv) == 2  # no torch-fidelity / Inception weights here: one line, no traceback
+    err = capsys.readouterr().err
+    assert "FID cannot run here" in err and "Traceback" not in err
+    argv[2:2] = ["quality.feature=digits", "prune.method=magnitude"]  # digits features: channels averaged
     assert main(argv) == 0, capsys.readouterr().err
     summary = json.loads((run / "ablation" / "distill" / "summary.json").read_text())
     cells = {(r["ratio"], r["mode"], r["budget"]): r for r in summary["rows"]}
@@ -181,5 +185,5 @@ def test_the_distillation_sweep_scores_every_budget_and_resumes(tmp_path, tiny_c
     assert main(argv) == 0  # rerun: the prunes, finetunes and scores are all reused
     assert ": finetune 4 steps" not in capsys.readouterr().err
     assert json.loads((run / "ablation" / "distill" / "summary.json").read_text())["rows"] == summary["rows"]
-    assert main([*argv[:3], "off,teacher", *argv[4:]]) == 2
+    assert main([*argv[:5], "off,teacher", *argv[6:]]) == 2
     assert "--distill: unknown mode 'teacher'" in capsys.readouterr().err
