@@ -137,6 +137,16 @@ def test_a_failed_gate_exits_3_and_bad_bundles_and_arguments_exit_2(exported, tm
         make_bundle(exported, out, BundleSpec(steps=2))
 
 
+def test_each_precision_is_gated_by_its_own_parity_tolerance(exported, tmp_path):
+    from deploy.bundle import _limits
+
+    fp32 = _limits(exported, BundleSpec(precision="fp32"), {})
+    fp16 = _limits(exported, BundleSpec(precision="fp16"), {})
+    int8 = _limits(exported, BundleSpec(precision="int8"), {})
+    assert fp32["max_unet_error"] == 1e-4 and fp16["max_unet_error"] == 2e-2
+    assert int8["parity_statistic"] == "median" and int8["max_unet_error"] == 0.05
+
+
 def test_a_bundle_refuses_an_onnxruntime_without_its_provider_unless_told(exported, tmp_path):
     out = tmp_path / "bundle"
     make_bundle(exported, out, BundleSpec(steps=2, provider="CUDAExecutionProvider", with_dense=False))

@@ -9,9 +9,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+try:
+    import numpy as np
 
-from .core import Bundle, BundleError, median_ms, seed_noise, write_png
+    from .core import Bundle, BundleError, median_ms, seed_noise, write_png
+except ImportError as exc:  # the runtime's only requirements: say so in one line, exit 2
+    print(
+        f"error: {exc.name or exc} is not installed; the bundle needs `pip install numpy onnxruntime`",
+        file=sys.stderr,
+    )
+    sys.exit(2)
 
 EXIT_FAIL, EXIT_BAD = 3, 2
 ROOT = Path(__file__).resolve().parent.parent  # the bundle folder holds this package
@@ -161,7 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     chk.add_argument("--record", type=Path, default=Path("bundle-check.json"), help="JSON record to write")
     try:
         args = parser.parse_args(argv)
-        bundle = Bundle(args.bundle, args.threads, args.fallback)
+        try:
+            bundle = Bundle(args.bundle, args.threads, args.fallback)
+        except ImportError as exc:
+            raise BundleError(
+                f"{exc.name or exc} is not installed; `pip install numpy onnxruntime`"
+            ) from None
         return {"info": _info, "generate": _generate, "check": _check}[args.command](bundle, args)
     except BundleError as exc:
         print(f"error: {exc}", file=sys.stderr)
