@@ -25,7 +25,7 @@ from compressor import runlayout
 from compressor.errors import ArtifactError, UserError
 from compressor.records import read_record
 from deploy.bundle_runtime import FORMAT
-from deploy.bundle_runtime.core import sha256
+from deploy.bundle_runtime.core import MANIFEST, sha256
 
 RUNTIME = Path(__file__).resolve().parent / "bundle_runtime"
 SOLVERS = ("ddim", "dpmsolver++")  # the loops the runtime reimplements (deterministic ones)
@@ -233,7 +233,7 @@ def make_bundle(
             "requires": ["numpy", "onnxruntime"],
             "runtime_module": "bundle_runtime",
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

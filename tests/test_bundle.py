@@ -103,7 +103,7 @@ def test_a_bundle_gives_the_images_of_sample_and_passes_its_check(exported, tmp_
     facts = json.loads(record.read_text())
     assert facts["passed"] and facts["unet_ms"] > 0 and facts["batch"] == 2
     info = _runtime(out, "info")
-    assert info.returncode == 0 and "manifest.json" in info.stdout and scheduler in info.stdout
+    assert info.returncode == 0 and "scheduler.npz" in info.stdout and scheduler in info.stdout
 
 
 def test_a_failed_gate_exits_3_and_bad_bundles_and_arguments_exit_2(exported, tmp_path):

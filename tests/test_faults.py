@@ -222,8 +222,8 @@ def test_layers_and_the_run_layout_have_one_owner():
     )  # fmt: skip
     for folder in ("compressor", "export", "pipeline", "deploy"):
         for path in (ROOT / folder).rglob("*.py"):
-            if path.name == "runlayout.py":
-                continue
+            if path.name == "runlayout.py" or "bundle_runtime" in path.parts:
+                continue  # the bundle runtime names its own folder's files (it imports numpy only)
             text = path.read_text()
             assert not [h for h in hand_made if h in text], (path, [h for h in hand_made if h in text])
     # records are parsed only by compressor/records.py (and the cache's own bookkeeping reads none)

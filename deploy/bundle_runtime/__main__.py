@@ -12,7 +12,7 @@ from pathlib import Path
 try:
     import numpy as np
 
-    from .core import Bundle, BundleError, median_ms, seed_noise, write_png
+    from .core import MANIFEST, Bundle, BundleError, median_ms, seed_noise, write_png
 except ImportError as exc:  # the runtime's only requirements: say so in one line, exit 2
     print(
         f"error: {exc.name or exc} is not installed; the bundle needs `pip install numpy onnxruntime`",
@@ -48,7 +48,7 @@ def _info(bundle: Bundle, args) -> int:
         size = (bundle.root / name).stat().st_size
         total += size
         print(f"  {size / 1e6:9.3f} MB  {name}")
-    print(f"  {total / 1e6:9.3f} MB  in {len(m['files'])} files (+ manifest.json)")
+    print(f"  {total / 1e6:9.3f} MB  in {len(m['files'])} files (+ the manifest)")
     return 0
 
 
@@ -136,9 +136,7 @@ def _check(bundle: Bundle, args) -> int:
             "processor": platform.processor(),
             "python": platform.python_version(),
         },
-        "manifest_sha256": __import__("hashlib")
-        .sha256((bundle.root / "manifest.json").read_bytes())
-        .hexdigest(),
+        "manifest_sha256": __import__("hashlib").sha256((bundle.root / MANIFEST).read_bytes()).hexdigest(),
     }
     args.record.write_text(json.dumps(record, indent=1))
     print(f"{'PASSED' if passed else 'FAILED'}; record: {args.record}")
