@@ -130,7 +130,7 @@ def _limits(run: Path, spec: BundleSpec, overrides: dict) -> dict:
     return limits
 
 
-def _reference(run: Path, spec: BundleSpec, settings: dict, scheduler_config: dict, shape: tuple) -> dict:
+def _reference(run: Path, spec: BundleSpec, scheduler_config: dict, shape: tuple) -> dict:
     """Torch fp32 outputs on fixed inputs (each pass) and images of the first seeds."""
     from compressor.feature_reuse import FeatureReuseUNet
     from compressor.models import predict_noise
@@ -213,7 +213,7 @@ def make_bundle(
         (tmp / "acceptance.json").write_text(json.dumps(_limits(run, spec, limits or {}), indent=1))
         np.savez(
             tmp / "reference.npz",
-            **_reference(run, spec, settings, sampler.scheduler_config, sampler.image_shape),
+            **_reference(run, spec, sampler.scheduler_config, sampler.image_shape),
         )
         shutil.copytree(
             RUNTIME, tmp / "bundle_runtime", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")

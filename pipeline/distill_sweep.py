@@ -223,7 +223,7 @@ def verdicts(rows: list[dict], budgets: list[int]) -> list[str]:
     return lines
 
 
-def markdown(rows: list[dict], budgets: list[int], dense_fd: float, metric: str, notes: list[str]) -> str:
+def markdown(rows: list[dict], dense_fd: float, metric: str, notes: list[str]) -> str:
     """The sweep table and verdicts as Markdown."""
     head = f"| kept MACs | distillation | steps | {metric} (mean +- std) | / dense | SSIM vs dense |"
     head += " steps/s |"
@@ -308,7 +308,7 @@ def run(args, overrides: list[str]) -> int:
     notes = verdicts(rows, budgets)
     summary = {"dense_fd": scorer.dense_fd, "metric": scorer.metric, "rows": rows, "verdicts": notes}
     write_json(root / "summary.json", summary)
-    text = markdown(rows, budgets, scorer.dense_fd, scorer.metric, notes)
+    text = markdown(rows, scorer.dense_fd, scorer.metric, notes)
     (root / "summary.md").write_text(text)
     plot(rows, root / "summary.png", scorer.metric)
     print(text)

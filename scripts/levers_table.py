@@ -160,10 +160,11 @@ def main() -> int:
     keys = [(m, r, "fp32") for m in ("dense", "pruned") for r in (False, True)]
     keys += [(m, False, "int8") for m in ("dense", "pruned") if "int8" in cfg.export.precisions]
     deployed = {k: backend(k[0], k[1], args.backend, k[2]) for k in keys}
-    # fp32 images do not depend on the backend: scored in torch; int8 through the backend that runs it
-    scored = {k: backend(k[0], k[1], "torch") if k[2] == "fp32" else deployed[k] for k in keys}
-
-    scores = {} if args.latency_only else score(ctx, configs, scored, args.samples)
+    scores = {}
+    if not args.latency_only:
+        # fp32 images do not depend on the backend: scored in torch; int8 through the backend that runs it
+        scored = {k: backend(k[0], k[1], "torch") if k[2] == "fp32" else deployed[k] for k in keys}
+        scores = score(ctx, configs, scored, args.samples)
     metric = next(iter(scores.values()))["metric"] if scores else "fd"
     rows = []
     for model, v, precision in configs:

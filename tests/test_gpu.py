@@ -6,6 +6,7 @@ Run them on a CUDA host with `bash scripts/gpu_check.sh` (or `pytest -m gpu`).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,28 +103,31 @@ def test_onnxruntime_cuda_provider_when_installed(tiny_unet, tmp_path):
     assert (backend.predict(x["sample"], x["timestep"]).cpu() - ref).abs().max() < 1e-3
 
 
+def _fp16_engine(unet, run: Path, model: str, part: str = "unet") -> None:
+    """Export ``part`` of ``unet`` in fp16 into ``run`` and build its engine (batch 1..4)."""
+    from export.onnx_export import export_unet, onnx_input_shapes
+
+    onnx_file = runlayout.onnx_path(run, model, "fp16", part, 0)  # strongly typed: fp16 from the fp16 ONNX
+    export_unet(unet, onnx_file, "fp16", part=part, level=0)
+    tensorrt_backend.build_engine(
+        onnx_file,
+        runlayout.engine_path(run, model, part, 0),
+        Profile(1, 2, 4),
+        onnx_input_shapes(onnx_file),
+        "fp16",
+        1.0,
+        3,
+        run / "timing.cache",
+        f"{model} {part}",
+    )
+
+
 @pytest.fixture
 def engine_run(tiny_unet, tmp_path):
     """A run directory with dense/pruned fp16 engines of a tiny UNet (TensorRT only)."""
-    from export.onnx_export import export_unet
-
     tensorrt_backend.require_tensorrt()
-    source = "fp16"  # strongly typed: fp16 engines come from the fp16 ONNX on 10 and 11
-    profile = Profile(1, 2, 4)
     for model in ("dense", "pruned"):
-        onnx_file = tmp_path / "export" / model / f"unet.{source}.onnx"
-        export_unet(tiny_unet, onnx_file, source)
-        tensorrt_backend.build_engine(
-            onnx_file,
-            runlayout.engine_path(tmp_path, model),
-            profile,
-            {"sample": (3, 16, 16), "timestep": ()},
-            "fp16",
-            1.0,
-            3,
-            tmp_path / "timing.cache",
-            model,
-        )
+        _fp16_engine(tiny_unet, tmp_path, model)
     return tmp_path
 
 
@@ -175,23 +179,9 @@ def test_engine_refusals(engine_run, tiny_unet):
 @pytest.fixture
 def pass_engines(tiny_unet, tmp_path):
     """fp16 engines of the tiny UNet's full and shallow feature-reuse passes (TensorRT only)."""
-    from export.onnx_export import export_unet, onnx_input_shapes
-
     tensorrt_backend.require_tensorrt()
     for part in ("full", "shallow"):
-        onnx_file = runlayout.onnx_path(tmp_path, "dense", "fp16", part, 0)
-        export_unet(tiny_unet, onnx_file, "fp16", part=part, level=0)
-        tensorrt_backend.build_engine(
-            onnx_file,
-            runlayout.engine_path(tmp_path, "dense", part, 0),
-            Profile(1, 2, 4),
-            onnx_input_shapes(onnx_file),
-            "fp16",
-            1.0,
-            3,
-            tmp_path / "timing.cache",
-            part,
-        )
+        _fp16_engine(tiny_unet, tmp_path, "dense", part)
     return tmp_path
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 try:
     import numpy as np
 
-    from .core import MANIFEST, Bundle, BundleError, median_ms, seed_noise, write_png
+    from .core import MANIFEST, Bundle, BundleError, median_ms, seed_noise, sha256, write_png
 except ImportError as exc:  # the runtime's only requirements: say so in one line, exit 2
     print(
         f"error: {exc.name or exc} is not installed; the bundle needs `pip install numpy onnxruntime`",
@@ -136,7 +136,7 @@ def _check(bundle: Bundle, args) -> int:
             "processor": platform.processor(),
             "python": platform.python_version(),
         },
-        "manifest_sha256": __import__("hashlib").sha256((bundle.root / MANIFEST).read_bytes()).hexdigest(),
+        "manifest_sha256": sha256(bundle.root / MANIFEST),
     }
     args.record.write_text(json.dumps(record, indent=1))
     print(f"{'PASSED' if passed else 'FAILED'}; record: {args.record}")

@@ -127,12 +127,13 @@ class DPMSolverPP:
         if nxt == 0:  # the last step to sigma 0 lands on the data prediction itself
             return x0
         alpha_t, sigma_t = self._alpha_sigma(nxt)
-        h = self._lambda(nxt) - self._lambda(self.sigmas[i])
+        lambda_s0 = self._lambda(self.sigmas[i])
+        h = self._lambda(nxt) - lambda_s0
         decay = alpha_t * (np.exp(-h) - np.float32(1))
         first = (sigma_t / sigma_s0) * x - decay * x0
         if previous is None or i == len(self.timesteps) - 1:
             return first.astype(np.float32)
-        h_0 = self._lambda(self.sigmas[i]) - self._lambda(self.sigmas[i - 1])
+        h_0 = lambda_s0 - self._lambda(self.sigmas[i - 1])
         d1 = (np.float32(1) / (h_0 / h)) * (x0 - previous)
         return (first - np.float32(0.5) * decay * d1).astype(np.float32)
 
