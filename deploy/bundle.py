@@ -6,7 +6,11 @@ when the cache interval is above 1; the dense model's too, for the speed-up gate
 (``scheduler.npz``, computed here by diffusers and read without pickle), the acceptance
 limits (``acceptance.json``), reference inputs/outputs and images from torch fp32
 (``reference.npz``), the runtime package (:mod:`deploy.bundle_runtime`, copied as
-``bundle_runtime/``) and ``manifest.json`` with the sha256 of every other file.
+``bundle_runtime/``) and ``manifest.json`` with the sha256 of every other file. With
+``engine`` (``--engine``) it also carries the run's TensorRT engines of the same
+configuration and their engine info (``engines/<model>/``); the runtime then runs them with
+TensorRT and cuda-python (:mod:`deploy.bundle_runtime.engines`) and keeps the ONNX graphs
+for ``--backend onnxruntime`` or ``--fallback``.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class BundleSpec:
     with_dense: bool = True
     provider: str = "CPUExecutionProvider"
     reference_images: int = 2
+    engine: bool = False  # also carry the run's TensorRT engines of the same configuration
 
 
 def scheduler_tables(kind: str, scheduler_config: dict, steps: int) -> tuple[dict, dict[str, np.ndarray]]:
@@ -105,6 +110,40 @@ def _graph_files(run: Path, model: str, spec: BundleSpec) -> dict[str, Path]:
             precision = f"export.precisions incl. {spec.precision} "
             raise ArtifactError(
                 f"{path} not found; run `compress-deploy CONFIG {hint}{precision}--stages export`"
+            )
+        files[part] = path
+    return files
+
+
+def _engine_files(run: Path, model: str, spec: BundleSpec) -> dict[str, Path]:
+    """The run's TensorRT engines of a model's sampler (as :func:`_graph_files`), checked against ``spec``."""
+    from deploy.engines import profile_of, read_engine_info
+
+    parts = ["full", "shallow"] if spec.cache_interval > 1 else ["unet"]
+    files = {}
+    for part in parts:
+        path = runlayout.engine_path(run, model, part, spec.cache_level)
+        if not path.is_file():
+            hint = (
+                f" with export.feature_reuse=true sample.cache_level={spec.cache_level}"
+                if part != "unet"
+                else ""
+            )
+            raise ArtifactError(
+                f"{path} not found: --engine carries the run's TensorRT engines; build them on the GPU "
+                f"with `compress-deploy build {run}`{hint}, or bundle without --engine"
+            )
+        info = read_engine_info(path)
+        if info["precision"] != spec.precision:
+            raise UserError(
+                f"{path} is a {info['precision']} engine; bundle with --precision {info['precision']} "
+                f"or rebuild with build.precision={spec.precision}"
+            )
+        profile = profile_of(info)
+        if not profile.min_batch <= spec.batch <= profile.max_batch:
+            raise UserError(
+                f"--batch {spec.batch} is outside {path.name}'s profile "
+                f"{profile.min_batch}..{profile.max_batch}; choose a batch in it or rebuild"
             )
         files[part] = path
     return files
@@ -193,6 +232,9 @@ def make_bundle(
     if spec.with_dense and spec.model != "dense":
         models["dense"] = "dense"
     sources = {label: _graph_files(run, m, spec) for label, m in models.items()}
+    engine_sources = (
+        {label: _engine_files(run, m, spec) for label, m in models.items()} if spec.engine else {}
+    )
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -208,6 +250,17 @@ def make_bundle(
                 if data.is_file():  # external weights travel with their graph
                     shutil.copyfile(data, tmp / rel.replace(src.name, data.name))
                 graphs[label][part] = rel
+        engines, engine_info = {}, {}
+        for label, parts in engine_sources.items():
+            engines[label] = {}
+            for part, src in parts.items():
+                rel = f"engines/{label}/{src.name}"
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, tmp / rel)
+                info = runlayout.engine_info_path(src)
+                shutil.copyfile(info, tmp / f"engines/{label}/{info.name}")
+                engines[label][part] = rel
+                engine_info = json.loads(info.read_text())
         (tmp / "scheduler.json").write_text(json.dumps(settings, indent=1))
         np.savez(tmp / "scheduler.npz", **arrays)
         (tmp / "acceptance.json").write_text(json.dumps(_limits(run, spec, limits or {}), indent=1))
@@ -230,9 +283,12 @@ def make_bundle(
             "batch": spec.batch,
             "graphs": graphs,
             "files": files,
-            "requires": ["numpy", "onnxruntime"],
+            "requires": ["numpy", "onnxruntime"] + (["tensorrt", "cuda-python"] if engines else []),
             "runtime_module": "bundle_runtime",
         }
+        if engines:
+            keys = ("tensorrt_version", "gpu_name", "compute_capability", "precision", "profile")
+            manifest.update(engines=engines, engine={k: engine_info.get(k) for k in keys})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         tmp.rename(out)
     except BaseException:

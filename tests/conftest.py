@@ -163,3 +163,26 @@ def finished_tiny_run(root: Path, stages: str) -> tuple[Path, Path]:
     run_dir = root / "run"
     assert main([str(cfg), "--stages", stages, "--run-dir", str(run_dir)]) == 0
     return cfg, run_dir
+
+
+def placeholder_engines(run: Path, precision: str = "fp32", parts: tuple[str, ...] = ("unet",)) -> list[Path]:
+    """Engine files with real engine info where a GPU build would put them (the bytes are no engine).
+
+    For the CPU tests of what carries or refuses engines; nothing here can execute them.
+    """
+    from compressor import runlayout
+    from deploy.engines import write_engine_info
+
+    written = []
+    for model in ("dense", "pruned"):
+        for part in parts:
+            engine = runlayout.engine_path(run, model, part, 0)
+            engine.parent.mkdir(parents=True, exist_ok=True)
+            data = f"placeholder {model} {part}".encode()
+            engine.write_bytes(data)
+            info = {"onnx": f"unet-{part}.onnx", "onnx_sha256": "0" * 64}
+            info.update(engine_sha256=hashlib.sha256(data).hexdigest(), tensorrt_version="10.13.3.9")
+            info.update(gpu_name="NVIDIA H200", compute_capability="9.0", precision=precision)
+            info["profile"] = {"min_batch": 1, "opt_batch": 4, "max_batch": 16}
+            written += [engine, write_engine_info(engine, info)]
+    return written

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from compressor.errors import UserError
 from compressor.sampling import initial_noise, make_scheduler, seed_noise
 from deploy.bundle import BundleSpec, make_bundle, scheduler_tables
 from deploy.bundle_runtime.core import SOLVERS
@@ -51,8 +52,6 @@ def test_the_noise_source_is_numpy_and_batch_independent():
 
 
 def test_unsupported_samplers_are_refused():
-    from compressor.errors import UserError
-
     for kind in ("ddpm", "unipc"):
         with pytest.raises(UserError, match="deterministic solvers ddim, dpmsolver"):
             scheduler_tables(kind, DDPM_SCHEDULER, 10)
@@ -182,3 +181,76 @@ def test_the_demo_bundle_runs_in_a_venv_with_only_numpy_and_onnxruntime(exported
     record = str(tmp_path / "r.json")
     done = _runtime(out, "check", "--repeat", "3", "--sampler-repeat", "1", "--record", record, python=python)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_engine_bundles_carry_the_runs_engines_and_refuse_runs_without_them(exported, tmp_path, capsys):
+    from tests.conftest import placeholder_engines
+
+    argv = ["bundle", str(exported), str(tmp_path / "none"), "--engine", "--steps", "2"]
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unet.engine not found" in err[0] and "compress-deploy build" in err[0]
+    assert not (tmp_path / "none").exists()
+    written = placeholder_engines(exported, precision="fp16")
+    try:
+        with pytest.raises(UserError, match="is a fp16 engine; bundle with --precision fp16"):
+            make_bundle(exported, tmp_path / "wrong", BundleSpec(steps=2, engine=True))
+        for path in written:  # now as a fp32 build
+            if path.suffix == ".json":
+                path.write_text(path.read_text().replace('"fp16"', '"fp32"'))
+        with pytest.raises(UserError, match="--batch 32 is outside unet.engine's profile 1..16"):
+            make_bundle(exported, tmp_path / "wide", BundleSpec(steps=2, batch=32, engine=True))
+        out = tmp_path / "bundle"
+        manifest = make_bundle(exported, out, BundleSpec(steps=2, engine=True))
+    finally:
+        for path in written:
+            path.unlink()
+    assert manifest["engines"] == {"model": {"unet": "engines/model/unet.engine"},
+                                   "dense": {"unet": "engines/dense/unet.engine"}}  # fmt: skip
+    assert {"engines/model/unet.engine", "engines/model/unet.engine.json"} <= set(manifest["files"])
+    assert manifest["engine"]["tensorrt_version"] == "10.13.3.9" and "cuda-python" in manifest["requires"]
+    # this host has no TensorRT: the engines' backend is refused in one line, or fallen back from
+    done = _runtime(out, "info")
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: TensorRT is not installed; the bundle's engines need `pip install tensorrt cuda-python` "
+        "(or pass --backend onnxruntime)"
+    ]
+    done = _runtime(out, "--fallback", "info")
+    assert done.returncode == 0 and "running on: onnxruntime (CPUExecutionProvider)" in done.stdout
+    assert "fell back: TensorRT is not installed" in done.stdout
+    done = _runtime(
+        out, "--backend", "onnxruntime", "generate", "--num-images", "1", "--out", str(tmp_path / "a.npy")
+    )
+    assert done.returncode == 0 and np.load(tmp_path / "a.npy").shape == (1, 3, 16, 16)
+    plain = tmp_path / "plain"
+    make_bundle(exported, plain, BundleSpec(steps=2, with_dense=False))
+    done = _runtime(plain, "--backend", "tensorrt", "info")
+    assert done.returncode == 2 and "has no TensorRT engines" in done.stderr
+
+
+def test_the_engine_runtime_uses_cuda_python_as_it_is():
+    """Every cuda-python call of the bundle's TensorRT runtime exists with that many parameters."""
+    import ast
+    import re
+
+    runtime = pytest.importorskip(
+        "cuda.bindings.runtime", reason="cuda-bindings (a dev extra) is not installed"
+    )
+    from deploy.bundle_runtime import engines
+    from deploy.bundle_runtime.core import BundleError
+
+    tree = ast.parse(Path(engines.__file__).read_text())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "_call"]
+    used = {c.args[1].value: len(c.args) - 2 for c in calls}
+    assert {"cudaMalloc", "cudaMemcpyAsync", "cudaStreamSynchronize", "cudaGetDeviceProperties"} <= set(used)
+    for name, count in used.items():
+        signature = getattr(runtime, name).__doc__.splitlines()[0]
+        params = [p for p in re.search(r"\((.*)\)", signature).group(1).split(",") if p.strip()]
+        assert len(params) == count, f"{name}: the runtime passes {count}, cuda-python takes {signature}"
+    for name in ("cudaFree", "cudaStreamDestroy"):
+        assert hasattr(runtime, name)
+    assert runtime.cudaMemcpyKind.cudaMemcpyHostToDevice and runtime.cudaMemcpyKind.cudaMemcpyDeviceToHost
+    assert {"name", "major", "minor"} <= set(dir(runtime.cudaDeviceProp()))
+    if runtime.cudaGetDevice()[0] != runtime.cudaError_t.cudaSuccess:  # no GPU here: one clear line
+        with pytest.raises(BundleError, match=r"^CUDA cudaGetDevice failed: cudaError\w+; is a CUDA GPU"):
+            engines.device_identity(runtime)

@@ -104,3 +104,32 @@ def test_build_refuses_and_the_stage_skips_with_one_line_when_only_the_api_impor
     record = json.loads((run_dir / "build" / "record.json").read_text())
     assert record["status"] == "skipped" and "no CUDA device is visible" in record["reason"]
     assert "Traceback" not in stage.stderr
+
+
+def test_an_engine_bundle_under_the_real_tensorrt_api_refuses_without_a_gpu_in_one_line(
+    trt_api, exported_run, tmp_path
+):
+    """The bundle runtime imports the real bindings and cuda-python, then names what is missing."""
+    pytest.importorskip("cuda.bindings.runtime", reason="cuda-bindings (a dev extra) is not installed")
+    from deploy.bundle import BundleSpec, make_bundle
+    from tests.conftest import placeholder_engines
+
+    _, run_dir = exported_run
+    written = placeholder_engines(run_dir)
+    try:
+        make_bundle(run_dir, tmp_path / "bundle", BundleSpec(steps=2, engine=True))
+    finally:
+        for path in written:
+            path.unlink()
+    env = {**os.environ, "PYTHONPATH": str(trt_api), "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "bundle_runtime", "info"]
+    done = subprocess.run(
+        command, cwd=tmp_path / "bundle", capture_output=True, text=True, env=env, timeout=300
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+    assert lines[0].startswith("error: CUDA cudaGetDevice failed: cudaError"), lines
+    done = subprocess.run(
+        command[:3] + ["--fallback", "info"], cwd=tmp_path / "bundle", capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0 and "fell back: CUDA cudaGetDevice failed" in done.stdout

@@ -18,7 +18,8 @@ import tensorrt as trt
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Members used on TensorRT objects by deploy/tensorrt_backend.py (objects are untyped there, so
+# Members used on TensorRT objects by deploy/tensorrt_backend.py and the bundle runtime's
+# deploy/bundle_runtime/engines.py (objects are untyped there, so
 # they are listed here by class), with the parameter names the project passes or relies on.
 PROJECT_API: dict[str, dict[str, list[str] | None]] = {
     "Logger": {"WARNING": None, "ERROR": None},
@@ -198,6 +199,11 @@ def check_behaviour() -> list[str]:
     except Exception as exc:  # noqa: BLE001 - the check reports any exception type
         if type(exc).__name__ != "ArtifactError":
             problems.append(f"torch_dtype(INT8) raised {type(exc).__name__}, expected ArtifactError")
+    from deploy.bundle_runtime import engines as bundle_engines
+
+    for name, dtype in {"FLOAT": "float32", "HALF": "float16", "INT64": "int64", "INT32": "int32"}.items():
+        if str(bundle_engines.numpy_dtype(trt, getattr(trt.DataType, name))) != dtype:
+            problems.append(f"bundle runtime numpy_dtype(trt.DataType.{name}) is not {dtype}")
     reason = tb.unavailable_reason()
     if not reason or "\n" in reason:
         problems.append(f"unavailable_reason on a host without a usable TensorRT: {reason!r}")
@@ -214,7 +220,9 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     n1, p1 = check_table(PROJECT_API)
     n2, p2 = check_table(POLYGRAPHY_API)
-    n3, p3 = check_chains(module_attribute_chains(ROOT / "deploy" / "tensorrt_backend.py"))
+    chains = module_attribute_chains(ROOT / "deploy" / "tensorrt_backend.py")
+    chains |= module_attribute_chains(ROOT / "deploy" / "bundle_runtime" / "engines.py")
+    n3, p3 = check_chains(chains)
     p4 = check_behaviour()
     report = {
         "version": trt.__version__,

@@ -1,4 +1,4 @@
-"""The runtime of a compress-deploy sampler bundle: numpy and ONNX Runtime, nothing else.
+"""The runtime of a compress-deploy sampler bundle: numpy and ONNX Runtime (or TensorRT), nothing else.
 
 ``compress-deploy bundle RUN OUT`` copies this package into ``OUT/bundle_runtime/`` beside
 the ONNX graph(s), the scheduler's tables (JSON + NPZ, no pickle), the acceptance limits,
@@ -14,7 +14,9 @@ It never imports torch, diffusers or compress-deploy: the solver loops (DDIM wit
 DPM-Solver++ 2M) are reimplemented here from the tables diffusers computed when the bundle
 was made, and tested against diffusers' schedulers in the project's test suite. Image ``i``
 of ``--seed S`` starts from numpy PCG64(S + i) standard normals, as in the project's own
-sampler, so the same seed gives the same image as ``compress-deploy sample``.
+sampler, so the same seed gives the same image as ``compress-deploy sample``. A bundle made
+with ``--engine`` runs its TensorRT engines with TensorRT and cuda-python instead
+(:mod:`.engines`; ``--backend onnxruntime`` or ``--fallback`` for the ONNX graphs).
 """
 
 FORMAT = "compress-deploy-bundle/1"

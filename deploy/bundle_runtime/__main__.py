@@ -1,4 +1,4 @@
-"""``python -m bundle_runtime info|generate|check`` inside a bundle folder (numpy + onnxruntime)."""
+"""``python -m bundle_runtime info|generate|check`` in a bundle folder (numpy + onnxruntime or TensorRT)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,11 @@ def _info(bundle: Bundle, args) -> int:
         else ""
     )
     print(f"sampler: {steps}; image {'x'.join(map(str, bundle.shape))}; batch {m['batch']}")
-    print(f"provider: {m['provider']} (running on {bundle.provider}); graphs: {', '.join(bundle.graphs)}")
+    engines = ", ".join(sorted(m.get("engines") or {})) or "none"
+    print(f"provider: {m['provider']}; TensorRT engines: {engines}; models: {', '.join(bundle.graphs)}")
+    print(f"running on: {bundle.backend} ({bundle.provider})")
+    if bundle.fallback_reason:
+        print(f"fell back: {bundle.fallback_reason}")
     limits = {k: v for k, v in bundle.acceptance.items() if v is not None}
     print(f"acceptance: {json.dumps(limits)}")
     total = 0
@@ -131,6 +135,8 @@ def _check(bundle: Bundle, args) -> int:
         "sampler_ms": sampler_ms,
         "batch": batch,
         "provider": bundle.provider,
+        "backend": bundle.backend,
+        "fallback_reason": bundle.fallback_reason,
         "host": {
             "machine": platform.machine(),
             "processor": platform.processor(),
@@ -151,7 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
     parser.add_argument(
-        "--fallback", action="store_true", help="run on the CPU provider if the bundle's is missing"
+        "--backend",
+        choices=["onnxruntime", "tensorrt"],
+        help="what runs the UNet (default: tensorrt when the bundle has engines, else onnxruntime)",
+    )
+    parser.add_argument(
+        "--fallback",
+        action="store_true",
+        help="run on ONNX Runtime's CPU provider if the bundle's backend or provider is not usable here",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     sub.add_parser("info", help="what the bundle holds")
@@ -167,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         try:
-            bundle = Bundle(args.bundle, args.threads, args.fallback)
+            bundle = Bundle(args.bundle, args.threads, args.fallback, args.backend)
         except ImportError as exc:
             raise BundleError(
                 f"{exc.name or exc} is not installed; `pip install numpy onnxruntime`"

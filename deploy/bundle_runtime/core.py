@@ -182,16 +182,55 @@ class Graphs:
 
 
 class Bundle:
-    """A verified bundle: its settings, tables and sessions."""
+    """A verified bundle: its settings, tables and the sessions (or engines) of each model.
 
-    def __init__(self, root: Path, threads: int | None = None, fallback: bool = False) -> None:
-        import onnxruntime as ort
+    ``backend``: ``onnxruntime`` (the ONNX graphs on the provider the bundle was checked
+    with) or ``tensorrt`` (the engines of a bundle made with ``--engine``; the default when it
+    has them). ``fallback``: run on ONNX Runtime's CPU provider when the bundle's backend or
+    provider is not usable here (the reason is kept in ``fallback_reason``).
+    """
 
+    def __init__(
+        self, root: Path, threads: int | None = None, fallback: bool = False, backend: str | None = None
+    ) -> None:
         self.root = Path(root)
         self.manifest = verify(self.root)
         self.settings = json.loads((self.root / "scheduler.json").read_text())
         self.acceptance = json.loads((self.root / "acceptance.json").read_text())
         self.tables = load_tables(self.root)
+        self.shape = tuple(self.manifest["image_shape"])
+        scheduler = self.settings["scheduler"]
+        if scheduler not in SOLVERS:
+            raise BundleError(
+                f"scheduler.json: solver {scheduler!r} is not one this runtime has ({', '.join(SOLVERS)})"
+            )
+        self.full_steps = set(self.settings.get("full_steps") or [])
+        engines = self.manifest.get("engines") or {}
+        backend = backend or ("tensorrt" if engines else "onnxruntime")
+        if backend not in ("onnxruntime", "tensorrt"):
+            raise BundleError(f"--backend {backend}: choose onnxruntime or tensorrt")
+        if backend == "tensorrt" and not engines:
+            raise BundleError(
+                "this bundle has no TensorRT engines (make it with `compress-deploy bundle --engine`)"
+            )
+        self.backend, self.fallback_reason = backend, ""
+        if backend == "tensorrt":
+            from .engines import Engines
+
+            try:
+                self.graphs = {m: Engines(self.root, f) for m, f in engines.items()}
+                self.provider = self.graphs["model"].label
+                return
+            except BundleError as exc:
+                if not fallback:
+                    raise
+                self.fallback_reason = str(exc)
+                self.backend = "onnxruntime"
+        self._onnxruntime(threads, fallback)
+
+    def _onnxruntime(self, threads: int | None, fallback: bool) -> None:
+        import onnxruntime as ort
+
         provider = self.manifest["provider"]
         available = ort.get_available_providers()
         if provider not in available:
@@ -200,16 +239,10 @@ class Bundle:
                     f"this ONNX Runtime has no {provider} (it has {', '.join(available)}), the provider the "
                     "bundle was checked with; install the matching onnxruntime package or pass --fallback"
                 )
+            self.fallback_reason = self.fallback_reason or f"no {provider} in this ONNX Runtime"
             provider = "CPUExecutionProvider"
         self.provider = provider
-        self.shape = tuple(self.manifest["image_shape"])
         self.graphs = {m: Graphs(self.root, f, provider, threads) for m, f in self.manifest["graphs"].items()}
-        scheduler = self.settings["scheduler"]
-        if scheduler not in SOLVERS:
-            raise BundleError(
-                f"scheduler.json: solver {scheduler!r} is not one this runtime has ({', '.join(SOLVERS)})"
-            )
-        self.full_steps = set(self.settings.get("full_steps") or [])
 
     def solver(self):
         """A fresh solver of the bundle's scheduler."""

@@ -4,11 +4,13 @@
                            [--scheduler ddim|dpmsolver++] [--steps N] [--cache-interval N]
                            [--cache-level L] [--cache-schedule uniform|quadratic] [--batch B]
                            [--no-dense] [--max-unet-ms MS] [--max-image-ms MS] [--min-speedup X]
-                           [--min-sampler-speedup X] [--archive]
+                           [--min-sampler-speedup X] [--engine] [--archive]
 
 On the target: ``cd OUT && python -m bundle_runtime check`` (exit 0 pass, 3 fail, 2 bad
 input), ``generate --seed S --num-images N --out x.png|x.npy`` and ``info``; see
-:mod:`deploy.bundle_runtime`. The acceptance limits start from the run's ``check`` record.
+:mod:`deploy.bundle_runtime`. ``--engine`` adds the run's TensorRT engines (built by
+``compress-deploy build`` on the target's GPU), run there with TensorRT + cuda-python.
+The acceptance limits start from the run's ``check`` record.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ def main(argv: list[str]) -> int:
     )
     for flag in ("--max-unet-ms", "--max-image-ms", "--min-speedup", "--min-sampler-speedup"):
         parser.add_argument(flag, type=float, help="acceptance limit (default: the run's)")
+    parser.add_argument(
+        "--engine", action="store_true", help="also carry the run's TensorRT engines (the build stage's)"
+    )
     parser.add_argument("--archive", action="store_true", help="also write OUT.tar.gz")
     args = parser.parse_args(argv)
     run = run_dir_arg(args.run)
@@ -52,6 +57,7 @@ def main(argv: list[str]) -> int:
         cache_schedule=args.cache_schedule,
         batch=args.batch,
         with_dense=not args.no_dense,
+        engine=args.engine,
     )
     limits = {
         "max_unet_ms": args.max_unet_ms,
