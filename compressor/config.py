@@ -118,6 +118,16 @@ class LatencyTarget:
     warmup: int = _spec(2, "untimed calls per model per trial", ge=0)
     repeat: int = _spec(10, "timed calls per model per trial (medians are compared)", ge=3)
     threads: int | None = _spec(None, "CPU threads while timing (match bench.threads)", ge=1)
+    levers: list[Literal["prune", "steps", "scheduler", "cache", "precision"]] = _spec(
+        ["prune"],
+        "what may move to meet the target: prune alone (the pruning search), or any of prune, steps, "
+        "scheduler, cache, precision (the best-quality stack of the measured frontier, see `frontier`)",
+    )
+
+    @property
+    def uses_frontier(self) -> bool:
+        """True when levers besides pruning may meet the target (the frontier search)."""
+        return self.active and list(self.levers) != ["prune"]
 
     @property
     def active(self) -> bool:
@@ -395,6 +405,33 @@ class AcceptanceConfig:
 
 
 @dataclass
+class FrontierConfig:
+    """The speed-quality frontier (``compress-deploy frontier``, and latency targets over levers).
+
+    Every stack of the lever values below is measured: pruning ratio (0 = the dense model,
+    else ``prune.ratio`` with the run's criterion and finetune), solver, steps, feature-reuse
+    interval and precision. A lever a latency target may not move stays at the run's own
+    value (``sample.scheduler``/``sample.steps``, no reuse, fp32; ratio 0 without ``prune``).
+    """
+
+    ratios: list[float] = _spec([0.0, 0.25, 0.45], "per-layer pruning ratios (0 = dense)", ge=0.0, lt=1.0)
+    schedulers: list[Literal["ddim", "dpmsolver++", "unipc"]] = _spec(
+        ["ddim", "dpmsolver++"], "deterministic solvers to try"
+    )
+    steps: list[int] = _spec([50, 20, 10], "sampler step counts to try", ge=1)
+    cache_intervals: list[int] = _spec([1, 2], "feature-reuse intervals to try (1 = off)", ge=1)
+    precisions: list[Literal["fp32", "fp16", "int8"]] = _spec(["fp32"], "precisions to try (ONNX files)")
+    backend: Backend = _spec("onnxruntime", "backend the latency is measured on (`frontier --backend`)")
+    batch: int = _spec(16, "images per sampler run when timing (`frontier --batch`)", ge=1)
+    samples: int | None = _spec(None, "images scored per stack (default: quality.num_samples)", ge=2)
+    repeat: int = _spec(3, "timed sampler runs per stack (alternating with the dense reference)", ge=1)
+    warmup: int = _spec(1, "untimed sampler runs per stack before timing", ge=0)
+    threads: int | None = _spec(
+        None, "torch/ONNX Runtime threads of every job and timing (default: bench.threads, else all)", ge=1
+    )
+
+
+@dataclass
 class ServeConfig:
     """``compress-deploy serve`` / ``triton-repo`` settings (command-line flags, validated like config)."""
 
@@ -434,6 +471,7 @@ class RunConfig:
     build: BuildConfig = field(default_factory=BuildConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     acceptance: AcceptanceConfig = field(default_factory=AcceptanceConfig)
+    frontier: FrontierConfig = field(default_factory=FrontierConfig)
 
     def check(self) -> None:
         """Cross-field rules that single-field checks cannot express."""
@@ -464,6 +502,17 @@ class RunConfig:
             raise ConfigError(
                 "prune.search=latency allocates channels under a measured latency target; set "
                 "prune.target_latency.speedup or prune.target_latency.ms (and prune.target_macs=null)"
+            )
+        lat = self.prune.target_latency
+        if lat.uses_frontier and lat.what != "sampler":
+            raise ConfigError(
+                f"prune.target_latency.levers={list(lat.levers)}: steps, solver, reuse and precision act on "
+                "the whole sampler; set prune.target_latency.what=sampler"
+            )
+        if lat.uses_frontier and self.prune.search == "latency":
+            raise ConfigError(
+                "prune.target_latency.levers: the frontier picks the pruning ratio among frontier.ratios; "
+                "use prune.search=uniform (or levers: [prune] for the per-level latency search)"
             )
         if len(targets) > 1:
             extra = " ".join(f"prune.{k}=null" for k in targets[1:])

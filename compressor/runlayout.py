@@ -84,6 +84,21 @@ def levers_dir(run: Path) -> Path:
     return Path(run) / "levers"
 
 
+def frontier_dir(run: Path) -> Path:
+    """Where ``compress-deploy frontier`` (and a latency target over levers) keeps the frontier."""
+    return Path(run) / "frontier"
+
+
+def frontier_ratio_dir(frontier: Path, ratio: float) -> Path:
+    """The nested run of one pruning ratio inside a frontier folder."""
+    return Path(frontier) / f"ratio-{ratio:g}"
+
+
+def frontier_points_dir(frontier: Path) -> Path:
+    """Per-job results (quality, latency, reference images) inside a frontier folder."""
+    return Path(frontier) / "points"
+
+
 def plan_dir(run: Path) -> Path:
     """Where ``compress-deploy plan`` writes the latency plan."""
     return Path(run) / PLAN

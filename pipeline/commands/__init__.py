@@ -9,7 +9,18 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from pipeline.commands import ablate, build, bundle, check, plan, sample, serve, triton_repo, verify
+from pipeline.commands import (
+    ablate,
+    build,
+    bundle,
+    check,
+    frontier,
+    plan,
+    sample,
+    serve,
+    triton_repo,
+    verify,
+)
 
 COMMANDS: dict[str, ModuleType] = {
     "ablate": ablate,
@@ -21,4 +32,5 @@ COMMANDS: dict[str, ModuleType] = {
     "check": check,
     "verify": verify,
     "bundle": bundle,
+    "frontier": frontier,
 }

@@ -1,0 +1,143 @@
+"""``compress-deploy frontier``: every stack of levers measured on the backend, its Pareto front.
+
+    compress-deploy frontier CONFIG [key=value ...] [--ratios 0,0.25,0.45] [--schedulers ddim,dpmsolver++]
+                             [--steps 50,20,10] [--cache-intervals 1,2] [--precisions fp32,int8]
+                             [--backend onnxruntime] [--batch 16] [--samples N] [--repeat N] [--threads N]
+                             [--target 3x|40ms] [--levers prune,steps,scheduler,cache,precision]
+                             [--ray [ADDRESS]] [--workers N] [--out DIR]
+
+Defaults come from the config's ``frontier`` section. Per pruning ratio a nested run
+(``OUT/ratio-<r>/``: prune with the run's criterion, finetune with its settings, export)
+is made or reused; then each stack's quality (torch for fp32, ONNX Runtime for fp16/int8)
+and its sampler latency (alternating with the dense reference sampler, ``sample.scheduler``
+at ``sample.steps``). Writes ``OUT/frontier.{json,md,png}`` (default OUT: ``runs/<name>/frontier``).
+``--target`` also picks the stack of lowest Frechet distance that meets it among the
+``--levers`` that may move (the others stay at the run's sampler) and records it as
+``chosen``. ``--ray`` runs the fits and quality jobs as Ray tasks: on the cluster at
+ADDRESS, or (no address) on a Ray started here with ``--workers`` CPUs; latency is always
+timed here, one stack at a time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from compressor import runlayout
+from compressor.config import load_config
+from compressor.errors import UserError
+from pipeline import frontier as fr
+from pipeline.commands.args import CommandParser, int_list
+from pipeline.runlock import RunLock
+
+
+def _floats(text: str | None, flag: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(
+            f"{flag} {text!r}: expected comma-separated numbers, e.g. {flag} 0,0.25,0.45"
+        ) from None
+    if not values or any(not 0 <= v < 1 for v in values):
+        raise UserError(f"{flag} {text!r}: every pruning ratio must be in [0, 1)")
+    return values
+
+
+def _names(text: str | None, flag: str, allowed: tuple[str, ...]) -> list[str] | None:
+    if text is None:
+        return None
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in allowed]
+    if not values or bad:
+        raise UserError(f"{flag} {text!r}: choose from {', '.join(allowed)}")
+    return values
+
+
+def parse_target(text: str) -> tuple[float | None, float | None]:
+    """``3x`` -> (3.0, None); ``40ms`` -> (None, 40.0); UserError otherwise."""
+    t = text.strip().lower()
+    try:
+        if t.endswith("ms"):
+            value = float(t[:-2])
+            if value > 0:
+                return None, value
+        elif t.endswith("x"):
+            value = float(t[:-1])
+            if value > 1:
+                return value, None
+    except ValueError:
+        pass
+    raise UserError(f"--target {text!r}: give a speed-up over 1 such as 3x, or a latency such as 40ms")
+
+
+def main(argv: list[str]) -> int:
+    """Measure the frontier (or reuse what is measured), write frontier.{json,md,png}."""
+    parser = CommandParser(prog="compress-deploy frontier", description=__doc__.split("\n")[0])
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--ratios", help="pruning ratios, 0 = dense (default: frontier.ratios)")
+    parser.add_argument("--schedulers", help="solvers (default: frontier.schedulers)")
+    parser.add_argument("--steps", help="step counts (default: frontier.steps)")
+    parser.add_argument(
+        "--cache-intervals", help="feature-reuse intervals (default: frontier.cache_intervals)"
+    )
+    parser.add_argument("--precisions", help="fp32,fp16,int8 (default: frontier.precisions)")
+    parser.add_argument("--backend", help="latency backend (default: frontier.backend)")
+    parser.add_argument("--batch", type=int, help="images per timed sampler run (default: frontier.batch)")
+    parser.add_argument("--samples", type=int, help="images scored per stack (default: quality.num_samples)")
+    parser.add_argument("--repeat", type=int, help="timed runs per stack (default: frontier.repeat)")
+    parser.add_argument("--threads", type=int, help="threads of every job and timing (default: all)")
+    parser.add_argument("--target", help="pick the best stack meeting a speed-up (3x) or latency (40ms)")
+    parser.add_argument("--levers", help=f"levers --target may move (default: all of {','.join(fr.LEVERS)})")
+    parser.add_argument("--ray", nargs="?", const="local", help="run the jobs on Ray (an address, or local)")
+    parser.add_argument("--workers", type=int, help="CPUs of a local Ray (default: all)")
+    parser.add_argument("--out", type=Path, help="output folder (default runs/<config name>/frontier)")
+    args = parser.parse_intermixed_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    for flag in ("batch", "samples", "repeat", "threads", "workers"):
+        value = getattr(args, flag)
+        if value is not None and value < (2 if flag == "samples" else 1):
+            raise UserError(f"--{flag} {value}: must be at least {2 if flag == 'samples' else 1}")
+    if args.backend is not None and args.backend not in ("torch", "onnxruntime", "tensorrt"):
+        raise UserError(f"--backend {args.backend}: choose torch, onnxruntime or tensorrt")
+    f = cfg.frontier
+    grid = fr.Grid(
+        ratios=_floats(args.ratios, "--ratios") or list(f.ratios),
+        schedulers=_names(args.schedulers, "--schedulers", fr.SOLVERS) or list(f.schedulers),
+        steps=int_list(args.steps, "--steps") or list(f.steps),
+        cache_intervals=int_list(args.cache_intervals, "--cache-intervals") or list(f.cache_intervals),
+        precisions=_names(args.precisions, "--precisions", ("fp32", "fp16", "int8")) or list(f.precisions),
+    )
+    out = args.out or runlayout.frontier_dir(Path("runs") / cfg.name)
+    spec = fr.spec_from_config(
+        cfg, out, grid, backend=args.backend, batch=args.batch, samples=args.samples, threads=args.threads,
+        repeat=args.repeat,
+    )  # fmt: skip
+    target = parse_target(args.target) if args.target else None
+    levers = _names(args.levers, "--levers", fr.LEVERS) or list(fr.LEVERS)
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out, " ".join(["compress-deploy frontier", *argv])):
+        frontier = fr.measure(spec, args.ray, args.workers)
+        if target:
+            speedup, ms = target
+            allowed = fr.lever_grid(cfg, levers, grid) if args.levers else None
+            frontier["target"] = args.target
+            frontier["levers"] = levers
+            chosen = fr.choose(frontier["points"], speedup, ms, cfg.prune.target_latency.margin, allowed)
+            frontier["chosen"] = chosen
+        fr.write(frontier, out)
+    print(fr.table(frontier))
+    on_front = [p["label"] for p in frontier["points"] if p["pareto"]]
+    print(f"Pareto-optimal ({len(on_front)} of {len(frontier['points'])}): {'; '.join(on_front)}")
+    if target:
+        c = frontier["chosen"]
+        if c is None:
+            print(f"no measured stack meets {args.target} (levers {', '.join(levers)})")
+        else:
+            print(
+                f"chosen for {args.target}: {c['label']} ({c['speedup']:.2f}x, "
+                f"{frontier['metric']} {c['fd']:.2f})"
+            )
+    print(f"wrote {out / 'frontier.md'}, {out / 'frontier.png'}, {out / 'frontier.json'}")
+    return 0

@@ -1,0 +1,170 @@
+"""The speed-quality frontier: stacks, Pareto flags, the choice under a target, the command, Ray."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from compressor.config import load_config
+from compressor.errors import UserError
+from pipeline import frontier as fr
+from pipeline.cli import main
+from tests.conftest import TINY_CONFIG, write_config, write_images, write_model_folder
+
+
+def _point(name: str, speedup: float, fd: float, ratio: float = 0.0, steps: int = 50) -> dict:
+    stack = fr.Stack(ratio, "ddim", steps)
+    return {
+        "label": name,
+        "stack": stack.as_dict(),
+        "speedup": speedup,
+        "latency_ms": 100 / speedup,
+        "fd": fd,
+    }
+
+
+def test_the_grid_keeps_only_stacks_that_can_run():
+    grid = fr.Grid([0.0, 0.3], ["ddim", "dpmsolver++"], [10, 2], [1, 2], ["fp32", "int8"])
+    stacks = grid.stacks()
+    assert fr.Stack(0.3, "ddim", 10, 2, "fp32") in stacks
+    # feature reuse runs the fp32/fp16 passes only (not quantized) and needs a step to reuse on
+    assert all(not (s.cache_interval > 1 and s.precision == "int8") for s in stacks)
+    assert all(not (s.cache_interval >= s.steps) for s in stacks)
+    assert len(stacks) == 2 * 2 * (3 + 2)  # ratios x solvers x (10 steps: c1 x 2 + c2 fp32; 2 steps: c1 x 2)
+    assert len({s.key() for s in stacks}) == len(stacks)
+    with pytest.raises(UserError, match="stochastic or unknown"):
+        fr.Grid([0.0], ["ddpm"], [10]).check()
+    with pytest.raises(UserError, match="no valid stack"):
+        fr.Grid([0.0], ["ddim"], [2], [2, 3]).check()
+
+
+def test_pareto_flags_exactly_the_undominated_points():
+    points = [
+        _point("slow good", 1.0, 10.0),
+        _point("fast bad", 8.0, 40.0),
+        _point("middle", 4.0, 20.0),
+        _point("dominated", 3.0, 25.0),  # middle is faster and better
+        _point("tie on speed, worse", 4.0, 22.0),
+    ]
+    assert fr.pareto(points) == [True, True, True, False, False]
+
+
+def test_choose_takes_the_best_quality_that_meets_the_target_within_the_allowed_levers():
+    points = [
+        _point("dense 50", 1.0, 10.0),
+        _point("dense 10", 5.0, 14.0, steps=10),
+        _point("pruned 50", 3.2, 12.0, ratio=0.3),
+        _point("pruned 10", 9.0, 30.0, ratio=0.3, steps=10),
+    ]
+    assert fr.choose(points, speedup=3)["label"] == "pruned 50"
+    assert fr.choose(points, speedup=3, margin=0.1)["label"] == "dense 10"  # 3.2 < 3.3
+    assert fr.choose(points, ms=32)["label"] == "pruned 50"  # 31.25 ms
+    assert fr.choose(points, ms=30)["label"] == "dense 10"  # 20 ms; pruned 50 is 31.25 ms
+    prune_only = fr.Grid([0.0, 0.3], ["ddim"], [50])
+    assert fr.choose(points, speedup=3, grid=prune_only)["label"] == "pruned 50"
+    assert fr.choose(points, speedup=4, grid=prune_only) is None
+
+
+def test_levers_that_may_not_move_stay_at_the_runs_sampler(tiny_config):
+    cfg = load_config(tiny_config, ["sample.scheduler=dpmsolver++", "sample.steps=7"])
+    grid = fr.lever_grid(cfg, ["prune"])
+    assert grid.schedulers == ["dpmsolver++"] and grid.steps == [7] and grid.cache_intervals == [1]
+    assert grid.ratios == cfg.frontier.ratios and grid.precisions == ["fp32"]
+    everything = fr.lever_grid(cfg, list(fr.LEVERS))
+    assert (
+        everything.steps == cfg.frontier.steps and everything.cache_intervals == cfg.frontier.cache_intervals
+    )
+    assert fr.lever_grid(cfg, ["steps"]).ratios == [0.0]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("frontier")
+    model = write_model_folder(root / "model")
+    write_images(root / "images", 8)
+    return write_config(root / "tiny.yaml", TINY_CONFIG.format(model=model, data=root / "images"))
+
+
+GRID = ["--ratios", "0,0.25", "--steps", "3,2", "--cache-intervals", "1,2", "--batch", "2", "--samples", "4"]
+GRID += ["--repeat", "1", "--threads", "1", "quality.feature=digits"]
+
+
+@pytest.fixture(scope="module")
+def in_process(tiny) -> tuple[Path, float]:
+    out = tiny.parent / "in-process"
+    began = time.perf_counter()
+    assert main(["frontier", str(tiny), *GRID, "--target", "1.1x", "--out", str(out)]) == 0
+    return out, time.perf_counter() - began
+
+
+def test_the_frontier_measures_every_stack_and_marks_the_pareto_front(in_process, capsys):
+    out, _ = in_process
+    frontier = json.loads((out / "frontier.json").read_text())
+    points = frontier["points"]
+    assert len(points) == 2 * 2 * 3  # ratios x solvers x (3 steps: c1, c2; 2 steps: c1)
+    for p in points:
+        assert set(p["stack"]) == {"ratio", "scheduler", "steps", "cache_interval", "precision"}
+        assert p["latency_ms"] > 0 and p["speedup"] > 0 and p["fd"] > 0 and 0 < p["ssim"] <= 1.0
+        assert isinstance(p["pareto"], bool)
+    assert [p["pareto"] for p in points] == fr.pareto(points)
+    reference = [p for p in points if p["stack"] == {**frontier["reference"]["stack"], "cache_interval": 1,
+                                                      "precision": "fp32"}]  # fmt: skip
+    assert len(reference) == 1 and reference[0]["ssim"] == pytest.approx(1.0)  # the reference itself
+    assert reference[0]["fd"] == pytest.approx(frontier["reference"]["fd"])
+    assert {p["macs_kept"] for p in points if p["stack"]["ratio"] == 0} == {1.0}
+    assert all(p["macs_kept"] < 0.7 for p in points if p["stack"]["ratio"] == 0.25)
+    chosen = frontier["chosen"]
+    meeting = [p for p in points if p["speedup"] >= 1.1 * 1.03]
+    assert chosen == min(meeting, key=lambda p: (p["fd"], -p["speedup"]))
+    assert (out / "frontier.png").stat().st_size > 10_000
+    assert "| stack |" in (out / "frontier.md").read_text()
+
+
+def test_a_rerun_measures_nothing_again(in_process, tiny, capsys):
+    out, _ = in_process
+    points = sorted((out / "points").glob("*.json"))
+    stamps = {p: p.stat().st_mtime_ns for p in points}
+    assert main(["frontier", str(tiny), *GRID, "--out", str(out)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in points} == stamps
+    assert "cached: config and inputs unchanged" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--ratios", "0,1.5"], "every pruning ratio must be in [0, 1)"),
+        (["--schedulers", "ddpm"], "choose from ddim, dpmsolver++, unipc"),
+        (["--target", "0.5x"], "give a speed-up over 1"),
+        (["--levers", "prune,colour"], "choose from prune, steps"),
+        (["--samples", "1"], "--samples 1: must be at least 2"),
+    ],
+)
+def test_bad_frontier_arguments_are_one_line(tiny, tmp_path, capsys, argv, message):
+    assert main(["frontier", str(tiny), *argv, "--out", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.slow
+def test_ray_with_two_local_workers_gives_the_same_points(in_process, tiny, capsys):
+    pytest.importorskip("ray", reason="Ray is the optional `ray` extra")
+    import ray
+
+    out, seconds = in_process
+    on_ray = tiny.parent / "on-ray"
+    began = time.perf_counter()
+    try:
+        assert main(["frontier", str(tiny), *GRID, "--target", "1.1x", "--out", str(on_ray),
+                     "--ray", "--workers", "2"]) == 0  # fmt: skip
+        assert ray.cluster_resources().get("CPU") == 2
+    finally:
+        ray.shutdown()
+    ray_seconds = time.perf_counter() - began
+    a = json.loads((out / "frontier.json").read_text())["points"]
+    b = json.loads((on_ray / "frontier.json").read_text())["points"]
+    same = ("stack", "key", "label", "macs_kept", "fd", "fd_ratio", "ssim")
+    assert [{k: p[k] for k in same} for p in a] == [{k: p[k] for k in same} for p in b]
+    print(f"in-process {seconds:.1f} s, Ray with 2 workers {ray_seconds:.1f} s")
