@@ -178,6 +178,11 @@ class PruneMetrics:
         return self.target.get("target_latency")
 
     @property
+    def frontier(self) -> dict | None:
+        """The frontier search's summary (target, levers, ``chosen`` stack), if levers besides pruning ran."""
+        return self.target.get("frontier")
+
+    @property
     def group_selection(self) -> str:
         """How GroupNorm-coupled channels were selected (records before the option: shared)."""
         return self.criterion.get("group_selection", "shared")
@@ -208,6 +213,7 @@ class QualityMetrics:
     backend: str = "torch"
     frechet_note: str | None = None
     cache_interval: int = 1
+    compressed_stack: dict | None = None  # the chosen stack the compressed models were sampled with
 
     def compressed_label(self) -> str | None:
         """The final compressed model's label: finetuned if scored, else pruned."""
@@ -235,6 +241,7 @@ class BenchMetrics:
     skipped: dict = field(default_factory=dict)
     host: dict = field(default_factory=dict)
     sampler_steps: int | None = None
+    stack: dict | None = None  # the chosen stack timed against the dense reference sampler
 
     def value(
         self, backend: str, batch: int, what: str, key: str, variant: str | None = None
@@ -307,6 +314,14 @@ def read_metrics(run: Path, stage: str) -> Any:
     """The typed metrics of ``stage``'s completed record, or None when it has not completed."""
     rec = read_record(run, stage)
     return None if rec is None or not rec.ok else rec.typed()
+
+
+def chosen_stack(run: Path) -> dict | None:
+    """The stack (ratio, scheduler, steps, cache_interval, precision) a latency target over levers
+    chose for the run's compressed model, or None (no such target, or no prune record)."""
+    prune = read_metrics(run, "prune")
+    found = prune.frontier if prune is not None else None
+    return found["chosen"]["stack"] if found and found.get("chosen") else None
 
 
 def run_config_name(run: Path) -> str | None:

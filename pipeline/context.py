@@ -100,6 +100,7 @@ class RunContext:
         self.is_main = int(os.environ.get("RANK", "0")) == 0
         self.stage_key = "no-key"
         self.forced = False
+        self.chosen: dict | None = None  # the stack a latency target over levers chose (see frontier)
 
     # -- run directory ------------------------------------------------------------------
 
@@ -167,14 +168,21 @@ class RunContext:
             return as_noise_predictor(unet)
         return load_backend("torch", unet=unet, device=self.device, cache_level=level).predict
 
-    def sample_images(self, predict, num_images: int, steps: int) -> torch.Tensor:
-        """``num_images`` images from the run's seeds with its sampler (``sample`` section) at ``steps``."""
+    def sample_images(self, predict, num_images: int, steps: int, variant=None) -> torch.Tensor:
+        """``num_images`` images from the run's seeds with its sampler (``sample`` section) at ``steps``.
+
+        ``variant`` (a :class:`~compressor.config.SamplerVariant`): that solver, step count and
+        reuse interval instead (the chosen stack of a latency target over levers).
+        """
         from compressor.sampling import generate, make_scheduler
 
         s = self.cfg.sample
+        scheduler, interval = s.scheduler, s.cache_interval
+        if variant is not None:
+            scheduler, steps, interval = variant.scheduler, variant.steps, variant.cache_interval
         return generate(
             predict,
-            make_scheduler(s.scheduler, self.dense.scheduler_config),
+            make_scheduler(scheduler, self.dense.scheduler_config),
             self.image_shape(),
             num_images,
             steps,
@@ -182,7 +190,7 @@ class RunContext:
             s.seed,
             s.batch_size,
             self.device,
-            cache_interval=s.cache_interval,
+            cache_interval=interval,
             cache_schedule=s.cache_schedule,
         )
 

@@ -35,7 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compressor import runlayout
-from compressor.config import RunConfig, SamplerVariant, config_from_mapping, config_to_dict
+from compressor.config import (
+    LatencyTarget,
+    PruneConfig,
+    RunConfig,
+    SamplerVariant,
+    config_from_mapping,
+    config_to_dict,
+)
 from compressor.errors import UserError
 from pipeline.context import log, write_json
 
@@ -594,3 +601,79 @@ def write(frontier: dict, out: Path) -> None:
         f"{table(frontier)}\n\n![frontier](frontier.png)\n"
     )
     (out / "frontier.md").write_text(text)
+
+
+# -- a latency target over levers, inside a run -------------------------------------------------
+
+
+class FrontierSearch:
+    """``prune.target_latency`` with ``levers`` beyond ``prune``: measure the frontier of the free
+    levers in ``RUN/frontier`` (the others stay at the run's sampler), choose the stack of lowest
+    Frechet distance that meets the target with the target's margin, prune at its ratio.
+
+    The rest of the run then uses the chosen stack (:func:`apply_stack`, ``RunContext.chosen``):
+    quality samples the compressed model with it, bench times it against the dense reference
+    sampler, and ``check`` gates on both.
+    """
+
+    def __init__(self, ctx) -> None:
+        self.ctx = ctx
+        self.trials: list = []
+        self.summary = None  # the pruning-only search's summary; this search records ``frontier``
+        self.frontier: dict | None = None
+
+    def prepare(self) -> PruneConfig:
+        """Measure, choose, and return the prune config of the chosen ratio."""
+        cfg = self.ctx.cfg
+        lat = cfg.prune.target_latency
+        levers = list(lat.levers)
+        out = runlayout.frontier_dir(self.ctx.run_dir)
+        threads = lat.threads or cfg.frontier.threads or cfg.bench.threads
+        spec = spec_from_config(cfg, out, lever_grid(cfg, levers), backend=lat.backend, batch=lat.batch,
+                                threads=threads)  # fmt: skip
+        found = measure(spec)
+        chosen = choose(found["points"], lat.speedup, lat.ms, lat.margin)
+        found.update(target=lat.goal(), levers=levers, chosen=chosen)
+        write(found, out)
+        if chosen is None:
+            fastest = max(found["points"], key=lambda p: p["speedup"])
+            raise UserError(
+                f"prune.target_latency: {lat.goal()} (sampler, {lat.backend}, batch {lat.batch}) is not "
+                f"reachable with levers {', '.join(levers)}: the fastest measured stack is "
+                f"{fastest['label']} at {fastest['speedup']:.2f}x; widen frontier.* or lower the target "
+                f"(see {out / 'frontier.md'})"
+            )
+        self.frontier = {
+            "target": lat.goal(),
+            "levers": levers,
+            "backend": lat.backend,
+            "batch": lat.batch,
+            "margin": lat.margin,
+            "reference": found["reference"],
+            "stacks": len(found["points"]),
+            "chosen": chosen,
+        }
+        shown = f"{chosen['label']} ({chosen['speedup']:.2f}x, {found['metric']} {chosen['fd']:.2f})"
+        log("prune", f"frontier: {len(found['points'])} stacks measured; chosen for {lat.goal()}: {shown}")
+        ratio = chosen["stack"]["ratio"]
+        return dataclasses.replace(
+            cfg.prune, ratio=ratio, target_macs=None, target_params=None, target_latency=LatencyTarget(),
+            method="magnitude" if ratio == 0 else cfg.prune.method,
+        )  # fmt: skip
+
+
+def apply_stack(cfg: RunConfig, stack: dict | None) -> RunConfig:
+    """The run config with what a chosen stack needs exported: its precision and, with reuse, the passes."""
+    if not stack:
+        return cfg
+    export = cfg.export
+    precisions = list(export.precisions)
+    for needed in ("fp32", stack["precision"]):
+        if needed not in precisions:
+            precisions.append(needed)
+    reuse = export.feature_reuse or stack["cache_interval"] > 1
+    if precisions == list(export.precisions) and reuse == export.feature_reuse:
+        return cfg
+    return dataclasses.replace(
+        cfg, export=dataclasses.replace(export, precisions=precisions, feature_reuse=reuse)
+    )

@@ -86,6 +86,17 @@ def run_pipeline(
         return _run_stages(ctx, stages, force)
 
 
+def _apply_chosen(ctx: RunContext) -> None:
+    """After a latency target over levers chose a stack: later stages use it (and export what it needs)."""
+    if not ctx.cfg.prune.target_latency.uses_frontier:
+        return
+    from compressor.records import chosen_stack
+    from pipeline.frontier import apply_stack
+
+    ctx.chosen = chosen_stack(ctx.run_dir)
+    ctx.cfg = apply_stack(ctx.cfg, ctx.chosen)
+
+
 def _run_stages(ctx: RunContext, stages: list[str], force: set[str] | None) -> dict[str, dict]:
     run_dir = ctx.run_dir
     ctx.claim()
@@ -95,6 +106,8 @@ def _run_stages(ctx: RunContext, stages: list[str], force: set[str] | None) -> d
     try:
         for name in stages:
             current = name
+            if name != "prune":
+                _apply_chosen(ctx)
             module = STAGES[name]
             key = stage_key(ctx, name, module)
             reason = why_rerun(ctx, name, key, name in forced)

@@ -168,3 +168,41 @@ def test_ray_with_two_local_workers_gives_the_same_points(in_process, tiny, caps
     same = ("stack", "key", "label", "macs_kept", "fd", "fd_ratio", "ssim")
     assert [{k: p[k] for k in same} for p in a] == [{k: p[k] for k in same} for p in b]
     print(f"in-process {seconds:.1f} s, Ray with 2 workers {ray_seconds:.1f} s")
+
+
+@pytest.mark.slow
+def test_a_latency_target_over_levers_chooses_a_stack_the_run_then_uses_and_checks(tiny, tmp_path):
+    from compressor.records import chosen_stack, read_metrics
+
+    run = tmp_path / "run"
+    target = ["prune.target_latency.levers=[prune,steps,scheduler,cache]", "prune.target_latency.speedup=1.1",
+              "prune.target_latency.what=sampler", "prune.target_latency.batch=2", "prune.ratio=null",
+              "frontier.ratios=[0,0.25]", "frontier.steps=[3,2]", "frontier.cache_intervals=[1,2]",
+              "frontier.samples=4", "frontier.repeat=1", "frontier.threads=1", "quality.feature=digits",
+              "quality.compare_raw=false", "bench.backends=[onnxruntime]", "bench.batch_sizes=[2]",
+              "bench.sampler_repeat=1", "bench.repeat=3"]  # fmt: skip
+    stages = "prune,finetune,export,quality,bench,check,report"
+    code = main([str(tiny), *target, "--stages", stages, "--run-dir", str(run)])
+    frontier = json.loads((run / "frontier" / "frontier.json").read_text())
+    chosen = frontier["chosen"]
+    assert chosen is not None and chosen["speedup"] >= 1.1 * 1.03 and frontier["levers"][0] == "prune"
+    assert chosen_stack(run) == chosen["stack"]
+    prune = read_metrics(run, "prune")
+    assert prune.ratio == chosen["stack"]["ratio"] and prune.frontier["chosen"] == chosen
+    assert prune.macs_kept == pytest.approx(chosen["macs_kept"])  # pruned exactly as the frontier's run
+    quality = read_metrics(run, "quality")
+    assert quality.compressed_stack == chosen["stack"]
+    bench = read_metrics(run, "bench")
+    assert bench.stack["stack"] == chosen["stack"] and bench.stack["speedup"] > 0
+    check = json.loads((run / "check" / "record.json").read_text())
+    (gate,) = [c for c in check["metrics"]["checks"] if c["name"] == "prune.target_latency.speedup"]
+    assert gate["measured"] == pytest.approx(bench.stack["speedup"]) and "by bench" in gate["detail"]
+    assert code == (0 if check["metrics"]["passed"] else 3)  # timing on a tiny model: either may happen
+    report = (run / "report" / "report.md").read_text()
+    assert "## Speed-quality frontier" in report and f"Chosen for {frontier['target']}" in report
+
+
+def test_plan_with_a_target_is_the_frontier_search(tiny, tmp_path, capsys):
+    assert main(["plan", str(tiny), "--target", "fast", "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --target 'fast': give a speed-up over 1 such as 3x, or a latency such as 40ms"]

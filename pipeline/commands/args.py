@@ -89,3 +89,26 @@ def run_settings(name: str, section: str, argv: list[str], description: str) -> 
     if prune is not None:  # the latency target the run pruned for
         base["prune"] = prune.section("prune")
     return run, config_from_mapping(base, args.overrides)
+
+
+STACK_FLAGS = {"scheduler": "scheduler", "steps": "steps", "cache_interval": "cache_interval",
+               "precision": "precision"}  # fmt: skip
+
+
+def stack_defaults(args: Any, run: Path, model: str, names: dict[str, str], cls: type) -> dict[str, Any]:
+    """Sampler settings for a command on ``run``: each flag as given, else (for the pruned model)
+    the stack a latency target over levers chose, else the config field's default.
+
+    ``names``: argparse dest -> stack key; ``cls``: the config class the flags mirror. The flags
+    must have been declared with ``default=None`` so that "not given" is visible.
+    """
+    from compressor.records import chosen_stack
+
+    stack = chosen_stack(run) if model == "pruned" else None
+    out = {}
+    for dest, key in names.items():
+        value = getattr(args, dest)
+        if value is None:
+            value = stack[key] if stack else field_spec(cls, dest)[1]
+        out[dest] = value
+    return out

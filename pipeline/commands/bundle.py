@@ -10,7 +10,8 @@ On the target: ``cd OUT && python -m bundle_runtime check`` (exit 0 pass, 3 fail
 input), ``generate --seed S --num-images N --out x.png|x.npy`` and ``info``; see
 :mod:`deploy.bundle_runtime`. ``--engine`` adds the run's TensorRT engines (built by
 ``compress-deploy build`` on the target's GPU), run there with TensorRT + cuda-python.
-The acceptance limits start from the run's ``check`` record.
+The acceptance limits start from the run's ``check`` record. A run whose latency target over
+levers chose a stack bundles that stack's sampler unless the flags say otherwise.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from compressor.config import SampleConfig, ServeConfig
 from deploy.bundle import BundleSpec, make_bundle
-from pipeline.commands.args import CommandParser, config_flag, run_dir_arg
+from pipeline.commands.args import STACK_FLAGS, CommandParser, config_flag, run_dir_arg, stack_defaults
 from pipeline.runlock import RunLock
 
 
@@ -29,10 +30,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("run", type=Path)
     parser.add_argument("out", type=Path)
     config_flag(parser, "--model", ServeConfig, "model")
-    config_flag(parser, "--precision", SampleConfig, "precision")
-    config_flag(parser, "--scheduler", SampleConfig, "scheduler")
-    config_flag(parser, "--steps", SampleConfig, "steps")
-    config_flag(parser, "--cache-interval", SampleConfig, "cache_interval")
+    config_flag(parser, "--precision", SampleConfig, "precision", default=None)
+    config_flag(parser, "--scheduler", SampleConfig, "scheduler", default=None)
+    config_flag(parser, "--steps", SampleConfig, "steps", default=None)
+    config_flag(parser, "--cache-interval", SampleConfig, "cache_interval", default=None)
     config_flag(parser, "--cache-level", SampleConfig, "cache_level")
     config_flag(parser, "--cache-schedule", SampleConfig, "cache_schedule")
     parser.add_argument("--batch", type=int, default=1, help="images per UNet call on the device")
@@ -47,6 +48,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--archive", action="store_true", help="also write OUT.tar.gz")
     args = parser.parse_args(argv)
     run = run_dir_arg(args.run)
+    vars(args).update(stack_defaults(args, run, args.model, STACK_FLAGS, SampleConfig))
     spec = BundleSpec(
         model=args.model,
         precision=args.precision,

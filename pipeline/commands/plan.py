@@ -8,6 +8,10 @@ on a copy (structure only) and timed alternately with dense (see :mod:`deploy.la
 Writes ``plan.{json,md,png}`` to ``--out`` (default ``runs/<config name>/plan``): a table
 and a chart of speed-up against MACs reduction with the MACs-proportional line, so the
 cost of a latency target is visible before any finetuning.
+
+``--target 3x|40ms [--levers prune,steps,scheduler,cache,precision]`` searches the measured
+speed-quality frontier instead (finetuned ratios, solvers, steps, reuse, precision): the same
+as ``compress-deploy frontier CONFIG --target ...`` (see :mod:`pipeline.commands.frontier`).
 """
 
 from __future__ import annotations
@@ -55,7 +59,15 @@ def main(argv: list[str]) -> int:
         parser, "--scheduler", SampleConfig, "scheduler", help="solver of the timed sampler (--what sampler)"
     )
     parser.add_argument("--out", type=Path, help="output folder (default runs/<config name>/plan)")
+    parser.add_argument("--target", help="search the frontier for this speed-up (3x) or latency (40ms)")
+    parser.add_argument("--levers", help="levers the --target search may move (default: all)")
     args = parser.parse_intermixed_args(argv)
+    if args.target:
+        from pipeline.commands import frontier
+
+        extra = ["--levers", args.levers] if args.levers else []
+        extra += ["--out", str(args.out)] if args.out else []
+        return frontier.main([args.config, *args.overrides, "--target", args.target, *extra])
     cfg = load_config(args.config, args.overrides)
     backends = _backends(args.backends, cfg.bench.backends)
     batches = int_list(args.batches, "--batches") or cfg.bench.batch_sizes

@@ -5,8 +5,11 @@
                                [--cache-interval N] [--cache-level L] [--cache-schedule uniform|quadratic]
                                [--precision fp32|fp16|int8] [--device D] [--out PNG|NPY]
 
-``--cache-interval N`` > 1 reuses deep features (DeepCache): torch splits the model itself,
-ONNX Runtime needs the run's exported passes (``export.feature_reuse=true``).
+Where a latency target over levers chose a stack for the run (``prune.target_latency.levers``),
+the pruned model samples with its solver, steps, reuse interval and precision unless the
+flags say otherwise. ``--cache-interval N`` > 1 reuses deep features (DeepCache): torch
+splits the model itself, ONNX Runtime needs the run's exported passes
+(``export.feature_reuse=true``).
 ``--out X.npy`` writes the images themselves (float32, N x C x H x W in [0, 1]), e.g. to
 compare with a bundle's ``generate`` (see ``compress-deploy bundle``).
 """
@@ -21,7 +24,7 @@ from compressor.errors import UserError
 from compressor.models import resolve_device
 from compressor.sampling import save_comparison
 from deploy.sampler import load_sampler
-from pipeline.commands.args import CommandParser, config_flag, run_dir_arg
+from pipeline.commands.args import STACK_FLAGS, CommandParser, config_flag, run_dir_arg, stack_defaults
 
 
 def main(argv: list[str]) -> int:
@@ -31,22 +34,23 @@ def main(argv: list[str]) -> int:
     config_flag(parser, "--backend", ServeConfig, "backend", default="torch")
     config_flag(parser, "--model", ServeConfig, "model")
     config_flag(parser, "--num-images", SampleConfig, "num_images")
-    config_flag(parser, "--steps", SampleConfig, "steps")
+    config_flag(parser, "--steps", SampleConfig, "steps", default=None)
     config_flag(parser, "--seed", SampleConfig, "seed")
     config_flag(parser, "--eta", SampleConfig, "eta")
-    config_flag(parser, "--scheduler", SampleConfig, "scheduler")
-    config_flag(parser, "--cache-interval", SampleConfig, "cache_interval")
+    config_flag(parser, "--scheduler", SampleConfig, "scheduler", default=None)
+    config_flag(parser, "--cache-interval", SampleConfig, "cache_interval", default=None)
     config_flag(parser, "--cache-level", SampleConfig, "cache_level")
     config_flag(parser, "--cache-schedule", SampleConfig, "cache_schedule")
-    config_flag(parser, "--precision", SampleConfig, "precision")
+    config_flag(parser, "--precision", SampleConfig, "precision", default=None)
     config_flag(parser, "--device", RunConfig, "device", default="cpu")
     parser.add_argument(
         "--out", type=Path, help="PNG grid, or .npy of the images (default ./sample-<backend>-<model>.png)"
     )
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    level = args.cache_level if args.cache_interval > 1 else None
     run = run_dir_arg(args.run)
+    vars(args).update(stack_defaults(args, run, args.model, STACK_FLAGS, SampleConfig))
+    level = args.cache_level if args.cache_interval > 1 else None
     sampler = load_sampler(run, args.backend, args.model, str(device), args.precision, level)
     if args.steps > sampler.max_steps:
         raise UserError(

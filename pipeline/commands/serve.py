@@ -37,7 +37,7 @@ from deploy.triton import (
     server_ready,
     write_repository,
 )
-from pipeline.commands.args import CommandParser, config_flag, run_dir_arg
+from pipeline.commands.args import CommandParser, config_flag, run_dir_arg, stack_defaults
 from pipeline.context import log
 from pipeline.runner import Interrupted
 
@@ -51,14 +51,17 @@ def batching_args(parser: argparse.ArgumentParser) -> None:
     config_flag(parser, "--max-queue-delay-us", ServeConfig, "max_queue_delay_us")
     parser.add_argument("--no-dynamic-batching", action="store_true", help="serve each request on its own")
     config_flag(parser, "--max-steps", ServeConfig, "max_steps")
-    config_flag(parser, "--default-steps", ServeConfig, "default_steps")
-    config_flag(parser, "--scheduler", ServeConfig, "scheduler")
+    config_flag(parser, "--default-steps", ServeConfig, "default_steps", default=None)
+    config_flag(parser, "--scheduler", ServeConfig, "scheduler", default=None)
     config_flag(parser, "--instances", ServeConfig, "instances")
     config_flag(parser, "--threads", ServeConfig, "threads")
 
 
-def repo_settings(args, backend: str, unet_kind: str) -> RepoSettings:
-    """The repository's settings from parsed flags (cross-flag rules checked here)."""
+def repo_settings(args, backend: str, unet_kind: str, run: Path) -> RepoSettings:
+    """The repository's settings from parsed flags (cross-flag rules checked here); a run whose
+    latency target over levers chose a stack serves its solver and steps unless flags say otherwise."""
+    names = {"default_steps": "steps", "scheduler": "scheduler"}
+    vars(args).update(stack_defaults(args, run, args.model, names, ServeConfig))
     if args.default_steps > args.max_steps:
         raise UserError(f"--default-steps {args.default_steps} is above --max-steps {args.max_steps}")
     return RepoSettings(
@@ -137,7 +140,7 @@ def main(argv: list[str]) -> int:
     binary, bundled, libs = find_server()
     with tempfile.TemporaryDirectory(prefix="compress-deploy-serve-") as tmp:
         repo = args.repo or Path(tmp) / "repo"
-        facts = write_repository(run, repo, repo_settings(args, args.backend, "python"))
+        facts = write_repository(run, repo, repo_settings(args, args.backend, "python", run))
         backends = python_backend_dir(bundled, Path(tmp) / "backends") if bundled else None
         cmd = server_command(binary, repo, backends, args.http_port, args.grpc_port, args.metrics_port, host)
         log("serve", f"{facts['model']} model, unet: {facts['unet']}; starting {binary}")

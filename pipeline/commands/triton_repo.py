@@ -32,7 +32,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_intermixed_args(argv)
     if args.unet not in UNET_KINDS:
         raise UserError(f"--unet: expected one of {', '.join(UNET_KINDS)}, got {args.unet!r}")
-    facts = write_repository(run_dir_arg(args.run), args.out, repo_settings(args, args.backend, args.unet))
+    run = run_dir_arg(args.run)
+    facts = write_repository(run, args.out, repo_settings(args, args.backend, args.unet, run))
     print(f"wrote {args.out}: unet = {facts['unet']}; sampler = Python backend (BLS calls to unet)")
     print(f"configs parsed with Triton's ModelConfig protobuf; image shape {facts['image_shape']}")
     return 0

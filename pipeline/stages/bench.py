@@ -134,8 +134,47 @@ def run(ctx: RunContext) -> StageResult:
         "sampler_steps": cfg.sampler_steps,
         "variants": [str(v) for v in samplers],
         "compressed_from": source,
+        "stack": _time_stack(ctx, models) if ctx.chosen is not None else None,
     }
     return StageResult(metrics)
+
+
+def _time_stack(ctx: RunContext, models: dict) -> dict:
+    """The chosen stack (compressed, on the target's backend and batch) against the dense reference
+    sampler (``sample.scheduler`` at ``sample.steps``, fp32), alternately: what ``check`` verifies."""
+    from deploy.runtimes import load_backend
+
+    lat, stack, s = ctx.cfg.prune.target_latency, ctx.chosen, ctx.cfg.sample
+    level = s.cache_level if stack["cache_interval"] > 1 else None
+    reference = SamplerVariant(s.scheduler, s.steps)
+    variant = SamplerVariant(stack["scheduler"], stack["steps"], stack["cache_interval"])
+    if lat.backend != "torch":
+        ctx.require("export" if lat.backend == "onnxruntime" else "build", "bench")
+
+    def backend(model: str, precision: str, cache_level: int | None) -> Backend:
+        unet = models[model] if lat.backend == "torch" else None
+        return load_backend(lat.backend, unet=unet, run_dir=ctx.run_dir, model=model, device=ctx.device,
+                            precision=precision, threads=lat.threads or ctx.cfg.bench.threads,
+                            cache_level=cache_level)  # fmt: skip
+
+    calls = {
+        "dense": _sampler(ctx, backend("dense", "fp32", None), reference, lat.batch),
+        "pruned": _sampler(ctx, backend("pruned", stack["precision"], level), variant, lat.batch),
+    }
+    times = time_alternating(calls, min(1, ctx.cfg.bench.warmup), ctx.cfg.bench.sampler_repeat)
+    ref_ms, ms = percentile_ms(times["dense"])[0], percentile_ms(times["pruned"])[0]
+    log("bench", f"chosen stack {stack} on {lat.backend} batch {lat.batch}: {ms:.1f} ms vs dense {reference} "
+                 f"{ref_ms:.1f} ms, speed-up {ref_ms / ms:.2f}x")  # fmt: skip
+    return {
+        "backend": lat.backend,
+        "batch": lat.batch,
+        "stack": stack,
+        "reference": str(reference),
+        "reference_ms": ref_ms,
+        "ms": ms,
+        "speedup": ref_ms / ms,
+        "runs": ctx.cfg.bench.sampler_repeat,
+    }
 
 
 def _backends(ctx: RunContext, models: dict, with_reuse: bool) -> tuple[dict, dict, dict]:

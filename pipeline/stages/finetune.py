@@ -16,6 +16,12 @@ INPUTS = ["prune"]
 def run(ctx: RunContext) -> StageResult:
     """Finetune ``RUN/prune/model``; writes ``RUN/finetune/model`` (EMA) and ``model-raw``."""
     ctx.require("prune", "finetune")
+    if ctx.chosen is not None and ctx.chosen["ratio"] == 0:
+        reason = (
+            "the latency target's frontier chose the dense model (ratio 0): nothing was pruned to recover"
+        )
+        log("finetune", f"skipped: {reason}")
+        return StageResult(status="skipped", reason=reason)
     src = runlayout.model_dir(ctx.run_dir, "prune")
     unet, meta = load_unet(src, ctx.device)
     result = fit(ctx, unet, "finetune")

@@ -19,13 +19,19 @@ INPUTS: list[str] = []
 
 
 def key_extra(ctx: RunContext) -> dict:
-    """A latency target also depends on the host, the backend's libraries and the sampler's steps."""
+    """A latency target also depends on the host, the backend's libraries and the sampler's steps;
+    one over levers on everything the frontier measures (finetune, sampler, quality settings)."""
+    from compressor.config import config_to_dict
+
     lat = ctx.cfg.prune.target_latency
     if not lat.active:
         return {}
     extra: dict = {"latency_host": environment_facts(ctx.device)}
     if lat.what == "sampler":
         extra["bench.sampler_steps"] = ctx.cfg.bench.sampler_steps
+    if lat.uses_frontier:
+        cfg = config_to_dict(ctx.cfg)
+        extra.update({k: cfg[k] for k in ("frontier", "finetune", "sample", "quality", "export", "bench")})
     return extra
 
 
@@ -55,6 +61,11 @@ def _latency_target(ctx: RunContext, unet) -> tuple[PruneConfig, object, Latency
     """(prune config to prune with, allocator or None, the search or None) for a latency target."""
     if not ctx.cfg.prune.target_latency.active:
         return ctx.cfg.prune, None, None
+    if ctx.cfg.prune.target_latency.uses_frontier:
+        from pipeline.frontier import FrontierSearch
+
+        search = FrontierSearch(ctx)
+        return search.prepare(), None, search  # type: ignore[return-value]
     search = LatencySearch.from_config(
         ctx.cfg,
         ctx.device,
@@ -144,6 +155,7 @@ def _metrics(
         "target": {
             **{k: getattr(ctx.cfg.prune, k) for k in ("ratio", "target_macs", "target_params")},
             "target_latency": search.summary if search else None,
+            "frontier": getattr(search, "frontier", None),
         },
         "params_before": params_before,
         "params_after": params_after,

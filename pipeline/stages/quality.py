@@ -39,6 +39,7 @@ def run(ctx: RunContext) -> StageResult:
         "scheduler": ctx.cfg.sample.scheduler,
         "cache_interval": ctx.cfg.sample.cache_interval,
         "backend": cfg.backend,
+        "compressed_stack": ctx.chosen,
         "frechet_metric": metric,
         "frechet_note": fd_note,
     }
@@ -66,10 +67,11 @@ def _models(ctx: RunContext) -> dict:
     """Label -> torch UNet: dense, pruned, finetuned and (``compare_raw``) finetune's raw weights."""
     models = {"dense": ctx.dense_on()}
     for stage, label in MODEL_LABELS.items():
-        if ctx.record(stage):
+        rec = ctx.record(stage)
+        if rec is not None and rec.ok:  # a skipped finetune wrote no model
             models[label] = load_unet(runlayout.model_dir(ctx.run_dir, stage), ctx.device)[0]
     raw = runlayout.model_dir(ctx.run_dir, "finetune", raw=True)
-    if ctx.cfg.quality.compare_raw and ctx.record("finetune") and raw.is_dir():
+    if ctx.cfg.quality.compare_raw and "finetuned" in models and raw.is_dir():
         # the raw (non-EMA) weights too, to show which copy is the better one
         models["finetuned (raw)"] = load_unet(raw, ctx.device)[0]
     if len(models) == 1:
@@ -77,9 +79,36 @@ def _models(ctx: RunContext) -> dict:
     return models
 
 
+def _stack_variant(ctx: RunContext):
+    """The chosen stack's sampler (a latency target over levers), or None."""
+    from compressor.config import SamplerVariant
+
+    c = ctx.chosen
+    return SamplerVariant(c["scheduler"], c["steps"], c["cache_interval"]) if c else None
+
+
 def _predictors(ctx: RunContext, models: dict) -> dict:
-    """Label -> noise predictor: torch (two passes with feature reuse), or the deployed backend."""
+    """Label -> noise predictor: torch (two passes with feature reuse), or the deployed backend.
+
+    With a chosen stack the compressed models run its sampler: torch with its reuse split,
+    and the final model through ONNX Runtime when the stack is fp16/int8 (the file that runs it).
+    """
     predictors = {label: ctx.torch_predictor(unet) for label, unet in models.items()}
+    if ctx.chosen is not None:
+        level = ctx.cfg.sample.cache_level if ctx.chosen["cache_interval"] > 1 else None
+        for label, unet in models.items():
+            if label != "dense":
+                predictors[label] = load_backend(
+                    "torch", unet=unet, device=ctx.device, cache_level=level
+                ).predict
+        if ctx.chosen["precision"] != "fp32":
+            ctx.require("export", "quality")
+            final = "finetuned" if "finetuned" in models else "pruned"
+            predictors[final] = load_backend(
+                "onnxruntime", run_dir=ctx.run_dir, model="pruned", precision=ctx.chosen["precision"],
+                cache_level=level,
+            ).predict  # fmt: skip
+        return predictors
     if ctx.cfg.quality.backend != "torch":
         # the deployed sampler: dense and final compressed model served by the chosen backend
         final = "finetuned" if "finetuned" in models else "pruned"
@@ -89,15 +118,20 @@ def _predictors(ctx: RunContext, models: dict) -> dict:
 
 
 def _sample(ctx: RunContext, label: str, predict):
-    """``quality.num_samples`` images of one model from the run's seeds, with the run's sampler."""
+    """``quality.num_samples`` images of one model from the run's seeds, with the run's sampler
+    (compressed models: the chosen stack's, when a latency target over levers chose one)."""
     cfg, sample = ctx.cfg.quality, ctx.cfg.sample
+    variant = _stack_variant(ctx) if label != "dense" else None
     steps = cfg.steps or sample.steps
-    reuse = f", cache interval {sample.cache_interval}" if sample.cache_interval > 1 else ""
+    scheduler, interval = sample.scheduler, sample.cache_interval
+    if variant is not None:
+        scheduler, steps, interval = variant.scheduler, variant.steps, variant.cache_interval
+    reuse = f", cache interval {interval}" if interval > 1 else ""
     log(
         "quality",
-        f"sampling {cfg.num_samples} images from the {label} model ({sample.scheduler} {steps} steps{reuse})",
+        f"sampling {cfg.num_samples} images from the {label} model ({scheduler} {steps} steps{reuse})",
     )
-    return ctx.sample_images(predict, cfg.num_samples, steps)
+    return ctx.sample_images(predict, cfg.num_samples, steps, variant)
 
 
 def _score(ctx: RunContext, samples: dict, reference, feature, metric: str, fd_note: str | None) -> dict:

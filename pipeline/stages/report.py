@@ -189,6 +189,7 @@ def run(ctx: RunContext) -> StageResult:
         parity_section(doc, metrics["parity"])
     if metrics["bench"]:
         bench_section(doc, metrics["bench"], out)
+    frontier_section(doc, ctx, metrics["bench"], out)
     acceptance_section(doc, checks)
     files = write_report(doc, out)
     return StageResult({"verdict": verdict, "checks": len(checks)}, files)
@@ -416,6 +417,55 @@ def bench_section(doc: Doc, m: BenchMetrics, out: Path) -> None:
     doc.para("Host: " + ", ".join(f"{k} {v}" for k, v in m.host.items()))
     if _plot_latency(m.results, out / "latency.png"):
         doc.image(out / "latency.png", "latency bar chart")
+
+
+def frontier_section(doc: Doc, ctx: RunContext, bench: BenchMetrics | None, out: Path) -> None:
+    """The speed-quality frontier of ``RUN/frontier`` (``compress-deploy frontier`` or a latency target
+    over levers): what was measured, the Pareto points, the chosen stack and its chart."""
+    import json
+
+    folder = runlayout.frontier_dir(ctx.run_dir)
+    path = folder / "frontier.json"
+    if not path.is_file():
+        return
+    try:
+        f = json.loads(path.read_text())
+        points, ref = f["points"], f["reference"]
+    except (OSError, ValueError, KeyError):
+        doc.heading("Speed-quality frontier")
+        doc.para(f"{path} is unreadable; rerun `compress-deploy frontier` to rewrite it.")
+        return
+    doc.heading("Speed-quality frontier")
+    ratios = ", ".join(f"{r:g}" for r in sorted({p["stack"]["ratio"] for p in points}))
+    doc.para(
+        f"{len(points)} stacks over pruning ratios {ratios}: whole-sampler latency "
+        f"on {f['backend']} at batch {f['batch']}, speed-up against dense {ref['stack']['scheduler']} "
+        f"{ref['stack']['steps']} timed alternately; {f['metric']} and SSIM from {f['samples']} images per "
+        f"stack (dense reference {ref['fd']:.2f}). Pareto-optimal stacks:"
+    )
+    metric = f["metric"]
+    front = sorted((p for p in points if p["pareto"]), key=lambda p: -p["speedup"])
+    doc.table(
+        ["stack", "MACs kept", "ms", "speed-up", metric, "SSIM"],
+        [[p["label"], p["macs_kept"], p["latency_ms"], p["speedup"], p["fd"], p["ssim"]] for p in front],
+    )
+    pruned = [p for p in front if p["stack"]["ratio"] > 0]
+    doc.para(
+        f"{len(pruned)} of the {len(front)} Pareto-optimal stacks are pruned"
+        + (f" (from {min(p['speedup'] for p in pruned):.2f}x up)." if pruned else ".")
+    )
+    chosen = f.get("chosen")
+    if chosen:
+        verified = ""
+        if bench is not None and bench.stack:
+            verified = f"; bench measured {bench.stack['speedup']:.2f}x"
+        doc.para(
+            f"Chosen for {f.get('target')} (levers {', '.join(f.get('levers', []))}): {chosen['label']}, "
+            f"{chosen['speedup']:.2f}x, {metric} {chosen['fd']:.2f}, SSIM {chosen['ssim']:.3f}{verified}."
+        )
+    if (folder / "frontier.png").is_file():
+        shutil.copyfile(folder / "frontier.png", out / "frontier.png")
+        doc.image(out / "frontier.png", "speed-quality frontier")
 
 
 def acceptance_section(doc: Doc, checks: list[Check]) -> None:

@@ -17,7 +17,8 @@ def run(ctx: RunContext) -> StageResult:
     rows = {}
     models = {"dense": ctx.dense_on()}
     for stage in ("prune", "finetune"):
-        if ctx.record(stage):
+        rec = ctx.record(stage)
+        if rec is not None and rec.ok:  # a skipped finetune wrote no model
             models[{"prune": "pruned", "finetune": "pruned + finetuned"}[stage]] = load_unet(
                 runlayout.model_dir(ctx.run_dir, stage), ctx.device
             )[0]
