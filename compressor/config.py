@@ -429,6 +429,11 @@ class FrontierConfig:
     threads: int | None = _spec(
         None, "torch/ONNX Runtime threads of every job and timing (default: bench.threads, else all)", ge=1
     )
+    dir: str | None = _spec(
+        None,
+        "where a latency target over levers measures (default RUN/frontier); runs of one config may "
+        "share a folder, e.g. the `frontier` command's, and reuse what is measured there",
+    )
 
 
 @dataclass

@@ -198,7 +198,19 @@ def ratio_overrides(spec: Spec, ratio: float) -> list[str]:
 
 
 def ratio_config(spec: Spec, ratio: float) -> RunConfig:
-    return config_from_mapping(spec.base, ratio_overrides(spec, ratio))
+    """A ratio's nested-run config: the run's, with no latency target of its own (so runs that
+    differ only in their target share the nested runs) and the ratio's overrides."""
+    base = {**spec.base, "prune": {**spec.base["prune"], "target_latency": config_to_dict(LatencyTarget())}}
+    return config_from_mapping(base, ratio_overrides(spec, ratio))
+
+
+# What a stack's images depend on besides the model (whose stage keys are fingerprinted).
+SAMPLING_SECTIONS = ("model", "data", "seed", "sample", "quality")
+
+
+def _sampling(cfg: RunConfig) -> dict:
+    d = config_to_dict(cfg)
+    return {k: d[k] for k in SAMPLING_SECTIONS}
 
 
 def ratio_stages(ratio: float) -> list[str]:
@@ -243,13 +255,14 @@ def _model_run(spec: Spec, ratio: float) -> tuple[Path, str]:
 
 
 def _ratio_key(spec: Spec, ratio: float) -> str:
-    """Fingerprint of what a ratio's model depends on: its config and the finetune/prune outputs."""
+    """Fingerprint of a ratio's model and sampling: its nested stages' cache keys (each the hash of
+    the config sections and inputs that stage depends on) and the sampling settings."""
     from compressor.records import read_record
 
     run, _ = _model_run(spec, ratio)
     stages = {s: (read_record(run, s) or {}) for s in ratio_stages(ratio)}
     keys = {s: getattr(r, "data", {}).get("cache", {}).get("key") for s, r in stages.items()}
-    return _fingerprint(config_to_dict(ratio_config(spec, ratio)), keys)
+    return _fingerprint(_sampling(ratio_config(spec, ratio)), keys)
 
 
 def reference_images(spec: Spec) -> dict:
@@ -267,7 +280,7 @@ def reference_images(spec: Spec) -> dict:
     cfg = ratio_config(spec, 0.0)
     ref = spec.reference
     path = runlayout.frontier_points_dir(spec.root) / "reference.json"
-    fingerprint = _fingerprint(config_to_dict(cfg), str(ref), spec.samples)
+    fingerprint = _fingerprint(_sampling(cfg), str(ref), spec.samples)
     images_file = runlayout.frontier_points_dir(spec.root) / "reference-images.npy"
     found = _cached(path, fingerprint)
     if found is not None and images_file.is_file():
@@ -628,10 +641,12 @@ class FrontierSearch:
         lat = cfg.prune.target_latency
         levers = list(lat.levers)
         out = runlayout.frontier_dir(self.ctx.run_dir)
+        where = Path(cfg.frontier.dir) if cfg.frontier.dir else out
         threads = lat.threads or cfg.frontier.threads or cfg.bench.threads
-        spec = spec_from_config(cfg, out, lever_grid(cfg, levers), backend=lat.backend, batch=lat.batch,
+        spec = spec_from_config(cfg, where, lever_grid(cfg, levers), backend=lat.backend, batch=lat.batch,
                                 threads=threads)  # fmt: skip
         found = measure(spec)
+        found["measured_in"] = str(where)
         chosen = choose(found["points"], lat.speedup, lat.ms, lat.margin)
         found.update(target=lat.goal(), levers=levers, chosen=chosen)
         write(found, out)
@@ -651,6 +666,7 @@ class FrontierSearch:
             "margin": lat.margin,
             "reference": found["reference"],
             "stacks": len(found["points"]),
+            "measured_in": str(where),
             "chosen": chosen,
         }
         shown = f"{chosen['label']} ({chosen['speedup']:.2f}x, {found['metric']} {chosen['fd']:.2f})"
