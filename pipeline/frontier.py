@@ -570,20 +570,21 @@ def plot(frontier: dict, path: Path) -> Path:
         )
     front = sorted((p for p in points if p["pareto"]), key=lambda p: p["speedup"])
     ax.plot([p["speedup"] for p in front], [p["fd"] for p in front], "k--", lw=1, label="Pareto front")
-    for p in front:
+    for i, p in enumerate(front):  # labels alternate: left-above, right-below, so neighbours stay legible
         ax.scatter([p["speedup"]], [p["fd"]], s=120, facecolors="none", edgecolors="red")
-        ax.annotate(
-            p["label"], (p["speedup"], p["fd"]), fontsize=7, xytext=(4, 4), textcoords="offset points"
-        )
+        offset, align = ((-8, 6), "right") if i % 2 == 0 else ((8, -10), "left")
+        xy = (p["speedup"], p["fd"])
+        ax.annotate(p["label"], xy, fontsize=7, xytext=offset, textcoords="offset points", ha=align)
     if frontier.get("chosen"):
         c = frontier["chosen"]
         ax.scatter([c["speedup"]], [c["fd"]], marker="*", s=250, color="red", label=f"chosen: {c['label']}")
     ax.axhline(frontier["reference"]["fd"], color="grey", lw=0.8, ls=":", label="dense reference")
     ax.set_xscale("log")
+    ax.set_yscale("log")
     ref = frontier["reference"]["stack"]
     where = f"({frontier['backend']}, batch {frontier['batch']})"
     ax.set_xlabel(f"sampler speed-up vs dense {ref['scheduler']} {ref['steps']} {where}")
-    ax.set_ylabel(f"{frontier['metric']} (lower is better)")
+    ax.set_ylabel(f"{frontier['metric']} (log, lower is better)")
     ax.set_title(f"{frontier['model']}: speed-quality frontier ({len(points)} stacks)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
