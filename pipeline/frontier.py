@@ -213,9 +213,11 @@ def _sampling(cfg: RunConfig) -> dict:
     return {k: d[k] for k in SAMPLING_SECTIONS}
 
 
-def ratio_stages(ratio: float) -> list[str]:
-    """Ratio 0 is the dense model as it is: no finetune (its export holds the dense graphs)."""
-    return ["prune", "export"] if ratio == 0 else ["prune", "finetune", "export"]
+def ratio_stages(ratio: float, backend: str = "onnxruntime") -> list[str]:
+    """Ratio 0 is the dense model as it is: no finetune (its export holds the dense graphs); a
+    TensorRT frontier also builds the engines it times."""
+    stages = ["prune", "export"] if ratio == 0 else ["prune", "finetune", "export"]
+    return stages + ["build"] if backend == "tensorrt" else stages
 
 
 def fit_ratio(spec: Spec, ratio: float) -> dict:
@@ -229,7 +231,7 @@ def fit_ratio(spec: Spec, ratio: float) -> dict:
         torch.set_num_threads(spec.threads)
     cfg = ratio_config(spec, ratio)
     run = runlayout.frontier_ratio_dir(spec.root, ratio)
-    run_pipeline(cfg, run, ratio_stages(ratio))
+    run_pipeline(cfg, run, ratio_stages(ratio, spec.backend))
     prune = read_metrics(run, "prune")
     return {"ratio": ratio, "run": str(run), "macs_kept": prune.macs_kept, "params_kept": prune.params_kept}
 
@@ -260,7 +262,7 @@ def _ratio_key(spec: Spec, ratio: float) -> str:
     from compressor.records import read_record
 
     run, _ = _model_run(spec, ratio)
-    stages = {s: (read_record(run, s) or {}) for s in ratio_stages(ratio)}
+    stages = {s: (read_record(run, s) or {}) for s in ratio_stages(ratio, spec.backend)}
     keys = {s: getattr(r, "data", {}).get("cache", {}).get("key") for s, r in stages.items()}
     return _fingerprint(_sampling(ratio_config(spec, ratio)), keys)
 

@@ -206,3 +206,9 @@ def test_plan_with_a_target_is_the_frontier_search(tiny, tmp_path, capsys):
     assert main(["plan", str(tiny), "--target", "fast", "--out", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --target 'fast': give a speed-up over 1 such as 3x, or a latency such as 40ms"]
+
+
+def test_nested_runs_build_engines_only_for_a_tensorrt_frontier():
+    assert fr.ratio_stages(0.0) == ["prune", "export"]  # the dense model as it is: nothing to finetune
+    assert fr.ratio_stages(0.25) == ["prune", "finetune", "export"]
+    assert fr.ratio_stages(0.25, "tensorrt") == ["prune", "finetune", "export", "build"]
