@@ -208,6 +208,23 @@ def _reference(run: Path, spec: BundleSpec, scheduler_config: dict, shape: tuple
     return out
 
 
+def _copy_files(tmp: Path, folder: str, sources: dict[str, dict[str, Path]], companion: str) -> dict:
+    """Copy each model's files to ``tmp/folder/<label>/`` with the file named ``<name><companion>``
+    beside each where there is one; label -> part -> path in the bundle."""
+    copied: dict[str, dict[str, str]] = {}
+    for label, parts in sources.items():
+        copied[label] = {}
+        for part, src in parts.items():
+            rel = f"{folder}/{label}/{src.name}"
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, tmp / rel)
+            extra = src.with_name(src.name + companion)
+            if extra.is_file():
+                shutil.copyfile(extra, tmp / f"{folder}/{label}/{extra.name}")
+            copied[label][part] = rel
+    return copied
+
+
 def make_bundle(
     run: Path, out: Path, spec: BundleSpec, limits: dict | None = None, archive: bool = False
 ) -> dict:
@@ -239,28 +256,11 @@ def make_bundle(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        graphs = {}
-        for label, parts in sources.items():
-            graphs[label] = {}
-            for part, src in parts.items():
-                rel = f"graphs/{label}/{src.name}"
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, tmp / rel)
-                data = src.with_name(src.name + ".data")
-                if data.is_file():  # external weights travel with their graph
-                    shutil.copyfile(data, tmp / rel.replace(src.name, data.name))
-                graphs[label][part] = rel
-        engines, engine_info = {}, {}
-        for label, parts in engine_sources.items():
-            engines[label] = {}
-            for part, src in parts.items():
-                rel = f"engines/{label}/{src.name}"
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, tmp / rel)
-                info = runlayout.engine_info_path(src)
-                shutil.copyfile(info, tmp / f"engines/{label}/{info.name}")
-                engines[label][part] = rel
-                engine_info = json.loads(info.read_text())
+        # external weights (``.data``) travel with their graph, the engine info with its engine
+        graphs = _copy_files(tmp, "graphs", sources, ".data")
+        engines = _copy_files(tmp, "engines", engine_sources, ".json")
+        some_engine = next((p for parts in engine_sources.values() for p in parts.values()), None)
+        engine_info = json.loads(runlayout.engine_info_path(some_engine).read_text()) if some_engine else {}
         (tmp / "scheduler.json").write_text(json.dumps(settings, indent=1))
         np.savez(tmp / "scheduler.npz", **arrays)
         (tmp / "acceptance.json").write_text(json.dumps(_limits(run, spec, limits or {}), indent=1))

@@ -427,12 +427,13 @@ def time_stacks(
     reference = sampler_call(predictor(0.0, "fp32", False), make_scheduler(ref.scheduler, sched_cfg),
                              shape, spec.batch, ref.steps, ctx.device)  # fmt: skip
     out = {}
+    ratio_keys = {r: _ratio_key(spec, r) for r in {s.ratio for s in stacks}}  # records read once per ratio
     for stack in stacks:
         path = (
             runlayout.frontier_points_dir(spec.root)
             / f"{stack.key()}.latency.{spec.backend}-b{spec.batch}.json"
         )
-        fingerprint = _fingerprint(_ratio_key(spec, stack.ratio), stack.as_dict(), str(ref), spec.backend,
+        fingerprint = _fingerprint(ratio_keys[stack.ratio], stack.as_dict(), str(ref), spec.backend,
                                    spec.batch, spec.threads, spec.repeat, spec.warmup, host)  # fmt: skip
         found = _cached(path, fingerprint)
         if found is None:

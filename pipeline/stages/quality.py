@@ -93,14 +93,14 @@ def _predictors(ctx: RunContext, models: dict) -> dict:
     With a chosen stack the compressed models run its sampler: torch with its reuse split,
     and the final model through ONNX Runtime when the stack is fp16/int8 (the file that runs it).
     """
-    predictors = {label: ctx.torch_predictor(unet) for label, unet in models.items()}
     if ctx.chosen is not None:
         level = ctx.cfg.sample.cache_level if ctx.chosen["cache_interval"] > 1 else None
-        for label, unet in models.items():
-            if label != "dense":
-                predictors[label] = load_backend(
-                    "torch", unet=unet, device=ctx.device, cache_level=level
-                ).predict
+        predictors = {
+            label: ctx.torch_predictor(unet)
+            if label == "dense"
+            else load_backend("torch", unet=unet, device=ctx.device, cache_level=level).predict
+            for label, unet in models.items()
+        }
         if ctx.chosen["precision"] != "fp32":
             ctx.require("export", "quality")
             final = "finetuned" if "finetuned" in models else "pruned"
@@ -109,6 +109,7 @@ def _predictors(ctx: RunContext, models: dict) -> dict:
                 cache_level=level,
             ).predict  # fmt: skip
         return predictors
+    predictors = {label: ctx.torch_predictor(unet) for label, unet in models.items()}
     if ctx.cfg.quality.backend != "torch":
         # the deployed sampler: dense and final compressed model served by the chosen backend
         final = "finetuned" if "finetuned" in models else "pruned"
