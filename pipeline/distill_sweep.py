@@ -68,13 +68,16 @@ def cell_key(cfg: RunConfig, ctx: RunContext) -> str:
     key), the finetune recipe and the sampler/quality settings; 12 hex digits.
 
     Checkpoints and scores are filed under it, so a changed config never resumes or reuses
-    another config's work.
+    another config's work; the run's distillation weights are left out (each mode sets its own).
     """
     import hashlib
     import json
 
     rec = ctx.require("prune", "the distillation sweep")
-    facts = [rec.cache, dataclasses.asdict(cfg.finetune), dataclasses.asdict(cfg.sample)]
+    # each cell's mode sets the distillation weights, so the run's own weights are not a fact of it
+    # (written as mode "off" would be: a changed default must not orphan finished cells)
+    recipe = dataclasses.replace(cfg.finetune, distill=mode_config("off", cfg.finetune.distill))
+    facts = [rec.cache, dataclasses.asdict(recipe), dataclasses.asdict(cfg.sample)]
     facts.append(dataclasses.asdict(cfg.quality))
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
