@@ -205,19 +205,20 @@ class PruneConfig:
 
 @dataclass
 class DistillConfig:
-    """The dense model as teacher during the finetune (off while both distillation weights are 0).
+    """The dense model as teacher in the finetune (on by default; off when both weights are 0).
 
     The loss is ``weight_task`` x the plain denoising loss + ``weight_output`` x MSE(student
     noise, teacher noise) + ``weight_features`` x the mean over ``feature_points`` of the relative
     MSE (over the teacher output's mean square) of the student's block output, projected by a
     learned 1x1 convolution where widths differ, against the teacher's. The teacher is frozen,
     in eval mode, without gradients; each process holds its own copy. Projections are trained
-    with the student and never saved.
+    with the student and saved in its checkpoints (so a resume is exact), never in the model.
+    The defaults (output and feature weights 1) come from the demo's budget sweep (README).
     """
 
     weight_task: float = _spec(1.0, "weight of the plain denoising loss", ge=0.0)
-    weight_output: float = _spec(0.0, "weight of the MSE between student and teacher noise", ge=0.0)
-    weight_features: float = _spec(0.0, "weight of the block-output matching loss", ge=0.0)
+    weight_output: float = _spec(1.0, "weight of the MSE between student and teacher noise", ge=0.0)
+    weight_features: float = _spec(1.0, "weight of the block-output matching loss", ge=0.0)
     feature_points: list[str] = _spec(
         ["mid", "up"], "blocks whose outputs are matched: down.I, mid, up.I, or down/up for all of a kind"
     )

@@ -39,6 +39,7 @@ def drop_stale_checkpoints(ctx: RunContext, stage: str) -> None:
 
 def fit(ctx: RunContext, unet, stage: str):
     """Train ``unet`` with the finetune recipe, resuming this stage input's last checkpoint."""
+    from compressor.config import DistillConfig
     from compressor.training import train
 
     cfg = ctx.cfg.finetune
@@ -52,7 +53,7 @@ def fit(ctx: RunContext, unet, stage: str):
             f"features x {d.weight_features:g}"
             + (f" at {', '.join(d.feature_points)}" if d.weight_features > 0 else ""),
         )
-    elif cfg.distill.active:
+    elif cfg.distill.active and cfg.distill != DistillConfig():  # set by the user, not the default
         log(stage, "finetune.distill is ignored here: the dense model has no teacher")
     with tqdm(total=cfg.steps, desc=f"[{stage}]", unit="step", disable=not ctx.is_main) as bar:
 

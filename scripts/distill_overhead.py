@@ -85,6 +85,13 @@ def main() -> int:
 
     cfg = load_config(args.config, args.overrides)
     run = args.run_dir or Path("runs") / cfg.name
+    if not (run / "prune" / "model" / "unet.json").is_file():
+        print(
+            f"error: {run}/prune/model holds no pruned model; run `compress-deploy {args.config} "
+            f"--run-dir {run} --stages prune` first (or pass --run-dir)",
+            file=sys.stderr,
+        )
+        return 2
     if args.child:
         print(json.dumps(measure(args.config, args.overrides, run, args.child, args.steps)))
         return 0
