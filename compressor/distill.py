@@ -180,10 +180,11 @@ def distill_losses(
     pred, feats = student
     pred = pred.float()
     terms = {"task": F.mse_loss(pred, noise)}
-    with torch.no_grad(), tapped(teacher, points if cfg.weight_features > 0 else []) as found:
+    matched = points if cfg.weight_features > 0 else []
+    with torch.no_grad(), tapped(teacher, matched) as found:
         target = predict_noise(teacher, noisy, timestep).float()
     terms["output"] = F.mse_loss(pred, target)
-    if cfg.weight_features > 0:
+    if matched:
         # relative MSE: each block's error over its teacher output's mean square, so blocks of
         # any scale (deep ones run larger) weigh alike. Per sample, then averaged: a mean over
         # samples splits exactly over data-parallel processes (a batch-wide ratio would not)

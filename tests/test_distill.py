@@ -19,7 +19,8 @@ from deploy.latency import pruned_copy
 from pipeline.cli import main
 from tests.conftest import DDPM_SCHEDULER, TINY_UNET, write_config, write_images, write_model_folder
 
-OUTPUT_ONLY = DistillConfig(weight_task=0.0, weight_output=1.0)
+OUTPUT_ONLY = DistillConfig(weight_task=0.0, weight_output=1.0, weight_features=0.0)
+OFF = DistillConfig(weight_output=0.0, weight_features=0.0)
 BOTH = DistillConfig(weight_output=1.0, weight_features=0.5, feature_points=["down", "mid", "up"])
 
 
@@ -102,7 +103,7 @@ def test_resume_with_distillation_is_bit_identical(tmp_path):
         assert torch.equal(a, b)
     assert full.losses == resumed.losses and full.loss_terms == resumed.loss_terms
     assert len(full.loss_terms) == 4 and all(row[3] > 0 for row in full.loss_terms)  # features matched
-    plain = _train(tmp_path / "c", copy.deepcopy(pruned), teacher, DistillConfig())
+    plain = _train(tmp_path / "c", copy.deepcopy(pruned), teacher, OFF)
     assert plain.loss_terms == [] and plain.losses != full.losses  # off: the plain loop, untouched
 
 
