@@ -81,13 +81,15 @@ def main() -> int:
     parser.add_argument("--modes", default="off,output,output+features")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one mode, in a fresh process
     args = parser.parse_intermixed_args()
+    from compressor import runlayout
     from compressor.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     run = args.run_dir or Path("runs") / cfg.name
-    if not (run / "prune" / "model" / "unet.json").is_file():
+    pruned = runlayout.model_dir(run, "prune")
+    if not (pruned / "unet.json").is_file():
         print(
-            f"error: {run}/prune/model holds no pruned model; run `compress-deploy {args.config} "
+            f"error: {pruned} holds no pruned model; run `compress-deploy {args.config} "
             f"--run-dir {run} --stages prune` first (or pass --run-dir)",
             file=sys.stderr,
         )
