@@ -78,7 +78,9 @@ def cell_key(cfg: RunConfig, ctx: RunContext) -> str:
     # (written as mode "off" would be: a changed default must not orphan finished cells)
     recipe = dataclasses.replace(cfg.finetune, distill=mode_config("off", cfg.finetune.distill))
     facts = [rec.cache, dataclasses.asdict(recipe), dataclasses.asdict(cfg.sample)]
-    facts.append(dataclasses.asdict(cfg.quality))
+    # the sweep scores the EMA weights only: whether the quality stage also scores the raw
+    # weights is not a fact of a cell (written at its default, so toggling it orphans nothing)
+    facts.append(dataclasses.asdict(dataclasses.replace(cfg.quality, compare_raw=True)))
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -189,5 +189,7 @@ def test_the_distillation_sweep_scores_every_budget_and_resumes(tmp_path, tiny_c
     capsys.readouterr()
     assert main([*argv[:2], "finetune.distill.weight_output=1", *argv[2:]]) == 0  # the modes set the weights
     assert ": finetune 4 steps" not in capsys.readouterr().err
+    assert main([*argv[:2], "quality.compare_raw=false", *argv[2:]]) == 0  # raw weights: not scored here
+    assert ": finetune 4 steps" not in capsys.readouterr().err
     assert main([*argv[:5], "off,teacher", *argv[6:]]) == 2
     assert "--distill: unknown mode 'teacher'" in capsys.readouterr().err
