@@ -221,6 +221,12 @@ def verdicts(rows: list[dict], budgets: list[int]) -> list[str]:
             worse = sum(a > b for a, b in zip(mine, plain["fd_per_seed"], strict=True))
             goal = f"plain's {full}-step FD {plain['fd_mean']:.2f}"
             reached = f"reaches {goal} at {reach[0]} steps" if reach else f"never reaches {goal}"
+            half = max((b for b in budgets if 2 * b <= full), default=None)
+            if half is not None:  # seed by seed: this mode after half the steps vs plain at the full budget
+                early = by[(ratio, mode, half)]["fd_per_seed"]
+                hits = sum(a <= b for a, b in zip(early, plain["fd_per_seed"], strict=True))
+                reached += f" (mean); at {half} steps at or below plain's {full} on {hits} of {len(early)}"
+                reached += " seeds"
             lines.append(
                 f"MACs {ratio:g}, {mode}: {reached}; at {full} steps lower than plain on {lower} of "
                 f"{len(mine)} seeds, worse on {worse}"

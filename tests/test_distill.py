@@ -165,6 +165,30 @@ def test_a_budget_is_a_checkpoint_of_the_longer_finetune_under_a_constant_schedu
     )
 
 
+def test_the_sweep_verdicts_answer_the_aims_from_the_mean_and_seed_by_seed():
+    from pipeline.distill_sweep import summarize, verdicts
+
+    def cells(**modes):  # mode -> {budget: per-seed fd}
+        return {
+            (0.3, m, b): [{"fd": f, "ssim_vs_dense": 0.9} for f in fds]
+            for m, by_budget in modes.items()
+            for b, fds in by_budget.items()
+        }
+
+    plain = {2: [90.0, 90.0, 90.0], 4: [40.0, 50.0, 60.0]}  # mean 50 at the full budget
+    rows = summarize(cells(off=plain, output={2: [45.0, 51.0, 52.0], 4: [39.0, 49.0, 61.0]}), 30.0)
+    (line,) = verdicts(rows, [2, 4])
+    # the mean reaches plain's final 50 at 2 steps (49.3), seed by seed only 52 <= 60 does
+    assert line.startswith("MACs 0.3, output: reaches plain's 4-step FD 50.00 at 2 steps (mean)")
+    assert "at 2 steps at or below plain's 4 on 1 of 3 seeds" in line
+    assert line.endswith("lower than plain on 2 of 3 seeds, worse on 1")
+    rows = summarize(cells(off=plain, output={2: [95.0, 95.0, 95.0], 4: [55.0, 55.0, 55.0]}), 30.0)
+    assert verdicts(rows, [2, 4]) == [
+        "MACs 0.3, output: never reaches plain's 4-step FD 50.00 (mean); at 2 steps at or below plain's 4 "
+        "on 0 of 3 seeds; at 4 steps lower than plain on 1 of 3 seeds, worse on 2"
+    ]
+
+
 @pytest.mark.slow
 def test_the_distillation_sweep_scores_every_budget_and_resumes(tmp_path, tiny_config, capsys):
     run = tmp_path / "run"
