@@ -79,7 +79,8 @@ def cell_key(cfg: RunConfig, ctx: RunContext) -> str:
     recipe = dataclasses.replace(cfg.finetune, distill=mode_config("off", cfg.finetune.distill))
     facts = [rec.cache, dataclasses.asdict(recipe), dataclasses.asdict(cfg.sample)]
     # the sweep scores the EMA weights only: whether the quality stage also scores the raw
-    # weights is not a fact of a cell (written at its default, so toggling it orphans nothing)
+    # weights is not a fact of a cell (always written as true, the value the existing cells
+    # were keyed with, so toggling it orphans nothing)
     facts.append(dataclasses.asdict(dataclasses.replace(cfg.quality, compare_raw=True)))
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -208,6 +209,7 @@ def verdicts(rows: list[dict], budgets: list[int]) -> list[str]:
     """The issue's three questions, answered from the figures, per ratio and distillation mode."""
     lines = []
     full = max(budgets)
+    half = max((b for b in budgets if 2 * b <= full), default=None)  # the largest budget <= half of full
     by = {(r["ratio"], r["mode"], r["budget"]): r for r in rows}
     for ratio in sorted({r["ratio"] for r in rows}, reverse=True):
         plain = by.get((ratio, "off", full))
@@ -221,12 +223,11 @@ def verdicts(rows: list[dict], budgets: list[int]) -> list[str]:
             worse = sum(a > b for a, b in zip(mine, plain["fd_per_seed"], strict=True))
             goal = f"plain's {full}-step FD {plain['fd_mean']:.2f}"
             reached = f"reaches {goal} at {reach[0]} steps" if reach else f"never reaches {goal}"
-            half = max((b for b in budgets if 2 * b <= full), default=None)
+            reached += " (mean)"
             if half is not None:  # seed by seed: this mode after half the steps vs plain at the full budget
                 early = by[(ratio, mode, half)]["fd_per_seed"]
                 hits = sum(a <= b for a, b in zip(early, plain["fd_per_seed"], strict=True))
-                reached += f" (mean); at {half} steps at or below plain's {full} on {hits} of {len(early)}"
-                reached += " seeds"
+                reached += f"; at {half} steps at or below plain's {full} on {hits} of {len(early)} seeds"
             lines.append(
                 f"MACs {ratio:g}, {mode}: {reached}; at {full} steps lower than plain on {lower} of "
                 f"{len(mine)} seeds, worse on {worse}"
