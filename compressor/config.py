@@ -296,6 +296,16 @@ class QualityConfig:
         "torch", "backend sampling the dense and final model (tensorrt: the engines, on GPU)"
     )
     compare_raw: bool = _spec(True, "also score the finetune's raw (non-EMA) weights")
+    interval_level: float = _spec(
+        0.95, "level of every quality figure's interval (paired over seeds)", gt=0.0, lt=1.0
+    )
+    interval_method: Literal["jackknife", "bootstrap"] = _spec(
+        "jackknife", "replicates behind the intervals, paired over seeds (see docs/quality.md)"
+    )
+    resamples: int = _spec(
+        1000, "replicates per interval: jackknife groups (one seed each up to this count) or bootstrap draws",
+        ge=20,
+    )  # fmt: skip
 
 
 @dataclass

@@ -83,26 +83,56 @@ def inception_unavailable(weights: str | None) -> str | None:
     return None
 
 
-def frechet_distance(
-    real: torch.Tensor, fake: torch.Tensor, feature: nn.Module | int, weights: str | None = None
-) -> float:
-    """Frechet distance between feature statistics of ``real`` and ``fake`` (both in [0, 1])."""
+def feature_extractor(feature: nn.Module | int, weights: str | None = None, device=None):
+    """A function from images in [0, 1] (n, c, h, w) to (n, d) features, in batches of 256.
+
+    ``feature``: a module (the digits network; called on the float images, as torchmetrics
+    calls a custom extractor) or ``2048`` for torchmetrics' Inception (uint8 RGB, its own
+    resizing; weights from the local file ``weights``).
+    """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     if isinstance(feature, int):
         if weights is not None and not Path(weights).is_file():
             raise UserError(f"quality.inception_weights={weights!r}: file not found; copy the weights there")
-        metric = FrechetInceptionDistance(
-            feature=feature, normalize=True, feature_extractor_weights_path=weights
-        )
-        real, fake = _rgb(real), _rgb(fake)
+        net = FrechetInceptionDistance(feature=feature, feature_extractor_weights_path=weights).inception
+
+        def prepare(x: torch.Tensor) -> torch.Tensor:
+            return (_rgb(x) * 255).byte()
     else:
-        metric = FrechetInceptionDistance(feature=feature, normalize=True)
-    for batch in real.split(256):
-        metric.update(batch, real=True)
-    for batch in fake.split(256):
-        metric.update(batch, real=False)
-    return float(metric.compute())
+        net = feature
+
+        def prepare(x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    if device is not None:
+        net = net.to(device)
+
+    def extract(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            parts = [net(prepare(b.to(device) if device is not None else b)) for b in images.split(256)]
+        return torch.cat([p.reshape(p.shape[0], -1).double().cpu() for p in parts])
+
+    return extract
+
+
+def frechet_distance(
+    real: torch.Tensor, fake: torch.Tensor, feature: nn.Module | int, weights: str | None = None
+) -> float:
+    """Frechet distance between feature statistics of ``real`` and ``fake`` (both in [0, 1])."""
+    from compressor.intervals import library_frechet
+
+    extract = feature_extractor(feature, weights)
+    return library_frechet(extract(real), extract(fake))
+
+
+def make_scorer(reference: torch.Tensor, feature: nn.Module | int, metric: str, boot, weights=None):
+    """A :class:`compressor.intervals.Scorer` against the reference images: KID on the digits
+    features scaled by the reference features' spread, on Inception's as they are (standard KID)."""
+    from compressor.intervals import Scorer
+
+    extract = feature_extractor(feature, weights)
+    return Scorer(extract(reference), extract, boot, kid_scale="auto" if metric == "fd_digits" else 1.0)
 
 
 def _rgb(x: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from compressor import runlayout
 from compressor.errors import ArtifactError
 
 DONE = ("ok", "skipped")
+INCONCLUSIVE = "inconclusive"  # the check stage's status when a quality gate's interval straddles its limit
 
 
 class RecordError(ArtifactError):
@@ -214,6 +215,8 @@ class QualityMetrics:
     frechet_note: str | None = None
     cache_interval: int = 1
     compressed_stack: dict | None = None  # the chosen stack the compressed models were sampled with
+    interval: dict = field(default_factory=dict)  # level, resamples, seed, method of every *_ci
+    kid_feature_scale: float | None = None  # KID's features were divided by it (digits: reference std)
 
     def compressed_label(self) -> str | None:
         """The final compressed model's label: finetuned if scored, else pruned."""
@@ -271,6 +274,8 @@ class CheckMetrics:
     checks: list
     passed: bool
     failed: list = field(default_factory=list)
+    inconclusive: list = field(default_factory=list)
+    verdict: str | None = None  # pass | fail | inconclusive (records before intervals: None)
 
 
 @dataclass(frozen=True)

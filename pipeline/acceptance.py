@@ -7,10 +7,18 @@ from dataclasses import dataclass
 from compressor.config import AcceptanceConfig, LatencyTarget, SamplerVariant
 from compressor.records import BenchMetrics, ParityMetrics, QualityMetrics
 
+PASS, FAIL, INCONCLUSIVE = "pass", "fail", "inconclusive"
+EXIT_FAIL, EXIT_INCONCLUSIVE = 3, 4  # ``check`` and the pipeline's exit codes
+
 
 @dataclass
 class Check:
-    """One gate: what was measured, the limit, and the verdict."""
+    """One gate: what was measured (with its interval, for quality figures), the limit, the verdict.
+
+    A gate with an interval passes when the whole interval is on the good side of its limit,
+    fails when the whole interval is on the bad side, and is inconclusive otherwise; a gate
+    without one (latency, parity, a record written before intervals) compares the figure.
+    """
 
     name: str
     measured: float | None
@@ -18,13 +26,71 @@ class Check:
     direction: str  # "<=" or ">="
     passed: bool
     detail: str
+    interval: list | None = None  # [low, high] at ``level``
+    outcome: str = ""  # pass | fail | inconclusive (default: from ``passed``)
+    samples: int | None = None  # the sample count behind the interval
+    level: float | None = None
+    decide_at: int | None = None  # inconclusive: the sample count that would likely decide it
+
+    def __post_init__(self) -> None:
+        if not self.outcome:
+            self.outcome = PASS if self.passed else FAIL
 
     def line(self) -> str:
+        """One line: verdict, gate, figure (and interval), limit, and for an inconclusive gate the
+        sample count that would likely decide it."""
         shown = "not measured" if self.measured is None else f"{self.measured:.4g}"
-        verdict = "PASS" if self.passed else "FAIL"
-        return (
-            f"{verdict}  {self.name}: {shown} (limit {self.direction} {self.limit:g}) {self.detail}".rstrip()
-        )
+        limit = f"limit {self.direction} {self.limit:g}"
+        if self.interval is not None and self.measured is not None:
+            level = f"{self.level:.0%} " if self.level else ""
+            shown += f", {level}interval [{self.interval[0]:.4g}, {self.interval[1]:.4g}]"
+            if self.samples:
+                limit += f", {self.samples} samples"
+        text = f"{self.outcome.upper()}  {self.name}: {shown} ({limit})"
+        if self.outcome == INCONCLUSIVE:
+            text += " inconclusive: the interval straddles the limit"
+            text += (
+                f"; about {self.decide_at} samples would likely decide it (quality.num_samples)"
+                if self.decide_at
+                else "; the estimate sits on the limit, no sample count decides it"
+            )
+        return f"{text} {self.detail}".rstrip()
+
+
+def interval_check(
+    name: str,
+    value: float | None,
+    interval: list | None,
+    limit: float,
+    direction: str,
+    detail: str,
+    samples: int | None = None,
+    level: float | None = None,
+) -> Check:
+    """A quality gate decided by its interval (three outcomes), or by the figure when it has none."""
+    from compressor.intervals import samples_to_decide
+
+    at_most = direction == "<="
+    if value is None:
+        return Check(name, None, limit, direction, False, detail)
+    if not interval:
+        ok = value <= limit if at_most else value >= limit
+        return Check(name, value, limit, direction, ok, f"{detail} (no interval recorded: rerun quality)")
+    low, high = interval
+    good = high <= limit if at_most else low >= limit
+    bad = low > limit if at_most else high < limit
+    outcome = PASS if good else FAIL if bad else INCONCLUSIVE
+    decide = (
+        samples_to_decide(value, interval, limit, samples) if outcome == INCONCLUSIVE and samples else None
+    )
+    return Check(name, value, limit, direction, outcome == PASS, detail, list(interval), outcome, samples,
+                 level, decide)  # fmt: skip
+
+
+def verdict(checks: list[Check]) -> str:
+    """``fail`` when any gate failed, else ``inconclusive`` when any is, else ``pass``."""
+    outcomes = {c.outcome for c in checks}
+    return FAIL if FAIL in outcomes else INCONCLUSIVE if INCONCLUSIVE in outcomes else PASS
 
 
 def latency_target_check(target: LatencyTarget, bench: BenchMetrics | None) -> Check:
@@ -75,14 +141,18 @@ def evaluate(
 ) -> list[Check]:
     """All configured checks (limits left null are not checked), plus an active latency target."""
     where = f"[{cfg.backend}, batch {cfg.batch}]"
-    compressed = None
-    fd = None
+    compressed: dict = {}
+    fd = fd_ci = None
+    samples = level = None
     if quality:
         label = quality.compressed_label()
-        compressed = quality.models[label] if label else None
+        compressed = quality.models[label] if label else {}
         dense_fd, fd_c = quality.frechet("dense"), quality.frechet(label) if label else None
-        if dense_fd and fd_c is not None:
+        fd = compressed.get("fd_ratio")
+        if fd is None and dense_fd and fd_c is not None:  # records written before fd_ratio
             fd = fd_c / dense_fd
+        fd_ci = compressed.get("fd_ratio_ci")
+        samples, level = quality.num_samples, quality.interval.get("level")
 
     variant = str(SamplerVariant.parse(cfg.variant, "acceptance.variant")) if cfg.variant else None
     if variant:
@@ -101,8 +171,6 @@ def evaluate(
             "<=",
             "[fp32 ONNX vs torch]",
         ),
-        "min_ssim": (compressed.get("ssim_vs_dense") if compressed else None, ">=", "[vs dense, same seeds]"),
-        "max_fd_ratio": (fd, "<=", "[Frechet distance, compressed / dense]"),
     }
     checks = []
     for name, (value, direction, detail) in measured.items():
@@ -111,6 +179,15 @@ def evaluate(
             continue
         ok = value is not None and (value <= limit if direction == "<=" else value >= limit)
         checks.append(Check(name, value, limit, direction, ok, detail))
+    quality_gates = {
+        "min_ssim": (compressed.get("ssim_vs_dense"), compressed.get("ssim_vs_dense_ci"), ">=",
+                     "[vs dense, same seeds]"),
+        "max_fd_ratio": (fd, fd_ci, "<=", "[Frechet distance, compressed / dense, paired over seeds]"),
+    }  # fmt: skip
+    for name, (value, interval, direction, detail) in quality_gates.items():
+        limit = getattr(cfg, name)
+        if limit is not None:
+            checks.append(interval_check(name, value, interval, limit, direction, detail, samples, level))
     if target is not None and target.active:
         checks.append(latency_target_check(target, bench))
     return checks

@@ -4,7 +4,7 @@
     compress-deploy COMMAND ... [options]      (COMMAND: see pipeline/commands/COMMANDS)
 
 Exit codes: 0 success, 2 user error (one line on stderr), 1 internal failure,
-3 acceptance checks failed.
+3 acceptance checks failed, 4 none failed but a quality gate is inconclusive.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from pathlib import Path
 from compressor import oserrors, runlayout
 from compressor.config import load_config
 from compressor.errors import UserError
+from compressor.records import INCONCLUSIVE
+from pipeline.acceptance import EXIT_FAIL, EXIT_INCONCLUSIVE
 from pipeline.commands import COMMANDS
 from pipeline.commands.args import CommandParser
 from pipeline.runner import Interrupted, parse_stages, run_pipeline
@@ -56,7 +58,15 @@ def _main_run(argv: list[str]) -> int:
             f"acceptance failed: {records[failed[0]]['reason']} (see {runlayout.report_dir(run_dir)})",
             file=sys.stderr,
         )
-        return 3
+        return EXIT_FAIL
+    unsure = [name for name, rec in records.items() if rec["status"] == INCONCLUSIVE]
+    if unsure:
+        print(
+            f"acceptance inconclusive: {records[unsure[0]]['reason']} (an interval straddles its limit; "
+            f"see `compress-deploy check {run_dir}`)",
+            file=sys.stderr,
+        )
+        return EXIT_INCONCLUSIVE
     return 0
 
 

@@ -35,7 +35,6 @@ from compressor import runlayout
 from compressor.config import DistillConfig, RunConfig, load_config
 from compressor.errors import UserError
 from compressor.persist import load_unet
-from compressor.quality import frechet_distance, ssim
 from pipeline.context import RunContext, log, write_json
 from pipeline.runner import run_pipeline
 
@@ -95,35 +94,59 @@ def _read_json(path: Path) -> dict | None:
 
 
 class Scorer:
-    """Frechet distance and SSIM vs dense of a model, with the dense images computed once."""
+    """Frechet distance, KID and SSIM vs dense of a model with their intervals, the dense images
+    computed once; one bootstrap over the quality seeds for the whole sweep (the base config's
+    seed), so any two cells' figures are paired."""
 
-    def __init__(self, ctx: RunContext) -> None:
+    def __init__(self, ctx: RunContext, seed: int) -> None:
         from compressor.data import stack
-        from compressor.quality import inception_unavailable
+        from compressor.intervals import Resampling
+        from compressor.quality import inception_unavailable, make_scorer
 
         self.ctx = ctx
-        self.feature, self.metric = ctx.frechet_features()
+        feature, self.metric = ctx.frechet_features()
         reason = inception_unavailable(ctx.cfg.quality.inception_weights) if self.metric == "fid" else None
         if reason:
             raise UserError(
                 f"the distillation sweep scores Frechet distances and FID cannot run here ({reason}); "
                 "install the `fid` extra and set quality.inception_weights, or quality.feature=digits"
             )
-        self.reference = (stack(ctx.dataset, ctx.cfg.quality.num_reference) + 1) / 2
-        self.steps = ctx.cfg.quality.steps or ctx.cfg.sample.steps
-        self.count = ctx.cfg.quality.num_samples
+        q = ctx.cfg.quality
+        self.boot = Resampling(q.interval_level, q.resamples, seed, q.interval_method)
+        reference = (stack(ctx.dataset, q.num_reference) + 1) / 2
+        self.scorer = make_scorer(reference, feature, self.metric, self.boot, q.inception_weights)
+        self.steps = q.steps or ctx.cfg.sample.steps
+        self.count = q.num_samples
         self.dense = self.images(ctx.dense_on())
-        self.dense_fd = frechet_distance(self.reference, self.dense, self.feature)
+        self.dense_score = self.scorer.score(self.dense)
+        self.dense_fd = self.dense_score.fd
+        self.dense_figures = self.scorer.figures(self.dense_score, "fd")
 
     def images(self, unet):
         """The run's sampler's images of ``unet`` from the quality seeds."""
         return self.ctx.sample_images(self.ctx.torch_predictor(unet), self.count, self.steps)
 
     def score(self, unet) -> dict:
-        """{fd, ssim_vs_dense} of ``unet``."""
+        """``fd``, ``kid``, ``fd_ratio`` and ``ssim_vs_dense`` of ``unet`` with their ``*_ci``, and the
+        Frechet replicates (``fd_replicates``: paired differences between cells are read from them)."""
+        from compressor.intervals import ssim_figures
+
         imgs = self.images(unet)
-        fd = frechet_distance(self.reference, imgs, self.feature)
-        return {"fd": fd, "ssim_vs_dense": ssim(imgs, self.dense)}
+        score = self.scorer.score(imgs)
+        out = self.scorer.figures(score, "fd", self.dense_score)
+        out.update(ssim_figures(self.boot, imgs, self.dense))
+        out["fd_replicates"] = [round(float(v), 6) for v in score.fd_reps]
+        return out
+
+    def difference(self, a: dict, b: dict) -> list[float] | None:
+        """The paired interval of ``a['fd'] - b['fd']`` (two scored cells), or None when either
+        was scored before replicates were kept."""
+        import numpy as np
+
+        if not a.get("fd_replicates") or not b.get("fd_replicates"):
+            return None
+        reps = np.asarray(a["fd_replicates"]) - np.asarray(b["fd_replicates"])
+        return self.boot.interval(a["fd"] - b["fd"], reps)
 
 
 def sweep_cell(
@@ -133,7 +156,9 @@ def sweep_cell(
     from compressor.training import checkpoint_at, ema_model, train
 
     key = cell_key(cfg, ctx)
-    wanted = [b for b in budgets if _read_json(_score_path(folder, mode, b, key)) is None]
+    wanted = [
+        b for b in budgets if "fd_replicates" not in (_read_json(_score_path(folder, mode, b, key)) or {})
+    ]
     if wanted:
         pruned = load_unet(runlayout.model_dir(folder, "prune"), ctx.device)[0]
         distill = mode_config(mode, cfg.finetune.distill)
@@ -199,14 +224,33 @@ def summarize(cells: dict, dense_fd: float) -> list[dict]:
                 "ssim_mean": _mean_std(sim)[0],
                 "ssim_std": _mean_std(sim)[1],
                 "fd_per_seed": fd,
+                "fd_ci_per_seed": [s.get("fd_ci") for s in scores],
+                "fd_ratio_ci_per_seed": [s.get("fd_ratio_ci") for s in scores],
+                "kid_per_seed": [s.get("kid") for s in scores],
                 "steps_per_second": statistics.fmean(sps) if sps else None,
             }
         )
     return rows
 
 
-def verdicts(rows: list[dict], budgets: list[int]) -> list[str]:
-    """The issue's three questions, answered from the figures, per ratio and distillation mode."""
+def _compare(a: dict, b: dict, difference) -> str:
+    """``lower``, ``higher`` or ``within noise``: a's Frechet distance against b's, from the paired
+    interval of their difference (bare figures when no interval can be formed)."""
+    ci = difference(a, b) if difference else None
+    low, high = ci if ci else (a["fd"] - b["fd"],) * 2
+    return "lower" if high < 0 else "higher" if low > 0 else "within noise"
+
+
+def _tally(mine: list[dict], theirs: list[dict], difference) -> str:
+    found = [_compare(a, b, difference) for a, b in zip(mine, theirs, strict=True)]
+    counts = ", ".join(f"{found.count(word)} {word}" for word in ("lower", "within noise", "higher"))
+    return f"{counts} (of {len(found)} seeds)"
+
+
+def verdicts(rows: list[dict], budgets: list[int], cells: dict, difference=None) -> list[str]:
+    """The issue's three questions per ratio and distillation mode, seed by seed from the paired
+    intervals of the difference to plain (``difference(a, b)``: the interval of a's Frechet distance
+    minus b's; None or missing: the bare figures are compared)."""
     lines = []
     full = max(budgets)
     half = max((b for b in budgets if 2 * b <= full), default=None)  # the largest budget <= half of full
@@ -215,23 +259,23 @@ def verdicts(rows: list[dict], budgets: list[int]) -> list[str]:
         plain = by.get((ratio, "off", full))
         if plain is None:
             continue
+        base = cells[(ratio, "off", full)]
         distilled = {r["mode"] for r in rows if r["ratio"] == ratio and r["mode"] != "off"}
         for mode in sorted(distilled, key=MODES.index):
-            reach = [b for b in sorted(budgets) if by[(ratio, mode, b)]["fd_mean"] <= plain["fd_mean"]]
-            mine = by[(ratio, mode, full)]["fd_per_seed"]
-            lower = sum(a < b for a, b in zip(mine, plain["fd_per_seed"], strict=True))
-            worse = sum(a > b for a, b in zip(mine, plain["fd_per_seed"], strict=True))
+            # the first budget from which no seed is clearly worse than plain at the full budget
+            reach = [
+                b for b in sorted(budgets)
+                if all(_compare(a, p, difference) != "higher" for a, p in zip(cells[(ratio, mode, b)], base,
+                                                                                strict=True))
+            ]  # fmt: skip
             goal = f"plain's {full}-step FD {plain['fd_mean']:.2f}"
-            reached = f"reaches {goal} at {reach[0]} steps" if reach else f"never reaches {goal}"
-            reached += " (mean)"
-            if half is not None:  # seed by seed: this mode after half the steps vs plain at the full budget
-                early = by[(ratio, mode, half)]["fd_per_seed"]
-                hits = sum(a <= b for a, b in zip(early, plain["fd_per_seed"], strict=True))
-                reached += f"; at {half} steps at or below plain's {full} on {hits} of {len(early)} seeds"
-            lines.append(
-                f"MACs {ratio:g}, {mode}: {reached}; at {full} steps lower than plain on {lower} of "
-                f"{len(mine)} seeds, worse on {worse}"
-            )
+            text = (f"matches {goal} within noise on every seed from {reach[0]} steps" if reach
+                    else f"is clearly worse than {goal} on some seed at every budget")  # fmt: skip
+            if half is not None:  # this mode after half the steps vs plain at the full budget
+                early = _tally(cells[(ratio, mode, half)], base, difference)
+                text += f"; at {half} steps vs plain at {full}: {early}"
+            text += f"; at {full} steps vs plain: {_tally(cells[(ratio, mode, full)], base, difference)}"
+            lines.append(f"MACs {ratio:g}, {mode}: {text}")
     return lines
 
 
@@ -311,13 +355,17 @@ def run(args, overrides: list[str]) -> int:
             log("ablate", f"{_slug(ratio)} seed {seed}: pruning (reused when done)")
             run_pipeline(cfg, folder, ["prune"])
             ctx = RunContext(cfg, folder)
-            scorer = scorer or Scorer(ctx)  # the dense images do not depend on the pruning seed
+            scorer = scorer or Scorer(ctx, base_cfg.seed)  # dense images: the same for every pruning seed
             for mode in modes:
                 for score in sweep_cell(cfg, folder, mode, budgets, scorer, ctx):
                     cells.setdefault((ratio, mode, score["budget"]), []).append(score)
     assert scorer is not None
     rows = summarize(cells, scorer.dense_fd)
-    notes = verdicts(rows, budgets)
+    notes = verdicts(rows, budgets, cells, scorer.difference)
+    notes.append(
+        f"seed by seed: lower / higher = the paired {scorer.boot.level:.0%} interval of the difference to "
+        "plain is below / above zero (same quality seeds, one bootstrap); within noise otherwise"
+    )
     summary = {"dense_fd": scorer.dense_fd, "metric": scorer.metric, "rows": rows, "verdicts": notes}
     write_json(root / "summary.json", summary)
     text = markdown(rows, scorer.dense_fd, scorer.metric, notes)

@@ -272,8 +272,6 @@ def reference_images(spec: Spec) -> dict:
     import numpy as np
     import torch
 
-    from compressor.data import stack
-    from compressor.quality import frechet_distance
     from compressor.sampling import generate, make_scheduler
     from pipeline.context import RunContext
 
@@ -293,16 +291,30 @@ def reference_images(spec: Spec) -> dict:
         ctx.torch_predictor(ctx.dense.unet), make_scheduler(ref.scheduler, ctx.dense.scheduler_config),
         ctx.image_shape(), spec.samples, ref.steps, seed=cfg.sample.seed, batch_size=cfg.sample.batch_size,
     )  # fmt: skip
-    feature, metric = ctx.frechet_features()
-    real = (stack(ctx.dataset, cfg.quality.num_reference) + 1) / 2
-    fd = frechet_distance(real, images, feature)
+    scorer, metric = _scorer(ctx)
+    score = scorer.score(images)
     images_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = images_file.with_name(images_file.name + ".tmp.npy")
     np.save(tmp, images.numpy())
     tmp.replace(images_file)
-    result = {"fingerprint": fingerprint, "metric": metric, "fd": fd, "reference": str(ref)}
+    reps = runlayout.frontier_points_dir(spec.root) / "reference-fd-replicates.npy"
+    np.save(reps.with_name(reps.name + ".tmp.npy"), score.fd_reps.numpy())
+    reps.with_name(reps.name + ".tmp.npy").replace(reps)
+    figures = scorer.figures(score, "fd")
+    result = {"fingerprint": fingerprint, "metric": metric, "reference": str(ref), **figures}
     write_json(path, result)
     return result
+
+
+def _scorer(ctx):
+    """The quality stage's scorer (features, KID scale, bootstrap) for a frontier job, and the metric."""
+    from compressor.data import stack
+    from compressor.quality import make_scorer
+    from pipeline.stages.quality import bootstrap
+
+    feature, metric = ctx.frechet_features()
+    real = (stack(ctx.dataset, ctx.cfg.quality.num_reference) + 1) / 2
+    return make_scorer(real, feature, metric, bootstrap(ctx), ctx.cfg.quality.inception_weights), metric
 
 
 def score_stack(spec: Spec, stack: Stack) -> dict:
@@ -310,9 +322,8 @@ def score_stack(spec: Spec, stack: Stack) -> dict:
     import numpy as np
     import torch
 
-    from compressor.data import stack as stack_images
+    from compressor.intervals import ssim_figures
     from compressor.persist import load_unet
-    from compressor.quality import frechet_distance, ssim
     from compressor.records import final_model_dir
     from compressor.sampling import generate, make_scheduler
     from deploy.runtimes import load_backend
@@ -343,15 +354,22 @@ def score_stack(spec: Spec, stack: Stack) -> dict:
         spec.samples, stack.steps, seed=cfg.sample.seed, batch_size=cfg.sample.batch_size,
         cache_interval=stack.cache_interval, cache_schedule=cfg.sample.cache_schedule,
     )  # fmt: skip
-    feature, metric = ctx.frechet_features()
-    real = (stack_images(ctx.dataset, cfg.quality.num_reference) + 1) / 2
-    reference = torch.from_numpy(np.load(runlayout.frontier_points_dir(spec.root) / "reference-images.npy"))
+    scorer, metric = _scorer(ctx)
+    score = scorer.score(images)
+    points = runlayout.frontier_points_dir(spec.root)
+    reference = torch.from_numpy(np.load(points / "reference-images.npy"))
+    ref_fd = json.loads((points / "reference.json").read_text())["fd"]  # the reference job's
+    ref_reps = torch.from_numpy(np.load(points / "reference-fd-replicates.npy"))
+    ratio = score.fd / ref_fd
     result = {
         "fingerprint": fingerprint,
         "metric": metric,
-        "fd": frechet_distance(real, images, feature),
-        "ssim": ssim(images, reference),
+        **scorer.figures(score, "fd"),
+        "fd_ratio": ratio,
+        "fd_ratio_ci": scorer.boot.interval(ratio, score.fd_reps / ref_reps),
     }
+    sim = ssim_figures(scorer.boot, images, reference)
+    result.update(ssim=sim["ssim_vs_dense"], ssim_ci=sim["ssim_vs_dense_ci"])
     write_json(path, result)
     return result
 
@@ -469,9 +487,33 @@ def pareto(points: list[dict]) -> list[bool]:
     return flags
 
 
+QUALITY_KEYS = ("fd", "fd_ci", "fd_ratio", "fd_ratio_ci", "ssim", "ssim_ci", "kid", "kid_std", "kid_ci")
+
+
+def _ci(point: dict) -> list[float]:
+    """A point's Frechet interval (a bare figure where none was recorded)."""
+    return point.get("fd_ci") or [point["fd"], point["fd"]]
+
+
+def mark_noise(points: list[dict]) -> None:
+    """``within_noise``: the keys of the other points whose Frechet interval overlaps this one's."""
+    from compressor.intervals import overlap
+
+    for p in points:
+        p["within_noise"] = [q["key"] for q in points if q is not p and overlap(_ci(p), _ci(q))]
+
+
 def choose(points: list[dict], speedup: float | None = None, ms: float | None = None,
            margin: float = 0.0, grid: Grid | None = None) -> dict | None:  # fmt: skip
-    """The point of lowest Frechet distance meeting the target (with ``margin``), within ``grid``."""
+    """Among the points meeting the target (with ``margin``) within ``grid``: the fastest of those whose
+    Frechet interval overlaps that of the best (lowest Frechet distance) such point.
+
+    A point whose quality cannot be told from the best one's at this sample count is as good, so
+    the faster wins. The returned point carries ``choice``: the rule, the best point, the stacks
+    within noise of it, and whether the rule moved the choice away from the best.
+    """
+    from compressor.intervals import overlap
+
     allowed = set(grid.stacks()) if grid else None
 
     def met(p: dict) -> bool:
@@ -482,7 +524,17 @@ def choose(points: list[dict], speedup: float | None = None, ms: float | None = 
     meets = [p for p in points if (allowed is None or Stack(**p["stack"]) in allowed) and met(p)]
     if not meets:
         return None
-    return min(meets, key=lambda p: (p["fd"], -p["speedup"]))
+    best = min(meets, key=lambda p: (p["fd"], -p["speedup"]))
+    tied = [p for p in meets if p is best or overlap(_ci(p), _ci(best))]
+    chosen = max(tied, key=lambda p: (p["speedup"], -p["fd"]))
+    choice = {
+        "rule": "fastest stack meeting the target whose Frechet interval overlaps the best such stack's",
+        "meeting_target": len(meets),
+        "best": {k: best[k] for k in ("key", "label", "speedup", "fd") if k in best} | {"fd_ci": _ci(best)},
+        "within_noise_of_best": [p["key"] for p in tied],
+        "moved_from_best": chosen is not best,
+    }
+    return {**chosen, "choice": choice}
 
 
 def measure(spec: Spec, ray: str | None = None, cpus: int | None = None) -> dict:
@@ -513,10 +565,11 @@ def measure(spec: Spec, ray: str | None = None, cpus: int | None = None) -> dict
             "stack": stack.as_dict(), "key": stack.key(), "label": stack.label(),
             "macs_kept": fitted[stack.ratio]["macs_kept"] if stack.ratio else 1.0,
             "latency_ms": t["latency_ms"], "reference_ms": t["reference_ms"], "speedup": t["speedup"],
-            "fd": q["fd"], "fd_ratio": q["fd"] / ref["fd"], "ssim": q["ssim"],
+            **{k: q[k] for k in QUALITY_KEYS},
         })  # fmt: skip
     for p, flag in zip(points, pareto(points), strict=True):
         p["pareto"] = flag
+    mark_noise(points)
     cfg = spec.config()
     return {
         "config": cfg.name,
@@ -528,7 +581,11 @@ def measure(spec: Spec, ray: str | None = None, cpus: int | None = None) -> dict
         "metric": ref["metric"],
         "reference": {
             "stack": Stack(0.0, spec.reference.scheduler, spec.reference.steps).as_dict(),
-            "fd": ref["fd"],
+            **{k: ref[k] for k in ("fd", "fd_ci", "kid", "kid_std", "kid_ci")},
+        },  # fmt: skip
+        "interval": {
+            "level": spec.config().quality.interval_level,
+            "resamples": spec.config().quality.resamples,
         },  # fmt: skip
         "grid": dataclasses.asdict(spec.grid),
         "ratios": {f"{r:g}": fitted[r] for r in ratios},
@@ -536,20 +593,37 @@ def measure(spec: Spec, ray: str | None = None, cpus: int | None = None) -> dict
     }
 
 
+def _with_ci(value: float, ci: list | None, digits: int) -> str:
+    return f"{value:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+
+
+def _kid(value: float | None, ci: list | None) -> str:
+    """KID x 1000 (the usual way it is printed) with its interval."""
+    if value is None:
+        return "-"
+    return f"{1e3 * value:.2f}" + (f" [{1e3 * ci[0]:.2f}, {1e3 * ci[1]:.2f}]" if ci else "")
+
+
 def table(frontier: dict) -> str:
-    """The frontier as a Markdown table, fastest first, Pareto points in bold."""
+    """The frontier as a Markdown table, fastest first, Pareto points in bold, every quality figure
+    with its interval; "within noise of" lists the Pareto rows whose Frechet interval overlaps."""
     metric = frontier["metric"]
     lines = [
-        f"| stack | MACs kept | ms (batch {frontier['batch']}) | speed-up | {metric} | {metric} ratio | SSIM "
-        "| Pareto |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| # | stack | MACs kept | ms (batch {frontier['batch']}) | speed-up | {metric} | {metric} ratio "
+        "| KID x 1e3 | SSIM | Pareto | within noise of |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for p in sorted(frontier["points"], key=lambda p: -p["speedup"]):
+    order = sorted(frontier["points"], key=lambda p: -p["speedup"])
+    row = {p["key"]: i + 1 for i, p in enumerate(order)}
+    for i, p in enumerate(order, 1):
         mark = "**yes**" if p["pareto"] else ""
         label = f"**{p['label']}**" if p["pareto"] else p["label"]
+        ties = sorted(row[k] for k in p.get("within_noise", []) if k in row and order[row[k] - 1]["pareto"])
         lines.append(
-            f"| {label} | {p['macs_kept']:.2f} | {p['latency_ms']:.1f} | {p['speedup']:.2f}x | {p['fd']:.2f} "
-            f"| {p['fd_ratio']:.2f} | {p['ssim']:.3f} | {mark} |"
+            f"| {i} | {label} | {p['macs_kept']:.2f} | {p['latency_ms']:.1f} | {p['speedup']:.2f}x "
+            f"| {_with_ci(p['fd'], p.get('fd_ci'), 1)} | {_with_ci(p['fd_ratio'], p.get('fd_ratio_ci'), 2)} "
+            f"| {_kid(p.get('kid'), p.get('kid_ci'))} | {_with_ci(p['ssim'], p.get('ssim_ci'), 3)} | {mark} "
+            f"| {', '.join(map(str, ties))} |"
         )
     return "\n".join(lines)
 
@@ -568,9 +642,10 @@ def plot(frontier: dict, path: Path) -> Path:
     for i, r in enumerate(ratios):
         mine = [p for p in points if p["stack"]["ratio"] == r]
         name = "dense" if r == 0 else f"pruned {r:g} ({mine[0]['macs_kept']:.2f} of MACs)"
-        ax.scatter(
-            [p["speedup"] for p in mine], [p["fd"] for p in mine], color=cmap(i), label=name, alpha=0.7
-        )
+        low = [p["fd"] - _ci(p)[0] for p in mine]
+        high = [_ci(p)[1] - p["fd"] for p in mine]
+        ax.errorbar([p["speedup"] for p in mine], [p["fd"] for p in mine], yerr=[low, high], fmt="o",
+                    color=cmap(i), label=name, alpha=0.7, capsize=2, elinewidth=0.8)  # fmt: skip
     front = sorted((p for p in points if p["pareto"]), key=lambda p: p["speedup"])
     ax.plot([p["speedup"] for p in front], [p["fd"] for p in front], "k--", lw=1, label="Pareto front")
     for i, p in enumerate(front):  # labels alternate: left-above, right-below, so neighbours stay legible
@@ -587,7 +662,9 @@ def plot(frontier: dict, path: Path) -> Path:
     ref = frontier["reference"]["stack"]
     where = f"({frontier['backend']}, batch {frontier['batch']})"
     ax.set_xlabel(f"sampler speed-up vs dense {ref['scheduler']} {ref['steps']} {where}")
-    ax.set_ylabel(f"{frontier['metric']} (log, lower is better)")
+    level = frontier.get("interval", {}).get("level")
+    bars = f"; bars: {level:.0%} intervals" if level else ""
+    ax.set_ylabel(f"{frontier['metric']} (log, lower is better{bars})")
     ax.set_title(f"{frontier['model']}: speed-quality frontier ({len(points)} stacks)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -598,6 +675,36 @@ def plot(frontier: dict, path: Path) -> Path:
     return path
 
 
+def noise_note(frontier: dict) -> str:
+    """What the brackets of a frontier's table mean."""
+    level = frontier.get("interval", {}).get("level")
+    if not level:
+        return "none recorded (measured before intervals)"
+    return (f"{level:.0%} intervals, paired bootstrap over the seeds; points whose Frechet intervals "
+            "overlap are within noise of each other")  # fmt: skip
+
+
+def choice_text(c: dict, target: str, metric: str) -> str:
+    """One sentence: the chosen stack, and how the within-noise rule chose it."""
+    text = (f"Chosen for {target}: **{c['label']}** ({c['speedup']:.2f}x, {metric} "
+            f"{_with_ci(c['fd'], c.get('fd_ci'), 2)}, SSIM {c['ssim']:.3f}).")  # fmt: skip
+    choice = c.get("choice")
+    if choice:
+        n = len(choice["within_noise_of_best"])
+        best = choice["best"]
+        if choice["moved_from_best"]:
+            text += (
+                f" The lowest {metric} meeting the target is {best['label']} ({best['fd']:.2f}, "
+                f"{best['speedup']:.2f}x); {n} stacks are within noise of it and this is the fastest."
+            )
+        else:
+            text += f" It has the lowest {metric} of the {choice['meeting_target']} stacks meeting the target"
+            text += (
+                f" and is the fastest of the {n} within noise of it." if n > 1 else "; none is within noise."
+            )
+    return text
+
+
 def write(frontier: dict, out: Path) -> None:
     """``frontier.json``, ``frontier.md`` and ``frontier.png`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -605,16 +712,15 @@ def write(frontier: dict, out: Path) -> None:
     plot(frontier, out / "frontier.png")
     chosen = ""
     if frontier.get("chosen"):
-        c = frontier["chosen"]
-        chosen = (f"\nChosen for {frontier['target']}: **{c['label']}** ({c['speedup']:.2f}x, "
-                  f"{frontier['metric']} {c['fd']:.2f}, SSIM {c['ssim']:.3f}).\n")  # fmt: skip
+        chosen = f"\n{choice_text(frontier['chosen'], frontier['target'], frontier['metric'])}\n"
     ref = frontier["reference"]
     text = (
         f"# Speed-quality frontier: {frontier['model']}\n\n"
         f"Latency: whole sampler, {frontier['backend']}, batch {frontier['batch']}, speed-up vs dense "
         f"{ref['stack']['scheduler']} {ref['stack']['steps']} timed alternately; quality: "
         f"{frontier['samples']} images per stack, {frontier['metric']} (dense reference "
-        f"{ref['fd']:.2f}), SSIM vs the dense reference's images from the same seeds.\n{chosen}\n"
+        f"{_with_ci(ref['fd'], ref.get('fd_ci'), 2)}), SSIM vs the dense reference's images from the same "
+        f"seeds; brackets: {noise_note(frontier)}.\n{chosen}\n"
         f"{table(frontier)}\n\n![frontier](frontier.png)\n"
     )
     (out / "frontier.md").write_text(text)
@@ -673,8 +779,8 @@ class FrontierSearch:
             "measured_in": str(where),
             "chosen": chosen,
         }
-        shown = f"{chosen['label']} ({chosen['speedup']:.2f}x, {found['metric']} {chosen['fd']:.2f})"
-        log("prune", f"frontier: {len(found['points'])} stacks measured; chosen for {lat.goal()}: {shown}")
+        shown = choice_text(chosen, lat.goal(), found["metric"]).replace("**", "")
+        log("prune", f"frontier: {len(found['points'])} stacks measured; {shown}")
         ratio = chosen["stack"]["ratio"]
         return dataclasses.replace(
             cfg.prune, ratio=ratio, target_macs=None, target_params=None, target_latency=LatencyTarget(),

@@ -165,7 +165,7 @@ def test_a_budget_is_a_checkpoint_of_the_longer_finetune_under_a_constant_schedu
     )
 
 
-def test_the_sweep_verdicts_answer_the_aims_from_the_mean_and_seed_by_seed():
+def test_the_sweep_verdicts_answer_the_aims_seed_by_seed_from_paired_intervals():
     from pipeline.distill_sweep import summarize, verdicts
 
     def cells(**modes):  # mode -> {budget: per-seed fd}
@@ -175,18 +175,40 @@ def test_the_sweep_verdicts_answer_the_aims_from_the_mean_and_seed_by_seed():
             for b, fds in by_budget.items()
         }
 
-    plain = {2: [90.0, 90.0, 90.0], 4: [40.0, 50.0, 60.0]}  # mean 50 at the full budget
-    rows = summarize(cells(off=plain, output={2: [45.0, 51.0, 52.0], 4: [39.0, 49.0, 61.0]}), 30.0)
-    (line,) = verdicts(rows, [2, 4])
-    # the mean reaches plain's final 50 at 2 steps (49.3), seed by seed only 52 <= 60 does
-    assert line.startswith("MACs 0.3, output: reaches plain's 4-step FD 50.00 at 2 steps (mean)")
-    assert "at 2 steps at or below plain's 4 on 1 of 3 seeds" in line
-    assert line.endswith("lower than plain on 2 of 3 seeds, worse on 1")
-    rows = summarize(cells(off=plain, output={2: [95.0, 95.0, 95.0], 4: [55.0, 55.0, 55.0]}), 30.0)
-    assert verdicts(rows, [2, 4]) == [
-        "MACs 0.3, output: never reaches plain's 4-step FD 50.00 (mean); at 2 steps at or below plain's 4 "
-        "on 0 of 3 seeds; at 4 steps lower than plain on 1 of 3 seeds, worse on 2"
-    ]
+    def difference(a, b):  # a paired interval of half-width 1 around the difference
+        return [a["fd"] - b["fd"] - 1, a["fd"] - b["fd"] + 1]
+
+    plain = {2: [90.0, 90.0, 90.0], 4: [40.0, 50.0, 60.0]}
+    found = cells(off=plain, output={2: [45.0, 51.0, 52.0], 4: [39.0, 49.0, 61.0]})
+    (line,) = verdicts(summarize(found, 30.0), [2, 4], found, difference)
+    # at 2 steps vs plain's 4: +5 (clearly higher), +1 (its interval touches 0), -8 (clearly lower);
+    # at 4 steps every difference is +-1: within noise, so the mode matches plain from 4 steps
+    assert line == (
+        "MACs 0.3, output: matches plain's 4-step FD 50.00 within noise on every seed from 4 steps; "
+        "at 2 steps vs plain at 4: 1 lower, 1 within noise, 1 higher (of 3 seeds); "
+        "at 4 steps vs plain: 0 lower, 3 within noise, 0 higher (of 3 seeds)"
+    )
+    found = cells(off=plain, output={2: [95.0, 95.0, 95.0], 4: [55.0, 55.0, 55.0]})
+    (line,) = verdicts(summarize(found, 30.0), [2, 4], found, difference)
+    assert line.startswith("MACs 0.3, output: is clearly worse than plain's 4-step FD 50.00 on some seed")
+    assert line.endswith("at 4 steps vs plain: 1 lower, 0 within noise, 2 higher (of 3 seeds)")
+    # without intervals the bare figures decide (a tie is within noise)
+    (line,) = verdicts(summarize(found, 30.0), [2, 4], found)
+    assert line.endswith("at 4 steps vs plain: 1 lower, 0 within noise, 2 higher (of 3 seeds)")
+
+
+def test_the_sweep_reads_paired_differences_from_the_cells_replicates():
+    from compressor.intervals import Resampling
+    from pipeline.distill_sweep import Scorer
+
+    scorer = Scorer.__new__(Scorer)  # only its bootstrap is needed to pair two scored cells
+    scorer.boot = Resampling(resamples=200)
+    reps = torch.linspace(-1, 1, 200)
+    a = {"fd": 30.0, "fd_replicates": (30 + reps).tolist()}
+    b = {"fd": 20.0, "fd_replicates": (20 + reps).tolist()}
+    low, high = scorer.difference(a, b)  # the shared resampling noise cancels in the difference
+    assert low == pytest.approx(10.0) and high == pytest.approx(10.0)
+    assert scorer.difference(a, {"fd": 20.0}) is None
 
 
 @pytest.mark.slow

@@ -135,9 +135,6 @@ def main(argv: list[str]) -> int:
         if c is None:
             print(f"no measured stack meets {args.target} (levers {', '.join(levers)})")
         else:
-            print(
-                f"chosen for {args.target}: {c['label']} ({c['speedup']:.2f}x, "
-                f"{frontier['metric']} {c['fd']:.2f})"
-            )
+            print(fr.choice_text(c, args.target, frontier["metric"]).replace("**", ""))
     print(f"wrote {out / 'frontier.md'}, {out / 'frontier.png'}, {out / 'frontier.json'}")
     return 0

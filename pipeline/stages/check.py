@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.acceptance import evaluate_run
+from pipeline.acceptance import FAIL, INCONCLUSIVE, PASS, evaluate_run, verdict
 from pipeline.context import RunContext, StageResult, log
 
 SECTIONS = ["acceptance", "prune"]
@@ -10,12 +10,22 @@ INPUTS = ["bench", "parity", "quality"]
 
 
 def run(ctx: RunContext) -> StageResult:
-    """Evaluate ``acceptance``; the record's status is ``failed`` when any gate fails."""
+    """Evaluate ``acceptance``; the record's status is ``failed`` when any gate fails, else
+    ``inconclusive`` when a quality gate's interval straddles its limit."""
     checks = evaluate_run(ctx.run_dir, ctx.cfg.acceptance, ctx.cfg.prune.target_latency)
     for c in checks:
         log("check", c.line())
-    failed = [c.name for c in checks if not c.passed]
-    metrics = {"checks": [c.__dict__ for c in checks], "passed": not failed, "failed": failed}
+    failed = [c.name for c in checks if c.outcome == FAIL]
+    unsure = [c.name for c in checks if c.outcome == INCONCLUSIVE]
+    result = verdict(checks)
+    metrics = {
+        "checks": [c.__dict__ for c in checks],
+        "passed": result == PASS,
+        "failed": failed,
+        "inconclusive": unsure,
+        "verdict": result,
+    }
     if not checks:
         log("check", "no acceptance limits configured")
-    return StageResult(metrics, status="failed" if failed else "ok", reason=", ".join(failed))
+    status = {FAIL: "failed", INCONCLUSIVE: "inconclusive"}.get(result, "ok")
+    return StageResult(metrics, status=status, reason=", ".join(failed or unsure))

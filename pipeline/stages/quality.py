@@ -5,8 +5,9 @@ from __future__ import annotations
 from compressor import runlayout
 from compressor.data import stack
 from compressor.errors import UserError
+from compressor.intervals import Resampling, real_floor, ssim_figures
 from compressor.persist import load_unet
-from compressor.quality import frechet_distance, inception_unavailable, psnr, ssim
+from compressor.quality import inception_unavailable, make_scorer, psnr
 from deploy.runtimes import load_backend
 from pipeline.context import RunContext, StageResult, log
 
@@ -30,7 +31,8 @@ def run(ctx: RunContext) -> StageResult:
     predictors = _predictors(ctx, _models(ctx))
     samples = {label: _sample(ctx, label, predict) for label, predict in predictors.items()}
     reference = (stack(ctx.dataset, cfg.num_reference) + 1) / 2
-    results = _score(ctx, samples, reference, feature, metric, fd_note)
+    boot = bootstrap(ctx)
+    results, scorer = _score(ctx, samples, reference, feature, metric, fd_note, boot)
     metrics = {
         "models": results,
         "num_samples": cfg.num_samples,
@@ -42,11 +44,20 @@ def run(ctx: RunContext) -> StageResult:
         "compressed_stack": ctx.chosen,
         "frechet_metric": metric,
         "frechet_note": fd_note,
+        "interval": boot.describe(cfg.num_samples),
+        "kid_feature_scale": scorer.kid_scale if scorer else None,
     }
-    if metric == "fd_digits" and reference.shape[0] >= 4:
-        half = reference.shape[0] // 2
-        metrics["fd_digits_real_floor"] = frechet_distance(reference[:half], reference[half:], feature)
+    if metric == "fd_digits" and scorer is not None and reference.shape[0] >= 4:
+        floor, floor_ci = real_floor(scorer.real, boot)
+        metrics["fd_digits_real_floor"] = floor
+        metrics["fd_digits_real_floor_ci"] = floor_ci
     return StageResult(metrics, [_save(ctx, samples)])
+
+
+def bootstrap(ctx: RunContext) -> Resampling:
+    """The run's paired resampling (``quality.interval_*``, ``quality.resamples``), seeded by ``seed``."""
+    q = ctx.cfg.quality
+    return Resampling(q.interval_level, q.resamples, ctx.cfg.seed, q.interval_method)
 
 
 def _frechet_note(ctx: RunContext, metric: str) -> str | None:
@@ -135,22 +146,39 @@ def _sample(ctx: RunContext, label: str, predict):
     return ctx.sample_images(predict, cfg.num_samples, steps, variant)
 
 
-def _score(ctx: RunContext, samples: dict, reference, feature, metric: str, fd_note: str | None) -> dict:
-    """SSIM and PSNR against dense from the same seeds, and each model's Frechet distance."""
+def _score(ctx: RunContext, samples: dict, reference, feature, metric: str, fd_note: str | None, boot):
+    """Every model's Frechet distance and KID, and against dense (same seeds) the Frechet ratio,
+    SSIM and PSNR, each quality figure with its paired bootstrap interval; and the scorer used."""
     results: dict[str, dict] = {label: {} for label in samples}
+    scorer = None
+    if not fd_note:
+        scorer = make_scorer(reference, feature, metric, boot, ctx.cfg.quality.inception_weights)
+        scores = {label: scorer.score(imgs) for label, imgs in samples.items()}
     for label, imgs in samples.items():
         if label != "dense":
-            results[label]["ssim_vs_dense"] = ssim(imgs, samples["dense"])
+            results[label].update(ssim_figures(boot, imgs, samples["dense"]))
             results[label]["psnr_vs_dense"] = psnr(imgs, samples["dense"])
-        results[label][metric] = (
-            None if fd_note else frechet_distance(reference, imgs, feature, ctx.cfg.quality.inception_weights)
-        )
+        if scorer is None:
+            results[label][metric] = None
+            continue
+        dense = scores["dense"] if label != "dense" else None
+        results[label].update(scorer.figures(scores[label], metric, dense))
     for label, vals in results.items():
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in vals.items() if isinstance(v, float))
-        log("quality", f"{label}: {shown or 'no figures'}")
+        log("quality", f"{label}: {shown(vals, metric)}")
     if fd_note:
         log("quality", fd_note)
-    return results
+    return results, scorer
+
+
+def shown(vals: dict, metric: str) -> str:
+    """One model's figures with their intervals, for a log line."""
+    parts = []
+    for key in (metric, "kid", "fd_ratio", "ssim_vs_dense", "psnr_vs_dense"):
+        value = vals.get(key)
+        if isinstance(value, float):
+            ci = vals.get(f"{key}_ci")
+            parts.append(f"{key} {value:.4g}" + (f" [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else ""))
+    return ", ".join(parts) or "no figures"
 
 
 def _save(ctx: RunContext, samples: dict):

@@ -17,7 +17,9 @@ from compressor.records import (
     read_metrics,
 )
 from pipeline.acceptance import Check, evaluate
+from pipeline.acceptance import verdict as acceptance_verdict
 from pipeline.context import RunContext, StageResult, log
+from pipeline.frontier import choice_text, noise_note
 from pipeline.plots import plot_speedup_vs_macs, plot_taylor_diagnostics
 
 SECTIONS = ["model", "prune", "finetune", "acceptance"]
@@ -173,7 +175,7 @@ def run(ctx: RunContext) -> StageResult:
         metrics["quality"],
         ctx.cfg.prune.target_latency,
     )
-    verdict = "PASS" if all(c.passed for c in checks) else "FAIL"
+    verdict = acceptance_verdict(checks).upper()
     doc = Doc(f"compress-deploy report: {ctx.cfg.name}")
     verdict_section(doc, checks, verdict)
     settings_section(doc, ctx)
@@ -209,11 +211,20 @@ def write_report(doc: Doc, out: Path) -> list[Path]:
 
 def verdict_section(doc: Doc, checks: list[Check], verdict: str) -> None:
     """The acceptance verdict, first thing on the page."""
+    unsure = [c.name for c in checks if c.outcome == "inconclusive"]
+    note = f"; inconclusive: {', '.join(unsure)} (an interval straddles its limit)" if unsure else ""
     doc.para(
-        f"**Acceptance: {verdict}** ({sum(c.passed for c in checks)}/{len(checks)} checks passed)"
+        f"**Acceptance: {verdict}** ({sum(c.passed for c in checks)}/{len(checks)} checks passed{note})"
         if checks
         else "**Acceptance: no limits configured**"
     )
+
+
+def _ci(value: object, interval: list | None) -> str:
+    """A figure with its interval, e.g. ``0.963 [0.85, 1.09]``."""
+    if not isinstance(value, float):
+        return _fmt(value)
+    return f"{value:.4g}" + (f" [{interval[0]:.4g}, {interval[1]:.4g}]" if interval else "")
 
 
 def settings_section(doc: Doc, ctx: RunContext) -> None:
@@ -353,18 +364,28 @@ def finetune_section(doc: Doc, m: FinetuneMetrics, out: Path) -> None:
 
 
 def quality_section(doc: Doc, m: QualityMetrics) -> None:
-    """SSIM/PSNR vs dense and the Frechet distance of every model."""
+    """Every model's SSIM/PSNR vs dense, Frechet distance, its ratio to dense and KID, with intervals."""
     doc.heading("Quality")
+    metric = m.frechet_metric
     doc.table(
-        ["model", "SSIM vs dense", "PSNR vs dense (dB)", m.frechet_metric],
+        ["model", "SSIM vs dense", "PSNR vs dense (dB)", metric, f"{metric} / dense", "KID"],
         [
-            [k, v.get("ssim_vs_dense"), v.get("psnr_vs_dense"), v.get(m.frechet_metric)]
+            [k, _ci(v.get("ssim_vs_dense"), v.get("ssim_vs_dense_ci")), v.get("psnr_vs_dense"),
+             _ci(v.get(metric), v.get(f"{metric}_ci")), _ci(v.get("fd_ratio"), v.get("fd_ratio_ci")),
+             _ci(v.get("kid"), v.get("kid_ci"))]
             for k, v in m.models.items()
         ],
+    )  # fmt: skip
+    level = m.interval.get("level")
+    intervals = (
+        f" Brackets: {level:.0%} intervals from a paired bootstrap over the seeds "
+        f"({m.interval.get('resamples')} resamples): what another draw of as many seeds would likely give."
+        if level
+        else ""
     )
     doc.para(
         f"{m.num_samples} samples per model, {m.scheduler.upper()} {m.steps} steps, same seeds; "
-        f"{m.num_reference} reference images." + (f" {m.frechet_note}" if m.frechet_note else "")
+        f"{m.num_reference} reference images.{intervals}" + (f" {m.frechet_note}" if m.frechet_note else "")
     )
 
 
@@ -441,14 +462,19 @@ def frontier_section(doc: Doc, ctx: RunContext, bench: BenchMetrics | None, out:
         f"{len(points)} stacks over pruning ratios {ratios}: whole-sampler latency "
         f"on {f['backend']} at batch {f['batch']}, speed-up against dense {ref['stack']['scheduler']} "
         f"{ref['stack']['steps']} timed alternately; {f['metric']} and SSIM from {f['samples']} images per "
-        f"stack (dense reference {ref['fd']:.2f}). Pareto-optimal stacks:"
+        f"stack (dense reference {_ci(ref['fd'], ref.get('fd_ci'))}); brackets: {noise_note(f)}. "
+        "Pareto-optimal stacks:"
     )
     metric = f["metric"]
     front = sorted((p for p in points if p["pareto"]), key=lambda p: -p["speedup"])
     doc.table(
-        ["stack", "MACs kept", "ms", "speed-up", metric, "SSIM"],
-        [[p["label"], p["macs_kept"], p["latency_ms"], p["speedup"], p["fd"], p["ssim"]] for p in front],
-    )
+        ["stack", "MACs kept", "ms", "speed-up", metric, f"{metric} / dense", "SSIM"],
+        [
+            [p["label"], p["macs_kept"], p["latency_ms"], p["speedup"], _ci(p["fd"], p.get("fd_ci")),
+             _ci(p["fd_ratio"], p.get("fd_ratio_ci")), _ci(p["ssim"], p.get("ssim_ci"))]
+            for p in front
+        ],
+    )  # fmt: skip
     pruned = [p for p in front if p["stack"]["ratio"] > 0]
     doc.para(
         f"{len(pruned)} of the {len(front)} Pareto-optimal stacks are pruned"
@@ -458,11 +484,9 @@ def frontier_section(doc: Doc, ctx: RunContext, bench: BenchMetrics | None, out:
     if chosen:
         verified = ""
         if bench is not None and bench.stack:
-            verified = f"; bench measured {bench.stack['speedup']:.2f}x"
-        doc.para(
-            f"Chosen for {f.get('target')} (levers {', '.join(f.get('levers', []))}): {chosen['label']}, "
-            f"{chosen['speedup']:.2f}x, {metric} {chosen['fd']:.2f}, SSIM {chosen['ssim']:.3f}{verified}."
-        )
+            verified = f" Bench measured it at {bench.stack['speedup']:.2f}x."
+        levers = f" (levers {', '.join(f.get('levers', []))})"
+        doc.para(choice_text(chosen, f"{f.get('target')}{levers}", metric) + verified)
     if (folder / "frontier.png").is_file():
         shutil.copyfile(folder / "frontier.png", out / "frontier.png")
         doc.image(out / "frontier.png", "speed-quality frontier")
@@ -475,6 +499,12 @@ def acceptance_section(doc: Doc, checks: list[Check]) -> None:
         doc.para("No limits are configured in the acceptance section.")
         return
     doc.table(
-        ["check", "measured", "limit", "verdict"],
-        [[c.name, c.measured, f"{c.direction} {c.limit:g}", "PASS" if c.passed else "FAIL"] for c in checks],
+        ["check", "measured [interval]", "limit", "verdict"],
+        [
+            [c.name, _ci(c.measured, c.interval), f"{c.direction} {c.limit:g}", c.outcome.upper()]
+            for c in checks
+        ],
     )
+    unsure = [c for c in checks if c.outcome == "inconclusive"]
+    if unsure:
+        doc.para(" ".join(c.line() for c in unsure))
