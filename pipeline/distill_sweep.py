@@ -362,13 +362,22 @@ def run(args, overrides: list[str]) -> int:
     assert scorer is not None
     rows = summarize(cells, scorer.dense_fd)
     notes = verdicts(rows, budgets, cells, scorer.difference)
-    notes.append(
-        f"seed by seed: lower / higher = the paired {scorer.boot.level:.0%} interval of the difference to "
-        "plain is below / above zero (same quality seeds, one bootstrap); within noise otherwise"
+    boot = scorer.boot
+    rule = (
+        f"seed by seed: lower / higher = the paired {boot.level:.0%} interval ({boot.method}) of the "
+        "Frechet difference to plain is below / above zero (same quality seeds); within noise otherwise"
     )
-    summary = {"dense_fd": scorer.dense_fd, "metric": scorer.metric, "rows": rows, "verdicts": notes}
+    summary = {
+        "dense_fd": scorer.dense_fd,
+        "dense": scorer.dense_figures,
+        "metric": scorer.metric,
+        "rows": rows,
+        "verdicts": notes,
+        "verdict_rule": rule,
+        "interval": boot.describe(scorer.count),
+    }
     write_json(root / "summary.json", summary)
-    text = markdown(rows, scorer.dense_fd, scorer.metric, notes)
+    text = markdown(rows, scorer.dense_fd, scorer.metric, [*notes, rule])
     (root / "summary.md").write_text(text)
     plot(rows, root / "summary.png", scorer.metric)
     print(text)

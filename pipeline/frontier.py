@@ -677,17 +677,19 @@ def plot(frontier: dict, path: Path) -> Path:
 
 def noise_note(frontier: dict) -> str:
     """What the brackets of a frontier's table mean."""
-    level = frontier.get("interval", {}).get("level")
+    interval = frontier.get("interval", {})
+    level = interval.get("level")
     if not level:
         return "none recorded (measured before intervals)"
-    return (f"{level:.0%} intervals, paired bootstrap over the seeds; points whose Frechet intervals "
+    how = "paired jackknife" if interval.get("method", "jackknife") == "jackknife" else "paired bootstrap"
+    return (f"{level:.0%} intervals, {how} over the seeds; points whose Frechet intervals "
             "overlap are within noise of each other")  # fmt: skip
 
 
 def choice_text(c: dict, target: str, metric: str) -> str:
     """One sentence: the chosen stack, and how the within-noise rule chose it."""
     text = (f"Chosen for {target}: **{c['label']}** ({c['speedup']:.2f}x, {metric} "
-            f"{_with_ci(c['fd'], c.get('fd_ci'), 2)}, SSIM {c['ssim']:.3f}).")  # fmt: skip
+            f"{_with_ci(c['fd'], c.get('fd_ci'), 2)}, SSIM {c.get('ssim', float('nan')):.3f}).")  # fmt: skip
     choice = c.get("choice")
     if choice:
         n = len(choice["within_noise_of_best"])

@@ -136,6 +136,33 @@ def test_a_failed_gate_exits_3_and_bad_bundles_and_arguments_exit_2(exported, tm
         make_bundle(exported, out, BundleSpec(steps=2))
 
 
+def test_the_bundle_check_decides_quality_gates_by_their_interval(exported, tmp_path):
+    """The build host's quality gates travel in acceptance.json; the device re-decides them: a whole
+    interval on the good side passes, one straddling the limit is inconclusive (exit 4), one on the
+    bad side fails (exit 3, before inconclusive)."""
+
+    def gate(name, interval, limit, direction):
+        facts = {"samples": 256, "level": 0.95, "sampler": "ddim 50 steps"}
+        return {"name": name, "measured": sum(interval) / 2, "interval": interval, "limit": limit,
+                "direction": direction, **facts}  # fmt: skip
+
+    ok, unsure = gate("min_ssim", [0.93, 0.95], 0.9, ">="), gate("max_fd_ratio", [0.9, 1.7], 1.5, "<=")
+    bad = gate("max_fd_ratio", [1.6, 1.9], 1.5, "<=")
+    codes = {}
+    for label, gates in (("pass", [ok]), ("inconclusive", [ok, unsure]), ("fail", [bad, unsure])):
+        out = tmp_path / label
+        make_bundle(exported, out, BundleSpec(steps=2), {"quality": gates})
+        record = tmp_path / f"{label}.json"
+        done = _runtime(out, "check", "--repeat", "2", "--sampler-repeat", "1", "--record", str(record))
+        codes[label] = done.returncode
+        assert json.loads(record.read_text())["verdict"] == label, done.stdout
+        if label == "inconclusive":
+            (line,) = [ln for ln in done.stdout.splitlines() if ln.startswith("INCONCLUSIVE max_fd_ratio")]
+            assert "95% interval [0.9, 1.7] <= 1.5" in line and "inconclusive" in line
+            assert "this bundle samples ddim 2" in line  # the gate was measured with another sampler
+    assert codes == {"pass": 0, "inconclusive": 4, "fail": 3}
+
+
 def test_each_precision_is_gated_by_its_own_parity_tolerance(exported, tmp_path):
     from deploy.bundle import _limits
 

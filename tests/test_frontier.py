@@ -15,15 +15,18 @@ from pipeline.cli import main
 from tests.conftest import TINY_CONFIG, write_config, write_images, write_model_folder
 
 
-def _point(name: str, speedup: float, fd: float, ratio: float = 0.0, steps: int = 50) -> dict:
+def _point(name: str, speedup: float, fd: float, ratio: float = 0.0, steps: int = 50, ci=None) -> dict:
     stack = fr.Stack(ratio, "ddim", steps)
-    return {
+    point = {
         "label": name,
+        "key": stack.key(),
         "stack": stack.as_dict(),
         "speedup": speedup,
         "latency_ms": 100 / speedup,
         "fd": fd,
+        "ssim": 0.9,
     }
+    return {**point, "fd_ci": ci} if ci else point
 
 
 def test_the_grid_keeps_only_stacks_that_can_run():
@@ -66,6 +69,31 @@ def test_choose_takes_the_best_quality_that_meets_the_target_within_the_allowed_
     prune_only = fr.Grid([0.0, 0.3], ["ddim"], [50])
     assert fr.choose(points, speedup=3, grid=prune_only)["label"] == "pruned 50"
     assert fr.choose(points, speedup=4, grid=prune_only) is None
+
+
+def test_choose_prefers_the_fastest_stack_within_noise_of_the_best():
+    points = [
+        _point("dense 50", 1.0, 10.0, ci=[8.0, 12.0]),
+        _point("dense 20", 2.5, 11.0, steps=20, ci=[9.0, 13.0]),  # within noise of the best
+        _point("pruned 50", 3.2, 9.5, ratio=0.3, ci=[7.5, 11.5]),  # the best that meets 2x
+        _point("pruned 20", 6.0, 11.4, ratio=0.3, steps=20, ci=[11.4, 11.4]),  # overlaps [7.5, 11.5]
+        _point("pruned 10", 9.0, 13.0, ratio=0.3, steps=10, ci=[11.6, 14.4]),  # clearly worse
+    ]
+    chosen = fr.choose(points, speedup=2)
+    assert chosen["label"] == "pruned 20"
+    choice = chosen["choice"]
+    assert choice["best"]["label"] == "pruned 50" and choice["moved_from_best"]
+    assert set(choice["within_noise_of_best"]) == {points[1]["key"], points[2]["key"], points[3]["key"]}
+    assert choice["meeting_target"] == 4
+    text = fr.choice_text(chosen, "2x", "fd_digits")
+    assert "The lowest fd_digits meeting the target is pruned 50" in text and "this is the fastest" in text
+    # bare figures (no intervals): the lowest Frechet distance, as before intervals
+    bare = [{k: v for k, v in p.items() if k != "fd_ci"} for p in points]
+    assert fr.choose(bare, speedup=2)["label"] == "pruned 50"
+    assert not fr.choose(bare, speedup=2)["choice"]["moved_from_best"]
+    fr.mark_noise(points)
+    # [11.6, 14.4] overlaps [8, 12] and [9, 13], not [7.5, 11.5] nor the point 11.4
+    assert points[4]["within_noise"] == [points[0]["key"], points[1]["key"]]
 
 
 def test_levers_that_may_not_move_stay_at_the_runs_sampler(tiny_config):
@@ -116,11 +144,23 @@ def test_the_frontier_measures_every_stack_and_marks_the_pareto_front(in_process
     assert reference[0]["fd"] == pytest.approx(frontier["reference"]["fd"])
     assert {p["macs_kept"] for p in points if p["stack"]["ratio"] == 0} == {1.0}
     assert all(p["macs_kept"] < 0.7 for p in points if p["stack"]["ratio"] == 0.25)
+    for p in points:  # every quality figure with its interval
+        for key in ("fd", "fd_ratio", "ssim", "kid"):
+            low, high = p[f"{key}_ci"]
+            assert low <= p[key] <= high, (p["label"], key)
+        assert set(p["within_noise"]) <= {q["key"] for q in points} - {p["key"]}
+    assert (
+        frontier["reference"]["fd_ci"][0] <= frontier["reference"]["fd"] <= frontier["reference"]["fd_ci"][1]
+    )
     chosen = frontier["chosen"]
     meeting = [p for p in points if p["speedup"] >= 1.1 * 1.03]
-    assert chosen == min(meeting, key=lambda p: (p["fd"], -p["speedup"]))
+    best = min(meeting, key=lambda p: (p["fd"], -p["speedup"]))
+    assert chosen["choice"]["best"]["key"] == best["key"]
+    tied = [p for p in meeting if p is best or best["key"] in p["within_noise"]]
+    assert chosen["key"] == max(tied, key=lambda p: (p["speedup"], -p["fd"]))["key"]
     assert (out / "frontier.png").stat().st_size > 10_000
-    assert "| stack |" in (out / "frontier.md").read_text()
+    text = (out / "frontier.md").read_text()
+    assert "| stack |" in text and "within noise of" in text and "95% intervals" in text
 
 
 def test_a_rerun_measures_nothing_again(in_process, tiny, capsys):

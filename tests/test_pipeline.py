@@ -119,6 +119,21 @@ def test_parity_and_bench_records_follow_the_contract(finished_run):
     assert quality["frechet_metric"] == "fd_digits"
     assert 0 <= quality["models"]["finetuned"]["ssim_vs_dense"] <= 1
     assert quality["num_samples"] == 8
+    # every figure with its interval (paired over the seeds), KID beside the Frechet distance
+    for label, figures in quality["models"].items():
+        assert {"fd_digits", "fd_digits_ci", "kid", "kid_std", "kid_ci"} <= set(figures), label
+        low, high = figures["fd_digits_ci"]
+        assert low <= figures["fd_digits"] <= high and figures["kid_ci"][0] <= figures["kid"]
+    finetuned = quality["models"]["finetuned"]
+    for key in ("fd_ratio", "ssim_vs_dense"):
+        low, high = finetuned[f"{key}_ci"]
+        assert low <= finetuned[key] <= high
+    dense_fd = quality["models"]["dense"]["fd_digits"]
+    assert finetuned["fd_ratio"] == pytest.approx(finetuned["fd_digits"] / dense_fd)
+    assert quality["interval"]["level"] == 0.95 and quality["interval"]["method"] == "jackknife"
+    assert quality["interval"]["resamples"] == 8  # delete-one: one replicate per seed
+    low, high = quality["fd_digits_real_floor_ci"]
+    assert low <= quality["fd_digits_real_floor"] <= high
 
 
 @pytest.mark.slow
@@ -141,6 +156,40 @@ def test_check_command_passes_then_fails_when_tightened(finished_run, capsys):
     assert main(["check", str(run_dir), "acceptance.min_speedup=1000"]) == 3
     out = capsys.readouterr().out
     assert "FAIL  min_speedup" in out and "acceptance: FAIL (min_speedup)" in out
+    # quality gates from their intervals: a limit inside the Frechet ratio's interval is inconclusive
+    ratio = json.loads((run_dir / "quality" / "record.json").read_text())["metrics"]["models"]["finetuned"]
+    low, high = ratio["fd_ratio_ci"]
+    inside = low + 0.75 * (high - low)
+    assert main(["check", str(run_dir), f"acceptance.max_fd_ratio={inside}"]) == 4
+    out = capsys.readouterr().out
+    (line,) = [ln for ln in out.splitlines() if "max_fd_ratio" in ln and "acceptance:" not in ln]
+    assert line.startswith("INCONCLUSIVE  max_fd_ratio") and "inconclusive" in line
+    assert f"[{low:.4g}, {high:.4g}]" in line and "8 samples" in line and "would likely decide it" in line
+    assert "acceptance: INCONCLUSIVE (max_fd_ratio)" in out
+    assert main(["check", str(run_dir), f"acceptance.max_fd_ratio={high * 1.01}"]) == 0
+    assert "PASS  max_fd_ratio" in capsys.readouterr().out
+    assert main(["check", str(run_dir), f"acceptance.max_fd_ratio={low * 0.99}"]) == 3
+    # a failed gate wins over an inconclusive one
+    argv = ["check", str(run_dir), f"acceptance.max_fd_ratio={inside}", "acceptance.min_speedup=1000"]
+    assert main(argv) == 3
+    capsys.readouterr()
+
+
+@pytest.mark.slow
+def test_an_inconclusive_gate_ends_the_run_with_exit_4_and_the_bundle_carries_it(finished_run, tmp_path):
+    from pipeline.commands.bundle import quality_gates
+
+    cfg_path, run_dir = finished_run
+    ratio = json.loads((run_dir / "quality" / "record.json").read_text())["metrics"]["models"]["finetuned"]
+    low, high = ratio["fd_ratio_ci"]
+    inside = f"acceptance.max_fd_ratio={(low + high) / 2 + (high - low) / 4}"
+    assert main([str(cfg_path), inside, "--stages", "check", "--run-dir", str(run_dir)]) == 4
+    record = json.loads((run_dir / "check" / "record.json").read_text())
+    assert record["status"] == "inconclusive" and record["metrics"]["verdict"] == "inconclusive"
+    assert record["metrics"]["inconclusive"] == ["max_fd_ratio"] and not record["metrics"]["passed"]
+    (gate,) = [g for g in quality_gates(run_dir) if g["name"] == "max_fd_ratio"]
+    assert gate["interval"] == [low, high] and gate["samples"] == 8
+    assert main([str(cfg_path), "--stages", "check", "--run-dir", str(run_dir)]) == 0  # the config's limits
 
 
 @pytest.mark.slow

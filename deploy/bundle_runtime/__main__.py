@@ -20,7 +20,7 @@ except ImportError as exc:  # the runtime's only requirements: say so in one lin
     )
     sys.exit(2)
 
-EXIT_FAIL, EXIT_BAD = 3, 2
+EXIT_FAIL, EXIT_BAD, EXIT_INCONCLUSIVE = 3, 2, 4
 ROOT = Path(__file__).resolve().parent.parent  # the bundle folder holds this package
 
 
@@ -73,7 +73,8 @@ def _generate(bundle: Bundle, args) -> int:
 
 
 def _check(bundle: Bundle, args) -> int:
-    """Parity against the stored references, then latency on this device; one line per check."""
+    """Parity against the stored references, latency on this device, and the build host's quality
+    gates with their intervals; one line per check."""
     limits, batch = bundle.acceptance, int(bundle.manifest["batch"])
     rows = []
 
@@ -127,9 +128,14 @@ def _check(bundle: Bundle, args) -> int:
             False,
             "x",
         )
-    passed = all(r["passed"] for r in rows)
+    for entry in limits.get("quality") or []:
+        rows.append(_quality_gate(entry, bundle.settings))
+    outcomes = {r.get("outcome", "pass" if r["passed"] else "fail") for r in rows}
+    verdict = "fail" if "fail" in outcomes else "inconclusive" if "inconclusive" in outcomes else "pass"
+    passed = verdict == "pass"
     record = {
         "passed": passed,
+        "verdict": verdict,
         "checks": rows,
         "unet_ms": unet_ms,
         "sampler_ms": sampler_ms,
@@ -145,12 +151,38 @@ def _check(bundle: Bundle, args) -> int:
         "manifest_sha256": sha256(bundle.root / MANIFEST),
     }
     args.record.write_text(json.dumps(record, indent=1))
-    print(f"{'PASSED' if passed else 'FAILED'}; record: {args.record}")
-    return 0 if passed else EXIT_FAIL
+    shown = {"pass": "PASSED", "fail": "FAILED", "inconclusive": "INCONCLUSIVE"}[verdict]
+    print(f"{shown}; record: {args.record}")
+    return {"pass": 0, "fail": EXIT_FAIL, "inconclusive": EXIT_INCONCLUSIVE}[verdict]
+
+
+def _quality_gate(entry: dict, settings: dict) -> dict:
+    """A quality gate the build host measured (figure, interval, limit): pass when the whole interval
+    is on the good side of the limit, fail when it is on the bad side, inconclusive otherwise."""
+    value, interval, limit = entry["measured"], entry.get("interval"), entry["limit"]
+    at_most = entry["direction"] == "<="
+    low, high = interval if interval else (value, value)
+    good = high <= limit if at_most else low >= limit
+    bad = low > limit if at_most else high < limit
+    outcome = "pass" if good else "fail" if bad else "inconclusive"
+    shown = f"{value:.4g}" + (
+        f", {entry.get('level', 0.95):.0%} interval [{low:.4g}, {high:.4g}]" if interval else ""
+    )
+    where = f"measured on the build host: {entry.get('sampler', '?')}, {entry.get('samples', '?')} samples"
+    mine = f"{settings['scheduler']} {settings['steps']}"
+    if entry.get("sampler") and not str(entry["sampler"]).startswith(mine):
+        where += f"; this bundle samples {mine}"
+    line = f"{outcome.upper()} {entry['name']}: {shown} {entry['direction']} {limit:g} [{where}]"
+    if outcome == "inconclusive":
+        line += " inconclusive: the interval straddles the limit; rescore with more quality.num_samples"
+    print(line)
+    return {"check": entry["name"], "value": value, "interval": interval, "limit": limit,
+            "passed": outcome == "pass", "outcome": outcome}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: exit 0 success/pass, 3 a failed check, 2 bad input or a bad bundle."""
+    """Entry point: exit 0 success/pass, 3 a failed check, 4 a quality gate inconclusive (none failed),
+    2 bad input or a bad bundle."""
     parser = Parser(prog="python -m bundle_runtime", description="Run a compress-deploy sampler bundle.")
     parser.add_argument(
         "--bundle", type=Path, default=ROOT, help="the bundle folder (default: this package's)"

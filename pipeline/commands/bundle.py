@@ -6,8 +6,8 @@
                            [--no-dense] [--max-unet-ms MS] [--max-image-ms MS] [--min-speedup X]
                            [--min-sampler-speedup X] [--engine] [--archive]
 
-On the target: ``cd OUT && python -m bundle_runtime check`` (exit 0 pass, 3 fail, 2 bad
-input), ``generate --seed S --num-images N --out x.png|x.npy`` and ``info``; see
+On the target: ``cd OUT && python -m bundle_runtime check`` (exit 0 pass, 3 fail, 4 a quality
+gate inconclusive, 2 bad input), ``generate --seed S --num-images N --out x.png|x.npy`` and ``info``; see
 :mod:`deploy.bundle_runtime`. ``--engine`` adds the run's TensorRT engines (built by
 ``compress-deploy build`` on the target's GPU), run there with TensorRT + cuda-python.
 The acceptance limits start from the run's ``check`` record. A run whose latency target over
@@ -22,6 +22,34 @@ from compressor.config import SampleConfig, ServeConfig
 from deploy.bundle import BundleSpec, make_bundle
 from pipeline.commands.args import STACK_FLAGS, CommandParser, config_flag, run_dir_arg, stack_defaults
 from pipeline.runlock import RunLock
+
+
+def quality_gates(run: Path) -> list[dict]:
+    """The run's quality gates (``min_ssim``, ``max_fd_ratio`` under the check record's limits) as the
+    bundle's ``check`` re-decides them: figure, interval, limit, sample count and sampler."""
+    import dataclasses
+
+    from compressor.config import AcceptanceConfig
+    from compressor.records import read_metrics, read_record
+    from pipeline.acceptance import evaluate
+
+    check, quality = read_record(run, "check", done_only=False), read_metrics(run, "quality")
+    if check is None or quality is None:
+        return []
+    names = {f.name for f in dataclasses.fields(AcceptanceConfig)}
+    acc = AcceptanceConfig(**{k: v for k, v in check.section("acceptance").items() if k in names})
+    stack = quality.compressed_stack  # a latency target's chosen stack sampled the compressed model
+    sampler = (
+        f"{stack['scheduler']} {stack['steps']} steps"
+        if stack
+        else f"{quality.scheduler} {quality.steps} steps"
+    )
+    return [
+        {"name": c.name, "measured": c.measured, "interval": c.interval, "limit": c.limit,
+         "direction": c.direction, "samples": c.samples, "level": c.level, "sampler": sampler}
+        for c in evaluate(acc, None, None, quality)
+        if c.name in ("min_ssim", "max_fd_ratio") and c.measured is not None
+    ]  # fmt: skip
 
 
 def main(argv: list[str]) -> int:
@@ -66,6 +94,7 @@ def main(argv: list[str]) -> int:
         "max_image_ms": args.max_image_ms,
         "min_speedup": args.min_speedup,
         "min_sampler_speedup": args.min_sampler_speedup,
+        "quality": quality_gates(run),
     }
     with RunLock(run, " ".join(["compress-deploy bundle", *argv])):
         manifest = make_bundle(run, args.out, spec, limits, args.archive)
