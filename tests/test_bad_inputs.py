@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from compressor.errors import UserError
 from pipeline.cli import main
 from tests.conftest import (
     finished_tiny_run,
@@ -370,6 +371,12 @@ CASES = [
         "--steps: expected at most",
     ),
     ("sample-eta-5", lambda t, c, r: ["sample", r, "--eta", "5"], "--eta: expected a number in [0.0, 1.0]"),
+    # a count whose images cannot be held is refused before any sampling (issue 34)
+    (
+        "sample-a-billion-images",
+        lambda t, c, r: ["sample", r, "--num-images", "1000000000", "--out", str(t / "x.npy")],
+        "--num-images 1000000000: the images need about",
+    ),
     ("sample-eta-nan", lambda t, c, r: ["sample", r, "--eta", "nan"], "--eta: expected a number"),
     (
         "sample-seed-negative",
@@ -440,3 +447,19 @@ def test_bad_input(case, finished, tmp_path, capsys):
     if expected:
         assert expected in err[0], (name, err[0])
     assert tree_hashes(run_dir) == before, name
+
+
+def test_sample_refuses_an_output_that_cannot_fit_on_its_disk(tmp_path, monkeypatch):
+    import shutil as sh
+
+    from pipeline.commands import sample
+
+    free = 10_000
+    monkeypatch.setattr(sample, "_available_memory", lambda: 1 << 40)
+    monkeypatch.setattr(sample.shutil, "disk_usage", lambda p: sh._ntuple_diskusage(1 << 30, 0, free))
+    sample.check_fits(1, (1, 16, 16), tmp_path / "x.npy")  # 1 KB fits
+    with pytest.raises(UserError, match=r"x.npy would take up to 1.0 MB and .* has 10.0 KB free"):
+        sample.check_fits(1000, (1, 16, 16), tmp_path / "x.npy")
+    with pytest.raises(UserError, match="sample at most about 1 per call"):
+        monkeypatch.setattr(sample, "_available_memory", lambda: 1500)
+        sample.check_fits(2, (1, 16, 16), tmp_path / "x.npy")

@@ -11,11 +11,16 @@ flags say otherwise. ``--cache-interval N`` > 1 reuses deep features (DeepCache)
 splits the model itself, ONNX Runtime needs the run's exported passes
 (``export.feature_reuse=true``).
 ``--out X.npy`` writes the images themselves (float32, N x C x H x W in [0, 1]), e.g. to
-compare with a bundle's ``generate`` (see ``compress-deploy bundle``).
+compare with a bundle's ``generate`` (see ``compress-deploy bundle``). The images are held
+whole before they are written, so a count whose images cannot fit in the memory available or
+on the output's disk is refused up front, in one line (exit 2).
 """
 
 from __future__ import annotations
 
+import math
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -25,6 +30,51 @@ from compressor.models import resolve_device
 from compressor.sampling import save_comparison
 from deploy.sampler import load_sampler
 from pipeline.commands.args import STACK_FLAGS, CommandParser, config_flag, run_dir_arg, stack_defaults
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"
+
+
+def check_fits(num_images: int, shape: tuple[int, int, int], out: Path) -> None:
+    """Refuse (UserError) ``num_images`` images of ``shape`` whose float32 tensor, held whole, does
+    not fit in the memory available, or whose output file cannot fit on ``out``'s disk."""
+    per_image = 4 * math.prod(shape)  # float32
+    held = num_images * per_image * (1 if out.suffix == ".npy" else 2)  # a PNG grid is a second copy
+    written = num_images * (per_image if out.suffix == ".npy" else per_image // 4)  # PNG: at most uint8
+    memory = _available_memory()
+    if memory is not None and held > memory:
+        most = max(1, memory // (held // num_images))
+        raise UserError(
+            f"--num-images {num_images}: the images need about {_size(held)} of memory and "
+            f"{_size(memory)} is available; sample at most about {most} per call (another --seed "
+            "starts the next batch of seeds)"
+        )
+    folder = next((p for p in [out.absolute().parent, *out.absolute().parents] if p.exists()), None)
+    free = shutil.disk_usage(folder).free if folder is not None else None
+    if free is not None and written > free:
+        raise UserError(
+            f"--num-images {num_images}: {out} would take up to {_size(written)} and {folder} has "
+            f"{_size(free)} free; sample fewer images or write --out to a larger disk"
+        )
 
 
 def main(argv: list[str]) -> int:
@@ -57,6 +107,8 @@ def main(argv: list[str]) -> int:
             f"--steps: expected at most {sampler.max_steps} (the model's training timesteps), "
             f"got {args.steps}"
         )
+    out = args.out or Path(f"sample-{args.backend}-{args.model}.png")
+    check_fits(args.num_images, sampler.image_shape, out)
     began = time.perf_counter()
     images = sampler(
         args.num_images,
@@ -68,7 +120,6 @@ def main(argv: list[str]) -> int:
         cache_schedule=args.cache_schedule,
     )
     seconds = time.perf_counter() - began
-    out = args.out or Path(f"sample-{args.backend}-{args.model}.png")
     if out.suffix == ".npy":
         import numpy as np
 
