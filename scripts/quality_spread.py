@@ -1,7 +1,8 @@
 """How far quality figures move with the seeds, and how many samples decide a comparison.
 
     .venv/bin/python scripts/quality_spread.py configs/demo.yaml --run-dir runs/demo \
-        [--counts 256,1024,2048] [--sets 5] [--first-seed 10000] [--noise numpy,torch] [--out FILE]
+        [--counts 256,1024,2048] [--sets 5] [--first-seed 10000] [--noise numpy,torch]
+        [--torch-count 256] [--out FILE]
 
 For the dense and the finetuned model of a finished run, the quality stage's sampler draws
 ``sets`` disjoint seed sets of ``max(counts)`` images (seeds from ``--first-seed``); each set's
@@ -16,9 +17,10 @@ distance, KID, the paired Frechet ratio finetuned / dense) at every count. Print
 
 ``--noise torch`` also samples the dense model from the noise generator used before the
 bundle's numpy noise (``torch.randn`` with one ``torch.Generator`` per seed): the quality
-stage's own seeds (0..N-1) and the disjoint sets under both generators, which separates a
-generator effect from a seed-set effect. Images are cached in ``RUN/analysis/spread/`` (a
-rerun scores without sampling); the table goes to stdout and ``--out`` (JSON).
+stage's own seeds (0..N-1) and the disjoint sets under both generators (``--torch-count``
+images of each set), which separates a generator effect from a seed-set effect. Images are
+cached in ``RUN/analysis/spread/`` (a rerun scores without sampling); the table goes to stdout
+and ``--out`` (JSON).
 """
 
 from __future__ import annotations
@@ -98,6 +100,9 @@ def main() -> int:
     parser.add_argument("--sets", type=int, default=5)
     parser.add_argument("--first-seed", type=int, default=10000)
     parser.add_argument("--noise", default="numpy", help="numpy, or numpy,torch (the generator before)")
+    parser.add_argument(
+        "--torch-count", type=int, default=256, help="images per set under the old generator (default 256)"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     counts = sorted(int(c) for c in args.counts.split(","))
@@ -124,9 +129,10 @@ def main() -> int:
         for label, unet in models.items():
             if kind != "numpy" and label != "dense":
                 continue
+            m = n if kind == "numpy" else min(n, args.torch_count)  # the old generator: fewer suffice
             for k, seeds in enumerate(sets):
                 images[(kind, label, k)] = sample(
-                    ctx, unet, seeds, kind, folder / f"{kind}-{label}-set{k}-{n}.npy"
+                    ctx, unet, seeds[:m], kind, folder / f"{kind}-{label}-set{k}-{m}.npy"
                 )
             own = list(range(q.num_samples))  # the quality stage's own seeds
             if label == "dense":
@@ -147,7 +153,7 @@ def main() -> int:
                 scores = {}
                 for label in ("dense", "finetuned"):
                     key = (kind, label, k)
-                    if key not in images:
+                    if key not in images or len(images[key]) < count:
                         continue
                     imgs = images[key][:count]
                     for name, s in scorers.items():
