@@ -4,6 +4,10 @@ A YAML file loads into :class:`RunConfig`. Every field is declared once, here, w
 its type, default and allowed range; unknown keys, wrong types and out-of-range
 values raise :class:`ConfigError` naming the dotted key. Command-line ``key=value``
 overrides are parsed as YAML scalars and go through the same validation.
+
+Long because every key of every section is declared here once, with its type, default, range
+and help (the one place defaults live); the validators are generic and short, and splitting
+the sections across files would only scatter what a user looks up.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from compressor.errors import UserError
-from compressor.pruning import denoising_loss
+from compressor.taylor import denoising_loss
 
 EVAL_TIMESTEPS = (10, 50, 100, 200, 300, 400, 500, 600, 800, 950)
 

@@ -10,6 +10,10 @@ the magnitude criterion (the run's own criterion then chooses the channels at th
 that was picked). Every candidate is timed alternately with the dense model in the same
 process (:func:`time_alternating`), so drift and warm-up cancel; the figure kept is the
 median of ``repeat`` calls.
+
+Long because the latency search lives here whole, as said above: the probe that times a
+structure, the uniform and the per-level (hardware-aware) searches and their cached table
+share one measurement protocol, and the prune stage calls one entry point.
 """
 
 from __future__ import annotations

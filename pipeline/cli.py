@@ -23,7 +23,8 @@ from compressor.records import INCONCLUSIVE
 from pipeline.acceptance import EXIT_FAIL, EXIT_INCONCLUSIVE
 from pipeline.commands import COMMANDS
 from pipeline.commands.args import CommandParser
-from pipeline.runner import Interrupted, parse_stages, run_pipeline
+from pipeline.frontier.target import run_with_target
+from pipeline.runner import Interrupted, parse_stages
 from pipeline.stages import STAGES
 
 
@@ -51,7 +52,7 @@ def _main_run(argv: list[str]) -> int:
             "pass --stages finetune (run the other stages in a single process)"
         )
     run_dir = args.run_dir or Path("runs") / cfg.name
-    records = run_pipeline(cfg, run_dir, stages, force)
+    records = run_with_target(cfg, run_dir, stages, force)
     failed = [name for name, rec in records.items() if rec["status"] == "failed"]
     if failed:
         print(

@@ -101,6 +101,7 @@ class RunContext:
         self.stage_key = "no-key"
         self.forced = False
         self.chosen: dict | None = None  # the stack a latency target over levers chose (see frontier)
+        self.frontier_choice: dict | None = None  # its summary, handed to the prune stage by the sweep
 
     # -- run directory ------------------------------------------------------------------
 

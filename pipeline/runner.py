@@ -10,6 +10,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from compressor import oserrors, runlayout
@@ -66,13 +67,19 @@ def remove_temporaries(run_dir: Path, stage: str | None) -> list[Path]:
 
 
 def run_pipeline(
-    cfg: RunConfig, run_dir: Path, stages: list[str], force: set[str] | None = None
+    cfg: RunConfig,
+    run_dir: Path,
+    stages: list[str],
+    force: set[str] | None = None,
+    plan: Callable[[RunContext], dict] | None = None,
 ) -> dict[str, dict]:
     """Run ``stages`` in order in ``run_dir``, skipping unchanged ones; returns their records.
 
     Holds the run directory's lock throughout. A stage that fails (OS error, bad input,
     interrupt) leaves no temporary files behind, earlier stages' outputs and the manifest
-    stay as they were, and OS errors become one-line UserErrors naming the path.
+    stay as they were, and OS errors become one-line UserErrors naming the path. ``plan``
+    (a latency target over levers, :mod:`pipeline.frontier.target`) runs under the lock just
+    before the prune stage and hands it the chosen stack (``ctx.frontier_choice``).
     """
     import torch
 
@@ -80,10 +87,10 @@ def run_pipeline(
         torch.set_num_threads(cfg.threads)
     ctx = RunContext(cfg, run_dir)
     if not ctx.is_main:  # data-parallel ranks: rank 0 owns the directory and its lock
-        return _run_stages(ctx, stages, force)
+        return _run_stages(ctx, stages, force, plan)
     make_run_dir(run_dir)
     with RunLock(run_dir, " ".join(["compress-deploy", *sys.argv[1:]])):
-        return _run_stages(ctx, stages, force)
+        return _run_stages(ctx, stages, force, plan)
 
 
 def _apply_chosen(ctx: RunContext) -> None:
@@ -91,13 +98,15 @@ def _apply_chosen(ctx: RunContext) -> None:
     if not ctx.cfg.prune.target_latency.uses_frontier:
         return
     from compressor.records import chosen_stack
-    from pipeline.frontier import apply_stack
+    from pipeline.frontier.grid import apply_stack
 
     ctx.chosen = chosen_stack(ctx.run_dir)
     ctx.cfg = apply_stack(ctx.cfg, ctx.chosen)
 
 
-def _run_stages(ctx: RunContext, stages: list[str], force: set[str] | None) -> dict[str, dict]:
+def _run_stages(
+    ctx: RunContext, stages: list[str], force: set[str] | None, plan: Callable[[RunContext], dict] | None
+) -> dict[str, dict]:
     run_dir = ctx.run_dir
     ctx.claim()
     forced = dependents({n: STAGES[n] for n in stages}, force or set())
@@ -108,6 +117,8 @@ def _run_stages(ctx: RunContext, stages: list[str], force: set[str] | None) -> d
             current = name
             if name != "prune":
                 _apply_chosen(ctx)
+            elif plan is not None:
+                ctx.frontier_choice = plan(ctx)
             module = STAGES[name]
             key = stage_key(ctx, name, module)
             reason = why_rerun(ctx, name, key, name in forced)

@@ -8,25 +8,21 @@ import pytest
 import torch
 import torch_pruning as tp
 
-from compressor.config import PruneConfig
-from compressor.data import TensorImages, taylor_and_holdout
-from compressor.errors import DataError
-from compressor.models import count_macs_params, example_inputs, predict_noise
-from compressor.persist import dense_config, load_unet, save_unet
-from compressor.pruning import (
-    TaylorScore,
-    accumulate_taylor_grads,
-    candidate_timesteps,
+from compressor.channels import (
     channel_overlap,
     channel_widths,
     compact_indices,
     expand_indices,
     kept_channels,
-    make_importance,
-    prune_structure,
-    prune_unet,
 )
+from compressor.config import PruneConfig
+from compressor.data import TensorImages, taylor_and_holdout
+from compressor.errors import DataError
+from compressor.models import count_macs_params, example_inputs, predict_noise
+from compressor.persist import dense_config, load_unet, save_unet
+from compressor.pruning import prune_structure, prune_unet
 from compressor.sampling import make_scheduler
+from compressor.taylor import TaylorScore, accumulate_taylor_grads, candidate_timesteps, make_importance
 from tests.conftest import DDPM_SCHEDULER
 
 GROUP = 4  # tiny UNet: GroupNorm with 4 groups (4 channels each at 16, 8 at 32), 4 heads at 32

@@ -10,16 +10,9 @@ import torch
 from compressor.config import PruneConfig
 from compressor.errors import ConfigError
 from compressor.models import count_macs_params, example_inputs, predict_noise
-from compressor.pruning import (
-    accumulate_taylor_grads,
-    attention_modules,
-    candidate_timesteps,
-    prune_unet,
-    search_ratio,
-    threshold_reached,
-    uniform_ratios,
-)
+from compressor.pruning import attention_modules, prune_unet, search_ratio, uniform_ratios
 from compressor.sampling import make_scheduler
+from compressor.taylor import accumulate_taylor_grads, candidate_timesteps, threshold_reached
 from tests.conftest import DDPM_SCHEDULER
 
 

@@ -8,7 +8,7 @@ target::
     cd OUT
     python -m bundle_runtime info
     python -m bundle_runtime generate --seed 0 --num-images 16 --out images.png   # or .npy
-    python -m bundle_runtime check                     # exit 0 pass, 3 fail, 2 bad input
+    python -m bundle_runtime check                     # exit 0 pass, 3 fail, 4 inconclusive, 2 bad input
 
 It never imports torch, diffusers or compress-deploy: the solver loops (DDIM with eta 0,
 DPM-Solver++ 2M) are reimplemented here from the tables diffusers computed when the bundle

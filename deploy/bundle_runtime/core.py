@@ -11,11 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import BundleError
+
 MANIFEST = "manifest.json"
-
-
-class BundleError(Exception):
-    """A tampered, incomplete or unusable bundle, or a bad argument: one line, exit 2."""
 
 
 # -- the bundle folder ----------------------------------------------------------------------

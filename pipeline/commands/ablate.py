@@ -160,7 +160,7 @@ def overlaps(results: dict[str, list[dict]]) -> list[dict]:
     Pairs: every diff-pruning variant against each baseline, and magnitude against
     random (the overlap that chance alone gives at this pruning ratio).
     """
-    from compressor.pruning import channel_overlap
+    from compressor.channels import channel_overlap
 
     by_sel: dict[str, dict[str, list[dict]]] = {}
     for name, runs in results.items():

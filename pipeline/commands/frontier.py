@@ -27,6 +27,7 @@ from compressor.config import load_config
 from compressor.errors import UserError
 from pipeline import frontier as fr
 from pipeline.commands.args import CommandParser, int_list
+from pipeline.frontier.measure import measure
 from pipeline.runlock import RunLock
 
 
@@ -118,7 +119,7 @@ def main(argv: list[str]) -> int:
     levers = _names(args.levers, "--levers", fr.LEVERS) or list(fr.LEVERS)
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out, " ".join(["compress-deploy frontier", *argv])):
-        frontier = fr.measure(spec, args.ray, args.workers)
+        frontier = measure(spec, args.ray, args.workers)
         if target:
             speedup, ms = target
             allowed = fr.lever_grid(cfg, levers, grid) if args.levers else None

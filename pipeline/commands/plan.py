@@ -63,11 +63,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--levers", help="levers the --target search may move (default: all)")
     args = parser.parse_intermixed_args(argv)
     if args.target:
-        from pipeline.commands import frontier
+        from pipeline.commands.frontier import main as frontier_main  # not the package: no circle
 
         extra = ["--levers", args.levers] if args.levers else []
         extra += ["--out", str(args.out)] if args.out else []
-        return frontier.main([args.config, *args.overrides, "--target", args.target, *extra])
+        return frontier_main([args.config, *args.overrides, "--target", args.target, *extra])
     cfg = load_config(args.config, args.overrides)
     backends = _backends(args.backends, cfg.bench.backends)
     batches = int_list(args.batches, "--batches") or cfg.bench.batch_sizes

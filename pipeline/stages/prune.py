@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from tqdm import tqdm
 
 from compressor import runlayout
-from compressor.config import PruneConfig
+from compressor.config import LatencyTarget, PruneConfig
 from compressor.data import taylor_and_holdout
+from compressor.errors import UserError
 from compressor.models import count_macs_params
 from compressor.persist import dense_config, save_unet
 from compressor.pruning import PruneResult, prune_unet
@@ -32,6 +35,8 @@ def key_extra(ctx: RunContext) -> dict:
     if lat.uses_frontier:
         cfg = config_to_dict(ctx.cfg)
         extra.update({k: cfg[k] for k in ("frontier", "finetune", "sample", "quality", "export", "bench")})
+        choice = ctx.frontier_choice
+        extra["frontier.chosen"] = choice["chosen"]["key"] if choice else None
     return extra
 
 
@@ -62,10 +67,7 @@ def _latency_target(ctx: RunContext, unet) -> tuple[PruneConfig, object, Latency
     if not ctx.cfg.prune.target_latency.active:
         return ctx.cfg.prune, None, None
     if ctx.cfg.prune.target_latency.uses_frontier:
-        from pipeline.frontier import FrontierSearch
-
-        search = FrontierSearch(ctx)
-        return search.prepare(), None, search  # type: ignore[return-value]
+        return _chosen_ratio(ctx), None, None
     search = LatencySearch.from_config(
         ctx.cfg,
         ctx.device,
@@ -76,6 +78,22 @@ def _latency_target(ctx: RunContext, unet) -> tuple[PruneConfig, object, Latency
     )
     cfg, allocate = search.prepare(unet)
     return cfg, allocate, search
+
+
+def _chosen_ratio(ctx: RunContext) -> PruneConfig:
+    """The prune config of the ratio the sweep around the run chose (:mod:`pipeline.frontier.target`)."""
+    choice = ctx.frontier_choice
+    if choice is None:
+        raise UserError(
+            "prune.target_latency.levers: a target over levers is chosen on the frontier before the run; "
+            "run the config with `compress-deploy CONFIG` (pipeline.frontier.target.run_with_target)"
+        )
+    ratio = choice["chosen"]["stack"]["ratio"]
+    log("prune", f"pruning at ratio {ratio:g}, the stack the frontier chose: {choice['chosen']['label']}")
+    return dataclasses.replace(
+        ctx.cfg.prune, ratio=ratio, target_macs=None, target_params=None, target_latency=LatencyTarget(),
+        method="magnitude" if ratio == 0 else ctx.cfg.prune.method,
+    )  # fmt: skip
 
 
 def _prune(ctx: RunContext, unet, images, cfg: PruneConfig, allocate) -> PruneResult:
@@ -155,7 +173,7 @@ def _metrics(
         "target": {
             **{k: getattr(ctx.cfg.prune, k) for k in ("ratio", "target_macs", "target_params")},
             "target_latency": search.summary if search else None,
-            "frontier": getattr(search, "frontier", None),
+            "frontier": ctx.frontier_choice if ctx.cfg.prune.target_latency.uses_frontier else None,
         },
         "params_before": params_before,
         "params_after": params_after,

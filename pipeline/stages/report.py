@@ -1,4 +1,9 @@
-"""The ``report`` stage: one Markdown and one self-contained HTML file a person reads."""
+"""The ``report`` stage: one Markdown and one self-contained HTML file a person reads.
+
+Long because it writes one section per stage record (prune, latency search, finetune,
+quality with intervals, parity, bench, acceptance, frontier), each a short function, and a
+reader finds every section of the report in one file.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from compressor.records import (
 from pipeline.acceptance import Check, evaluate
 from pipeline.acceptance import verdict as acceptance_verdict
 from pipeline.context import RunContext, StageResult, log
-from pipeline.frontier import choice_text, noise_note
+from pipeline.frontier.tables import choice_text, noise_note
 from pipeline.plots import plot_speedup_vs_macs, plot_taylor_diagnostics
 
 SECTIONS = ["model", "prune", "finetune", "acceptance"]

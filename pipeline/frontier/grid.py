@@ -1,0 +1,156 @@
+"""The stacks a frontier measures: the lever values (:class:`Grid`), one combination
+(:class:`Stack`), what a job needs (:class:`Spec`), the grid a latency target may search, and what a
+chosen stack adds to a run's config (:func:`apply_stack`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from compressor.config import RunConfig, SamplerVariant, config_from_mapping, config_to_dict
+from compressor.errors import UserError
+
+LEVERS = ("prune", "steps", "scheduler", "cache", "precision")
+SOLVERS = ("ddim", "dpmsolver++", "unipc")  # deterministic: a seed fixes the image
+
+
+@dataclass(frozen=True)
+class Stack:
+    """One combination of levers."""
+
+    ratio: float
+    scheduler: str
+    steps: int
+    cache_interval: int = 1
+    precision: str = "fp32"
+
+    @property
+    def variant(self) -> SamplerVariant:
+        return SamplerVariant(self.scheduler, self.steps, self.cache_interval)
+
+    def key(self) -> str:
+        """A file-name-safe identifier, e.g. ``r0.25-dpmsolver++-10-c2-fp32``."""
+        return f"r{self.ratio:g}-{self.scheduler}-{self.steps}-c{self.cache_interval}-{self.precision}"
+
+    def label(self) -> str:
+        """A short human label, e.g. ``pruned 0.25 + DPM++ 10 + cache 2``."""
+        model = "dense" if self.ratio == 0 else f"pruned {self.ratio:g}"
+        solver = {"ddim": "DDIM", "dpmsolver++": "DPM++", "unipc": "UniPC"}[self.scheduler]
+        text = f"{model} + {solver} {self.steps}"
+        if self.cache_interval > 1:
+            text += f" + cache {self.cache_interval}"
+        if self.precision != "fp32":
+            text += f" + {self.precision}"
+        return text
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Grid:
+    """The lever values to combine."""
+
+    ratios: list[float]
+    schedulers: list[str]
+    steps: list[int]
+    cache_intervals: list[int] = field(default_factory=lambda: [1])
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])
+
+    def stacks(self) -> list[Stack]:
+        """Every valid combination: feature reuse needs fewer full passes than steps and runs the
+        fp32/fp16 passes only (they are not quantized)."""
+        out = []
+        for r, s, n, c, p in itertools.product(
+            self.ratios, self.schedulers, self.steps, self.cache_intervals, self.precisions
+        ):
+            if c > 1 and (c >= n or p == "int8"):
+                continue
+            out.append(Stack(float(r), s, int(n), int(c), p))
+        return out
+
+    def check(self) -> None:
+        """UserError for values no stack can use."""
+        bad = [s for s in self.schedulers if s not in SOLVERS]
+        if bad:
+            raise UserError(
+                f"frontier: solver {bad[0]!r} is stochastic or unknown; choose from {', '.join(SOLVERS)}"
+            )
+        if not self.stacks():
+            raise UserError("frontier: the grid has no valid stack (check --steps and --cache-intervals)")
+
+
+@dataclass
+class Spec:
+    """Everything a job needs (plain data, so it pickles to Ray workers)."""
+
+    base: dict  # the run config as a mapping
+    out: str
+    grid: Grid
+    backend: str = "onnxruntime"
+    batch: int = 16
+    samples: int = 256
+    threads: int | None = None
+    repeat: int = 3
+    warmup: int = 1
+
+    @property
+    def root(self) -> Path:
+        return Path(self.out)
+
+    def config(self) -> RunConfig:
+        return config_from_mapping(self.base)
+
+    @property
+    def reference(self) -> SamplerVariant:
+        """The dense reference sampler: the run's own solver and steps, no reuse."""
+        s = self.config().sample
+        return SamplerVariant(s.scheduler, s.steps)
+
+
+def spec_from_config(cfg: RunConfig, out: Path, grid: Grid | None = None, **changes) -> Spec:
+    """A frontier spec from the run config's ``frontier`` section (``changes`` override it)."""
+    f = cfg.frontier
+    grid = grid or Grid(list(f.ratios), list(f.schedulers), list(f.steps), list(f.cache_intervals),
+                        list(f.precisions))  # fmt: skip
+    threads = f.threads or cfg.bench.threads
+    spec = Spec(config_to_dict(cfg), str(out), grid, f.backend, f.batch,
+                f.samples or cfg.quality.num_samples, threads, f.repeat, f.warmup)  # fmt: skip
+    spec = dataclasses.replace(spec, **{k: v for k, v in changes.items() if v is not None})
+    spec.grid.check()
+    return spec
+
+
+def lever_grid(cfg: RunConfig, levers: list[str], base: Grid | None = None) -> Grid:
+    """The grid a latency target may search: free levers span ``base`` (default: the ``frontier``
+    section), the others stay at the run's sampler (``sample.scheduler``/``steps``, no reuse, fp32)."""
+    f, s = base or cfg.frontier, cfg.sample
+    unknown = [lever for lever in levers if lever not in LEVERS]
+    if unknown:
+        raise UserError(f"prune.target_latency.levers: unknown lever {unknown[0]!r}; choose from {LEVERS}")
+    return Grid(
+        ratios=list(f.ratios) if "prune" in levers else [0.0],
+        schedulers=list(f.schedulers) if "scheduler" in levers else [s.scheduler],
+        steps=list(f.steps) if "steps" in levers else [s.steps],
+        cache_intervals=list(f.cache_intervals) if "cache" in levers else [1],
+        precisions=list(f.precisions) if "precision" in levers else ["fp32"],
+    )
+
+
+def apply_stack(cfg: RunConfig, stack: dict | None) -> RunConfig:
+    """The run config with what a chosen stack needs exported: its precision and, with reuse, the passes."""
+    if not stack:
+        return cfg
+    export = cfg.export
+    precisions = list(export.precisions)
+    for needed in ("fp32", stack["precision"]):
+        if needed not in precisions:
+            precisions.append(needed)
+    reuse = export.feature_reuse or stack["cache_interval"] > 1
+    if precisions == list(export.precisions) and reuse == export.feature_reuse:
+        return cfg
+    return dataclasses.replace(
+        cfg, export=dataclasses.replace(export, precisions=precisions, feature_reuse=reuse)
+    )

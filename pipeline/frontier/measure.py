@@ -1,0 +1,69 @@
+"""Measure a frontier: fit every ratio, score every stack (jobs), time every stack (here)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pipeline.context import log
+from pipeline.frontier.choice import QUALITY_KEYS, mark_noise, pareto
+from pipeline.frontier.fits import fit_ratio
+from pipeline.frontier.grid import Spec, Stack
+from pipeline.frontier.jobs import run_jobs
+from pipeline.frontier.scoring import reference_images, score_stack
+from pipeline.frontier.timing import time_stacks
+
+
+def measure(spec: Spec, ray: str | None = None, cpus: int | None = None) -> dict:
+    """Fit every ratio, score every stack (jobs), time every stack (here); the frontier as a dict."""
+    from tqdm import tqdm
+
+    stacks = spec.grid.stacks()
+    ratios = sorted({s.ratio for s in stacks} | {0.0})
+    log("frontier", f"{len(stacks)} stacks over {len(ratios)} pruning ratios -> {spec.root}")
+    fitted = {r["ratio"]: r for r in run_jobs(fit_ratio, [(spec, r) for r in ratios], ray, cpus)}
+    ref = run_jobs(reference_images, [(spec,)], ray, cpus)[0]
+    scores = dict(zip(stacks, run_jobs(score_stack, [(spec, s) for s in stacks], ray, cpus), strict=True))
+    bar = tqdm(total=len(stacks), desc="[frontier] timing", unit="stack", leave=False)
+
+    def shown(stack: Stack, t: dict) -> None:
+        bar.update(1)
+        log("frontier", f"{stack.label()}: {t['latency_ms']:.1f} ms, {t['speedup']:.2f}x, "
+                        f"{ref['metric']} {scores[stack]['fd']:.2f}")  # fmt: skip
+
+    try:
+        times = time_stacks(spec, stacks, shown)
+    finally:
+        bar.close()
+    points = []
+    for stack in stacks:
+        q, t = scores[stack], times[stack]
+        points.append({
+            "stack": stack.as_dict(), "key": stack.key(), "label": stack.label(),
+            "macs_kept": fitted[stack.ratio]["macs_kept"] if stack.ratio else 1.0,
+            "latency_ms": t["latency_ms"], "reference_ms": t["reference_ms"], "speedup": t["speedup"],
+            **{k: q[k] for k in QUALITY_KEYS},
+        })  # fmt: skip
+    for p, flag in zip(points, pareto(points), strict=True):
+        p["pareto"] = flag
+    mark_noise(points)
+    cfg = spec.config()
+    return {
+        "config": cfg.name,
+        "model": cfg.model.name,
+        "backend": spec.backend,
+        "batch": spec.batch,
+        "threads": spec.threads,
+        "samples": spec.samples,
+        "metric": ref["metric"],
+        "reference": {
+            "stack": Stack(0.0, spec.reference.scheduler, spec.reference.steps).as_dict(),
+            **{k: ref[k] for k in ("fd", "fd_ci", "kid", "kid_std", "kid_ci")},
+        },  # fmt: skip
+        "interval": {
+            "level": spec.config().quality.interval_level,
+            "resamples": spec.config().quality.resamples,
+        },  # fmt: skip
+        "grid": dataclasses.asdict(spec.grid),
+        "ratios": {f"{r:g}": fitted[r] for r in ratios},
+        "points": points,
+    }

@@ -1,0 +1,85 @@
+"""The nested runs behind a frontier, one per pruning ratio: their config, their stages, and the
+fingerprints that key every cached measurement to them (a changed nested stage re-measures its
+stacks). Fitting them (:mod:`pipeline.frontier.fits`) is apart, since it starts pipelines."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from compressor import runlayout
+from compressor.config import LatencyTarget, RunConfig, config_from_mapping, config_to_dict
+from pipeline.frontier.grid import Spec
+
+
+def ratio_overrides(spec: Spec, ratio: float) -> list[str]:
+    """What a ratio's nested run changes in the run config."""
+    grid = spec.grid
+    precisions = ["fp32"] + [p for p in ("fp16", "int8") if p in grid.precisions]
+    reuse = any(c > 1 for c in grid.cache_intervals)
+    over = [
+        f"prune.ratio={ratio}",
+        "prune.target_macs=null",
+        "prune.target_params=null",
+        "prune.target_latency.speedup=null",
+        "prune.target_latency.ms=null",
+        "prune.target_latency.levers=[prune]",
+        "prune.search=uniform",
+        f"export.precisions=[{','.join(precisions)}]",
+        f"export.feature_reuse={'true' if reuse else 'false'}",
+    ]
+    if ratio == 0:  # nothing is removed: no importance pass is needed
+        over.append("prune.method=magnitude")
+    return over
+
+
+def ratio_config(spec: Spec, ratio: float) -> RunConfig:
+    """A ratio's nested-run config: the run's, with no latency target of its own (so runs that
+    differ only in their target share the nested runs) and the ratio's overrides."""
+    base = {**spec.base, "prune": {**spec.base["prune"], "target_latency": config_to_dict(LatencyTarget())}}
+    return config_from_mapping(base, ratio_overrides(spec, ratio))
+
+
+# What a stack's images depend on besides the model (whose stage keys are fingerprinted).
+SAMPLING_SECTIONS = ("model", "data", "seed", "sample", "quality")
+
+
+def sampling_settings(cfg: RunConfig) -> dict:
+    d = config_to_dict(cfg)
+    return {k: d[k] for k in SAMPLING_SECTIONS}
+
+
+def ratio_stages(ratio: float, backend: str = "onnxruntime") -> list[str]:
+    """Ratio 0 is the dense model as it is: no finetune (its export holds the dense graphs); a
+    TensorRT frontier also builds the engines it times."""
+    stages = ["prune", "export"] if ratio == 0 else ["prune", "finetune", "export"]
+    return stages + ["build"] if backend == "tensorrt" else stages
+
+
+def fingerprint_of(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached(path: Path, fingerprint: str) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if data.get("fingerprint") == fingerprint else None
+
+
+def model_run(spec: Spec, ratio: float) -> tuple[Path, str]:
+    """(nested run, model name in it) of a ratio: ratio 0 is the dense model of its run."""
+    return runlayout.frontier_ratio_dir(spec.root, ratio), "dense" if ratio == 0 else "pruned"
+
+
+def ratio_key(spec: Spec, ratio: float) -> str:
+    """Fingerprint of a ratio's model and sampling: its nested stages' cache keys (each the hash of
+    the config sections and inputs that stage depends on) and the sampling settings."""
+    from compressor.records import read_record
+
+    run, _ = model_run(spec, ratio)
+    stages = {s: (read_record(run, s) or {}) for s in ratio_stages(ratio, spec.backend)}
+    keys = {s: getattr(r, "data", {}).get("cache", {}).get("key") for s, r in stages.items()}
+    return fingerprint_of(sampling_settings(ratio_config(spec, ratio)), keys)

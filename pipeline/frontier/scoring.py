@@ -1,0 +1,127 @@
+"""Jobs: the quality of every stack, against the dense reference sampler's images from the same
+seeds: the Frechet distance and KID with the quality stage's features, SSIM, each with its paired
+interval. fp32 stacks sample in torch (the same images on every backend), fp16 and int8 through
+ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+
+from compressor import runlayout
+from pipeline.context import log, write_json
+from pipeline.frontier.grid import Spec, Stack
+from pipeline.frontier.nested import (
+    cached,
+    fingerprint_of,
+    model_run,
+    ratio_config,
+    ratio_key,
+    sampling_settings,
+)
+
+
+def reference_images(spec: Spec) -> dict:
+    """Job: the dense reference sampler's images (torch fp32) and their Frechet distance."""
+    import numpy as np
+    import torch
+
+    from compressor.sampling import generate, make_scheduler
+    from pipeline.context import RunContext
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    cfg = ratio_config(spec, 0.0)
+    ref = spec.reference
+    path = runlayout.frontier_points_dir(spec.root) / "reference.json"
+    fingerprint = fingerprint_of(sampling_settings(cfg), str(ref), spec.samples)
+    images_file = runlayout.frontier_points_dir(spec.root) / "reference-images.npy"
+    found = cached(path, fingerprint)
+    if found is not None and images_file.is_file():
+        return found
+    ctx = RunContext(cfg, runlayout.frontier_ratio_dir(spec.root, 0.0))
+    log("frontier", f"reference: dense {ref.scheduler} {ref.steps} steps, {spec.samples} images")
+    images = generate(
+        ctx.torch_predictor(ctx.dense.unet), make_scheduler(ref.scheduler, ctx.dense.scheduler_config),
+        ctx.image_shape(), spec.samples, ref.steps, seed=cfg.sample.seed, batch_size=cfg.sample.batch_size,
+    )  # fmt: skip
+    scorer, metric = make_frontier_scorer(ctx)
+    score = scorer.score(images)
+    images_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = images_file.with_name(images_file.name + ".tmp.npy")
+    np.save(tmp, images.numpy())
+    tmp.replace(images_file)
+    reps = runlayout.frontier_points_dir(spec.root) / "reference-fd-replicates.npy"
+    np.save(reps.with_name(reps.name + ".tmp.npy"), score.fd_reps.numpy())
+    reps.with_name(reps.name + ".tmp.npy").replace(reps)
+    figures = scorer.figures(score, "fd")
+    result = {"fingerprint": fingerprint, "metric": metric, "reference": str(ref), **figures}
+    write_json(path, result)
+    return result
+
+
+def make_frontier_scorer(ctx):
+    """The quality stage's scorer (features, KID scale, bootstrap) for a frontier job, and the metric."""
+    from compressor.data import stack
+    from compressor.quality import make_scorer
+    from pipeline.stages.quality import bootstrap
+
+    feature, metric = ctx.frechet_features()
+    real = (stack(ctx.dataset, ctx.cfg.quality.num_reference) + 1) / 2
+    return make_scorer(real, feature, metric, bootstrap(ctx), ctx.cfg.quality.inception_weights), metric
+
+
+def score_stack(spec: Spec, stack: Stack) -> dict:
+    """Job: a stack's Frechet distance and SSIM vs the reference images (needs :func:`reference_images`)."""
+    import numpy as np
+    import torch
+
+    from compressor.intervals import ssim_figures
+    from compressor.persist import load_unet
+    from compressor.records import final_model_dir
+    from compressor.sampling import generate, make_scheduler
+    from deploy.runtimes import load_backend
+    from pipeline.context import RunContext
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    cfg = ratio_config(spec, stack.ratio)
+    path = runlayout.frontier_points_dir(spec.root) / f"{stack.key()}.quality.json"
+    fingerprint = fingerprint_of(
+        ratio_key(spec, stack.ratio), stack.as_dict(), spec.samples, str(spec.reference)
+    )
+    found = cached(path, fingerprint)
+    if found is not None:
+        return found
+    run, model = model_run(spec, stack.ratio)
+    ctx = RunContext(cfg, run)
+    level = cfg.sample.cache_level if stack.cache_interval > 1 else None
+    if stack.precision == "fp32":  # the same images on every backend: torch
+        unet = ctx.dense.unet if model == "dense" else load_unet(final_model_dir(run)[1])[0]
+        predict = load_backend("torch", unet=unet, cache_level=level).predict
+    else:  # fp16 / int8: the ONNX file that runs them
+        predict = load_backend("onnxruntime", run_dir=run, model=model, precision=stack.precision,
+                               threads=spec.threads, cache_level=level).predict  # fmt: skip
+    log("frontier", f"quality: {stack.label()}, {spec.samples} images")
+    images = generate(
+        predict, make_scheduler(stack.scheduler, ctx.dense.scheduler_config), ctx.image_shape(),
+        spec.samples, stack.steps, seed=cfg.sample.seed, batch_size=cfg.sample.batch_size,
+        cache_interval=stack.cache_interval, cache_schedule=cfg.sample.cache_schedule,
+    )  # fmt: skip
+    scorer, metric = make_frontier_scorer(ctx)
+    score = scorer.score(images)
+    points = runlayout.frontier_points_dir(spec.root)
+    reference = torch.from_numpy(np.load(points / "reference-images.npy"))
+    ref_fd = json.loads((points / "reference.json").read_text())["fd"]  # the reference job's
+    ref_reps = torch.from_numpy(np.load(points / "reference-fd-replicates.npy"))
+    ratio = score.fd / ref_fd
+    result = {
+        "fingerprint": fingerprint,
+        "metric": metric,
+        **scorer.figures(score, "fd"),
+        "fd_ratio": ratio,
+        "fd_ratio_ci": scorer.boot.interval(ratio, score.fd_reps / ref_reps),
+    }
+    sim = ssim_figures(scorer.boot, images, reference)
+    result.update(ssim=sim["ssim_vs_dense"], ssim_ci=sim["ssim_vs_dense_ci"])
+    write_json(path, result)
+    return result

@@ -1,0 +1,73 @@
+"""Where stacks are timed: each stack's whole sampler, alternately with the dense reference sampler,
+in this process on the backend it ships on (never farmed out: timings must not share the machine)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from compressor import runlayout
+from pipeline.context import write_json
+from pipeline.frontier.grid import Spec, Stack
+from pipeline.frontier.nested import cached, fingerprint_of, model_run, ratio_config, ratio_key
+
+
+def time_stacks(
+    spec: Spec, stacks: list[Stack], on_point: Callable[[Stack, dict], None] | None = None
+) -> dict:
+    """Time each stack's sampler alternately with the dense reference sampler (this process)."""
+    import torch
+
+    from compressor.sampling import make_scheduler
+    from deploy.bench import host_facts, percentile_ms, sampler_call, time_alternating
+    from deploy.runtimes import load_backend
+    from pipeline.context import RunContext
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    cfg = ratio_config(spec, 0.0)
+    ctx = RunContext(cfg, runlayout.frontier_ratio_dir(spec.root, 0.0))
+    shape, sched_cfg, ref = ctx.image_shape(), ctx.dense.scheduler_config, spec.reference
+    host = host_facts()
+    predictors: dict = {}
+
+    def predictor(ratio: float, precision: str, reuse: bool):
+        key = (ratio, precision, reuse)
+        if key not in predictors:
+            run, model = model_run(spec, ratio)
+            level = cfg.sample.cache_level if reuse else None
+            unet = None
+            if spec.backend == "torch":
+                from compressor.persist import load_unet
+                from compressor.records import final_model_dir
+
+                unet = ctx.dense.unet if model == "dense" else load_unet(final_model_dir(run)[1])[0]
+            predictors[key] = load_backend(spec.backend, unet=unet, run_dir=run, model=model,
+                                           precision=precision, threads=spec.threads,
+                                           device=ctx.device, cache_level=level).predict  # fmt: skip
+        return predictors[key]
+
+    reference = sampler_call(predictor(0.0, "fp32", False), make_scheduler(ref.scheduler, sched_cfg),
+                             shape, spec.batch, ref.steps, ctx.device)  # fmt: skip
+    out = {}
+    ratio_keys = {r: ratio_key(spec, r) for r in {s.ratio for s in stacks}}  # records read once per ratio
+    for stack in stacks:
+        path = (
+            runlayout.frontier_points_dir(spec.root)
+            / f"{stack.key()}.latency.{spec.backend}-b{spec.batch}.json"
+        )
+        fingerprint = fingerprint_of(ratio_keys[stack.ratio], stack.as_dict(), str(ref), spec.backend,
+                                   spec.batch, spec.threads, spec.repeat, spec.warmup, host)  # fmt: skip
+        found = cached(path, fingerprint)
+        if found is None:
+            call = sampler_call(predictor(stack.ratio, stack.precision, stack.cache_interval > 1),
+                                make_scheduler(stack.scheduler, sched_cfg), shape, spec.batch, stack.steps,
+                                ctx.device, stack.cache_interval, cfg.sample.cache_schedule)  # fmt: skip
+            times = time_alternating({"reference": reference, "candidate": call}, spec.warmup, spec.repeat)
+            ref_ms, ms = percentile_ms(times["reference"])[0], percentile_ms(times["candidate"])[0]
+            found = {"fingerprint": fingerprint, "latency_ms": ms, "reference_ms": ref_ms,
+                     "speedup": ref_ms / ms, "host": host}  # fmt: skip
+            write_json(path, found)
+        out[stack] = found
+        if on_point:
+            on_point(stack, found)
+    return out

@@ -1,0 +1,45 @@
+"""No circle of imports anywhere in the project's packages, and no long module without a reason."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("import_graph", ROOT / "scripts" / "import_graph.py")
+import_graph = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(import_graph)
+
+
+def test_there_is_no_circle_of_imports():
+    edges = import_graph.graph(ROOT)
+    assert "pipeline.runner" in edges and "pipeline.frontier.target" in edges
+    assert import_graph.cycles(edges) == []
+
+
+def test_the_graph_finds_a_circle_and_the_package_inits_an_import_runs(tmp_path):
+    """The check can fail: a circle through a package's __init__ is found."""
+    pkg = tmp_path / "pipeline"
+    (pkg / "inner").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "inner" / "__init__.py").write_text("from pipeline.inner.light import x\n")
+    (pkg / "inner" / "light.py").write_text("x = 1\n")
+    (pkg / "inner" / "heavy.py").write_text("def f():\n    from pipeline.runner import go\n")
+    (pkg / "runner.py").write_text("from pipeline.stage import s\n")
+    (pkg / "stage.py").write_text("from pipeline.inner.light import x\ns = 1\n")
+    edges = import_graph.graph(tmp_path)
+    assert import_graph.cycles(edges) == []  # the stage imports the light module: no circle
+    (pkg / "inner" / "__init__.py").write_text("from pipeline.inner.heavy import f\n")
+    assert import_graph.cycles(import_graph.graph(tmp_path)) == [
+        ["pipeline.inner", "pipeline.inner.heavy", "pipeline.runner", "pipeline.stage"]
+    ]
+
+
+def test_a_long_module_says_why():
+    for n, name in import_graph.lengths(ROOT):
+        if n <= import_graph.LONG:
+            break
+        path = import_graph.modules(ROOT)[name]
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        assert "Long because" in doc, f"{name} has {n} lines; split it or say why in its docstring"
