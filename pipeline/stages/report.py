@@ -382,9 +382,13 @@ def quality_section(doc: Doc, m: QualityMetrics) -> None:
         ],
     )  # fmt: skip
     level = m.interval.get("level")
+    how = (
+        f"a paired delete-a-group jackknife over the seeds ({m.interval.get('resamples')} groups)"
+        if m.interval.get("method", "bootstrap") == "jackknife"
+        else f"a paired bootstrap over the seeds ({m.interval.get('resamples')} resamples)"
+    )
     intervals = (
-        f" Brackets: {level:.0%} intervals from a paired bootstrap over the seeds "
-        f"({m.interval.get('resamples')} resamples): what another draw of as many seeds would likely give."
+        f" Brackets: {level:.0%} intervals from {how}: what another draw of as many seeds would likely give."
         if level
         else ""
     )
