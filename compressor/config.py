@@ -300,6 +300,9 @@ class QualityConfig:
         "torch", "backend sampling the dense and final model (tensorrt: the engines, on GPU)"
     )
     compare_raw: bool = _spec(True, "also score the finetune's raw (non-EMA) weights")
+    compare_pruned: bool = _spec(
+        True, "also score the pruned model before finetuning (what the finetune recovered)"
+    )
     interval_level: float = _spec(
         0.95, "level of every quality figure's interval (paired over seeds)", gt=0.0, lt=1.0
     )

@@ -193,6 +193,21 @@ def test_an_inconclusive_gate_ends_the_run_with_exit_4_and_the_bundle_carries_it
 
 
 @pytest.mark.slow
+def test_quality_may_leave_the_unfinetuned_model_out(finished_run, tmp_path):
+    import shutil
+
+    cfg_path, run_dir = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    argv = [str(cfg_path), "quality.compare_pruned=false", "--stages", "quality", "--run-dir", str(copy)]
+    assert main(argv) == 0
+    models = json.loads((copy / "quality" / "record.json").read_text())["metrics"]["models"]
+    before = json.loads((run_dir / "quality" / "record.json").read_text())["metrics"]["models"]
+    assert "pruned" in before and set(models) == set(before) - {"pruned"}
+    assert models["finetuned"]["fd_ratio"] == pytest.approx(before["finetuned"]["fd_ratio"])  # same seeds
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 def test_sample_command_from_a_finished_run(finished_run, backend, tmp_path):
     _, run_dir = finished_run

@@ -75,12 +75,15 @@ def _frechet_note(ctx: RunContext, metric: str) -> str | None:
 
 
 def _models(ctx: RunContext) -> dict:
-    """Label -> torch UNet: dense, pruned, finetuned and (``compare_raw``) finetune's raw weights."""
+    """Label -> torch UNet: dense, pruned (unless ``compare_pruned`` is off and a finetuned model
+    exists), finetuned and (``compare_raw``) finetune's raw weights."""
     models = {"dense": ctx.dense_on()}
     for stage, label in MODEL_LABELS.items():
         rec = ctx.record(stage)
         if rec is not None and rec.ok:  # a skipped finetune wrote no model
             models[label] = load_unet(runlayout.model_dir(ctx.run_dir, stage), ctx.device)[0]
+    if not ctx.cfg.quality.compare_pruned and "finetuned" in models:
+        del models["pruned"]  # only the final model is gated; its samples cost as much as dense's
     raw = runlayout.model_dir(ctx.run_dir, "finetune", raw=True)
     if ctx.cfg.quality.compare_raw and "finetuned" in models and raw.is_dir():
         # the raw (non-EMA) weights too, to show which copy is the better one
