@@ -1,7 +1,7 @@
 """Each lever alone on the dense model and stacked on the pruned one: latency vs dense DDIM 50, quality.
 
     python scripts/levers_table.py CONFIG [key=value ...] [--run-dir RUN] [--backend onnxruntime]
-                                   [--batches 1,16] [--samples 256] [--repeat 3] [--threads N]
+                                   [--batches 1,16] [--samples 1024] [--repeat 3] [--threads N]
                                    [--latency-only] [--warmup 1]
 
 Needs a finished run (prune, finetune, export with ``export.feature_reuse=true``):
@@ -14,9 +14,10 @@ For every configuration (model, scheduler, steps, cache interval) it times the w
 sampler on ``--backend`` alternately with the dense model's DDIM 50 sampler in the same
 process (medians of ``--repeat`` runs; speed-up = dense DDIM 50 ms / this ms) and scores
 ``--samples`` images from the quality stage's seeds in torch fp32 (an fp32 sampler's images
-do not depend on the backend): the Frechet distance with the quality stage's features and
-SSIM against dense DDIM 50's images from the same seeds. Writes RUN/levers/levers.{json,md}
-and prints the table.
+do not depend on the backend): the Frechet distance and KID with the quality stage's features
+and SSIM against dense DDIM 50's images from the same seeds, each with its interval paired over
+the seeds (the Frechet ratio's is that of the replicated ratio, see docs/quality.md). Writes
+RUN/levers/levers.{json,md} and prints the table.
 
 ``--latency-only`` (an architecture with random weights, whose images mean nothing) skips the
 scoring and times a shorter list of rows (one per lever, :data:`LATENCY_ROWS`); the run needs
@@ -42,9 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from compressor import runlayout  # noqa: E402
 from compressor.config import SamplerVariant, load_config  # noqa: E402
-from compressor.data import stack  # noqa: E402
 from compressor.persist import load_unet  # noqa: E402
-from compressor.quality import frechet_distance, ssim  # noqa: E402
 from compressor.records import final_model_dir  # noqa: E402
 from compressor.sampling import generate, make_scheduler  # noqa: E402
 from deploy.bench import percentile_ms, sampler_call, time_alternating  # noqa: E402
@@ -81,10 +80,13 @@ LATENCY_ROWS = [  # --latency-only: each lever once on the dense model, and stac
 
 
 def score(ctx: RunContext, configs: list, scored: dict, samples: int) -> dict:
-    """Frechet distance, its ratio to dense DDIM 50's and SSIM vs dense DDIM 50, per configuration."""
+    """Frechet distance, KID, the Frechet ratio to dense DDIM 50's and SSIM vs dense DDIM 50, per
+    configuration, each with its interval paired over the seeds (the quality stage's scorer)."""
+    from compressor.intervals import paired, ssim_figures
+    from pipeline.frontier.scoring import make_frontier_scorer
+
     cfg = ctx.cfg
-    feature, metric = ctx.frechet_features()
-    reference_images = (stack(ctx.dataset, cfg.quality.num_reference) + 1) / 2
+    scorer, metric = make_frontier_scorer(ctx)
     images = {}
     for model, v, precision in configs:
         images[(model, str(v), precision)] = generate(
@@ -99,19 +101,28 @@ def score(ctx: RunContext, configs: list, scored: dict, samples: int) -> dict:
             cache_schedule=cfg.sample.cache_schedule,
         )
     ref_images = images[(REFERENCE[0], str(REFERENCE[1]), REFERENCE[2])]
-    fd_ref = frechet_distance(reference_images, ref_images, feature)
+    ref_score = scorer.score(ref_images)
     out = {}
     for model, v, precision in configs:
         imgs = images[(model, str(v), precision)]
-        fd = frechet_distance(reference_images, imgs, feature)
+        s = scorer.score(imgs)
+        figures = scorer.figures(s, "fd")
+        ratio = paired(scorer.boot, s, ref_score)
         is_ref = (model, v, precision) == REFERENCE
+        sim = None if is_ref else ssim_figures(scorer.boot, imgs, ref_images)
         out[(model, str(v), precision)] = {
             "metric": metric,
-            "fd": fd,
-            "ratio": fd / fd_ref,
-            "ssim": None if is_ref else ssim(imgs, ref_images),
+            **figures,
+            "ratio": ratio["fd_ratio"],
+            "ratio_ci": ratio["fd_ratio_ci"],
+            "ssim": sim["ssim_vs_dense"] if sim else None,
+            "ssim_ci": sim["ssim_vs_dense_ci"] if sim else None,
         }
     return out
+
+
+def _ci(value: float, ci: list | None, digits: int) -> str:
+    return f"{value:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
 
 
 def main() -> int:
@@ -121,7 +132,7 @@ def main() -> int:
     parser.add_argument("--run-dir", type=Path)
     parser.add_argument("--backend", default="onnxruntime")
     parser.add_argument("--batches", default="1,16")
-    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--samples", type=int, default=1024)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--latency-only", action="store_true", help="time the rows, score nothing")
@@ -179,7 +190,10 @@ def main() -> int:
         if scores:
             found = scores[(model, str(v), precision)]
             row[metric], row["fd_ratio"] = found["fd"], found["ratio"]
+            row[f"{metric}_ci"], row["fd_ratio_ci"] = found["fd_ci"], found["ratio_ci"]
+            row["kid"], row["kid_ci"] = found["kid"], found["kid_ci"]
             row["ssim_vs_dense_ddim50"] = found["ssim"]
+            row["ssim_vs_dense_ddim50_ci"] = found["ssim_ci"]
         for batch in [int(b) for b in args.batches.split(",")]:
             ref_call = sampler_call(
                 deployed[("dense", False, "fp32")], make_scheduler("ddim", sched_cfg), shape, batch, 50, "cpu"
@@ -204,14 +218,21 @@ def main() -> int:
     header = ["model", "sampler", "cache interval", "precision"]
     header += [f"ms (batch {b})" for b in batches] + [f"speed-up (batch {b})" for b in batches]
     if scores:
-        header += [metric, "Frechet ratio", "SSIM vs dense DDIM 50"]
+        header += [metric, "Frechet ratio", "KID x 1e3", "SSIM vs dense DDIM 50"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [r["model"], f"{r['scheduler']} {r['steps']}", str(r["cache_interval"]), r["precision"]]
         cells += [f"{r[f'ms_b{b}']:.1f}" for b in batches] + [f"{r[f'speedup_b{b}']:.2f}x" for b in batches]
         if scores:
-            ssim_text = "-" if r["ssim_vs_dense_ddim50"] is None else f"{r['ssim_vs_dense_ddim50']:.3f}"
-            cells += [f"{r[metric]:.1f}", f"{r['fd_ratio']:.2f}", ssim_text]
+            s = r["ssim_vs_dense_ddim50"]
+            ssim_text = "-" if s is None else _ci(s, r["ssim_vs_dense_ddim50_ci"], 3)
+            kid = _ci(1e3 * r["kid"], [1e3 * k for k in r["kid_ci"]], 2)
+            cells += [
+                _ci(r[metric], r[f"{metric}_ci"], 1),
+                _ci(r["fd_ratio"], r["fd_ratio_ci"], 2),
+                kid,
+                ssim_text,
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     out = runlayout.levers_dir(run)
