@@ -96,6 +96,34 @@ def test_choose_prefers_the_fastest_stack_within_noise_of_the_best():
     assert points[4]["within_noise"] == [points[0]["key"], points[1]["key"]]
 
 
+def test_within_noise_is_the_paired_difference_when_replicates_are_kept():
+    """Two stacks whose intervals overlap but whose paired difference is clear are not within noise;
+    the choice then stays with the best stack."""
+    import torch
+
+    from compressor.intervals import Resampling
+
+    boot = Resampling(method="jackknife")
+    g = torch.Generator().manual_seed(0)
+    common = 10 + 3 * torch.randn(200, generator=g, dtype=torch.float64)  # what every stack's seeds share
+    jitter = 0.02 * torch.randn(200, generator=g, dtype=torch.float64)
+    reps = {
+        "r0-ddim-50-c1-fp32": common,
+        "r0-ddim-20-c1-fp32": common + 1.0,
+        "r0-ddim-10-c1-fp32": common + jitter,
+    }
+    points = [
+        _point("dense 50", 1.0, 10.0, ci=[5.0, 15.0]),
+        _point("dense 20", 2.5, 11.0, steps=20, ci=[6.0, 16.0]),  # overlaps, but 1.0 worse on every seed
+        _point("dense 10", 4.0, 10.01, steps=10, ci=[5.0, 15.0]),  # the same on every seed, within noise
+    ]
+    fr.mark_noise(points, reps, boot)
+    assert points[1]["within_noise"] == [] and points[2]["within_noise"] == [points[0]["key"]]
+    chosen = fr.choose(points, speedup=2)
+    assert chosen["label"] == "dense 10" and "paired interval" in chosen["choice"]["rule"]
+    assert fr.choose(points[:2], speedup=1)["label"] == "dense 50"  # dense 20 is clearly worse
+
+
 def test_levers_that_may_not_move_stay_at_the_runs_sampler(tiny_config):
     cfg = load_config(tiny_config, ["sample.scheduler=dpmsolver++", "sample.steps=7"])
     grid = fr.lever_grid(cfg, ["prune"])

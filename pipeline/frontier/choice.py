@@ -1,5 +1,12 @@
-"""The Pareto rule and the choice: which points no other beats, which are within noise of each other
-(overlapping Frechet intervals), and the stack a latency target chooses."""
+"""The Pareto rule and the choice: which points no other beats, which are within noise of each other,
+and the stack a latency target chooses.
+
+Two stacks are *within noise* of each other when the paired interval of their Frechet difference
+holds zero: every stack samples the same seeds, so one replicate (a group of seeds left out) is
+applied to both and the difference's interval is far tighter than the overlap of two intervals
+(two 95% intervals can overlap while the difference is clear). Points without replicates fall
+back to the overlap of their intervals.
+"""
 
 from __future__ import annotations
 
@@ -29,20 +36,27 @@ def point_interval(point: dict) -> list[float]:
     return point.get("fd_ci") or [point["fd"], point["fd"]]
 
 
-def mark_noise(points: list[dict]) -> None:
-    """``within_noise``: the keys of the other points whose Frechet interval overlaps this one's."""
+def mark_noise(points: list[dict], replicates: dict | None = None, boot=None) -> None:
+    """``within_noise``: the keys of the other points within noise of this one. With ``replicates``
+    (key -> the Frechet replicates of a point's seeds) and ``boot`` (their Resampling): the paired
+    interval of the difference holds zero; otherwise the two Frechet intervals overlap."""
     from compressor.intervals import overlap
 
+    def tied(p: dict, q: dict) -> bool:
+        if replicates is not None and p["key"] in replicates and q["key"] in replicates:
+            low, high = boot.interval(p["fd"] - q["fd"], replicates[p["key"]] - replicates[q["key"]])
+            return low <= 0 <= high
+        return overlap(point_interval(p), point_interval(q))
+
     for p in points:
-        p["within_noise"] = [
-            q["key"] for q in points if q is not p and overlap(point_interval(p), point_interval(q))
-        ]
+        p["within_noise"] = [q["key"] for q in points if q is not p and tied(p, q)]
 
 
 def choose(points: list[dict], speedup: float | None = None, ms: float | None = None,
            margin: float = 0.0, grid: Grid | None = None) -> dict | None:  # fmt: skip
-    """Among the points meeting the target (with ``margin``) within ``grid``: the fastest of those whose
-    Frechet interval overlaps that of the best (lowest Frechet distance) such point.
+    """Among the points meeting the target (with ``margin``) within ``grid``: the fastest of those within
+    noise of the best (lowest Frechet distance) such point: listed in its ``within_noise`` (see
+    :func:`mark_noise`), or, for points without that list, whose Frechet interval overlaps the best's.
 
     A point whose quality cannot be told from the best one's at this sample count is as good, so
     the faster wins. The returned point carries ``choice``: the rule, the best point, the stacks
@@ -61,10 +75,22 @@ def choose(points: list[dict], speedup: float | None = None, ms: float | None = 
     if not meets:
         return None
     best = min(meets, key=lambda p: (p["fd"], -p["speedup"]))
-    tied = [p for p in meets if p is best or overlap(point_interval(p), point_interval(best))]
+    paired = "within_noise" in best
+
+    def within(p: dict) -> bool:
+        if paired:
+            return best["key"] in p.get("within_noise", [])
+        return overlap(point_interval(p), point_interval(best))
+
+    tied = [p for p in meets if p is best or within(p)]
     chosen = max(tied, key=lambda p: (p["speedup"], -p["fd"]))
     choice = {
-        "rule": "fastest stack meeting the target whose Frechet interval overlaps the best such stack's",
+        "rule": "fastest stack meeting the target whose Frechet distance is within noise of the best such "
+        + (
+            "stack's (the paired interval of their difference holds zero)"
+            if paired
+            else "stack's (their intervals overlap)"
+        ),
         "meeting_target": len(meets),
         "best": {k: best[k] for k in ("key", "label", "speedup", "fd") if k in best}
         | {"fd_ci": point_interval(best)},

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
+from compressor.intervals import Resampling
 from pipeline.context import log
 from pipeline.frontier.choice import QUALITY_KEYS, mark_noise, pareto
 from pipeline.frontier.fits import fit_ratio
 from pipeline.frontier.grid import Spec, Stack
 from pipeline.frontier.jobs import run_jobs
-from pipeline.frontier.scoring import reference_images, score_stack
+from pipeline.frontier.scoring import load_replicates, reference_images, score_stack
 from pipeline.frontier.timing import time_stacks
 
 
@@ -45,8 +46,10 @@ def measure(spec: Spec, ray: str | None = None, cpus: int | None = None) -> dict
         })  # fmt: skip
     for p, flag in zip(points, pareto(points), strict=True):
         p["pareto"] = flag
-    mark_noise(points)
     cfg = spec.config()
+    q = cfg.quality
+    boot = Resampling(q.interval_level, q.resamples, cfg.seed, q.interval_method)  # the scorers' own
+    mark_noise(points, load_replicates(spec, stacks), boot)
     return {
         "config": cfg.name,
         "model": cfg.model.name,
@@ -60,8 +63,10 @@ def measure(spec: Spec, ray: str | None = None, cpus: int | None = None) -> dict
             **{k: ref[k] for k in ("fd", "fd_ci", "kid", "kid_std", "kid_ci")},
         },  # fmt: skip
         "interval": {
-            "level": spec.config().quality.interval_level,
-            "resamples": spec.config().quality.resamples,
+            "level": q.interval_level,
+            "resamples": q.resamples,
+            "method": q.interval_method,
+            "within_noise": "the paired interval of the Frechet difference holds zero",
         },  # fmt: skip
         "grid": dataclasses.asdict(spec.grid),
         "ratios": {f"{r:g}": fitted[r] for r in ratios},

@@ -45,9 +45,17 @@ def ratio_config(spec: Spec, ratio: float) -> RunConfig:
 SAMPLING_SECTIONS = ("model", "data", "seed", "sample", "quality")
 
 
+# Quality settings a frontier's images and scores do not depend on (it sets its own sample count and
+# backend), left out of its fingerprints so that a run's other settings reuse its measurements.
+NOT_SAMPLING = ("num_samples", "compare_raw", "compare_pruned", "require_fid", "backend")
+
+
 def sampling_settings(cfg: RunConfig) -> dict:
+    """The settings a frontier's images and their scores depend on, besides the models."""
     d = config_to_dict(cfg)
-    return {k: d[k] for k in SAMPLING_SECTIONS}
+    out = {k: d[k] for k in SAMPLING_SECTIONS}
+    out["quality"] = {k: v for k, v in out["quality"].items() if k not in NOT_SAMPLING}
+    return out
 
 
 def ratio_stages(ratio: float, backend: str = "onnxruntime") -> list[str]:

@@ -6,6 +6,7 @@ ONNX Runtime."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from compressor import runlayout
 from pipeline.context import log, write_json
@@ -18,6 +19,19 @@ from pipeline.frontier.nested import (
     ratio_key,
     sampling_settings,
 )
+
+
+def replicates_file(spec: Spec, stack: Stack) -> Path:
+    """Where a stack's Frechet replicates (one per jackknife group or bootstrap draw) are kept."""
+    return runlayout.frontier_points_dir(spec.root) / f"{stack.key()}.fd-replicates.npy"
+
+
+def load_replicates(spec: Spec, stacks: list[Stack]) -> dict:
+    """Stack key -> its Frechet replicates (float64 tensor), for the stacks :func:`score_stack` scored."""
+    import numpy as np
+    import torch
+
+    return {s.key(): torch.from_numpy(np.load(replicates_file(spec, s))) for s in stacks}
 
 
 def reference_images(spec: Spec) -> dict:
@@ -90,7 +104,7 @@ def score_stack(spec: Spec, stack: Stack) -> dict:
         ratio_key(spec, stack.ratio), stack.as_dict(), spec.samples, str(spec.reference)
     )
     found = cached(path, fingerprint)
-    if found is not None:
+    if found is not None and replicates_file(spec, stack).is_file():
         return found
     run, model = model_run(spec, stack.ratio)
     ctx = RunContext(cfg, run)
@@ -123,5 +137,8 @@ def score_stack(spec: Spec, stack: Stack) -> dict:
     }
     sim = ssim_figures(scorer.boot, images, reference)
     result.update(ssim=sim["ssim_vs_dense"], ssim_ci=sim["ssim_vs_dense_ci"])
+    reps = replicates_file(spec, stack)  # for the paired differences between stacks (choice.py)
+    np.save(reps.with_name(reps.name + ".tmp.npy"), score.fd_reps.numpy())
+    reps.with_name(reps.name + ".tmp.npy").replace(reps)
     write_json(path, result)
     return result

@@ -98,8 +98,11 @@ def noise_note(frontier: dict) -> str:
     if not level:
         return "none recorded (measured before intervals)"
     how = "paired jackknife" if interval.get("method", "jackknife") == "jackknife" else "paired bootstrap"
-    return (f"{level:.0%} intervals, {how} over the seeds; points whose Frechet intervals "
-            "overlap are within noise of each other")  # fmt: skip
+    rule = ("the paired interval of their Frechet difference holds zero" if interval.get("within_noise")
+            else "their Frechet intervals overlap")  # fmt: skip
+    return (
+        f"{level:.0%} intervals, {how} over the seeds; two points are within noise of each other when {rule}"
+    )
 
 
 def choice_text(c: dict, target: str, metric: str) -> str:
