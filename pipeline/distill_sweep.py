@@ -100,8 +100,7 @@ class Scorer:
 
     def __init__(self, ctx: RunContext, seed: int) -> None:
         from compressor.data import stack
-        from compressor.intervals import Resampling
-        from compressor.quality import inception_unavailable, make_scorer
+        from compressor.quality import inception_unavailable, make_scorer, resampling
 
         self.ctx = ctx
         feature, self.metric = ctx.frechet_features()
@@ -112,7 +111,7 @@ class Scorer:
                 "install the `fid` extra and set quality.inception_weights, or quality.feature=digits"
             )
         q = ctx.cfg.quality
-        self.boot = Resampling(q.interval_level, q.resamples, seed, q.interval_method)
+        self.boot = resampling(q, seed)
         reference = (stack(ctx.dataset, q.num_reference) + 1) / 2
         self.scorer = make_scorer(reference, feature, self.metric, self.boot, q.inception_weights)
         self.steps = q.steps or ctx.cfg.sample.steps

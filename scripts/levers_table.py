@@ -49,6 +49,7 @@ from compressor.sampling import generate, make_scheduler  # noqa: E402
 from deploy.bench import percentile_ms, sampler_call, time_alternating  # noqa: E402
 from deploy.runtimes import load_backend  # noqa: E402
 from pipeline.context import RunContext  # noqa: E402
+from pipeline.frontier.tables import kid_text, with_ci  # noqa: E402
 
 REFERENCE = ("dense", SamplerVariant("ddim", 50), "fp32")
 DENSE = ["ddim:25", "ddim:10", "dpmsolver++:20", "dpmsolver++:10", "ddim:50:2", "ddim:50:3", "ddim:50:5"]
@@ -119,10 +120,6 @@ def score(ctx: RunContext, configs: list, scored: dict, samples: int) -> dict:
             "ssim_ci": sim["ssim_vs_dense_ci"] if sim else None,
         }
     return out
-
-
-def _ci(value: float, ci: list | None, digits: int) -> str:
-    return f"{value:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
 
 
 def main() -> int:
@@ -225,11 +222,11 @@ def main() -> int:
         cells += [f"{r[f'ms_b{b}']:.1f}" for b in batches] + [f"{r[f'speedup_b{b}']:.2f}x" for b in batches]
         if scores:
             s = r["ssim_vs_dense_ddim50"]
-            ssim_text = "-" if s is None else _ci(s, r["ssim_vs_dense_ddim50_ci"], 3)
-            kid = _ci(1e3 * r["kid"], [1e3 * k for k in r["kid_ci"]], 2)
+            ssim_text = "-" if s is None else with_ci(s, r["ssim_vs_dense_ddim50_ci"], 3)
+            kid = kid_text(r["kid"], r["kid_ci"])
             cells += [
-                _ci(r[metric], r[f"{metric}_ci"], 1),
-                _ci(r["fd_ratio"], r["fd_ratio_ci"], 2),
+                with_ci(r[metric], r[f"{metric}_ci"], 1),
+                with_ci(r["fd_ratio"], r["fd_ratio_ci"], 2),
                 kid,
                 ssim_text,
             ]

@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from compressor import runlayout  # noqa: E402
 from compressor.config import load_config  # noqa: E402
 from compressor.data import stack  # noqa: E402
-from compressor.intervals import Resampling, difference, paired  # noqa: E402
+from compressor.intervals import difference, paired  # noqa: E402
 from compressor.persist import load_unet  # noqa: E402
-from compressor.quality import make_scorer  # noqa: E402
+from compressor.quality import make_scorer, resampling  # noqa: E402
 from compressor.sampling import denoise, initial_noise, make_scheduler  # noqa: E402
 from pipeline.context import RunContext  # noqa: E402
 
@@ -113,8 +113,7 @@ def main() -> int:
     limit = cfg.acceptance.max_fd_ratio or 1.5
     feature, metric = ctx.frechet_features()
     reference = (stack(ctx.dataset, q.num_reference) + 1) / 2
-    jack = Resampling(q.interval_level, q.resamples, cfg.seed, "jackknife")
-    boot = Resampling(q.interval_level, q.resamples, cfg.seed, "bootstrap")
+    jack, boot = resampling(q, cfg.seed, "jackknife"), resampling(q, cfg.seed, "bootstrap")
     scorers = {"jackknife": make_scorer(reference, feature, metric, jack), "bootstrap": None}
     scorers["bootstrap"] = make_scorer(reference, feature, metric, boot)
     models = {

@@ -72,9 +72,7 @@ def _key_exists(path: list[str]) -> bool:
     return True
 
 
-SECTIONS = {f.name for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(f.type) or f.name in (
-    "model", "data", "prune", "finetune", "sample", "quality", "export", "parity", "build", "bench",
-    "acceptance", "frontier")}  # fmt: skip
+SECTIONS = {name for name, tp in typing.get_type_hints(RunConfig).items() if dataclasses.is_dataclass(tp)}
 KEY = re.compile(r"(?<![\w/.-])(" + "|".join(sorted(SECTIONS)) + r")((?:\.[a-z_][a-z0-9_]*)+)(?![\w/-])")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from compressor.intervals import Resampling
+from compressor.quality import resampling
 from pipeline.context import log
 from pipeline.frontier.choice import QUALITY_KEYS, mark_noise, pareto
 from pipeline.frontier.fits import fit_ratio
@@ -48,7 +48,7 @@ def measure(spec: Spec, ray: str | None = None, cpus: int | None = None) -> dict
         p["pareto"] = flag
     cfg = spec.config()
     q = cfg.quality
-    boot = Resampling(q.interval_level, q.resamples, cfg.seed, q.interval_method)  # the scorers' own
+    boot = resampling(q, cfg.seed)  # the scorers' own
     mark_noise(points, load_replicates(spec, stacks), boot)
     return {
         "config": cfg.name,

@@ -76,12 +76,13 @@ def reference_images(spec: Spec) -> dict:
 def make_frontier_scorer(ctx):
     """The quality stage's scorer (features, KID scale, bootstrap) for a frontier job, and the metric."""
     from compressor.data import stack
-    from compressor.quality import make_scorer
-    from pipeline.stages.quality import bootstrap
+    from compressor.quality import make_scorer, resampling
 
     feature, metric = ctx.frechet_features()
     real = (stack(ctx.dataset, ctx.cfg.quality.num_reference) + 1) / 2
-    return make_scorer(real, feature, metric, bootstrap(ctx), ctx.cfg.quality.inception_weights), metric
+    return make_scorer(
+        real, feature, metric, resampling(ctx.cfg.quality, ctx.cfg.seed), ctx.cfg.quality.inception_weights
+    ), metric
 
 
 def score_stack(spec: Spec, stack: Stack) -> dict:

@@ -9,11 +9,12 @@ from pipeline.context import write_json
 from pipeline.frontier.choice import point_interval
 
 
-def _with_ci(value: float, ci: list | None, digits: int) -> str:
+def with_ci(value: float, ci: list | None, digits: int) -> str:
+    """A figure with its interval, e.g. ``15.7 [9.3, 22.2]`` (the figure alone where none was recorded)."""
     return f"{value:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
 
 
-def _kid(value: float | None, ci: list | None) -> str:
+def kid_text(value: float | None, ci: list | None) -> str:
     """KID x 1000 (the usual way it is printed) with its interval."""
     if value is None:
         return "-"
@@ -37,8 +38,9 @@ def table(frontier: dict) -> str:
         ties = sorted(row[k] for k in p.get("within_noise", []) if k in row and order[row[k] - 1]["pareto"])
         lines.append(
             f"| {i} | {label} | {p['macs_kept']:.2f} | {p['latency_ms']:.1f} | {p['speedup']:.2f}x "
-            f"| {_with_ci(p['fd'], p.get('fd_ci'), 1)} | {_with_ci(p['fd_ratio'], p.get('fd_ratio_ci'), 2)} "
-            f"| {_kid(p.get('kid'), p.get('kid_ci'))} | {_with_ci(p['ssim'], p.get('ssim_ci'), 3)} | {mark} "
+            f"| {with_ci(p['fd'], p.get('fd_ci'), 1)} | {with_ci(p['fd_ratio'], p.get('fd_ratio_ci'), 2)} "
+            f"| {kid_text(p.get('kid'), p.get('kid_ci'))} | {with_ci(p['ssim'], p.get('ssim_ci'), 3)} "
+            f"| {mark} "
             f"| {', '.join(map(str, ties))} |"
         )
     return "\n".join(lines)
@@ -108,7 +110,7 @@ def noise_note(frontier: dict) -> str:
 def choice_text(c: dict, target: str, metric: str) -> str:
     """One sentence: the chosen stack, and how the within-noise rule chose it."""
     text = (f"Chosen for {target}: **{c['label']}** ({c['speedup']:.2f}x, {metric} "
-            f"{_with_ci(c['fd'], c.get('fd_ci'), 2)}, SSIM {c.get('ssim', float('nan')):.3f}).")  # fmt: skip
+            f"{with_ci(c['fd'], c.get('fd_ci'), 2)}, SSIM {c.get('ssim', float('nan')):.3f}).")  # fmt: skip
     choice = c.get("choice")
     if choice:
         n = len(choice["within_noise_of_best"])
@@ -140,7 +142,7 @@ def write(frontier: dict, out: Path) -> None:
         f"Latency: whole sampler, {frontier['backend']}, batch {frontier['batch']}, speed-up vs dense "
         f"{ref['stack']['scheduler']} {ref['stack']['steps']} timed alternately; quality: "
         f"{frontier['samples']} images per stack, {frontier['metric']} (dense reference "
-        f"{_with_ci(ref['fd'], ref.get('fd_ci'), 2)}), SSIM vs the dense reference's images from the same "
+        f"{with_ci(ref['fd'], ref.get('fd_ci'), 2)}), SSIM vs the dense reference's images from the same "
         f"seeds; brackets: {noise_note(frontier)}.\n{chosen}\n"
         f"{table(frontier)}\n\n![frontier](frontier.png)\n"
     )

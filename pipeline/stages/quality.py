@@ -5,9 +5,9 @@ from __future__ import annotations
 from compressor import runlayout
 from compressor.data import stack
 from compressor.errors import UserError
-from compressor.intervals import Resampling, real_floor, ssim_figures
+from compressor.intervals import real_floor, ssim_figures
 from compressor.persist import load_unet
-from compressor.quality import inception_unavailable, make_scorer, psnr
+from compressor.quality import inception_unavailable, make_scorer, psnr, resampling
 from deploy.runtimes import load_backend
 from pipeline.context import RunContext, StageResult, log
 
@@ -31,7 +31,7 @@ def run(ctx: RunContext) -> StageResult:
     predictors = _predictors(ctx, _models(ctx))
     samples = {label: _sample(ctx, label, predict) for label, predict in predictors.items()}
     reference = (stack(ctx.dataset, cfg.num_reference) + 1) / 2
-    boot = bootstrap(ctx)
+    boot = resampling(ctx.cfg.quality, ctx.cfg.seed)
     results, scorer = _score(ctx, samples, reference, feature, metric, fd_note, boot)
     metrics = {
         "models": results,
@@ -52,12 +52,6 @@ def run(ctx: RunContext) -> StageResult:
         metrics["fd_digits_real_floor"] = floor
         metrics["fd_digits_real_floor_ci"] = floor_ci
     return StageResult(metrics, [_save(ctx, samples)])
-
-
-def bootstrap(ctx: RunContext) -> Resampling:
-    """The run's paired resampling (``quality.interval_*``, ``quality.resamples``), seeded by ``seed``."""
-    q = ctx.cfg.quality
-    return Resampling(q.interval_level, q.resamples, ctx.cfg.seed, q.interval_method)
 
 
 def _frechet_note(ctx: RunContext, metric: str) -> str | None:
@@ -83,7 +77,7 @@ def _models(ctx: RunContext) -> dict:
         if rec is not None and rec.ok:  # a skipped finetune wrote no model
             models[label] = load_unet(runlayout.model_dir(ctx.run_dir, stage), ctx.device)[0]
     if not ctx.cfg.quality.compare_pruned and "finetuned" in models:
-        del models["pruned"]  # only the final model is gated; its samples cost as much as dense's
+        models.pop("pruned", None)  # only the final model is gated; its samples cost as much as dense's
     raw = runlayout.model_dir(ctx.run_dir, "finetune", raw=True)
     if ctx.cfg.quality.compare_raw and "finetuned" in models and raw.is_dir():
         # the raw (non-EMA) weights too, to show which copy is the better one
