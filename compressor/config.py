@@ -35,6 +35,7 @@ def _spec(default: Any, doc: str, **checks: Any) -> Any:
 DEFAULT_STAGES = (
     "prune",
     "finetune",
+    "distill_steps",
     "samples",
     "export",
     "build",
@@ -253,6 +254,55 @@ class FinetuneConfig:
     checkpoint_every: int = _spec(100, "steps between checkpoints", ge=1)
     log_every: int = _spec(10, "steps between loss log rows", ge=1)
     distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+@dataclass
+class StepDistillConfig:
+    """Step distillation (stage ``distill_steps``): train the run's model to take few steps.
+
+    Progressive distillation (Salimans and Ho 2022): the dense model sampled with DDIM at
+    ``start_steps`` is the first teacher; each round trains a student whose one DDIM step
+    matches two of its teacher's, halving the steps, until ``target_steps``; each round's
+    student (EMA weights) teaches the next. Off while ``target_steps`` is null.
+    """
+
+    target_steps: int | None = _spec(
+        None, "the student's sampling steps (null: off); must divide the training timesteps (8, 4, 2)", ge=1
+    )
+    method: Literal["progressive"] = _spec(
+        "progressive", "recipe: progressive distillation (each round halves the steps)"
+    )
+    start_steps: int = _spec(32, "the dense teacher's DDIM steps: target_steps x 2^k, k >= 1", ge=2)
+    student: Literal["final", "dense"] = _spec(
+        "final", "the student starts from the run's compressed model (final) or from the dense one"
+    )
+    prediction_type: Literal["epsilon", "v_prediction"] = _spec(
+        "epsilon", "what the student predicts (saved in its scheduler config; every sampler honours it)"
+    )
+    steps_per_round: int = _spec(150, "optimizer steps per round", ge=1)
+    batch_size: int = _spec(64, "global batch size", ge=1)
+    lr: float = _spec(2e-4, "learning rate (constant after warm-up)", gt=0.0)
+    warmup_steps: int = _spec(10, "linear warm-up steps of each round", ge=0)
+    ema_decay: float = _spec(
+        0.995, "EMA decay of each round's student (the next round's teacher)", ge=0.0, lt=1.0
+    )
+    grad_clip: float = _spec(1.0, "max gradient norm (0 disables)", ge=0.0)
+    grad_accum: int = _spec(1, "gradient accumulation steps", ge=1)
+    checkpoint_every: int = _spec(50, "steps between checkpoints (a resume restarts mid-round)", ge=1)
+    log_every: int = _spec(10, "steps between loss log rows", ge=1)
+
+    @property
+    def active(self) -> bool:
+        """True when a student is asked for (``target_steps`` set)."""
+        return self.target_steps is not None
+
+    def round_steps(self) -> list[int]:
+        """The student's steps after each round, e.g. [16, 8, 4] from 32 to 4."""
+        out, n = [], self.start_steps
+        while self.target_steps is not None and n > self.target_steps:
+            n //= 2
+            out.append(n)
+        return out
 
 
 @dataclass
@@ -487,6 +537,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    distill_steps: StepDistillConfig = field(default_factory=StepDistillConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -514,6 +565,7 @@ class RunConfig:
                 "finetune.distill: weight_task, weight_output and weight_features are all 0, so the "
                 "finetune has no loss; set weight_task=1 (the plain loss) or a distillation weight"
             )
+        self._check_distill_steps()
         targets = self.prune.targets()
         b = self.build
         if not b.min_batch <= b.opt_batch <= b.max_batch:
@@ -542,6 +594,21 @@ class RunConfig:
             raise ConfigError(
                 f"prune: {', '.join('prune.' + k for k in targets)} are all set; give exactly one "
                 f"(e.g. add `{extra}`)"
+            )
+
+    def _check_distill_steps(self) -> None:
+        """``distill_steps``: start_steps = target_steps x 2^k (k >= 1)."""
+        d = self.distill_steps
+        if d.target_steps is None:
+            return
+        n = d.start_steps
+        while n > d.target_steps and n % 2 == 0:
+            n //= 2
+        if n != d.target_steps or d.start_steps == d.target_steps:
+            raise ConfigError(
+                f"distill_steps.start_steps={d.start_steps} must be distill_steps.target_steps="
+                f"{d.target_steps} times a power of two (each round halves the steps), e.g. "
+                f"start_steps={d.target_steps * 8}"
             )
 
 

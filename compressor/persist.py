@@ -111,6 +111,17 @@ def read_structure(folder: Path) -> dict:
     return meta
 
 
+def student_sampling(folder: Path) -> tuple[dict, int] | None:
+    """(scheduler config, steps) a few-step student is sampled with; None for any other model.
+
+    A ``distill_steps`` student records both in its structure file: the DDIM grid and
+    ``prediction_type`` it was trained for, and its step count.
+    """
+    meta = read_structure(folder)
+    steps = meta.get("student_steps")
+    return (meta["scheduler_config"], int(steps)) if steps else None
+
+
 def load_unet(folder: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild a saved (pruned) UNet exactly; returns it (eval mode) and its metadata.
 

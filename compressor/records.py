@@ -217,10 +217,11 @@ class QualityMetrics:
     compressed_stack: dict | None = None  # the chosen stack the compressed models were sampled with
     interval: dict = field(default_factory=dict)  # level, resamples, seed, method of every *_ci
     kid_feature_scale: float | None = None  # KID's features were divided by it (digits: reference std)
+    student_steps: int | None = None  # the final model is a few-step student sampled at these steps
 
     def compressed_label(self) -> str | None:
-        """The final compressed model's label: finetuned if scored, else pruned."""
-        return next((k for k in ("finetuned", "pruned") if k in self.models), None)
+        """The final compressed model's label: the student if scored, else finetuned, else pruned."""
+        return next((k for k in ("student", "finetuned", "pruned") if k in self.models), None)
 
     def frechet(self, label: str) -> float | None:
         """The Frechet distance of model ``label`` (None when not measured)."""
@@ -245,6 +246,7 @@ class BenchMetrics:
     host: dict = field(default_factory=dict)
     sampler_steps: int | None = None
     stack: dict | None = None  # the chosen stack timed against the dense reference sampler
+    student: list = field(default_factory=list)  # the few-step student against the dense reference
 
     def value(
         self, backend: str, batch: int, what: str, key: str, variant: str | None = None
@@ -301,9 +303,25 @@ class SamplesMetrics:
     steps: int = 0
 
 
+@dataclass(frozen=True)
+class StepDistillMetrics:
+    """The few-step student's rounds (stage ``distill_steps``)."""
+
+    method: str
+    target_steps: int
+    start_steps: int
+    rounds: list = field(default_factory=list)  # one entry a round: steps, losses, wall_s, ...
+    student: str = ""
+    prediction_type: str = "epsilon"
+    wall_s: float = 0.0
+    optimizer_steps: int = 0
+    eval_images: int = 0
+
+
 METRICS: dict[str, type] = {
     "prune": PruneMetrics,
     "finetune": FinetuneMetrics,
+    "distill_steps": StepDistillMetrics,
     "train": FinetuneMetrics,
     "samples": SamplesMetrics,
     "export": ExportMetrics,
@@ -327,6 +345,27 @@ def chosen_stack(run: Path) -> dict | None:
     prune = read_metrics(run, "prune")
     found = prune.frontier if prune is not None else None
     return found["chosen"]["stack"] if found and found.get("chosen") else None
+
+
+def student_stack(run: Path) -> dict | None:
+    """The sampler of the run's few-step student (DDIM at its own steps, fp32, no reuse) when the
+    final model is one (stage ``distill_steps``), else None."""
+    from compressor.persist import student_sampling
+
+    try:
+        stage, folder = final_model_dir(run)
+    except RecordError:
+        return None
+    found = student_sampling(folder) if stage == "distill_steps" else None
+    if found is None:
+        return None
+    return {
+        "scheduler": "ddim",
+        "steps": found[1],
+        "cache_interval": 1,
+        "precision": "fp32",
+        "student_steps": found[1],
+    }
 
 
 def run_config_name(run: Path) -> str | None:

@@ -12,7 +12,10 @@ finished runs without importing the pipeline. What the files hold is read throug
     RUN/<stage>/record.json               what a stage did (config, metrics, artifacts, versions)
     RUN/prune/model/                      the pruned UNet: weights, structure file, probe
     RUN/finetune/model/, model-raw/       the finetuned UNet (EMA) and its raw weights
-    RUN/<train|finetune>/checkpoints/<key>/   resumable checkpoints, keyed by the stage's cache key
+    RUN/distill_steps/model/              the few-step student (the final model when present)
+    RUN/distill_steps/rounds/<steps>/     every round's student
+    RUN/<train|finetune|distill_steps>/checkpoints/<key>/   resumable checkpoints, keyed by the
+                                          stage's cache key (distill_steps: one folder a round)
     RUN/train/diffusers/                  the trained dense model as a diffusers folder
     RUN/export/<dense|pruned>/unet.<precision>.onnx, unet-{full,shallow}-l<level>.<precision>.onnx
     RUN/build/<dense|pruned>/unet.engine  TensorRT engines (+ unet.engine.json, the engine's
@@ -36,7 +39,7 @@ MANIFEST = "manifest.json"
 LOCK_FILE = ".lock"
 RECORD = "record.json"
 MODELS = ("dense", "pruned")
-MODEL_STAGES = ("finetune", "prune")  # the compressed model's stages, newest first
+MODEL_STAGES = ("distill_steps", "finetune", "prune")  # the compressed model's stages, newest first
 CHECKPOINTS = "checkpoints"
 ABLATION = "ablation"
 PLAN = "plan"
@@ -62,6 +65,11 @@ def record_path(run: Path, stage: str) -> Path:
 def model_dir(run: Path, stage: str, raw: bool = False) -> Path:
     """The saved UNet a stage wrote (``prune`` or ``finetune``; ``raw``: finetune's non-EMA copy)."""
     return stage_dir(run, stage) / ("model-raw" if raw else "model")
+
+
+def student_round_dir(run: Path, steps: int) -> Path:
+    """The student of the ``distill_steps`` round that ended at ``steps`` steps."""
+    return stage_dir(run, "distill_steps") / "rounds" / str(steps)
 
 
 def checkpoints_dir(run: Path, stage: str = "finetune") -> Path:

@@ -236,6 +236,8 @@ def train(
     on_step: Callable[[int, float, float], None] | None = None,
     stop_after: int | None = None,
     teacher: nn.Module | None = None,
+    objective: nn.Module | None = None,
+    draw_range: int | None = None,
 ) -> TrainResult:
     """Train ``unet`` on ``images`` (indexable, items (C, H, W) in [-1, 1]) for ``cfg.steps``.
 
@@ -244,6 +246,8 @@ def train(
     accumulation micro-batches. ``stop_after`` ends early (tests of resume).
     ``teacher`` (with ``cfg.distill`` active): distil from it (see :mod:`compressor.distill`);
     every process holds its own frozen copy and computes its own micro-batches' targets.
+    ``objective`` (``(model, x0, noise, t) -> loss``, e.g. step distillation's): replaces the
+    denoising loss; ``t`` is then drawn from ``[0, draw_range)`` instead of the timesteps.
     """
     from accelerate import Accelerator
 
@@ -286,7 +290,9 @@ def train(
     model, opt = accelerator.prepare(student, opt)
     ema.to(accelerator.device)
     sample_shape = tuple(images[0].shape)
-    num_t = noise_scheduler.config.num_train_timesteps
+    num_t = draw_range or noise_scheduler.config.num_train_timesteps
+    if objective is not None:
+        objective = objective.to(accelerator.device)
     began, done = time.perf_counter(), 0
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     for step in range(start, end):
@@ -302,12 +308,15 @@ def train(
             xb, nb, tb = (v[sl].to(accelerator.device) for v in (x0, noise, t))
             sync = accelerator.no_sync(model) if k < cfg.grad_accum - 1 else contextlib.nullcontext()
             with sync, accelerator.autocast():
-                noisy = noise_scheduler.add_noise(xb, nb, tb)
-                if distill is None:
+                if objective is not None:
+                    loss = objective(model, xb, nb, tb) / cfg.grad_accum
+                elif distill is None:
+                    noisy = noise_scheduler.add_noise(xb, nb, tb)
                     loss = F.mse_loss(predict_noise(model, noisy, tb).float(), nb) / cfg.grad_accum
                 else:
                     from compressor.distill import distill_losses
 
+                    noisy = noise_scheduler.add_noise(xb, nb, tb)
                     terms = distill_losses(distill, nb, model(noisy, tb), teacher, noisy, tb, points)
                     loss = terms["total"] / cfg.grad_accum
                     parts = [terms["task"], terms["output"], terms["features"]]

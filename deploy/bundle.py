@@ -51,6 +51,7 @@ class BundleSpec:
     provider: str = "CPUExecutionProvider"
     reference_images: int = 2
     engine: bool = False  # also carry the run's TensorRT engines of the same configuration
+    dense_steps: int = 50  # a few-step student's bundle: the DDIM steps its dense model takes
 
 
 def scheduler_tables(kind: str, scheduler_config: dict, steps: int) -> tuple[dict, dict[str, np.ndarray]]:
@@ -65,12 +66,13 @@ def scheduler_tables(kind: str, scheduler_config: dict, steps: int) -> tuple[dic
     s = make_scheduler(kind, scheduler_config)
     s.set_timesteps(steps)
     c = s.config
-    if c.prediction_type != "epsilon" or getattr(c, "thresholding", False):
+    if c.prediction_type not in ("epsilon", "v_prediction") or getattr(c, "thresholding", False):
         raise UserError(
             f"bundle: {kind} with prediction_type={c.prediction_type}, thresholding: not supported"
         )
     timesteps = s.timesteps.numpy().astype(np.int64)
     settings = {"scheduler": kind, "steps": steps, "init_noise_sigma": float(s.init_noise_sigma)}
+    settings["prediction_type"] = c.prediction_type
     settings["num_train_timesteps"] = int(c.num_train_timesteps)
     if kind == "ddim":
         settings.update(clip_sample=bool(c.clip_sample), clip_sample_range=float(c.clip_sample_range))
@@ -241,6 +243,11 @@ def make_bundle(
     if spec.steps > sampler.max_steps:
         raise UserError(f"--steps {spec.steps}: the model was trained with {sampler.max_steps} timesteps")
     settings, arrays = scheduler_tables(spec.scheduler, sampler.scheduler_config, spec.steps)
+    if sampler.student_steps and spec.with_dense:  # dense samples with its own schedule and steps
+        dense = load_sampler(run, "torch", "dense")
+        dense_settings, dense_arrays = scheduler_tables("ddim", dense.scheduler_config, spec.dense_steps)
+        settings["dense"] = dense_settings
+        arrays.update({f"dense.{k}": v for k, v in dense_arrays.items()})
     settings.update(cache_interval=spec.cache_interval, cache_level=spec.cache_level)
     settings["cache_schedule"] = spec.cache_schedule
     if spec.cache_interval > 1:

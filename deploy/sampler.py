@@ -32,6 +32,12 @@ class Sampler:
     image_shape: tuple[int, int, int]
     info: dict = field(default_factory=dict)
     device: str = "cpu"
+    student_steps: int | None = None  # a few-step student: the steps it was trained to take
+
+    @property
+    def default_steps(self) -> int:
+        """The steps a call without ``steps`` takes: a student's own, else 50."""
+        return self.student_steps or 50
 
     @property
     def max_steps(self) -> int:
@@ -41,7 +47,7 @@ class Sampler:
     def __call__(
         self,
         num_images: int = 16,
-        steps: int = 50,
+        steps: int | None = None,
         seed: int = 0,
         eta: float = 0.0,
         scheduler: str = "ddim",
@@ -52,7 +58,10 @@ class Sampler:
         """Images from seeds ``seed .. seed + num_images - 1``; UserError for steps beyond the schedule.
 
         ``cache_interval`` > 1 needs a sampler loaded with ``cache_level`` (feature reuse).
+        ``steps`` defaults to :attr:`default_steps`. A few-step student samples with the
+        scheduler config it was trained for (its DDIM grid and ``prediction_type``).
         """
+        steps = self.default_steps if steps is None else steps
         if not 1 <= steps <= self.max_steps:
             raise UserError(
                 f"steps {steps}: the model was trained with {self.max_steps} timesteps; "
@@ -82,7 +91,8 @@ def load_sampler(
     precision: str = "fp32",
     cache_level: int | None = None,
 ) -> Sampler:
-    """The sampler of a finished run: ``model`` is pruned (finetuned if run) or dense.
+    """The sampler of a finished run: ``model`` is the compressed model (the final one: the few-step
+    student, else finetuned, else pruned) or dense.
 
     ``precision`` picks the torch dtype or the exported ONNX file; ``cache_level`` loads
     the two feature-reuse passes split at that level (see :mod:`compressor.feature_reuse`).
@@ -95,7 +105,10 @@ def load_sampler(
         raise ArtifactError(f"run directory {run_dir} not found; pass the folder a run wrote")
     folder = final_model_dir(run_dir)[1]
     structure = read_structure(folder)
+    student = structure.get("student_steps") if model == "pruned" else None
     sched_cfg = structure.get("scheduler_config")
+    if model == "dense":  # a student's structure file keeps the dense model's schedule apart
+        sched_cfg = structure.get("dense_scheduler_config", sched_cfg)
     if not sched_cfg:
         raise ArtifactError(f"{folder}: its structure file has no scheduler config; rerun the prune stage")
     cfg = structure["unet_config"]
@@ -104,4 +117,5 @@ def load_sampler(
     b = load_backend(
         backend, run_dir=run_dir, model=model, device=device, precision=precision, cache_level=cache_level
     )
-    return Sampler(b.predict, sched_cfg, shape, {"backend": backend, "model": model, **b.info}, device)
+    info = {"backend": backend, "model": model, **b.info}
+    return Sampler(b.predict, sched_cfg, shape, info, device, int(student) if student else None)

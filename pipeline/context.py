@@ -169,21 +169,26 @@ class RunContext:
             return as_noise_predictor(unet)
         return load_backend("torch", unet=unet, device=self.device, cache_level=level).predict
 
-    def sample_images(self, predict, num_images: int, steps: int, variant=None) -> torch.Tensor:
+    def sample_images(
+        self, predict, num_images: int, steps: int, variant=None, student: tuple[dict, int] | None = None
+    ) -> torch.Tensor:
         """``num_images`` images from the run's seeds with its sampler (``sample`` section) at ``steps``.
 
         ``variant`` (a :class:`~compressor.config.SamplerVariant`): that solver, step count and
-        reuse interval instead (the chosen stack of a latency target over levers).
+        reuse interval instead (the chosen stack of a latency target over levers). ``student``
+        (:func:`compressor.persist.student_sampling`): a few-step student's DDIM at its own steps.
         """
         from compressor.sampling import generate, make_scheduler
 
         s = self.cfg.sample
-        scheduler, interval = s.scheduler, s.cache_interval
+        scheduler, interval, sched_cfg = s.scheduler, s.cache_interval, self.dense.scheduler_config
         if variant is not None:
             scheduler, steps, interval = variant.scheduler, variant.steps, variant.cache_interval
+        if student is not None:
+            scheduler, interval, (sched_cfg, steps) = "ddim", 1, student
         return generate(
             predict,
-            make_scheduler(scheduler, self.dense.scheduler_config),
+            make_scheduler(scheduler, sched_cfg),
             self.image_shape(),
             num_images,
             steps,

@@ -70,8 +70,16 @@ def seed_noise(shape: tuple[int, ...], seed: int) -> np.ndarray:
     return np.random.Generator(np.random.PCG64(seed)).standard_normal(shape, dtype=np.float32)
 
 
+def split_output(out: np.ndarray, x: np.ndarray, alpha: np.float32, sigma: np.float32, kind: str):
+    """(x0, eps) that a model output at a timestep with these alpha, sigma means: epsilon or v
+    prediction (``v = alpha eps - sigma x0``), as diffusers' schedulers read ``prediction_type``."""
+    if kind == "v_prediction":
+        return (alpha * x - sigma * out).astype(np.float32), (alpha * out + sigma * x).astype(np.float32)
+    return ((x - sigma * out) / alpha).astype(np.float32), out
+
+
 class DDIM:
-    """Deterministic DDIM (eta = 0), epsilon prediction, from diffusers' DDIMScheduler tables."""
+    """Deterministic DDIM (eta = 0), epsilon or v prediction, from diffusers' DDIMScheduler tables."""
 
     def __init__(self, settings: dict, tables: dict) -> None:
         self.timesteps = tables["timesteps"].astype(np.int64)
@@ -80,15 +88,17 @@ class DDIM:
         self.final = np.float32(tables["final_alpha_cumprod"])
         self.clip = settings["clip_sample"]
         self.clip_range = np.float32(settings["clip_sample_range"])
+        self.prediction = settings.get("prediction_type", "epsilon")
 
     def reset(self) -> None:
         """DDIM keeps no state between steps."""
 
-    def step(self, i: int, eps: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """x at the next timestep from x and the predicted noise at step ``i``."""
+    def step(self, i: int, out: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """x at the next timestep from x and the model's output (noise or v) at step ``i``."""
         a_t = self.alphas[self.timesteps[i]]
         a_prev = self.alphas[self.prev[i]] if self.prev[i] >= 0 else self.final
-        x0 = (x - np.float32(1 - a_t) ** np.float32(0.5) * eps) / a_t ** np.float32(0.5)
+        half = np.float32(0.5)
+        x0, eps = split_output(out, x, a_t**half, np.float32(1 - a_t) ** half, self.prediction)
         if self.clip:
             x0 = np.clip(x0, -self.clip_range, self.clip_range)
         direction = np.float32(1 - a_prev) ** np.float32(0.5) * eps
@@ -96,12 +106,13 @@ class DDIM:
 
 
 class DPMSolverPP:
-    """DPM-Solver++ 2M (midpoint), epsilon prediction, final sigma 0, first order at both ends."""
+    """DPM-Solver++ 2M (midpoint), epsilon or v prediction, final sigma 0, first order at both ends."""
 
     def __init__(self, settings: dict, tables: dict) -> None:
         self.timesteps = tables["timesteps"].astype(np.int64)
         self.sigmas = tables["sigmas"].astype(np.float32)
         self.previous: np.ndarray | None = None
+        self.prediction = settings.get("prediction_type", "epsilon")
 
     def reset(self) -> None:
         """Forget the previous step's data prediction (a new sampler run)."""
@@ -116,10 +127,10 @@ class DPMSolverPP:
         alpha, sig = self._alpha_sigma(sigma)
         return np.log(alpha) - np.log(sig)
 
-    def step(self, i: int, eps: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """x at the next timestep from x and the predicted noise at step ``i``."""
+    def step(self, i: int, out: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """x at the next timestep from x and the model's output (noise or v) at step ``i``."""
         alpha_s0, sigma_s0 = self._alpha_sigma(self.sigmas[i])
-        x0 = ((x - sigma_s0 * eps) / alpha_s0).astype(np.float32)
+        x0 = split_output(out, x, alpha_s0, sigma_s0, self.prediction)[0]
         previous, self.previous = self.previous, x0
         nxt = self.sigmas[i + 1]
         if nxt == 0:  # the last step to sigma 0 lands on the data prediction itself
@@ -242,13 +253,18 @@ class Bundle:
         self.provider = provider
         self.graphs = {m: Graphs(self.root, f, provider, threads) for m, f in self.manifest["graphs"].items()}
 
-    def solver(self):
-        """A fresh solver of the bundle's scheduler."""
-        return SOLVERS[self.settings["scheduler"]](self.settings, self.tables)
+    def solver(self, model: str = "model"):
+        """A fresh solver of ``model``'s scheduler: the bundle's, or (a few-step student's bundle)
+        the dense model's own DDIM, kept under ``dense`` in scheduler.json and ``dense.*`` tables."""
+        settings, tables = self.settings, self.tables
+        if model == "dense" and "dense" in self.settings:
+            settings = self.settings["dense"]
+            tables = {k[len("dense.") :]: v for k, v in self.tables.items() if k.startswith("dense.")}
+        return SOLVERS[settings["scheduler"]](settings, tables)
 
     def denoise(self, noise: np.ndarray, model: str = "model") -> np.ndarray:
         """The sampler from ``noise``; images in [0, 1] (float32)."""
-        graphs, solver = self.graphs[model], self.solver()
+        graphs, solver = self.graphs[model], self.solver(model)
         x = noise * np.float32(self.settings["init_noise_sigma"])
         feature = None
         interval = int(self.settings.get("cache_interval", 1))

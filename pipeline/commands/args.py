@@ -96,15 +96,16 @@ STACK_FLAGS = {"scheduler": "scheduler", "steps": "steps", "cache_interval": "ca
 
 
 def stack_defaults(args: Any, run: Path, model: str, names: dict[str, str], cls: type) -> dict[str, Any]:
-    """Sampler settings for a command on ``run``: each flag as given, else (for the pruned model)
-    the stack a latency target over levers chose, else the config field's default.
+    """Sampler settings for a command on ``run``: each flag as given, else (for the compressed model)
+    the stack a latency target over levers chose, or the few-step student's own sampler (DDIM at
+    its steps), else the config field's default.
 
     ``names``: argparse dest -> stack key; ``cls``: the config class the flags mirror. The flags
     must have been declared with ``default=None`` so that "not given" is visible.
     """
-    from compressor.records import chosen_stack
+    from compressor.records import chosen_stack, student_stack
 
-    stack = chosen_stack(run) if model == "pruned" else None
+    stack = (chosen_stack(run) or student_stack(run)) if model == "pruned" else None
     out = {}
     for dest, key in names.items():
         value = getattr(args, dest)

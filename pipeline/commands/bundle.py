@@ -4,14 +4,16 @@
                            [--scheduler ddim|dpmsolver++] [--steps N] [--cache-interval N]
                            [--cache-level L] [--cache-schedule uniform|quadratic] [--batch B]
                            [--no-dense] [--max-unet-ms MS] [--max-image-ms MS] [--min-speedup X]
-                           [--min-sampler-speedup X] [--engine] [--archive]
+                           [--min-sampler-speedup X] [--engine] [--archive] [--dense-steps N]
 
 On the target: ``cd OUT && python -m bundle_runtime check`` (exit 0 pass, 3 fail, 4 a quality
 gate inconclusive, 2 bad input), ``generate --seed S --num-images N --out x.png|x.npy`` and ``info``; see
 :mod:`deploy.bundle_runtime`. ``--engine`` adds the run's TensorRT engines (built by
 ``compress-deploy build`` on the target's GPU), run there with TensorRT + cuda-python.
 The acceptance limits start from the run's ``check`` record. A run whose latency target over
-levers chose a stack bundles that stack's sampler unless the flags say otherwise.
+levers chose a stack bundles that stack's sampler unless the flags say otherwise; a run whose
+final model is a few-step student (stage ``distill_steps``) bundles it at its own steps, with its
+prediction type, and its dense model at ``--dense-steps``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def quality_gates(run: Path) -> list[dict]:
     sampler = (
         f"{stack['scheduler']} {stack['steps']} steps"
         if stack
+        else f"few-step student, ddim {quality.student_steps} steps"
+        if quality.student_steps
         else f"{quality.scheduler} {quality.steps} steps"
     )
     return [
@@ -50,6 +54,14 @@ def quality_gates(run: Path) -> list[dict]:
         for c in evaluate(acc, None, None, quality)
         if c.name in ("min_ssim", "max_fd_ratio") and c.measured is not None
     ]  # fmt: skip
+
+
+def _dense_steps(run: Path) -> int:
+    """The steps the run's dense model was scored at (its quality record), else 50."""
+    from compressor.records import read_metrics
+
+    quality = read_metrics(run, "quality")
+    return int(quality.steps) if quality is not None else 50
 
 
 def main(argv: list[str]) -> int:
@@ -74,6 +86,11 @@ def main(argv: list[str]) -> int:
         "--engine", action="store_true", help="also carry the run's TensorRT engines (the build stage's)"
     )
     parser.add_argument("--archive", action="store_true", help="also write OUT.tar.gz")
+    parser.add_argument(
+        "--dense-steps",
+        type=int,
+        help="a few-step student's bundle: the DDIM steps of its dense model (default: the run's quality steps)",
+    )
     args = parser.parse_args(argv)
     run = run_dir_arg(args.run)
     vars(args).update(stack_defaults(args, run, args.model, STACK_FLAGS, SampleConfig))
@@ -88,6 +105,7 @@ def main(argv: list[str]) -> int:
         batch=args.batch,
         with_dense=not args.no_dense,
         engine=args.engine,
+        dense_steps=args.dense_steps or _dense_steps(run),
     )
     limits = {
         "max_unet_ms": args.max_unet_ms,

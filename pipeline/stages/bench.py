@@ -12,7 +12,7 @@ from deploy.runtimes import VARIANTS, Backend, load_variant
 from pipeline.context import RunContext, StageResult, log
 
 SECTIONS = ["bench", "build", "device", "threads"]
-INPUTS = ["prune", "finetune", "export", "build"]
+INPUTS = ["prune", "finetune", "distill_steps", "export", "build"]
 ENVIRONMENT = ["torch", "onnxruntime", "tensorrt", "gpu"]
 
 
@@ -136,7 +136,33 @@ def run(ctx: RunContext) -> StageResult:
         "compressed_from": source,
         "stack": _time_stack(ctx, models) if ctx.chosen is not None else None,
     }
+    if source == "distill_steps":
+        metrics["student"] = _time_student(ctx, folder, plain)
     return StageResult(metrics)
+
+
+def _time_student(ctx: RunContext, folder, plain: dict) -> list[dict]:
+    """The few-step student's sampler (DDIM at its own steps, its prediction type) against the dense
+    reference sampler (``sample.scheduler`` at ``sample.steps``), alternately, per backend and batch."""
+    from compressor.persist import student_sampling
+
+    sched_cfg, steps = student_sampling(folder)
+    s, cfg = ctx.cfg.sample, ctx.cfg.bench
+    reference, variant = SamplerVariant(s.scheduler, s.steps), SamplerVariant("ddim", steps)
+    out = []
+    for name, backends in plain.items():
+        for batch in cfg.sampler_batch_sizes or cfg.batch_sizes:
+            calls = {
+                "dense": _sampler(ctx, backends["dense"], reference, batch),
+                "pruned": _sampler(ctx, backends["pruned"], variant, batch, sched_cfg),
+            }
+            times = time_alternating(calls, min(1, cfg.warmup), cfg.sampler_repeat)
+            ref_ms, ms = percentile_ms(times["dense"])[0], percentile_ms(times["pruned"])[0]
+            log("bench", f"{name} student DDIM {steps} batch {batch}: {ms:.1f} ms vs dense {reference} "
+                         f"{ref_ms:.1f} ms, speed-up {ref_ms / ms:.2f}x")  # fmt: skip
+            out.append({"backend": name, "batch": batch, "student_steps": steps, "reference": str(reference),
+                        "reference_ms": ref_ms, "ms": ms, "speedup": ref_ms / ms})  # fmt: skip
+    return out
 
 
 def _time_stack(ctx: RunContext, models: dict) -> dict:
@@ -195,8 +221,8 @@ def _backends(ctx: RunContext, models: dict, with_reuse: bool) -> tuple[dict, di
     return plain, reuse, skipped
 
 
-def _sampler(ctx: RunContext, backend: Backend, variant: SamplerVariant, batch: int):
-    scheduler = make_scheduler(variant.scheduler, ctx.dense.scheduler_config)
+def _sampler(ctx: RunContext, backend: Backend, variant: SamplerVariant, batch: int, sched_cfg=None):
+    scheduler = make_scheduler(variant.scheduler, sched_cfg or ctx.dense.scheduler_config)
     shape = ctx.image_shape()
     schedule = ctx.cfg.sample.cache_schedule
     return sampler_call(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from compressor import runlayout
-from compressor.persist import load_unet
+from compressor.persist import load_unet, student_sampling
 from compressor.sampling import make_scheduler
 from export.onnx_export import export_unet
 from export.parity import quiet_polygraphy
@@ -11,7 +11,7 @@ from export.quantize import calibration_inputs, quantize_unet
 from pipeline.context import RunContext, StageResult, log
 
 SECTIONS = ["export"]
-INPUTS = ["prune", "finetune"]
+INPUTS = ["prune", "finetune", "distill_steps"]
 ENVIRONMENT = ["torch", "onnx"]
 
 
@@ -52,18 +52,21 @@ def run(ctx: RunContext) -> StageResult:
                 if info["external_data"]:
                     files.append(path.with_name(path.name + ".data"))
         if "int8" in cfg.precisions:
-            facts[f"{model}.int8"] = _quantize(ctx, model, unet)
+            student = student_sampling(folder) if model == "pruned" and source == "distill_steps" else None
+            facts[f"{model}.int8"] = _quantize(ctx, model, unet, student)
             files.append(runlayout.onnx_path(ctx.run_dir, model, "int8"))
     return StageResult({"files": facts, "compressed_from": source}, files)
 
 
-def _quantize(ctx: RunContext, model: str, unet) -> dict:
-    """``unet.int8.onnx`` from the fp32 export, calibrated on the model's own sampler trajectory."""
+def _quantize(ctx: RunContext, model: str, unet, student: tuple[dict, int] | None = None) -> dict:
+    """``unet.int8.onnx`` from the fp32 export, calibrated on the model's own sampler trajectory
+    (a few-step student's: its DDIM grid at its steps)."""
     cfg = ctx.cfg.export
-    scheduler = make_scheduler("ddim", ctx.dense.scheduler_config)
+    sched_cfg, steps = student or (ctx.dense.scheduler_config, cfg.calibration_steps)
     feeds = calibration_inputs(
-        unet, scheduler, ctx.image_shape(), cfg.calibration_images, cfg.calibration_steps, ctx.cfg.sample.seed
-    )
+        unet, make_scheduler("ddim", sched_cfg), ctx.image_shape(), cfg.calibration_images, steps,
+        ctx.cfg.sample.seed,
+    )  # fmt: skip
     path = runlayout.onnx_path(ctx.run_dir, model, "int8")
     info = quantize_unet(runlayout.onnx_path(ctx.run_dir, model, "fp32"), path, feeds)
     log(

@@ -14,7 +14,7 @@ from export.parity import compare, make_onnxrt_runner, make_torch_runner, parity
 from pipeline.context import RunContext, StageResult, log
 
 SECTIONS = ["parity", "export", "sample", "build", "device", "threads"]
-INPUTS = ["prune", "finetune", "export", "build"]
+INPUTS = ["prune", "finetune", "distill_steps", "export", "build"]
 ENVIRONMENT = ["torch", "onnxruntime", "polygraphy", "tensorrt", "gpu"]
 
 

@@ -6,14 +6,16 @@ from compressor import runlayout
 from compressor.data import stack
 from compressor.errors import UserError
 from compressor.intervals import real_floor, ssim_figures
-from compressor.persist import load_unet
+from compressor.models import as_noise_predictor
+from compressor.persist import load_unet, student_sampling
 from compressor.quality import inception_unavailable, make_scorer, psnr, resampling
 from deploy.runtimes import load_backend
 from pipeline.context import RunContext, StageResult, log
 
 SECTIONS = ["quality", "sample", "data"]
-INPUTS = ["prune", "finetune", "export", "build"]
-MODEL_LABELS = {"prune": "pruned", "finetune": "finetuned"}
+INPUTS = ["prune", "finetune", "distill_steps", "export", "build"]
+MODEL_LABELS = {"prune": "pruned", "finetune": "finetuned", "distill_steps": "student"}
+COMPRESSED = ("student", "finetuned", "pruned")  # the final model is the first of these present
 
 
 def _deployed(ctx: RunContext, backend: str, model: str):
@@ -46,6 +48,9 @@ def run(ctx: RunContext) -> StageResult:
         "frechet_note": fd_note,
         "interval": boot.describe(cfg.num_samples),
         "kid_feature_scale": scorer.kid_scale if scorer else None,
+        "student_steps": student[1]
+        if (student := _student(ctx, "student" if "student" in samples else ""))
+        else None,
     }
     if metric == "fd_digits" and scorer is not None and reference.shape[0] >= 4:
         floor, floor_ci = real_floor(scorer.real, boot)
@@ -76,8 +81,11 @@ def _models(ctx: RunContext) -> dict:
         rec = ctx.record(stage)
         if rec is not None and rec.ok:  # a skipped finetune wrote no model
             models[label] = load_unet(runlayout.model_dir(ctx.run_dir, stage), ctx.device)[0]
-    if not ctx.cfg.quality.compare_pruned and "finetuned" in models:
-        models.pop("pruned", None)  # only the final model is gated; its samples cost as much as dense's
+    if not ctx.cfg.quality.compare_pruned:  # only the final model is gated; each costs as much as dense
+        final = _final(models)
+        for label in COMPRESSED:
+            if label != final:
+                models.pop(label, None)
     raw = runlayout.model_dir(ctx.run_dir, "finetune", raw=True)
     if ctx.cfg.quality.compare_raw and "finetuned" in models and raw.is_dir():
         # the raw (non-EMA) weights too, to show which copy is the better one
@@ -85,6 +93,18 @@ def _models(ctx: RunContext) -> dict:
     if len(models) == 1:
         ctx.require("prune", "quality")
     return models
+
+
+def _final(models: dict) -> str:
+    """The label of the final compressed model among ``models``."""
+    return next(label for label in COMPRESSED if label in models)
+
+
+def _student(ctx: RunContext, label: str):
+    """The student's (scheduler config, steps) when ``label`` is the few-step student, else None."""
+    if label != "student":
+        return None
+    return student_sampling(runlayout.model_dir(ctx.run_dir, "distill_steps"))
 
 
 def _stack_variant(ctx: RunContext):
@@ -111,16 +131,18 @@ def _predictors(ctx: RunContext, models: dict) -> dict:
         }
         if ctx.chosen["precision"] != "fp32":
             ctx.require("export", "quality")
-            final = "finetuned" if "finetuned" in models else "pruned"
-            predictors[final] = load_backend(
+            predictors[_final(models)] = load_backend(
                 "onnxruntime", run_dir=ctx.run_dir, model="pruned", precision=ctx.chosen["precision"],
                 cache_level=level,
             ).predict  # fmt: skip
         return predictors
-    predictors = {label: ctx.torch_predictor(unet) for label, unet in models.items()}
+    predictors = {
+        label: as_noise_predictor(unet) if label == "student" else ctx.torch_predictor(unet)
+        for label, unet in models.items()
+    }  # a student samples with its own steps and no feature reuse
     if ctx.cfg.quality.backend != "torch":
         # the deployed sampler: dense and final compressed model served by the chosen backend
-        final = "finetuned" if "finetuned" in models else "pruned"
+        final = _final(models)
         for label, model in (("dense", "dense"), (final, "pruned")):
             predictors[label] = _deployed(ctx, ctx.cfg.quality.backend, model).predict
     return predictors
@@ -131,16 +153,19 @@ def _sample(ctx: RunContext, label: str, predict):
     (compressed models: the chosen stack's, when a latency target over levers chose one)."""
     cfg, sample = ctx.cfg.quality, ctx.cfg.sample
     variant = _stack_variant(ctx) if label != "dense" else None
+    student = _student(ctx, label)
     steps = cfg.steps or sample.steps
     scheduler, interval = sample.scheduler, sample.cache_interval
     if variant is not None:
         scheduler, steps, interval = variant.scheduler, variant.steps, variant.cache_interval
+    if student is not None:
+        variant, scheduler, steps, interval = None, "ddim", student[1], 1
     reuse = f", cache interval {interval}" if interval > 1 else ""
     log(
         "quality",
         f"sampling {cfg.num_samples} images from the {label} model ({scheduler} {steps} steps{reuse})",
     )
-    return ctx.sample_images(predict, cfg.num_samples, steps, variant)
+    return ctx.sample_images(predict, cfg.num_samples, steps, variant, student)
 
 
 def _score(ctx: RunContext, samples: dict, reference, feature, metric: str, fd_note: str | None, boot):

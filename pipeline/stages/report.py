@@ -28,7 +28,7 @@ from pipeline.frontier.tables import choice_text, noise_note
 from pipeline.plots import plot_speedup_vs_macs, plot_taylor_diagnostics
 
 SECTIONS = ["model", "prune", "finetune", "acceptance"]
-INPUTS = ["prune", "finetune", "samples", "quality", "parity", "bench", "check"]
+INPUTS = ["prune", "finetune", "distill_steps", "samples", "quality", "parity", "bench", "check"]
 
 
 class Doc:

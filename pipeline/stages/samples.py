@@ -3,30 +3,40 @@
 from __future__ import annotations
 
 from compressor import runlayout
-from compressor.persist import load_unet
+from compressor.persist import load_unet, student_sampling
 from compressor.sampling import save_comparison
 from pipeline.context import RunContext, StageResult, log
 
 SECTIONS = ["sample"]
-INPUTS = ["prune", "finetune"]
+INPUTS = ["prune", "finetune", "distill_steps"]
+STUDENT = "few-step student"
+LABELS = {"prune": "pruned", "finetune": "pruned + finetuned", "distill_steps": STUDENT}
 
 
 def run(ctx: RunContext) -> StageResult:
-    """Write ``RUN/samples/grid.png``: dense, pruned and (if run) finetuned rows."""
+    """Write ``RUN/samples/grid.png``: dense, pruned, finetuned and student rows (those that ran)."""
+    from compressor.models import as_noise_predictor
+
     cfg = ctx.cfg.sample
     rows = {}
     models = {"dense": ctx.dense_on()}
-    for stage in ("prune", "finetune"):
+    for stage, label in LABELS.items():
         rec = ctx.record(stage)
         if rec is not None and rec.ok:  # a skipped finetune wrote no model
-            models[{"prune": "pruned", "finetune": "pruned + finetuned"}[stage]] = load_unet(
-                runlayout.model_dir(ctx.run_dir, stage), ctx.device
-            )[0]
+            models[label] = load_unet(runlayout.model_dir(ctx.run_dir, stage), ctx.device)[0]
     if len(models) == 1:
         ctx.require("prune", "samples")
     for label, unet in models.items():
-        log("samples", f"{label}: {cfg.num_images} images, {cfg.scheduler.upper()} {cfg.steps} steps")
-        rows[label] = ctx.sample_images(ctx.torch_predictor(unet), cfg.num_images, cfg.steps)
+        student = (
+            student_sampling(runlayout.model_dir(ctx.run_dir, "distill_steps")) if label == STUDENT else None
+        )
+        n = student[1] if student else cfg.steps
+        solver = "DDIM" if student else cfg.scheduler.upper()
+        log("samples", f"{label}: {cfg.num_images} images, {solver} {n} steps")
+        predict = as_noise_predictor(unet) if student else ctx.torch_predictor(unet)
+        rows[f"{label} ({n} steps)" if student else label] = ctx.sample_images(
+            predict, cfg.num_images, cfg.steps, student=student
+        )
     ctx.stage_dir("samples")
     path = save_comparison(rows, runlayout.samples_grid(ctx.run_dir))
     log("samples", f"wrote {path}")
