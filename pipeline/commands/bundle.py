@@ -89,7 +89,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--dense-steps",
         type=int,
-        help="a few-step student's bundle: the DDIM steps of its dense model (default: the run's quality steps)",
+        help="a few-step student's bundle: its dense model's DDIM steps (default: the quality steps)",
     )
     args = parser.parse_args(argv)
     run = run_dir_arg(args.run)

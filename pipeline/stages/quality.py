@@ -48,9 +48,7 @@ def run(ctx: RunContext) -> StageResult:
         "frechet_note": fd_note,
         "interval": boot.describe(cfg.num_samples),
         "kid_feature_scale": scorer.kid_scale if scorer else None,
-        "student_steps": student[1]
-        if (student := _student(ctx, "student" if "student" in samples else ""))
-        else None,
+        "student_steps": _student(ctx, "student")[1] if "student" in samples else None,
     }
     if metric == "fd_digits" and scorer is not None and reference.shape[0] >= 4:
         floor, floor_ci = real_floor(scorer.real, boot)
