@@ -123,10 +123,11 @@ class LatencyTarget:
     warmup: int = _spec(2, "untimed calls per model per trial", ge=0)
     repeat: int = _spec(10, "timed calls per model per trial (medians are compared)", ge=3)
     threads: int | None = _spec(None, "CPU threads while timing (match bench.threads)", ge=1)
-    levers: list[Literal["prune", "steps", "scheduler", "cache", "precision"]] = _spec(
+    levers: list[Literal["prune", "steps", "scheduler", "cache", "precision", "student"]] = _spec(
         ["prune"],
         "what may move to meet the target: prune alone (the pruning search), or any of prune, steps, "
-        "scheduler, cache, precision (the best-quality stack of the measured frontier, see `frontier`)",
+        "scheduler, cache, precision, student (the best-quality stack of the measured frontier, see "
+        "`frontier`; student: a few-step student of frontier.students)",
     )
 
     @property
@@ -489,6 +490,12 @@ class FrontierConfig:
     steps: list[int] = _spec([50, 20, 10], "sampler step counts to try", ge=1)
     cache_intervals: list[int] = _spec([1, 2], "feature-reuse intervals to try (1 = off)", ge=1)
     precisions: list[Literal["fp32", "fp16", "int8"]] = _spec(["fp32"], "precisions to try (ONNX files)")
+    students: list[int] = _spec(
+        [0],
+        "few-step students to try (0 = none): per ratio one nested distill_steps run down to the fewest, "
+        "each round's student sampled at its own steps (e.g. [0, 8, 4, 2])",
+        ge=0,
+    )
     backend: Backend = _spec("onnxruntime", "backend the latency is measured on (`frontier --backend`)")
     batch: int = _spec(16, "images per sampler run when timing (`frontier --batch`)", ge=1)
     samples: int | None = _spec(None, "images scored per stack (default: quality.num_samples)", ge=2)

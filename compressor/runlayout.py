@@ -102,6 +102,11 @@ def frontier_ratio_dir(frontier: Path, ratio: float) -> Path:
     return Path(frontier) / f"ratio-{ratio:g}"
 
 
+def frontier_student_dir(frontier: Path, ratio: float) -> Path:
+    """The nested run of a frontier's few-step students at ``ratio`` (its rounds are the students)."""
+    return Path(frontier) / f"ratio-{ratio:g}-students"
+
+
 def frontier_points_dir(frontier: Path) -> Path:
     """Per-job results (quality, latency, reference images) inside a frontier folder."""
     return Path(frontier) / "points"

@@ -2,15 +2,19 @@
 
     compress-deploy frontier CONFIG [key=value ...] [--ratios 0,0.25,0.45] [--schedulers ddim,dpmsolver++]
                              [--steps 50,20,10] [--cache-intervals 1,2] [--precisions fp32,int8]
+                             [--students 0,8,4,2]
                              [--backend onnxruntime] [--batch 16] [--samples N] [--repeat N] [--threads N]
-                             [--target 3x|40ms] [--levers prune,steps,scheduler,cache,precision]
+                             [--target 3x|40ms] [--levers prune,steps,scheduler,cache,precision,student]
                              [--ray [ADDRESS]] [--workers N] [--out DIR]
 
 Defaults come from the config's ``frontier`` section. Per pruning ratio a nested run
 (``OUT/ratio-<r>/``: prune with the run's criterion, finetune with its settings, export)
 is made or reused; then each stack's quality (torch for fp32, ONNX Runtime for fp16/int8)
 and its sampler latency (alternating with the dense reference sampler, ``sample.scheduler``
-at ``sample.steps``). Writes ``OUT/frontier.{json,md,png}`` (default OUT: ``runs/<name>/frontier``).
+at ``sample.steps``). ``--students`` adds few-step students: per ratio a nested run
+(``OUT/ratio-<r>-students/``) distils the ratio's model by progressive distillation down to the
+fewest steps listed; each listed step count is one of its rounds, sampled with DDIM at its own steps
+(``stack.student_steps``). Writes ``OUT/frontier.{json,md,png}`` (default OUT: ``runs/<name>/frontier``).
 ``--target`` also picks the stack of lowest Frechet distance that meets it among the
 ``--levers`` that may move (the others stay at the run's sampler) and records it as
 ``chosen``. ``--ray`` runs the fits and quality jobs as Ray tasks: on the cluster at
@@ -84,6 +88,9 @@ def main(argv: list[str]) -> int:
         "--cache-intervals", help="feature-reuse intervals (default: frontier.cache_intervals)"
     )
     parser.add_argument("--precisions", help="fp32,fp16,int8 (default: frontier.precisions)")
+    parser.add_argument(
+        "--students", help="few-step students, 0 = none, e.g. 0,8,4,2 (default: frontier.students)"
+    )
     parser.add_argument("--backend", help="latency backend (default: frontier.backend)")
     parser.add_argument("--batch", type=int, help="images per timed sampler run (default: frontier.batch)")
     parser.add_argument("--samples", type=int, help="images scored per stack (default: quality.num_samples)")
@@ -109,6 +116,7 @@ def main(argv: list[str]) -> int:
         steps=int_list(args.steps, "--steps") or list(f.steps),
         cache_intervals=int_list(args.cache_intervals, "--cache-intervals") or list(f.cache_intervals),
         precisions=_names(args.precisions, "--precisions", ("fp32", "fp16", "int8")) or list(f.precisions),
+        students=int_list(args.students, "--students", minimum=0) or list(f.students),
     )
     out = args.out or runlayout.frontier_dir(Path("runs") / cfg.name)
     spec = fr.spec_from_config(

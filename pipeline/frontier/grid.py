@@ -12,7 +12,7 @@ from pathlib import Path
 from compressor.config import RunConfig, SamplerVariant, config_from_mapping, config_to_dict
 from compressor.errors import UserError
 
-LEVERS = ("prune", "steps", "scheduler", "cache", "precision")
+LEVERS = ("prune", "steps", "scheduler", "cache", "precision", "student")
 SOLVERS = ("ddim", "dpmsolver++", "unipc")  # deterministic: a seed fixes the image
 
 
@@ -25,20 +25,24 @@ class Stack:
     steps: int
     cache_interval: int = 1
     precision: str = "fp32"
+    student_steps: int = 0  # > 0: a few-step student (DDIM at these steps, its own schedule)
 
     @property
     def variant(self) -> SamplerVariant:
         return SamplerVariant(self.scheduler, self.steps, self.cache_interval)
 
     def key(self) -> str:
-        """A file-name-safe identifier, e.g. ``r0.25-dpmsolver++-10-c2-fp32``."""
-        return f"r{self.ratio:g}-{self.scheduler}-{self.steps}-c{self.cache_interval}-{self.precision}"
+        """A file-name-safe identifier, e.g. ``r0.25-dpmsolver++-10-c2-fp32`` (students: ``...-student``)."""
+        key = f"r{self.ratio:g}-{self.scheduler}-{self.steps}-c{self.cache_interval}-{self.precision}"
+        return key + "-student" if self.student_steps else key
 
     def label(self) -> str:
         """A short human label, e.g. ``pruned 0.25 + DPM++ 10 + cache 2``."""
         model = "dense" if self.ratio == 0 else f"pruned {self.ratio:g}"
         solver = {"ddim": "DDIM", "dpmsolver++": "DPM++", "unipc": "UniPC"}[self.scheduler]
         text = f"{model} + {solver} {self.steps}"
+        if self.student_steps:
+            text = f"{model} student {self.student_steps} steps"
         if self.cache_interval > 1:
             text += f" + cache {self.cache_interval}"
         if self.precision != "fp32":
@@ -46,7 +50,12 @@ class Stack:
         return text
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The stack as a mapping; ``student_steps`` only for a student (so the keys, and the cached
+        measurements, of the other stacks are what they were before students existed)."""
+        out = dataclasses.asdict(self)
+        if not self.student_steps:
+            out.pop("student_steps")
+        return out
 
 
 @dataclass
@@ -58,21 +67,39 @@ class Grid:
     steps: list[int]
     cache_intervals: list[int] = field(default_factory=lambda: [1])
     precisions: list[str] = field(default_factory=lambda: ["fp32"])
+    students: list[int] = field(default_factory=lambda: [0])
 
     def stacks(self) -> list[Stack]:
         """Every valid combination: feature reuse needs fewer full passes than steps and runs the
-        fp32/fp16 passes only (they are not quantized)."""
+        fp32/fp16 passes only (they are not quantized). Students (``students`` > 0) sample with
+        DDIM at their own steps, without reuse; every round's student in fp32, the last round's
+        (the fewest steps, the one its nested run exports) in every precision."""
         out = []
-        for r, s, n, c, p in itertools.product(
-            self.ratios, self.schedulers, self.steps, self.cache_intervals, self.precisions
-        ):
-            if c > 1 and (c >= n or p == "int8"):
-                continue
-            out.append(Stack(float(r), s, int(n), int(c), p))
+        if 0 in self.students:
+            for r, s, n, c, p in itertools.product(
+                self.ratios, self.schedulers, self.steps, self.cache_intervals, self.precisions
+            ):
+                if c > 1 and (c >= n or p == "int8"):
+                    continue
+                out.append(Stack(float(r), s, int(n), int(c), p))
+        fewest = min((n for n in self.students if n > 0), default=0)
+        for r, n, p in itertools.product(self.ratios, sorted(set(self.students) - {0}, reverse=True),
+                                         self.precisions):  # fmt: skip
+            if p == "fp32" or n == fewest:
+                out.append(Stack(float(r), "ddim", int(n), 1, p, int(n)))
         return out
 
-    def check(self) -> None:
-        """UserError for values no stack can use."""
+    def check(self, start_steps: int | None = None) -> None:
+        """UserError for values no stack can use (``start_steps``: the students' first teacher's steps,
+        ``distill_steps.start_steps``: every student must be a round of its chain)."""
+        for n in self.students:
+            if n < 0 or (n and start_steps and (start_steps % n or (start_steps // n) & (start_steps // n - 1)
+                                                or n == start_steps)):  # fmt: skip
+                raise UserError(
+                    f"frontier: student {n}: each round of progressive distillation halves the steps from "
+                    f"distill_steps.start_steps={start_steps}, so a student takes {start_steps} / 2^k steps "
+                    f"(e.g. {', '.join(str(start_steps >> k) for k in (2, 3, 4))}); 0 = no student"
+                )
         bad = [s for s in self.schedulers if s not in SOLVERS]
         if bad:
             raise UserError(
@@ -114,12 +141,12 @@ def spec_from_config(cfg: RunConfig, out: Path, grid: Grid | None = None, **chan
     """A frontier spec from the run config's ``frontier`` section (``changes`` override it)."""
     f = cfg.frontier
     grid = grid or Grid(list(f.ratios), list(f.schedulers), list(f.steps), list(f.cache_intervals),
-                        list(f.precisions))  # fmt: skip
+                        list(f.precisions), list(f.students))  # fmt: skip
     threads = f.threads or cfg.bench.threads
     spec = Spec(config_to_dict(cfg), str(out), grid, f.backend, f.batch,
                 f.samples or cfg.quality.num_samples, threads, f.repeat, f.warmup)  # fmt: skip
     spec = dataclasses.replace(spec, **{k: v for k, v in changes.items() if v is not None})
-    spec.grid.check()
+    spec.grid.check(cfg.distill_steps.start_steps)
     return spec
 
 
@@ -136,13 +163,19 @@ def lever_grid(cfg: RunConfig, levers: list[str], base: Grid | None = None) -> G
         steps=list(f.steps) if "steps" in levers else [s.steps],
         cache_intervals=list(f.cache_intervals) if "cache" in levers else [1],
         precisions=list(f.precisions) if "precision" in levers else ["fp32"],
+        students=list(f.students) if "student" in levers else [0],
     )
 
 
 def apply_stack(cfg: RunConfig, stack: dict | None) -> RunConfig:
-    """The run config with what a chosen stack needs exported: its precision and, with reuse, the passes."""
+    """The run config with what a chosen stack needs: its precision and, with reuse, the passes
+    exported; a student stack's ``distill_steps.target_steps``."""
     if not stack:
         return cfg
+    if stack.get("student_steps") or "student" in cfg.prune.target_latency.levers:
+        # chosen among students too: the run trains one exactly when the chosen stack is one
+        distill = dataclasses.replace(cfg.distill_steps, target_steps=stack.get("student_steps") or None)
+        cfg = dataclasses.replace(cfg, distill_steps=distill)
     export = cfg.export
     precisions = list(export.precisions)
     for needed in ("fp32", stack["precision"]):

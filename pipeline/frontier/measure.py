@@ -7,7 +7,7 @@ import dataclasses
 from compressor.quality import resampling
 from pipeline.context import log
 from pipeline.frontier.choice import QUALITY_KEYS, mark_noise, pareto
-from pipeline.frontier.fits import fit_ratio
+from pipeline.frontier.fits import fit_ratio, fit_students
 from pipeline.frontier.grid import Spec, Stack
 from pipeline.frontier.jobs import run_jobs
 from pipeline.frontier.scoring import load_replicates, reference_images, score_stack
@@ -22,6 +22,8 @@ def measure(spec: Spec, ray: str | None = None, cpus: int | None = None) -> dict
     ratios = sorted({s.ratio for s in stacks} | {0.0})
     log("frontier", f"{len(stacks)} stacks over {len(ratios)} pruning ratios -> {spec.root}")
     fitted = {r["ratio"]: r for r in run_jobs(fit_ratio, [(spec, r) for r in ratios], ray, cpus)}
+    taught = sorted({s.ratio for s in stacks if s.student_steps})
+    students = {r["ratio"]: r for r in run_jobs(fit_students, [(spec, r) for r in taught], ray, cpus)}
     ref = run_jobs(reference_images, [(spec,)], ray, cpus)[0]
     scores = dict(zip(stacks, run_jobs(score_stack, [(spec, s) for s in stacks], ray, cpus), strict=True))
     bar = tqdm(total=len(stacks), desc="[frontier] timing", unit="stack", leave=False)
@@ -44,6 +46,14 @@ def measure(spec: Spec, ray: str | None = None, cpus: int | None = None) -> dict
             "latency_ms": t["latency_ms"], "reference_ms": t["reference_ms"], "speedup": t["speedup"],
             **{k: q[k] for k in QUALITY_KEYS},
         })  # fmt: skip
+        if stack.student_steps:  # what its distillation cost: the rounds down to it
+            rounds = students[stack.ratio]["round_costs"]
+            points[-1]["student_training"] = {
+                "wall_s": round(sum(r["wall_s"] for r in rounds if r["steps"] >= stack.student_steps), 2),
+                "optimizer_steps": sum(
+                    r["optimizer_steps"] for r in rounds if r["steps"] >= stack.student_steps
+                ),
+            }
     for p, flag in zip(points, pareto(points), strict=True):
         p["pareto"] = flag
     cfg = spec.config()
@@ -70,5 +80,6 @@ def measure(spec: Spec, ray: str | None = None, cpus: int | None = None) -> dict
         },  # fmt: skip
         "grid": dataclasses.asdict(spec.grid),
         "ratios": {f"{r:g}": fitted[r] for r in ratios},
+        "students": {f"{r:g}": students[r] for r in taught},
         "points": points,
     }

@@ -58,6 +58,24 @@ def sampling_settings(cfg: RunConfig) -> dict:
     return out
 
 
+def student_config(spec: Spec, ratio: float) -> RunConfig:
+    """The nested run of a ratio's students: the ratio's, distilled down to the fewest student steps
+    (each round's student is one of the grid's students); at ratio 0 the student starts dense."""
+    fewest = min(n for n in spec.grid.students if n > 0)
+    base = config_to_dict(ratio_config(spec, ratio))
+    over = [
+        f"distill_steps.target_steps={fewest}",
+        f"distill_steps.student={'dense' if ratio == 0 else 'final'}",
+    ]
+    return config_from_mapping(base, over)
+
+
+def student_stages(ratio: float, backend: str = "onnxruntime") -> list[str]:
+    """The ratio's stages with ``distill_steps`` before the export (which then exports the student)."""
+    stages = ratio_stages(ratio, backend)
+    return stages[: stages.index("export")] + ["distill_steps"] + stages[stages.index("export") :]
+
+
 def ratio_stages(ratio: float, backend: str = "onnxruntime") -> list[str]:
     """Ratio 0 is the dense model as it is: no finetune (its export holds the dense graphs); a
     TensorRT frontier also builds the engines it times."""
@@ -77,17 +95,21 @@ def cached(path: Path, fingerprint: str) -> dict | None:
     return data if data.get("fingerprint") == fingerprint else None
 
 
-def model_run(spec: Spec, ratio: float) -> tuple[Path, str]:
-    """(nested run, model name in it) of a ratio: ratio 0 is the dense model of its run."""
+def model_run(spec: Spec, ratio: float, student: bool = False) -> tuple[Path, str]:
+    """(nested run, model name in it) of a ratio: ratio 0 is the dense model of its run; a student's
+    run exports its last round's student as its compressed ("pruned") model, at every ratio."""
+    if student:
+        return runlayout.frontier_student_dir(spec.root, ratio), "pruned"
     return runlayout.frontier_ratio_dir(spec.root, ratio), "dense" if ratio == 0 else "pruned"
 
 
-def ratio_key(spec: Spec, ratio: float) -> str:
+def ratio_key(spec: Spec, ratio: float, student: bool = False) -> str:
     """Fingerprint of a ratio's model and sampling: its nested stages' cache keys (each the hash of
     the config sections and inputs that stage depends on) and the sampling settings."""
     from compressor.records import read_record
 
-    run, _ = model_run(spec, ratio)
-    stages = {s: (read_record(run, s) or {}) for s in ratio_stages(ratio, spec.backend)}
+    run, _ = model_run(spec, ratio, student)
+    names = student_stages(ratio, spec.backend) if student else ratio_stages(ratio, spec.backend)
+    stages = {s: (read_record(run, s) or {}) for s in names}
     keys = {s: getattr(r, "data", {}).get("cache", {}).get("key") for s, r in stages.items()}
     return fingerprint_of(sampling_settings(ratio_config(spec, ratio)), keys)

@@ -91,7 +91,7 @@ def score_stack(spec: Spec, stack: Stack) -> dict:
     import torch
 
     from compressor.intervals import ssim_figures
-    from compressor.persist import load_unet
+    from compressor.persist import load_unet, student_sampling
     from compressor.records import final_model_dir
     from compressor.sampling import generate, make_scheduler
     from deploy.runtimes import load_backend
@@ -101,24 +101,30 @@ def score_stack(spec: Spec, stack: Stack) -> dict:
         torch.set_num_threads(spec.threads)
     cfg = ratio_config(spec, stack.ratio)
     path = runlayout.frontier_points_dir(spec.root) / f"{stack.key()}.quality.json"
+    student = stack.student_steps > 0
     fingerprint = fingerprint_of(
-        ratio_key(spec, stack.ratio), stack.as_dict(), spec.samples, str(spec.reference)
+        ratio_key(spec, stack.ratio, student), stack.as_dict(), spec.samples, str(spec.reference)
     )
     found = cached(path, fingerprint)
     if found is not None and replicates_file(spec, stack).is_file():
         return found
-    run, model = model_run(spec, stack.ratio)
+    run, model = model_run(spec, stack.ratio, student)
     ctx = RunContext(cfg, run)
     level = cfg.sample.cache_level if stack.cache_interval > 1 else None
+    sched_cfg = ctx.dense.scheduler_config
+    folder = final_model_dir(run)[1] if model != "dense" else None
+    if student:  # this round's student, sampled with the schedule it was trained for
+        folder = runlayout.student_round_dir(run, stack.student_steps)
+        sched_cfg = student_sampling(folder)[0]
     if stack.precision == "fp32":  # the same images on every backend: torch
-        unet = ctx.dense.unet if model == "dense" else load_unet(final_model_dir(run)[1])[0]
+        unet = ctx.dense.unet if folder is None else load_unet(folder)[0]
         predict = load_backend("torch", unet=unet, cache_level=level).predict
-    else:  # fp16 / int8: the ONNX file that runs them
+    else:  # fp16 / int8: the ONNX file that runs them (a student's: its nested run's last round)
         predict = load_backend("onnxruntime", run_dir=run, model=model, precision=stack.precision,
                                threads=spec.threads, cache_level=level).predict  # fmt: skip
     log("frontier", f"quality: {stack.label()}, {spec.samples} images")
     images = generate(
-        predict, make_scheduler(stack.scheduler, ctx.dense.scheduler_config), ctx.image_shape(),
+        predict, make_scheduler(stack.scheduler, sched_cfg), ctx.image_shape(),
         spec.samples, stack.steps, seed=cfg.sample.seed, batch_size=cfg.sample.batch_size,
         cache_interval=stack.cache_interval, cache_schedule=cfg.sample.cache_schedule,
     )  # fmt: skip

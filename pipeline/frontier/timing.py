@@ -30,10 +30,10 @@ def time_stacks(
     host = host_facts()
     predictors: dict = {}
 
-    def predictor(ratio: float, precision: str, reuse: bool):
-        key = (ratio, precision, reuse)
+    def predictor(ratio: float, precision: str, reuse: bool, student: bool = False):
+        key = (ratio, precision, reuse, student)
         if key not in predictors:
-            run, model = model_run(spec, ratio)
+            run, model = model_run(spec, ratio, student)
             level = cfg.sample.cache_level if reuse else None
             unet = None
             if spec.backend == "torch":
@@ -49,18 +49,22 @@ def time_stacks(
     reference = sampler_call(predictor(0.0, "fp32", False), make_scheduler(ref.scheduler, sched_cfg),
                              shape, spec.batch, ref.steps, ctx.device)  # fmt: skip
     out = {}
-    ratio_keys = {r: ratio_key(spec, r) for r in {s.ratio for s in stacks}}  # records read once per ratio
+    ratio_keys = {(s.ratio, s.student_steps > 0): ratio_key(spec, s.ratio, s.student_steps > 0)
+                  for s in stacks}  # fmt: skip
     for stack in stacks:
         path = (
             runlayout.frontier_points_dir(spec.root)
             / f"{stack.key()}.latency.{spec.backend}-b{spec.batch}.json"
         )
-        fingerprint = fingerprint_of(ratio_keys[stack.ratio], stack.as_dict(), str(ref), spec.backend,
-                                   spec.batch, spec.threads, spec.repeat, spec.warmup, host)  # fmt: skip
+        student = stack.student_steps > 0
+        fingerprint = fingerprint_of(ratio_keys[(stack.ratio, student)], stack.as_dict(), str(ref),
+                                     spec.backend, spec.batch, spec.threads, spec.repeat, spec.warmup,
+                                     host)  # fmt: skip
         found = cached(path, fingerprint)
         if found is None:
-            call = sampler_call(predictor(stack.ratio, stack.precision, stack.cache_interval > 1),
-                                make_scheduler(stack.scheduler, sched_cfg), shape, spec.batch, stack.steps,
+            schedule = student_schedule(spec, stack) if student else sched_cfg
+            call = sampler_call(predictor(stack.ratio, stack.precision, stack.cache_interval > 1, student),
+                                make_scheduler(stack.scheduler, schedule), shape, spec.batch, stack.steps,
                                 ctx.device, stack.cache_interval, cfg.sample.cache_schedule)  # fmt: skip
             times = time_alternating({"reference": reference, "candidate": call}, spec.warmup, spec.repeat)
             ref_ms, ms = percentile_ms(times["reference"])[0], percentile_ms(times["candidate"])[0]
@@ -71,3 +75,11 @@ def time_stacks(
         if on_point:
             on_point(stack, found)
     return out
+
+
+def student_schedule(spec: Spec, stack: Stack) -> dict:
+    """The scheduler config a student stack samples with (its round's structure file)."""
+    from compressor.persist import student_sampling
+
+    run, _ = model_run(spec, stack.ratio, True)
+    return student_sampling(runlayout.student_round_dir(run, stack.student_steps))[0]
