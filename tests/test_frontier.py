@@ -287,3 +287,60 @@ def test_nested_runs_build_engines_only_for_a_tensorrt_frontier():
     assert fr.ratio_stages(0.0) == ["prune", "export"]  # the dense model as it is: nothing to finetune
     assert fr.ratio_stages(0.25) == ["prune", "finetune", "export"]
     assert fr.ratio_stages(0.25, "tensorrt") == ["prune", "finetune", "export", "build"]
+
+
+STUDENTS = ["distill_steps.start_steps=8", "distill_steps.steps_per_round=2", "distill_steps.batch_size=4",
+            "distill_steps.checkpoint_every=2"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_students_are_a_lever_of_the_frontier_and_of_a_latency_target(tiny, tmp_path):
+    """``--students 0,4,2``: per ratio one nested distill_steps run (rounds 8 -> 4 -> 2); its rounds are
+    stacks sampled at their own steps; a latency target with the student lever can choose one, which the
+    run then trains, exports and gates."""
+    from compressor import runlayout
+    from compressor.records import chosen_stack, read_metrics
+
+    out = tmp_path / "f"
+    grid = ["--ratios", "0,0.25", "--schedulers", "ddim", "--steps", "3", "--cache-intervals", "1",
+            "--students", "0,4,2", "--batch", "2", "--samples", "4", "--repeat", "1", "--threads", "1",
+            "quality.feature=digits", *STUDENTS]  # fmt: skip
+    assert main(["frontier", str(tiny), *grid, "--out", str(out)]) == 0
+    frontier = json.loads((out / "frontier.json").read_text())
+    students = [p for p in frontier["points"] if p["stack"].get("student_steps")]
+    assert sorted((p["stack"]["ratio"], p["stack"]["student_steps"]) for p in students) == [
+        (0.0, 2), (0.0, 4), (0.25, 2), (0.25, 4)
+    ]  # fmt: skip
+    for p in students:
+        assert p["stack"]["scheduler"] == "ddim" and p["stack"]["steps"] == p["stack"]["student_steps"]
+        assert p["fd"] > 0 and p["speedup"] > 0 and "student" in p["label"]
+        assert p["student_training"]["optimizer_steps"] == 2 * (1 if p["stack"]["student_steps"] == 4 else 2)
+    assert all("student_steps" not in p["stack"] for p in frontier["points"] if p not in students)
+    for ratio in (0.0, 0.25):  # one nested student run per ratio, its rounds the students
+        rec = read_metrics(runlayout.frontier_student_dir(out, ratio), "distill_steps")
+        assert [r["steps"] for r in rec.rounds] == [4, 2]
+        assert rec.student == ("the dense model" if ratio == 0 else "finetune/model")
+    # the ratio run's prune and finetune were reused, not redone
+    copied = read_metrics(runlayout.frontier_student_dir(out, 0.25), "finetune")
+    assert copied == read_metrics(runlayout.frontier_ratio_dir(out, 0.25), "finetune")
+    # a latency target may choose a student: the run trains it and samples, exports and times it
+    run = tmp_path / "run"
+    target = ["prune.target_latency.levers=[prune,steps,student]", "prune.target_latency.speedup=1.5",
+              "prune.target_latency.what=sampler", "prune.target_latency.batch=2", "prune.ratio=null",
+              "frontier.ratios=[0,0.25]", "frontier.steps=[8]", "frontier.students=[0,2]",
+              "frontier.samples=4", "frontier.repeat=1", "frontier.threads=1", "quality.feature=digits",
+              "quality.compare_raw=false", "quality.compare_pruned=false", "bench.backends=[onnxruntime]",
+              "bench.batch_sizes=[2]", "bench.sampler_repeat=1", "bench.repeat=3", *STUDENTS,
+              "sample.steps=8", "prune.target_latency.margin=0"]  # fmt: skip
+    stages = "prune,finetune,distill_steps,export,quality,bench,check"
+    main([str(tiny), *target, "--stages", stages, "--run-dir", str(run)])
+    chosen = json.loads((run / "frontier" / "frontier.json").read_text())["chosen"]
+    assert (
+        chosen["stack"]["student_steps"] == 2
+    )  # 2 steps against the reference's 8: only students reach 1.5x
+    assert chosen_stack(run) == chosen["stack"]
+    distill = read_metrics(run, "distill_steps")
+    assert distill.target_steps == 2 and [r["steps"] for r in distill.rounds] == [4, 2]
+    quality = read_metrics(run, "quality")
+    assert quality.compressed_label() == "student" and quality.student_steps == 2
+    assert read_metrics(run, "bench").stack["speedup"] > 0
