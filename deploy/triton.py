@@ -175,15 +175,21 @@ def write_repository(run_dir: Path, out: Path, s: RepoSettings) -> dict:
         served = f"Python backend running {s.backend} in process"
     sampler_dir = out / "sampler" / "1"
     sampler_dir.mkdir(parents=True)
+    schedule, default_steps = structure["scheduler_config"], s.default_steps
+    student = structure.get("student_steps") if s.model == "pruned" else None
+    if student:  # a few-step student: its own DDIM grid and prediction type, its steps by default
+        default_steps = int(student)
+    elif s.model == "dense":  # a student's structure file keeps the dense model's schedule apart
+        schedule = structure.get("dense_scheduler_config", schedule)
     shutil.copy2(MODELS_DIR / "sampler_model.py", sampler_dir / "model.py")
     (sampler_dir / "sampler.json").write_text(
         json.dumps(
             {
                 "image_shape": list(shape),
-                "scheduler_config": structure["scheduler_config"],
+                "scheduler_config": schedule,
                 "scheduler": s.scheduler,
                 "max_steps": s.max_steps,
-                "default_steps": s.default_steps,
+                "default_steps": default_steps,
                 "unet_max_batch": s.max_batch,
             },
             indent=1,

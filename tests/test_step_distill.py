@@ -123,16 +123,30 @@ def _student_config(
     return write_config(tiny_config.with_name("student.yaml"), text)
 
 
+@pytest.fixture(scope="module")
+def student_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(config, run): a tiny run with a 2-step v-prediction student, exported and scored."""
+    from pipeline.cli import main
+    from tests.conftest import TINY_CONFIG, write_images, write_model_folder
+
+    root = tmp_path_factory.mktemp("student")
+    model = write_model_folder(root / "model")
+    write_images(root / "images", 8)
+    tiny = write_config(root / "tiny.yaml", TINY_CONFIG.format(model=model, data=root / "images"))
+    cfg = _student_config(tiny)
+    run = root / "run"
+    stages = "prune,finetune,distill_steps,samples,export,quality"
+    assert main([str(cfg), "--stages", stages, "--run-dir", str(run), "quality.compare_pruned=false"]) == 0
+    return cfg, run
+
+
 @pytest.mark.slow
-def test_the_stage_writes_the_student_its_rounds_and_the_final_model(tmp_path, tiny_config):
+def test_the_stage_writes_the_student_its_rounds_and_the_final_model(student_run, tmp_path):
     from compressor.persist import student_sampling
     from compressor.records import final_model_dir, read_metrics, read_record, student_stack
     from pipeline.cli import main
 
-    cfg = _student_config(tiny_config)
-    run = tmp_path / "run"
-    stages = "prune,finetune,distill_steps,samples,export,quality"
-    assert main([str(cfg), "--stages", stages, "--run-dir", str(run), "quality.compare_pruned=false"]) == 0
+    cfg, run = student_run
     rec = read_record(run, "distill_steps")
     rounds = rec.metrics["rounds"]
     assert [r["steps"] for r in rounds] == [4, 2] and [r["teacher_steps"] for r in rounds] == [8, 4]
@@ -244,3 +258,52 @@ def test_the_bundle_runtime_follows_diffusers_for_a_student(prediction, kind, st
         x = ours.step(i, _model(x, int(t)), x)
         xt = theirs.step(torch.from_numpy(_model(xt.numpy(), int(t))), t, xt).prev_sample
         assert np.abs(x - xt.numpy()).max() <= 1e-5, (i, int(t))
+
+
+def _bare_runtime(folder: Path, *args: str, python: str = sys.executable) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([python, "-m", "bundle_runtime", *args], cwd=folder, capture_output=True, text=True,
+                          env=env, timeout=600)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_students_bundle_samples_its_steps_and_passes_check(student_run, tmp_path):
+    """`bundle RUN OUT` on a student: its steps and v prediction by default, the dense model at its own
+    DDIM steps; the bundle's images are `sample`'s through ONNX Runtime; `check` passes."""
+    from pipeline.cli import main
+
+    _, run = student_run
+    out = tmp_path / "bundle"
+    assert main(["bundle", str(run), str(out), "--batch", "2"]) == 0
+    settings = json.loads((out / "scheduler.json").read_text())
+    assert settings["steps"] == 2 and settings["prediction_type"] == "v_prediction"
+    assert settings["dense"]["steps"] == 3 and settings["dense"]["prediction_type"] == "epsilon"  # quality's
+    with np.load(out / "scheduler.npz") as tables:
+        assert tables["timesteps"].tolist() == [999, 499] and len(tables["dense.timesteps"]) == 3
+    done = _bare_runtime(
+        out, "generate", "--seed", "3", "--num-images", "3", "--out", str(tmp_path / "b.npy")
+    )
+    assert done.returncode == 0, done.stderr
+    argv = ["sample", str(run), "--backend", "onnxruntime", "--seed", "3", "--num-images", "3",
+            "--out", str(tmp_path / "s.npy")]  # fmt: skip
+    assert main(argv) == 0  # the student's own steps and schedule by default
+    assert np.abs(np.load(tmp_path / "b.npy") - np.load(tmp_path / "s.npy")).max() <= 1e-5
+    done = _bare_runtime(
+        out, "check", "--repeat", "3", "--sampler-repeat", "1", "--record", str(tmp_path / "r")
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "sampler speed-up vs dense" in done.stdout
+
+
+@pytest.mark.slow
+def test_the_triton_repository_serves_the_student_at_its_steps(student_run, tmp_path):
+    from pipeline.cli import main
+
+    _, run = student_run
+    for model, steps, prediction in (("pruned", 2, "v_prediction"), ("dense", 50, "epsilon")):
+        out = tmp_path / model
+        assert main(["triton-repo", str(run), str(out), "--model", model, "--unet", "onnxruntime"]) == 0
+        spec = json.loads((out / "sampler" / "1" / "sampler.json").read_text())
+        schedule = spec["scheduler_config"]
+        assert spec["default_steps"] == steps and schedule.get("prediction_type", "epsilon") == prediction
+        assert (schedule.get("timestep_spacing") == "trailing") == (model == "pruned")

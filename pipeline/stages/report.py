@@ -172,7 +172,8 @@ def _plot_latency(rows: list[dict], path: Path) -> bool:
 def run(ctx: RunContext) -> StageResult:
     """Write ``RUN/report/report.md`` and ``RUN/report/report.html`` from the run's records."""
     out = ctx.stage_dir("report")
-    metrics = {s: read_metrics(ctx.run_dir, s) for s in ("prune", "finetune", "quality", "parity", "bench")}
+    stages = ("prune", "finetune", "distill_steps", "quality", "parity", "bench")
+    metrics = {s: read_metrics(ctx.run_dir, s) for s in stages}
     checks = evaluate(
         ctx.cfg.acceptance,
         metrics["bench"],
@@ -188,6 +189,8 @@ def run(ctx: RunContext) -> StageResult:
         prune_section(doc, metrics["prune"], out)
     if metrics["finetune"]:
         finetune_section(doc, metrics["finetune"], out)
+    if metrics["distill_steps"]:
+        student_section(doc, metrics["distill_steps"], metrics["bench"])
     if metrics["quality"]:
         quality_section(doc, metrics["quality"])
     if ctx.record("samples"):
@@ -366,6 +369,28 @@ def finetune_section(doc: Doc, m: FinetuneMetrics, out: Path) -> None:
         )
     if _plot_losses(m.losses, out / "loss.png", m.loss_terms):
         doc.image(out / "loss.png", "finetune loss curve")
+
+
+def student_section(doc: Doc, m, bench: BenchMetrics | None) -> None:
+    """The few-step student: its rounds (steps, final loss, distance from the first teacher, cost) and
+    its sampler against the dense reference sampler."""
+    doc.heading("Few-step student")
+    doc.para(
+        f"Progressive distillation of {m.student} from the dense model's DDIM {m.start_steps} steps down to "
+        f"{m.target_steps} ({m.prediction_type} prediction): {len(m.rounds)} rounds, "
+        f"{m.optimizer_steps} optimizer steps, {m.wall_s:.0f} s. The student is the run's final model."
+    )
+    doc.table(
+        ["round", "steps", "final loss", f"MSE vs teacher images ({m.eval_images})", "seconds", "resumed"],
+        [[i + 1, r["steps"], r.get("final_loss"), r.get("mse_vs_teacher"), r.get("wall_s"),
+          r.get("resumed_from")] for i, r in enumerate(m.rounds)],
+    )  # fmt: skip
+    if bench is not None and bench.student:
+        doc.table(
+            ["backend", "batch", "student ms", "dense reference", "dense ms", "speed-up"],
+            [[r["backend"], r["batch"], r["ms"], r["reference"], r["reference_ms"], f"{r['speedup']:.2f}x"]
+             for r in bench.student],
+        )  # fmt: skip
 
 
 def quality_section(doc: Doc, m: QualityMetrics) -> None:
