@@ -1,4 +1,4 @@
-"""Helper for test_training: train a tiny UNet (1 process or under torchrun) and save the result."""
+"""Helper for test_training and test_step_distill: train a tiny UNet (1 process or torchrun), save it."""
 
 from __future__ import annotations
 
@@ -15,6 +15,25 @@ from compressor.models import build_unet
 from compressor.sampling import make_scheduler
 from compressor.training import train
 from tests.conftest import DDPM_SCHEDULER, TINY_UNET
+
+
+def student_round(out: Path) -> None:
+    """One progressive-distillation round (8 -> 4 steps), 4 optimizer steps, as the stage runs it."""
+    import copy
+
+    from compressor.config import StepDistillConfig
+    from compressor.step_distill import distill_round
+
+    torch.set_num_threads(1)
+    teacher = build_unet(TINY_UNET, seed=0)
+    images = torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    cfg = StepDistillConfig(target_steps=4, start_steps=8, steps_per_round=4, batch_size=4, log_every=1)
+    result = distill_round(copy.deepcopy(teacher), teacher, DDPM_SCHEDULER, images, cfg, 4, 0, "epsilon",
+                           out / "ckpt", 0, torch.device("cpu"))  # fmt: skip
+    if int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1:
+        state = {k: v.contiguous() for k, v in result.student.state_dict().items()}
+        save_file(state, str(out / "weights.safetensors"))
+        (out / "losses.json").write_text(json.dumps({"losses": result.losses, "world": result.processes}))
 
 
 def main(out: Path, distill: bool = False) -> None:
@@ -52,4 +71,7 @@ def main(out: Path, distill: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), "--distill" in sys.argv[2:])
+    if "--student" in sys.argv[2:]:
+        student_round(Path(sys.argv[1]))
+    else:
+        main(Path(sys.argv[1]), "--distill" in sys.argv[2:])

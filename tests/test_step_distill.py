@@ -307,3 +307,22 @@ def test_the_triton_repository_serves_the_student_at_its_steps(student_run, tmp_
         schedule = spec["scheduler_config"]
         assert spec["default_steps"] == steps and schedule.get("prediction_type", "epsilon") == prediction
         assert (schedule.get("timestep_spacing") == "trailing") == (model == "pruned")
+
+
+@pytest.mark.slow
+def test_two_processes_distil_a_round_as_one_does(tmp_path):
+    from safetensors.torch import load_file
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    helper = str(ROOT / "tests" / "dp_train.py")
+    subprocess.run([sys.executable, helper, str(one), "--student"], check=True, env=ENV, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    "29514", helper, str(two), "--student"], check=True, env=ENV, cwd=ROOT)  # fmt: skip
+    meta_one, meta_two = (json.loads((d / "losses.json").read_text()) for d in (one, two))
+    assert meta_one["world"] == 1 and meta_two["world"] == 2 and len(meta_one["losses"]) == 4
+    for (s1, l1), (s2, l2) in zip(meta_one["losses"], meta_two["losses"], strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5, abs=1e-8)
+    w1, w2 = load_file(str(one / "weights.safetensors")), load_file(str(two / "weights.safetensors"))
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4  # float order of the all-reduce
