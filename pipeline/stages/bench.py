@@ -134,7 +134,9 @@ def run(ctx: RunContext) -> StageResult:
         "sampler_steps": cfg.sampler_steps,
         "variants": [str(v) for v in samplers],
         "compressed_from": source,
-        "stack": _time_stack(ctx, models) if ctx.chosen is not None else None,
+        "stack": _time_stack(ctx, models, folder if source == "distill_steps" else None)
+        if ctx.chosen is not None
+        else None,
     }
     if source == "distill_steps":
         metrics["student"] = _time_student(ctx, folder, plain)
@@ -165,9 +167,11 @@ def _time_student(ctx: RunContext, folder, plain: dict) -> list[dict]:
     return out
 
 
-def _time_stack(ctx: RunContext, models: dict) -> dict:
+def _time_stack(ctx: RunContext, models: dict, student=None) -> dict:
     """The chosen stack (compressed, on the target's backend and batch) against the dense reference
-    sampler (``sample.scheduler`` at ``sample.steps``, fp32), alternately: what ``check`` verifies."""
+    sampler (``sample.scheduler`` at ``sample.steps``, fp32), alternately: what ``check`` verifies.
+    ``student``: the folder of a chosen few-step student, sampled with its own schedule."""
+    from compressor.persist import student_sampling
     from deploy.runtimes import load_backend
 
     lat, stack, s = ctx.cfg.prune.target_latency, ctx.chosen, ctx.cfg.sample
@@ -185,7 +189,13 @@ def _time_stack(ctx: RunContext, models: dict) -> dict:
 
     calls = {
         "dense": _sampler(ctx, backend("dense", "fp32", None), reference, lat.batch),
-        "pruned": _sampler(ctx, backend("pruned", stack["precision"], level), variant, lat.batch),
+        "pruned": _sampler(
+            ctx,
+            backend("pruned", stack["precision"], level),
+            variant,
+            lat.batch,
+            student_sampling(student)[0] if student else None,
+        ),
     }
     times = time_alternating(calls, min(1, ctx.cfg.bench.warmup), ctx.cfg.bench.sampler_repeat)
     ref_ms, ms = percentile_ms(times["dense"])[0], percentile_ms(times["pruned"])[0]

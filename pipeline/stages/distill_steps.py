@@ -65,6 +65,8 @@ def run(ctx: RunContext) -> StageResult:
             if ctx.is_main:
                 _save(student, done, structure, student_sched, steps, source, sched_cfg)
                 (folder / "round.json").write_text(json.dumps(entry))
+                for old in folder.glob("step-*"):  # a finished round resumes from its student alone
+                    shutil.rmtree(old)
         rounds.append(entry)
         teacher, teacher_prediction = student, cfg.prediction_type  # the next round's teacher
         student = _copy(student)
