@@ -135,8 +135,12 @@ def student_run(tmp_path_factory) -> tuple[Path, Path]:
     tiny = write_config(root / "tiny.yaml", TINY_CONFIG.format(model=model, data=root / "images"))
     cfg = _student_config(tiny)
     run = root / "run"
-    stages = "prune,finetune,distill_steps,samples,export,quality"
-    assert main([str(cfg), "--stages", stages, "--run-dir", str(run), "quality.compare_pruned=false"]) == 0
+    stages = "prune,finetune,distill_steps,samples,export,quality,bench,check"
+    over = ["quality.compare_pruned=false", "bench.backends=[onnxruntime]", "bench.batch_sizes=[2]",
+            "bench.repeat=3", "bench.sampler_repeat=1", "acceptance.batch=2",
+            "acceptance.min_sampler_speedup=1.01", "acceptance.min_ssim=null", "acceptance.max_fd_ratio=null",
+            "acceptance.min_speedup=null"]  # fmt: skip
+    main([str(cfg), "--stages", stages, "--run-dir", str(run), *over])  # the gates' verdict: any
     return cfg, run
 
 
@@ -163,6 +167,14 @@ def test_the_stage_writes_the_student_its_rounds_and_the_final_model(student_run
     quality = read_metrics(run, "quality")
     assert quality.compressed_label() == "student" and quality.student_steps == 2
     assert "finetuned" not in quality.models  # only the final model is scored (compare_pruned off)
+    # bench times the student at its steps against the dense reference sampler; check gates that
+    bench = read_metrics(run, "bench")
+    (row,) = bench.student
+    facts = (row["backend"], row["batch"], row["student_steps"], row["reference"])
+    assert facts == ("onnxruntime", 2, 2, "ddim:3:1")
+    check = json.loads(runlayout.record_path(run, "check").read_text())["metrics"]["checks"]
+    (gate,) = [c for c in check if c["name"] == "min_sampler_speedup"]
+    assert gate["measured"] == pytest.approx(row["speedup"]) and "student ddim:2" in gate["detail"]
     # the exported "pruned" graph is the student: ONNX Runtime samples it at its own steps
     out = tmp_path / "s.npy"
     argv = ["sample", str(run), "--backend", "onnxruntime", "--num-images", "2", "--out", str(out)]
