@@ -151,7 +151,7 @@ def test_missing_config_file(tmp_path, capsys):
 
 
 def test_stage_mapping_is_the_documented_order():
-    assert list(STAGES)[:4] == ["train", "prune", "finetune", "samples"]
+    assert list(STAGES)[:5] == ["train", "prune", "finetune", "distill_steps", "samples"]
 
 
 def test_console_script_exit_code(tmp_path):

@@ -35,7 +35,7 @@ def fit_students(spec: Spec, ratio: float) -> dict:
     """
     import torch
 
-    from compressor.records import read_metrics
+    from compressor.records import read_metrics, read_record
     from pipeline.runner import run_pipeline
 
     if spec.threads:
@@ -45,7 +45,7 @@ def fit_students(spec: Spec, ratio: float) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     skip = shutil.ignore_patterns(runlayout.CHECKPOINTS)
     for stage in ("prune", "finetune"):
-        if runlayout.record_path(source, stage).is_file() and not runlayout.record_path(run, stage).is_file():
+        if read_record(source, stage) is not None and read_record(run, stage, done_only=False) is None:
             src, dst = runlayout.stage_dir(source, stage), runlayout.stage_dir(run, stage)
             shutil.copytree(src, dst, ignore=skip, dirs_exist_ok=True)
     if runlayout.run_file(source).is_file() and not runlayout.run_file(run).is_file():
