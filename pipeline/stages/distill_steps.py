@@ -80,6 +80,7 @@ def run(ctx: RunContext) -> StageResult:
         dst = runlayout.student_round_dir(ctx.run_dir, steps)
         shutil.rmtree(dst, ignore_errors=True)
         shutil.copytree(src, dst)
+        files += [runlayout.weights_file(dst), runlayout.structure_file(dst)]  # the frontier samples them
     final = runlayout.model_dir(ctx.run_dir, "distill_steps")
     shutil.rmtree(final, ignore_errors=True)
     shutil.copytree(root / f"round-{len(rounds) - 1}" / "student", final)
