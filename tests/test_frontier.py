@@ -332,7 +332,7 @@ def test_students_are_a_lever_of_the_frontier_and_of_a_latency_target(tiny, tmp_
               "quality.compare_raw=false", "quality.compare_pruned=false", "bench.backends=[onnxruntime]",
               "bench.batch_sizes=[2]", "bench.sampler_repeat=1", "bench.repeat=3", *STUDENTS,
               "sample.steps=8", "prune.target_latency.margin=0"]  # fmt: skip
-    stages = "prune,finetune,distill_steps,export,quality,bench,check"
+    stages = "prune,finetune,export,quality,bench,check"  # distill_steps joins: the student lever
     main([str(tiny), *target, "--stages", stages, "--run-dir", str(run)])
     chosen = json.loads((run / "frontier" / "frontier.json").read_text())["chosen"]
     assert (

@@ -72,5 +72,10 @@ def run_with_target(
     """Run ``stages``; with a latency target over levers, measure and choose the stack first (see the
     module's docstring). Returns the stages' records."""
     if cfg.prune.target_latency.uses_frontier and "prune" in stages:
+        if "student" in cfg.prune.target_latency.levers and "distill_steps" not in stages:
+            # the chosen stack may be a few-step student: the run must be able to train it (the stage
+            # skips itself when the choice is not a student)
+            at = stages.index("finetune") + 1 if "finetune" in stages else stages.index("prune") + 1
+            stages = [*stages[:at], "distill_steps", *stages[at:]]
         return run_pipeline(cfg, run_dir, stages, force, plan=choose_stack)
     return run_pipeline(cfg, run_dir, stages, force)
