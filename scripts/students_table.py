@@ -60,7 +60,7 @@ def table(folders: list[Path], b16: str, b1: str) -> str:
     keys = [p["key"] for p in sorted(first["points"], key=lambda p: -p["speedup"])]
     for key in keys:
         rows = [
-            ({p["key"]: p for p in a["points"]}[key], {p["key"]: p for p in b["points"]}[key])
+            ({p["key"]: p for p in a["points"]}[key], {p["key"]: p for p in b["points"]}[key] if b else None)
             for a, b in runs
         ]
         p16, _ = rows[0]
