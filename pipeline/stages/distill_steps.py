@@ -41,7 +41,10 @@ def run(ctx: RunContext) -> StageResult:
     teacher = ctx.dense_on()
     teacher_prediction = sched_cfg.get("prediction_type", "epsilon")
     student_sched = student_scheduler_config(sched_cfg, cfg.prediction_type)
-    reference = _reference(ctx, teacher, student_sched, cfg.start_steps)
+    # the first teacher's images on the same grid, read with its own prediction type
+    reference = _reference(
+        ctx, teacher, student_scheduler_config(sched_cfg, teacher_prediction), cfg.start_steps
+    )
     root = checkpoint_dir(ctx, "distill_steps")
     rounds: list[dict] = []
     log(

@@ -93,9 +93,9 @@ def _models(ctx: RunContext) -> dict:
     return models
 
 
-def _final(models: dict) -> str:
-    """The label of the final compressed model among ``models``."""
-    return next(label for label in COMPRESSED if label in models)
+def _final(models: dict) -> str | None:
+    """The label of the final compressed model among ``models`` (None when there is none)."""
+    return next((label for label in COMPRESSED if label in models), None)
 
 
 def _student(ctx: RunContext, label: str):
