@@ -3,7 +3,9 @@ cache key, progress, resume, and the metrics both record."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tqdm import tqdm
@@ -37,6 +39,19 @@ def drop_stale_checkpoints(ctx: RunContext, stage: str) -> None:
                 shutil.rmtree(other)
 
 
+@contextlib.contextmanager
+def step_bar(ctx: RunContext, total: int, desc: str) -> Iterator[Callable[[int, float, float], None]]:
+    """A training progress bar (main process only); yields the ``on_step`` callback that moves it."""
+    with tqdm(total=total, desc=desc, unit="step", disable=not ctx.is_main) as bar:
+
+        def on_step(step: int, loss: float, sps: float) -> None:
+            bar.n = step
+            bar.set_postfix(loss=f"{loss:.4f}", it_s=f"{sps:.2f}")
+            bar.refresh()
+
+        yield on_step
+
+
 def fit(ctx: RunContext, unet, stage: str):
     """Train ``unet`` with the finetune recipe, resuming this stage input's last checkpoint."""
     from compressor.config import DistillConfig
@@ -55,13 +70,7 @@ def fit(ctx: RunContext, unet, stage: str):
         )
     elif cfg.distill.active and cfg.distill != DistillConfig():  # set by the user, not the default
         log(stage, "finetune.distill is ignored here: the dense model has no teacher")
-    with tqdm(total=cfg.steps, desc=f"[{stage}]", unit="step", disable=not ctx.is_main) as bar:
-
-        def on_step(step: int, loss: float, sps: float) -> None:
-            bar.n = step
-            bar.set_postfix(loss=f"{loss:.4f}", it_s=f"{sps:.2f}")
-            bar.refresh()
-
+    with step_bar(ctx, cfg.steps, f"[{stage}]") as on_step:
         result = train(
             unet,
             ctx.noise_scheduler(),

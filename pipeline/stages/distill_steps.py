@@ -14,13 +14,12 @@ import json
 import shutil
 
 import torch
-from tqdm import tqdm
 
 from compressor import runlayout
 from compressor.persist import dense_config, load_unet, read_structure, save_unet
 from compressor.step_distill import check_target, distill_round, student_scheduler_config
 from pipeline.context import RunContext, StageResult, log
-from pipeline.fitting import checkpoint_dir, drop_stale_checkpoints
+from pipeline.fitting import checkpoint_dir, drop_stale_checkpoints, step_bar
 
 SECTIONS = ["distill_steps", "data", "seed"]
 INPUTS = ["prune", "finetune"]
@@ -42,7 +41,7 @@ def run(ctx: RunContext) -> StageResult:
     teacher_prediction = sched_cfg.get("prediction_type", "epsilon")
     student_sched = student_scheduler_config(sched_cfg, cfg.prediction_type)
     # the first teacher's images on the same grid, read with its own prediction type
-    reference = _reference(
+    reference = _samples(
         ctx, teacher, student_scheduler_config(sched_cfg, teacher_prediction), cfg.start_steps
     )
     root = checkpoint_dir(ctx, "distill_steps")
@@ -108,13 +107,7 @@ def _source(ctx: RunContext) -> tuple[str, torch.nn.Module, dict]:
 def _round(ctx: RunContext, student, teacher, index: int, steps: int, teacher_prediction: str, folder):
     cfg = ctx.cfg.distill_steps
     desc = f"[distill_steps] round {index + 1}/{len(cfg.round_steps())}: {steps * 2} -> {steps} steps"
-    with tqdm(total=cfg.steps_per_round, desc=desc, unit="step", disable=not ctx.is_main) as bar:
-
-        def on_step(step: int, loss: float, sps: float) -> None:
-            bar.n = step
-            bar.set_postfix(loss=f"{loss:.4f}", it_s=f"{sps:.2f}")
-            bar.refresh()
-
+    with step_bar(ctx, cfg.steps_per_round, desc) as on_step:
         result = distill_round(
             student,
             teacher,
@@ -136,11 +129,6 @@ def _round(ctx: RunContext, student, teacher, index: int, steps: int, teacher_pr
         f"round {index + 1}: {steps} steps, final loss {result.losses[-1][1]:.5f}, {result.seconds:.1f} s",
     )
     return result
-
-
-def _reference(ctx: RunContext, teacher, sched_cfg: dict, steps: int) -> torch.Tensor:
-    """The dense teacher's samples at ``start_steps`` (trailing DDIM), the rounds' yardstick."""
-    return _samples(ctx, teacher, sched_cfg, steps)
 
 
 def _samples(ctx: RunContext, unet, sched_cfg: dict, steps: int) -> torch.Tensor:
