@@ -170,9 +170,18 @@ class RunContext:
         return load_backend("torch", unet=unet, device=self.device, cache_level=level).predict
 
     def sample_images(
-        self, predict, num_images: int, steps: int, variant=None, student: tuple[dict, int] | None = None
+        self,
+        predict,
+        num_images: int,
+        steps: int,
+        variant=None,
+        student: tuple[dict, int] | None = None,
+        start: int = 0,
     ) -> torch.Tensor:
         """``num_images`` images from the run's seeds with its sampler (``sample`` section) at ``steps``.
+
+        ``start``: skip that many seeds (image ``i`` comes from seed ``sample.seed + start + i``), so
+        samples drawn in chunks equal those drawn at once.
 
         ``variant`` (a :class:`~compressor.config.SamplerVariant`): that solver, step count and
         reuse interval instead (the chosen stack of a latency target over levers). ``student``
@@ -193,7 +202,7 @@ class RunContext:
             num_images,
             steps,
             s.eta,
-            s.seed,
+            s.seed + start,
             s.batch_size,
             self.device,
             cache_interval=interval,
