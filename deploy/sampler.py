@@ -11,6 +11,7 @@ images = fast(num_images=16, steps=20, scheduler="dpmsolver++", cache_interval=3
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,10 +55,12 @@ class Sampler:
         batch_size: int = 64,
         cache_interval: int = 1,
         cache_schedule: str = "uniform",
+        on_batch: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """Images from seeds ``seed .. seed + num_images - 1``; UserError for steps beyond the schedule.
 
         ``cache_interval`` > 1 needs a sampler loaded with ``cache_level`` (feature reuse).
+        ``on_batch(n)`` is called after each batch with its image count (progress).
         ``steps`` defaults to :attr:`default_steps`. A few-step student samples with the
         scheduler config it was trained for (its DDIM grid and ``prediction_type``).
         """
@@ -78,6 +81,7 @@ class Sampler:
             seed,
             batch_size,
             self.device,
+            on_batch=on_batch,
             cache_interval=cache_interval,
             cache_schedule=cache_schedule,
         )

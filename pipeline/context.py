@@ -177,16 +177,22 @@ class RunContext:
         variant=None,
         student: tuple[dict, int] | None = None,
         start: int = 0,
+        *,
+        desc: str | None = None,
     ) -> torch.Tensor:
         """``num_images`` images from the run's seeds with its sampler (``sample`` section) at ``steps``.
 
         ``start``: skip that many seeds (image ``i`` comes from seed ``sample.seed + start + i``), so
         samples drawn in chunks equal those drawn at once.
 
+        ``desc``: show a progress bar in images with this label (e.g. ``[quality] dense``; see
+        :func:`compressor.progress.progress_bar`); None: no bar.
+
         ``variant`` (a :class:`~compressor.config.SamplerVariant`): that solver, step count and
         reuse interval instead (the chosen stack of a latency target over levers). ``student``
         (:func:`compressor.persist.student_sampling`): a few-step student's DDIM at its own steps.
         """
+        from compressor.progress import progress_bar
         from compressor.sampling import generate, make_scheduler
 
         s = self.cfg.sample
@@ -195,19 +201,21 @@ class RunContext:
             scheduler, steps, interval = variant.scheduler, variant.steps, variant.cache_interval
         if student is not None:
             scheduler, interval, (sched_cfg, steps) = "ddim", 1, student
-        return generate(
-            predict,
-            make_scheduler(scheduler, sched_cfg),
-            self.image_shape(),
-            num_images,
-            steps,
-            s.eta,
-            s.seed + start,
-            s.batch_size,
-            self.device,
-            cache_interval=interval,
-            cache_schedule=s.cache_schedule,
-        )
+        with progress_bar(num_images, desc or "", "image", disable=desc is None) as bar:
+            return generate(
+                predict,
+                make_scheduler(scheduler, sched_cfg),
+                self.image_shape(),
+                num_images,
+                steps,
+                s.eta,
+                s.seed + start,
+                s.batch_size,
+                self.device,
+                on_batch=bar.update,
+                cache_interval=interval,
+                cache_schedule=s.cache_schedule,
+            )
 
     def frechet_features(self):
         """The Frechet feature extractor and its metric name (``fd_digits`` or ``fid``).

@@ -8,9 +8,8 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tqdm import tqdm
-
 from compressor import runlayout
+from compressor.progress import progress_bar
 from pipeline.context import RunContext, log
 
 
@@ -41,13 +40,15 @@ def drop_stale_checkpoints(ctx: RunContext, stage: str) -> None:
 
 @contextlib.contextmanager
 def step_bar(ctx: RunContext, total: int, desc: str) -> Iterator[Callable[[int, float, float], None]]:
-    """A training progress bar (main process only); yields the ``on_step`` callback that moves it."""
-    with tqdm(total=total, desc=desc, unit="step", disable=not ctx.is_main) as bar:
+    """A training progress bar (main process only); yields the ``on_step`` callback that moves it.
+
+    ``on_step(step, loss, steps_per_second)`` takes the absolute step (a resumed run starts past 0).
+    """
+    with progress_bar(total, desc, "step", disable=not ctx.is_main) as bar:
 
         def on_step(step: int, loss: float, sps: float) -> None:
-            bar.n = step
             bar.set_postfix(loss=f"{loss:.4f}", it_s=f"{sps:.2f}")
-            bar.refresh()
+            bar.update(step - bar.n)
 
         yield on_step
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -57,13 +60,25 @@ def test_overrides_reach_the_stage(tiny_config, tmp_path):
     assert m["method"] == "magnitude" and m["ratio"] == 0.5 and m["timesteps_used"] == []
 
 
-def test_samples_grid_after_prune(tiny_config, tmp_path):
-    run_dir = tmp_path / "run"
-    assert run_cli(tiny_config, "--stages", "prune,samples", "--run-dir", run_dir) == 0
+def test_samples_grid_after_prune_with_progress_lines(tiny_config, tmp_path, capsys):
+    """Off a terminal (pytest's stderr) every bar is a few plain lines, no carriage returns; the Taylor
+    pass counts against every candidate timestep and stops at the threshold, samples count images."""
     from PIL import Image
 
+    from tests.conftest import DDPM_SCHEDULER
+
+    run_dir = tmp_path / "run"
+    assert run_cli(tiny_config, "--stages", "prune,samples", "--run-dir", run_dir) == 0
     img = Image.open(run_dir / "samples" / "grid.png")
     assert img.width > 64 and img.height > 64
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    taylor = re.findall(r"^\[prune\] Taylor pass: (\d+)/(\d+) timestep", err, re.M)
+    used = json.loads((run_dir / "prune" / "record.json").read_text())["metrics"]["timesteps_used"]
+    candidates = len(range(0, DDPM_SCHEDULER["num_train_timesteps"], 100))
+    assert taylor and taylor[-1] == (str(len(used)), str(candidates)), taylor
+    assert f"Taylor pass: {len(used)} of {candidates} candidate timesteps" in err
+    assert re.search(r"^\[samples\] dense: 4/4 image \(100%\)", err, re.M), err
 
 
 def _error_line(capsys) -> str:
@@ -163,3 +178,81 @@ def test_console_script_exit_code(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: config file") and "Traceback" not in proc.stderr
+
+
+def _parsers(monkeypatch) -> dict[str | None, argparse.ArgumentParser]:
+    """Every command's parser (None: the pipeline run), captured as it starts to parse."""
+    from pipeline import cli
+    from pipeline.commands import COMMANDS
+    from pipeline.commands.args import CommandParser
+
+    class Captured(Exception):
+        pass
+
+    def capture(self, args=None, namespace=None):
+        raise Captured(self)
+
+    monkeypatch.setattr(CommandParser, "parse_known_args", capture)
+    parsers = {}
+    for name in [None, *COMMANDS]:
+        with pytest.raises(Captured) as got:
+            (cli._main_run if name is None else COMMANDS[name].main)([])
+        parsers[name] = got.value.args[0]
+    return parsers
+
+
+def test_every_argument_has_help_and_every_option_states_its_default_once(monkeypatch):
+    from pipeline.commands.args import HelpFormatter
+
+    for name, parser in _parsers(monkeypatch).items():
+        formatter = HelpFormatter(parser.prog)
+        assert isinstance(parser.formatter_class, type) and issubclass(parser.formatter_class, HelpFormatter)
+        for action in parser._actions:
+            where = f"{name or 'the pipeline run'} {'/'.join(action.option_strings) or action.dest}"
+            text = formatter._expand_help(action) if action.help else ""
+            assert text.strip(), f"{where}: no help"
+            if action.option_strings and action.nargs != 0:  # an option that takes a value
+                assert text.count("(default: ") == 1, f"{where}: {text!r} should state its default once"
+                assert text.endswith(")") and "(default None" not in text and "; default " not in text, where
+            if not action.option_strings:  # shown as RUN, CONFIG, OUT, key=value: never a dest name
+                assert action.metavar in ("RUN", "CONFIG", "OUT") or "key=value" in action.metavar, where
+
+
+def test_help_lists_every_command_with_what_it_takes_and_the_exit_codes(monkeypatch, capsys):
+    from pipeline.acceptance import EXIT_FAIL, EXIT_INCONCLUSIVE
+    from pipeline.commands import COMMANDS, SUMMARIES
+
+    assert list(SUMMARIES) == list(COMMANDS)
+    parsers = _parsers(monkeypatch)
+    monkeypatch.undo()
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    commands = out.split("commands (")[1].split("exit codes:")[0]
+    for name, (takes, what) in SUMMARIES.items():
+        positionals = [a.metavar for a in parsers[name]._actions if not a.option_strings]
+        assert positionals[: len(takes.split())] == takes.split(), name  # CONFIG, RUN or RUN OUT
+        assert re.search(rf"^  {re.escape(f'{name} {takes}')} +{re.escape(what)}$", commands, re.M), name
+    codes = out.split("exit codes:")[1]
+    for code in (0, 1, 2, EXIT_FAIL, EXIT_INCONCLUSIVE, 130, 143):
+        assert re.search(rf"^  [\d, ]*\b{code}\b", codes, re.M), code
+    assert "--version" in out
+
+
+def test_version(capsys, monkeypatch):
+    from importlib import metadata
+
+    import tomllib
+
+    from pipeline import cli
+
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out
+    assert re.fullmatch(r"compress-deploy \d+\.\d+\.\d+\S*\n", out), out
+    assert out == f"compress-deploy {metadata.version('compress-deploy')}\n"
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", missing)  # a source checkout without installed metadata
+    pyproject = tomllib.loads((Path(cli.__file__).parent.parent / "pyproject.toml").read_text())
+    assert cli.package_version() == pyproject["project"]["version"]

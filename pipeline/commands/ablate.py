@@ -29,7 +29,7 @@ from compressor import runlayout
 from compressor.config import RunConfig, load_config
 from compressor.errors import UserError
 from compressor.records import QualityMetrics, read_metrics
-from pipeline.commands.args import CommandParser
+from pipeline.commands.args import CommandParser, config_args
 from pipeline.context import log, write_json
 from pipeline.runner import run_pipeline
 
@@ -332,25 +332,34 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str]) -> int:
     """Entry point of ``compress-deploy ablate``."""
     parser = CommandParser(prog="compress-deploy ablate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("config", type=Path)
-    parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--thresholds", default="0,0.02,0.05,0.1")
-    parser.add_argument("--methods", default=",".join(BASELINES))
+    config_args(parser)
+    parser.add_argument(
+        "--seeds", default="0,1,2", help="comma-separated seeds: one Taylor batch and noise each"
+    )
+    parser.add_argument("--thresholds", default="0,0.02,0.05,0.1", help="diff-pruning thresholds to compare")
+    parser.add_argument("--methods", default=",".join(BASELINES), help="baseline pruning methods to compare")
     parser.add_argument(
         "--selections", help="GroupNorm channel selection rules to compare (default: the config's)"
     )
     parser.add_argument("--no-finetune", action="store_true", help="measure right after pruning only")
-    parser.add_argument("--run-dir", type=Path)
     parser.add_argument(
-        "--only", help="run only these variants (comma-separated names); others are summarised if finished"
+        "--run-dir", type=Path, metavar="DIR", help="the run whose ablation/ folder holds the variants "
+        "(default: runs/<config name>)"
+    )  # fmt: skip
+    parser.add_argument(
+        "--only",
+        help="run only these variants (comma-separated names); others are summarised if finished "
+        "(default: all)",
     )
     parser.add_argument(
         "--distill",
-        help="the distillation sweep instead: finetune modes to compare, e.g. off,output,output+features",
+        help="the distillation sweep instead: finetune modes to compare, e.g. off,output,output+features "
+        "(default: the method ablation)",
     )
     parser.add_argument("--finetune-steps", default="150,300,600,1200", help="--distill: the budgets")
-    parser.add_argument("--ratios", help="--distill: kept-MACs fractions (default: target_macs and 0.3)")
+    parser.add_argument(
+        "--ratios", help="--distill: kept-MACs fractions (default: prune.target_macs, or 0.57, and 0.3)"
+    )
     args = parser.parse_intermixed_args(argv)  # key=value overrides may sit among the flags
     if args.distill:
         from pipeline import distill_sweep

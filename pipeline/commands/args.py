@@ -5,6 +5,13 @@ config key it mirrors (type, range, choices), so ``--steps 0`` fails exactly as
 ``sample.steps: 0`` would, naming the flag. Any other argparse error (an unknown flag, a
 missing argument) is one line too: :class:`CommandParser` raises UserError instead of
 printing usage and exiting.
+
+Help has one style: every argument says what it is, and every option that takes a value ends
+with its default as ``(default: X)`` - written by :class:`HelpFormatter` from the option's
+default, or in words by the option itself where "not given" means something (``--steps``:
+``(default: the pruned model's chosen stack or student, else 50)``). The positionals every
+command shares (``CONFIG``, ``RUN``, ``key=value``) are declared once, by :func:`config_args`
+and :func:`run_arg`.
 """
 
 from __future__ import annotations
@@ -17,28 +24,97 @@ from typing import Any, Literal
 from compressor.config import describe_field, field_spec, parse_value
 from compressor.errors import UserError
 
+DEFAULT = "(default:"
+"""How every option's help states its default: ``(default: X)``, last."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs as written (tables stay tables); every option that takes a value and
+    has a default gets `` (default: X)`` unless its help already says ``(default: ...)``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if DEFAULT in text or action.nargs == 0 or not action.option_strings:
+            return text
+        if default is None or default is argparse.SUPPRESS or default == []:
+            return text
+        return f"{text} {DEFAULT} %(default)s)"
+
 
 class CommandParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one UserError line (exit 2), never usage + SystemExit."""
+    """An ArgumentParser whose errors are one UserError line (exit 2), never usage + SystemExit;
+    its help is written by :class:`HelpFormatter`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
         """Raise UserError("PROG: MESSAGE; see PROG --help")."""
         raise UserError(f"{self.prog}: {message}; see `{self.prog} --help`")
 
 
-def config_flag(parser: argparse.ArgumentParser, flag: str, cls: type, name: str, **kwargs: Any) -> None:
+def config_args(parser: argparse.ArgumentParser) -> None:
+    """The positionals ``CONFIG [key=value ...]`` of the pipeline and of the commands that take a config."""
+    parser.add_argument("config", metavar="CONFIG", help="YAML config file, e.g. configs/demo.yaml")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted config overrides, e.g. prune.ratio=0.3 (may stand among the flags)",
+    )
+
+
+def run_arg(parser: argparse.ArgumentParser) -> None:
+    """The positional ``RUN``: the directory a pipeline run wrote."""
+    parser.add_argument(
+        "run", metavar="RUN", type=Path, help="a run directory the pipeline wrote, e.g. runs/demo"
+    )
+
+
+def field_help(cls: type, name: str) -> str:
+    """Config field ``cls.name``'s doc and allowed values, without its default (the option states its
+    own, which may differ from the field's)."""
+    _, default, _ = field_spec(cls, name)
+    text = describe_field(cls, name)
+    return text.removesuffix(f"; default {default})") + ")"
+
+
+def config_flag(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    cls: type,
+    name: str,
+    unset: str | None = None,
+    **kwargs: Any,
+) -> None:
     """Add ``flag`` mirroring config field ``cls.name``: same type, range, choices and default.
 
     ``default=`` in ``kwargs`` overrides the field's default (already-typed values are not
-    re-parsed by argparse).
+    re-parsed by argparse). ``unset`` says in words what applies when the flag is not given,
+    for a flag whose default is None (e.g. "the run's acceptance.min_speedup"); it is required
+    when the field itself has a default.
     """
     tp, default, _ = field_spec(cls, name)
     choices = typing.get_args(tp) if typing.get_origin(tp) is Literal else None
     kwargs.setdefault("default", default)
-    kwargs.setdefault("help", describe_field(cls, name))
+    text = kwargs.pop("help", None) or field_help(cls, name)
+    if kwargs["default"] is None and DEFAULT not in text:  # a field's doc may say what None means
+        assert unset is not None or default is None, f"{flag}: say what applies when it is not given"
+        text += f" {DEFAULT} {unset or 'none'})"
+    kwargs["help"] = text
     if choices:
         kwargs.setdefault("metavar", "{" + ",".join(map(str, choices)) + "}")
     parser.add_argument(flag, type=lambda text: parse_value(flag, text, cls, name), **kwargs)
+
+
+def stack_flag(parser: argparse.ArgumentParser, flag: str, cls: type, name: str, **kwargs: Any) -> None:
+    """Add ``flag`` mirroring ``cls.name`` whose default :func:`stack_defaults` fills in: the stack a
+    latency target chose for the pruned model (or its student's sampler), else the field's default."""
+    default = field_spec(cls, name)[1]
+    unset = f"the pruned model's chosen stack or student, else {default}"
+    config_flag(parser, flag, cls, name, unset, default=None, **kwargs)
 
 
 def run_dir_arg(path: Path) -> Path:
@@ -74,8 +150,13 @@ def run_settings(name: str, section: str, argv: list[str], description: str) -> 
     from compressor.records import read_record
 
     parser = CommandParser(prog=f"compress-deploy {name}", description=description)
-    parser.add_argument("run", type=Path)
-    parser.add_argument("overrides", nargs="*", help=f"{section}.key=value to change settings")
+    run_arg(parser)
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar=f"{section}.key=value",
+        help=f"dotted {section}.* overrides of the settings the run's {name} stage last used",
+    )
     args = parser.parse_intermixed_args(argv)  # key=value overrides may sit among the flags
     run = run_dir_arg(args.run)
     for o in args.overrides:

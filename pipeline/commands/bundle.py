@@ -20,9 +20,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compressor.config import SampleConfig, ServeConfig
+from compressor.config import AcceptanceConfig, SampleConfig, ServeConfig
 from deploy.bundle import BundleSpec, make_bundle
-from pipeline.commands.args import STACK_FLAGS, CommandParser, config_flag, run_dir_arg, stack_defaults
+from pipeline.commands.args import (
+    STACK_FLAGS,
+    CommandParser,
+    config_flag,
+    run_arg,
+    run_dir_arg,
+    stack_defaults,
+    stack_flag,
+)
 from pipeline.runlock import RunLock
 
 
@@ -67,13 +75,13 @@ def _dense_steps(run: Path) -> int:
 def main(argv: list[str]) -> int:
     """Write the bundle; print where and how large."""
     parser = CommandParser(prog="compress-deploy bundle", description="Bundle a run's sampler for a device.")
-    parser.add_argument("run", type=Path)
-    parser.add_argument("out", type=Path)
+    run_arg(parser)
+    parser.add_argument("out", metavar="OUT", type=Path, help="the bundle folder to write")
     config_flag(parser, "--model", ServeConfig, "model")
-    config_flag(parser, "--precision", SampleConfig, "precision", default=None)
-    config_flag(parser, "--scheduler", SampleConfig, "scheduler", default=None)
-    config_flag(parser, "--steps", SampleConfig, "steps", default=None)
-    config_flag(parser, "--cache-interval", SampleConfig, "cache_interval", default=None)
+    stack_flag(parser, "--precision", SampleConfig, "precision")
+    stack_flag(parser, "--scheduler", SampleConfig, "scheduler")
+    stack_flag(parser, "--steps", SampleConfig, "steps")
+    stack_flag(parser, "--cache-interval", SampleConfig, "cache_interval")
     config_flag(parser, "--cache-level", SampleConfig, "cache_level")
     config_flag(parser, "--cache-schedule", SampleConfig, "cache_schedule")
     parser.add_argument("--batch", type=int, default=1, help="images per UNet call on the device")
@@ -81,7 +89,8 @@ def main(argv: list[str]) -> int:
         "--no-dense", action="store_true", help="leave out the dense graph (no speed-up gates)"
     )
     for flag in ("--max-unet-ms", "--max-image-ms", "--min-speedup", "--min-sampler-speedup"):
-        parser.add_argument(flag, type=float, help="acceptance limit (default: the run's)")
+        key = flag[2:].replace("-", "_")
+        config_flag(parser, flag, AcceptanceConfig, key, f"the run's acceptance.{key}")
     parser.add_argument(
         "--engine", action="store_true", help="also carry the run's TensorRT engines (the build stage's)"
     )

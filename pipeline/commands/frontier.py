@@ -30,7 +30,7 @@ from compressor import runlayout
 from compressor.config import load_config
 from compressor.errors import UserError
 from pipeline import frontier as fr
-from pipeline.commands.args import CommandParser, int_list
+from pipeline.commands.args import CommandParser, config_args, int_list
 from pipeline.frontier.measure import measure
 from pipeline.runlock import RunLock
 
@@ -79,28 +79,48 @@ def parse_target(text: str) -> tuple[float | None, float | None]:
 def main(argv: list[str]) -> int:
     """Measure the frontier (or reuse what is measured), write frontier.{json,md,png}."""
     parser = CommandParser(prog="compress-deploy frontier", description=__doc__.split("\n")[0])
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--ratios", help="pruning ratios, 0 = dense (default: frontier.ratios)")
-    parser.add_argument("--schedulers", help="solvers (default: frontier.schedulers)")
-    parser.add_argument("--steps", help="step counts (default: frontier.steps)")
+    config_args(parser)
     parser.add_argument(
-        "--cache-intervals", help="feature-reuse intervals (default: frontier.cache_intervals)"
+        "--ratios", help="comma-separated pruning ratios, 0 = dense (default: frontier.ratios)"
     )
-    parser.add_argument("--precisions", help="fp32,fp16,int8 (default: frontier.precisions)")
     parser.add_argument(
-        "--students", help="few-step students, 0 = none, e.g. 0,8,4,2 (default: frontier.students)"
+        "--schedulers",
+        help=f"comma-separated solvers, of {','.join(fr.SOLVERS)} (default: frontier.schedulers)",
+    )
+    parser.add_argument("--steps", help="comma-separated step counts (default: frontier.steps)")
+    parser.add_argument(
+        "--cache-intervals",
+        help="comma-separated feature-reuse intervals, 1 = off (default: frontier.cache_intervals)",
+    )
+    parser.add_argument(
+        "--precisions", help="comma-separated precisions, of fp32,fp16,int8 (default: frontier.precisions)"
+    )
+    parser.add_argument(
+        "--students",
+        help="comma-separated few-step students' steps, 0 = none, e.g. 0,8,4,2 (default: frontier.students)",
     )
     parser.add_argument("--backend", help="latency backend (default: frontier.backend)")
     parser.add_argument("--batch", type=int, help="images per timed sampler run (default: frontier.batch)")
     parser.add_argument("--samples", type=int, help="images scored per stack (default: quality.num_samples)")
     parser.add_argument("--repeat", type=int, help="timed runs per stack (default: frontier.repeat)")
     parser.add_argument("--threads", type=int, help="threads of every job and timing (default: all)")
-    parser.add_argument("--target", help="pick the best stack meeting a speed-up (3x) or latency (40ms)")
+    parser.add_argument(
+        "--target",
+        help="pick the best stack meeting a speed-up (3x) or latency (40ms) (default: none, measure only)",
+    )
     parser.add_argument("--levers", help=f"levers --target may move (default: all of {','.join(fr.LEVERS)})")
-    parser.add_argument("--ray", nargs="?", const="local", help="run the jobs on Ray (an address, or local)")
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run the jobs on the Ray cluster at ADDRESS, or without one on a Ray started here "
+        "(default: no Ray, jobs run here one by one)",
+    )
     parser.add_argument("--workers", type=int, help="CPUs of a local Ray (default: all)")
-    parser.add_argument("--out", type=Path, help="output folder (default runs/<config name>/frontier)")
+    parser.add_argument(
+        "--out", type=Path, metavar="DIR", help="output folder (default: runs/<config name>/frontier)"
+    )
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     for flag in ("batch", "samples", "repeat", "threads", "workers"):

@@ -23,7 +23,7 @@ from compressor.config import LatencyTarget, SampleConfig, check_value, load_con
 from compressor.errors import UserError
 from compressor.pruning import uniform_ratios
 from deploy.latency import LatencyProbe, backend_unavailable, time_ratios
-from pipeline.commands.args import CommandParser, config_flag, int_list
+from pipeline.commands.args import CommandParser, config_args, config_flag, int_list
 from pipeline.context import RunContext, log, write_json
 from pipeline.plots import plot_speedup_vs_macs
 
@@ -49,17 +49,23 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str]) -> int:
     """Measure, print the table, write plan.{json,md,png}."""
     parser = CommandParser(prog="compress-deploy plan", description=__doc__.split("\n")[0])
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--backends", help="comma-separated (default: bench.backends available here)")
+    config_args(parser)
+    parser.add_argument(
+        "--backends", help="comma-separated backends to time (default: bench.backends measurable here)"
+    )
     parser.add_argument("--batches", help="comma-separated batch sizes (default: bench.batch_sizes)")
     config_flag(parser, "--what", LatencyTarget, "what")
-    config_flag(parser, "--repeat", LatencyTarget, "repeat", default=None)
+    config_flag(parser, "--repeat", LatencyTarget, "repeat", "prune.target_latency.repeat", default=None)
     config_flag(
         parser, "--scheduler", SampleConfig, "scheduler", help="solver of the timed sampler (--what sampler)"
     )
-    parser.add_argument("--out", type=Path, help="output folder (default runs/<config name>/plan)")
-    parser.add_argument("--target", help="search the frontier for this speed-up (3x) or latency (40ms)")
+    parser.add_argument(
+        "--out", type=Path, metavar="DIR", help="output folder (default: runs/<config name>/plan)"
+    )
+    parser.add_argument(
+        "--target",
+        help="search the frontier for this speed-up (3x) or latency (40ms) instead (default: none)",
+    )
     parser.add_argument("--levers", help="levers the --target search may move (default: all)")
     args = parser.parse_intermixed_args(argv)
     if args.target:

@@ -27,9 +27,18 @@ from pathlib import Path
 from compressor.config import RunConfig, SampleConfig, ServeConfig
 from compressor.errors import UserError
 from compressor.models import resolve_device
+from compressor.progress import progress_bar
 from compressor.sampling import save_comparison
 from deploy.sampler import load_sampler
-from pipeline.commands.args import STACK_FLAGS, CommandParser, config_flag, run_dir_arg, stack_defaults
+from pipeline.commands.args import (
+    STACK_FLAGS,
+    CommandParser,
+    config_flag,
+    run_arg,
+    run_dir_arg,
+    stack_defaults,
+    stack_flag,
+)
 
 
 def _available_memory() -> int | None:
@@ -80,21 +89,21 @@ def check_fits(num_images: int, shape: tuple[int, int, int], out: Path) -> None:
 def main(argv: list[str]) -> int:
     """Sample, write a PNG grid, print the time and the backend facts."""
     parser = CommandParser(prog="compress-deploy sample", description="Generate images from a run.")
-    parser.add_argument("run", type=Path)
+    run_arg(parser)
     config_flag(parser, "--backend", ServeConfig, "backend", default="torch")
     config_flag(parser, "--model", ServeConfig, "model")
     config_flag(parser, "--num-images", SampleConfig, "num_images")
-    config_flag(parser, "--steps", SampleConfig, "steps", default=None)
+    stack_flag(parser, "--steps", SampleConfig, "steps")
     config_flag(parser, "--seed", SampleConfig, "seed")
     config_flag(parser, "--eta", SampleConfig, "eta")
-    config_flag(parser, "--scheduler", SampleConfig, "scheduler", default=None)
-    config_flag(parser, "--cache-interval", SampleConfig, "cache_interval", default=None)
+    stack_flag(parser, "--scheduler", SampleConfig, "scheduler")
+    stack_flag(parser, "--cache-interval", SampleConfig, "cache_interval")
     config_flag(parser, "--cache-level", SampleConfig, "cache_level")
     config_flag(parser, "--cache-schedule", SampleConfig, "cache_schedule")
-    config_flag(parser, "--precision", SampleConfig, "precision", default=None)
+    stack_flag(parser, "--precision", SampleConfig, "precision")
     config_flag(parser, "--device", RunConfig, "device", default="cpu")
     parser.add_argument(
-        "--out", type=Path, help="PNG grid, or .npy of the images (default ./sample-<backend>-<model>.png)"
+        "--out", type=Path, help="PNG grid, or .npy of the images (default: ./sample-<backend>-<model>.png)"
     )
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
@@ -110,15 +119,17 @@ def main(argv: list[str]) -> int:
     out = args.out or Path(f"sample-{args.backend}-{args.model}.png")
     check_fits(args.num_images, sampler.image_shape, out)
     began = time.perf_counter()
-    images = sampler(
-        args.num_images,
-        args.steps,
-        args.seed,
-        args.eta,
-        args.scheduler,
-        cache_interval=args.cache_interval,
-        cache_schedule=args.cache_schedule,
-    )
+    with progress_bar(args.num_images, "[sample]", "image") as bar:
+        images = sampler(
+            args.num_images,
+            args.steps,
+            args.seed,
+            args.eta,
+            args.scheduler,
+            cache_interval=args.cache_interval,
+            cache_schedule=args.cache_schedule,
+            on_batch=bar.update,
+        )
     seconds = time.perf_counter() - began
     if out.suffix == ".npy":
         import numpy as np

@@ -37,7 +37,14 @@ from deploy.triton import (
     server_ready,
     write_repository,
 )
-from pipeline.commands.args import CommandParser, config_flag, run_dir_arg, stack_defaults
+from pipeline.commands.args import (
+    CommandParser,
+    config_flag,
+    run_arg,
+    run_dir_arg,
+    stack_defaults,
+    stack_flag,
+)
 from pipeline.context import log
 from pipeline.runner import Interrupted
 
@@ -51,8 +58,8 @@ def batching_args(parser: argparse.ArgumentParser) -> None:
     config_flag(parser, "--max-queue-delay-us", ServeConfig, "max_queue_delay_us")
     parser.add_argument("--no-dynamic-batching", action="store_true", help="serve each request on its own")
     config_flag(parser, "--max-steps", ServeConfig, "max_steps")
-    config_flag(parser, "--default-steps", ServeConfig, "default_steps", default=None)
-    config_flag(parser, "--scheduler", ServeConfig, "scheduler", default=None)
+    stack_flag(parser, "--default-steps", ServeConfig, "default_steps")
+    stack_flag(parser, "--scheduler", ServeConfig, "scheduler")
     config_flag(parser, "--instances", ServeConfig, "instances")
     config_flag(parser, "--threads", ServeConfig, "threads")
 
@@ -106,7 +113,7 @@ def url_host(host: str) -> str:
 def main(argv: list[str]) -> int:
     """Run tritonserver on a fresh repository until SIGTERM/SIGINT."""
     parser = CommandParser(prog="compress-deploy serve", description=__doc__.split("\n")[0])
-    parser.add_argument("run", type=Path)
+    run_arg(parser)
     config_flag(parser, "--backend", ServeConfig, "backend")
     config_flag(parser, "--host", ServeConfig, "host")
     config_flag(parser, "--http-port", ServeConfig, "http_port")

@@ -15,15 +15,15 @@ from pathlib import Path
 from compressor.config import ServeConfig
 from compressor.errors import UserError
 from deploy.triton import UNET_KINDS, write_repository
-from pipeline.commands.args import CommandParser, config_flag, run_dir_arg
+from pipeline.commands.args import CommandParser, config_flag, run_arg, run_dir_arg
 from pipeline.commands.serve import batching_args, repo_settings
 
 
 def main(argv: list[str]) -> int:
     """Write the repository and say what each model serves."""
     parser = CommandParser(prog="compress-deploy triton-repo", description=__doc__.split("\n")[0])
-    parser.add_argument("run", type=Path)
-    parser.add_argument("out", type=Path)
+    run_arg(parser)
+    parser.add_argument("out", metavar="OUT", type=Path, help="the model repository folder to write")
     parser.add_argument(
         "--unet", default="auto", help=f"how the unet is served: one of {', '.join(UNET_KINDS)}"
     )

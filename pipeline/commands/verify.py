@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from compressor import runlayout
 from compressor.artifacts import verify_run
 from compressor.errors import UserError
-from pipeline.commands.args import CommandParser
+from pipeline.commands.args import CommandParser, run_arg
 
 
 def main(argv: list[str]) -> int:
     """One line per missing, changed or extra file; exit 2 when any."""
     parser = CommandParser(prog="compress-deploy verify", description="Verify a run's artifacts.")
-    parser.add_argument("run", type=Path)
+    run_arg(parser)
     args = parser.parse_args(argv)
     manifest = runlayout.manifest_path(args.run)
     if not manifest.is_file():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from compressor.progress import progress_bar
 from compressor.quality import resampling
 from pipeline.context import log
 from pipeline.frontier.choice import QUALITY_KEYS, mark_noise, pareto
@@ -16,8 +17,6 @@ from pipeline.frontier.timing import time_stacks
 
 def measure(spec: Spec, ray: str | None = None, cpus: int | None = None) -> dict:
     """Fit every ratio, score every stack (jobs), time every stack (here); the frontier as a dict."""
-    from tqdm import tqdm
-
     stacks = spec.grid.stacks()
     ratios = sorted({s.ratio for s in stacks} | {0.0})
     log("frontier", f"{len(stacks)} stacks over {len(ratios)} pruning ratios -> {spec.root}")
@@ -26,7 +25,7 @@ def measure(spec: Spec, ray: str | None = None, cpus: int | None = None) -> dict
     students = {r["ratio"]: r for r in run_jobs(fit_students, [(spec, r) for r in taught], ray, cpus)}
     ref = run_jobs(reference_images, [(spec,)], ray, cpus)[0]
     scores = dict(zip(stacks, run_jobs(score_stack, [(spec, s) for s in stacks], ray, cpus), strict=True))
-    bar = tqdm(total=len(stacks), desc="[frontier] timing", unit="stack", leave=False)
+    bar = progress_bar(len(stacks), "[frontier] timing", "stack", leave=False)
 
     def shown(stack: Stack, t: dict) -> None:
         bar.update(1)

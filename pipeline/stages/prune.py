@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from tqdm import tqdm
-
 from compressor import runlayout
 from compressor.config import LatencyTarget, PruneConfig
 from compressor.data import taylor_and_holdout
 from compressor.errors import UserError
 from compressor.models import count_macs_params
 from compressor.persist import dense_config, save_unet
+from compressor.progress import progress_bar
 from compressor.pruning import PruneResult, prune_unet
 from compressor.quality import denoising_eval_loss
+from compressor.taylor import candidate_timesteps
 from deploy.latency import LatencySearch
 from pipeline.context import RunContext, StageResult, environment_facts, log
 
@@ -97,8 +97,16 @@ def _chosen_ratio(ctx: RunContext) -> PruneConfig:
 
 
 def _prune(ctx: RunContext, unet, images, cfg: PruneConfig, allocate) -> PruneResult:
-    """The Taylor pass (with a progress bar) and the structural pruning, in place on ``unet``."""
+    """The Taylor pass (with a progress bar) and the structural pruning, in place on ``unet``.
+
+    The bar's total is every candidate timestep: the pass may stop earlier, at the threshold, and
+    then the bar closes short of it.
+    """
     bar = None
+    scheduler = ctx.noise_scheduler()
+    candidates = candidate_timesteps(
+        scheduler.config.num_train_timesteps, cfg.timestep_stride, cfg.max_timesteps
+    )
 
     def on_trial(r: float, macs: float, params: float) -> None:
         log("prune", f"search: ratio {r:.4f} keeps {macs:.3f} of MACs, {params:.3f} of params")
@@ -106,24 +114,23 @@ def _prune(ctx: RunContext, unet, images, cfg: PruneConfig, allocate) -> PruneRe
     def on_step(t: int, loss: float) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(desc="[prune] Taylor pass", unit="timestep", leave=False)
-        bar.update(1)
+            bar = progress_bar(len(candidates), "[prune] Taylor pass", "timestep", leave=False)
         bar.set_postfix(t=t, loss=f"{loss:.4f}")
+        bar.update(1)
 
     try:
-        result = prune_unet(
-            unet, ctx.noise_scheduler(), images, cfg, ctx.cfg.seed, on_step, on_trial, allocate=allocate
-        )
+        result = prune_unet(unet, scheduler, images, cfg, ctx.cfg.seed, on_step, on_trial, allocate=allocate)
     finally:
         if bar is not None:
             bar.close()
     unet.eval()
     if result.taylor is not None:
         tp_ = result.taylor
+        stop = ", the threshold reached" if len(tp_.timesteps) < len(candidates) else ""
         log(
             "prune",
-            f"Taylor pass: {len(tp_.timesteps)} timesteps ({tp_.timesteps[0]}..{tp_.timesteps[-1]}), "
-            f"{tp_.seconds_per_timestep:.2f} s per timestep",
+            f"Taylor pass: {len(tp_.timesteps)} of {len(candidates)} candidate timesteps "
+            f"({tp_.timesteps[0]}..{tp_.timesteps[-1]}{stop}), {tp_.seconds_per_timestep:.2f} s per timestep",
         )
     if result.level_ratios:
         log(

@@ -35,7 +35,7 @@ def run(ctx: RunContext) -> StageResult:
         log("samples", f"{label}: {cfg.num_images} images, {solver} {n} steps")
         predict = as_noise_predictor(unet) if student else ctx.torch_predictor(unet)
         rows[f"{label} ({n} steps)" if student else label] = ctx.sample_images(
-            predict, cfg.num_images, cfg.steps, student=student
+            predict, cfg.num_images, cfg.steps, student=student, desc=f"[samples] {label}"
         )
     ctx.stage_dir("samples")
     path = save_comparison(rows, runlayout.samples_grid(ctx.run_dir))
