@@ -51,6 +51,18 @@ class Record:
         """The stage completed and wrote its outputs (not skipped, not failed)."""
         return self.status == "ok"
 
+    @property
+    def seconds(self) -> float | None:
+        """The stage's wall time as recorded (None for a record written without one)."""
+        value = self.data.get("seconds")
+        return float(value) if isinstance(value, (int, float)) else None
+
+    @property
+    def inputs(self) -> list[str]:
+        """The stages whose outputs this stage read (its cache key's inputs), in recorded order."""
+        found = self.cache.get("inputs")
+        return list(found) if isinstance(found, dict) else []
+
     def typed(self) -> Any:
         """This stage's metrics as its typed view (``METRICS[stage]``)."""
         return _build(METRICS[self.stage], self.metrics, self.path, "metrics")
@@ -218,6 +230,10 @@ class QualityMetrics:
     interval: dict = field(default_factory=dict)  # level, resamples, seed, method of every *_ci
     kid_feature_scale: float | None = None  # KID's features were divided by it (digits: reference std)
     student_steps: int | None = None  # the final model is a few-step student sampled at these steps
+    looks: list = field(default_factory=list)  # num_samples auto: {samples, models, gates, outcome} a look
+    sequential: dict = field(default_factory=dict)  # num_samples auto: the looks' boundary (``how``)
+    fd_digits_real_floor: float | None = None  # digits: the Frechet distance between two halves of the data
+    fd_digits_real_floor_ci: list | None = None
 
     def compressed_label(self) -> str | None:
         """The final compressed model's label: the student if scored, else finetuned, else pruned."""
@@ -226,6 +242,13 @@ class QualityMetrics:
     def frechet(self, label: str) -> float | None:
         """The Frechet distance of model ``label`` (None when not measured)."""
         return self.models.get(label, {}).get(self.frechet_metric)
+
+    def figure(self, label: str, key: str) -> tuple[float | None, list | None]:
+        """Model ``label``'s figure ``key`` (e.g. ``fd_inf_diff``) and its interval ``<key>_ci``;
+        (None, None) when not measured."""
+        figures = self.models.get(label, {})
+        value = figures.get(key)
+        return (value, figures.get(f"{key}_ci")) if isinstance(value, (int, float)) else (None, None)
 
 
 @dataclass(frozen=True)
@@ -247,6 +270,7 @@ class BenchMetrics:
     sampler_steps: int | None = None
     stack: dict | None = None  # the chosen stack timed against the dense reference sampler
     student: list = field(default_factory=list)  # the few-step student against the dense reference
+    compressed_from: str | None = None  # the stage whose model the "pruned" rows timed (finetune, ...)
 
     def value(
         self, backend: str, batch: int, what: str, key: str, variant: str | None = None
@@ -278,6 +302,7 @@ class CheckMetrics:
     failed: list = field(default_factory=list)
     inconclusive: list = field(default_factory=list)
     verdict: str | None = None  # pass | fail | inconclusive (records before intervals: None)
+    overrides: list = field(default_factory=list)  # limits unlike the run's config: {key, run, now}
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from pipeline.commands.args import CommandParser, config_args
 from pipeline.frontier.target import run_with_target
 from pipeline.runner import Interrupted, parse_stages
 from pipeline.stages import STAGES
+from pipeline.summary import closing_lines
 
 EXIT_USER, EXIT_INTERNAL = 2, 1
 EXIT_CODES = {
@@ -106,6 +107,7 @@ def _main_run(argv: list[str]) -> int:
         )
     run_dir = args.run_dir or Path("runs") / cfg.name
     records = run_with_target(cfg, run_dir, stages, force)
+    sys.stdout.write(closing_lines(run_dir, cfg, args.config, args.overrides, list(records)))
     failed = [name for name, rec in records.items() if rec["status"] == "failed"]
     if failed:
         print(
