@@ -1,9 +1,11 @@
 """Run-directory artifacts: atomic writes, hashes and the verified manifest.
 
 ``RUN/manifest.json`` lists every artifact a stage wrote with its size, sha256, the
-stage and the config sections that produced it, and library versions. Loaders of ONNX
+stage and the config sections that produced it, and library versions; under ``records``, the
+sha256 and size of every stage record (``RUN/<stage>/record.json``) as written. Loaders of ONNX
 files and engines call :func:`verify_against_manifest` before parsing a file, so a
-tampered or truncated artifact is refused before any parser touches it.
+tampered or truncated artifact is refused before any parser touches it; the record readers
+(:mod:`compressor.records`) check a record against its hash before trusting what it says.
 """
 
 from __future__ import annotations
@@ -81,6 +83,33 @@ def read_manifest(run_dir: Path) -> dict:
         raise ArtifactError(f"{path} is damaged; rerun the pipeline to rewrite it") from None
 
 
+def note_record(run_dir: Path, record: Path) -> None:
+    """List ``record`` (a stage record just written) in the manifest's ``records`` with its sha256.
+
+    The first time a manifest lists records (a run written before record hashes), the records
+    already in the run are listed as they are: the readers then refuse any later edit of them.
+    """
+    manifest = read_manifest(run_dir)
+    listed = manifest.get("records")
+    if not isinstance(listed, dict):
+        found = sorted(run_dir.glob(f"*/{runlayout.RECORD}"))
+        listed = {str(p.relative_to(run_dir)): _size_and_hash(p) for p in found}
+    listed[str(Path(record).relative_to(run_dir))] = _size_and_hash(Path(record))
+    manifest["records"] = dict(sorted(listed.items()))
+    write_json(runlayout.manifest_path(run_dir), manifest)
+
+
+def listed_records(run_dir: Path) -> dict[str, dict] | None:
+    """The manifest's ``records`` (relative path -> sha256, bytes); None for a run written before
+    record hashes (or without a manifest), whose records cannot be verified."""
+    listed = read_manifest(run_dir).get("records")
+    return listed if isinstance(listed, dict) else None
+
+
+def _size_and_hash(path: Path) -> dict:
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
 def verify_against_manifest(path: Path) -> None:
     """Refuse ``path`` if the manifest of its run lists it with another hash or size.
 
@@ -104,10 +133,11 @@ def verify_against_manifest(path: Path) -> None:
 
 
 def verify_run(run_dir: Path) -> dict[str, list[str]]:
-    """Re-hash every artifact of a run: missing, changed and extra files (relative paths)."""
+    """Re-hash every artifact and stage record of a run: missing, changed and extra files (relative
+    paths; records are listed when the manifest has their hashes)."""
     manifest = read_manifest(run_dir)["artifacts"]
     missing, changed = [], []
-    for rel, entry in sorted(manifest.items()):
+    for rel, entry in sorted({**manifest, **(listed_records(run_dir) or {})}.items()):
         if not (run_dir / rel).is_file():
             missing.append(rel)
         elif not artifact_matches(run_dir / rel, entry):

@@ -200,6 +200,31 @@ def load_model(cfg: ModelConfig, seed: int = 0) -> LoadedModel:
     return loaded
 
 
+def read_model_configs(cfg: ModelConfig) -> tuple[dict, dict] | None:
+    """(UNet config, scheduler config) of the model ``cfg`` names, read without its weights, with
+    ``model.sample_size`` applied: what settings that depend on the model are checked against
+    before any stage runs (:mod:`compressor.preflight`).
+
+    None where that is not cheap (a hub id that is not a shipped architecture) or the model
+    cannot be found (its loader then says why). Raises ModelError for an unreadable config.
+    """
+    name = cfg.name
+    path = Path(name).expanduser()
+    if cfg.init == "pretrained" and _shipped(ASSET_DIR, name):
+        found = _read_folder_configs(ASSET_DIR / name)
+    elif _shipped(ARCH_DIR, name, ".json"):  # random init, or the hub model the architecture names
+        spec = architecture_spec(name)
+        found = spec["unet"], spec["scheduler"]
+    elif path.is_dir():
+        found = _read_folder_configs(path)
+    else:
+        return None
+    unet_cfg, sched = found
+    if cfg.sample_size is not None:
+        unet_cfg = {**unet_cfg, "sample_size": cfg.sample_size}
+    return unet_cfg, dict(sched)
+
+
 def _read_folder_configs(path: Path) -> tuple[dict, dict]:
     unet_dir = path / "unet" if (path / "unet" / "config.json").is_file() else path
     cfg_file = unet_dir / "config.json"
@@ -208,8 +233,13 @@ def _read_folder_configs(path: Path) -> tuple[dict, dict]:
     sched_file = path / "scheduler" / "scheduler_config.json"
     if not sched_file.is_file():
         sched_file = path / "scheduler_config.json"
-    sched = json.loads(sched_file.read_text()) if sched_file.is_file() else {}
-    return json.loads(cfg_file.read_text()), sched
+    try:
+        sched = json.loads(sched_file.read_text()) if sched_file.is_file() else {}
+        return json.loads(cfg_file.read_text()), sched
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModelError(
+            f"{path}: a config file is not valid JSON; re-download or re-save the model"
+        ) from None
 
 
 def is_conditional(unet: nn.Module) -> bool:

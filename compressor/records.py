@@ -3,8 +3,12 @@
 ``RUN/<stage>/record.json`` is written by the pipeline (see :mod:`pipeline.context`); every
 reader of it, in any floor, goes through here. A missing record is ``None`` (or, where it
 is required, one :class:`RecordError` naming the stage to run); a damaged one (not JSON,
-not a mapping, a field missing or of the wrong kind) is one :class:`RecordError` naming
-the file and the field, which the CLI prints as one line with exit 2. Metrics a reader
+not a mapping, a field missing or of the wrong kind, an interval ``*_ci`` whose low end is
+above its high end) is one :class:`RecordError` naming the file and the field, which the CLI
+prints as one line with exit 2. A record whose sha256 differs from the one the run's manifest
+lists for it (edited or damaged since its stage wrote it) is refused the same way, wherever it
+is read; :func:`verify_records` also checks the artifacts a record lists and refuses a record
+the manifest does not list, for readers that draw a verdict (``check``). Metrics a reader
 does not name stay in :attr:`Record.metrics` for display; no module indexes another
 stage's metrics by string keys.
 """
@@ -13,12 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from compressor import runlayout
+from compressor.artifacts import artifact_matches, listed_records
 from compressor.errors import ArtifactError
+from compressor.integrity import differs_from_manifest, reversed_interval
 
 DONE = ("ok", "skipped")
 INCONCLUSIVE = "inconclusive"  # the check stage's status when a quality gate's interval straddles its limit
@@ -100,8 +107,9 @@ def read_record(run: Path, stage: str, done_only: bool = True) -> Record | None:
     path = runlayout.record_path(run, stage)
     if not path.is_file():
         return None
+    raw = path.read_bytes()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise RecordError(f"{path}: damaged record (not valid JSON); {_rerun(path, stage)}") from None
     if not isinstance(data, dict):
@@ -109,6 +117,17 @@ def read_record(run: Path, stage: str, done_only: bool = True) -> Record | None:
     for key, kind in (("status", str), ("config", dict), ("metrics", dict)):
         if not isinstance(data.get(key), kind):
             raise RecordError(f"{path}: damaged record (no {key}); {_rerun(path, stage)}")
+    if differs_from_manifest(run, path, raw):
+        raise RecordError(
+            f"{path} differs from its sha256 in {runlayout.manifest_path(run)} (edited or damaged since "
+            f"its stage wrote it); {_rerun(path, stage)}"
+        )
+    bad = reversed_interval(data["metrics"], "metrics")
+    if bad is not None:
+        raise RecordError(
+            f"{path}: damaged record ({bad}: an interval whose low end is above its high end); "
+            f"{_rerun(path, stage)}"
+        )
     rec = Record(
         stage=stage,
         status=data["status"],
@@ -123,6 +142,34 @@ def read_record(run: Path, stage: str, done_only: bool = True) -> Record | None:
     if done_only and rec.status not in DONE:
         return None
     return rec
+
+
+def verify_records(run: Path, stages: Iterable[str]) -> bool:
+    """Check what a verdict is about to be drawn from: the records of ``stages`` that exist, and
+    the artifacts each lists, against the hashes written beside them.
+
+    Returns False when the run's manifest predates record hashes (nothing to verify them
+    against: the caller says so), else True. Raises RecordError naming the first file that is
+    damaged, differs from its hash, is not listed in the manifest (written or copied outside
+    the pipeline), or whose artifact is missing or changed, and the stage to rerun.
+    """
+    listed = listed_records(run)
+    for stage in stages:
+        rec = read_record(run, stage, done_only=False)  # refuses a record that differs from its hash
+        if rec is None:
+            continue
+        if listed is not None and str(rec.path.relative_to(run)) not in listed:
+            raise RecordError(
+                f"{rec.path} is not listed in {runlayout.manifest_path(run)} (written or copied outside the "
+                f"pipeline), so it cannot be verified; {_rerun(rec.path, stage)}"
+            )
+        for rel, entry in rec.artifacts.items():
+            if not isinstance(entry, dict) or not artifact_matches(Path(run) / rel, entry):
+                raise RecordError(
+                    f"{Path(run) / rel}, listed in {rec.path}, is missing or changed since the {stage} stage "
+                    f"wrote it; {_rerun(rec.path, stage)}"
+                )
+    return listed is not None
 
 
 def require_record(run: Path, stage: str, needed_by: str) -> Record:
@@ -391,6 +438,24 @@ def student_stack(run: Path) -> dict | None:
         "precision": "fp32",
         "student_steps": found[1],
     }
+
+
+def limit_overrides(run: Path, acceptance: Any) -> list[dict]:
+    """The acceptance limits ``acceptance`` (an AcceptanceConfig) sets unlike the run's own config:
+    one ``{"key": "acceptance.<name>", "run": <the run's value>, "now": <this one>}`` per differing
+    setting, in field order.
+
+    The run's config is what its ``check`` record used (else its ``report`` record's); with neither,
+    the run recorded no limits and ``run`` is None for every setting that is not the default.
+    """
+    now, default = dataclasses.asdict(acceptance), dataclasses.asdict(type(acceptance)())
+    for stage in ("check", "report"):
+        rec = read_record(run, stage, done_only=False)
+        if rec is not None and isinstance(rec.config.get("acceptance"), dict):
+            base = {**default, **rec.config["acceptance"]}  # a key newer than the record: its default
+            return [{"key": f"acceptance.{k}", "run": base[k], "now": v} for k, v in now.items()
+                    if v != base[k]]  # fmt: skip
+    return [{"key": f"acceptance.{k}", "run": None, "now": v} for k, v in now.items() if v != default[k]]
 
 
 def run_config_name(run: Path) -> str | None:

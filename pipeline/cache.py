@@ -128,7 +128,7 @@ def update_manifest(ctx: RunContext, name: str, rec: dict) -> None:
             "config": rec.get("config", {}),
             "versions": rec.get("versions", {}),
         }
-    write_json(
-        runlayout.manifest_path(ctx.run_dir),
-        {"config_name": ctx.cfg.name, "artifacts": dict(sorted(arts.items()))},
-    )
+    out = {"config_name": ctx.cfg.name, "artifacts": dict(sorted(arts.items()))}
+    if "records" in manifest:  # the records' hashes (written with each record, see RunContext.write_record)
+        out["records"] = manifest["records"]
+    write_json(runlayout.manifest_path(ctx.run_dir), out)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from compressor import runlayout
-from compressor.artifacts import sha256_file, write_json
+from compressor.artifacts import note_record, sha256_file, write_json
 from compressor.config import RunConfig, config_to_dict
 from compressor.errors import UserError
 from compressor.models import LoadedModel, load_model, resolve_device
@@ -259,7 +259,8 @@ class RunContext:
     def write_record(
         self, stage: str, sections: list[str], result: StageResult, seconds: float, cache: dict | None = None
     ) -> dict:
-        """Write ``RUN/<stage>/record.json`` (atomically) and return it."""
+        """Write ``RUN/<stage>/record.json`` (atomically), list its sha256 in the run's manifest (the
+        readers refuse a record edited afterwards) and return it."""
         cfg = config_to_dict(self.cfg)
         artifacts = {}
         for p in result.artifacts:
@@ -284,5 +285,7 @@ class RunContext:
             "cache": cache or {},
         }
         if self.is_main:
-            write_json(runlayout.record_path(self.run_dir, stage), rec)
+            path = runlayout.record_path(self.run_dir, stage)
+            write_json(path, rec)
+            note_record(self.run_dir, path)
         return rec

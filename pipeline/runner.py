@@ -16,6 +16,7 @@ from pathlib import Path
 from compressor import oserrors, runlayout
 from compressor.config import RunConfig
 from compressor.errors import UserError
+from compressor.preflight import check_model_settings, check_stages_asked
 from pipeline.cache import dependents, stage_key, update_manifest, why_rerun
 from pipeline.context import RunContext, log
 from pipeline.runlock import RunLock
@@ -23,7 +24,12 @@ from pipeline.stages import STAGES
 
 
 def parse_stages(text: str | None, cfg: RunConfig) -> list[str]:
-    """Stage names from ``--stages`` (or the config), validated, deduplicated, in pipeline order."""
+    """Stage names from ``--stages`` (or the config), validated, deduplicated, in pipeline order.
+
+    The config's own list is refused (ConfigError, with the fix) when a setting asks for a stage
+    it lacks (:func:`compressor.preflight.check_stages_asked`); an explicit ``--stages`` is taken
+    as given.
+    """
     names = [s.strip() for s in text.split(",") if s.strip()] if text else list(cfg.stages)
     for name in names:
         if name not in STAGES:
@@ -31,7 +37,10 @@ def parse_stages(text: str | None, cfg: RunConfig) -> list[str]:
     if not names:
         raise UserError(f"--stages is empty; give some of: {', '.join(STAGES)}")
     order = list(STAGES)
-    return sorted(dict.fromkeys(names), key=order.index)  # always in pipeline order
+    names = sorted(dict.fromkeys(names), key=order.index)  # always in pipeline order
+    if not text:
+        check_stages_asked(cfg, names, order)
+    return names
 
 
 class Interrupted(BaseException):
@@ -79,10 +88,13 @@ def run_pipeline(
     interrupt) leaves no temporary files behind, earlier stages' outputs and the manifest
     stay as they were, and OS errors become one-line UserErrors naming the path. ``plan``
     (a latency target over levers, :mod:`pipeline.frontier.target`) runs under the lock just
-    before the prune stage and hands it the chosen stack (``ctx.frontier_choice``).
+    before the prune stage and hands it the chosen stack (``ctx.frontier_choice``). Settings that
+    cannot work with the model (:func:`compressor.preflight.check_model_settings`) are refused
+    first, before the run directory is touched.
     """
     import torch
 
+    check_model_settings(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ctx = RunContext(cfg, run_dir)

@@ -24,6 +24,7 @@ from tests.conftest import (
 )
 
 STAGES = "prune,finetune,export"
+DEMO = str(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -404,6 +405,62 @@ CASES = [
         "--unet: expected",
     ),
     ("check-foreign-override", lambda t, c, r: ["check", r, "prune.ratio=0.1"], "only takes acceptance.*"),
+    # settings that cannot work with the model: refused before any stage, naming the key
+    (
+        "teacher-steps-above-timesteps",
+        lambda t, c, r: [
+            c,
+            "distill_steps.target_steps=4",
+            "distill_steps.start_steps=2048",
+            "--stages",
+            "prune,finetune,distill_steps",
+            "--run-dir",
+            r,
+        ],
+        "distill_steps.start_steps=2048 is above the model's 1000 training timesteps (at most 1000, e.g. 512",
+    ),  # fmt: skip
+    (
+        "student-steps-not-dividing",
+        lambda t, c, r: [c, "distill_steps.target_steps=3", "distill_steps.start_steps=12", "--run-dir", r],
+        "distill_steps.target_steps=3 does not divide the model's 1000 training timesteps",
+    ),
+    (
+        "sample-steps-above-timesteps",
+        lambda t, c, r: [c, "sample.steps=1001", "--run-dir", r],
+        "sample.steps=1001",
+    ),
+    (
+        "parity-timestep-past-schedule",
+        lambda t, c, r: [c, "parity.timesteps=[0,1000]", "--run-dir", r],
+        "parity.timesteps has 1000: timesteps run from 0 to 999",
+    ),  # fmt: skip
+    (
+        "sample-size-not-halvable",
+        lambda t, c, r: [c, "model.sample_size=17", "--run-dir", r],
+        "model.sample_size=17: must be a multiple of 2, as the UNet halves it 1 time (e.g. 16)",
+    ),  # fmt: skip
+    (
+        "cache-level-outside-levels",
+        lambda t, c, r: [c, "sample.cache_interval=2", "sample.cache_level=1", "--run-dir", r],
+        "sample.cache_level=1: the UNet's boundaries are 0..0",
+    ),  # fmt: skip
+    (
+        "feature-point-not-a-block",
+        lambda t, c, r: [c, "finetune.distill.feature_points=[down.7]", "--run-dir", r],
+        "finetune.distill.feature_points has down.7",
+    ),  # fmt: skip
+    (
+        "frontier-steps-above-timesteps",
+        lambda t, c, r: ["frontier", c, "--steps", "50,2000", "--out", r],
+        "frontier.steps[1]=2000 is above",
+    ),  # fmt: skip
+    # a setting that asks for a stage the config's list lacks: refused with the fix
+    (
+        "student-without-its-stage",
+        lambda t, c, r: [c, "stages=[prune,finetune,export]", "distill_steps.target_steps=4", "--run-dir", r],
+        "lack distill_steps, so none would be trained; add distill_steps to `stages:` in the config, or pass "
+        "--stages prune,finetune,distill_steps,export",
+    ),
     ("build-foreign-override", lambda t, c, r: ["build", r, "export.trace_batch=1"], "only takes build.*"),
 ]
 
@@ -447,6 +504,32 @@ def test_bad_input(case, finished, tmp_path, capsys):
     if expected:
         assert expected in err[0], (name, err[0])
     assert tree_hashes(run_dir) == before, name
+
+
+def test_unworkable_settings_are_refused_before_any_stage_directory(tmp_path, capsys):
+    """The issue's case: a teacher at 2,048 DDIM steps of a model trained with 1,000 timesteps."""
+    run_dir = tmp_path / "run"
+    argv = [DEMO, "distill_steps.target_steps=4", "distill_steps.start_steps=2048"]
+    capsys.readouterr()
+    assert main([*argv, "--stages", "prune,finetune,distill_steps", "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "distill_steps.start_steps=2048" in err[0], err
+    assert not (run_dir / "prune").exists() and not run_dir.exists()
+    # docs/students.md's command on demo.yaml (whose stages lack distill_steps): refused with the fix
+    assert main([DEMO, "distill_steps.target_steps=4", "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--stages prune,finetune,distill_steps,samples,export,build," in err[0], err
+    assert not run_dir.exists()
+
+
+def test_an_explicit_stage_list_is_taken_as_given(tmp_path):
+    from compressor.config import load_config
+    from pipeline.runner import parse_stages
+
+    cfg = load_config(DEMO, ["distill_steps.target_steps=4"])
+    assert parse_stages("prune,finetune", cfg) == ["prune", "finetune"]
+    with pytest.raises(UserError, match="lack distill_steps"):
+        parse_stages(None, cfg)
 
 
 def test_sample_refuses_an_output_that_cannot_fit_on_its_disk(tmp_path, monkeypatch):

@@ -24,11 +24,13 @@ timed here, one stack at a time.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from compressor import runlayout
 from compressor.config import load_config
 from compressor.errors import UserError
+from compressor.preflight import check_model_settings
 from pipeline import frontier as fr
 from pipeline.commands.args import CommandParser, config_args, int_list
 from pipeline.frontier.measure import measure
@@ -137,6 +139,10 @@ def main(argv: list[str]) -> int:
         cache_intervals=int_list(args.cache_intervals, "--cache-intervals") or list(f.cache_intervals),
         precisions=_names(args.precisions, "--precisions", ("fp32", "fp16", "int8")) or list(f.precisions),
         students=int_list(args.students, "--students", minimum=0) or list(f.students),
+    )
+    grid_keys = {k: getattr(grid, k) for k in ("steps", "cache_intervals", "students")}
+    check_model_settings(
+        dataclasses.replace(cfg, frontier=dataclasses.replace(f, **grid_keys)), frontier=True
     )
     out = args.out or runlayout.frontier_dir(Path("runs") / cfg.name)
     spec = fr.spec_from_config(

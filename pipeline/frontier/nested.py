@@ -88,11 +88,24 @@ def fingerprint_of(*parts) -> str:
 
 
 def cached(path: Path, fingerprint: str) -> dict | None:
+    """A cached measurement at ``path`` keyed by ``fingerprint`` (None: measure it); UserError when it
+    holds an interval whose low end is above its high end (it was edited or damaged)."""
+    from compressor.errors import UserError
+    from compressor.integrity import reversed_interval
+
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return data if data.get("fingerprint") == fingerprint else None
+    if not isinstance(data, dict) or data.get("fingerprint") != fingerprint:
+        return None
+    bad = reversed_interval(data, path.stem)
+    if bad:
+        raise UserError(
+            f"{path}: {bad}, an interval whose low end is above its high end (edited or damaged); "
+            "delete the file to measure it again"
+        )
+    return data
 
 
 def model_run(spec: Spec, ratio: float, student: bool = False) -> tuple[Path, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from compressor.records import verify_records
 from pipeline.acceptance import FAIL, INCONCLUSIVE, PASS, evaluate_run, verdict
 from pipeline.context import RunContext, StageResult, log
 
@@ -11,7 +12,15 @@ INPUTS = ["bench", "parity", "quality"]
 
 def run(ctx: RunContext) -> StageResult:
     """Evaluate ``acceptance``; the record's status is ``failed`` when any gate fails, else
-    ``inconclusive`` when a quality gate's interval straddles its limit."""
+    ``inconclusive`` when a quality gate's interval straddles its limit.
+
+    The records the gates read (and the artifacts they list) are verified against their hashes
+    first (RecordError, one line naming the file, when one differs). ``metrics.overrides`` is
+    empty: the stage gates with the run's own config (``compress-deploy check RUN key=value`` names
+    its overrides beside its verdict, from :func:`compressor.records.limit_overrides`).
+    """
+    if not verify_records(ctx.run_dir, ["prune", *INPUTS]):
+        log("check", "the run's manifest predates record hashes; its records are not verified")
     checks = evaluate_run(ctx.run_dir, ctx.cfg.acceptance, ctx.cfg.prune.target_latency)
     for c in checks:
         log("check", c.line())
@@ -24,6 +33,7 @@ def run(ctx: RunContext) -> StageResult:
         "failed": failed,
         "inconclusive": unsure,
         "verdict": result,
+        "overrides": [],
     }
     if not checks:
         log("check", "no acceptance limits configured")
