@@ -28,7 +28,9 @@ def find_browser() -> str | None:
     return next((found for name in BROWSERS if (found := shutil.which(name))), None)
 
 
-def screenshot(page: Path, out: Path, width: int = 1100, height: int = 9000, browser: str | None = None) -> Path:
+def screenshot(
+    page: Path, out: Path, width: int = 1100, height: int = 9000, browser: str | None = None
+) -> Path:
     """Render ``page`` headless into ``out`` (PNG), the blank space below the content trimmed.
 
     Raises FileNotFoundError when no browser is found, RuntimeError when it wrote no image.
