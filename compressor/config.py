@@ -339,7 +339,11 @@ class SampleConfig:
 class QualityConfig:
     """Consistency (SSIM/PSNR vs dense) and Frechet distance of generated samples."""
 
-    num_samples: int = _spec(256, "images generated per model", ge=2)
+    num_samples: int | Literal["auto"] = _spec(
+        256, "images generated per model; auto: in chunks until every quality gate is decided", ge=2
+    )
+    max_samples: int = _spec(4096, "num_samples auto: the most images drawn per model", ge=2)
+    chunk_samples: int = _spec(1024, "num_samples auto: images added per model at each look", ge=2)
     steps: int | None = _spec(None, "sampling steps (default: sample.steps)", ge=1)
     feature: Literal["auto", "digits", "inception"] = _spec(
         "auto", "Frechet features: digits (demo network), inception (FID); auto picks by data"
@@ -364,6 +368,12 @@ class QualityConfig:
         1000, "replicates per interval: jackknife groups (one seed each up to this count) or bootstrap draws",
         ge=20,
     )  # fmt: skip
+
+    @property
+    def fixed_samples(self) -> int:
+        """The image count of a figure scored once (sweeps, the frontier): ``num_samples``, or with
+        ``auto`` the first look's ``chunk_samples``."""
+        return self.num_samples if isinstance(self.num_samples, int) else self.chunk_samples
 
 
 @dataclass
@@ -467,7 +477,13 @@ class AcceptanceConfig:
     min_sampler_speedup: float | None = _spec(None, "min sampler speed-up vs dense", gt=0.0)
     max_parity_error: float | None = _spec(None, "max abs error, fp32 ONNX vs torch", gt=0.0)
     min_ssim: float | None = _spec(None, "min SSIM vs dense samples", ge=0.0, le=1.0)
-    max_fd_ratio: float | None = _spec(None, "max Frechet distance of compressed / dense", gt=0.0)
+    max_fd_ratio: float | None = _spec(
+        None, "max FD-infinity of compressed / dense (undecided when dense's interval reaches 0)", gt=0.0
+    )
+    max_fd_increase: float | None = _spec(
+        None, "max FD-infinity of compressed - dense, in the Frechet feature's units", gt=0.0
+    )
+    max_kid_increase: float | None = _spec(None, "max KID of compressed - dense (unbiased at any N)", gt=0.0)
     variant: str | None = _spec(
         None, "bench sampler variant the sampler gates read (SCHEDULER:STEPS[:INTERVAL]; default: the first)"
     )
@@ -652,6 +668,13 @@ def _coerce(value: Any, tp: Any, key: str, meta: dict) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        literals = [a for a in inner if typing.get_origin(a) is Literal]
+        if literals and any(value in typing.get_args(a) for a in literals):  # e.g. num_samples: auto
+            return value
+        if literals and isinstance(value, str):
+            plain = " or ".join(_describe(a) for a in inner if a not in literals) + _range_text(meta)
+            named = ", ".join(repr(v) for a in literals for v in typing.get_args(a))
+            raise ConfigError(f"{key}: expected {plain} or {named}, got {value!r}")
         return _coerce(value, inner[0], key, meta)
     if origin is list:
         (item,) = typing.get_args(tp)

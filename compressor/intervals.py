@@ -381,11 +381,18 @@ class Scorer:
 
 
 def paired(boot: Resampling, score: ModelScore, dense: ModelScore) -> dict:
-    """``fd_ratio`` of ``score`` to ``dense`` with its paired interval."""
+    """``fd_ratio`` of ``score`` to ``dense`` (the Frechet distance at this sample count) and
+    ``kid_diff`` (KID of ``score`` minus ``dense``), each with its paired interval."""
     if score.fd_reps.shape != dense.fd_reps.shape:
         raise ValueError("paired figures need both models scored on the same seeds")
     ratio = score.fd / dense.fd
-    return {"fd_ratio": ratio, "fd_ratio_ci": boot.interval(ratio, score.fd_reps / dense.fd_reps)}
+    kid_diff = score.kid - dense.kid
+    return {
+        "fd_ratio": ratio,
+        "fd_ratio_ci": boot.interval(ratio, score.fd_reps / dense.fd_reps),
+        "kid_diff": kid_diff,
+        "kid_diff_ci": boot.interval(kid_diff, score.kid_reps - dense.kid_reps),
+    }
 
 
 def ssim_figures(boot: Resampling, images: torch.Tensor, dense: torch.Tensor) -> dict:

@@ -126,13 +126,14 @@ def frechet_distance(
     return library_frechet(extract(real), extract(fake))
 
 
-def resampling(quality, seed: int, method: str | None = None):
+def resampling(quality, seed: int, method: str | None = None, level: float | None = None):
     """The paired resampling behind a run's quality intervals (``quality.interval_level``,
-    ``quality.resamples``, ``quality.interval_method`` unless ``method`` is given), seeded by ``seed``."""
+    ``quality.resamples``, ``quality.interval_method`` unless ``method`` or ``level`` is given),
+    seeded by ``seed``."""
     from compressor.intervals import Resampling
 
     q = quality
-    return Resampling(q.interval_level, q.resamples, seed, method or q.interval_method)
+    return Resampling(level or q.interval_level, q.resamples, seed, method or q.interval_method)
 
 
 def make_scorer(reference: torch.Tensor, feature: nn.Module | int, metric: str, boot, weights=None):

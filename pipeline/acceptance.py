@@ -8,6 +8,7 @@ from compressor.config import AcceptanceConfig, LatencyTarget, SamplerVariant
 from compressor.records import BenchMetrics, ParityMetrics, QualityMetrics
 
 PASS, FAIL, INCONCLUSIVE = "pass", "fail", "inconclusive"
+QUALITY_GATES = {"min_ssim": ">=", "max_fd_ratio": "<=", "max_fd_increase": "<=", "max_kid_increase": "<="}
 EXIT_FAIL, EXIT_INCONCLUSIVE = 3, 4  # ``check`` and the pipeline's exit codes
 
 
@@ -31,6 +32,7 @@ class Check:
     samples: int | None = None  # the sample count behind the interval
     level: float | None = None
     decide_at: int | None = None  # inconclusive: the sample count that would likely decide it
+    ill_posed: bool = False  # inconclusive because no sample count can decide it (a ratio to ~0)
 
     def __post_init__(self) -> None:
         if not self.outcome:
@@ -47,10 +49,13 @@ class Check:
             if self.samples:
                 limit += f", {self.samples} samples"
         text = f"{self.outcome.upper()}  {self.name}: {shown} ({limit})"
-        if self.outcome == INCONCLUSIVE:
+        if self.outcome == INCONCLUSIVE and self.ill_posed:
+            text += " undecidable:"
+        elif self.outcome == INCONCLUSIVE:
             text += " inconclusive: the interval straddles the limit"
             text += (
-                f"; about {self.decide_at} samples would likely decide it (quality.num_samples)"
+                f"; about {self.decide_at} samples would likely decide it (quality.num_samples=auto "
+                f"quality.max_samples={self.decide_at})"
                 if self.decide_at
                 else "; the estimate sits on the limit, no sample count decides it"
             )
@@ -132,6 +137,57 @@ def _stack_check(target: LatencyTarget, bench: BenchMetrics | None, key: str) ->
     return Check(f"prune.target_latency.{key}", value, limit, direction, ok, detail)  # type: ignore[arg-type]
 
 
+def quality_checks(cfg: AcceptanceConfig, quality: QualityMetrics | None) -> list[Check]:
+    """The configured quality gates (three outcomes, read from the final compressed model's figures
+    against dense on the same seeds). The Frechet gates read FD-infinity (free of the sample-size
+    bias); ``max_fd_ratio`` refuses to decide when the dense model's own FD-infinity interval
+    reaches zero (the ratio is then ill-conditioned) and falls back to the finite-N ratio only on
+    records written before FD-infinity."""
+    if quality is None:
+        return [
+            Check(name, None, getattr(cfg, name), d, False, "[no quality record]")
+            for name, d in QUALITY_GATES.items()
+            if getattr(cfg, name) is not None
+        ]
+    label = quality.compressed_label()
+    c = quality.models[label] if label else {}
+    samples, level = quality.num_samples, quality.interval.get("level")
+    dense_inf = quality.models.get("dense", {}).get("fd_inf")
+    own = f"; dense's own FD-infinity {dense_inf:.3g}" if isinstance(dense_inf, float) else ""
+    if "fd_inf_ratio" in c:
+        ratio, ratio_ci = c.get("fd_inf_ratio"), c.get("fd_inf_ratio_ci")
+        ratio_detail = "[FD-infinity, compressed / dense, paired over seeds]"
+    else:  # a record written before FD-infinity: the finite-N ratio
+        ratio, ratio_ci = c.get("fd_ratio"), c.get("fd_ratio_ci")
+        dense_fd, fd_c = quality.frechet("dense"), quality.frechet(label) if label else None
+        if ratio is None and dense_fd and fd_c is not None:
+            ratio = fd_c / dense_fd
+        ratio_detail = "[Frechet distance at this sample count, compressed / dense, paired over seeds]"
+    gates = {
+        "min_ssim": (c.get("ssim_vs_dense"), c.get("ssim_vs_dense_ci"), "[vs dense, same seeds]"),
+        "max_fd_ratio": (ratio, ratio_ci, ratio_detail),
+        "max_fd_increase": (c.get("fd_inf_diff"), c.get("fd_inf_diff_ci"),
+                            f"[FD-infinity, compressed - dense, paired over seeds{own}]"),
+        "max_kid_increase": (c.get("kid_diff"), c.get("kid_diff_ci"),
+                             "[KID, compressed - dense, paired over seeds]"),
+    }  # fmt: skip
+    checks = []
+    for name, (value, interval, detail) in gates.items():
+        limit = getattr(cfg, name)
+        if limit is None:
+            continue
+        if name == "max_fd_ratio" and "fd_inf_ratio" in c and ratio_ci is None:
+            note = c.get("fd_inf_ratio_note") or "the dense model's FD-infinity interval reaches zero"
+            checks.append(Check(name, ratio, limit, "<=", False, f"{detail} {note}; gate on "
+                                "acceptance.max_fd_increase instead", None, INCONCLUSIVE, samples, level,
+                                ill_posed=True))  # fmt: skip
+            continue
+        checks.append(
+            interval_check(name, value, interval, limit, QUALITY_GATES[name], detail, samples, level)
+        )
+    return checks
+
+
 def evaluate(
     cfg: AcceptanceConfig,
     bench: BenchMetrics | None,
@@ -141,19 +197,6 @@ def evaluate(
 ) -> list[Check]:
     """All configured checks (limits left null are not checked), plus an active latency target."""
     where = f"[{cfg.backend}, batch {cfg.batch}]"
-    compressed: dict = {}
-    fd = fd_ci = None
-    samples = level = None
-    if quality:
-        label = quality.compressed_label()
-        compressed = quality.models[label] if label else {}
-        dense_fd, fd_c = quality.frechet("dense"), quality.frechet(label) if label else None
-        fd = compressed.get("fd_ratio")
-        if fd is None and dense_fd and fd_c is not None:  # records written before fd_ratio
-            fd = fd_c / dense_fd
-        fd_ci = compressed.get("fd_ratio_ci")
-        samples, level = quality.num_samples, quality.interval.get("level")
-
     variant = str(SamplerVariant.parse(cfg.variant, "acceptance.variant")) if cfg.variant else None
     if variant:
         where = f"[{cfg.backend}, batch {cfg.batch}, sampler {variant}]"
@@ -188,15 +231,7 @@ def evaluate(
             continue
         ok = value is not None and (value <= limit if direction == "<=" else value >= limit)
         checks.append(Check(name, value, limit, direction, ok, detail))
-    quality_gates = {
-        "min_ssim": (compressed.get("ssim_vs_dense"), compressed.get("ssim_vs_dense_ci"), ">=",
-                     "[vs dense, same seeds]"),
-        "max_fd_ratio": (fd, fd_ci, "<=", "[Frechet distance, compressed / dense, paired over seeds]"),
-    }  # fmt: skip
-    for name, (value, interval, direction, detail) in quality_gates.items():
-        limit = getattr(cfg, name)
-        if limit is not None:
-            checks.append(interval_check(name, value, interval, limit, direction, detail, samples, level))
+    checks += quality_checks(cfg, quality)
     if target is not None and target.active:
         checks.append(latency_target_check(target, bench))
     return checks

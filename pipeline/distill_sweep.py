@@ -115,7 +115,7 @@ class Scorer:
         reference = (stack(ctx.dataset, q.num_reference) + 1) / 2
         self.scorer = make_scorer(reference, feature, self.metric, self.boot, q.inception_weights)
         self.steps = q.steps or ctx.cfg.sample.steps
-        self.count = q.num_samples
+        self.count = q.fixed_samples
         self.dense = self.images(ctx.dense_on())
         self.dense_score = self.scorer.score(self.dense)
         self.dense_fd = self.dense_score.fd

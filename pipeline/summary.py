@@ -34,7 +34,7 @@ MODEL_NAMES = {"prune": "pruned", "finetune": "finetuned", "distill_steps": "stu
 SPEED_GATES = ("min_speedup", "min_sampler_speedup", "max_unet_ms", "max_image_ms")
 QUALITY_LABELS = {
     "min_ssim": "SSIM vs dense",
-    "max_fd_ratio": "Frechet ratio (compressed / dense)",
+    "max_fd_ratio": "FD-infinity ratio (compressed / dense)",
     "max_fd_increase": "FD-infinity increase (compressed - dense)",
     "max_kid_increase": "KID increase (compressed - dense)",
 }

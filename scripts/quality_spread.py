@@ -133,7 +133,7 @@ def main() -> int:
                 images[(kind, label, k)] = sample(
                     ctx, unet, seeds[:m], kind, folder / f"{kind}-{label}-set{k}-{m}.npy"
                 )
-            own = list(range(q.num_samples))  # the quality stage's own seeds
+            own = list(range(q.fixed_samples))  # the quality stage's own seeds
             if label == "dense":
                 images[(kind, label, "own")] = sample(
                     ctx, unet, own, kind, folder / f"{kind}-{label}-own.npy"

@@ -40,6 +40,9 @@ def test_every_shipped_config_loads_and_opens_with_its_command(path):
         ({"model": "digits"}, "model: expected a mapping"),
         ({"stages": []}, "stages: expected a non-empty list"),
         ({"prune": {"ratio": 0.3, "target_macs": 0.5}}, "give exactly one"),
+        ({"quality": {"num_samples": "many"}}, "quality.num_samples: expected an integer >= 2 or 'auto'"),
+        ({"quality": {"num_samples": 1}}, "quality.num_samples: expected an integer >= 2"),
+        ({"acceptance": {"max_fd_increase": 0}}, "acceptance.max_fd_increase: expected a number > 0.0"),
     ],
 )
 def test_bad_values_name_the_dotted_key(data, message):
@@ -54,6 +57,13 @@ def test_defaults_live_in_the_dataclasses():
     assert cfg.prune.threshold == 0.05
     assert cfg.finetune.lr == 2e-4
     assert cfg.finetune.ema_decay == 0.9999
+
+
+def test_quality_samples_may_be_auto():
+    cfg = config_from_mapping({}, ["quality.num_samples=auto", "quality.max_samples=3072"])
+    assert cfg.quality.num_samples == "auto" and cfg.quality.max_samples == 3072
+    assert cfg.quality.fixed_samples == cfg.quality.chunk_samples == 1024
+    assert config_from_mapping({}, ["quality.num_samples=300"]).quality.fixed_samples == 300
 
 
 def test_overrides_go_through_the_same_validation():

@@ -156,21 +156,23 @@ def test_check_command_passes_then_fails_when_tightened(finished_run, capsys):
     assert main(["check", str(run_dir), "acceptance.min_speedup=1000"]) == 3
     out = capsys.readouterr().out
     assert "FAIL  min_speedup" in out and "acceptance: FAIL (min_speedup)" in out
-    # quality gates from their intervals: a limit inside the Frechet ratio's interval is inconclusive
-    ratio = json.loads((run_dir / "quality" / "record.json").read_text())["metrics"]["models"]["finetuned"]
-    low, high = ratio["fd_ratio_ci"]
+    # quality gates from their intervals: a limit inside the FD-infinity difference's interval
+    # is inconclusive
+    figs = json.loads((run_dir / "quality" / "record.json").read_text())["metrics"]["models"]["finetuned"]
+    low, high = figs["fd_inf_diff_ci"]
     inside = low + 0.75 * (high - low)
-    assert main(["check", str(run_dir), f"acceptance.max_fd_ratio={inside}"]) == 4
+    assert main(["check", str(run_dir), f"acceptance.max_fd_increase={inside}"]) == 4
     out = capsys.readouterr().out
-    (line,) = [ln for ln in out.splitlines() if "max_fd_ratio" in ln and "acceptance:" not in ln]
-    assert line.startswith("INCONCLUSIVE  max_fd_ratio") and "inconclusive" in line
+    (line,) = [ln for ln in out.splitlines() if "max_fd_increase" in ln and "acceptance:" not in ln]
+    assert line.startswith("INCONCLUSIVE  max_fd_increase") and "inconclusive" in line
     assert f"[{low:.4g}, {high:.4g}]" in line and "8 samples" in line and "would likely decide it" in line
-    assert "acceptance: INCONCLUSIVE (max_fd_ratio)" in out
-    assert main(["check", str(run_dir), f"acceptance.max_fd_ratio={high * 1.01}"]) == 0
-    assert "PASS  max_fd_ratio" in capsys.readouterr().out
-    assert main(["check", str(run_dir), f"acceptance.max_fd_ratio={low * 0.99}"]) == 3
+    assert "quality.num_samples=auto" in line and "FD-infinity, compressed - dense" in line
+    assert "acceptance: INCONCLUSIVE (max_fd_increase)" in out
+    assert main(["check", str(run_dir), f"acceptance.max_fd_increase={high + 0.01 * abs(high)}"]) == 0
+    assert "PASS  max_fd_increase" in capsys.readouterr().out
+    # (a limit below the interval fails: tests/test_fd_infinity.py; 8 samples put its low end below 0)
     # a failed gate wins over an inconclusive one
-    argv = ["check", str(run_dir), f"acceptance.max_fd_ratio={inside}", "acceptance.min_speedup=1000"]
+    argv = ["check", str(run_dir), f"acceptance.max_fd_increase={inside}", "acceptance.min_speedup=1000"]
     assert main(argv) == 3
     capsys.readouterr()
 
@@ -180,14 +182,14 @@ def test_an_inconclusive_gate_ends_the_run_with_exit_4_and_the_bundle_carries_it
     from pipeline.commands.bundle import quality_gates
 
     cfg_path, run_dir = finished_run
-    ratio = json.loads((run_dir / "quality" / "record.json").read_text())["metrics"]["models"]["finetuned"]
-    low, high = ratio["fd_ratio_ci"]
-    inside = f"acceptance.max_fd_ratio={(low + high) / 2 + (high - low) / 4}"
+    figs = json.loads((run_dir / "quality" / "record.json").read_text())["metrics"]["models"]["finetuned"]
+    low, high = figs["fd_inf_diff_ci"]
+    inside = f"acceptance.max_fd_increase={(low + high) / 2 + (high - low) / 4}"
     assert main([str(cfg_path), inside, "--stages", "check", "--run-dir", str(run_dir)]) == 4
     record = json.loads((run_dir / "check" / "record.json").read_text())
     assert record["status"] == "inconclusive" and record["metrics"]["verdict"] == "inconclusive"
-    assert record["metrics"]["inconclusive"] == ["max_fd_ratio"] and not record["metrics"]["passed"]
-    (gate,) = [g for g in quality_gates(run_dir) if g["name"] == "max_fd_ratio"]
+    assert record["metrics"]["inconclusive"] == ["max_fd_increase"] and not record["metrics"]["passed"]
+    (gate,) = [g for g in quality_gates(run_dir) if g["name"] == "max_fd_increase"]
     assert gate["interval"] == [low, high] and gate["samples"] == 8
     assert main([str(cfg_path), "--stages", "check", "--run-dir", str(run_dir)]) == 0  # the config's limits
 
@@ -278,3 +280,39 @@ def test_tampered_onnx_is_refused_by_the_stages_that_read_it(finished_run, capsy
     assert main([str(cfg), "--stages", "bench", "--run-dir", str(copy)]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert str(onnx_file) in line and "tampered or truncated" in line and "--force export" in line
+
+
+@pytest.mark.slow
+def test_auto_sampling_stops_when_the_gates_decide_and_keeps_every_look(finished_run, tmp_path):
+    import shutil
+
+    cfg_path, run_dir = finished_run
+    auto = ["quality.num_samples=auto", "quality.chunk_samples=8", "quality.max_samples=16"]
+    looks = {}
+    for name, limit in (("clear", 1.0e6), ("close", None)):
+        copy = tmp_path / name
+        shutil.copytree(run_dir, copy)
+        if limit is None:  # a limit inside the first look's interval: the run samples on
+            figs = json.loads((run_dir / "quality" / "record.json").read_text())["metrics"]["models"]
+            low, high = figs["finetuned"]["fd_inf_diff_ci"]
+            limit = (low + high) / 2
+        argv = [str(cfg_path), *auto, f"acceptance.max_fd_increase={limit}", "--stages", "quality"]
+        assert main([*argv, "--run-dir", str(copy), "--force", "quality"]) == 0
+        metrics = json.loads((copy / "quality" / "record.json").read_text())["metrics"]
+        looks[name] = metrics["looks"]
+        assert metrics["sequential"]["boundary"] == "pocock" and metrics["sequential"]["planned_looks"] == [
+            8,
+            16,
+        ]
+        assert metrics["num_samples"] == looks[name][-1]["samples"]
+        for look in looks[name]:
+            assert {"samples", "models", "gates", "outcome"} <= set(look)
+            assert "fd_inf_diff_ci" in look["models"]["finetuned"]
+    assert [look["samples"] for look in looks["clear"]] == [8]
+    outcome = {k: {g["name"]: g["outcome"] for g in looks[k][0]["gates"]} for k in looks}
+    assert outcome["clear"]["max_fd_increase"] == "pass"
+    assert [look["samples"] for look in looks["close"]] == [8, 16]
+    assert outcome["close"]["max_fd_increase"] == "inconclusive"
+    # the first look of both runs saw the same images: its figures are the same
+    first = [looks[k][0]["models"]["finetuned"]["fd_inf_diff"] for k in ("clear", "close")]
+    assert first[0] == pytest.approx(first[1])

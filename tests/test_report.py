@@ -216,7 +216,7 @@ def test_the_run_closes_with_verdict_headline_report_and_next_steps_only_when_it
     assert lines[0].startswith("verdict: INCONCLUSIVE: 4 of 5 gates passed; undecided: max_fd_ratio")
     assert "  sampler speed-up 1.25x (limit >= 1.05x) PASS [onnxruntime, batch 16, ddim 20 steps]" in lines
     assert any(
-        "Frechet ratio (compressed / dense) 1.2 [0.9, 1.7] (limit <= 1.5) INCONCLUSIVE" in ln for ln in lines
+        "FD-infinity ratio (compressed / dense) 1.2 [0.9, 1.7] (limit <= 1.5) INCONCLUSIVE" in ln for ln in lines
     )
     assert f"report: {run / 'report' / 'report.html'}" in lines
     assert "next:" in lines and text.endswith("\n")
@@ -278,7 +278,7 @@ def test_the_headline_chart_draws_point_interval_and_limit(monkeypatch, tmp_path
     (fig,) = figures
     titles = [ax.get_title("left") for ax in fig.axes]
     assert titles[0] == "sampler speed-up: 1.25x"
-    fd = fig.axes[titles.index("Frechet ratio (compressed / dense): 1.2 [0.9, 1.7]")]
+    fd = fig.axes[titles.index("FD-infinity ratio (compressed / dense): 1.2 [0.9, 1.7]")]
     assert fd.get_title("right") == "INCONCLUSIVE"
     xs = [tuple(line.get_xdata()) for line in fd.lines]
     assert (1.5, 1.5) in xs and (0.9, 1.7) in xs and (1.2,) in xs  # limit, interval, point

@@ -165,16 +165,23 @@ def _quality_gate(entry: dict, settings: dict) -> dict:
     good = high <= limit if at_most else low >= limit
     bad = low > limit if at_most else high < limit
     outcome = "pass" if good else "fail" if bad else "inconclusive"
-    shown = f"{value:.4g}" + (
-        f", {entry.get('level', 0.95):.0%} interval [{low:.4g}, {high:.4g}]" if interval else ""
+    if entry.get("ill_posed"):  # a ratio to a figure whose interval reaches zero: nothing decides it
+        outcome = "inconclusive"
+    shown = (
+        "not measured"
+        if value is None
+        else f"{value:.4g}"
+        + (f", {entry.get('level', 0.95):.0%} interval [{low:.4g}, {high:.4g}]" if interval else "")
     )
     where = f"measured on the build host: {entry.get('sampler', '?')}, {entry.get('samples', '?')} samples"
     mine = f"{settings['scheduler']} {settings['steps']}"
     if entry.get("sampler") and not str(entry["sampler"]).startswith(mine):
         where += f"; this bundle samples {mine}"
     line = f"{outcome.upper()} {entry['name']}: {shown} {entry['direction']} {limit:g} [{where}]"
-    if outcome == "inconclusive":
-        line += " inconclusive: the interval straddles the limit; rescore with more quality.num_samples"
+    if outcome == "inconclusive" and entry.get("ill_posed"):
+        line += " undecidable: the dense model's FD-infinity interval reaches zero; gate on max_fd_increase"
+    elif outcome == "inconclusive":
+        line += " inconclusive: the interval straddles the limit; rescore with quality.num_samples=auto"
     print(line)
     return {"check": entry["name"], "value": value, "interval": interval, "limit": limit,
             "passed": outcome == "pass", "outcome": outcome}  # fmt: skip

@@ -35,13 +35,13 @@ from pipeline.runlock import RunLock
 
 
 def quality_gates(run: Path) -> list[dict]:
-    """The run's quality gates (``min_ssim``, ``max_fd_ratio`` under the check record's limits) as the
+    """The run's quality gates (``min_ssim``, the Frechet and KID gates, the check record's limits) as the
     bundle's ``check`` re-decides them: figure, interval, limit, sample count and sampler."""
     import dataclasses
 
     from compressor.config import AcceptanceConfig
     from compressor.records import read_metrics, read_record
-    from pipeline.acceptance import evaluate
+    from pipeline.acceptance import quality_checks
 
     check, quality = read_record(run, "check", done_only=False), read_metrics(run, "quality")
     if check is None or quality is None:
@@ -58,9 +58,10 @@ def quality_gates(run: Path) -> list[dict]:
     )
     return [
         {"name": c.name, "measured": c.measured, "interval": c.interval, "limit": c.limit,
-         "direction": c.direction, "samples": c.samples, "level": c.level, "sampler": sampler}
-        for c in evaluate(acc, None, None, quality)
-        if c.name in ("min_ssim", "max_fd_ratio") and c.measured is not None
+         "direction": c.direction, "samples": c.samples, "level": c.level, "sampler": sampler,
+         "ill_posed": c.ill_posed}
+        for c in quality_checks(acc, quality)
+        if c.measured is not None
     ]  # fmt: skip
 
 

@@ -144,7 +144,7 @@ def spec_from_config(cfg: RunConfig, out: Path, grid: Grid | None = None, **chan
                         list(f.precisions), list(f.students))  # fmt: skip
     threads = f.threads or cfg.bench.threads
     spec = Spec(config_to_dict(cfg), str(out), grid, f.backend, f.batch,
-                f.samples or cfg.quality.num_samples, threads, f.repeat, f.warmup)  # fmt: skip
+                f.samples or cfg.quality.fixed_samples, threads, f.repeat, f.warmup)  # fmt: skip
     spec = dataclasses.replace(spec, **{k: v for k, v in changes.items() if v is not None})
     spec.grid.check(cfg.distill_steps.start_steps)
     return spec

@@ -1,15 +1,24 @@
-"""The ``quality`` stage: SSIM/PSNR vs dense from the same seeds, and Frechet distances."""
+"""The ``quality`` stage: SSIM/PSNR vs dense from the same seeds, Frechet distances (finite-N and
+FD-infinity) and KID, each with its paired interval; with ``quality.num_samples: auto`` sampled in
+chunks until every quality gate is decided (repeated confidence intervals, compressor.sequential)."""
 
 from __future__ import annotations
+
+import torch
 
 from compressor import runlayout
 from compressor.data import stack
 from compressor.errors import UserError
+from compressor.fd_infinity import FdInfScorer
 from compressor.intervals import real_floor, ssim_figures
 from compressor.models import as_noise_predictor
 from compressor.persist import load_unet, student_sampling
 from compressor.quality import inception_unavailable, make_scorer, psnr, resampling
+from compressor.records import QualityMetrics
+from compressor.sequential import describe as describe_looks
+from compressor.sequential import look_level, look_sizes
 from deploy.runtimes import load_backend
+from pipeline.acceptance import INCONCLUSIVE, quality_checks, verdict
 from pipeline.context import RunContext, StageResult, log
 
 SECTIONS = ["quality", "sample", "data"]
@@ -26,18 +35,32 @@ def _deployed(ctx: RunContext, backend: str, model: str):
 
 
 def run(ctx: RunContext) -> StageResult:
-    """Sample every model of the run from the same seeds and score them."""
+    """Sample every model of the run from the same seeds and score them: once at
+    ``quality.num_samples``, or with ``auto`` in chunks until every quality gate is decided."""
     cfg = ctx.cfg.quality
     feature, metric = ctx.frechet_features()
     fd_note = _frechet_note(ctx, metric)
     predictors = _predictors(ctx, _models(ctx))
-    samples = {label: _sample(ctx, label, predict) for label, predict in predictors.items()}
     reference = (stack(ctx.dataset, cfg.num_reference) + 1) / 2
-    boot = resampling(ctx.cfg.quality, ctx.cfg.seed)
-    results, scorer = _score(ctx, samples, reference, feature, metric, fd_note, boot)
+    auto = cfg.num_samples == "auto"
+    sizes = look_sizes(cfg.chunk_samples, cfg.max_samples) if auto else [cfg.num_samples]
+    # every look's interval is a repeated confidence interval (one look: the plain interval)
+    boot = resampling(cfg, ctx.cfg.seed, level=look_level(sizes, cfg.interval_level))
+    scorer = None if fd_note else make_scorer(reference, feature, metric, boot, cfg.inception_weights)
+    samples: dict = {label: None for label in predictors}
+    looks: list[dict] = []
+    for n in sizes:
+        for label, predict in predictors.items():
+            samples[label] = _draw(ctx, label, predict, samples[label], n)
+        results = _score(samples, metric, fd_note, boot, scorer)
+        look = _look(ctx, results, metric, n)
+        if auto:
+            looks.append(look)
+        if look["decided"]:
+            break
     metrics = {
         "models": results,
-        "num_samples": cfg.num_samples,
+        "num_samples": n,
         "num_reference": int(reference.shape[0]),
         "steps": cfg.steps or ctx.cfg.sample.steps,
         "scheduler": ctx.cfg.sample.scheduler,
@@ -46,15 +69,32 @@ def run(ctx: RunContext) -> StageResult:
         "compressed_stack": ctx.chosen,
         "frechet_metric": metric,
         "frechet_note": fd_note,
-        "interval": boot.describe(cfg.num_samples),
+        "interval": {**boot.describe(n), "level": cfg.interval_level, "look_level": boot.level},
         "kid_feature_scale": scorer.kid_scale if scorer else None,
         "student_steps": _student(ctx, "student")[1] if "student" in samples else None,
     }
+    if auto:
+        metrics["looks"] = looks
+        metrics["sequential"] = describe_looks(sizes, cfg.interval_level)
     if metric == "fd_digits" and scorer is not None and reference.shape[0] >= 4:
-        floor, floor_ci = real_floor(scorer.real, boot)
+        floor, floor_ci = real_floor(scorer.real, resampling(cfg, ctx.cfg.seed))
         metrics["fd_digits_real_floor"] = floor
         metrics["fd_digits_real_floor_ci"] = floor_ci
     return StageResult(metrics, [_save(ctx, samples)])
+
+
+def _look(ctx: RunContext, results: dict, metric: str, n: int) -> dict:
+    """One look at ``n`` samples per model: its figures and every quality gate's outcome; decided
+    when no gate is inconclusive (a run without quality gates is decided at once)."""
+    quality = QualityMetrics(models=results, frechet_metric=metric, num_samples=n, steps=0, scheduler="")
+    checks = quality_checks(ctx.cfg.acceptance, quality)
+    outcome = verdict(checks) if checks else "no quality gates"
+    gates = [{"name": c.name, "measured": c.measured, "interval": c.interval, "outcome": c.outcome}
+             for c in checks]  # fmt: skip
+    shown = "; ".join(f"{g['name']} {g['outcome']}" for g in gates) or "no quality gates"
+    log("quality", f"look at {n} samples per model: {shown}")
+    decided = all(c.outcome != INCONCLUSIVE for c in checks)
+    return {"samples": n, "models": results, "gates": gates, "outcome": outcome, "decided": decided}
 
 
 def _frechet_note(ctx: RunContext, metric: str) -> str | None:
@@ -146,10 +186,12 @@ def _predictors(ctx: RunContext, models: dict) -> dict:
     return predictors
 
 
-def _sample(ctx: RunContext, label: str, predict):
-    """``quality.num_samples`` images of one model from the run's seeds, with the run's sampler
-    (compressed models: the chosen stack's, when a latency target over levers chose one)."""
+def _draw(ctx: RunContext, label: str, predict, drawn, n: int):
+    """One model's images extended to ``n`` from the run's seeds (image ``i`` from seed ``i``
+    however the draws are chunked), with the run's sampler (compressed models: the chosen
+    stack's, when a latency target over levers chose one; a student: its own steps)."""
     cfg, sample = ctx.cfg.quality, ctx.cfg.sample
+    have = 0 if drawn is None else drawn.shape[0]
     variant = _stack_variant(ctx) if label != "dense" else None
     student = _student(ctx, label)
     steps = cfg.steps or sample.steps
@@ -161,19 +203,22 @@ def _sample(ctx: RunContext, label: str, predict):
     reuse = f", cache interval {interval}" if interval > 1 else ""
     log(
         "quality",
-        f"sampling {cfg.num_samples} images from the {label} model ({scheduler} {steps} steps{reuse})",
+        f"sampling images {have}..{n - 1} from the {label} model ({scheduler} {steps} steps{reuse})",
     )
-    return ctx.sample_images(predict, cfg.num_samples, steps, variant, student)
+    desc = f"[quality] {label} images {have}..{n - 1}"
+    images = ctx.sample_images(predict, n - have, steps, variant, student, start=have, desc=desc)
+    return images if drawn is None else torch.cat([drawn, images])
 
 
-def _score(ctx: RunContext, samples: dict, reference, feature, metric: str, fd_note: str | None, boot):
-    """Every model's Frechet distance and KID, and against dense (same seeds) the Frechet ratio,
-    SSIM and PSNR, each quality figure with its paired bootstrap interval; and the scorer used."""
+def _score(samples: dict, metric: str, fd_note: str | None, boot, scorer) -> dict:
+    """Every model's Frechet distance (finite-N and FD-infinity) and KID, and against dense (same
+    seeds) the Frechet ratio and differences, KID difference, SSIM and PSNR, each quality figure
+    with its paired interval."""
     results: dict[str, dict] = {label: {} for label in samples}
-    scorer = None
-    if not fd_note:
-        scorer = make_scorer(reference, feature, metric, boot, ctx.cfg.quality.inception_weights)
+    if scorer is not None:
+        fd_inf = FdInfScorer(scorer.stats, boot)
         scores = {label: scorer.score(imgs) for label, imgs in samples.items()}
+        infs = {label: fd_inf.score(score.features) for label, score in scores.items()}
     for label, imgs in samples.items():
         if label != "dense":
             results[label].update(ssim_figures(boot, imgs, samples["dense"]))
@@ -181,19 +226,20 @@ def _score(ctx: RunContext, samples: dict, reference, feature, metric: str, fd_n
         if scorer is None:
             results[label][metric] = None
             continue
-        dense = scores["dense"] if label != "dense" else None
-        results[label].update(scorer.figures(scores[label], metric, dense))
+        compressed = label != "dense"
+        results[label].update(scorer.figures(scores[label], metric, scores["dense"] if compressed else None))
+        results[label].update(fd_inf.figures(infs[label], infs["dense"] if compressed else None))
     for label, vals in results.items():
         log("quality", f"{label}: {shown(vals, metric)}")
     if fd_note:
         log("quality", fd_note)
-    return results, scorer
+    return results
 
 
 def shown(vals: dict, metric: str) -> str:
     """One model's figures with their intervals, for a log line."""
     parts = []
-    for key in (metric, "kid", "fd_ratio", "ssim_vs_dense", "psnr_vs_dense"):
+    for key in ("fd_inf", "fd_inf_diff", metric, "kid", "kid_diff", "ssim_vs_dense", "psnr_vs_dense"):
         value = vals.get(key)
         if isinstance(value, float):
             ci = vals.get(f"{key}_ci")
