@@ -215,9 +215,8 @@ def test_the_run_closes_with_verdict_headline_report_and_next_steps_only_when_it
     lines = text.splitlines()
     assert lines[0].startswith("verdict: INCONCLUSIVE: 4 of 5 gates passed; undecided: max_fd_ratio")
     assert "  sampler speed-up 1.25x (limit >= 1.05x) PASS [onnxruntime, batch 16, ddim 20 steps]" in lines
-    assert any(
-        "FD-infinity ratio (compressed / dense) 1.2 [0.9, 1.7] (limit <= 1.5) INCONCLUSIVE" in ln for ln in lines
-    )
+    ratio = "FD-infinity ratio (compressed / dense) 1.2 [0.9, 1.7] (limit <= 1.5) INCONCLUSIVE"
+    assert any(ratio in ln for ln in lines)
     assert f"report: {run / 'report' / 'report.html'}" in lines
     assert "next:" in lines and text.endswith("\n")
 

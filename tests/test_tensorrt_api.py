@@ -26,7 +26,10 @@ SETUP = ROOT.parent / "shared" / "tools" / "trt-api" / "setup"
 def trt_api(request, tmp_path_factory) -> Path:
     """A folder whose ``tensorrt`` is TensorRT's real Python API (no libraries)."""
     if not SETUP.is_file():
-        pytest.skip(f"{SETUP} not found (the TensorRT API bindings ship in the project's shared/ folder)")
+        pytest.skip(
+            f"{SETUP} not found (the API-only TensorRT setup lives in the developers' workspace "
+            "beside the project, not in a clone: docs/gpu.md)"
+        )
     if shutil.which("gcc") is None:
         pytest.skip("gcc not found (the API-only TensorRT setup compiles stub libraries)")
     folder = tmp_path_factory.mktemp(f"trt{request.param}")
