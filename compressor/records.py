@@ -442,20 +442,24 @@ def student_stack(run: Path) -> dict | None:
 
 def limit_overrides(run: Path, acceptance: Any) -> list[dict]:
     """The acceptance limits ``acceptance`` (an AcceptanceConfig) sets unlike the run's own config:
-    one ``{"key": "acceptance.<name>", "run": <the run's value>, "now": <this one>}`` per differing
-    setting, in field order.
+    one ``{"key": "acceptance.<name>", "run": <the run's value>, "now": <this one>, "recorded": True}``
+    per differing setting, in field order (None: the limit is off).
 
     The run's config is what its ``check`` record used (else its ``report`` record's); with neither,
-    the run recorded no limits and ``run`` is None for every setting that is not the default.
+    the run recorded no limits: ``recorded`` is False and ``run`` None for every non-default setting.
     """
     now, default = dataclasses.asdict(acceptance), dataclasses.asdict(type(acceptance)())
     for stage in ("check", "report"):
         rec = read_record(run, stage, done_only=False)
         if rec is not None and isinstance(rec.config.get("acceptance"), dict):
             base = {**default, **rec.config["acceptance"]}  # a key newer than the record: its default
-            return [{"key": f"acceptance.{k}", "run": base[k], "now": v} for k, v in now.items()
-                    if v != base[k]]  # fmt: skip
-    return [{"key": f"acceptance.{k}", "run": None, "now": v} for k, v in now.items() if v != default[k]]
+            return [{"key": f"acceptance.{k}", "run": base[k], "now": v, "recorded": True}
+                    for k, v in now.items() if v != base[k]]  # fmt: skip
+    return [
+        {"key": f"acceptance.{k}", "run": None, "now": v, "recorded": False}
+        for k, v in now.items()
+        if v != default[k]
+    ]
 
 
 def run_config_name(run: Path) -> str | None:

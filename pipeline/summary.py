@@ -41,6 +41,11 @@ QUALITY_LABELS = {
 NO_LIMITS = "none"  # the verdict when no acceptance limit is configured
 
 
+def _off(value) -> str:
+    """A limit as a person reads it (None: the limit is off)."""
+    return "null (off)" if value is None else str(value)
+
+
 @dataclass(frozen=True)
 class Figure:
     """One headline figure: its value (and interval) against a gate's limit, when one is set."""
@@ -126,7 +131,7 @@ class Summary:
             text += f"; {word}: {', '.join(named)}" if named else ""
         if self.overrides:
             text += "; overridden: " + ", ".join(
-                f"{o['key']}={o['now']} (run: {o['run']})" for o in self.overrides
+                f"{o['key']}={_off(o['now'])} (run: {_off(o['run'])})" for o in self.overrides
             )
         return text
 

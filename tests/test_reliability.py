@@ -259,7 +259,7 @@ def test_check_names_an_overridden_limit_beside_the_verdict_and_writes_nothing(g
     assert verdict == f"acceptance: PASS; {overridden}"  # min_ssim=0.0 is the run's own value: not named
     assert tree_hashes(run_dir) == before
     found = limit_overrides(run_dir, AcceptanceConfig(min_ssim=0.0, max_fd_ratio=1.6))
-    assert found == [{"key": "acceptance.max_fd_ratio", "run": 100.0, "now": 1.6}]
+    assert found == [{"key": "acceptance.max_fd_ratio", "run": 100.0, "now": 1.6, "recorded": True}]
 
 
 def test_an_edited_quality_record_is_refused_naming_the_file(gated_run, capsys):

@@ -20,11 +20,16 @@ GATE_INPUTS = ("prune", "bench", "parity", "quality")
 
 def override_text(overrides: list[dict]) -> str:
     """``acceptance.max_fd_ratio overridden on the command line: 1.6 (the run's config: 1.5); ...``."""
+
+    def shown(value) -> str:
+        return "null (off)" if value is None else str(value)
+
+    def was(o: dict) -> str:
+        recorded = o.get("recorded", True)
+        return f"the run's config: {shown(o['run'])}" if recorded else "the run recorded no limits"
+
     return "; ".join(
-        f"{o['key']} overridden on the command line: {o['now']} ("
-        + ("the run recorded no limits" if o["run"] is None else f"the run's config: {o['run']}")
-        + ")"
-        for o in overrides
+        f"{o['key']} overridden on the command line: {shown(o['now'])} ({was(o)})" for o in overrides
     )
 
 
