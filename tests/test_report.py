@@ -85,7 +85,7 @@ def _bench_rows() -> list[dict]:
     return rows
 
 
-def write_run(run: Path, fd_ratio_ci: tuple[float, float] = (0.9, 1.7)) -> Path:
+def write_run(run: Path, fd_inf_diff_ci: tuple[float, float] = (-1.0, 6.0)) -> Path:
     """A finished run of the demo config up to bench (check and report not yet run), its final model's
     folder holding a structure file."""
     _record(
@@ -115,9 +115,14 @@ def write_run(run: Path, fd_ratio_ci: tuple[float, float] = (0.9, 1.7)) -> Path:
         "kid": 0.004,
         "kid_ci": [-0.008, 0.016],
         "fd_ratio": 1.2,
-        "fd_ratio_ci": list(fd_ratio_ci),
+        "fd_ratio_ci": [0.9, 1.5],
+        "fd_inf": 7.0,
+        "fd_inf_ci": [2.0, 12.0],
+        "fd_inf_diff": 2.0,
+        "fd_inf_diff_ci": list(fd_inf_diff_ci),
     }
-    dense = {"fd_digits": 12.0, "fd_digits_ci": [6.0, 18.0], "kid": 0.001, "kid_ci": [-0.01, 0.012]}
+    dense = {"fd_digits": 12.0, "fd_digits_ci": [6.0, 18.0], "kid": 0.001, "kid_ci": [-0.01, 0.012],
+             "fd_inf": 5.0, "fd_inf_ci": [1.0, 9.0]}  # fmt: skip
     _record(
         run,
         "quality",
@@ -166,21 +171,21 @@ def test_the_summary_reads_the_acceptance_row_and_prices_more_samples_for_an_und
     assert s.verdict == "inconclusive" and s.final == "finetuned"
     assert s.speed.value == pytest.approx(DENSE_MS / FINAL_MS) and s.speed.limit == 1.05
     assert s.speed.outcome == "pass" and "onnxruntime, batch 16" in s.speed.where
-    (fd,) = [f for f in s.quality if f.name == "max_fd_ratio"]
-    assert (fd.value, fd.interval, fd.limit, fd.outcome) == (1.2, [0.9, 1.7], 1.5, "inconclusive")
+    (fd,) = [f for f in s.quality if f.name == "max_fd_increase"]
+    assert (fd.value, fd.interval, fd.limit, fd.outcome) == (2.0, [-1.0, 6.0], 5.3, "inconclusive")
     (step,) = s.steps
-    assert step.gate == "max_fd_ratio"
+    assert step.gate == "max_fd_increase"
     assert step.command == (
         "compress-deploy configs/demo.yaml quality.num_samples=auto quality.max_samples=4096 "
         f"--force quality --run-dir {run}"
     )
-    decide_at = next(c.decide_at for c in s.checks if c.name == "max_fd_ratio")
+    decide_at = next(c.decide_at for c in s.checks if c.name == "max_fd_increase")
     assert step.cost.startswith(duration(100.0 * decide_at / 1000))  # quality took 100 s for 1000 samples
     assert "quality took 100 s for 1000 samples" in step.cost
 
 
 def test_a_failed_speed_gate_suggests_a_smaller_macs_target_and_the_frontier_with_their_cost(tmp_path):
-    run = write_run(tmp_path / "run", fd_ratio_ci=(0.9, 1.4))
+    run = write_run(tmp_path / "run", fd_inf_diff_ci=(-1.0, 4.0))
     s = build_summary(run, _cfg("acceptance.min_sampler_speedup=2"), "configs/demo.yaml", ["seed=1"])
     assert s.verdict == "fail" and s.speed.outcome == "fail"
     prune, frontier = [step for step in s.steps if step.gate == "min_sampler_speedup"]
@@ -198,7 +203,7 @@ def test_a_failed_speed_gate_suggests_a_smaller_macs_target_and_the_frontier_wit
 
 
 def test_a_failed_quality_gate_suggests_a_longer_finetune_priced_from_its_own_wall_time(tmp_path):
-    run = write_run(tmp_path / "run", fd_ratio_ci=(0.9, 1.4))
+    run = write_run(tmp_path / "run", fd_inf_diff_ci=(-1.0, 4.0))
     s = build_summary(run, _cfg("acceptance.min_ssim=0.96"), "configs/demo.yaml")
     longer, milder = [step for step in s.steps if step.gate == "min_ssim"]
     assert "finetune.steps=600" in longer.command  # the demo finetunes 300 steps
@@ -213,10 +218,10 @@ def test_the_run_closes_with_verdict_headline_report_and_next_steps_only_when_it
     assert closing_lines(run, cfg, "configs/demo.yaml", [], ["prune", "finetune"]) == ""
     text = closing_lines(run, cfg, "configs/demo.yaml", [], ["check", "report"])
     lines = text.splitlines()
-    assert lines[0].startswith("verdict: INCONCLUSIVE: 4 of 5 gates passed; undecided: max_fd_ratio")
+    assert lines[0].startswith("verdict: INCONCLUSIVE: 4 of 5 gates passed; undecided: max_fd_increase")
     assert "  sampler speed-up 1.25x (limit >= 1.05x) PASS [onnxruntime, batch 16, ddim 20 steps]" in lines
-    ratio = "FD-infinity ratio (compressed / dense) 1.2 [0.9, 1.7] (limit <= 1.5) INCONCLUSIVE"
-    assert any(ratio in ln for ln in lines)
+    increase = "FD-infinity increase (compressed - dense) 2 [-1, 6] (limit <= 5.3) INCONCLUSIVE"
+    assert any(increase in ln for ln in lines), lines
     assert f"report: {run / 'report' / 'report.html'}" in lines
     assert "next:" in lines and text.endswith("\n")
 
@@ -277,10 +282,10 @@ def test_the_headline_chart_draws_point_interval_and_limit(monkeypatch, tmp_path
     (fig,) = figures
     titles = [ax.get_title("left") for ax in fig.axes]
     assert titles[0] == "sampler speed-up: 1.25x"
-    fd = fig.axes[titles.index("FD-infinity ratio (compressed / dense): 1.2 [0.9, 1.7]")]
+    fd = fig.axes[titles.index("FD-infinity increase (compressed - dense): 2 [-1, 6]")]
     assert fd.get_title("right") == "INCONCLUSIVE"
     xs = [tuple(line.get_xdata()) for line in fd.lines]
-    assert (1.5, 1.5) in xs and (0.9, 1.7) in xs and (1.2,) in xs  # limit, interval, point
+    assert (5.3, 5.3) in xs and (-1.0, 6.0) in xs and (2.0,) in xs  # limit, interval, point
 
 
 def test_the_report_stage_puts_the_run_at_a_glance_on_top(tmp_path):
