@@ -41,8 +41,10 @@ def nested_sizes(n: int, dim: int = 0, count: int = NESTED_SIZES, smallest: floa
 
     The smallest holds at least ``2 * dim`` samples (at most half of them): below about twice
     the feature dimension the covariance is too poorly estimated for the bias to be linear in
-    ``1 / N`` (measured on Gaussian features, tests/test_fd_infinity.py)."""
-    low = max(2, int(round(smallest * n)), min(2 * dim, n // 2))
+    ``1 / N`` (measured on Gaussian features, tests/test_fd_infinity.py); and at least 3, so a
+    subset with one seed left out still has a covariance. Below 4 samples there is one size, ``n``
+    (nothing to extrapolate: the figure is the finite-N one)."""
+    low = min(n, max(3, int(round(smallest * n)), min(2 * dim, n // 2)))
     return sorted({int(round(v)) for v in np.linspace(low, n, count)})
 
 
@@ -55,10 +57,14 @@ def nested_masks(n: int, seed: int, sizes: list[int]) -> torch.Tensor:
 
 
 def intercept(inv_n: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Least-squares intercept at ``1/N = 0`` of lines through (inv_n, values), row-wise (B, K)."""
+    """Least-squares intercept at ``1/N = 0`` of lines through (inv_n, values), row-wise (B, K);
+    where a row has one size only (K = 1, or a few samples with a left-out seed making two subsets
+    the same size) there is no line to fit: its mean value."""
     x_mean, y_mean = inv_n.mean(-1, keepdim=True), values.mean(-1, keepdim=True)
     dx = inv_n - x_mean
-    slope = (dx * (values - y_mean)).sum(-1) / (dx * dx).sum(-1)
+    spread = (dx * dx).sum(-1)
+    flat = spread <= 1e-12 * x_mean[..., 0] ** 2
+    slope = torch.where(flat, 0.0, (dx * (values - y_mean)).sum(-1) / torch.where(flat, 1.0, spread))
     return y_mean[..., 0] - slope * x_mean[..., 0]
 
 

@@ -332,10 +332,13 @@ def frontier_section(doc: Doc, ctx: RunContext, f: dict | str | None, bench: Ben
     )
     metric = f["metric"]
     front = sorted((p for p in points if p["pareto"]), key=lambda p: -p["speedup"])
+    inf = f.get("ranked_by") == "fd_inf"
     doc.table(
-        ["stack", "MACs kept", "ms", "speed-up", metric, f"{metric} / dense", "SSIM"],
+        ["stack", "MACs kept", "ms", "speed-up", *(["FD-infinity - dense"] if inf else []), metric,
+         f"{metric} / dense", "SSIM"],
         [
             [p["label"], p["macs_kept"], p["latency_ms"], p["speedup"],
+             *([with_interval(p["fd_inf_diff"], p.get("fd_inf_diff_ci"))] if inf else []),
              with_interval(p["fd"], p.get("fd_ci")), with_interval(p["fd_ratio"], p.get("fd_ratio_ci")),
              with_interval(p["ssim"], p.get("ssim_ci"))]
             for p in front

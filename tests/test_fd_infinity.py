@@ -39,6 +39,7 @@ def test_nested_subsets_are_prefixes_of_one_shuffle():
     sizes = nested_sizes(1024, D)
     assert sizes[0] == 205 and sizes[-1] == 1024 and len(sizes) == 12 and sizes == sorted(sizes)
     assert nested_sizes(256, D)[0] == 128  # at least twice the feature width
+    assert nested_sizes(4, D) == [3, 4] and nested_sizes(3, D) == [3]  # a left-out seed keeps 2
     masks = nested_masks(1024, 3, sizes)
     assert masks.sum(1).tolist() == sizes
     assert bool((masks[1:] >= masks[:-1]).all())  # each subset holds the one before
@@ -50,6 +51,8 @@ def test_nested_subsets_are_prefixes_of_one_shuffle():
 def test_intercept_recovers_a_line_in_one_over_n():
     inv_n = 1.0 / torch.tensor([[100.0, 200.0, 400.0, 800.0]], dtype=torch.float64)
     assert float(intercept(inv_n, 3.0 + 250.0 * inv_n)) == pytest.approx(3.0)
+    one = torch.tensor([[0.25]], dtype=torch.float64)
+    assert float(intercept(one, torch.tensor([[7.0]], dtype=torch.float64))) == 7.0  # one size: itself
 
 
 @pytest.mark.parametrize("n", [256, 1024])

@@ -96,6 +96,19 @@ def test_choose_prefers_the_fastest_stack_within_noise_of_the_best():
     assert points[4]["within_noise"] == [points[0]["key"], points[1]["key"]]
 
 
+def test_fd_infinity_ranks_the_stacks_where_every_point_has_it():
+    """The finite-N distance carries a 1/N bias that differs by model: where FD-infinity is recorded
+    it decides the order, the front and the choice; a frontier without it still ranks by ``fd``."""
+    a = {**_point("pruned 20", 3.0, 10.0, ratio=0.3, steps=20), "fd_inf": 6.0, "fd_inf_ci": [5.0, 7.0]}
+    b = {**_point("pruned 10", 3.5, 11.0, ratio=0.3, steps=10), "fd_inf": 4.0, "fd_inf_ci": [3.0, 5.0]}
+    assert fr.ranking_key([a, b]) == "fd_inf" and fr.pareto([a, b]) == [False, True]
+    chosen = fr.choose([a, b], speedup=2)
+    assert chosen["label"] == "pruned 10" and chosen["choice"]["best"]["figure"] == 4.0
+    assert "FD-infinity 4.00 [3.00, 5.00]" in fr.choice_text(chosen, "2x", "fd_digits")
+    bare = [{k: v for k, v in p.items() if not k.startswith("fd_inf")} for p in (a, b)]
+    assert fr.ranking_key(bare) == "fd" and fr.pareto(bare) == [True, True]
+
+
 def test_within_noise_is_the_paired_difference_when_replicates_are_kept():
     """Two stacks whose intervals overlap but whose paired difference is clear are not within noise;
     the choice then stays with the best stack."""
@@ -180,15 +193,24 @@ def test_the_frontier_measures_every_stack_and_marks_the_pareto_front(in_process
     assert (
         frontier["reference"]["fd_ci"][0] <= frontier["reference"]["fd"] <= frontier["reference"]["fd_ci"][1]
     )
+    # ranked by FD-infinity (free of the 1/N bias), each point paired with the reference's seeds
+    assert frontier["ranked_by"] == "fd_inf"
+    for p in points:
+        for key in ("fd_inf", "fd_inf_diff"):
+            low, high = p[f"{key}_ci"]
+            assert low <= p[key] <= high, (p["label"], key)
+        assert p["fd_inf_diff"] == pytest.approx(p["fd_inf"] - frontier["reference"]["fd_inf"])
+    assert reference[0]["fd_inf_diff"] == pytest.approx(0.0, abs=1e-9)  # the reference against itself
     chosen = frontier["chosen"]
     meeting = [p for p in points if p["speedup"] >= 1.1 * 1.03]
-    best = min(meeting, key=lambda p: (p["fd"], -p["speedup"]))
+    best = min(meeting, key=lambda p: (p["fd_inf"], -p["speedup"]))
     assert chosen["choice"]["best"]["key"] == best["key"]
     tied = [p for p in meeting if p is best or best["key"] in p["within_noise"]]
-    assert chosen["key"] == max(tied, key=lambda p: (p["speedup"], -p["fd"]))["key"]
+    assert chosen["key"] == max(tied, key=lambda p: (p["speedup"], -p["fd_inf"]))["key"]
     assert (out / "frontier.png").stat().st_size > 10_000
     text = (out / "frontier.md").read_text()
     assert "| stack |" in text and "within noise of" in text and "95% intervals" in text
+    assert "| FD-infinity | FD-infinity - dense |" in text and "which ranks the stacks" in text
 
 
 def test_a_rerun_measures_nothing_again(in_process, tiny, capsys):

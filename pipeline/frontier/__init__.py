@@ -43,7 +43,15 @@ tables); ``fits``, ``measure`` and ``target`` start nested runs and are imported
 runner and the stages can use the light part without a circle of imports.
 """
 
-from pipeline.frontier.choice import QUALITY_KEYS, choose, mark_noise, pareto, point_interval
+from pipeline.frontier.choice import (
+    QUALITY_KEYS,
+    choose,
+    figure,
+    mark_noise,
+    pareto,
+    point_interval,
+    ranking_key,
+)
 from pipeline.frontier.grid import (
     LEVERS,
     SOLVERS,
@@ -59,6 +67,6 @@ from pipeline.frontier.tables import choice_text, noise_note, plot, table, write
 
 __all__ = [
     "LEVERS", "QUALITY_KEYS", "SOLVERS", "Grid", "Spec", "Stack", "apply_stack", "choice_text", "choose",
-    "lever_grid", "mark_noise", "noise_note", "pareto", "plot", "point_interval", "ratio_config",
-    "ratio_overrides", "ratio_stages", "spec_from_config", "table", "write",
+    "figure", "lever_grid", "mark_noise", "noise_note", "pareto", "plot", "point_interval", "ranking_key",
+    "ratio_config", "ratio_overrides", "ratio_stages", "spec_from_config", "table", "write",
 ]  # fmt: skip

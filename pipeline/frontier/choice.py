@@ -1,6 +1,10 @@
 """The Pareto rule and the choice: which points no other beats, which are within noise of each other,
 and the stack a latency target chooses.
 
+Quality is ranked by FD-infinity (the Frechet distance free of its 1/N bias, which differs from
+model to model, docs/quality.md) where every point has it, else by the finite-N Frechet distance
+(frontiers measured before FD-infinity): :func:`figure` and :func:`point_interval`.
+
 Two stacks are *within noise* of each other when the paired interval of their Frechet difference
 holds zero: every stack samples the same seeds, so one replicate (a group of seeds left out) is
 applied to both and the difference's interval is far tighter than the overlap of two intervals
@@ -13,15 +17,26 @@ from __future__ import annotations
 from pipeline.frontier.grid import Grid, Stack
 
 
+def ranking_key(points: list[dict]) -> str:
+    """The Frechet figure the points are ranked by: ``fd_inf`` when every point has it, else ``fd``."""
+    return "fd_inf" if points and all(p.get("fd_inf") is not None for p in points) else "fd"
+
+
+def figure(point: dict) -> float:
+    """A point's Frechet figure: FD-infinity when recorded, else the finite-N distance."""
+    return point["fd_inf"] if point.get("fd_inf") is not None else point["fd"]
+
+
 def pareto(points: list[dict]) -> list[bool]:
     """Which points no other point beats: at least as fast and as good, and better in one."""
+    key = ranking_key(points)
     flags = []
     for p in points:
         dominated = any(
             q is not p
             and q["speedup"] >= p["speedup"]
-            and q["fd"] <= p["fd"]
-            and (q["speedup"] > p["speedup"] or q["fd"] < p["fd"])
+            and q[key] <= p[key]
+            and (q["speedup"] > p["speedup"] or q[key] < p[key])
             for q in points
         )
         flags.append(not dominated)
@@ -29,10 +44,13 @@ def pareto(points: list[dict]) -> list[bool]:
 
 
 QUALITY_KEYS = ("fd", "fd_ci", "fd_ratio", "fd_ratio_ci", "ssim", "ssim_ci", "kid", "kid_std", "kid_ci")
+FD_INF_KEYS = ("fd_inf", "fd_inf_ci", "fd_inf_diff", "fd_inf_diff_ci", "fd_inf_ratio", "fd_inf_ratio_ci")
 
 
 def point_interval(point: dict) -> list[float]:
-    """A point's Frechet interval (a bare figure where none was recorded)."""
+    """A point's interval of :func:`figure` (the bare figure where none was recorded)."""
+    if point.get("fd_inf") is not None:
+        return point.get("fd_inf_ci") or [point["fd_inf"], point["fd_inf"]]
     return point.get("fd_ci") or [point["fd"], point["fd"]]
 
 
@@ -44,7 +62,7 @@ def mark_noise(points: list[dict], replicates: dict | None = None, boot=None) ->
 
     def tied(p: dict, q: dict) -> bool:
         if replicates is not None and p["key"] in replicates and q["key"] in replicates:
-            low, high = boot.interval(p["fd"] - q["fd"], replicates[p["key"]] - replicates[q["key"]])
+            low, high = boot.interval(figure(p) - figure(q), replicates[p["key"]] - replicates[q["key"]])
             return low <= 0 <= high
         return overlap(point_interval(p), point_interval(q))
 
@@ -74,7 +92,7 @@ def choose(points: list[dict], speedup: float | None = None, ms: float | None = 
     meets = [p for p in points if (allowed is None or Stack(**p["stack"]) in allowed) and met(p)]
     if not meets:
         return None
-    best = min(meets, key=lambda p: (p["fd"], -p["speedup"]))
+    best = min(meets, key=lambda p: (figure(p), -p["speedup"]))
     paired = "within_noise" in best
 
     def within(p: dict) -> bool:
@@ -83,7 +101,7 @@ def choose(points: list[dict], speedup: float | None = None, ms: float | None = 
         return overlap(point_interval(p), point_interval(best))
 
     tied = [p for p in meets if p is best or within(p)]
-    chosen = max(tied, key=lambda p: (p["speedup"], -p["fd"]))
+    chosen = max(tied, key=lambda p: (p["speedup"], -figure(p)))
     choice = {
         "rule": "fastest stack meeting the target whose Frechet distance is within noise of the best such "
         + (
@@ -92,8 +110,8 @@ def choose(points: list[dict], speedup: float | None = None, ms: float | None = 
             else "stack's (their intervals overlap)"
         ),
         "meeting_target": len(meets),
-        "best": {k: best[k] for k in ("key", "label", "speedup", "fd") if k in best}
-        | {"fd_ci": point_interval(best)},
+        "best": {k: best[k] for k in ("key", "label", "speedup", "fd", "fd_inf") if k in best}
+        | {"fd_ci": best.get("fd_ci"), "figure": figure(best), "figure_ci": point_interval(best)},
         "within_noise_of_best": [p["key"] for p in tied],
         "moved_from_best": chosen is not best,
     }

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
+from compressor.fd_infinity import replicate_plan
 from compressor.progress import progress_bar
 from compressor.quality import resampling
 from pipeline.context import log
-from pipeline.frontier.choice import QUALITY_KEYS, mark_noise, pareto
+from pipeline.frontier.choice import FD_INF_KEYS, QUALITY_KEYS, mark_noise, pareto, ranking_key
 from pipeline.frontier.fits import fit_ratio, fit_students
 from pipeline.frontier.grid import Spec, Stack
 from pipeline.frontier.jobs import run_jobs
@@ -30,7 +31,8 @@ def measure(spec: Spec, ray: str | None = None, cpus: int | None = None) -> dict
     def shown(stack: Stack, t: dict) -> None:
         bar.update(1)
         log("frontier", f"{stack.label()}: {t['latency_ms']:.1f} ms, {t['speedup']:.2f}x, "
-                        f"{ref['metric']} {scores[stack]['fd']:.2f}")  # fmt: skip
+                        f"{ref['metric']} {scores[stack]['fd']:.2f}, "
+                        f"FD-infinity {scores[stack]['fd_inf']:.2f}")  # fmt: skip
 
     try:
         times = time_stacks(spec, stacks, shown)
@@ -43,7 +45,7 @@ def measure(spec: Spec, ray: str | None = None, cpus: int | None = None) -> dict
             "stack": stack.as_dict(), "key": stack.key(), "label": stack.label(),
             "macs_kept": fitted[stack.ratio]["macs_kept"] if stack.ratio else 1.0,
             "latency_ms": t["latency_ms"], "reference_ms": t["reference_ms"], "speedup": t["speedup"],
-            **{k: q[k] for k in QUALITY_KEYS},
+            **{k: q[k] for k in QUALITY_KEYS}, **{k: q.get(k) for k in FD_INF_KEYS},
         })  # fmt: skip
         if stack.student_steps:  # what its distillation cost: the rounds down to it
             rounds = students[stack.ratio]["round_costs"]
@@ -57,8 +59,9 @@ def measure(spec: Spec, ray: str | None = None, cpus: int | None = None) -> dict
         p["pareto"] = flag
     cfg = spec.config()
     q = cfg.quality
-    boot = resampling(q, cfg.seed)  # the scorers' own
-    mark_noise(points, load_replicates(spec, stacks), boot)
+    boot = resampling(q, cfg.seed)  # the scorers' own (FD-infinity's: at most 100 replicates)
+    ranked_by = ranking_key(points)
+    mark_noise(points, load_replicates(spec, stacks), replicate_plan(boot) if ranked_by == "fd_inf" else boot)
     return {
         "config": cfg.name,
         "model": cfg.model.name,
@@ -69,13 +72,15 @@ def measure(spec: Spec, ray: str | None = None, cpus: int | None = None) -> dict
         "metric": ref["metric"],
         "reference": {
             "stack": Stack(0.0, spec.reference.scheduler, spec.reference.steps).as_dict(),
-            **{k: ref[k] for k in ("fd", "fd_ci", "kid", "kid_std", "kid_ci")},
+            **{k: ref.get(k) for k in ("fd", "fd_ci", "fd_inf", "fd_inf_ci", "kid", "kid_std", "kid_ci")},
         },  # fmt: skip
+        "ranked_by": ranked_by,
         "interval": {
             "level": q.interval_level,
             "resamples": q.resamples,
             "method": q.interval_method,
-            "within_noise": "the paired interval of the Frechet difference holds zero",
+            "within_noise": "the paired interval of the Frechet difference holds zero"
+            + (" (FD-infinity)" if ranked_by == "fd_inf" else ""),
         },  # fmt: skip
         "grid": dataclasses.asdict(spec.grid),
         "ratios": {f"{r:g}": fitted[r] for r in ratios},

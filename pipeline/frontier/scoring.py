@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from compressor import runlayout
+from compressor.fd_infinity import FdInf, FdInfScorer
 from pipeline.context import log, write_json
 from pipeline.frontier.grid import Spec, Stack
 from pipeline.frontier.nested import (
@@ -26,12 +27,30 @@ def replicates_file(spec: Spec, stack: Stack) -> Path:
     return runlayout.frontier_points_dir(spec.root) / f"{stack.key()}.fd-replicates.npy"
 
 
+def fd_inf_replicates_file(spec: Spec, key: str) -> Path:
+    """Where a stack's (or ``"reference"``'s) FD-infinity replicates are kept."""
+    return runlayout.frontier_points_dir(spec.root) / f"{key}.fd-inf-replicates.npy"
+
+
 def load_replicates(spec: Spec, stacks: list[Stack]) -> dict:
-    """Stack key -> its Frechet replicates (float64 tensor), for the stacks :func:`score_stack` scored."""
+    """Stack key -> the replicates of its ranking figure (float64 tensor): FD-infinity's where every
+    stack has them, else the finite-N Frechet distance's, for the stacks :func:`score_stack` scored."""
     import numpy as np
     import torch
 
-    return {s.key(): torch.from_numpy(np.load(replicates_file(spec, s))) for s in stacks}
+    inf = all(fd_inf_replicates_file(spec, s.key()).is_file() for s in stacks)
+    path = (lambda s: fd_inf_replicates_file(spec, s.key())) if inf else (lambda s: replicates_file(spec, s))
+    return {s.key(): torch.from_numpy(np.load(path(s))) for s in stacks}
+
+
+def _save(path: Path, array) -> None:
+    """``array`` (a tensor) to ``path`` as .npy, atomically."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, array.numpy())
+    tmp.replace(path)
 
 
 def reference_images(spec: Spec) -> dict:
@@ -50,7 +69,7 @@ def reference_images(spec: Spec) -> dict:
     fingerprint = fingerprint_of(sampling_settings(cfg), str(ref), spec.samples)
     images_file = runlayout.frontier_points_dir(spec.root) / "reference-images.npy"
     found = cached(path, fingerprint)
-    if found is not None and images_file.is_file():
+    if found is not None and images_file.is_file() and "fd_inf" in found:
         return found
     ctx = RunContext(cfg, runlayout.frontier_ratio_dir(spec.root, 0.0))
     log("frontier", f"reference: dense {ref.scheduler} {ref.steps} steps, {spec.samples} images")
@@ -64,10 +83,11 @@ def reference_images(spec: Spec) -> dict:
     tmp = images_file.with_name(images_file.name + ".tmp.npy")
     np.save(tmp, images.numpy())
     tmp.replace(images_file)
-    reps = runlayout.frontier_points_dir(spec.root) / "reference-fd-replicates.npy"
-    np.save(reps.with_name(reps.name + ".tmp.npy"), score.fd_reps.numpy())
-    reps.with_name(reps.name + ".tmp.npy").replace(reps)
-    figures = scorer.figures(score, "fd")
+    _save(runlayout.frontier_points_dir(spec.root) / "reference-fd-replicates.npy", score.fd_reps)
+    fd_inf = FdInfScorer(scorer.stats, scorer.boot)
+    inf = fd_inf.score(score.features)
+    _save(fd_inf_replicates_file(spec, "reference"), inf.reps)
+    figures = scorer.figures(score, "fd") | fd_inf.figures(inf)
     result = {"fingerprint": fingerprint, "metric": metric, "reference": str(ref), **figures}
     write_json(path, result)
     return result
@@ -106,8 +126,8 @@ def score_stack(spec: Spec, stack: Stack) -> dict:
         ratio_key(spec, stack.ratio, student), stack.as_dict(), spec.samples, str(spec.reference)
     )
     found = cached(path, fingerprint)
-    if found is not None and replicates_file(spec, stack).is_file():
-        return found
+    if found is not None and "fd_inf" in found and fd_inf_replicates_file(spec, stack.key()).is_file():
+        return found  # (a point cached before FD-infinity is scored again)
     run, model = model_run(spec, stack.ratio, student)
     ctx = RunContext(cfg, run)
     level = cfg.sample.cache_level if stack.cache_interval > 1 else None
@@ -132,20 +152,23 @@ def score_stack(spec: Spec, stack: Stack) -> dict:
     score = scorer.score(images)
     points = runlayout.frontier_points_dir(spec.root)
     reference = torch.from_numpy(np.load(points / "reference-images.npy"))
-    ref_fd = json.loads((points / "reference.json").read_text())["fd"]  # the reference job's
+    ref = json.loads((points / "reference.json").read_text())  # the reference job's figures
     ref_reps = torch.from_numpy(np.load(points / "reference-fd-replicates.npy"))
-    ratio = score.fd / ref_fd
+    ratio = score.fd / ref["fd"]
+    fd_inf = FdInfScorer(scorer.stats, scorer.boot)
+    inf = fd_inf.score(score.features)
+    ref_inf = FdInf(ref["fd_inf"], torch.from_numpy(np.load(fd_inf_replicates_file(spec, "reference"))))
     result = {
         "fingerprint": fingerprint,
         "metric": metric,
         **scorer.figures(score, "fd"),
         "fd_ratio": ratio,
         "fd_ratio_ci": scorer.boot.interval(ratio, score.fd_reps / ref_reps),
+        **fd_inf.figures(inf, ref_inf),
     }
     sim = ssim_figures(scorer.boot, images, reference)
     result.update(ssim=sim["ssim_vs_dense"], ssim_ci=sim["ssim_vs_dense_ci"])
-    reps = replicates_file(spec, stack)  # for the paired differences between stacks (choice.py)
-    np.save(reps.with_name(reps.name + ".tmp.npy"), score.fd_reps.numpy())
-    reps.with_name(reps.name + ".tmp.npy").replace(reps)
+    _save(replicates_file(spec, stack), score.fd_reps)  # for the paired differences between stacks
+    _save(fd_inf_replicates_file(spec, stack.key()), inf.reps)  # (choice.py)
     write_json(path, result)
     return result

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.context import write_json
-from pipeline.frontier.choice import point_interval
+from pipeline.frontier.choice import figure, point_interval
 
 
 def with_ci(value: float, ci: list | None, digits: int) -> str:
@@ -25,10 +25,12 @@ def table(frontier: dict) -> str:
     """The frontier as a Markdown table, fastest first, Pareto points in bold, every quality figure
     with its interval; "within noise of" lists the Pareto rows whose Frechet interval overlaps."""
     metric = frontier["metric"]
+    inf = frontier.get("ranked_by") == "fd_inf"
     lines = [
-        f"| # | stack | MACs kept | ms (batch {frontier['batch']}) | speed-up | {metric} | {metric} ratio "
-        "| KID x 1e3 | SSIM | Pareto | within noise of |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| # | stack | MACs kept | ms (batch {frontier['batch']}) | speed-up | "
+        + ("FD-infinity | FD-infinity - dense | " if inf else "")
+        + f"{metric} | {metric} ratio | KID x 1e3 | SSIM | Pareto | within noise of |",
+        "|---|---|---|---|---|" + ("---|---|" if inf else "") + "---|---|---|---|---|---|",
     ]
     order = sorted(frontier["points"], key=lambda p: -p["speedup"])
     row = {p["key"]: i + 1 for i, p in enumerate(order)}
@@ -38,7 +40,13 @@ def table(frontier: dict) -> str:
         ties = sorted(row[k] for k in p.get("within_noise", []) if k in row and order[row[k] - 1]["pareto"])
         lines.append(
             f"| {i} | {label} | {p['macs_kept']:.2f} | {p['latency_ms']:.1f} | {p['speedup']:.2f}x "
-            f"| {with_ci(p['fd'], p.get('fd_ci'), 1)} | {with_ci(p['fd_ratio'], p.get('fd_ratio_ci'), 2)} "
+            + (
+                f"| {with_ci(p['fd_inf'], p.get('fd_inf_ci'), 1)} "
+                f"| {with_ci(p['fd_inf_diff'], p.get('fd_inf_diff_ci'), 1)} "
+                if inf
+                else ""
+            )  # fmt: skip
+            + f"| {with_ci(p['fd'], p.get('fd_ci'), 1)} | {with_ci(p['fd_ratio'], p.get('fd_ratio_ci'), 2)} "
             f"| {kid_text(p.get('kid'), p.get('kid_ci'))} | {with_ci(p['ssim'], p.get('ssim_ci'), 3)} "
             f"| {mark} "
             f"| {', '.join(map(str, ties))} |"
@@ -54,35 +62,37 @@ def plot(frontier: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     points = frontier["points"]
+    inf = frontier.get("ranked_by") == "fd_inf"
     fig, ax = plt.subplots(figsize=(9, 6))
     ratios = sorted({p["stack"]["ratio"] for p in points})
     cmap = plt.get_cmap("viridis", max(len(ratios), 2))
     for i, r in enumerate(ratios):
         mine = [p for p in points if p["stack"]["ratio"] == r]
         name = "dense" if r == 0 else f"pruned {r:g} ({mine[0]['macs_kept']:.2f} of MACs)"
-        low = [p["fd"] - point_interval(p)[0] for p in mine]
-        high = [point_interval(p)[1] - p["fd"] for p in mine]
-        ax.errorbar([p["speedup"] for p in mine], [p["fd"] for p in mine], yerr=[low, high], fmt="o",
+        low = [figure(p) - point_interval(p)[0] for p in mine]
+        high = [point_interval(p)[1] - figure(p) for p in mine]
+        ax.errorbar([p["speedup"] for p in mine], [figure(p) for p in mine], yerr=[low, high], fmt="o",
                     color=cmap(i), label=name, alpha=0.7, capsize=2, elinewidth=0.8)  # fmt: skip
     front = sorted((p for p in points if p["pareto"]), key=lambda p: p["speedup"])
-    ax.plot([p["speedup"] for p in front], [p["fd"] for p in front], "k--", lw=1, label="Pareto front")
+    ax.plot([p["speedup"] for p in front], [figure(p) for p in front], "k--", lw=1, label="Pareto front")
     for i, p in enumerate(front):  # labels alternate: left-above, right-below, so neighbours stay legible
-        ax.scatter([p["speedup"]], [p["fd"]], s=120, facecolors="none", edgecolors="red")
+        ax.scatter([p["speedup"]], [figure(p)], s=120, facecolors="none", edgecolors="red")
         offset, align = ((-8, 6), "right") if i % 2 == 0 else ((8, -10), "left")
-        xy = (p["speedup"], p["fd"])
+        xy = (p["speedup"], figure(p))
         ax.annotate(p["label"], xy, fontsize=7, xytext=offset, textcoords="offset points", ha=align)
     if frontier.get("chosen"):
         c = frontier["chosen"]
-        ax.scatter([c["speedup"]], [c["fd"]], marker="*", s=250, color="red", label=f"chosen: {c['label']}")
-    ax.axhline(frontier["reference"]["fd"], color="grey", lw=0.8, ls=":", label="dense reference")
+        ax.scatter([c["speedup"]], [figure(c)], marker="*", s=250, color="red", label=f"chosen: {c['label']}")
+    ax.axhline(figure(frontier["reference"]), color="grey", lw=0.8, ls=":", label="dense reference")
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    ax.set_yscale("symlog" if inf else "log")  # FD-infinity can be near zero or below it
     ref = frontier["reference"]["stack"]
     where = f"({frontier['backend']}, batch {frontier['batch']})"
     ax.set_xlabel(f"sampler speed-up vs dense {ref['scheduler']} {ref['steps']} {where}")
     level = frontier.get("interval", {}).get("level")
     bars = f"; bars: {level:.0%} intervals" if level else ""
-    ax.set_ylabel(f"{frontier['metric']} (log, lower is better{bars})")
+    name = f"FD-infinity ({frontier['metric']})" if inf else frontier["metric"]
+    ax.set_ylabel(f"{name} ({'symlog' if inf else 'log'}, lower is better{bars})")
     ax.set_title(f"{frontier['model']}: speed-quality frontier ({len(points)} stacks)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -109,15 +119,20 @@ def noise_note(frontier: dict) -> str:
 
 def choice_text(c: dict, target: str, metric: str) -> str:
     """One sentence: the chosen stack, and how the within-noise rule chose it."""
+    inf = c.get("fd_inf") is not None
+    if inf:
+        metric = "FD-infinity"
     text = (f"Chosen for {target}: **{c['label']}** ({c['speedup']:.2f}x, {metric} "
-            f"{with_ci(c['fd'], c.get('fd_ci'), 2)}, SSIM {c.get('ssim', float('nan')):.3f}).")  # fmt: skip
+            f"{with_ci(figure(c), point_interval(c), 2)}, "
+            f"SSIM {c.get('ssim', float('nan')):.3f}).")  # fmt: skip
     choice = c.get("choice")
     if choice:
         n = len(choice["within_noise_of_best"])
         best = choice["best"]
         if choice["moved_from_best"]:
             text += (
-                f" The lowest {metric} meeting the target is {best['label']} ({best['fd']:.2f}, "
+                f" The lowest {metric} meeting the target is {best['label']} "
+                f"({best.get('figure', best['fd']):.2f}, "
                 f"{best['speedup']:.2f}x); {n} stacks are within noise of it and this is the fastest."
             )
         else:
@@ -142,7 +157,13 @@ def write(frontier: dict, out: Path) -> None:
         f"Latency: whole sampler, {frontier['backend']}, batch {frontier['batch']}, speed-up vs dense "
         f"{ref['stack']['scheduler']} {ref['stack']['steps']} timed alternately; quality: "
         f"{frontier['samples']} images per stack, {frontier['metric']} (dense reference "
-        f"{with_ci(ref['fd'], ref.get('fd_ci'), 2)}), SSIM vs the dense reference's images from the same "
+        f"{with_ci(ref['fd'], ref.get('fd_ci'), 2)}"
+        + (
+            f"; FD-infinity {with_ci(ref['fd_inf'], ref.get('fd_inf_ci'), 2)}, which ranks the stacks"
+            if frontier.get("ranked_by") == "fd_inf"
+            else ""
+        )  # fmt: skip
+        + "), SSIM vs the dense reference's images from the same "
         f"seeds; brackets: {noise_note(frontier)}.\n{chosen}\n"
         f"{table(frontier)}\n\n![frontier](frontier.png)\n"
     )

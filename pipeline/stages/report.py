@@ -178,7 +178,8 @@ def speed_quality_section(doc: Doc, summary: Summary, quality: QualityMetrics | 
     if quality is None or label is None or summary.sampler is None:
         return
     stacks = frontier["points"] if isinstance(frontier, dict) else []
-    inf = quality.figure("dense", "fd_inf")[0] is not None and all("fd_inf" in p for p in stacks)
+    inf = quality.figure("dense", "fd_inf")[0] is not None
+    inf = inf and all(p.get("fd_inf") is not None for p in stacks)
     key, name = ("fd_inf", "FD-infinity") if inf else (quality.frechet_metric, quality.frechet_metric)
     (dense_y, dense_ci), (y, ci) = quality.figure("dense", key), quality.figure(label, key)
     if dense_y is None or y is None:
