@@ -148,7 +148,8 @@ def test_the_finetune_stage_distils_records_the_terms_and_saves_no_projection(tm
         )
         == 2
     )
-    assert "'up.9' is not a block of this UNet" in capsys.readouterr().err
+    err = capsys.readouterr().err  # refused up front, before the stage starts (compressor/preflight.py)
+    assert "finetune.distill.feature_points has up.9, not blocks of this UNet" in err and "up.1" in err
 
 
 def test_a_budget_is_a_checkpoint_of_the_longer_finetune_under_a_constant_schedule(tmp_path):
