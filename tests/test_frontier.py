@@ -109,6 +109,29 @@ def test_fd_infinity_ranks_the_stacks_where_every_point_has_it():
     assert fr.ranking_key(bare) == "fd" and fr.pareto(bare) == [True, True]
 
 
+def test_a_target_considers_only_stacks_whose_quality_gate_passes_when_any_does():
+    """With the run's acceptance.max_fd_increase, a stack whose increase over dense may exceed it is
+    not chosen while one that passes meets the target; when none passes, all are considered."""
+
+    def point(name, speedup, inf, diff_ci, steps):
+        p = _point(name, speedup, 10.0 + inf, ratio=0.3, steps=steps)
+        return {**p, "fd_inf": inf, "fd_inf_ci": [inf - 10, inf + 10], "fd_inf_diff": inf - 3,
+                "fd_inf_diff_ci": diff_ci}  # fmt: skip
+
+    safe = point("pruned 10", 4.0, 3.0, [-2.0, 2.0], 10)
+    risky = point("pruned 6", 5.0, 12.0, [0.7, 17.0], 6)  # within noise of safe, faster, may fail
+    safe["within_noise"], risky["within_noise"] = [risky["key"]], [safe["key"]]
+    assert fr.choose([safe, risky], speedup=3)["label"] == "pruned 6"  # the rule alone: the faster
+    chosen = fr.choose([safe, risky], speedup=3, max_increase=5.3)
+    assert chosen["label"] == "pruned 10"
+    assert chosen["choice"]["quality_gate"] == {"max_fd_increase": 5.3, "meeting_target_and_passing": 1}
+    assert "Considered: the 1 stacks" in fr.choice_text(chosen, "3x", "fd_digits")
+    fallback = fr.choose([safe, risky], speedup=4.5, max_increase=5.3)  # only the risky one is fast enough
+    assert fallback["label"] == "pruned 6"
+    assert fallback["choice"]["quality_gate"]["meeting_target_and_passing"] == 0
+    assert "No stack meeting the target passes" in fr.choice_text(fallback, "4.5x", "fd_digits")
+
+
 def test_within_noise_is_the_paired_difference_when_replicates_are_kept():
     """Two stacks whose intervals overlap but whose paired difference is clear are not within noise;
     the choice then stays with the best stack."""

@@ -159,7 +159,8 @@ def main(argv: list[str]) -> int:
             allowed = fr.lever_grid(cfg, levers, grid) if args.levers else None
             frontier["target"] = args.target
             frontier["levers"] = levers
-            chosen = fr.choose(frontier["points"], speedup, ms, cfg.prune.target_latency.margin, allowed)
+            chosen = fr.choose(frontier["points"], speedup, ms, cfg.prune.target_latency.margin, allowed,
+                               max_increase=cfg.acceptance.max_fd_increase)  # fmt: skip
             frontier["chosen"] = chosen
         fr.write(frontier, out)
     print(fr.table(frontier))

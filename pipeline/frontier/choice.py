@@ -70,15 +70,26 @@ def mark_noise(points: list[dict], replicates: dict | None = None, boot=None) ->
         p["within_noise"] = [q["key"] for q in points if q is not p and tied(p, q)]
 
 
+def passes_increase(point: dict, max_increase: float) -> bool:
+    """Whether a point's FD-infinity increase over the dense reference is decided below
+    ``max_increase`` (its whole paired interval at or under it: the run's gate would pass)."""
+    ci = point.get("fd_inf_diff_ci")
+    return ci is not None and ci[1] <= max_increase
+
+
 def choose(points: list[dict], speedup: float | None = None, ms: float | None = None,
-           margin: float = 0.0, grid: Grid | None = None) -> dict | None:  # fmt: skip
+           margin: float = 0.0, grid: Grid | None = None,
+           max_increase: float | None = None) -> dict | None:  # fmt: skip
     """Among the points meeting the target (with ``margin``) within ``grid``: the fastest of those within
     noise of the best (lowest Frechet distance) such point: listed in its ``within_noise`` (see
     :func:`mark_noise`), or, for points without that list, whose Frechet interval overlaps the best's.
 
     A point whose quality cannot be told from the best one's at this sample count is as good, so
-    the faster wins. The returned point carries ``choice``: the rule, the best point, the stacks
-    within noise of it, and whether the rule moved the choice away from the best.
+    the faster wins. With ``max_increase`` (the run's ``acceptance.max_fd_increase``) only points
+    whose increase over the dense reference passes it are considered, when any meeting the target
+    does (otherwise all are, and the choice says none passes). The returned point carries
+    ``choice``: the rule, the best point, the stacks within noise of it, whether the rule moved the
+    choice away from the best, and the quality gate it respected.
     """
     from compressor.intervals import overlap
 
@@ -92,6 +103,11 @@ def choose(points: list[dict], speedup: float | None = None, ms: float | None = 
     meets = [p for p in points if (allowed is None or Stack(**p["stack"]) in allowed) and met(p)]
     if not meets:
         return None
+    gate = None
+    if max_increase is not None:
+        passing = [p for p in meets if passes_increase(p, max_increase)]
+        gate = {"max_fd_increase": max_increase, "meeting_target_and_passing": len(passing)}
+        meets = passing or meets
     best = min(meets, key=lambda p: (figure(p), -p["speedup"]))
     paired = "within_noise" in best
 
@@ -115,4 +131,6 @@ def choose(points: list[dict], speedup: float | None = None, ms: float | None = 
         "within_noise_of_best": [p["key"] for p in tied],
         "moved_from_best": chosen is not best,
     }
+    if gate is not None:
+        choice["quality_gate"] = gate
     return {**chosen, "choice": choice}

@@ -140,6 +140,16 @@ def choice_text(c: dict, target: str, metric: str) -> str:
             text += (
                 f" and is the fastest of the {n} within noise of it." if n > 1 else "; none is within noise."
             )
+    gate = (choice or {}).get("quality_gate")
+    if gate:
+        passing, limit = gate["meeting_target_and_passing"], gate["max_fd_increase"]
+        text += (
+            f" Considered: the {passing} stacks meeting the target whose FD-infinity increase over dense "
+            f"passes acceptance.max_fd_increase {limit:g}."
+            if passing
+            else f" No stack meeting the target passes acceptance.max_fd_increase {limit:g}; all were "
+            "considered."
+        )
     return text
 
 

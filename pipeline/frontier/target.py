@@ -40,7 +40,8 @@ def choose_stack(ctx: RunContext) -> dict:
                             threads=threads)  # fmt: skip
     found = measure(spec)
     found["measured_in"] = str(where)
-    chosen = choose(found["points"], lat.speedup, lat.ms, lat.margin)
+    chosen = choose(found["points"], lat.speedup, lat.ms, lat.margin,
+                    max_increase=cfg.acceptance.max_fd_increase)  # fmt: skip
     found.update(target=lat.goal(), levers=levers, chosen=chosen)
     write(found, out)
     if chosen is None:
