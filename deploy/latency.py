@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from compressor.config import LatencyTarget, PruneConfig, RunConfig
+from compressor.digest import content_hash
 from compressor.errors import ConfigError
 from compressor.models import count_macs_params
 from compressor.sampling import make_scheduler
@@ -313,8 +314,6 @@ def cache_dir() -> Path:
 
 def table_key(unet: nn.Module, probe: LatencyProbe, round_to: int | None, host: dict) -> str:
     """Digest of what a latency table depends on: architecture, backend settings, host."""
-    import hashlib
-    import json
     import os
     import platform
 
@@ -326,7 +325,7 @@ def table_key(unet: nn.Module, probe: LatencyProbe, round_to: int | None, host: 
         "host": host,
         "cpu": [platform.machine(), platform.processor(), os.cpu_count()],
     }
-    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return content_hash(facts, 20)
 
 
 def level_latency_table(

@@ -8,20 +8,19 @@ stage also forces everything downstream of it.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from types import ModuleType
 
 from compressor import runlayout
 from compressor.artifacts import artifact_matches, read_manifest, write_json
 from compressor.config import config_to_dict
+from compressor.digest import content_hash
 from compressor.records import RecordError, read_record
 from pipeline.context import RunContext, environment_facts
 
 
 def _digest(data: object) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+    return content_hash(data)
 
 
 def fingerprint(run_dir: Path, rec: dict | None) -> str | None:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from compressor import runlayout
 from compressor.config import DistillConfig, RunConfig, load_config
+from compressor.digest import content_hash, mean_std
 from compressor.errors import UserError
 from compressor.persist import load_unet
 from pipeline.context import RunContext, log, write_json
@@ -69,8 +70,6 @@ def cell_key(cfg: RunConfig, ctx: RunContext) -> str:
     Checkpoints and scores are filed under it, so a changed config never resumes or reuses
     another config's work; the run's distillation weights are left out (each mode sets its own).
     """
-    import hashlib
-    import json
 
     rec = ctx.require("prune", "the distillation sweep")
     # each cell's mode sets the distillation weights, so the run's own weights are not a fact of it
@@ -81,7 +80,7 @@ def cell_key(cfg: RunConfig, ctx: RunContext) -> str:
     # weights is not a fact of a cell (always written as true, the value the existing cells
     # were keyed with, so toggling it orphans nothing)
     facts.append(dataclasses.asdict(dataclasses.replace(cfg.quality, compare_raw=True)))
-    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return content_hash(facts, 12)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -200,10 +199,6 @@ def _copy(unet):
     return copy.deepcopy(unet).train()
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def summarize(cells: dict, dense_fd: float) -> list[dict]:
     """One row per (ratio, mode, budget): mean and std over seeds, and every seed's value."""
     rows = []
@@ -217,11 +212,11 @@ def summarize(cells: dict, dense_fd: float) -> list[dict]:
                 "ratio": ratio,
                 "mode": mode,
                 "budget": budget,
-                "fd_mean": _mean_std(fd)[0],
-                "fd_std": _mean_std(fd)[1],
-                "fd_ratio_mean": _mean_std(fd)[0] / dense_fd,
-                "ssim_mean": _mean_std(sim)[0],
-                "ssim_std": _mean_std(sim)[1],
+                "fd_mean": mean_std(fd)[0],
+                "fd_std": mean_std(fd)[1],
+                "fd_ratio_mean": mean_std(fd)[0] / dense_fd,
+                "ssim_mean": mean_std(sim)[0],
+                "ssim_std": mean_std(sim)[1],
                 "fd_per_seed": fd,
                 "fd_ci_per_seed": [s.get("fd_ci") for s in scores],
                 "fd_ratio_ci_per_seed": [s.get("fd_ratio_ci") for s in scores],

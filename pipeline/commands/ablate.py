@@ -27,6 +27,7 @@ from pathlib import Path
 
 from compressor import runlayout
 from compressor.config import RunConfig, load_config
+from compressor.digest import mean_std
 from compressor.errors import UserError
 from compressor.records import QualityMetrics, read_metrics
 from pipeline.commands.args import CommandParser, config_args
@@ -74,13 +75,6 @@ def variants(
 
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "=.-" else "-" for c in name).strip("-").replace("--", "-")
-
-
-def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def finished(run_dir: Path, stages: list[str]) -> bool:
@@ -145,7 +139,7 @@ def summarize(results: dict[str, list[dict]]) -> list[dict]:
         }
         for key, values in stats.items():
             row[key] = values
-            row[f"{key}_mean"], row[f"{key}_std"] = _mean_std(values)
+            row[f"{key}_mean"], row[f"{key}_std"] = mean_std(values)
         rows.append(row)
     control = next((r for r in rows if r["variant"].startswith("control")), None)
     for r in rows:
@@ -181,7 +175,7 @@ def overlaps(results: dict[str, list[dict]]) -> list[dict]:
                 if ka and kb:
                     values.append(channel_overlap(ka, kb)["mean"])
             if values:
-                mean, std = _mean_std(values)
+                mean, std = mean_std(values)
                 rows.append({"selection": sel, "a": a, "b": b, "jaccard": values, "mean": mean, "std": std})
     return rows
 
@@ -214,9 +208,9 @@ def diagnostic_table(diags: list[dict], points: tuple[int, ...] = (0, 50, 100, 2
         if t in shown:
             continue
         shown.add(t)
-        ratio = _mean_std([p["loss_ratio"] for p in picked])
-        norm = _mean_std([p["grad_norm"] for p in picked])
-        cos = _mean_std([p["half_cosine"] for p in picked])
+        ratio = mean_std([p["loss_ratio"] for p in picked])
+        norm = mean_std([p["grad_norm"] for p in picked])
+        cos = mean_std([p["half_cosine"] for p in picked])
         lines.append(
             f"| {t} | {ratio[0]:.3f} ± {ratio[1]:.3f} | {norm[0]:.4g} ± {norm[1]:.2g} | "
             f"{cos[0]:.3f} ± {cos[1]:.3f} |"

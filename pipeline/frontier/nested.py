@@ -4,12 +4,12 @@ stacks). Fitting them (:mod:`pipeline.frontier.fits`) is apart, since it starts 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from compressor import runlayout
 from compressor.config import LatencyTarget, RunConfig, config_from_mapping, config_to_dict
+from compressor.digest import content_hash
 from pipeline.frontier.grid import Spec
 
 
@@ -84,7 +84,8 @@ def ratio_stages(ratio: float, backend: str = "onnxruntime") -> list[str]:
 
 
 def fingerprint_of(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """A frontier job's cache key: the content hash of its inputs."""
+    return content_hash(list(parts), 16)
 
 
 def cached(path: Path, fingerprint: str) -> dict | None:
