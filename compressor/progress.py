@@ -22,6 +22,11 @@ LINE_EVERY_S = 30.0
 """Off a terminal, the longest silence between two lines of a bar that is moving."""
 
 
+def log(stage: str, message: str) -> None:
+    """One progress line on stderr, prefixed with the stage."""
+    print(f"[{stage}] {message}", file=sys.stderr, flush=True)
+
+
 class LineProgress:
     """Progress as plain lines for a log file: one at each tenth of ``total`` (or every ``every_s``
     seconds), and one at :meth:`close` unless the last line already showed the final count.

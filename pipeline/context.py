@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import os
 import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -19,6 +18,7 @@ from compressor.artifacts import note_record, sha256_file, write_json
 from compressor.config import RunConfig, config_to_dict
 from compressor.errors import UserError
 from compressor.models import LoadedModel, load_model, resolve_device
+from compressor.progress import log  # noqa: F401  (re-exported: stages log through the context)
 from compressor.records import Record, final_model_dir, read_record, require_record, run_config_name
 
 
@@ -84,11 +84,6 @@ def environment_facts(device: torch.device) -> dict[str, str | None]:
         "tensorrt": versions.get("tensorrt"),
         "gpu": gpu,
     }
-
-
-def log(stage: str, message: str) -> None:
-    """One progress line on stderr, prefixed with the stage."""
-    print(f"[{stage}] {message}", file=sys.stderr, flush=True)
 
 
 class RunContext:

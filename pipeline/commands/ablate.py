@@ -26,12 +26,13 @@ import statistics
 from pathlib import Path
 
 from compressor import runlayout
+from compressor.artifacts import write_json
 from compressor.config import RunConfig, load_config
 from compressor.digest import mean_std
 from compressor.errors import UserError
+from compressor.progress import log
 from compressor.records import QualityMetrics, read_metrics
 from pipeline.commands.args import CommandParser, config_args
-from pipeline.context import log, write_json
 from pipeline.runner import run_pipeline
 
 STAGES = ["prune", "finetune", "quality"]

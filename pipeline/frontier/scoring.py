@@ -9,8 +9,9 @@ import json
 from pathlib import Path
 
 from compressor import runlayout
+from compressor.artifacts import write_json
 from compressor.fd_infinity import FdInf, FdInfScorer
-from pipeline.context import log, write_json
+from compressor.progress import log
 from pipeline.frontier.grid import Spec, Stack
 from pipeline.frontier.nested import (
     cached,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.context import write_json
+from compressor.artifacts import write_json
 from pipeline.frontier.choice import figure, point_interval
 
 

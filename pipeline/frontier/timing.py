@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from compressor import runlayout
-from pipeline.context import write_json
+from compressor.artifacts import write_json
 from pipeline.frontier.grid import Spec, Stack
 from pipeline.frontier.nested import cached, fingerprint_of, model_run, ratio_config, ratio_key
 
