@@ -780,6 +780,24 @@ def _deepcopy_mapping(data: dict) -> dict:
     return {k: _deepcopy_mapping(v) if isinstance(v, dict) else v for k, v in data.items()}
 
 
+def prune_target_overrides(ratio: float | None = None, target_macs: float | None = None) -> list[str]:
+    """The overrides that make a config prune at one ``ratio`` (or to one ``target_macs``) and
+    nothing else: every other pruning target nulled, no latency target; at ratio 0 (nothing
+    removed) the magnitude criterion, which needs no importance pass. The one place a sweep, the
+    frontier or the prune stage sets a pruning target."""
+    if (ratio is None) == (target_macs is None):
+        raise ValueError("prune_target_overrides: give exactly one of ratio and target_macs")
+    over = [
+        f"prune.ratio={'null' if ratio is None else ratio}",
+        f"prune.target_macs={'null' if target_macs is None else target_macs}",
+        "prune.target_params=null",
+        "prune.target_latency.speedup=null",
+        "prune.target_latency.ms=null",
+        "prune.target_latency.levers=[prune]",
+    ]
+    return over + (["prune.method=magnitude"] if ratio == 0 else [])
+
+
 def config_from_mapping(data: Any, overrides: list[str] | None = None) -> RunConfig:
     """Validate a raw mapping (plus overrides) into a :class:`RunConfig`."""
     if data is None:

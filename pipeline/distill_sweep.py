@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from compressor import runlayout
-from compressor.config import DistillConfig, RunConfig, load_config
+from compressor.config import DistillConfig, RunConfig, load_config, prune_target_overrides
 from compressor.digest import content_hash, mean_std
 from compressor.errors import UserError
 from compressor.persist import load_unet
@@ -341,8 +341,7 @@ def run(args, overrides: list[str]) -> int:
     scorer = None
     for ratio in ratios:
         for seed in seeds:
-            extra = [f"prune.target_macs={ratio}", "prune.ratio=null", "prune.target_params=null"]
-            extra.append(f"seed={seed}")
+            extra = [*prune_target_overrides(target_macs=ratio), f"seed={seed}"]
             cfg = load_config(args.config, [*overrides, *extra])
             cfg.name = f"{cfg.name}-distill"
             folder = root / _slug(ratio) / f"seed-{seed}"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from compressor.config import RunConfig, config_from_mapping, load_config, parse_override
+from compressor.config import RunConfig, config_from_mapping, config_to_dict, load_config, parse_override
 from compressor.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -108,3 +108,18 @@ def test_missing_target_is_reported_by_the_prune_config():
     cfg = config_from_mapping({})
     with pytest.raises(ConfigError, match="no pruning target"):
         cfg.prune.require_target()
+
+
+def test_one_place_sets_a_pruning_target_and_nulls_the_others():
+    from compressor.config import prune_target_overrides
+
+    base = load_config(CONFIGS[0].parent / "demo.yaml")  # target_macs 0.57
+    at = config_from_mapping(config_to_dict(base), prune_target_overrides(ratio=0.3)).prune
+    assert (at.ratio, at.target_macs, at.target_params, at.target_latency.active) == (0.3, None, None, False)
+    assert at.method == base.prune.method
+    dense = config_from_mapping(config_to_dict(base), prune_target_overrides(ratio=0.0)).prune
+    assert dense.method == "magnitude"  # nothing removed: no importance pass
+    macs = config_from_mapping(config_to_dict(base), prune_target_overrides(target_macs=0.4)).prune
+    assert (macs.ratio, macs.target_macs) == (None, 0.4)
+    with pytest.raises(ValueError, match="exactly one"):
+        prune_target_overrides(ratio=0.3, target_macs=0.4)

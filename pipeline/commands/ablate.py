@@ -27,7 +27,7 @@ from pathlib import Path
 
 from compressor import runlayout
 from compressor.artifacts import write_json
-from compressor.config import RunConfig, load_config
+from compressor.config import RunConfig, load_config, prune_target_overrides
 from compressor.digest import mean_std
 from compressor.errors import UserError
 from compressor.progress import log
@@ -65,12 +65,7 @@ def variants(
         for m in methods:
             out[f"{m}{tag}"] = [f"prune.method={m}", *pick]
     if control:
-        out[CONTROL] = [
-            "prune.method=magnitude",
-            "prune.ratio=0.0",
-            "prune.target_macs=null",
-            "prune.target_params=null",
-        ]
+        out[CONTROL] = prune_target_overrides(ratio=0.0)
     return out
 
 

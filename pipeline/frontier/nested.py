@@ -8,7 +8,13 @@ import json
 from pathlib import Path
 
 from compressor import runlayout
-from compressor.config import LatencyTarget, RunConfig, config_from_mapping, config_to_dict
+from compressor.config import (
+    LatencyTarget,
+    RunConfig,
+    config_from_mapping,
+    config_to_dict,
+    prune_target_overrides,
+)
 from compressor.digest import content_hash
 from pipeline.frontier.grid import Spec
 
@@ -18,20 +24,12 @@ def ratio_overrides(spec: Spec, ratio: float) -> list[str]:
     grid = spec.grid
     precisions = ["fp32"] + [p for p in ("fp16", "int8") if p in grid.precisions]
     reuse = any(c > 1 for c in grid.cache_intervals)
-    over = [
-        f"prune.ratio={ratio}",
-        "prune.target_macs=null",
-        "prune.target_params=null",
-        "prune.target_latency.speedup=null",
-        "prune.target_latency.ms=null",
-        "prune.target_latency.levers=[prune]",
+    return [
+        *prune_target_overrides(ratio=ratio),
         "prune.search=uniform",
         f"export.precisions=[{','.join(precisions)}]",
         f"export.feature_reuse={'true' if reuse else 'false'}",
     ]
-    if ratio == 0:  # nothing is removed: no importance pass is needed
-        over.append("prune.method=magnitude")
-    return over
 
 
 def ratio_config(spec: Spec, ratio: float) -> RunConfig:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from compressor import runlayout
-from compressor.config import LatencyTarget, PruneConfig
+from compressor.config import PruneConfig, config_from_mapping, config_to_dict, prune_target_overrides
 from compressor.data import taylor_and_holdout
 from compressor.errors import UserError
 from compressor.models import count_macs_params
@@ -90,10 +88,7 @@ def _chosen_ratio(ctx: RunContext) -> PruneConfig:
         )
     ratio = choice["chosen"]["stack"]["ratio"]
     log("prune", f"pruning at ratio {ratio:g}, the stack the frontier chose: {choice['chosen']['label']}")
-    return dataclasses.replace(
-        ctx.cfg.prune, ratio=ratio, target_macs=None, target_params=None, target_latency=LatencyTarget(),
-        method="magnitude" if ratio == 0 else ctx.cfg.prune.method,
-    )  # fmt: skip
+    return config_from_mapping(config_to_dict(ctx.cfg), prune_target_overrides(ratio=ratio)).prune
 
 
 def _prune(ctx: RunContext, unet, images, cfg: PruneConfig, allocate) -> PruneResult:
