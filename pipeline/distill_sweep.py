@@ -37,6 +37,7 @@ from compressor.digest import content_hash, mean_std
 from compressor.errors import UserError
 from compressor.persist import load_unet
 from pipeline.context import RunContext, log, write_json
+from pipeline.plots import plot_distill_sweep
 from pipeline.runner import run_pipeline
 
 MODES = ("off", "output", "features", "output+features")
@@ -294,32 +295,6 @@ def markdown(rows: list[dict], dense_fd: float, metric: str, notes: list[str]) -
     return "\n".join([*lines, "", *[f"- {n}" for n in notes], ""])
 
 
-def plot(rows: list[dict], path: Path, metric: str) -> None:
-    """Frechet distance vs finetune steps, one line per (ratio, mode), error bars over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ratios = sorted({r["ratio"] for r in rows}, reverse=True)
-    fig, axes = plt.subplots(1, len(ratios), figsize=(5 * len(ratios), 3.5), squeeze=False)
-    for ax, ratio in zip(axes[0], ratios, strict=True):
-        for mode in MODES:
-            mine = [r for r in rows if r["ratio"] == ratio and r["mode"] == mode]
-            if mine:
-                ax.errorbar([r["budget"] for r in mine], [r["fd_mean"] for r in mine],
-                            yerr=[r["fd_std"] for r in mine], marker="o", capsize=3, label=mode)  # fmt: skip
-        ax.set_xscale("log")
-        ax.set_title(f"{ratio:g} of dense MACs")
-        ax.set_xlabel("finetune steps")
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def run(args, overrides: list[str]) -> int:
     """The sweep (``ablate --distill``); returns the exit code."""
     modes = [m.strip() for m in args.distill.split(",") if m.strip()]
@@ -372,7 +347,7 @@ def run(args, overrides: list[str]) -> int:
     write_json(root / "summary.json", summary)
     text = markdown(rows, scorer.dense_fd, scorer.metric, [*notes, rule])
     (root / "summary.md").write_text(text)
-    plot(rows, root / "summary.png", scorer.metric)
+    plot_distill_sweep(rows, root / "summary.png", scorer.metric, list(MODES))
     print(text)
     print(f"wrote {root / 'summary.md'}, summary.json and summary.png")
     return 0

@@ -1,4 +1,5 @@
-"""Plots shared by the report stage and the commands (plan, ablate): one place for each chart."""
+"""Every chart of the project: the report stage's, the commands' (plan, ablate, frontier) and the
+distillation sweep's. One place for each chart; callers hand in plain figures."""
 
 from __future__ import annotations
 
@@ -267,3 +268,110 @@ def plot_seed_pairs(dense, compressed, names: tuple[str, str], path: Path, per_r
                   interpolation="nearest")  # fmt: skip
         ax.set_title(f"seed {k}: {names[0]} | {names[1]}", fontsize=8)
     return _save(fig, path, dpi=110)
+
+
+def plot_ablation(rows: list[dict], path: Path) -> None:
+    """The ablation: Frechet distance after pruning and after finetuning, and SSIM, with the spread
+    over seeds (``compress-deploy ablate``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["variant"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, key, title, log_scale in (
+        (axes[0], "fd_after_pruning", "right after pruning", True),
+        (axes[1], "fd_after_finetune", "after finetuning", False),
+        (axes[2], "ssim_after_finetune", "SSIM vs dense after finetuning", False),
+    ):
+        means = [r[f"{key}_mean"] or 0 for r in rows]
+        stds = [r[f"{key}_std"] or 0 for r in rows]
+        ax.bar(range(len(rows)), means, yerr=stds, color="#2a7", capsize=3)
+        ax.set_xticks(range(len(rows)), names, rotation=40, ha="right", fontsize=8)
+        ax.set_title(title if key.startswith("ssim") else f"{rows[0]['frechet_metric']} {title}")
+        if log_scale:
+            ax.set_yscale("log")
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_distill_sweep(rows: list[dict], path: Path, metric: str, modes: list[str]) -> None:
+    """The distillation sweep: Frechet distance vs finetune steps, one line per (ratio, mode), error
+    bars over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratios = sorted({r["ratio"] for r in rows}, reverse=True)
+    fig, axes = plt.subplots(1, len(ratios), figsize=(5 * len(ratios), 3.5), squeeze=False)
+    for ax, ratio in zip(axes[0], ratios, strict=True):
+        for mode in modes:
+            mine = [r for r in rows if r["ratio"] == ratio and r["mode"] == mode]
+            if mine:
+                ax.errorbar([r["budget"] for r in mine], [r["fd_mean"] for r in mine],
+                            yerr=[r["fd_std"] for r in mine], marker="o", capsize=3, label=mode)  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_title(f"{ratio:g} of dense MACs")
+        ax.set_xlabel("finetune steps")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_frontier(
+    frontier: dict, points: list[dict], chosen_y: float | None, reference_y: float, path: Path
+) -> Path:
+    """The frontier: speed-up (log) against the ranking Frechet figure, one colour per ratio, the Pareto
+    front drawn and labelled. ``points``: the frontier's points, each with its figure ``y`` and
+    interval ``ci`` (:func:`pipeline.frontier.tables.plot` places them)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    inf = frontier.get("ranked_by") == "fd_inf"
+    fig, ax = plt.subplots(figsize=(9, 6))
+    ratios = sorted({p["stack"]["ratio"] for p in points})
+    cmap = plt.get_cmap("viridis", max(len(ratios), 2))
+    for i, r in enumerate(ratios):
+        mine = [p for p in points if p["stack"]["ratio"] == r]
+        name = "dense" if r == 0 else f"pruned {r:g} ({mine[0]['macs_kept']:.2f} of MACs)"
+        low = [p["y"] - p["ci"][0] for p in mine]
+        high = [p["ci"][1] - p["y"] for p in mine]
+        ax.errorbar([p["speedup"] for p in mine], [p["y"] for p in mine], yerr=[low, high], fmt="o",
+                    color=cmap(i), label=name, alpha=0.7, capsize=2, elinewidth=0.8)  # fmt: skip
+    front = sorted((p for p in points if p["pareto"]), key=lambda p: p["speedup"])
+    ax.plot([p["speedup"] for p in front], [p["y"] for p in front], "k--", lw=1, label="Pareto front")
+    for i, p in enumerate(front):  # labels alternate: left-above, right-below, so neighbours stay legible
+        ax.scatter([p["speedup"]], [p["y"]], s=120, facecolors="none", edgecolors="red")
+        offset, align = ((-8, 6), "right") if i % 2 == 0 else ((8, -10), "left")
+        xy = (p["speedup"], p["y"])
+        ax.annotate(p["label"], xy, fontsize=7, xytext=offset, textcoords="offset points", ha=align)
+    if frontier.get("chosen"):
+        c = frontier["chosen"]
+        ax.scatter([c["speedup"]], [chosen_y], marker="*", s=250, color="red", label=f"chosen: {c['label']}")
+    ax.axhline(reference_y, color="grey", lw=0.8, ls=":", label="dense reference")
+    ax.set_xscale("log")
+    ax.set_yscale("symlog" if inf else "log")  # FD-infinity can be near zero or below it
+    ref = frontier["reference"]["stack"]
+    where = f"({frontier['backend']}, batch {frontier['batch']})"
+    ax.set_xlabel(f"sampler speed-up vs dense {ref['scheduler']} {ref['steps']} {where}")
+    level = frontier.get("interval", {}).get("level")
+    bars = f"; bars: {level:.0%} intervals" if level else ""
+    name = f"FD-infinity ({frontier['metric']})" if inf else frontier["metric"]
+    ax.set_ylabel(f"{name} ({'symlog' if inf else 'log'}, lower is better{bars})")
+    ax.set_title(f"{frontier['model']}: speed-quality frontier ({len(points)} stacks)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -33,6 +33,7 @@ from compressor.errors import UserError
 from compressor.progress import log
 from compressor.records import QualityMetrics, read_metrics
 from pipeline.commands.args import CommandParser, config_args
+from pipeline.plots import plot_ablation
 from pipeline.runner import run_pipeline
 
 STAGES = ["prune", "finetune", "quality"]
@@ -292,33 +293,6 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Frechet distance after pruning and after finetuning, with the spread over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [r["variant"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, key, title, log_scale in (
-        (axes[0], "fd_after_pruning", "right after pruning", True),
-        (axes[1], "fd_after_finetune", "after finetuning", False),
-        (axes[2], "ssim_after_finetune", "SSIM vs dense after finetuning", False),
-    ):
-        means = [r[f"{key}_mean"] or 0 for r in rows]
-        stds = [r[f"{key}_std"] or 0 for r in rows]
-        ax.bar(range(len(rows)), means, yerr=stds, color="#2a7", capsize=3)
-        ax.set_xticks(range(len(rows)), names, rotation=40, ha="right", fontsize=8)
-        ax.set_title(title if key.startswith("ssim") else f"{rows[0]['frechet_metric']} {title}")
-        if log_scale:
-            ax.set_yscale("log")
-        ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def main(argv: list[str]) -> int:
     """Entry point of ``compress-deploy ablate``."""
     parser = CommandParser(prog="compress-deploy ablate", description=__doc__.split("\n\n")[0])
@@ -393,7 +367,7 @@ def main(argv: list[str]) -> int:
     write_json(root / "summary.json", {"variants": rows, "overlap": overlap, "diagnostics": diags})
     text = markdown(rows, 0 if args.no_finetune else cfg.finetune.steps, overlap, diags)
     (root / "summary.md").write_text(text)
-    plot(rows, root / "summary.png")
+    plot_ablation(rows, root / "summary.png")
     if diags:
         plot_diagnostics(diags, rows, root / "diagnostics.png")
     print(text)

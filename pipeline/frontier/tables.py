@@ -7,6 +7,7 @@ from pathlib import Path
 
 from compressor.artifacts import write_json
 from pipeline.frontier.choice import figure, point_interval
+from pipeline.plots import plot_frontier
 
 
 def with_ci(value: float, ci: list | None, digits: int) -> str:
@@ -55,52 +56,11 @@ def table(frontier: dict) -> str:
 
 
 def plot(frontier: dict, path: Path) -> Path:
-    """Speed-up (log) against Frechet distance, one colour per ratio, the Pareto front drawn and labelled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = frontier["points"]
-    inf = frontier.get("ranked_by") == "fd_inf"
-    fig, ax = plt.subplots(figsize=(9, 6))
-    ratios = sorted({p["stack"]["ratio"] for p in points})
-    cmap = plt.get_cmap("viridis", max(len(ratios), 2))
-    for i, r in enumerate(ratios):
-        mine = [p for p in points if p["stack"]["ratio"] == r]
-        name = "dense" if r == 0 else f"pruned {r:g} ({mine[0]['macs_kept']:.2f} of MACs)"
-        low = [figure(p) - point_interval(p)[0] for p in mine]
-        high = [point_interval(p)[1] - figure(p) for p in mine]
-        ax.errorbar([p["speedup"] for p in mine], [figure(p) for p in mine], yerr=[low, high], fmt="o",
-                    color=cmap(i), label=name, alpha=0.7, capsize=2, elinewidth=0.8)  # fmt: skip
-    front = sorted((p for p in points if p["pareto"]), key=lambda p: p["speedup"])
-    ax.plot([p["speedup"] for p in front], [figure(p) for p in front], "k--", lw=1, label="Pareto front")
-    for i, p in enumerate(front):  # labels alternate: left-above, right-below, so neighbours stay legible
-        ax.scatter([p["speedup"]], [figure(p)], s=120, facecolors="none", edgecolors="red")
-        offset, align = ((-8, 6), "right") if i % 2 == 0 else ((8, -10), "left")
-        xy = (p["speedup"], figure(p))
-        ax.annotate(p["label"], xy, fontsize=7, xytext=offset, textcoords="offset points", ha=align)
-    if frontier.get("chosen"):
-        c = frontier["chosen"]
-        ax.scatter([c["speedup"]], [figure(c)], marker="*", s=250, color="red", label=f"chosen: {c['label']}")
-    ax.axhline(figure(frontier["reference"]), color="grey", lw=0.8, ls=":", label="dense reference")
-    ax.set_xscale("log")
-    ax.set_yscale("symlog" if inf else "log")  # FD-infinity can be near zero or below it
-    ref = frontier["reference"]["stack"]
-    where = f"({frontier['backend']}, batch {frontier['batch']})"
-    ax.set_xlabel(f"sampler speed-up vs dense {ref['scheduler']} {ref['steps']} {where}")
-    level = frontier.get("interval", {}).get("level")
-    bars = f"; bars: {level:.0%} intervals" if level else ""
-    name = f"FD-infinity ({frontier['metric']})" if inf else frontier["metric"]
-    ax.set_ylabel(f"{name} ({'symlog' if inf else 'log'}, lower is better{bars})")
-    ax.set_title(f"{frontier['model']}: speed-quality frontier ({len(points)} stacks)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    """The frontier's chart (:func:`pipeline.plots.plot_frontier`), each point at its ranking figure."""
+    placed = [{**p, "y": figure(p), "ci": point_interval(p)} for p in frontier["points"]]
+    chosen = frontier.get("chosen")
+    chosen_y = figure(chosen) if chosen else None
+    return plot_frontier(frontier, placed, chosen_y, figure(frontier["reference"]), path)
 
 
 def noise_note(frontier: dict) -> str:
