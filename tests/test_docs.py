@@ -133,3 +133,19 @@ def test_the_doc_checks_catch_drift(monkeypatch):
     assert _config_keys(text) == ["quality.num_sample", "prune.ratio"]
     block = "```bash\ncompress-deploy sample RUN \\\n    --steps 4\n```\nand `compress-deploy check RUN`"
     assert _command_lines(block) == ["compress-deploy sample RUN --steps 4", "compress-deploy check RUN"]
+
+
+def test_the_layout_map_names_every_module():
+    """docs/layout.md's "Where is X" table has a row for every module of the four packages (a package's
+    ``__init__`` only when it holds more than a docstring's worth)."""
+    layout = (ROOT / "docs" / "layout.md").read_text()
+    rows = set(re.findall(r"^\| `([\w/]+\.py)` \|", layout, flags=re.M))
+    modules = {
+        str(p.relative_to(ROOT))
+        for package in ("compressor", "pipeline", "deploy", "export")
+        for p in (ROOT / package).rglob("*.py")
+        if "__pycache__" not in p.parts and (p.name != "__init__.py" or p.stat().st_size >= 200)
+    }
+    assert len(modules) > 80
+    assert sorted(modules - rows) == [], "modules missing from docs/layout.md's Where is X table"
+    assert sorted(rows - modules) == [], "docs/layout.md names modules that no longer exist"
