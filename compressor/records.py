@@ -184,7 +184,8 @@ def require_record(run: Path, stage: str, needed_by: str) -> Record:
 
 
 def final_model_dir(run: Path) -> tuple[str, Path]:
-    """(stage, folder) of the run's newest compressed model: finetuned if done, else pruned.
+    """(stage, folder) of the run's newest compressed model: the student if distilled, else the
+    finetuned model if done, else the pruned one (:data:`runlayout.MODEL_STAGES`).
 
     The one rule for "the final model": a stage counts when its record is ok and its
     model folder holds a structure file. Raises RecordError when neither does.
@@ -284,7 +285,7 @@ class QualityMetrics:
 
     def compressed_label(self) -> str | None:
         """The final compressed model's label: the student if scored, else finetuned, else pruned."""
-        return next((k for k in ("student", "finetuned", "pruned") if k in self.models), None)
+        return next((k for k in runlayout.COMPRESSED_NAMES if k in self.models), None)
 
     def frechet(self, label: str) -> float | None:
         """The Frechet distance of model ``label`` (None when not measured)."""

@@ -40,6 +40,9 @@ LOCK_FILE = ".lock"
 RECORD = "record.json"
 MODELS = ("dense", "pruned")
 MODEL_STAGES = ("distill_steps", "finetune", "prune")  # the compressed model's stages, newest first
+# one name per model, in every record, table and report
+MODEL_NAMES = {"prune": "pruned", "finetune": "finetuned", "distill_steps": "student"}
+COMPRESSED_NAMES = tuple(MODEL_NAMES[s] for s in MODEL_STAGES)  # the final model: the first of these present
 CHECKPOINTS = "checkpoints"
 ABLATION = "ablation"
 PLAN = "plan"

@@ -30,7 +30,7 @@ from compressor.records import (
 from pipeline.acceptance import FAIL, INCONCLUSIVE, PASS, Check, evaluate_run, verdict
 
 # one name per model, everywhere a person reads: the stage that made it -> its name
-MODEL_NAMES = {"prune": "pruned", "finetune": "finetuned", "distill_steps": "student"}
+MODEL_NAMES = runlayout.MODEL_NAMES
 SPEED_GATES = ("min_speedup", "min_sampler_speedup", "max_unet_ms", "max_image_ms")
 QUALITY_LABELS = {
     "min_ssim": "SSIM vs dense",

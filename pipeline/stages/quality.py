@@ -23,8 +23,8 @@ from pipeline.context import RunContext, StageResult, log
 
 SECTIONS = ["quality", "sample", "data"]
 INPUTS = ["prune", "finetune", "distill_steps", "export", "build"]
-MODEL_LABELS = {"prune": "pruned", "finetune": "finetuned", "distill_steps": "student"}
-COMPRESSED = ("student", "finetuned", "pruned")  # the final model is the first of these present
+MODEL_LABELS = runlayout.MODEL_NAMES
+COMPRESSED = runlayout.COMPRESSED_NAMES  # the final model is the first of these present
 
 
 def _deployed(ctx: RunContext, backend: str, model: str):

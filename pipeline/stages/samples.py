@@ -9,8 +9,8 @@ from pipeline.context import RunContext, StageResult, log
 
 SECTIONS = ["sample"]
 INPUTS = ["prune", "finetune", "distill_steps"]
-STUDENT = "student"
-LABELS = {"prune": "pruned", "finetune": "finetuned", "distill_steps": STUDENT}  # the report's names
+STUDENT = runlayout.MODEL_NAMES["distill_steps"]
+LABELS = runlayout.MODEL_NAMES  # the report's names
 
 
 def run(ctx: RunContext) -> StageResult:
