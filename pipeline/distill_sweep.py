@@ -208,16 +208,17 @@ def summarize(cells: dict, dense_fd: float) -> list[dict]:
         fd = [s["fd"] for s in scores]
         sim = [s["ssim_vs_dense"] for s in scores]
         sps = [s["steps_per_second"] for s in scores if s.get("steps_per_second")]
+        (fd_mean, fd_std), (ssim_mean, ssim_std) = mean_std(fd), mean_std(sim)
         rows.append(
             {
                 "ratio": ratio,
                 "mode": mode,
                 "budget": budget,
-                "fd_mean": mean_std(fd)[0],
-                "fd_std": mean_std(fd)[1],
-                "fd_ratio_mean": mean_std(fd)[0] / dense_fd,
-                "ssim_mean": mean_std(sim)[0],
-                "ssim_std": mean_std(sim)[1],
+                "fd_mean": fd_mean,
+                "fd_std": fd_std,
+                "fd_ratio_mean": fd_mean / dense_fd,
+                "ssim_mean": ssim_mean,
+                "ssim_std": ssim_std,
                 "fd_per_seed": fd,
                 "fd_ci_per_seed": [s.get("fd_ci") for s in scores],
                 "fd_ratio_ci_per_seed": [s.get("fd_ratio_ci") for s in scores],

@@ -56,7 +56,6 @@ def _save(path: Path, array) -> None:
 
 def reference_images(spec: Spec) -> dict:
     """Job: the dense reference sampler's images (torch fp32) and their Frechet distance."""
-    import numpy as np
     import torch
 
     from compressor.sampling import generate, make_scheduler
@@ -80,10 +79,7 @@ def reference_images(spec: Spec) -> dict:
     )  # fmt: skip
     scorer, metric = make_frontier_scorer(ctx)
     score = scorer.score(images)
-    images_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = images_file.with_name(images_file.name + ".tmp.npy")
-    np.save(tmp, images.numpy())
-    tmp.replace(images_file)
+    _save(images_file, images)
     _save(runlayout.frontier_points_dir(spec.root) / "reference-fd-replicates.npy", score.fd_reps)
     fd_inf = FdInfScorer(scorer.stats, scorer.boot)
     inf = fd_inf.score(score.features)

@@ -79,8 +79,7 @@ def noise_note(frontier: dict) -> str:
 
 def choice_text(c: dict, target: str, metric: str) -> str:
     """One sentence: the chosen stack, and how the within-noise rule chose it."""
-    inf = c.get("fd_inf") is not None
-    if inf:
+    if c.get("fd_inf") is not None:  # ranked by FD-infinity
         metric = "FD-infinity"
     text = (f"Chosen for {target}: **{c['label']}** ({c['speedup']:.2f}x, {metric} "
             f"{with_ci(figure(c), point_interval(c), 2)}, "
