@@ -23,6 +23,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from compressor.errors import ConfigError
+from compressor.stack import SamplerVariant
 
 
 def _spec(default: Any, doc: str, **checks: Any) -> Any:
@@ -49,39 +50,7 @@ DEFAULT_STAGES = (
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")  # the backend registry's names (deploy/runtimes.py)
 Backend = Literal["torch", "onnxruntime", "tensorrt"]
-SCHEDULERS = ("ddim", "ddpm", "dpmsolver++", "unipc")  # compressor.sampling.SCHEDULERS
 Scheduler = Literal["ddim", "ddpm", "dpmsolver++", "unipc"]
-
-
-@dataclass(frozen=True)
-class SamplerVariant:
-    """One timed sampler: scheduler, steps and feature-reuse interval (``ddim:20``, ``dpmsolver++:10:3``)."""
-
-    scheduler: str
-    steps: int
-    cache_interval: int = 1
-
-    def __str__(self) -> str:
-        return f"{self.scheduler}:{self.steps}:{self.cache_interval}"
-
-    @classmethod
-    def parse(cls, text: str, key: str = "bench.variants") -> SamplerVariant:
-        """``SCHEDULER:STEPS[:CACHE_INTERVAL]``; ConfigError naming ``key`` otherwise."""
-        parts = str(text).split(":")
-        hint = "e.g. ddim:50, dpmsolver++:10 or ddim:20:3 (scheduler:steps[:cache interval])"
-        if len(parts) not in (2, 3):
-            raise ConfigError(f"{key}: expected SCHEDULER:STEPS[:CACHE_INTERVAL], got {text!r}; {hint}")
-        if parts[0] not in SCHEDULERS:
-            raise ConfigError(f"{key}: scheduler {parts[0]!r} is not one of {', '.join(SCHEDULERS)}; {hint}")
-        try:
-            steps, interval = int(parts[1]), int(parts[2]) if len(parts) == 3 else 1
-        except ValueError:
-            raise ConfigError(
-                f"{key}: steps and cache interval must be integers, got {text!r}; {hint}"
-            ) from None
-        if steps < 1 or interval < 1:
-            raise ConfigError(f"{key}: steps and cache interval must be >= 1, got {text!r}")
-        return cls(parts[0], steps, interval)
 
 
 @dataclass

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compressor.config import RunConfig, SamplerVariant, StepDistillConfig
+from compressor.config import RunConfig, StepDistillConfig
 from compressor.errors import ConfigError
+from compressor.stack import SamplerVariant
 
 
 @dataclass(frozen=True)

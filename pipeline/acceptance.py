@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compressor.config import AcceptanceConfig, LatencyTarget, SamplerVariant
+from compressor.config import AcceptanceConfig, LatencyTarget
 from compressor.records import BenchMetrics, ParityMetrics, QualityMetrics
+from compressor.stack import SamplerVariant
 
 PASS, FAIL, INCONCLUSIVE = "pass", "fail", "inconclusive"
 QUALITY_GATES = {"min_ssim": ">=", "max_fd_ratio": "<=", "max_fd_increase": "<=", "max_kid_increase": "<="}

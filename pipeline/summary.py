@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compressor import runlayout
-from compressor.config import DEFAULT_STAGES, RunConfig, SamplerVariant
+from compressor.config import DEFAULT_STAGES, RunConfig
 from compressor.records import (
     BenchMetrics,
     CheckMetrics,
@@ -27,6 +27,7 @@ from compressor.records import (
     read_metrics,
     read_record,
 )
+from compressor.stack import SamplerVariant
 from pipeline.acceptance import FAIL, INCONCLUSIVE, PASS, Check, evaluate_run, verdict
 
 # one name per model, everywhere a person reads: the stage that made it -> its name

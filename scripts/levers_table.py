@@ -42,10 +42,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from compressor import runlayout  # noqa: E402
-from compressor.config import SamplerVariant, load_config  # noqa: E402
+from compressor.config import load_config  # noqa: E402
 from compressor.persist import load_unet  # noqa: E402
 from compressor.records import final_model_dir  # noqa: E402
 from compressor.sampling import generate, make_scheduler  # noqa: E402
+from compressor.stack import SamplerVariant  # noqa: E402
 from deploy.bench import percentile_ms, sampler_call, time_alternating  # noqa: E402
 from deploy.runtimes import load_backend  # noqa: E402
 from pipeline.context import RunContext  # noqa: E402

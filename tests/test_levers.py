@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import typing
 
 import numpy as np
 import pytest
 import torch
 
 from compressor import config as config_module
-from compressor.config import ConfigError, SamplerVariant, load_config
+from compressor import stack as stack_module
+from compressor.config import ConfigError, load_config
 from compressor.feature_reuse import FeatureReuseUNet, full_steps
 from compressor.models import ReusePredictor, as_noise_predictor, build_unet, predict_noise
 from compressor.sampling import SCHEDULERS, denoise, generate, initial_noise, make_scheduler
+from compressor.stack import SamplerVariant
 from deploy.latency import pruned_copy
 from deploy.runtimes import load_backend, onnxruntime_reuse_backend
 from export.onnx_export import export_unet
@@ -28,7 +31,7 @@ THREE_LEVELS = {
 
 
 def test_the_scheduler_registry_and_the_config_agree():
-    assert tuple(SCHEDULERS) == config_module.SCHEDULERS
+    assert tuple(SCHEDULERS) == stack_module.SCHEDULERS == typing.get_args(config_module.Scheduler)
     assert type(make_scheduler("dpmsolver++", DDPM_SCHEDULER)).__name__ == "DPMSolverMultistepScheduler"
     assert make_scheduler("dpmsolver++", DDPM_SCHEDULER).config.algorithm_type == "dpmsolver++"
     assert type(make_scheduler("unipc", DDPM_SCHEDULER)).__name__ == "UniPCMultistepScheduler"

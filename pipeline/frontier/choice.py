@@ -14,7 +14,8 @@ back to the overlap of their intervals.
 
 from __future__ import annotations
 
-from pipeline.frontier.grid import Grid, Stack
+from compressor.stack import Stack
+from pipeline.frontier.grid import Grid
 
 
 def ranking_key(points: list[dict]) -> str:

@@ -9,53 +9,12 @@ import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compressor.config import RunConfig, SamplerVariant, config_from_mapping, config_to_dict
+from compressor.config import RunConfig, config_from_mapping, config_to_dict
 from compressor.errors import UserError
+from compressor.stack import SamplerVariant, Stack
 
 LEVERS = ("prune", "steps", "scheduler", "cache", "precision", "student")
 SOLVERS = ("ddim", "dpmsolver++", "unipc")  # deterministic: a seed fixes the image
-
-
-@dataclass(frozen=True)
-class Stack:
-    """One combination of levers."""
-
-    ratio: float
-    scheduler: str
-    steps: int
-    cache_interval: int = 1
-    precision: str = "fp32"
-    student_steps: int = 0  # > 0: a few-step student (DDIM at these steps, its own schedule)
-
-    @property
-    def variant(self) -> SamplerVariant:
-        return SamplerVariant(self.scheduler, self.steps, self.cache_interval)
-
-    def key(self) -> str:
-        """A file-name-safe identifier, e.g. ``r0.25-dpmsolver++-10-c2-fp32`` (students: ``...-student``)."""
-        key = f"r{self.ratio:g}-{self.scheduler}-{self.steps}-c{self.cache_interval}-{self.precision}"
-        return key + "-student" if self.student_steps else key
-
-    def label(self) -> str:
-        """A short human label, e.g. ``pruned 0.25 + DPM++ 10 + cache 2``."""
-        model = "dense" if self.ratio == 0 else f"pruned {self.ratio:g}"
-        solver = {"ddim": "DDIM", "dpmsolver++": "DPM++", "unipc": "UniPC"}[self.scheduler]
-        text = f"{model} + {solver} {self.steps}"
-        if self.student_steps:
-            text = f"{model} student {self.student_steps} steps"
-        if self.cache_interval > 1:
-            text += f" + cache {self.cache_interval}"
-        if self.precision != "fp32":
-            text += f" + {self.precision}"
-        return text
-
-    def as_dict(self) -> dict:
-        """The stack as a mapping; ``student_steps`` only for a student (so the keys, and the cached
-        measurements, of the other stacks are what they were before students existed)."""
-        out = dataclasses.asdict(self)
-        if not self.student_steps:
-            out.pop("student_steps")
-        return out
 
 
 @dataclass

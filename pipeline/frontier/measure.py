@@ -7,10 +7,11 @@ import dataclasses
 from compressor.fd_infinity import replicate_plan
 from compressor.progress import progress_bar
 from compressor.quality import resampling
+from compressor.stack import Stack
 from pipeline.context import log
 from pipeline.frontier.choice import FD_INF_KEYS, QUALITY_KEYS, mark_noise, pareto, ranking_key
 from pipeline.frontier.fits import fit_ratio, fit_students
-from pipeline.frontier.grid import Spec, Stack
+from pipeline.frontier.grid import Spec
 from pipeline.frontier.jobs import run_jobs
 from pipeline.frontier.scoring import load_replicates, reference_images, score_stack
 from pipeline.frontier.timing import time_stacks

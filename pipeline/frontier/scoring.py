@@ -12,7 +12,8 @@ from compressor import runlayout
 from compressor.artifacts import write_json
 from compressor.fd_infinity import FdInf, FdInfScorer
 from compressor.progress import log
-from pipeline.frontier.grid import Spec, Stack
+from compressor.stack import Stack
+from pipeline.frontier.grid import Spec
 from pipeline.frontier.nested import (
     cached,
     fingerprint_of,

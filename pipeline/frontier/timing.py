@@ -7,7 +7,8 @@ from collections.abc import Callable
 
 from compressor import runlayout
 from compressor.artifacts import write_json
-from pipeline.frontier.grid import Spec, Stack
+from compressor.stack import Stack
+from pipeline.frontier.grid import Spec
 from pipeline.frontier.nested import cached, fingerprint_of, model_run, ratio_config, ratio_key
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from compressor.config import SamplerVariant
 from compressor.persist import load_unet
 from compressor.sampling import make_scheduler
+from compressor.stack import SamplerVariant
 from deploy.bench import host_facts, percentile_ms, sampler_call, time_alternating, unet_call
 from deploy.runtimes import VARIANTS, Backend, load_variant
 from pipeline.context import RunContext, StageResult, log
