@@ -26,6 +26,7 @@ from compressor import runlayout
 from compressor.artifacts import artifact_matches, listed_records
 from compressor.errors import ArtifactError
 from compressor.integrity import differs_from_manifest, reversed_interval
+from compressor.stack import Stack, StackChoice
 
 DONE = ("ok", "skipped")
 INCONCLUSIVE = "inconclusive"  # the check stage's status when a quality gate's interval straddles its limit
@@ -412,15 +413,21 @@ def read_metrics(run: Path, stage: str) -> Any:
     return None if rec is None or not rec.ok else rec.typed()
 
 
-def chosen_stack(run: Path) -> dict | None:
+def stack_choice(run: Path) -> StackChoice | None:
+    """The stack a latency target over levers chose for the run's compressed model, and how (the prune
+    record's ``target.frontier``); None without such a target or a prune record."""
+    prune = read_metrics(run, "prune")
+    return StackChoice.from_summary(prune.frontier if prune is not None else None)
+
+
+def chosen_stack(run: Path) -> Stack | None:
     """The stack (ratio, scheduler, steps, cache_interval, precision) a latency target over levers
     chose for the run's compressed model, or None (no such target, or no prune record)."""
-    prune = read_metrics(run, "prune")
-    found = prune.frontier if prune is not None else None
-    return found["chosen"]["stack"] if found and found.get("chosen") else None
+    choice = stack_choice(run)
+    return choice.stack if choice else None
 
 
-def student_stack(run: Path) -> dict | None:
+def student_stack(run: Path) -> Stack | None:
     """The sampler of the run's few-step student (DDIM at its own steps, fp32, no reuse) when the
     final model is one (stage ``distill_steps``), else None."""
     from compressor.persist import student_sampling
@@ -432,13 +439,8 @@ def student_stack(run: Path) -> dict | None:
     found = student_sampling(folder) if stage == "distill_steps" else None
     if found is None:
         return None
-    return {
-        "scheduler": "ddim",
-        "steps": found[1],
-        "cache_interval": 1,
-        "precision": "fp32",
-        "student_steps": found[1],
-    }
+    ratio = read_metrics(run, "prune")
+    return Stack(ratio.ratio if ratio else 0.0, "ddim", found[1], 1, "fp32", found[1])
 
 
 def limit_overrides(run: Path, acceptance: Any) -> list[dict]:

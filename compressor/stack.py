@@ -107,3 +107,20 @@ class Stack:
             str(data.get("precision", "fp32")),
             int(data.get("student_steps") or 0),
         )
+
+
+@dataclass(frozen=True)
+class StackChoice:
+    """The stack a latency target over levers chose, and how (the prune record keeps ``summary`` as
+    ``target.frontier``: target, levers, backend, batch, margin, reference, stacks measured, where,
+    and ``chosen``, the chosen point with its key, label, speed-up and quality figures)."""
+
+    stack: Stack
+    summary: dict[str, Any]
+
+    @classmethod
+    def from_summary(cls, summary: dict[str, Any] | None) -> StackChoice | None:
+        """The choice a recorded summary holds; None when it holds none."""
+        if not summary or not summary.get("chosen"):
+            return None
+        return cls(Stack.from_dict(summary["chosen"]["stack"]), summary)

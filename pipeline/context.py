@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import platform
 import time
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +17,11 @@ from compressor import runlayout
 from compressor.artifacts import note_record, sha256_file, write_json
 from compressor.config import RunConfig, config_to_dict
 from compressor.errors import UserError
-from compressor.models import LoadedModel, load_model, resolve_device
+from compressor.models import DiffusionModel, load_model, resolve_device
+from compressor.preflight import check_model_supported
 from compressor.progress import log  # noqa: F401  (re-exported: stages log through the context)
 from compressor.records import Record, final_model_dir, read_record, require_record, run_config_name
+from compressor.stack import Stack, StackChoice
 
 
 @dataclass
@@ -86,17 +88,49 @@ def environment_facts(device: torch.device) -> dict[str, str | None]:
     }
 
 
-class RunContext:
-    """A run directory bound to one config; stages read shared inputs through it."""
+@dataclass(frozen=True)
+class StageCall:
+    """The stage a context is bound to while it runs: its name, its cache key (checkpoints are resumed
+    only under the same key) and whether ``--force`` asked for it (a forced run starts afresh)."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
+    name: str
+    key: str
+    forced: bool = False
+
+
+class RunContext:
+    """A run directory bound to one config; stages read shared inputs through it.
+
+    Everything a stage reads is fixed before the first stage runs: the config, the run directory
+    and ``choice``, the stack a latency target over levers chose (``None`` otherwise; see
+    :mod:`pipeline.frontier.target`). The runner hands each stage this context bound to its call
+    (:meth:`at_stage`); the loaded model, data and device are shared between those bindings.
+    """
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, choice: StackChoice | None = None) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
+        self.choice = choice
+        self.call: StageCall | None = None
         self.is_main = int(os.environ.get("RANK", "0")) == 0
-        self.stage_key = "no-key"
-        self.forced = False
-        self.chosen: dict | None = None  # the stack a latency target over levers chose (see frontier)
-        self.frontier_choice: dict | None = None  # its summary, handed to the prune stage by the sweep
+        self._memo: dict[str, Any] = {}  # shared by every stage binding (copy.copy keeps the dict)
+
+    @property
+    def stack(self) -> Stack | None:
+        """The stack the run's compressed model is sampled, exported and timed with, when a latency
+        target over levers chose one; None when the config's own settings apply."""
+        return self.choice.stack if self.choice else None
+
+    def at_stage(self, call: StageCall) -> RunContext:
+        """This context bound to one stage call (same config, choice and loaded inputs)."""
+        bound = copy.copy(self)
+        bound.call = call
+        return bound
+
+    def _memoised(self, name: str, make):
+        if name not in self._memo:
+            self._memo[name] = make()
+        return self._memo[name]
 
     # -- run directory ------------------------------------------------------------------
 
@@ -133,16 +167,25 @@ class RunContext:
 
     # -- shared inputs ------------------------------------------------------------------
 
-    @cached_property
+    @property
     def device(self) -> torch.device:
-        return resolve_device(self.cfg.device)
+        """The device the config names (``auto``: CUDA when present)."""
+        return self._memoised("device", lambda: resolve_device(self.cfg.device))
 
-    @cached_property
-    def dense(self) -> LoadedModel:
-        """The dense model named by ``model`` (loaded once per process)."""
-        loaded = load_model(self.cfg.model, self.cfg.seed)
-        loaded.unet.eval()
-        return loaded
+    @property
+    def dense(self) -> DiffusionModel:
+        """The dense model named by ``model`` (loaded once per process): its description, components
+        and denoiser. A model the stages would get wrong (conditioning, latents) is refused here too,
+        for models whose configs preflight could not read (a hub id)."""
+
+        def load() -> DiffusionModel:
+            loaded = load_model(self.cfg.model, self.cfg.seed)
+            where = f"stage {self.call.name}" if self.call else "the pipeline's stages"
+            check_model_supported(loaded.spec, self.cfg.model.name, where)
+            loaded.unet.eval()
+            return loaded
+
+        return self._memoised("dense", load)
 
     def dense_on(self, device: torch.device | str | None = None) -> torch.nn.Module:
         """A private copy of the dense UNet on ``device`` (default: the run's), in eval mode.
@@ -150,8 +193,6 @@ class RunContext:
         Stages get copies: the cached dense model is never moved or switched to train mode,
         so no stage's result depends on which stage ran before it in the same process.
         """
-        import copy
-
         return copy.deepcopy(self.dense.unet).to(device or self.device).eval()
 
     def torch_predictor(self, unet: torch.nn.Module):
@@ -229,17 +270,17 @@ class RunContext:
         return 2048, "fid"
 
     def image_shape(self) -> tuple[int, int, int]:
-        cfg = self.dense.unet.config
-        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-        return (cfg.in_channels, size, size)
+        """(C, H, W) the sampler draws and the training images take: the dense model's denoiser input
+        (``DiffusionModel.sample_shape``), the image itself for the pixel-space models the stages run."""
+        return self.dense.sample_shape
 
-    @cached_property
+    @property
     def dataset(self):
         """The training images, shaped for the dense model."""
         from compressor.data import load_dataset
 
         c, h, _ = self.image_shape()
-        return load_dataset(self.cfg.data, c, h)
+        return self._memoised("dataset", lambda: load_dataset(self.cfg.data, c, h))
 
     def noise_scheduler(self):
         """The training (DDPM) scheduler of the dense model."""

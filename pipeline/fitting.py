@@ -22,16 +22,21 @@ def checkpoint_dir(ctx: RunContext, stage: str) -> Path:
     """
     ctx.stage_dir(stage)
     root = runlayout.checkpoints_dir(ctx.run_dir, stage)
-    mine = root / ctx.stage_key[:16]
-    if ctx.is_main and ctx.forced and mine.is_dir():
+    mine = root / _key(ctx)
+    if ctx.is_main and ctx.call is not None and ctx.call.forced and mine.is_dir():
         shutil.rmtree(mine)
     return mine
+
+
+def _key(ctx: RunContext) -> str:
+    """The checkpoint folder's name: the stage call's cache key, cut to 16 characters."""
+    return (ctx.call.key if ctx.call is not None else "no-key")[:16]
 
 
 def drop_stale_checkpoints(ctx: RunContext, stage: str) -> None:
     """After a successful run: remove checkpoints that belong to other stage inputs."""
     root = runlayout.checkpoints_dir(ctx.run_dir, stage)
-    mine = root / ctx.stage_key[:16]
+    mine = root / _key(ctx)
     if ctx.is_main:
         for other in root.iterdir():
             if other.is_dir() and other != mine:

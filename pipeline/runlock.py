@@ -20,6 +20,8 @@ from pathlib import Path
 from compressor import runlayout
 from compressor.errors import UserError
 
+_HELD: dict[str, int] = {}  # lock file -> how many holders of this process are inside it
+
 
 class RunLock:
     """``with RunLock(run_dir, command):`` - raises UserError while another live process holds it."""
@@ -28,6 +30,7 @@ class RunLock:
         self.path = runlayout.lock_path(run_dir)
         self.command = command
         self.fd: int | None = None
+        self.nested = False  # this process held the lock already: entering and leaving change nothing
 
     def __enter__(self) -> RunLock:
         self.acquire()
@@ -37,7 +40,13 @@ class RunLock:
         self.release()
 
     def acquire(self) -> None:
-        """Take the lock, or raise UserError naming the live holder."""
+        """Take the lock, or raise UserError naming the live holder; re-entrant within a process
+        (the sweep around a run holds it while the run's stages take it again)."""
+        key = str(self.path.resolve())
+        if _HELD.get(key):
+            _HELD[key] += 1
+            self.nested = True
+            return
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -74,11 +83,19 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         self.fd = fd
+        _HELD[key] = 1
 
     def release(self) -> None:
-        """Remove the lock file and drop the lock (nothing is left in the run directory)."""
+        """Remove the lock file and drop the lock (nothing is left in the run directory); a nested
+        holder only steps out."""
+        key = str(self.path.resolve())
+        if self.nested:
+            _HELD[key] -= 1
+            self.nested = False
+            return
         if self.fd is None:
             return
+        _HELD.pop(key, None)
         try:
             self.path.unlink(missing_ok=True)
         finally:

@@ -10,15 +10,17 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from compressor import oserrors, runlayout
 from compressor.config import RunConfig
 from compressor.errors import UserError
 from compressor.preflight import check_model_settings, check_stages_asked
+from compressor.stack import StackChoice
 from pipeline.cache import dependents, stage_key, update_manifest, why_rerun
-from pipeline.context import RunContext, log
+from pipeline.context import RunContext, StageCall, log
 from pipeline.runlock import RunLock
 from pipeline.stages import STAGES
 
@@ -80,45 +82,31 @@ def run_pipeline(
     run_dir: Path,
     stages: list[str],
     force: set[str] | None = None,
-    plan: Callable[[RunContext], dict] | None = None,
+    choice: StackChoice | None = None,
 ) -> dict[str, dict]:
     """Run ``stages`` in order in ``run_dir``, skipping unchanged ones; returns their records.
 
-    Holds the run directory's lock throughout. A stage that fails (OS error, bad input,
-    interrupt) leaves no temporary files behind, earlier stages' outputs and the manifest
-    stay as they were, and OS errors become one-line UserErrors naming the path. ``plan``
-    (a latency target over levers, :mod:`pipeline.frontier.target`) runs under the lock just
-    before the prune stage and hands it the chosen stack (``ctx.frontier_choice``). Settings that
+    Holds the run directory's lock throughout (re-entrant: a caller that holds it already, such as
+    the sweep around a run with a latency target over levers, keeps it). A stage that fails (OS
+    error, bad input, interrupt) leaves no temporary files behind, earlier stages' outputs and the
+    manifest stay as they were, and OS errors become one-line UserErrors naming the path.
+    ``choice``: the stack a latency target over levers chose (:mod:`pipeline.frontier.target`),
+    which the stages read as ``ctx.stack``; ``cfg`` is used as given for every stage. Settings that
     cannot work with the model (:func:`compressor.preflight.check_model_settings`) are refused
     first, before the run directory is touched.
     """
-    import torch
-
-    check_model_settings(cfg)
+    check_model_settings(cfg, stages=stages)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    ctx = RunContext(cfg, run_dir)
+    ctx = RunContext(cfg, run_dir, choice)
     if not ctx.is_main:  # data-parallel ranks: rank 0 owns the directory and its lock
-        return _run_stages(ctx, stages, force, plan)
+        return _run_stages(ctx, stages, force)
     make_run_dir(run_dir)
     with RunLock(run_dir, " ".join(["compress-deploy", *sys.argv[1:]])):
-        return _run_stages(ctx, stages, force, plan)
+        return _run_stages(ctx, stages, force)
 
 
-def _apply_chosen(ctx: RunContext) -> None:
-    """After a latency target over levers chose a stack: later stages use it (and export what it needs)."""
-    if not ctx.cfg.prune.target_latency.uses_frontier:
-        return
-    from compressor.records import chosen_stack
-    from pipeline.frontier.grid import apply_stack
-
-    ctx.chosen = chosen_stack(ctx.run_dir)
-    ctx.cfg = apply_stack(ctx.cfg, ctx.chosen)
-
-
-def _run_stages(
-    ctx: RunContext, stages: list[str], force: set[str] | None, plan: Callable[[RunContext], dict] | None
-) -> dict[str, dict]:
+def _run_stages(ctx: RunContext, stages: list[str], force: set[str] | None) -> dict[str, dict]:
     run_dir = ctx.run_dir
     ctx.claim()
     forced = dependents({n: STAGES[n] for n in stages}, force or set())
@@ -127,10 +115,6 @@ def _run_stages(
     try:
         for name in stages:
             current = name
-            if name != "prune":
-                _apply_chosen(ctx)
-            elif plan is not None:
-                ctx.frontier_choice = plan(ctx)
             module = STAGES[name]
             key = stage_key(ctx, name, module)
             reason = why_rerun(ctx, name, key, name in forced)
@@ -139,10 +123,8 @@ def _run_stages(
                 records[name] = ctx.record(name).data
                 continue
             log(name, f"start ({reason})")
-            ctx.stage_key = key["key"]  # e.g. checkpoints are only resumed under the same key
-            ctx.forced = name in forced
             began = time.perf_counter()
-            result = module.run(ctx)
+            result = module.run(ctx.at_stage(StageCall(name, key["key"], name in forced)))
             seconds = time.perf_counter() - began
             rec = ctx.write_record(name, module.SECTIONS, result, seconds, cache=key)
             if ctx.is_main:

@@ -299,7 +299,7 @@ def test_a_latency_target_over_levers_chooses_a_stack_the_run_then_uses_and_chec
     frontier = json.loads((run / "frontier" / "frontier.json").read_text())
     chosen = frontier["chosen"]
     assert chosen is not None and chosen["speedup"] >= 1.1 * 1.03 and frontier["levers"][0] == "prune"
-    assert chosen_stack(run) == chosen["stack"]
+    assert chosen_stack(run).as_dict() == chosen["stack"]
     prune = read_metrics(run, "prune")
     assert prune.ratio == chosen["stack"]["ratio"] and prune.frontier["chosen"] == chosen
     assert prune.macs_kept == pytest.approx(chosen["macs_kept"])  # pruned exactly as the frontier's run
@@ -383,7 +383,7 @@ def test_students_are_a_lever_of_the_frontier_and_of_a_latency_target(tiny, tmp_
     assert (
         chosen["stack"]["student_steps"] == 2
     )  # 2 steps against the reference's 8: only students reach 1.5x
-    assert chosen_stack(run) == chosen["stack"]
+    assert chosen_stack(run).as_dict() == chosen["stack"]
     distill = read_metrics(run, "distill_steps")
     assert distill.target_steps == 2 and [r["steps"] for r in distill.rounds] == [4, 2]
     quality = read_metrics(run, "quality")

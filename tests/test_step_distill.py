@@ -163,7 +163,7 @@ def test_the_stage_writes_the_student_its_rounds_and_the_final_model(student_run
     assert steps == 2 and sched_cfg["prediction_type"] == "v_prediction"
     assert sched_cfg["timestep_spacing"] == "trailing"
     assert student_sampling(runlayout.student_round_dir(run, 4))[1] == 4
-    assert student_stack(run)["steps"] == 2
+    assert student_stack(run).steps == student_stack(run).student_steps == 2
     quality = read_metrics(run, "quality")
     assert quality.compressed_label() == "student" and quality.student_steps == 2
     assert "finetuned" not in quality.models  # only the final model is scored (compare_pruned off)

@@ -191,6 +191,6 @@ def stack_defaults(args: Any, run: Path, model: str, names: dict[str, str], cls:
     for dest, key in names.items():
         value = getattr(args, dest)
         if value is None:
-            value = stack[key] if stack else field_spec(cls, dest)[1]
+            value = getattr(stack, key) if stack else field_spec(cls, dest)[1]
         out[dest] = value
     return out

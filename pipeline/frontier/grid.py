@@ -126,21 +126,21 @@ def lever_grid(cfg: RunConfig, levers: list[str], base: Grid | None = None) -> G
     )
 
 
-def apply_stack(cfg: RunConfig, stack: dict | None) -> RunConfig:
-    """The run config with what a chosen stack needs: its precision and, with reuse, the passes
-    exported; a student stack's ``distill_steps.target_steps``."""
-    if not stack:
+def apply_stack(cfg: RunConfig, stack: Stack | None) -> RunConfig:
+    """The run config with what a chosen stack needs, settled before the run's first stage: its
+    precision and, with reuse, the passes exported; a student stack's ``distill_steps.target_steps``."""
+    if stack is None:
         return cfg
-    if stack.get("student_steps") or "student" in cfg.prune.target_latency.levers:
+    if stack.student_steps or "student" in cfg.prune.target_latency.levers:
         # chosen among students too: the run trains one exactly when the chosen stack is one
-        distill = dataclasses.replace(cfg.distill_steps, target_steps=stack.get("student_steps") or None)
+        distill = dataclasses.replace(cfg.distill_steps, target_steps=stack.student_steps or None)
         cfg = dataclasses.replace(cfg, distill_steps=distill)
     export = cfg.export
     precisions = list(export.precisions)
-    for needed in ("fp32", stack["precision"]):
+    for needed in ("fp32", stack.precision):
         if needed not in precisions:
             precisions.append(needed)
-    reuse = export.feature_reuse or stack["cache_interval"] > 1
+    reuse = export.feature_reuse or stack.reuses_features
     if precisions == list(export.precisions) and reuse == export.feature_reuse:
         return cfg
     return dataclasses.replace(

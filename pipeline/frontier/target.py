@@ -2,38 +2,49 @@
 run, not a stage inside it.
 
 :func:`run_with_target` is how the command line runs a config. Without such a target it is the
-ordinary pipeline. With one, and when the prune stage is to run, the pipeline is started with
-:func:`choose_stack` as its plan: under the run's lock, before the prune stage, the frontier of the
-free levers is measured (in ``RUN/frontier``, or ``frontier.dir`` whose measurements runs of one
-config may share), the stack is chosen by the within-noise rule (:func:`~pipeline.frontier.choice.
-choose`) and written to ``RUN/frontier/frontier.json`` (``chosen``). The prune stage then only
-prunes, at the chosen ratio (its record keeps the choice as ``target.frontier``), and the later
-stages use the chosen stack (the runner applies it: export adds its precision and reuse passes,
-quality samples with its sampler, bench times it, ``check`` gates it).
+ordinary pipeline. With one, choosing the stack is one step before the stages that use it, under the
+run's lock: when the prune stage is to run, :func:`choose_stack` measures the frontier of the free
+levers (in ``RUN/frontier``, or ``frontier.dir`` whose measurements runs of one config may share;
+every measurement is cached by content), chooses by the within-noise rule (:func:`~pipeline.
+frontier.choice.choose`) and writes ``RUN/frontier/frontier.json`` (``chosen``); otherwise the
+choice the prune stage recorded (``target.frontier``) is read back. The run then receives the
+choice as an explicit, typed input (:class:`~compressor.stack.StackChoice`, ``ctx.stack`` in the
+stages) and a config settled once, before its first stage (:func:`~pipeline.frontier.grid.
+apply_stack`: export adds the stack's precision and reuse passes, a student stack sets
+``distill_steps.target_steps``): the prune stage prunes at the chosen ratio, quality samples with
+the stack's sampler, bench times it, ``check`` gates it. Stages that come before the prune stage
+(``train``: the dense model the frontier measures) run first.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from pathlib import Path
 
 from compressor import runlayout
 from compressor.config import RunConfig
 from compressor.errors import UserError
+from compressor.preflight import check_model_settings
+from compressor.records import stack_choice
+from compressor.stack import Stack, StackChoice
 from pipeline.context import RunContext, log
 from pipeline.frontier.choice import choose
-from pipeline.frontier.grid import lever_grid, spec_from_config
+from pipeline.frontier.grid import apply_stack, lever_grid, spec_from_config
 from pipeline.frontier.measure import measure
 from pipeline.frontier.tables import choice_text, write
-from pipeline.runner import run_pipeline
+from pipeline.runlock import RunLock
+from pipeline.runner import make_run_dir, run_pipeline
 
 
-def choose_stack(ctx: RunContext) -> dict:
+def choose_stack(cfg: RunConfig, run_dir: Path) -> StackChoice:
     """Measure the frontier the run's target may search, choose its stack, write ``RUN/frontier``;
-    the summary the prune record keeps as ``target.frontier``. UserError when no stack meets it."""
-    cfg = ctx.cfg
+    the choice, whose summary the prune record keeps as ``target.frontier``. UserError when no
+    stack meets the target."""
     lat = cfg.prune.target_latency
     levers = list(lat.levers)
-    out = runlayout.frontier_dir(ctx.run_dir)
+    out = runlayout.frontier_dir(run_dir)
     where = Path(cfg.frontier.dir) if cfg.frontier.dir else out
     threads = lat.threads or cfg.frontier.threads or cfg.bench.threads
     spec = spec_from_config(cfg, where, lever_grid(cfg, levers), backend=lat.backend, batch=lat.batch,
@@ -54,7 +65,7 @@ def choose_stack(ctx: RunContext) -> dict:
         )
     shown = choice_text(chosen, lat.goal(), found["metric"]).replace("**", "")
     log("prune", f"frontier: {len(found['points'])} stacks measured; {shown}")
-    return {
+    summary = {
         "target": lat.goal(),
         "levers": levers,
         "backend": lat.backend,
@@ -65,18 +76,30 @@ def choose_stack(ctx: RunContext) -> dict:
         "measured_in": str(where),
         "chosen": chosen,
     }
+    return StackChoice(Stack.from_dict(chosen["stack"]), summary)
 
 
 def run_with_target(
     cfg: RunConfig, run_dir: Path, stages: list[str], force: set[str] | None = None
 ) -> dict[str, dict]:
-    """Run ``stages``; with a latency target over levers, measure and choose the stack first (see the
-    module's docstring). Returns the stages' records."""
-    if cfg.prune.target_latency.uses_frontier and "prune" in stages:
-        if "student" in cfg.prune.target_latency.levers and "distill_steps" not in stages:
-            # the chosen stack may be a few-step student: the run must be able to train it (the stage
-            # skips itself when the choice is not a student)
-            at = stages.index("finetune") + 1 if "finetune" in stages else stages.index("prune") + 1
-            stages = [*stages[:at], "distill_steps", *stages[at:]]
-        return run_pipeline(cfg, run_dir, stages, force, plan=choose_stack)
-    return run_pipeline(cfg, run_dir, stages, force)
+    """Run ``stages``; with a latency target over levers, choose the stack first and run the stages
+    with it (see the module's docstring). Returns the stages' records."""
+    lat = cfg.prune.target_latency
+    if not lat.uses_frontier:
+        return run_pipeline(cfg, run_dir, stages, force)
+    if "prune" in stages and "student" in lat.levers and "distill_steps" not in stages:
+        # the chosen stack may be a few-step student: the run must be able to train it (the stage
+        # skips itself when the choice is not a student)
+        at = stages.index("finetune") + 1 if "finetune" in stages else stages.index("prune") + 1
+        stages = [*stages[:at], "distill_steps", *stages[at:]]
+    before = stages[: stages.index("prune")] if "prune" in stages else []
+    check_model_settings(cfg)
+    make_run_dir(run_dir)
+    main = int(os.environ.get("RANK", "0")) == 0  # data-parallel ranks: rank 0 holds the lock
+    with RunLock(run_dir, " ".join(["compress-deploy", *sys.argv[1:]])) if main else contextlib.nullcontext():
+        RunContext(cfg, run_dir).claim()  # refuse another config's run directory before measuring
+        records = run_pipeline(cfg, run_dir, before, force) if before else {}
+        choice = choose_stack(cfg, run_dir) if "prune" in stages else stack_choice(run_dir)
+        settled = apply_stack(cfg, choice.stack) if choice else cfg
+        records.update(run_pipeline(settled, run_dir, stages[len(before) :], force, choice))
+    return records

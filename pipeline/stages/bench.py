@@ -135,7 +135,7 @@ def run(ctx: RunContext) -> StageResult:
         "variants": [str(v) for v in samplers],
         "compressed_from": source,
         "stack": _time_stack(ctx, models, folder if source == "distill_steps" else None)
-        if ctx.chosen is not None
+        if ctx.stack is not None
         else None,
     }
     if source == "distill_steps":
@@ -174,10 +174,10 @@ def _time_stack(ctx: RunContext, models: dict, student=None) -> dict:
     from compressor.persist import student_sampling
     from deploy.runtimes import load_backend
 
-    lat, stack, s = ctx.cfg.prune.target_latency, ctx.chosen, ctx.cfg.sample
-    level = s.cache_level if stack["cache_interval"] > 1 else None
+    lat, stack, s = ctx.cfg.prune.target_latency, ctx.stack, ctx.cfg.sample
+    level = s.cache_level if stack.reuses_features else None
     reference = SamplerVariant(s.scheduler, s.steps)
-    variant = SamplerVariant(stack["scheduler"], stack["steps"], stack["cache_interval"])
+    variant = stack.variant
     if lat.backend != "torch":
         ctx.require("export" if lat.backend == "onnxruntime" else "build", "bench")
 
@@ -191,7 +191,7 @@ def _time_stack(ctx: RunContext, models: dict, student=None) -> dict:
         "dense": _sampler(ctx, backend("dense", "fp32", None), reference, lat.batch),
         "pruned": _sampler(
             ctx,
-            backend("pruned", stack["precision"], level),
+            backend("pruned", stack.precision, level),
             variant,
             lat.batch,
             student_sampling(student)[0] if student else None,
@@ -199,12 +199,12 @@ def _time_stack(ctx: RunContext, models: dict, student=None) -> dict:
     }
     times = time_alternating(calls, min(1, ctx.cfg.bench.warmup), ctx.cfg.bench.sampler_repeat)
     ref_ms, ms = percentile_ms(times["dense"])[0], percentile_ms(times["pruned"])[0]
-    log("bench", f"chosen stack {stack} on {lat.backend} batch {lat.batch}: {ms:.1f} ms vs dense {reference} "
-                 f"{ref_ms:.1f} ms, speed-up {ref_ms / ms:.2f}x")  # fmt: skip
+    log("bench", f"chosen stack {stack.label()} on {lat.backend} batch {lat.batch}: {ms:.1f} ms vs dense "
+                 f"{reference} {ref_ms:.1f} ms, speed-up {ref_ms / ms:.2f}x")  # fmt: skip
     return {
         "backend": lat.backend,
         "batch": lat.batch,
-        "stack": stack,
+        "stack": stack.as_dict(),
         "reference": str(reference),
         "reference_ms": ref_ms,
         "ms": ms,

@@ -16,7 +16,7 @@ INPUTS = ["prune"]
 def run(ctx: RunContext) -> StageResult:
     """Finetune ``RUN/prune/model``; writes ``RUN/finetune/model`` (EMA) and ``model-raw``."""
     ctx.require("prune", "finetune")
-    if ctx.chosen is not None and ctx.chosen["ratio"] == 0:
+    if ctx.stack is not None and ctx.stack.ratio == 0:
         reason = (
             "the latency target's frontier chose the dense model (ratio 0): nothing was pruned to recover"
         )

@@ -9,10 +9,10 @@ from compressor.errors import UserError
 from compressor.models import count_macs_params
 from compressor.persist import dense_config, save_unet
 from compressor.progress import progress_bar
-from compressor.pruning import PruneResult, prune_unet
+from compressor.pruning import LatencySearch, PruneResult, prune_unet
 from compressor.quality import denoising_eval_loss
 from compressor.taylor import candidate_timesteps
-from deploy.latency import LatencySearch
+from deploy.latency import latency_timer
 from pipeline.context import RunContext, StageResult, environment_facts, log
 
 SECTIONS = ["model", "data", "prune", "seed"]
@@ -22,8 +22,6 @@ INPUTS: list[str] = []
 def key_extra(ctx: RunContext) -> dict:
     """A latency target also depends on the host, the backend's libraries and the sampler's steps;
     one over levers on everything the frontier measures (finetune, sampler, quality settings)."""
-    from compressor.config import config_to_dict
-
     lat = ctx.cfg.prune.target_latency
     if not lat.active:
         return {}
@@ -33,8 +31,7 @@ def key_extra(ctx: RunContext) -> dict:
     if lat.uses_frontier:
         cfg = config_to_dict(ctx.cfg)
         extra.update({k: cfg[k] for k in ("frontier", "finetune", "sample", "quality", "export", "bench")})
-        choice = ctx.frontier_choice
-        extra["frontier.chosen"] = choice["chosen"]["key"] if choice else None
+        extra["frontier.chosen"] = ctx.choice.summary["chosen"]["key"] if ctx.choice else None
     return extra
 
 
@@ -66,11 +63,9 @@ def _latency_target(ctx: RunContext, unet) -> tuple[PruneConfig, object, Latency
         return ctx.cfg.prune, None, None
     if ctx.cfg.prune.target_latency.uses_frontier:
         return _chosen_ratio(ctx), None, None
-    search = LatencySearch.from_config(
-        ctx.cfg,
-        ctx.device,
-        ctx.dense.scheduler_config,
-        ctx.image_shape(),
+    search = LatencySearch(
+        ctx.cfg.prune,
+        latency_timer(ctx.cfg, ctx.device, ctx.dense.scheduler_config, ctx.image_shape()),
         environment_facts(ctx.device),
         lambda message: log("prune", message),
     )
@@ -80,14 +75,13 @@ def _latency_target(ctx: RunContext, unet) -> tuple[PruneConfig, object, Latency
 
 def _chosen_ratio(ctx: RunContext) -> PruneConfig:
     """The prune config of the ratio the sweep around the run chose (:mod:`pipeline.frontier.target`)."""
-    choice = ctx.frontier_choice
-    if choice is None:
+    if ctx.stack is None:
         raise UserError(
             "prune.target_latency.levers: a target over levers is chosen on the frontier before the run; "
             "run the config with `compress-deploy CONFIG` (pipeline.frontier.target.run_with_target)"
         )
-    ratio = choice["chosen"]["stack"]["ratio"]
-    log("prune", f"pruning at ratio {ratio:g}, the stack the frontier chose: {choice['chosen']['label']}")
+    ratio = ctx.stack.ratio
+    log("prune", f"pruning at ratio {ratio:g}, the stack the frontier chose: {ctx.stack.label()}")
     return config_from_mapping(config_to_dict(ctx.cfg), prune_target_overrides(ratio=ratio)).prune
 
 
@@ -175,7 +169,9 @@ def _metrics(
         "target": {
             **{k: getattr(ctx.cfg.prune, k) for k in ("ratio", "target_macs", "target_params")},
             "target_latency": search.summary if search else None,
-            "frontier": ctx.frontier_choice if ctx.cfg.prune.target_latency.uses_frontier else None,
+            "frontier": ctx.choice.summary
+            if ctx.choice and ctx.cfg.prune.target_latency.uses_frontier
+            else None,
         },
         "params_before": params_before,
         "params_after": params_after,

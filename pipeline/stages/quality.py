@@ -66,7 +66,7 @@ def run(ctx: RunContext) -> StageResult:
         "scheduler": ctx.cfg.sample.scheduler,
         "cache_interval": ctx.cfg.sample.cache_interval,
         "backend": cfg.backend,
-        "compressed_stack": ctx.chosen,
+        "compressed_stack": ctx.stack.as_dict() if ctx.stack else None,
         "frechet_metric": metric,
         "frechet_note": fd_note,
         "interval": {**boot.describe(n), "level": cfg.interval_level, "look_level": boot.level},
@@ -145,32 +145,25 @@ def _student(ctx: RunContext, label: str):
     return student_sampling(runlayout.model_dir(ctx.run_dir, "distill_steps"))
 
 
-def _stack_variant(ctx: RunContext):
-    """The chosen stack's sampler (a latency target over levers), or None."""
-    from compressor.config import SamplerVariant
-
-    c = ctx.chosen
-    return SamplerVariant(c["scheduler"], c["steps"], c["cache_interval"]) if c else None
-
-
 def _predictors(ctx: RunContext, models: dict) -> dict:
     """Label -> noise predictor: torch (two passes with feature reuse), or the deployed backend.
 
     With a chosen stack the compressed models run its sampler: torch with its reuse split,
     and the final model through ONNX Runtime when the stack is fp16/int8 (the file that runs it).
     """
-    if ctx.chosen is not None:
-        level = ctx.cfg.sample.cache_level if ctx.chosen["cache_interval"] > 1 else None
+    stack = ctx.stack
+    if stack is not None:
+        level = ctx.cfg.sample.cache_level if stack.reuses_features else None
         predictors = {
             label: ctx.torch_predictor(unet)
             if label == "dense"
             else load_backend("torch", unet=unet, device=ctx.device, cache_level=level).predict
             for label, unet in models.items()
         }
-        if ctx.chosen["precision"] != "fp32":
+        if stack.precision != "fp32":
             ctx.require("export", "quality")
             predictors[_final(models)] = load_backend(
-                "onnxruntime", run_dir=ctx.run_dir, model="pruned", precision=ctx.chosen["precision"],
+                "onnxruntime", run_dir=ctx.run_dir, model="pruned", precision=stack.precision,
                 cache_level=level,
             ).predict  # fmt: skip
         return predictors
@@ -192,7 +185,7 @@ def _draw(ctx: RunContext, label: str, predict, drawn, n: int):
     stack's, when a latency target over levers chose one; a student: its own steps)."""
     cfg, sample = ctx.cfg.quality, ctx.cfg.sample
     have = 0 if drawn is None else drawn.shape[0]
-    variant = _stack_variant(ctx) if label != "dense" else None
+    variant = ctx.stack.variant if label != "dense" and ctx.stack else None
     student = _student(ctx, label)
     steps = cfg.steps or sample.steps
     scheduler, interval = sample.scheduler, sample.cache_interval
