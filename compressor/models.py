@@ -5,6 +5,11 @@ the shipped architecture names (JSON files in ``compressor/architectures``). Wit
 ``model.init=random`` a shipped architecture is built offline with seeded random
 weights; with ``pretrained`` it loads the local copy shipped in
 ``compressor/assets`` (the demo model) or the architecture's hub id.
+
+What is loaded is a :class:`~compressor.components.DiffusionModel`: the UNet, its scheduler
+config and, from a diffusers pipeline folder (``model_index.json``), the VAE, text encoder and
+tokenizer it holds. A shipped architecture names a UNet alone (``sd-v1-unet`` is Stable
+Diffusion's UNet), so only the UNet and its scheduler are loaded for it.
 """
 
 from __future__ import annotations
@@ -14,20 +19,27 @@ import io
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from compressor.components import (
+    CONTEXT_LENGTH,
+    DiffusionModel,
+    ModelSpec,
+    denoiser_sample_shape,
+    load_components,
+    read_component_configs,
+)
 from compressor.config import ModelConfig
 from compressor.errors import ModelError
 
 ARCH_DIR = Path(__file__).parent / "architectures"
 ASSET_DIR = Path(__file__).parent / "assets"
 SUPPORTED_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
-CONTEXT_LENGTH = 77  # token count of the conditioning sequence fed to conditional UNets
 
 NoisePredictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -48,15 +60,6 @@ class ReusePredictor:
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """The full pass's noise."""
         return self.full(sample, timestep)[0]
-
-
-@dataclass
-class LoadedModel:
-    """A UNet, its scheduler config and where it came from."""
-
-    unet: nn.Module
-    scheduler_config: dict
-    source: dict = field(default_factory=dict)
 
 
 def shipped_architectures() -> list[str]:
@@ -100,8 +103,9 @@ def _looks_like_hub_id(name: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
 
 
-def _load_folder(folder: Path) -> LoadedModel:
-    """Load a diffusers UNet + scheduler from a local folder (pipeline or model layout)."""
+def _load_folder(folder: Path, components: bool = True) -> DiffusionModel:
+    """Load a diffusers UNet + scheduler from a local folder (pipeline or model layout), and with
+    ``components`` the VAE, text encoder and tokenizer a pipeline folder holds."""
     unet_dir = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
     sched_file = next(
         (
@@ -132,23 +136,26 @@ def _load_folder(folder: Path) -> LoadedModel:
     if sched_file is None:
         raise ModelError(f"{folder}: no scheduler_config.json; save the scheduler beside the UNet")
     scheduler_config = json.loads(sched_file.read_text())
-    return LoadedModel(unet, scheduler_config, {"kind": "folder", "path": str(folder)})
+    parts = load_components(folder) if components else {}
+    return DiffusionModel(unet, scheduler_config, {"kind": "folder", "path": str(folder)}, **parts)
 
 
-def _load_hub(hub_id: str) -> LoadedModel:
-    """Download (or read from the local cache) a hub model; fails clearly offline."""
+def _load_hub(hub_id: str, components: bool = True) -> DiffusionModel:
+    """Download (or read from the local cache) a hub model; fails clearly offline. ``components``:
+    a pipeline's VAE, text encoder and tokenizer too (the tokenizer's merges are a .txt file)."""
+    patterns = ["*.json", "*.safetensors", "*/*.json", "*/*.safetensors"] + (
+        ["*/*.txt"] if components else []
+    )
     try:
         from huggingface_hub import snapshot_download
 
-        path = snapshot_download(
-            hub_id, allow_patterns=["*.json", "*.safetensors", "*/*.json", "*/*.safetensors"]
-        )
+        path = snapshot_download(hub_id, allow_patterns=patterns)
     except Exception as exc:  # noqa: BLE001 - hub errors come in many types
         raise ModelError(
             f"cannot fetch {hub_id!r} from the Hugging Face hub ({type(exc).__name__}); without network, "
             "download it elsewhere and set model.name to the local folder, or use model.init=random"
         ) from None
-    loaded = _load_folder(Path(path))
+    loaded = _load_folder(Path(path), components)
     loaded.source = {"kind": "hub", "hub_id": hub_id}
     return loaded
 
@@ -158,17 +165,19 @@ def _shipped(folder: Path, name: str, suffix: str = "") -> bool:
     return re.fullmatch(r"[\w.-]+", name) is not None and (folder / f"{name}{suffix}").exists()
 
 
-def load_model(cfg: ModelConfig, seed: int = 0) -> LoadedModel:
-    """Load the UNet named by ``cfg`` (see module docstring); raises ModelError."""
+def load_model(cfg: ModelConfig, seed: int = 0) -> DiffusionModel:
+    """Load the model named by ``cfg`` (see module docstring); raises ModelError."""
     name = cfg.name
     path = Path(name).expanduser()
     if cfg.init == "random":
+        parts: dict = {}
         if _shipped(ARCH_DIR, name, ".json"):
             spec = architecture_spec(name)
             unet_cfg, sched = spec["unet"], spec["scheduler"]
         elif path.is_dir():
             loaded_cfg = _read_folder_configs(path)
             unet_cfg, sched = loaded_cfg
+            parts = load_components(path, random_init=True, seed=seed)
         else:
             raise ModelError(
                 f"model.name={name!r}: model.init=random needs a shipped architecture "
@@ -177,13 +186,14 @@ def load_model(cfg: ModelConfig, seed: int = 0) -> LoadedModel:
         if cfg.sample_size is not None:
             unet_cfg = {**unet_cfg, "sample_size": cfg.sample_size}
         unet = build_unet(unet_cfg, seed)
-        return LoadedModel(unet, dict(sched), {"kind": "random", "architecture": name, "seed": seed})
+        source = {"kind": "random", "architecture": name, "seed": seed}
+        return DiffusionModel(unet, dict(sched), source, **parts)
     if _shipped(ASSET_DIR, name):
         loaded = _load_folder(ASSET_DIR / name)
         loaded.source = {"kind": "shipped", "name": name}
     elif _shipped(ARCH_DIR, name, ".json"):
         spec = architecture_spec(name)
-        loaded = _load_hub(spec["hub_id"])
+        loaded = _load_hub(spec["hub_id"], components=False)  # the architecture is the UNet alone
     elif path.is_dir():
         loaded = _load_folder(path)
     elif path.exists():
@@ -208,8 +218,16 @@ def read_model_configs(cfg: ModelConfig) -> tuple[dict, dict] | None:
     None where that is not cheap (a hub id that is not a shipped architecture) or the model
     cannot be found (its loader then says why). Raises ModelError for an unreadable config.
     """
+    spec = read_model_spec(cfg)
+    return None if spec is None else (dict(spec.unet), dict(spec.scheduler))
+
+
+def read_model_spec(cfg: ModelConfig) -> ModelSpec | None:
+    """The description of the model ``cfg`` names from its components' configs alone (see
+    :func:`read_model_configs`; a pipeline folder's VAE, text encoder and tokenizer included)."""
     name = cfg.name
     path = Path(name).expanduser()
+    parts: dict = {}
     if cfg.init == "pretrained" and _shipped(ASSET_DIR, name):
         found = _read_folder_configs(ASSET_DIR / name)
     elif _shipped(ARCH_DIR, name, ".json"):  # random init, or the hub model the architecture names
@@ -217,12 +235,13 @@ def read_model_configs(cfg: ModelConfig) -> tuple[dict, dict] | None:
         found = spec["unet"], spec["scheduler"]
     elif path.is_dir():
         found = _read_folder_configs(path)
+        parts = read_component_configs(path)
     else:
         return None
     unet_cfg, sched = found
     if cfg.sample_size is not None:
         unet_cfg = {**unet_cfg, "sample_size": cfg.sample_size}
-    return unet_cfg, dict(sched)
+    return ModelSpec(unet_cfg, dict(sched), **parts)
 
 
 def _read_folder_configs(path: Path) -> tuple[dict, dict]:
@@ -248,10 +267,8 @@ def is_conditional(unet: nn.Module) -> bool:
 
 
 def sample_shape(unet: nn.Module, batch: int) -> tuple[int, int, int, int]:
-    """Shape of one batch of the UNet's input samples."""
-    size = unet.config.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return (batch, unet.config.in_channels, h, w)
+    """Shape of one batch of the UNet's input samples (see ``denoiser_sample_shape``)."""
+    return (batch, *denoiser_sample_shape({"_class_name": type(unet).__name__, **unet.config}))
 
 
 def null_context(unet: nn.Module, batch: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
@@ -274,15 +291,24 @@ def example_inputs(unet: nn.Module, batch: int = 1, device: torch.device | str =
     return inputs
 
 
-def predict_noise(unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-    """Call a diffusers UNet as ``(sample, timestep) -> noise`` (plain tensor out)."""
+def predict_noise(
+    unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, **conditioning: torch.Tensor
+) -> torch.Tensor:
+    """Call a diffusers UNet as ``(sample, timestep) -> noise`` (plain tensor out).
+
+    ``conditioning``: ``encoder_hidden_states`` and/or ``class_labels`` of a conditional model (see
+    :meth:`compressor.components.ModelSpec.denoiser_inputs`); without them a conditional UNet gets
+    the fixed null context (:func:`null_context`).
+    """
     if timestep.dim() == 0:
         timestep = timestep.expand(sample.shape[0])
-    ctx = null_context(unet, sample.shape[0], sample.device)
+    kwargs = dict(conditioning)
+    ctx = kwargs.get("encoder_hidden_states")
+    if ctx is None:
+        ctx = null_context(unet, sample.shape[0], sample.device)
     if ctx is not None:
-        ctx = ctx.to(sample.dtype)
-        return unet(sample, timestep, encoder_hidden_states=ctx, return_dict=False)[0]
-    return unet(sample, timestep, return_dict=False)[0]
+        kwargs["encoder_hidden_states"] = ctx.to(sample.dtype)
+    return unet(sample, timestep, return_dict=False, **kwargs)[0]
 
 
 def as_noise_predictor(unet: nn.Module) -> NoisePredictor:

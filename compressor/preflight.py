@@ -14,6 +14,11 @@ when the runner starts and before the first stage writes anything:
 - sizes: a ``model.sample_size`` the UNet's downsampling halves evenly, a ``sample.cache_level``
   inside its levels (when features are reused), ``finetune.distill.feature_points`` among its blocks.
 
+The model itself is refused first when the stages would get it wrong (:func:`check_model_supported`):
+only unconditional pixel-space models run through them today, so a model with text or class
+conditioning, or one working on latents (a VAE), is one ModelError naming the stages, not a failure
+deep inside one.
+
 Data needs no check here: images are resized to the model's sample size. A setting that asks for a
 stage the config's stage list lacks (``distill_steps.target_steps`` without ``distill_steps``) is
 refused too, with the fix (:func:`check_stages_asked`). Each refusal is one ConfigError line naming
@@ -23,10 +28,14 @@ every key that cannot work.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from compressor.config import RunConfig, StepDistillConfig
-from compressor.errors import ConfigError
+from compressor.errors import ConfigError, ModelError
 from compressor.stack import SamplerVariant
+
+if TYPE_CHECKING:  # annotations only: the description module imports torch
+    from compressor.components import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -68,15 +77,46 @@ def model_facts(cfg: RunConfig) -> ModelFacts | None:
     return None if found is None else ModelFacts.from_configs(cfg.model.name, *found)
 
 
-def check_model_settings(cfg: RunConfig, frontier: bool = False) -> None:
-    """Refuse, in one ConfigError line, every setting of ``cfg`` that cannot work with its model.
+def check_model_supported(spec: ModelSpec, name: str, where: str = "the pipeline's stages") -> None:
+    """Refuse, in one ModelError line, a model the stages would get wrong: text or class conditioning
+    (they sample without it) or latents (they would score and train on latents, not images).
+
+    ``where``: who refuses, e.g. ``stages prune, samples`` or ``compress-deploy frontier``.
+    Also called on the loaded model (:attr:`pipeline.context.RunContext.dense`), for models whose
+    configs are not read up front (hub ids).
+    """
+    why = spec.refusal()
+    if not why:
+        return
+    kinds = [k for k, on in (("conditional", spec.conditioning != "none"), ("latent", spec.latent)) if on]
+    raise ModelError(
+        f"model {name} {why}: the {' '.join(kinds)} pipeline is not supported by {where} yet; point "
+        "model.name at an unconditional pixel-space model (a UNet without vae, text_encoder, tokenizer "
+        "or num_class_embeds)"
+    )
+
+
+def check_model_settings(cfg: RunConfig, frontier: bool = False, stages: list[str] | None = None) -> None:
+    """Refuse a model the stages would get wrong (:func:`check_model_supported`), then, in one
+    ConfigError line, every setting of ``cfg`` that cannot work with its model.
 
     ``frontier``: also check the whole ``frontier`` grid (``compress-deploy frontier``); otherwise
-    only the lists a latency target over levers may move.
+    only the lists a latency target over levers may move. ``stages``: the stages about to run (named
+    in the refusal).
     """
-    facts = model_facts(cfg)
-    if facts is None:
+    from compressor.models import read_model_spec  # heavy (torch, diffusers): only when checking
+
+    spec = read_model_spec(cfg.model)
+    if spec is None:
         return
+    if frontier:
+        where = "compress-deploy frontier"
+    elif stages:
+        where = f"stage{'s' if len(stages) > 1 else ''} {', '.join(stages)}"
+    else:
+        where = "the pipeline's stages"
+    check_model_supported(spec, cfg.model.name, where)
+    facts = ModelFacts.from_configs(cfg.model.name, dict(spec.unet), dict(spec.scheduler))
     problems = model_problems(cfg, facts, frontier)
     if problems:
         raise ConfigError(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from compressor.components import ModelSpec
 from compressor.errors import ArtifactError, UserError
 from compressor.models import NoisePredictor
 from compressor.records import final_model_dir
@@ -115,9 +116,7 @@ def load_sampler(
         sched_cfg = structure.get("dense_scheduler_config", sched_cfg)
     if not sched_cfg:
         raise ArtifactError(f"{folder}: its structure file has no scheduler config; rerun the prune stage")
-    cfg = structure["unet_config"]
-    size = cfg["sample_size"] if isinstance(cfg["sample_size"], int) else cfg["sample_size"][0]
-    shape = (cfg["in_channels"], size, size)
+    shape = ModelSpec(structure["unet_config"]).sample_shape  # the denoiser's input: the image
     b = load_backend(
         backend, run_dir=run_dir, model=model, device=device, precision=precision, cache_level=cache_level
     )

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compressor import runlayout
+from compressor.components import DenoiserInputs, ModelSpec
 from compressor.errors import ArtifactError, UserError
 
 MODELS_DIR = Path(__file__).parent / "triton_models"
@@ -65,19 +66,33 @@ def _instances(s: RepoSettings, python: bool) -> str:
     return f"instance_group [\n  {{\n    count: {s.instances}\n    kind: {kind}\n  }}\n]\n"
 
 
-def unet_config(shape: tuple[int, int, int], kind: str, s: RepoSettings) -> str:
-    """config.pbtxt of the ``unet`` model."""
+TRITON_TYPES = {"torch.float32": "TYPE_FP32", "torch.int64": "TYPE_INT64"}  # the denoiser inputs' dtypes
+
+
+def _input_block(name: str, dtype: str, dims: tuple[int, ...]) -> str:
+    """One entry of ``input [...]``; a per-item scalar (a timestep, a class label) is sent as [1]."""
+    shown = ", ".join(str(d) for d in dims) or "1"
+    reshape = "" if dims else "    reshape: { shape: [ ] }\n"
+    return f'  {{\n    name: "{name}"\n    data_type: {dtype}\n    dims: [ {shown} ]\n{reshape}  }}'
+
+
+def unet_config(
+    shape: tuple[int, int, int], kind: str, s: RepoSettings, inputs: DenoiserInputs | None = None
+) -> str:
+    """config.pbtxt of the ``unet`` model; ``inputs``: the denoiser's (``ModelSpec.denoiser_inputs``;
+    default: ``sample`` of ``shape`` and ``timestep``, an unconditional model's)."""
     platform = {
         "tensorrt": 'platform: "tensorrt_plan"',
         "onnxruntime": 'platform: "onnxruntime_onnx"',
         "python": 'backend: "python"',
     }[kind]
+    if inputs is None:
+        inputs = ModelSpec({"in_channels": shape[0], "sample_size": list(shape[1:])}).denoiser_inputs()
+    blocks = [_input_block(i.name, TRITON_TYPES[str(i.dtype)], i.per_item) for i in inputs.inputs]
     dims = ", ".join(str(d) for d in shape)
     return (
         f'name: "unet"\n{platform}\nmax_batch_size: {s.max_batch}\n'
-        f'input [\n  {{\n    name: "sample"\n    data_type: TYPE_FP32\n    dims: [ {dims} ]\n  }},\n'
-        '  {\n    name: "timestep"\n    data_type: TYPE_INT64\n    dims: [ 1 ]\n'
-        "    reshape: { shape: [ ] }\n  }\n]\n"
+        "input [\n" + ",\n".join(blocks) + "\n]\n"
         f'output [\n  {{\n    name: "noise"\n    data_type: TYPE_FP32\n    dims: [ {dims} ]\n  }}\n]\n'
         + _batching(s)
         + _instances(s, kind == "python")
@@ -128,9 +143,8 @@ def write_repository(run_dir: Path, out: Path, s: RepoSettings) -> dict:
         raise UserError(f"unknown unet kind {s.unet_kind!r}; choose one of {', '.join(UNET_KINDS)}")
     folder = final_model_dir(run_dir)[1]
     structure = read_structure(folder)
-    cfg = structure["unet_config"]
-    size = cfg["sample_size"] if isinstance(cfg["sample_size"], int) else cfg["sample_size"][0]
-    shape = (cfg["in_channels"], size, size)
+    spec = ModelSpec(structure["unet_config"])
+    shape = spec.sample_shape  # the denoiser's input: the image of the pixel-space models runs hold
     kind = _choose_unet(run_dir, s)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; pass a new folder (nothing was written)")
@@ -196,7 +210,7 @@ def write_repository(run_dir: Path, out: Path, s: RepoSettings) -> dict:
         )
     )
     configs = {
-        "unet": unet_config(shape, kind, s),
+        "unet": unet_config(shape, kind, s, spec.denoiser_inputs()),
         "sampler": sampler_config(shape, s),
     }
     for name, text in configs.items():

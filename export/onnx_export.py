@@ -1,7 +1,10 @@
 """Export a (pruned) diffusers UNet to ONNX: ``(sample, timestep) -> noise``.
 
 - Inputs ``sample`` (float32, N x C x H x W) and ``timestep`` (int64, N); output
-  ``noise``; dynamic batch axis; opset 18.
+  ``noise``; dynamic batch axis; opset 18. The inputs' names, example tensors and dynamic axes
+  come from the model's description (:meth:`compressor.components.ModelSpec.denoiser_inputs`),
+  so a conditioned model's plain call also takes ``encoder_hidden_states`` (N x tokens x D) or
+  ``class_labels`` (int64, N); only unconditional models go through the stages today.
 - fp32 always; an fp16 variant whose weights and activations are float16 while every
   normalisation (GroupNorm, LayerNorm) runs in float32 (fp16 overflows there), with
   float32 inputs and outputs; attentions that diffusers marks ``upcast_softmax`` (the
@@ -34,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.errors import ArtifactError
+from compressor.components import ModelSpec
+from compressor.errors import ArtifactError, ModelError
 from compressor.models import predict_noise, sample_shape
 
 INPUT_NAMES = ["sample", "timestep"]
@@ -50,15 +54,28 @@ OPSET = 18
 
 
 class NoisePredictorModule(nn.Module):
-    """Wraps a UNet so it returns a plain tensor; fp16 variants cast at the edges."""
+    """Wraps a UNet so it returns a plain tensor; fp16 variants cast at the edges.
 
-    def __init__(self, unet: nn.Module, dtype: torch.dtype = torch.float32) -> None:
+    ``conditions``: the names of the conditioning inputs that follow ``sample`` and ``timestep``
+    (``encoder_hidden_states``, ``class_labels``; none for an unconditional model).
+    """
+
+    def __init__(
+        self, unet: nn.Module, dtype: torch.dtype = torch.float32, conditions: tuple[str, ...] = ()
+    ) -> None:
         super().__init__()
         self.unet = unet
         self.dtype = dtype
+        self.conditions = tuple(conditions)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        return predict_noise(self.unet, sample.to(self.dtype), timestep).float()
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, *conditions: torch.Tensor
+    ) -> torch.Tensor:
+        given = {
+            name: c.to(self.dtype) if c.is_floating_point() else c
+            for name, c in zip(self.conditions, conditions, strict=True)
+        }
+        return predict_noise(self.unet, sample.to(self.dtype), timestep, **given).float()
 
 
 class FullPassModule(nn.Module):
@@ -131,39 +148,53 @@ def export_unet(
     fold: bool = True,
     part: str = "unet",
     level: int = 0,
+    spec: ModelSpec | None = None,
 ) -> dict:
     """Export ``unet`` to ``path`` (written atomically); returns facts for the record.
 
     ``part``: ``unet`` (one call), or the ``full`` / ``shallow`` pass of feature reuse
     split at ``level`` (see :mod:`compressor.feature_reuse`; the interfaces are
     :data:`INTERFACES`, float32 at the edges whatever ``precision`` is).
+
+    ``spec``: the description of the model ``unet`` belongs to (``DiffusionModel.spec``), whose
+    denoiser inputs the graph takes; by default the UNet alone. A conditioned model exports its
+    plain call only (ModelError for the feature-reuse passes).
     """
     import onnx
 
     from compressor.feature_reuse import FeatureReuseUNet
 
     unet = copy.deepcopy(unet).eval().cpu()  # the caller's model keeps its device and mode
+    described = ModelSpec.of(unet, spec).denoiser_inputs(batch)
+    conditions = tuple(i.name for i in described.conditions)
+    if conditions and part != "unet":
+        raise ModelError(
+            f"feature reuse: the {part} pass of a model conditioned on {', '.join(conditions)} is not "
+            "exported yet; export the plain call (part unet)"
+        )
     dtype = torch.float16 if precision == "fp16" else torch.float32
     model = half_with_fp32_norms(unet) if precision == "fp16" else unet
     if part == "unet":
-        wrapper: nn.Module = NoisePredictorModule(model, dtype).eval()
+        wrapper: nn.Module = NoisePredictorModule(model, dtype, conditions).eval()
     else:
         split = FeatureReuseUNet(model, level)
         wrapper = (FullPassModule if part == "full" else ShallowPassModule)(split, dtype).eval()
     inputs, outputs = INTERFACES[part]
+    inputs = [*described.names, *inputs[len(INPUT_NAMES) :]]  # the described inputs, then a pass's own
     g = torch.Generator().manual_seed(0)
-    full = sample_shape(unet, batch)
+    full = described["sample"].shape
     traced = (*full[:2], *fp16_trace_size(unet)) if precision == "fp16" else full
-    sample = torch.randn(traced, generator=g)
-    timestep = torch.full((batch,), 500, dtype=torch.long)
+    examples = described.examples(g, timestep=500, shapes={"sample": traced})
+    sample, timestep = examples["sample"], examples["timestep"]
     # traced below the model's size (fp16): every input/output's full size, to pin afterwards
     shapes = _io_shapes(unet, part, level, full) if traced != full else {}
-    args: tuple = (sample, timestep)
+    args: tuple = tuple(examples.values())
     if part == "shallow":
         with torch.no_grad():
             feature = FeatureReuseUNet(unet, level).full(sample, timestep)[1]
         args = (sample, timestep, feature)
     dynamic = {name: {0: "batch"} for name in (*inputs, *outputs)}
+    dynamic.update(described.dynamic_axes())
     for name, shape in shapes.items():
         if len(shape) == 4:
             dynamic[name].update({2: f"{name}_height", 3: f"{name}_width"})
@@ -196,7 +227,7 @@ def export_unet(
     external = size > TWO_GIB - (1 << 20)
     tmp.unlink()
     save_onnx(proto, path, external)
-    check_onnx(path, against_manifest=False, part=part)  # the manifest still lists the previous export
+    check_onnx(path, against_manifest=False, part=part, inputs=inputs)  # the manifest lists the previous one
     return {
         "path": path.name,
         "part": part,
@@ -259,11 +290,14 @@ def save_onnx(proto, path: Path, external: bool) -> None:
     tmp.replace(path)
 
 
-def check_onnx(path: Path, against_manifest: bool = True, part: str | None = None) -> None:
+def check_onnx(
+    path: Path, against_manifest: bool = True, part: str | None = None, inputs: list[str] | None = None
+) -> None:
     """Manifest hash, ``onnx.checker`` and the interface contract; ArtifactError on a bad file.
 
     ``part`` (unet|full|shallow) names the interface; by default it follows the file name
-    (``unet-full-*``, ``unet-shallow-*``, else the plain call).
+    (``unet-full-*``, ``unet-shallow-*``, else the plain call). ``inputs``: the input names
+    expected instead of the interface's (a conditioned model's, from its description).
     """
     import onnx
 
@@ -286,6 +320,7 @@ def check_onnx(path: Path, against_manifest: bool = True, part: str | None = Non
     outs = [o.name for o in proto.graph.output]
     part = part or graph_part(path)
     want_in, want_out = INTERFACES[part]
+    want_in = want_in if inputs is None else inputs
     if names != want_in or outs != want_out:
         raise ArtifactError(
             f"{path}: inputs {names} / outputs {outs} do not match {want_in} -> {want_out}; "
