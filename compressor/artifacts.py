@@ -20,7 +20,12 @@ from compressor import runlayout
 from compressor.errors import ArtifactError
 
 MANIFEST = runlayout.MANIFEST
-BOOKKEEPING = {runlayout.MANIFEST, runlayout.RUN_FILE, runlayout.LOCK_FILE}
+BOOKKEEPING = {runlayout.MANIFEST, runlayout.RUN_FILE, runlayout.LOCK_FILE, runlayout.SWEEP_CELL}
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of bytes in memory (a file already read, e.g. an engine about to be deserialised)."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def sha256_file(path: Path) -> str:

@@ -9,12 +9,11 @@ the refusal.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Any
 
-from compressor.artifacts import listed_records
+from compressor.artifacts import listed_records, sha256_bytes
 
 
 def differs_from_manifest(run: Path, path: Path, raw: bytes) -> bool:
@@ -27,7 +26,7 @@ def differs_from_manifest(run: Path, path: Path, raw: bytes) -> bool:
     entry = (listed_records(run) or {}).get(str(Path(path).relative_to(run)))
     if entry is None:
         return False
-    return len(raw) != entry.get("bytes") or hashlib.sha256(raw).hexdigest() != entry.get("sha256")
+    return len(raw) != entry.get("bytes") or sha256_bytes(raw) != entry.get("sha256")
 
 
 def reversed_interval(data: Any, where: str) -> str | None:

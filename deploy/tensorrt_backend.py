@@ -12,7 +12,6 @@ Imports cleanly without TensorRT; :func:`unavailable_reason` says why it cannot 
 from __future__ import annotations
 
 import functools
-import hashlib
 import sys
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from compressor import runlayout
+from compressor.artifacts import sha256_bytes, sha256_file
 from compressor.config import BuildConfig
 from compressor.errors import ArtifactError, UserError
 from deploy.engines import (
@@ -182,8 +182,8 @@ def build_engine(
     name, capability = gpu_identity()
     info = {
         "onnx": onnx_path.name,
-        "onnx_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
-        "engine_sha256": hashlib.sha256(data).hexdigest(),
+        "onnx_sha256": sha256_file(onnx_path),
+        "engine_sha256": sha256_bytes(data),
         "tensorrt_version": trt.__version__,
         "gpu_name": name,
         "compute_capability": capability,
@@ -230,7 +230,7 @@ class EngineRunner:
         verify_against_manifest(engine_path)
         info = read_engine_info(engine_path)
         data = engine_path.read_bytes()
-        check_integrity(info, engine_path, hashlib.sha256(data).hexdigest())
+        check_integrity(info, engine_path, sha256_bytes(data))
         check_compatible(info, engine_path, trt.__version__, *gpu_identity())
         self.profile = profile_of(info)
         self.path = engine_path

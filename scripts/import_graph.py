@@ -1,6 +1,7 @@
 """The import graph of the project's packages: its circles, and the longest modules.
 
-    python scripts/import_graph.py            # prints the circles (0 expected) and the 5 longest modules
+    python scripts/import_graph.py            # the circles (0 expected), the 5 longest modules, and the
+                                              # imports of project modules inside functions
 
 An edge A -> B is any import of B in A (at the top or inside a function: both run). Importing
 ``a.b.c`` from outside package ``a.b`` also runs ``a/__init__`` and ``a/b/__init__``, so those are
@@ -105,6 +106,35 @@ def lengths(root: Path) -> list[tuple[int, str]]:
     return sorted(((len(p.read_text().splitlines()), m) for m, p in modules(root).items()), reverse=True)
 
 
+def function_imports(root: Path) -> list[tuple[str, int, str, str]]:
+    """Every import of a project module inside a function: (module, line, imported, reason).
+
+    ``reason`` is the comment on the import's line or on the line above it ("" when none): a lazy
+    import of the project's own code must say why (an optional or heavy dependency it pulls in, or
+    a layering rule that forbids the top-level import).
+    """
+    mods = modules(root)
+    out = []
+    for name, path in mods.items():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for fn in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                    continue
+                targets = _imported(node, name, path.name == "__init__.py")
+                if not any(t.split(".")[0] in PACKAGES for t in targets):
+                    continue
+                reason = ""
+                for text in (lines[node.lineno - 1], lines[node.lineno - 2] if node.lineno > 1 else ""):
+                    if "#" in text:
+                        reason = text.split("#", 1)[1].strip()
+                        break
+                out.append((name, node.lineno, targets[0], reason))
+    return out
+
+
 def main() -> int:
     root = Path(__file__).resolve().parent.parent
     found = cycles(graph(root))
@@ -114,6 +144,11 @@ def main() -> int:
     print("longest modules:")
     for n, name in lengths(root)[:5]:
         print(f"  {n:5d}  {name}")
+    lazy = function_imports(root)
+    print(
+        f"{len(lazy)} imports of project modules inside functions, "
+        f"{sum(1 for x in lazy if x[3])} with a reason"
+    )
     return 1 if found else 0
 
 
