@@ -321,6 +321,11 @@ class BenchMetrics:
     student: list = field(default_factory=list)  # the few-step student against the dense reference
     compressed_from: str | None = None  # the stage whose model the "pruned" rows timed (finetune, ...)
 
+    @property
+    def timed_stack(self) -> Stack | None:
+        """The chosen stack bench timed (the ``stack`` row's), typed; None when it timed none."""
+        return Stack.from_dict(self.stack["stack"]) if self.stack else None
+
     def value(
         self, backend: str, batch: int, what: str, key: str, variant: str | None = None
     ) -> float | None:

@@ -128,10 +128,10 @@ def _stack_check(target: LatencyTarget, bench: BenchMetrics | None, key: str) ->
     if row is None:
         detail = "[chosen stack] bench has no stack row: rerun bench after the prune stage chose one"
     else:
-        s = row["stack"]
+        s = bench.timed_stack
         detail = (
-            f"[{row['backend']}, batch {row['batch']}, ratio {s['ratio']:g} + {s['scheduler']} {s['steps']} "
-            f"+ cache {s['cache_interval']} + {s['precision']} vs dense {row['reference']}, by bench]"
+            f"[{row['backend']}, batch {row['batch']}, ratio {s.ratio:g} + {s.scheduler} {s.steps} "
+            f"+ cache {s.cache_interval} + {s.precision} vs dense {row['reference']}, by bench]"
         )
     ok = value is not None and (value >= limit if key == "speedup" else value <= limit)  # type: ignore[operator]
     direction = ">=" if key == "speedup" else "<="

@@ -200,8 +200,8 @@ def sampler_row(bench: BenchMetrics, cfg: RunConfig) -> SamplerRow | None:
     timed sampler when bench has no such row)."""
     acc = cfg.acceptance
     if bench.stack:
-        r, s = bench.stack, bench.stack["stack"]
-        what = f"stack {s['scheduler']} {s['steps']} steps, cache {s['cache_interval']}, {s['precision']}"
+        r, s = bench.stack, bench.timed_stack
+        what = f"stack {s.scheduler} {s.steps} steps, cache {s.cache_interval}, {s.precision}"
         return SamplerRow(
             r["backend"], r["batch"], r["reference_ms"], r["ms"], f"{what} vs dense {r['reference']}"
         )
