@@ -143,8 +143,8 @@ def write_repository(run_dir: Path, out: Path, s: RepoSettings) -> dict:
         raise UserError(f"unknown unet kind {s.unet_kind!r}; choose one of {', '.join(UNET_KINDS)}")
     folder = final_model_dir(run_dir)[1]
     structure = read_structure(folder)
-    spec = ModelSpec(structure["unet_config"])
-    shape = spec.sample_shape  # the denoiser's input: the image of the pixel-space models runs hold
+    model = ModelSpec(structure["unet_config"])
+    shape = model.sample_shape  # the denoiser's input: the image of the pixel-space models runs hold
     kind = _choose_unet(run_dir, s)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; pass a new folder (nothing was written)")
@@ -210,7 +210,7 @@ def write_repository(run_dir: Path, out: Path, s: RepoSettings) -> dict:
         )
     )
     configs = {
-        "unet": unet_config(shape, kind, s, spec.denoiser_inputs()),
+        "unet": unet_config(shape, kind, s, model.denoiser_inputs()),
         "sampler": sampler_config(shape, s),
     }
     for name, text in configs.items():
