@@ -43,6 +43,7 @@ def library_versions() -> dict[str, str]:
         "torch",
         "torch-pruning",
         "diffusers",
+        "transformers",
         "accelerate",
         "onnx",
         "onnxruntime",
