@@ -123,3 +123,26 @@ def test_one_place_sets_a_pruning_target_and_nulls_the_others():
     assert (macs.ratio, macs.target_macs) == (None, 0.4)
     with pytest.raises(ValueError, match="exactly one"):
         prune_target_overrides(ratio=0.3, target_macs=0.4)
+
+
+def test_the_config_package_exports_every_section_and_no_module_is_long():
+    """``compressor/config/`` keeps each section beside what it configures: every section is importable
+    from the package, and no module of it grows past 400 lines."""
+    import dataclasses
+    import typing
+
+    import compressor.config as package
+
+    sections, todo = set(), [RunConfig]
+    while todo:
+        for tp in typing.get_type_hints(todo.pop()).values():
+            if dataclasses.is_dataclass(tp) and tp not in sections:
+                sections.add(tp)
+                todo.append(tp)
+    assert len(sections) >= 15
+    assert [cls.__name__ for cls in sections if getattr(package, cls.__name__, None) is not cls] == []
+    assert [name for name in package.__all__ if not hasattr(package, name)] == []
+    folder = Path(package.__file__).parent
+    lengths = {p.name: len(p.read_text().splitlines()) for p in folder.glob("*.py")}
+    assert len(lengths) > 5
+    assert {name: n for name, n in lengths.items() if n > 400} == {}, "split the long config module"

@@ -117,7 +117,7 @@ def test_every_command_line_in_the_docs_parses_against_the_cli(doc, monkeypatch)
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
 def test_every_config_key_the_docs_name_exists(doc):
     bad = sorted({k for k in _config_keys(doc.read_text()) if not _key_exists(k.split("."))})
-    assert not bad, f"{doc.name} names config keys that compressor/config.py does not declare: {bad}"
+    assert not bad, f"{doc.name} names config keys that compressor/config/ does not declare: {bad}"
 
 
 def test_the_doc_checks_catch_drift(monkeypatch):
