@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,3 +45,14 @@ def test_a_long_module_says_why():
         path = import_graph.modules(ROOT)[name]
         doc = ast.get_docstring(ast.parse(path.read_text())) or ""
         assert "Long because" in doc, f"{name} has {n} lines; split it or say why in its docstring"
+
+
+def test_the_run_bookkeeping_imports_without_torch():
+    """``write_json``, the manifest, the progress bar and the content hash serve every command's
+    bookkeeping: importing them must not pull in torch."""
+    code = (
+        "import sys, compressor.artifacts, compressor.digest, compressor.progress; "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr

@@ -10,70 +10,77 @@ import torch
 from compressor.config import LatencyTarget
 from compressor.errors import ConfigError
 from compressor.models import count_macs_params
-from deploy.latency import LatencyProbe, pruned_copy, search_latency, time_ratios
-from deploy.runtimes import Backend
+from compressor.pruning import (
+    allocate_levels,
+    level_blocks,
+    prune_structure,
+    pruned_copy,
+    search_latency,
+    time_ratios,
+)
+from deploy.latency import LatencyProbe, ProbeTimer
 from pipeline.cli import main
 from tests.conftest import TINY_CONFIG, write_config, write_images, write_model_folder
 
 
-class MacsProbe(LatencyProbe):
-    """A probe whose 'latency' is MACs / 1e6 ms plus a fixed overhead: the search logic, deterministic."""
+class MacsTimer:
+    """A timer whose 'latency' is MACs / 1e6 ms plus a fixed overhead: the search logic, deterministic,
+    with nothing from deploy (the search needs only a :class:`compressor.pruning.Timer`)."""
 
     overhead_ms = 0.0
 
-    def load(self, unet, label):  # noqa: D102
-        return Backend("fake", lambda s, t: s, {"macs": count_macs_params(unet)[0]})
+    def describe(self) -> str:  # noqa: D102
+        return "MACs, UNet call at batch 2"
 
-    def measure(self, dense, candidate, shape):  # noqa: D102
-        ms = lambda b: b.info["macs"] / 1e6 + self.overhead_ms  # noqa: E731
+    def cache_facts(self) -> dict:  # noqa: D102
+        return {"probe": ["macs"], "device": "cpu"}
+
+    def time(self, dense, candidate, label):  # noqa: D102
+        ms = lambda m: count_macs_params(m)[0] / 1e6 + self.overhead_ms  # noqa: E731
         return ms(dense), ms(candidate)
 
 
 def test_search_takes_the_mildest_ratio_that_meets_the_target(tiny_unet):
-    probe = MacsProbe("torch", 2)
+    timer = MacsTimer()
     dense = count_macs_params(tiny_unet)[0]
-    rows = time_ratios(tiny_unet, [0.25, 0.5, 0.75], probe, None, (3, 16, 16))
+    rows = time_ratios(tiny_unet, [0.25, 0.5, 0.75], timer, None)
     speedups = [r["speedup"] for r in rows]
     assert speedups == sorted(speedups) and speedups[0] > 1.0
     assert rows[0]["speedup"] == pytest.approx(dense / rows[0]["macs"])
     # a target between the first and second trial's speed-up: the second ratio, and the walk stops there
     goal = (speedups[0] + speedups[1]) / 2
-    ratio, trials = search_latency(
-        tiny_unet, LatencyTarget(speedup=goal, margin=0.0), probe, None, (3, 16, 16)
-    )
+    ratio, trials = search_latency(tiny_unet, LatencyTarget(speedup=goal, margin=0.0), timer, None)
     assert ratio == 0.5 and [t["ratio"] for t in trials] == [0.25, 0.5]
     assert [t["meets"] for t in trials] == [False, True]
     assert {"ratio", "macs", "params", "median_ms", "speedup"} <= set(trials[0])
     # the margin turns a bare pass into a miss
-    ratio, _ = search_latency(
-        tiny_unet, LatencyTarget(speedup=speedups[1], margin=0.01), probe, None, (3, 16, 16)
-    )
+    ratio, _ = search_latency(tiny_unet, LatencyTarget(speedup=speedups[1], margin=0.01), timer, None)
     assert ratio == 0.75
 
 
 def test_fine_search_bisects_below_the_first_passing_ratio(tiny_unet):
-    probe = MacsProbe("torch", 2)
-    first = time_ratios(tiny_unet, [0.25], probe, None, (3, 16, 16))[0]
+    timer = MacsTimer()
+    first = time_ratios(tiny_unet, [0.25], timer, None)[0]
     target = LatencyTarget(speedup=first["speedup"] * 0.999, margin=0.0)
-    ratio, trials = search_latency(tiny_unet, target, probe, None, (3, 16, 16), mode="fine", iterations=3)
+    ratio, trials = search_latency(tiny_unet, target, timer, None, mode="fine", iterations=3)
     assert ratio <= 0.25 and len(trials) == 4
     assert all(t["meets"] == (t["speedup"] >= target.speedup) for t in trials)
     assert min(t["ratio"] for t in trials if t["meets"]) == ratio
 
 
 def test_unreachable_target_names_the_best_reachable_figure(tiny_unet):
-    probe = MacsProbe("torch", 2)
-    probe.overhead_ms = 1000.0  # fixed cost dominates: pruning cannot reach 2x
+    timer = MacsTimer()
+    timer.overhead_ms = 1000.0  # fixed cost dominates: pruning cannot reach 2x
     with pytest.raises(ConfigError, match=r"not reachable: the most aggressive pruning allowed \(ratio 0.75"):
-        search_latency(tiny_unet, LatencyTarget(speedup=2.0), probe, None, (3, 16, 16))
+        search_latency(tiny_unet, LatencyTarget(speedup=2.0), timer, None)
     with pytest.raises(ConfigError, match=r"measured 1.02x \(1001.11 ms vs dense 1016.40 ms\)"):
-        search_latency(tiny_unet, LatencyTarget(ms=1.0), probe, None, (3, 16, 16))
+        search_latency(tiny_unet, LatencyTarget(ms=1.0), timer, None)
 
 
 def test_real_probe_times_a_structure_not_weights(tiny_unet):
-    probe = LatencyProbe("onnxruntime", 2, repeat=3, warmup=1)
+    timer = ProbeTimer(LatencyProbe("onnxruntime", 2, repeat=3, warmup=1), (3, 16, 16))
     a = pruned_copy(tiny_unet, 0.5, None)
-    rows = time_ratios(tiny_unet, [0.5], probe, None, (3, 16, 16))
+    rows = time_ratios(tiny_unet, [0.5], timer, None)
     assert rows[0]["macs"] == count_macs_params(a)[0]
     assert rows[0]["dense_ms"] > 0 and rows[0]["median_ms"] > 0
     assert next(tiny_unet.parameters()).device.type == "cpu"  # the dense model was not moved
@@ -163,13 +170,13 @@ def test_plan_writes_table_chart_and_json(tmp_path, capsys):
 
 def test_torch_backend_timing_keeps_dense_model_untouched(tiny_unet):
     before = [p.detach().clone() for p in tiny_unet.parameters()]
-    time_ratios(tiny_unet, [0.25], LatencyProbe("torch", 1, repeat=3, warmup=0), None, (3, 16, 16))
+    time_ratios(
+        tiny_unet, [0.25], ProbeTimer(LatencyProbe("torch", 1, repeat=3, warmup=0), (3, 16, 16)), None
+    )
     assert all(torch.equal(p, q) for p, q in zip(tiny_unet.parameters(), before, strict=True))
 
 
 def test_level_ratios_prune_each_resolution_level_on_its_own(tiny_unet):
-    from compressor.pruning import level_blocks, prune_structure
-
     dense = {n: m.out_channels for n, m in tiny_unet.named_modules() if isinstance(m, torch.nn.Conv2d)}
     imp = __import__("torch_pruning").importance.GroupMagnitudeImportance(p=1)
     prune_structure(tiny_unet, imp, 0.0, None, level_ratios={1: 0.5})
@@ -189,8 +196,6 @@ def test_level_ratios_prune_each_resolution_level_on_its_own(tiny_unet):
 
 
 def test_allocation_keeps_more_importance_than_uniform_at_the_same_predicted_latency():
-    from deploy.latency import allocate_levels
-
     # level 0 is cheap to prune but important; level 1 saves a lot and matters little
     table = [
         {"level": 0, "ratio": 0.5, "dense_ms": 10.0, "median_ms": 9.0, "saving": 0.1},

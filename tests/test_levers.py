@@ -14,9 +14,9 @@ from compressor import stack as stack_module
 from compressor.config import ConfigError, load_config
 from compressor.feature_reuse import FeatureReuseUNet, full_steps
 from compressor.models import ReusePredictor, as_noise_predictor, build_unet, predict_noise
+from compressor.pruning import pruned_copy
 from compressor.sampling import SCHEDULERS, denoise, generate, initial_noise, make_scheduler
 from compressor.stack import SamplerVariant
-from deploy.latency import pruned_copy
 from deploy.runtimes import load_backend, onnxruntime_reuse_backend
 from export.onnx_export import export_unet
 from pipeline.cli import main

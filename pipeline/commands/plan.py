@@ -4,7 +4,8 @@
                                 [--what unet|sampler] [--scheduler S] [--repeat N] [--out DIR]
 
 For every backend and batch size, every uniform-width ratio of the dense model is pruned
-on a copy (structure only) and timed alternately with dense (see :mod:`deploy.latency`).
+on a copy (structure only) and timed alternately with dense (:func:`compressor.pruning.time_ratios`
+with the timer of :mod:`deploy.latency`).
 Writes ``plan.{json,md,png}`` to ``--out`` (default ``runs/<config name>/plan``): a table
 and a chart of speed-up against MACs reduction with the MACs-proportional line, so the
 cost of a latency target is visible before any finetuning.
@@ -21,8 +22,8 @@ from pathlib import Path
 from compressor import runlayout
 from compressor.config import LatencyTarget, SampleConfig, check_value, load_config
 from compressor.errors import UserError
-from compressor.pruning import uniform_ratios
-from deploy.latency import LatencyProbe, backend_unavailable, time_ratios
+from compressor.pruning import time_ratios, uniform_ratios
+from deploy.latency import backend_unavailable, latency_timer
 from pipeline.commands.args import CommandParser, config_args, config_flag, int_list
 from pipeline.context import RunContext, log, write_json
 from pipeline.plots import plot_speedup_vs_macs
@@ -84,14 +85,12 @@ def main(argv: list[str]) -> int:
     rows: list[dict] = []
     for backend in backends:
         for batch in batches:
-            probe = LatencyProbe.from_config(
-                cfg, ctx.device, ctx.dense.scheduler_config, backend, batch, args.what, args.repeat,
-                cfg.bench.threads, args.scheduler,
+            timer = latency_timer(
+                cfg, ctx.device, ctx.dense.scheduler_config, ctx.image_shape(), backend=backend, batch=batch,
+                what=args.what, repeat=args.repeat, threads=cfg.bench.threads, scheduler=args.scheduler,
             )  # fmt: skip
-            log("plan", f"{probe.describe()}: ratios {', '.join(f'{r:g}' for r in ratios)}")
-            for row in time_ratios(
-                unet, ratios, probe, cfg.prune.round_to, ctx.image_shape(), on_trial=_show
-            ):
+            log("plan", f"{timer.describe()}: ratios {', '.join(f'{r:g}' for r in ratios)}")
+            for row in time_ratios(unet, ratios, timer, cfg.prune.round_to, on_trial=_show):
                 rows.append({"backend": backend, "batch": batch, "what": args.what, **row})
     out.mkdir(parents=True, exist_ok=True)
     text = table(rows)

@@ -1,47 +1,25 @@
-"""Diff-Pruning and its baselines on diffusers UNets, through torch-pruning.
+"""The structural side of Diff-Pruning and its baselines on diffusers UNets, through torch-pruning.
 
-The method's pieces are separate functions:
+- :func:`prune_structure` - the structural driver: torch-pruning's dependency graph prunes
+  coupled layers consistently; the output conv is never pruned.
+- :func:`sync_module_attributes` / :func:`preserve_attention_scale` - repair what torch-pruning
+  leaves stale in diffusers modules and keep each attention's logit scale equal to the dense model's.
+- :func:`level_blocks` and the per-level ratios and importance the latency search allocates by.
+- :func:`replay_history` / :func:`reinitialize` - a saved structure rebuilt, the reinit baseline.
 
-1-3. The Taylor pass and the importance it feeds live in :mod:`compressor.taylor`
-   (``candidate_timesteps``, ``accumulate_taylor_grads`` with ``threshold_reached``,
-   ``make_importance``); which channels were kept, in :mod:`compressor.channels`.
-4. :func:`prune_structure` - the structural driver: torch-pruning's dependency graph
-   prunes coupled layers consistently; the output conv is never pruned.
-5. :func:`sync_module_attributes` / :func:`preserve_attention_scale` - repair what
-   torch-pruning leaves stale in diffusers modules and keep each attention's logit
-   scale equal to the dense model's.
+The searches that pick a ratio are :mod:`compressor.pruning.search`; :func:`compressor.pruning.prune_unet`
+puts the pieces together.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from compressor.channels import channel_widths, kept_channels, plain_history
-from compressor.config import PruneConfig
-from compressor.errors import ConfigError
-from compressor.models import count_macs_params, example_inputs
-from compressor.taylor import TaylorPass, accumulate_taylor_grads, candidate_timesteps, make_importance
-
-
-@dataclass
-class PruneResult:
-    """A pruned UNet and everything needed to describe and replay it."""
-
-    unet: nn.Module
-    ratio: float
-    history: list
-    kept_widths: dict[str, list[int]]
-    taylor: TaylorPass | None = None
-    search: list[dict] = field(default_factory=list)
-    kept_channels: dict[str, str] = field(default_factory=dict)
-    level_ratios: dict[int, float] | None = None
-    importance_kept: float | None = None
+from compressor.channels import channel_widths, plain_history
+from compressor.models import example_inputs
 
 
 def attention_modules(unet: nn.Module) -> dict[str, nn.Module]:
@@ -328,150 +306,3 @@ def reinitialize(unet: nn.Module, seed: int) -> None:
     for m in unet.modules():
         if m is not unet and hasattr(m, "reset_parameters"):
             m.reset_parameters()
-
-
-def kept_fraction(
-    unet: nn.Module, ratio: float, round_to: int | None, dense: tuple[int, int]
-) -> tuple[float, float]:
-    """(MACs, params) fractions kept if ``unet`` were pruned at ``ratio`` (on a copy)."""
-    import torch_pruning as tp
-
-    trial = copy.deepcopy(unet)  # sizes do not depend on which channels go, so one criterion serves all
-    prune_structure(trial, tp.importance.GroupMagnitudeImportance(p=1), ratio, round_to)
-    macs, params = count_macs_params(trial)
-    return macs / dense[0], params / dense[1]
-
-
-def uniform_ratios(unet: nn.Module) -> list[float]:
-    """Ratios at which every GroupNorm group loses the same whole number of channels.
-
-    At these ratios every prunable layer keeps the same fraction of its width (the
-    paper's pruned models are of this kind); between them only the layers that no
-    GroupNorm couples (attention q/k/v, time embedding) change.
-    """
-    sizes = [m.num_channels // m.num_groups for m in unet.modules() if isinstance(m, nn.GroupNorm)]
-    steps = min(sizes) if sizes else 32
-    return [k / steps for k in range(1, steps)]
-
-
-def search_ratio(
-    unet: nn.Module,
-    target: float,
-    metric: str,
-    round_to: int | None,
-    dense: tuple[int, int],
-    mode: str = "uniform",
-    iterations: int = 8,
-    on_trial: Callable[[float, float, float], None] | None = None,
-) -> tuple[float, list[dict]]:
-    """The ratio giving the largest pruned model that keeps at most ``target`` of MACs/params.
-
-    ``uniform`` walks :func:`uniform_ratios` from the mildest and stops at the first
-    that meets the target; ``fine`` then bisects between that ratio and the previous
-    one, which trims only the layers that no GroupNorm couples. Raises ConfigError
-    when no ratio reaches the target.
-    """
-    index = 0 if metric == "macs" else 1
-    trials: list[dict] = []
-
-    def evaluate(r: float) -> float:
-        fr = kept_fraction(unet, r, round_to, dense)
-        trials.append({"ratio": round(r, 6), "macs_kept": fr[0], "params_kept": fr[1]})
-        if on_trial:
-            on_trial(r, fr[0], fr[1])
-        return fr[index]
-
-    if target >= 1.0:
-        return 0.0, trials
-    previous = 0.0
-    for r in uniform_ratios(unet):
-        if evaluate(r) <= target:
-            if mode == "fine":
-                lo, hi = previous, r
-                for _ in range(iterations):
-                    mid = (lo + hi) / 2
-                    if evaluate(mid) <= target:
-                        hi = mid
-                    else:
-                        lo = mid
-                r = hi
-            return r, trials
-        previous = r
-    smallest = min(t[f"{metric}_kept"] for t in trials)
-    raise ConfigError(
-        f"prune.target_{metric}={target}: not reachable; the smallest model this architecture "
-        f"allows keeps {smallest:.3f} of its {metric}. Raise the target or use prune.ratio"
-    )
-
-
-def prune_unet(
-    unet: nn.Module,
-    noise_scheduler,
-    images: torch.Tensor | None,
-    cfg: PruneConfig,
-    seed: int,
-    on_taylor_step: Callable[[int, float], None] | None = None,
-    on_search_trial: Callable[[float, float, float], None] | None = None,
-    allocate: Callable[[nn.Module, object], dict[int, float]] | None = None,
-) -> PruneResult:
-    """Prune ``unet`` in place by ``cfg`` (method, target) and describe what was done.
-
-    ``allocate(unet, importance)``, when given, is called after the Taylor pass and
-    returns a ratio per resolution level (hardware-aware allocation); it replaces the
-    uniform ratio of ``cfg``.
-    """
-    dense_widths = layer_widths(unet)
-    search: list[dict] = []
-    ratio = 0.0  # with ``allocate``: decided after the Taylor pass
-    if allocate is None:
-        cfg.require_target()
-        if cfg.ratio is not None:
-            ratio = cfg.ratio
-        else:
-            metric = "macs" if cfg.target_macs is not None else "params"
-            target = cfg.target_macs if cfg.target_macs is not None else cfg.target_params
-            dense = count_macs_params(unet)
-            ratio, search = search_ratio(
-                unet, target, metric, cfg.round_to, dense, cfg.search, on_trial=on_search_trial
-            )
-    taylor = None
-    if cfg.method in ("diff-pruning", "taylor"):
-        if images is None:
-            raise ConfigError(f"prune.method={cfg.method} needs training images for the Taylor pass")
-        g = torch.Generator().manual_seed(seed)
-        x0 = images[: cfg.batch_size]
-        noise = torch.randn(x0.shape, generator=g).to(x0.device)
-        candidates = candidate_timesteps(
-            noise_scheduler.config.num_train_timesteps, cfg.timestep_stride, cfg.max_timesteps
-        )
-        threshold = cfg.threshold if cfg.method == "diff-pruning" else 0.0
-        unet.eval()  # no dropout noise in the importance estimate
-        taylor = accumulate_taylor_grads(
-            unet,
-            noise_scheduler,
-            x0,
-            noise,
-            candidates,
-            threshold,
-            on_taylor_step,
-            cfg.diagnose,
-            kept_layers=(unet.conv_out,) if hasattr(unet, "conv_out") else (),
-        )
-    dense_channels = channel_widths(unet)
-    importance = make_importance(cfg.method, cfg)
-    level_ratios = None
-    if allocate is not None:
-        level_ratios = allocate(unet, importance)
-        ratio = stem_ratio(level_ratios)
-    stats: dict = {}
-    history = prune_structure(
-        unet, importance, ratio, cfg.round_to, seed, cfg.group_selection, level_ratios, stats
-    )
-    kept_importance = None if cfg.method in ("random", "reinit") else stats.get("importance_kept")
-    unet.zero_grad(set_to_none=True)
-    if cfg.method == "reinit":
-        reinitialize(unet, seed)
-    kept = layer_widths(unet)
-    widths = {name: [dense_widths[name], kept[name]] for name in kept}
-    channels = kept_channels(history, dense_channels)
-    return PruneResult(unet, ratio, history, widths, taylor, search, channels, level_ratios, kept_importance)
