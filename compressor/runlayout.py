@@ -9,6 +9,8 @@ finished runs without importing the pipeline. What the files hold is read throug
     RUN/run.json                          which config the run belongs to
     RUN/manifest.json                     the run's manifest: every artifact's hash (``verify``)
     RUN/.lock                             held while a process writes into the run
+    RUN/sweep-cell.json                   a sweep's nested run only: the settings key it finished
+                                          its stages under (``pipeline.sweep.cells``)
     RUN/<stage>/record.json               what a stage did (config, metrics, artifacts, versions)
     RUN/prune/model/                      the pruned UNet: weights, structure file, probe
     RUN/finetune/model/, model-raw/       the finetuned UNet (EMA) and its raw weights
@@ -22,7 +24,8 @@ finished runs without importing the pipeline. What the files hold is read throug
                                           metadata), build/timing.cache
     RUN/samples/grid.png, RUN/quality/samples.safetensors, RUN/report/report.{md,html}
     RUN/plan/plan.{json,md,png}           ``compress-deploy plan`` (the latency plan)
-    RUN/ablation/<variant>/               ``compress-deploy ablate``'s nested runs
+    RUN/ablation/<variant>/seed-<k>/      ``compress-deploy ablate``'s nested runs (``distill/``: the
+                                          distillation sweep's, ``macs-<r>/seed-<k>/``)
     RUN/levers/levers.{json,md}           ``scripts/levers_table.py`` (each lever, alone and stacked)
 
     <model folder>/unet.safetensors       weights
@@ -37,6 +40,7 @@ from pathlib import Path
 RUN_FILE = "run.json"
 MANIFEST = "manifest.json"
 LOCK_FILE = ".lock"
+SWEEP_CELL = "sweep-cell.json"
 RECORD = "record.json"
 MODELS = ("dense", "pruned")
 MODEL_STAGES = ("distill_steps", "finetune", "prune")  # the compressed model's stages, newest first
@@ -88,6 +92,11 @@ def diffusers_dir(run: Path) -> Path:
 def ablation_dir(run: Path) -> Path:
     """Where ``compress-deploy ablate`` keeps its nested runs."""
     return Path(run) / ABLATION
+
+
+def sweep_cell_file(run: Path) -> Path:
+    """``RUN/sweep-cell.json`` of a sweep's nested run: the key of the settings it finished under."""
+    return Path(run) / SWEEP_CELL
 
 
 def levers_dir(run: Path) -> Path:

@@ -37,7 +37,7 @@ def measure(config: str, overrides: list[str], run: Path, mode: str, steps: int)
     from compressor.persist import load_unet
     from compressor.training import train
     from pipeline.context import RunContext
-    from pipeline.distill_sweep import mode_config
+    from pipeline.sweep.distillation import mode_config
 
     cfg = load_config(config, overrides)
     ctx = RunContext(cfg, run)

@@ -42,7 +42,7 @@ def main(out: Path, distill: bool = False) -> None:
     unet = build_unet(TINY_UNET, seed=0)
     teacher = None
     if distill:
-        from deploy.latency import pruned_copy
+        from compressor.pruning import pruned_copy
 
         teacher, unet = unet, pruned_copy(unet, 0.25, None)
     images = torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1

@@ -13,9 +13,9 @@ from compressor import runlayout
 from compressor.config import ConfigError, DistillConfig, FinetuneConfig, load_config
 from compressor.distill import DistillStudent, block_widths, distill_losses, resolve_points
 from compressor.models import build_unet
+from compressor.pruning import pruned_copy
 from compressor.sampling import make_scheduler
 from compressor.training import train
-from deploy.latency import pruned_copy
 from pipeline.cli import main
 from tests.conftest import DDPM_SCHEDULER, TINY_UNET, write_config, write_images, write_model_folder
 
@@ -167,7 +167,7 @@ def test_a_budget_is_a_checkpoint_of_the_longer_finetune_under_a_constant_schedu
 
 
 def test_the_sweep_verdicts_answer_the_aims_seed_by_seed_from_paired_intervals():
-    from pipeline.distill_sweep import summarize, verdicts
+    from pipeline.sweep.distillation import summarize, verdicts
 
     def cells(**modes):  # mode -> {budget: per-seed fd}
         return {
@@ -200,7 +200,7 @@ def test_the_sweep_verdicts_answer_the_aims_seed_by_seed_from_paired_intervals()
 
 def test_the_sweep_reads_paired_differences_from_the_cells_replicates():
     from compressor.intervals import Resampling
-    from pipeline.distill_sweep import Scorer
+    from pipeline.sweep.distillation import Scorer
 
     scorer = Scorer.__new__(Scorer)  # only its bootstrap is needed to pair two scored cells
     scorer.boot = Resampling(resamples=200)

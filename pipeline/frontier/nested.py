@@ -1,10 +1,13 @@
 """The nested runs behind a frontier, one per pruning ratio: their config, their stages, and the
 fingerprints that key every cached measurement to them (a changed nested stage re-measures its
-stacks). Fitting them (:mod:`pipeline.frontier.fits`) is apart, since it starts pipelines."""
+stacks). Fitting them (:mod:`pipeline.frontier.fits`) is apart, since it starts pipelines.
+
+Keys and cached measurements are the sweep engine's (:mod:`pipeline.sweep.cells`: :func:`key_of`,
+16 hex digits, and :func:`cached`, a JSON record under its ``fingerprint``), as are the keys of a
+nested run's finished stages (:func:`~pipeline.sweep.cells.stage_keys`)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from compressor import runlayout
@@ -15,8 +18,8 @@ from compressor.config import (
     config_to_dict,
     prune_target_overrides,
 )
-from compressor.digest import content_hash
 from pipeline.frontier.grid import Spec
+from pipeline.sweep.cells import key_of, stage_keys
 
 
 def ratio_overrides(spec: Spec, ratio: float) -> list[str]:
@@ -81,32 +84,6 @@ def ratio_stages(ratio: float, backend: str = "onnxruntime") -> list[str]:
     return stages + ["build"] if backend == "tensorrt" else stages
 
 
-def fingerprint_of(*parts) -> str:
-    """A frontier job's cache key: the content hash of its inputs."""
-    return content_hash(list(parts), 16)
-
-
-def cached(path: Path, fingerprint: str) -> dict | None:
-    """A cached measurement at ``path`` keyed by ``fingerprint`` (None: measure it); UserError when it
-    holds an interval whose low end is above its high end (it was edited or damaged)."""
-    from compressor.errors import UserError
-    from compressor.integrity import reversed_interval
-
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("fingerprint") != fingerprint:
-        return None
-    bad = reversed_interval(data, path.stem)
-    if bad:
-        raise UserError(
-            f"{path}: {bad}, an interval whose low end is above its high end (edited or damaged); "
-            "delete the file to measure it again"
-        )
-    return data
-
-
 def model_run(spec: Spec, ratio: float, student: bool = False) -> tuple[Path, str]:
     """(nested run, model name in it) of a ratio: ratio 0 is the dense model of its run; a student's
     run exports its last round's student as its compressed ("pruned") model, at every ratio."""
@@ -118,10 +95,6 @@ def model_run(spec: Spec, ratio: float, student: bool = False) -> tuple[Path, st
 def ratio_key(spec: Spec, ratio: float, student: bool = False) -> str:
     """Fingerprint of a ratio's model and sampling: its nested stages' cache keys (each the hash of
     the config sections and inputs that stage depends on) and the sampling settings."""
-    from compressor.records import read_record
-
     run, _ = model_run(spec, ratio, student)
     names = student_stages(ratio, spec.backend) if student else ratio_stages(ratio, spec.backend)
-    stages = {s: (read_record(run, s) or {}) for s in names}
-    keys = {s: getattr(r, "data", {}).get("cache", {}).get("key") for s, r in stages.items()}
-    return fingerprint_of(sampling_settings(ratio_config(spec, ratio)), keys)
+    return key_of(sampling_settings(ratio_config(spec, ratio)), stage_keys(run, names))

@@ -14,14 +14,8 @@ from compressor.fd_infinity import FdInf, FdInfScorer
 from compressor.progress import log
 from compressor.stack import Stack
 from pipeline.frontier.grid import Spec
-from pipeline.frontier.nested import (
-    cached,
-    fingerprint_of,
-    model_run,
-    ratio_config,
-    ratio_key,
-    sampling_settings,
-)
+from pipeline.frontier.nested import model_run, ratio_config, ratio_key, sampling_settings
+from pipeline.sweep.cells import cached, key_of
 
 
 def replicates_file(spec: Spec, stack: Stack) -> Path:
@@ -67,7 +61,7 @@ def reference_images(spec: Spec) -> dict:
     cfg = ratio_config(spec, 0.0)
     ref = spec.reference
     path = runlayout.frontier_points_dir(spec.root) / "reference.json"
-    fingerprint = fingerprint_of(sampling_settings(cfg), str(ref), spec.samples)
+    fingerprint = key_of(sampling_settings(cfg), str(ref), spec.samples)
     images_file = runlayout.frontier_points_dir(spec.root) / "reference-images.npy"
     found = cached(path, fingerprint)
     if found is not None and images_file.is_file() and "fd_inf" in found:
@@ -120,7 +114,7 @@ def score_stack(spec: Spec, stack: Stack) -> dict:
     cfg = ratio_config(spec, stack.ratio)
     path = runlayout.frontier_points_dir(spec.root) / f"{stack.key()}.quality.json"
     student = stack.student_steps > 0
-    fingerprint = fingerprint_of(
+    fingerprint = key_of(
         ratio_key(spec, stack.ratio, student), stack.as_dict(), spec.samples, str(spec.reference)
     )
     found = cached(path, fingerprint)

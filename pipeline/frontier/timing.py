@@ -9,7 +9,8 @@ from compressor import runlayout
 from compressor.artifacts import write_json
 from compressor.stack import Stack
 from pipeline.frontier.grid import Spec
-from pipeline.frontier.nested import cached, fingerprint_of, model_run, ratio_config, ratio_key
+from pipeline.frontier.nested import model_run, ratio_config, ratio_key
+from pipeline.sweep.cells import cached, key_of
 
 
 def time_stacks(
@@ -58,9 +59,9 @@ def time_stacks(
             / f"{stack.key()}.latency.{spec.backend}-b{spec.batch}.json"
         )
         student = stack.student_steps > 0
-        fingerprint = fingerprint_of(ratio_keys[(stack.ratio, student)], stack.as_dict(), str(ref),
-                                     spec.backend, spec.batch, spec.threads, spec.repeat, spec.warmup,
-                                     host)  # fmt: skip
+        fingerprint = key_of(ratio_keys[(stack.ratio, student)], stack.as_dict(), str(ref),
+                             spec.backend, spec.batch, spec.threads, spec.repeat, spec.warmup,
+                             host)  # fmt: skip
         found = cached(path, fingerprint)
         if found is None:
             schedule = student_schedule(spec, stack) if student else sched_cfg

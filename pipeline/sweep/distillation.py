@@ -4,11 +4,11 @@
                            [--finetune-steps 150,300,600,1200] [--ratios 0.57,0.3] [--seeds 0,1,2]
                            [--run-dir DIR]
 
-For each kept-MACs ratio and seed the run's pruning (``prune.target_macs`` = the ratio,
-``seed`` = the seed: another Taylor batch) runs once in
-``RUN/ablation/distill/macs-<r>/seed-<k>/``; then each distillation mode finetunes that
-pruned model with the run's finetune recipe and scores the EMA weights after every budget:
-the Frechet distance (the quality stage's features) and SSIM against the dense model's
+A sweep over :mod:`pipeline.sweep.engine` whose settings are the kept-MACs ratios: for each ratio
+and seed the run's pruning (``prune.target_macs`` = the ratio, ``seed`` = the seed: another Taylor
+batch) runs once in ``RUN/ablation/distill/macs-<r>/seed-<k>/``; then each distillation mode
+finetunes that pruned model with the run's finetune recipe and scores the EMA weights after every
+budget: the Frechet distance (the quality stage's features) and SSIM against the dense model's
 images from the same seeds, ``quality.num_samples`` images with the run's sampler.
 
 Budgets share one finetune when the learning-rate schedule does not depend on the total
@@ -25,22 +25,51 @@ Modes: ``off`` (the plain loss), ``output`` (+ output distillation, weight 1), `
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from compressor import runlayout
 from compressor.config import DistillConfig, RunConfig, load_config, prune_target_overrides
-from compressor.digest import content_hash, mean_std
+from compressor.data import stack
 from compressor.errors import UserError
+from compressor.intervals import ssim_figures
 from compressor.persist import load_unet
+from compressor.quality import inception_unavailable, make_scorer, resampling
+from compressor.training import checkpoint_at, ema_model, train
 from pipeline.context import RunContext, log, write_json
 from pipeline.plots import plot_distill_sweep
-from pipeline.runner import run_pipeline
+from pipeline.sweep.cells import cached, key_of
+from pipeline.sweep.engine import (
+    Sweep,
+    compare,
+    document,
+    paired_difference,
+    spread,
+    table,
+    tally,
+    write_summary,
+)
 
 MODES = ("off", "output", "features", "output+features")
+
+
+@dataclass(frozen=True)
+class DistillationSweep:
+    """What ``compress-deploy ablate --distill`` compares (its flags, parsed and checked there: at
+    least one of each, budgets >= 1, ratios in (0, 1]; the modes are checked here)."""
+
+    config: Path
+    modes: tuple[str, ...]
+    budgets: tuple[int, ...]  # finetune steps after which each mode is scored
+    ratios: tuple[float, ...]  # kept-MACs fractions, in (0, 1]
+    seeds: tuple[int, ...] = (0, 1, 2)
+    overrides: tuple[str, ...] = ()
+    run_dir: Path | None = None  # the run whose ablation/distill/ folder holds the cells
 
 
 def mode_config(mode: str, base: DistillConfig) -> DistillConfig:
@@ -56,7 +85,8 @@ def mode_config(mode: str, base: DistillConfig) -> DistillConfig:
     )
 
 
-def _slug(ratio: float) -> str:
+def setting(ratio: float) -> str:
+    """A ratio's setting name (and folder): ``macs-<r>``."""
     return f"macs-{ratio:g}"
 
 
@@ -81,16 +111,7 @@ def cell_key(cfg: RunConfig, ctx: RunContext) -> str:
     # weights is not a fact of a cell (always written as true, the value the existing cells
     # were keyed with, so toggling it orphans nothing)
     facts.append(dataclasses.asdict(dataclasses.replace(cfg.quality, compare_raw=True)))
-    return content_hash(facts, 12)
-
-
-def _read_json(path: Path) -> dict | None:
-    import json
-
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    return key_of(*facts, length=12)
 
 
 class Scorer:
@@ -99,9 +120,6 @@ class Scorer:
     seed), so any two cells' figures are paired."""
 
     def __init__(self, ctx: RunContext, seed: int) -> None:
-        from compressor.data import stack
-        from compressor.quality import inception_unavailable, make_scorer, resampling
-
         self.ctx = ctx
         feature, self.metric = ctx.frechet_features()
         reason = inception_unavailable(ctx.cfg.quality.inception_weights) if self.metric == "fid" else None
@@ -128,8 +146,6 @@ class Scorer:
     def score(self, unet) -> dict:
         """``fd``, ``kid``, ``fd_ratio`` and ``ssim_vs_dense`` of ``unet`` with their ``*_ci``, and the
         Frechet replicates (``fd_replicates``: paired differences between cells are read from them)."""
-        from compressor.intervals import ssim_figures
-
         imgs = self.images(unet)
         score = self.scorer.score(imgs)
         out = self.scorer.figures(score, "fd", self.dense_score)
@@ -140,24 +156,16 @@ class Scorer:
     def difference(self, a: dict, b: dict) -> list[float] | None:
         """The paired interval of ``a['fd'] - b['fd']`` (two scored cells), or None when either
         was scored before replicates were kept."""
-        import numpy as np
-
-        if not a.get("fd_replicates") or not b.get("fd_replicates"):
-            return None
-        reps = np.asarray(a["fd_replicates"]) - np.asarray(b["fd_replicates"])
-        return self.boot.interval(a["fd"] - b["fd"], reps)
+        return paired_difference(self.boot, a, b, "fd")
 
 
 def sweep_cell(
     cfg: RunConfig, folder: Path, mode: str, budgets: list[int], scorer: Scorer, ctx: RunContext
 ) -> list[dict]:
     """Finetune one pruned model in one mode and score it after each budget (cached, resumable)."""
-    from compressor.training import checkpoint_at, ema_model, train
-
     key = cell_key(cfg, ctx)
-    wanted = [
-        b for b in budgets if "fd_replicates" not in (_read_json(_score_path(folder, mode, b, key)) or {})
-    ]
+    scored = {b: cached(_score_path(folder, mode, b, key), needs=["fd_replicates"]) for b in budgets}
+    wanted = [b for b in budgets if scored[b] is None]
     if wanted:
         pruned = load_unet(runlayout.model_dir(folder, "prune"), ctx.device)[0]
         distill = mode_config(mode, cfg.finetune.distill)
@@ -191,12 +199,10 @@ def sweep_cell(
                 write_json(_score_path(folder, mode, budget, key), row)
                 shown = f"fd {found['fd']:.2f}, ssim {found['ssim_vs_dense']:.3f}"
                 log("ablate", f"{folder.parent.name}/{folder.name} {mode} {budget} steps: {shown}")
-    return [_read_json(_score_path(folder, mode, b, key)) for b in budgets]
+    return [cached(_score_path(folder, mode, b, key)) for b in budgets]
 
 
 def _copy(unet):
-    import copy
-
     return copy.deepcopy(unet).train()
 
 
@@ -206,19 +212,16 @@ def summarize(cells: dict, dense_fd: float) -> list[dict]:
     order = sorted(cells.items(), key=lambda kv: (-kv[0][0], MODES.index(kv[0][1]), kv[0][2]))
     for (ratio, mode, budget), scores in order:
         fd = [s["fd"] for s in scores]
-        sim = [s["ssim_vs_dense"] for s in scores]
         sps = [s["steps_per_second"] for s in scores if s.get("steps_per_second")]
-        (fd_mean, fd_std), (ssim_mean, ssim_std) = mean_std(fd), mean_std(sim)
+        fd_spread = spread(fd, "fd")
         rows.append(
             {
                 "ratio": ratio,
                 "mode": mode,
                 "budget": budget,
-                "fd_mean": fd_mean,
-                "fd_std": fd_std,
-                "fd_ratio_mean": fd_mean / dense_fd,
-                "ssim_mean": ssim_mean,
-                "ssim_std": ssim_std,
+                **fd_spread,
+                "fd_ratio_mean": fd_spread["fd_mean"] / dense_fd,
+                **spread([s["ssim_vs_dense"] for s in scores], "ssim"),
                 "fd_per_seed": fd,
                 "fd_ci_per_seed": [s.get("fd_ci") for s in scores],
                 "fd_ratio_ci_per_seed": [s.get("fd_ratio_ci") for s in scores],
@@ -227,20 +230,6 @@ def summarize(cells: dict, dense_fd: float) -> list[dict]:
             }
         )
     return rows
-
-
-def _compare(a: dict, b: dict, difference) -> str:
-    """``lower``, ``higher`` or ``within noise``: a's Frechet distance against b's, from the paired
-    interval of their difference (bare figures when no interval can be formed)."""
-    ci = difference(a, b) if difference else None
-    low, high = ci if ci else (a["fd"] - b["fd"],) * 2
-    return "lower" if high < 0 else "higher" if low > 0 else "within noise"
-
-
-def _tally(mine: list[dict], theirs: list[dict], difference) -> str:
-    found = [_compare(a, b, difference) for a, b in zip(mine, theirs, strict=True)]
-    counts = ", ".join(f"{found.count(word)} {word}" for word in ("lower", "within noise", "higher"))
-    return f"{counts} (of {len(found)} seeds)"
 
 
 def verdicts(rows: list[dict], budgets: list[int], cells: dict, difference=None) -> list[str]:
@@ -261,73 +250,70 @@ def verdicts(rows: list[dict], budgets: list[int], cells: dict, difference=None)
             # the first budget from which no seed is clearly worse than plain at the full budget
             reach = [
                 b for b in sorted(budgets)
-                if all(_compare(a, p, difference) != "higher" for a, p in zip(cells[(ratio, mode, b)], base,
-                                                                                strict=True))
+                if all(compare(a, p, difference) != "higher" for a, p in zip(cells[(ratio, mode, b)], base,
+                                                                               strict=True))
             ]  # fmt: skip
             goal = f"plain's {full}-step FD {plain['fd_mean']:.2f}"
             text = (f"matches {goal} within noise on every seed from {reach[0]} steps" if reach
                     else f"is clearly worse than {goal} on some seed at every budget")  # fmt: skip
             if half is not None:  # this mode after half the steps vs plain at the full budget
-                early = _tally(cells[(ratio, mode, half)], base, difference)
+                early = tally(cells[(ratio, mode, half)], base, difference)
                 text += f"; at {half} steps vs plain at {full}: {early}"
-            text += f"; at {full} steps vs plain: {_tally(cells[(ratio, mode, full)], base, difference)}"
+            text += f"; at {full} steps vs plain: {tally(cells[(ratio, mode, full)], base, difference)}"
             lines.append(f"MACs {ratio:g}, {mode}: {text}")
     return lines
 
 
 def markdown(rows: list[dict], dense_fd: float, metric: str, notes: list[str]) -> str:
-    """The sweep table and verdicts as Markdown."""
-    head = f"| kept MACs | distillation | steps | {metric} (mean +- std) | / dense | SSIM vs dense |"
-    head += " steps/s |"
-    lines = [
-        "# Distillation sweep: plain vs distilled finetuning at equal budgets",
-        "",
+    """The sweep table and verdicts as Markdown (``summary.md``)."""
+    head = ["kept MACs", "distillation", "steps", f"{metric} (mean +- std)", "/ dense", "SSIM vs dense",
+            "steps/s"]  # fmt: skip
+    body = [
+        [f"{r['ratio']:g}", r["mode"], r["budget"], f"{r['fd_mean']:.2f} +- {r['fd_std']:.2f}",
+         f"{r['fd_ratio_mean']:.2f}", f"{r['ssim_mean']:.3f} +- {r['ssim_std']:.3f}",
+         "-" if r["steps_per_second"] is None else f"{r['steps_per_second']:.2f}"]
+        for r in rows
+    ]  # fmt: skip
+    return document(
+        "Distillation sweep: plain vs distilled finetuning at equal budgets",
         f"Dense {metric}: {dense_fd:.2f}. Means over seeds; each seed prunes with its own Taylor batch.",
-        "",
-        head,
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        sps = "-" if r["steps_per_second"] is None else f"{r['steps_per_second']:.2f}"
-        lines.append(
-            f"| {r['ratio']:g} | {r['mode']} | {r['budget']} | {r['fd_mean']:.2f} +- {r['fd_std']:.2f} | "
-            f"{r['fd_ratio_mean']:.2f} | {r['ssim_mean']:.3f} +- {r['ssim_std']:.3f} | {sps} |"
-        )
-    return "\n".join([*lines, "", *[f"- {n}" for n in notes], ""])
+        table(head, body),
+        "\n".join(f"- {n}" for n in notes),
+    )
 
 
-def run(args, overrides: list[str]) -> int:
+def sweep_of(what: DistillationSweep, name: str) -> Sweep:
+    """The engine's description of the sweep (``name``: the run config's): the prune stage of every
+    ratio at every seed, in ``RUN/ablation/distill/``."""
+    return Sweep(
+        config=what.config,
+        overrides=tuple(what.overrides),
+        root=runlayout.ablation_dir(what.run_dir or Path("runs") / name) / "distill",
+        settings={setting(r): prune_target_overrides(target_macs=r) for r in what.ratios},
+        seeds=tuple(what.seeds),
+        stages=("prune",),
+        suffix="-distill",
+    )
+
+
+def run(what: DistillationSweep) -> int:
     """The sweep (``ablate --distill``); returns the exit code."""
-    modes = [m.strip() for m in args.distill.split(",") if m.strip()]
-    try:
-        budgets = sorted({int(b) for b in args.finetune_steps.split(",") if b.strip()})
-        ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise UserError("--finetune-steps, --ratios and --seeds take comma-separated numbers") from None
-    if not budgets or min(budgets) < 1 or not ratios or not seeds or not modes:
-        raise UserError("--finetune-steps, --ratios, --seeds and --distill each need at least one value >= 1")
-    if any(not 0 < r <= 1 for r in ratios):
-        raise UserError(f"--ratios: kept-MACs fractions in (0, 1], got {args.ratios}")
-    base_cfg = load_config(args.config, overrides)  # validate before any work
-    for mode in modes:
+    budgets = sorted(set(what.budgets))
+    base_cfg = load_config(what.config, list(what.overrides))  # validate before any work
+    for mode in what.modes:
         mode_config(mode, base_cfg.finetune.distill)
-    root = runlayout.ablation_dir(args.run_dir or Path("runs") / base_cfg.name) / "distill"
+    sweep = sweep_of(what, base_cfg.name)
+    ratio_of = {setting(r): r for r in what.ratios}
     cells: dict[tuple, list[dict]] = {}
     scorer = None
-    for ratio in ratios:
-        for seed in seeds:
-            extra = [*prune_target_overrides(target_macs=ratio), f"seed={seed}"]
-            cfg = load_config(args.config, [*overrides, *extra])
-            cfg.name = f"{cfg.name}-distill"
-            folder = root / _slug(ratio) / f"seed-{seed}"
-            log("ablate", f"{_slug(ratio)} seed {seed}: pruning (reused when done)")
-            run_pipeline(cfg, folder, ["prune"])
-            ctx = RunContext(cfg, folder)
-            scorer = scorer or Scorer(ctx, base_cfg.seed)  # dense images: the same for every pruning seed
-            for mode in modes:
-                for score in sweep_cell(cfg, folder, mode, budgets, scorer, ctx):
-                    cells.setdefault((ratio, mode, score["budget"]), []).append(score)
+    for cell in sweep.cells():
+        log("ablate", f"{cell.setting} seed {cell.seed}: pruning (reused when done)")
+        cfg = sweep.run(cell)
+        ctx = RunContext(cfg, cell.folder)
+        scorer = scorer or Scorer(ctx, base_cfg.seed)  # dense images: the same for every pruning seed
+        for mode in what.modes:
+            for score in sweep_cell(cfg, cell.folder, mode, budgets, scorer, ctx):
+                cells.setdefault((ratio_of[cell.setting], mode, score["budget"]), []).append(score)
     assert scorer is not None
     rows = summarize(cells, scorer.dense_fd)
     notes = verdicts(rows, budgets, cells, scorer.difference)
@@ -345,10 +331,7 @@ def run(args, overrides: list[str]) -> int:
         "verdict_rule": rule,
         "interval": boot.describe(scorer.count),
     }
-    write_json(root / "summary.json", summary)
     text = markdown(rows, scorer.dense_fd, scorer.metric, [*notes, rule])
-    (root / "summary.md").write_text(text)
-    plot_distill_sweep(rows, root / "summary.png", scorer.metric, list(MODES))
-    print(text)
-    print(f"wrote {root / 'summary.md'}, summary.json and summary.png")
+    charts = {"summary.png": lambda path: plot_distill_sweep(rows, path, scorer.metric, list(MODES))}
+    write_summary(sweep.root, summary, text, charts)
     return 0
