@@ -13,6 +13,7 @@ FROM nvcr.io/nvidia/pytorch:25.10-py3
 WORKDIR /work
 COPY pyproject.toml README.md ./
 COPY compressor ./compressor
+COPY rundir ./rundir
 COPY export ./export
 COPY deploy ./deploy
 COPY pipeline ./pipeline

@@ -307,7 +307,8 @@ def kid_replicates(real: KidReal, fake: torch.Tensor, counts: torch.Tensor) -> t
 
 
 def ssim_per_image(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """SSIM of each image pair (data range 1), torchmetrics' kernel as :func:`compressor.quality.ssim`."""
+    """SSIM of each image pair (data range 1), torchmetrics' kernel as
+    :func:`compressor.image_quality.ssim`."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     size = min(a.shape[-1], a.shape[-2])

@@ -1,6 +1,6 @@
 """Saving and loading (pruned) UNets without pickle.
 
-A saved model is two files (names in :mod:`compressor.runlayout`): ``unet.safetensors``
+A saved model is two files (names in :mod:`rundir.layout`): ``unet.safetensors``
 (the weights) and the *structure file* ``unet.json`` (the dense diffusers config, the
 torch-pruning history that rebuilds the pruned structure from it, the kept widths and
 every parameter shape), plus a probe for the exact-reload check. Loading builds the
@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compressor import runlayout
 from compressor.errors import ModelError
 from compressor.models import build_unet
 from compressor.pruning import replay_history, sync_module_attributes
+from compressor.stack import Stack
+from rundir import layout
+from rundir.records import RecordError, final_model_dir, read_metrics
 
 FORMAT = "compress-deploy/unet"
 FORMAT_VERSION = 1
@@ -57,8 +59,8 @@ def save_unet(
         "shapes": {k: list(v.shape) for k, v in state.items()},
         **(extra or {}),
     }
-    weights, structure = runlayout.weights_file(folder), runlayout.structure_file(folder)
-    probe = runlayout.probe_file(folder)
+    weights, structure = layout.weights_file(folder), layout.structure_file(folder)
+    probe = layout.probe_file(folder)
     tmp_w, tmp_p = weights.with_suffix(".safetensors.tmp"), structure.with_suffix(".json.tmp")
     save_file(state, str(tmp_w))
     tmp_p.write_text(json.dumps(meta, indent=1))
@@ -88,7 +90,7 @@ def probe_difference(folder: Path, unet: nn.Module) -> float:
 
     from compressor.models import predict_noise
 
-    probe = load_file(str(runlayout.probe_file(folder)))
+    probe = load_file(str(layout.probe_file(folder)))
     device = next(unet.parameters()).device
     with torch.no_grad():
         out = predict_noise(unet.eval(), probe["sample"].to(device), probe["timestep"].to(device))
@@ -97,7 +99,7 @@ def probe_difference(folder: Path, unet: nn.Module) -> float:
 
 def read_structure(folder: Path) -> dict:
     """Read and check a saved model's structure file; raises ModelError when missing or foreign."""
-    structure_file = runlayout.structure_file(folder)
+    structure_file = layout.structure_file(folder)
     if not structure_file.is_file():
         raise ModelError(f"{folder}: no {structure_file.name}; run the stage that writes this model first")
     try:
@@ -133,7 +135,7 @@ def load_unet(folder: Path, device: torch.device | str = "cpu") -> tuple[nn.Modu
 
     folder = Path(folder)
     meta = read_structure(folder)
-    weights = runlayout.weights_file(folder)
+    weights = layout.weights_file(folder)
     if not weights.is_file():
         raise ModelError(f"{folder}: no unet.safetensors; rerun the stage that writes this model")
     try:
@@ -149,7 +151,7 @@ def load_unet(folder: Path, device: torch.device | str = "cpu") -> tuple[nn.Modu
             replay_history(unet, meta["history"])
         except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError):
             raise ModelError(
-                f"{runlayout.structure_file(folder)}: the pruning history does not fit its architecture "
+                f"{layout.structure_file(folder)}: the pruning history does not fit its architecture "
                 "(a history from another model?); rerun the prune stage"
             ) from None
     sync_module_attributes(unet)
@@ -180,3 +182,17 @@ def as_pipeline(unet: nn.Module, scheduler_config: dict, kind: str = "ddim"):
     if kind == "ddim":
         return DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler_config))
     return DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(scheduler_config))
+
+
+def student_stack(run: Path) -> Stack | None:
+    """The sampler of the run's few-step student (DDIM at its own steps, fp32, no reuse) when the
+    final model is one (stage ``distill_steps``), else None."""
+    try:
+        stage, folder = final_model_dir(run)
+    except RecordError:
+        return None
+    found = student_sampling(folder) if stage == "distill_steps" else None
+    if found is None:
+        return None
+    ratio = read_metrics(run, "prune")
+    return Stack(ratio.ratio if ratio else 0.0, "ddim", found[1], 1, "fp32", found[1])

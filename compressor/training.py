@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor import runlayout
 from compressor.config import FinetuneConfig
 from compressor.errors import ConfigError, ModelError
 from compressor.models import predict_noise
+from rundir import layout
 
 CKPT_PREFIX = "step-"
 
@@ -141,7 +141,7 @@ def save_checkpoint(
         "ema": {k: v for k, v in ema_state.items() if not torch.is_tensor(v)},
         "optimizer": {"param_groups": opt_state["param_groups"], "scalars": scalars},
     }
-    runlayout.trainer_state(tmp).write_text(json.dumps(meta))
+    layout.trainer_state(tmp).write_text(json.dumps(meta))
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -152,7 +152,7 @@ def latest_checkpoint(folder: Path) -> Path | None:
     """The newest complete checkpoint folder, if any."""
     if not folder.is_dir():
         return None
-    done = sorted(p for p in folder.glob(f"{CKPT_PREFIX}*") if runlayout.trainer_state(p).is_file())
+    done = sorted(p for p in folder.glob(f"{CKPT_PREFIX}*") if layout.trainer_state(p).is_file())
     return done[-1] if done else None
 
 
@@ -164,7 +164,7 @@ def load_checkpoint(
     from safetensors.torch import load_file
 
     try:
-        meta = json.loads(runlayout.trainer_state(path).read_text())
+        meta = json.loads(layout.trainer_state(path).read_text())
         model_state = load_file(str(path / "model.safetensors"))
         ema_tensors = load_file(str(path / "ema.safetensors"))
         opt_tensors = load_file(str(path / "optimizer.safetensors"))
@@ -244,7 +244,7 @@ def train(
     Data-parallel when started under ``accelerate launch``/``torchrun``: the global
     batch ``cfg.batch_size`` is split evenly over processes and gradient
     accumulation micro-batches. ``stop_after`` ends early (tests of resume).
-    ``teacher`` (with ``cfg.distill`` active): distil from it (see :mod:`compressor.distill`);
+    ``teacher`` (with ``cfg.distill`` active): distil from it (see :mod:`compressor.teacher_distill`);
     every process holds its own frozen copy and computes its own micro-batches' targets.
     ``objective`` (``(model, x0, noise, t) -> loss``, e.g. step distillation's): replaces the
     denoising loss; ``t`` is then drawn from ``[0, draw_range)`` instead of the timesteps.
@@ -274,7 +274,7 @@ def train(
     student: nn.Module = unet
     points: list[str] = []
     if distill is not None:
-        from compressor.distill import DistillStudent, make_teacher, resolve_points
+        from compressor.teacher_distill import DistillStudent, make_teacher, resolve_points
 
         teacher = make_teacher(teacher, accelerator.device)
         points = resolve_points(unet, distill.feature_points) if distill.weight_features > 0 else []
@@ -314,7 +314,7 @@ def train(
                     noisy = noise_scheduler.add_noise(xb, nb, tb)
                     loss = F.mse_loss(predict_noise(model, noisy, tb).float(), nb) / cfg.grad_accum
                 else:
-                    from compressor.distill import distill_losses
+                    from compressor.teacher_distill import distill_losses
 
                     noisy = noise_scheduler.add_noise(xb, nb, tb)
                     terms = distill_losses(distill, nb, model(noisy, tb), teacher, noisy, tb, points)

@@ -5,7 +5,7 @@ is the UNet pruned at ratio r on this backend, at this batch, relative to dense?
 answers it is :mod:`compressor.pruning.search`; it needs one thing from here, a timer
 (:func:`latency_timer`): a :class:`LatencyProbe` loads each candidate structure on the backend
 (ONNX / engine files in a temporary folder) and times it alternately with the dense model in the
-same process (:func:`time_structure`, :func:`deploy.bench.time_alternating`), so drift and warm-up
+same process (:func:`time_structure`, :func:`deploy.stopwatch.time_alternating`), so drift and warm-up
 cancel; the figure kept is the median of ``repeat`` calls.
 """
 
@@ -21,13 +21,13 @@ from torch import nn
 
 from compressor.config import RunConfig
 from compressor.errors import ConfigError
-from compressor.runlayout import engine_info_path
 from compressor.sampling import make_scheduler
 from deploy import tensorrt_backend
-from deploy.bench import percentile_ms, sampler_call, time_alternating, unet_call
-from deploy.engines import Profile
+from deploy.engine_info import Profile
 from deploy.runtimes import Backend, load_backend
+from deploy.stopwatch import percentile_ms, sampler_call, time_alternating, unet_call
 from export.onnx_export import export_unet, onnx_input_shapes
+from rundir.layout import engine_info_path
 
 
 def backend_unavailable(name: str) -> str:

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compressor import runlayout
 from compressor.errors import ArtifactError, UserError
+from rundir import layout
 
 
 @dataclass
@@ -251,7 +251,7 @@ def load_run_unet(
 ) -> torch.nn.Module:
     """A finished run's UNet in torch: the final compressed model, or the dense one it came from."""
     from compressor.persist import load_unet
-    from compressor.records import final_model_dir, require_record
+    from rundir.records import final_model_dir, require_record
 
     if model == "dense":
         from compressor.config import config_from_mapping
@@ -281,12 +281,12 @@ def _source(
     if run_dir is None:
         raise UserError(f"{kind} backend: pass file= or run_dir=")
     if kind == "onnxruntime":
-        path = runlayout.onnx_path(run_dir, model, precision, part, level)
+        path = layout.onnx_path(run_dir, model, precision, part, level)
         if not path.is_file():
             hint = "" if part == "unet" else f"export.feature_reuse=true sample.cache_level={level} "
             raise ArtifactError(f"{path} not found; run `compress-deploy CONFIG {hint}--stages export` first")
         return path
-    path = runlayout.engine_path(run_dir, model, part, level)
+    path = layout.engine_path(run_dir, model, part, level)
     if part != "unet" and not path.is_file():
         raise ArtifactError(
             f"{path} not found; export the passes (export.feature_reuse=true sample.cache_level={level}) "

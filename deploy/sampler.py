@@ -20,9 +20,9 @@ import torch
 from compressor.components import ModelSpec
 from compressor.errors import ArtifactError, UserError
 from compressor.models import NoisePredictor
-from compressor.records import final_model_dir
 from compressor.sampling import generate, make_scheduler
 from deploy.runtimes import check_backend_name, load_backend
+from rundir.records import final_model_dir
 
 
 @dataclass

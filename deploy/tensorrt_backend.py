@@ -19,11 +19,9 @@ from pathlib import Path
 
 import torch
 
-from compressor import runlayout
-from compressor.artifacts import sha256_bytes, sha256_file
 from compressor.config import BuildConfig
 from compressor.errors import ArtifactError, UserError
-from deploy.engines import (
+from deploy.engine_info import (
     Profile,
     check_compatible,
     check_integrity,
@@ -31,6 +29,8 @@ from deploy.engines import (
     read_engine_info,
     write_engine_info,
 )
+from rundir import layout
+from rundir.artifacts import sha256_bytes, sha256_file
 
 INSTALL_HINT = (
     "install TensorRT (pip install 'compress-deploy[gpu]' on a CUDA host) or run inside the "
@@ -224,7 +224,7 @@ class EngineRunner:
     """
 
     def __init__(self, engine_path: Path, cuda_graph: bool = False) -> None:
-        from compressor.artifacts import verify_against_manifest
+        from rundir.artifacts import verify_against_manifest
 
         trt = require_tensorrt()
         verify_against_manifest(engine_path)
@@ -361,19 +361,19 @@ def build_run_engines(
     elif reuse_level is not None:
         parts += ["full", "shallow"]
     level = reuse_level or 0
-    cache = runlayout.timing_cache(run_dir)
+    cache = layout.timing_cache(run_dir)
     cache.parent.mkdir(parents=True, exist_ok=True)
     engines, files = {}, []
     for model in ("dense", "pruned"):
         for part in parts:
-            src = runlayout.onnx_path(run_dir, model, source, part, level)
+            src = layout.onnx_path(run_dir, model, source, part, level)
             if not src.is_file():
                 hint = "" if part == "unet" else f" and export.feature_reuse=true sample.cache_level={level}"
                 raise ArtifactError(
                     f"{src} not found; run the export stage (with export.precisions incl. {source}{hint})"
                 )
             check_onnx(src, part=part)
-            dst = runlayout.engine_path(run_dir, model, part, level)
+            dst = layout.engine_path(run_dir, model, part, level)
             label = model if part == "unet" else f"{model} {part} pass (level {level})"
             log(f"{label}: {src.name} -> {dst} ({cfg.precision}, batch {cfg.min_batch}..{cfg.max_batch})")
             info = build_engine(
@@ -389,5 +389,5 @@ def build_run_engines(
             )
             log(f"{label}: built in {info['build_seconds']:.1f} s")
             engines[model if part == "unet" else f"{model}.{part}"] = info
-            files += [dst, runlayout.engine_info_path(dst)]
+            files += [dst, layout.engine_info_path(dst)]
     return engines, files + [cache]

@@ -29,9 +29,9 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from compressor import runlayout
 from compressor.components import DenoiserInputs, ModelSpec
 from compressor.errors import ArtifactError, UserError
+from rundir import layout
 
 MODELS_DIR = Path(__file__).parent / "triton_models"
 UNET_KINDS = ("auto", "tensorrt", "onnxruntime", "python")
@@ -128,7 +128,7 @@ def parse_config(text: str):
 
 
 def _choose_unet(run_dir: Path, s: RepoSettings) -> str:
-    engine = runlayout.engine_path(run_dir, s.model)
+    engine = layout.engine_path(run_dir, s.model)
     if s.unet_kind == "auto":
         return "tensorrt" if engine.is_file() else "onnxruntime"
     return s.unet_kind
@@ -137,7 +137,7 @@ def _choose_unet(run_dir: Path, s: RepoSettings) -> str:
 def write_repository(run_dir: Path, out: Path, s: RepoSettings) -> dict:
     """Write ``out/{unet,sampler}`` for ``run_dir``; returns facts (what each model serves)."""
     from compressor.persist import read_structure
-    from compressor.records import final_model_dir
+    from rundir.records import final_model_dir
 
     if s.unet_kind not in UNET_KINDS:
         raise UserError(f"unknown unet kind {s.unet_kind!r}; choose one of {', '.join(UNET_KINDS)}")
@@ -150,8 +150,8 @@ def write_repository(run_dir: Path, out: Path, s: RepoSettings) -> dict:
         raise UserError(f"{out} exists and is not empty; pass a new folder (nothing was written)")
     unet_dir = out / "unet" / "1"
     unet_dir.mkdir(parents=True, exist_ok=True)
-    onnx = runlayout.onnx_path(run_dir, s.model, "fp32")
-    engine = runlayout.engine_path(run_dir, s.model)
+    onnx = layout.onnx_path(run_dir, s.model, "fp32")
+    engine = layout.engine_path(run_dir, s.model)
 
     def need(path: Path, stage: str) -> Path:
         if not path.is_file():
@@ -178,13 +178,13 @@ def write_repository(run_dir: Path, out: Path, s: RepoSettings) -> dict:
             shutil.copytree(folder, unet_dir / "pruned_unet")
             spec = {"backend": "torch", "file": "pruned_unet"}
         else:
-            from compressor.runlayout import engine_info_path
+            from rundir.layout import engine_info_path
 
-            shutil.copy2(need(engine, "build"), unet_dir / runlayout.ENGINE_FILE)
+            shutil.copy2(need(engine, "build"), unet_dir / layout.ENGINE_FILE)
             shutil.copy2(
-                need(engine_info_path(engine), "build"), engine_info_path(unet_dir / runlayout.ENGINE_FILE)
+                need(engine_info_path(engine), "build"), engine_info_path(unet_dir / layout.ENGINE_FILE)
             )
-            spec = {"backend": "tensorrt", "file": runlayout.ENGINE_FILE}
+            spec = {"backend": "tensorrt", "file": layout.ENGINE_FILE}
         (unet_dir / "backend.json").write_text(json.dumps({**spec, "threads": s.threads}, indent=1))
         served = f"Python backend running {s.backend} in process"
     sampler_dir = out / "sampler" / "1"

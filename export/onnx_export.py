@@ -301,7 +301,7 @@ def check_onnx(
     """
     import onnx
 
-    from compressor.artifacts import verify_against_manifest
+    from rundir.artifacts import verify_against_manifest
 
     if not path.is_file():
         raise ArtifactError(f"{path} not found; run the export stage first")
@@ -329,7 +329,7 @@ def check_onnx(
 
 
 def graph_part(path: Path) -> str:
-    """Which interface an exported file has, from its name (see compressor.runlayout.onnx_path)."""
+    """Which interface an exported file has, from its name (see rundir.layout.onnx_path)."""
     name = Path(path).name
     for part in ("full", "shallow"):
         if name.startswith(f"unet-{part}-"):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from compressor.config import AcceptanceConfig, LatencyTarget
-from compressor.records import BenchMetrics, ParityMetrics, QualityMetrics
 from compressor.stack import SamplerVariant
+from rundir.records import BenchMetrics, ParityMetrics, QualityMetrics
 
 PASS, FAIL, INCONCLUSIVE = "pass", "fail", "inconclusive"
 QUALITY_GATES = {"min_ssim": ">=", "max_fd_ratio": "<=", "max_fd_increase": "<=", "max_kid_increase": "<="}
@@ -240,7 +240,7 @@ def evaluate(
 
 def evaluate_run(run, cfg: AcceptanceConfig, target: LatencyTarget | None = None) -> list[Check]:
     """:func:`evaluate` over the bench, parity and quality records of run directory ``run``."""
-    from compressor.records import read_metrics
+    from rundir.records import read_metrics
 
     return evaluate(
         cfg, read_metrics(run, "bench"), read_metrics(run, "parity"), read_metrics(run, "quality"), target

@@ -11,12 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from types import ModuleType
 
-from compressor import runlayout
-from compressor.artifacts import artifact_matches, read_manifest, write_json
 from compressor.config import config_to_dict
 from compressor.digest import content_hash
-from compressor.records import RecordError, read_record
 from pipeline.context import RunContext, environment_facts
+from rundir import layout
+from rundir.artifacts import artifact_matches, read_manifest, write_json
+from rundir.records import RecordError, read_record
 
 
 def _digest(data: object) -> str:
@@ -130,4 +130,4 @@ def update_manifest(ctx: RunContext, name: str, rec: dict) -> None:
     out = {"config_name": ctx.cfg.name, "artifacts": dict(sorted(arts.items()))}
     if "records" in manifest:  # the records' hashes (written with each record, see RunContext.write_record)
         out["records"] = manifest["records"]
-    write_json(runlayout.manifest_path(ctx.run_dir), out)
+    write_json(layout.manifest_path(ctx.run_dir), out)

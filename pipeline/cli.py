@@ -18,10 +18,9 @@ import threading
 import traceback
 from pathlib import Path
 
-from compressor import oserrors, runlayout
+from compressor import oserrors
 from compressor.config import load_config
 from compressor.errors import UserError
-from compressor.records import INCONCLUSIVE
 from pipeline.acceptance import EXIT_FAIL, EXIT_INCONCLUSIVE
 from pipeline.commands import COMMANDS, SUMMARIES
 from pipeline.commands.args import CommandParser, config_args
@@ -29,6 +28,8 @@ from pipeline.frontier.target import run_with_target
 from pipeline.runner import Interrupted, parse_stages
 from pipeline.stages import STAGES
 from pipeline.summary import closing_lines
+from rundir import layout
+from rundir.records import INCONCLUSIVE
 
 EXIT_USER, EXIT_INTERNAL = 2, 1
 EXIT_CODES = {
@@ -111,7 +112,7 @@ def _main_run(argv: list[str]) -> int:
     failed = [name for name, rec in records.items() if rec["status"] == "failed"]
     if failed:
         print(
-            f"acceptance failed: {records[failed[0]]['reason']} (see {runlayout.report_dir(run_dir)})",
+            f"acceptance failed: {records[failed[0]]['reason']} (see {layout.report_dir(run_dir)})",
             file=sys.stderr,
         )
         return EXIT_FAIL

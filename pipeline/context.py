@@ -13,15 +13,15 @@ from typing import Any
 
 import torch
 
-from compressor import runlayout
-from compressor.artifacts import note_record, sha256_file, write_json
 from compressor.config import RunConfig, config_to_dict
 from compressor.errors import UserError
 from compressor.models import DiffusionModel, load_model, resolve_device
 from compressor.preflight import check_model_supported
 from compressor.progress import log  # noqa: F401  (re-exported: stages log through the context)
-from compressor.records import Record, final_model_dir, read_record, require_record, run_config_name
 from compressor.stack import Stack, StackChoice
+from rundir import layout
+from rundir.artifacts import note_record, sha256_file, write_json
+from rundir.records import Record, final_model_dir, read_record, require_record, run_config_name
 
 
 @dataclass
@@ -137,7 +137,7 @@ class RunContext:
 
     def claim(self) -> None:
         """Create the run directory, or refuse one that belongs to another config."""
-        marker = runlayout.run_file(self.run_dir)
+        marker = layout.run_file(self.run_dir)
         if marker.is_file():
             owner = run_config_name(self.run_dir)
             if owner != self.cfg.name:
@@ -154,7 +154,7 @@ class RunContext:
 
     def stage_dir(self, stage: str) -> Path:
         """The folder a stage writes into (created on demand)."""
-        path = runlayout.stage_dir(self.run_dir, stage)
+        path = layout.stage_dir(self.run_dir, stage)
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -258,14 +258,14 @@ class RunContext:
         """The Frechet feature extractor and its metric name (``fd_digits`` or ``fid``).
 
         ``quality.feature``: the digits feature network for digits data, else Inception
-        (2048-d, by name: :func:`compressor.quality.frechet_distance` loads it).
+        (2048-d, by name: :func:`compressor.image_quality.frechet_distance` loads it).
         """
         kind = self.cfg.quality.feature
         if kind == "auto":
             kind = "digits" if self.cfg.data.source == "digits" else "inception"
         if kind == "digits":
             from compressor.features import NUM_FEATURES, load_digits_features
-            from compressor.quality import FeatureAdapter
+            from compressor.image_quality import FeatureAdapter
 
             return FeatureAdapter(load_digits_features(), 1, NUM_FEATURES), "fd_digits"
         return 2048, "fid"
@@ -290,7 +290,7 @@ class RunContext:
         return make_scheduler("ddpm", self.dense.scheduler_config)
 
     def final_model_dir(self) -> tuple[str, Path]:
-        """The newest compressed model of this run (see :func:`compressor.records.final_model_dir`)."""
+        """The newest compressed model of this run (see :func:`rundir.records.final_model_dir`)."""
         return final_model_dir(self.run_dir)
 
     def write_record(
@@ -322,7 +322,7 @@ class RunContext:
             "cache": cache or {},
         }
         if self.is_main:
-            path = runlayout.record_path(self.run_dir, stage)
+            path = layout.record_path(self.run_dir, stage)
             write_json(path, rec)
             note_record(self.run_dir, path)
         return rec

@@ -8,9 +8,9 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from compressor import runlayout
 from compressor.progress import progress_bar
 from pipeline.context import RunContext, log
+from rundir import layout
 
 
 def checkpoint_dir(ctx: RunContext, stage: str) -> Path:
@@ -21,7 +21,7 @@ def checkpoint_dir(ctx: RunContext, stage: str) -> Path:
     folders are removed only once the new run has succeeded.
     """
     ctx.stage_dir(stage)
-    root = runlayout.checkpoints_dir(ctx.run_dir, stage)
+    root = layout.checkpoints_dir(ctx.run_dir, stage)
     mine = root / _key(ctx)
     if ctx.is_main and ctx.call is not None and ctx.call.forced and mine.is_dir():
         shutil.rmtree(mine)
@@ -35,7 +35,7 @@ def _key(ctx: RunContext) -> str:
 
 def drop_stale_checkpoints(ctx: RunContext, stage: str) -> None:
     """After a successful run: remove checkpoints that belong to other stage inputs."""
-    root = runlayout.checkpoints_dir(ctx.run_dir, stage)
+    root = layout.checkpoints_dir(ctx.run_dir, stage)
     mine = root / _key(ctx)
     if ctx.is_main:
         for other in root.iterdir():

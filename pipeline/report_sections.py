@@ -12,19 +12,19 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from compressor import runlayout
-from compressor.records import (
+from pipeline.acceptance import Check
+from pipeline.context import RunContext
+from pipeline.frontier.tables import choice_text, noise_note
+from pipeline.plots import plot_latency_bars, plot_losses, plot_speedup_vs_macs, plot_taylor_diagnostics
+from pipeline.report_render import Doc, fmt, with_interval
+from rundir import layout
+from rundir.records import (
     BenchMetrics,
     FinetuneMetrics,
     ParityMetrics,
     PruneMetrics,
     QualityMetrics,
 )
-from pipeline.acceptance import Check
-from pipeline.context import RunContext
-from pipeline.frontier.tables import choice_text, noise_note
-from pipeline.plots import plot_latency_bars, plot_losses, plot_speedup_vs_macs, plot_taylor_diagnostics
-from pipeline.report_render import Doc, fmt, with_interval
 
 
 def settings_section(doc: Doc, ctx: RunContext) -> None:
@@ -320,7 +320,7 @@ def frontier_section(doc: Doc, ctx: RunContext, f: dict | str | None, bench: Ben
     if isinstance(f, str):
         doc.para(f)
         return
-    folder = runlayout.frontier_dir(ctx.run_dir)
+    folder = layout.frontier_dir(ctx.run_dir)
     points, ref = f["points"], f["reference"]
     ratios = ", ".join(f"{r:g}" for r in sorted({p["stack"]["ratio"] for p in points}))
     doc.para(
@@ -381,7 +381,7 @@ def acceptance_section(doc: Doc, checks: list[Check]) -> None:
 
 def samples_section(doc: Doc, ctx: RunContext, out: Path) -> None:
     """The samples stage's grid: every model's row from the same seeds."""
-    grid = runlayout.samples_grid(ctx.run_dir)
+    grid = layout.samples_grid(ctx.run_dir)
     if grid.is_file():
         shutil.copyfile(grid, out / "grid.png")
         doc.heading("Samples, every model (same seeds)")

@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from compressor import runlayout
 from compressor.errors import UserError
+from rundir import layout
 
 _HELD: dict[str, int] = {}  # lock file -> how many holders of this process are inside it
 
@@ -27,7 +27,7 @@ class RunLock:
     """``with RunLock(run_dir, command):`` - raises UserError while another live process holds it."""
 
     def __init__(self, run_dir: Path, command: str) -> None:
-        self.path = runlayout.lock_path(run_dir)
+        self.path = layout.lock_path(run_dir)
         self.command = command
         self.fd: int | None = None
         self.nested = False  # this process held the lock already: entering and leaving change nothing

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from compressor import oserrors, runlayout
+from compressor import oserrors
 from compressor.config import RunConfig
 from compressor.errors import UserError
 from compressor.preflight import check_model_settings, check_stages_asked
@@ -23,6 +23,7 @@ from pipeline.cache import dependents, stage_key, update_manifest, why_rerun
 from pipeline.context import RunContext, StageCall, log
 from pipeline.runlock import RunLock
 from pipeline.stages import STAGES
+from rundir import layout
 
 
 def parse_stages(text: str | None, cfg: RunConfig) -> list[str]:
@@ -66,9 +67,9 @@ def make_run_dir(run_dir: Path) -> None:
 
 def remove_temporaries(run_dir: Path, stage: str | None) -> list[Path]:
     """Delete half-written files and folders of ``stage`` (and of the run's own bookkeeping)."""
-    found = [p for p in run_dir.glob("*") if runlayout.is_temporary(p)]
+    found = [p for p in run_dir.glob("*") if layout.is_temporary(p)]
     if stage:
-        found += [p for p in runlayout.stage_dir(run_dir, stage).rglob("*") if runlayout.is_temporary(p)]
+        found += [p for p in layout.stage_dir(run_dir, stage).rglob("*") if layout.is_temporary(p)]
     for path in found:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
@@ -130,7 +131,7 @@ def _run_stages(ctx: RunContext, stages: list[str], force: set[str] | None) -> d
             if ctx.is_main:
                 update_manifest(ctx, name, rec)
             records[name] = rec
-            log(name, f"{result.status} in {seconds:.1f} s -> {runlayout.record_path(run_dir, name)}")
+            log(name, f"{result.status} in {seconds:.1f} s -> {layout.record_path(run_dir, name)}")
     except BaseException as exc:
         if ctx.is_main:
             remove_temporaries(run_dir, current)
@@ -143,7 +144,7 @@ def _run_stages(ctx: RunContext, stages: list[str], force: set[str] | None) -> d
             raise
         os_error = oserrors.as_os_error(exc)
         if os_error is not None:
-            where = f"the {current} stage's files in {runlayout.stage_dir(run_dir, current or '')}"
+            where = f"the {current} stage's files in {layout.stage_dir(run_dir, current or '')}"
             raise UserError(f"{current} stage: {oserrors.describe(os_error, where)}") from None
         raise
     return records

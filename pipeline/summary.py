@@ -15,9 +15,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compressor import runlayout
 from compressor.config import DEFAULT_STAGES, RunConfig
-from compressor.records import (
+from compressor.stack import SamplerVariant
+from pipeline.acceptance import FAIL, INCONCLUSIVE, PASS, Check, evaluate_run, verdict
+from rundir import layout
+from rundir.records import (
     BenchMetrics,
     CheckMetrics,
     QualityMetrics,
@@ -27,11 +29,9 @@ from compressor.records import (
     read_metrics,
     read_record,
 )
-from compressor.stack import SamplerVariant
-from pipeline.acceptance import FAIL, INCONCLUSIVE, PASS, Check, evaluate_run, verdict
 
 # one name per model, everywhere a person reads: the stage that made it -> its name
-MODEL_NAMES = runlayout.MODEL_NAMES
+MODEL_NAMES = layout.MODEL_NAMES
 SPEED_GATES = ("min_speedup", "min_sampler_speedup", "max_unet_ms", "max_image_ms")
 QUALITY_LABELS = {
     "min_ssim": "SSIM vs dense",
@@ -172,7 +172,7 @@ def build_summary(
         speed=speed_figure(sampler, checks),
         quality=quality_figures(quality, checks),
         steps=next_steps(run, cfg, checks, command_of(run, cfg, config, overrides or [])),
-        report=runlayout.report_dir(run) / "report.html",
+        report=layout.report_dir(run) / "report.html",
         sampler=sampler,
         overrides=list(shown.overrides) if isinstance(shown, CheckMetrics) else [],
     )
@@ -322,7 +322,7 @@ class Command:
 
     def frontier(self, target: str) -> str:
         """``compress-deploy frontier CONFIG [overrides] --target T`` writing into this run."""
-        out = "" if self.default_run else f" --out {runlayout.frontier_dir(self.run)}"
+        out = "" if self.default_run else f" --out {layout.frontier_dir(self.run)}"
         return (
             " ".join(["compress-deploy frontier", self.config, *self.overrides, f"--target {target}"]) + out
         )

@@ -32,18 +32,18 @@ def measure(config: str, overrides: list[str], run: Path, mode: str, steps: int)
 
     import torch
 
-    from compressor import runlayout
     from compressor.config import load_config
     from compressor.persist import load_unet
     from compressor.training import train
     from pipeline.context import RunContext
     from pipeline.sweep.distillation import mode_config
+    from rundir import layout
 
     cfg = load_config(config, overrides)
     ctx = RunContext(cfg, run)
     distill = mode_config(mode, cfg.finetune.distill)
     ft = dataclasses.replace(cfg.finetune, steps=steps, distill=distill, checkpoint_every=steps + 1)
-    unet = load_unet(runlayout.model_dir(run, "prune"), ctx.device)[0]
+    unet = load_unet(layout.model_dir(run, "prune"), ctx.device)[0]
     teacher = ctx.dense_on() if distill.active else None
     images, scheduler = ctx.dataset, ctx.noise_scheduler()
     cuda = ctx.device.type == "cuda"
@@ -81,12 +81,12 @@ def main() -> int:
     parser.add_argument("--modes", default="off,output,output+features")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one mode, in a fresh process
     args = parser.parse_intermixed_args()
-    from compressor import runlayout
     from compressor.config import load_config
+    from rundir import layout
 
     cfg = load_config(args.config, args.overrides)
     run = args.run_dir or Path("runs") / cfg.name
-    pruned = runlayout.model_dir(run, "prune")
+    pruned = layout.model_dir(run, "prune")
     if not (pruned / "unet.json").is_file():
         print(
             f"error: {pruned} holds no pruned model; run `compress-deploy {args.config} "

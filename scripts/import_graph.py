@@ -16,7 +16,7 @@ import ast
 import sys
 from pathlib import Path
 
-PACKAGES = ("compressor", "export", "deploy", "pipeline")
+PACKAGES = ("compressor", "rundir", "export", "deploy", "pipeline")
 LONG = 500
 
 

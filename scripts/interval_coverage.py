@@ -208,20 +208,20 @@ def demo(
     """Coverage over disjoint seed sets of a finished run's dense and finetuned models."""
     from quality_spread import sample
 
-    from compressor import runlayout
     from compressor.config import load_config
     from compressor.data import stack
+    from compressor.image_quality import feature_extractor
     from compressor.persist import load_unet
-    from compressor.quality import feature_extractor
     from pipeline.context import RunContext
+    from rundir import layout
 
     cfg = load_config(config, [])
     ctx = RunContext(cfg, run_dir)
     feature, _ = ctx.frechet_features()
     extract = feature_extractor(feature)
     reference = (stack(ctx.dataset, cfg.quality.num_reference) + 1) / 2
-    models = {"dense": ctx.dense_on(), "finetuned": load_unet(runlayout.model_dir(run_dir, "finetune"))[0]}
-    folder = runlayout.stage_dir(run_dir, "analysis") / "coverage"
+    models = {"dense": ctx.dense_on(), "finetuned": load_unet(layout.model_dir(run_dir, "finetune"))[0]}
+    folder = layout.stage_dir(run_dir, "analysis") / "coverage"
     feats: dict = {}
     began = time.perf_counter()
     for k in range(sets):

@@ -41,16 +41,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from compressor import runlayout  # noqa: E402
 from compressor.config import load_config  # noqa: E402
 from compressor.persist import load_unet  # noqa: E402
-from compressor.records import final_model_dir  # noqa: E402
 from compressor.sampling import generate, make_scheduler  # noqa: E402
 from compressor.stack import SamplerVariant  # noqa: E402
-from deploy.bench import percentile_ms, sampler_call, time_alternating  # noqa: E402
 from deploy.runtimes import load_backend  # noqa: E402
+from deploy.stopwatch import percentile_ms, sampler_call, time_alternating  # noqa: E402
 from pipeline.context import RunContext  # noqa: E402
 from pipeline.frontier.tables import kid_text, with_ci  # noqa: E402
+from rundir import layout  # noqa: E402
+from rundir.records import final_model_dir  # noqa: E402
 
 REFERENCE = ("dense", SamplerVariant("ddim", 50), "fp32")
 DENSE = ["ddim:25", "ddim:10", "dpmsolver++:20", "dpmsolver++:10", "ddim:50:2", "ddim:50:3", "ddim:50:5"]
@@ -233,7 +233,7 @@ def main() -> int:
             ]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
-    out = runlayout.levers_dir(run)
+    out = layout.levers_dir(run)
     out.mkdir(parents=True, exist_ok=True)
     facts = {"backend": args.backend, "threads": torch.get_num_threads(), "model": cfg.model.name}
     facts["samples"] = args.samples if scores else 0

@@ -37,14 +37,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from compressor import runlayout  # noqa: E402
 from compressor.config import load_config  # noqa: E402
 from compressor.data import stack  # noqa: E402
+from compressor.image_quality import make_scorer, resampling  # noqa: E402
 from compressor.intervals import difference, paired  # noqa: E402
 from compressor.persist import load_unet  # noqa: E402
-from compressor.quality import make_scorer, resampling  # noqa: E402
 from compressor.sampling import denoise, initial_noise, make_scheduler  # noqa: E402
 from pipeline.context import RunContext  # noqa: E402
+from rundir import layout  # noqa: E402
 
 
 def torch_noise(shape: tuple[int, int, int], seeds: list[int]) -> torch.Tensor:
@@ -118,9 +118,9 @@ def main() -> int:
     scorers["bootstrap"] = make_scorer(reference, feature, metric, boot)
     models = {
         "dense": ctx.dense_on(),
-        "finetuned": load_unet(runlayout.model_dir(args.run_dir, "finetune"))[0],
+        "finetuned": load_unet(layout.model_dir(args.run_dir, "finetune"))[0],
     }
-    folder = runlayout.stage_dir(args.run_dir, "analysis") / "spread"
+    folder = layout.stage_dir(args.run_dir, "analysis") / "spread"
     n = max(counts)
     sets = [list(range(args.first_seed + k * n, args.first_seed + (k + 1) * n)) for k in range(args.sets)]
     images: dict = {}

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from compressor import runlayout
+from rundir import layout
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--height", type=int, default=9000, help="window height: the most that is shown")
     parser.add_argument("--tiles", type=int, default=0, metavar="H", help="also cut into tiles of H pixels")
     args = parser.parse_args(argv)
-    page = args.run if args.run.suffix == ".html" else runlayout.report_dir(args.run) / "report.html"
+    page = args.run if args.run.suffix == ".html" else layout.report_dir(args.run) / "report.html"
     if not page.is_file():
         print(f"error: {page} is missing; run the report stage first", file=sys.stderr)
         return 2

@@ -170,13 +170,13 @@ def placeholder_engines(run: Path, precision: str = "fp32", parts: tuple[str, ..
 
     For the CPU tests of what carries or refuses engines; nothing here can execute them.
     """
-    from compressor import runlayout
-    from deploy.engines import write_engine_info
+    from deploy.engine_info import write_engine_info
+    from rundir import layout
 
     written = []
     for model in ("dense", "pruned"):
         for part in parts:
-            engine = runlayout.engine_path(run, model, part, 0)
+            engine = layout.engine_path(run, model, part, 0)
             engine.parent.mkdir(parents=True, exist_ok=True)
             data = f"placeholder {model} {part}".encode()
             engine.write_bytes(data)

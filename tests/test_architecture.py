@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from compressor import records
-from compressor.artifacts import note_record
 from compressor.config import load_config
 from compressor.errors import UserError
 from pipeline.cli import main
 from pipeline.commands import COMMANDS
 from pipeline.runner import run_pipeline
+from rundir import records
+from rundir.artifacts import note_record
 from tests.conftest import TINY_CONFIG, finished_tiny_run, tree_hashes, write_config, write_images
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,7 +107,9 @@ def test_commands_are_one_literal_mapping_of_small_modules():
     folder = ROOT / "pipeline" / "commands"
     modules = {p.stem for p in folder.glob("*.py")} - {"__init__", "args"}
     assert {m.__name__.rsplit(".", 1)[1] for m in COMMANDS.values()} == modules
-    assert {name.replace("-", "_") for name in COMMANDS} == modules
+    for name, module in COMMANDS.items():  # named for the command, or for what it does where the
+        # command's name would repeat another module's (check -> check_run, build -> build_engines)
+        assert module.__name__.rsplit(".", 1)[1].startswith(name.replace("-", "_")), (name, module.__name__)
     readme = (ROOT / "README.md").read_text()
     for name, module in COMMANDS.items():
         assert callable(module.main) and module.__doc__, name

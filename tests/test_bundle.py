@@ -14,9 +14,9 @@ import torch
 
 from compressor.errors import UserError
 from compressor.sampling import initial_noise, make_scheduler, seed_noise
-from deploy.bundle import BundleSpec, make_bundle, scheduler_tables
 from deploy.bundle_runtime.core import SOLVERS
 from deploy.bundle_runtime.core import seed_noise as runtime_seed_noise
+from deploy.edge_bundle import BundleSpec, make_bundle, scheduler_tables
 from pipeline.cli import main
 from tests.conftest import DDPM_SCHEDULER, finished_tiny_run
 
@@ -164,7 +164,7 @@ def test_the_bundle_check_decides_quality_gates_by_their_interval(exported, tmp_
 
 
 def test_each_precision_is_gated_by_its_own_parity_tolerance(exported, tmp_path):
-    from deploy.bundle import _limits
+    from deploy.edge_bundle import _limits
 
     fp32 = _limits(exported, BundleSpec(precision="fp32"), {})
     fp16 = _limits(exported, BundleSpec(precision="fp16"), {})

@@ -10,9 +10,7 @@ import pytest
 
 from compressor.config import AcceptanceConfig, config_from_mapping
 from compressor.errors import ArtifactError, ConfigError, UserError
-from compressor.records import BenchMetrics, ParityMetrics, QualityMetrics
-from deploy.bench import percentile_ms, time_alternating
-from deploy.engines import (
+from deploy.engine_info import (
     Profile,
     check_compatible,
     check_integrity,
@@ -20,7 +18,9 @@ from deploy.engines import (
     read_engine_info,
     write_engine_info,
 )
+from deploy.stopwatch import percentile_ms, time_alternating
 from pipeline.acceptance import evaluate
+from rundir.records import BenchMetrics, ParityMetrics, QualityMetrics
 
 MANIFEST = {
     "tensorrt_version": "10.13.0",

@@ -9,14 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from compressor import runlayout
 from compressor.config import ConfigError, DistillConfig, FinetuneConfig, load_config
-from compressor.distill import DistillStudent, block_widths, distill_losses, resolve_points
 from compressor.models import build_unet
 from compressor.pruning import pruned_copy
 from compressor.sampling import make_scheduler
+from compressor.teacher_distill import DistillStudent, block_widths, distill_losses, resolve_points
 from compressor.training import train
 from pipeline.cli import main
+from rundir import layout
 from tests.conftest import DDPM_SCHEDULER, TINY_UNET, write_config, write_images, write_model_folder
 
 OUTPUT_ONLY = DistillConfig(weight_task=0.0, weight_output=1.0, weight_features=0.0)
@@ -124,13 +124,13 @@ def test_the_finetune_stage_distils_records_the_terms_and_saves_no_projection(tm
         "distilling from the dense model: task x 1, output x 1, features x 1 at mid, up"
         in capsys.readouterr().err
     )
-    record = json.loads(runlayout.record_path(run, "finetune").read_text())
+    record = json.loads(layout.record_path(run, "finetune").read_text())
     assert [len(row) for row in record["metrics"]["loss_terms"]] == [4, 4, 4]
     assert record["config"]["finetune"]["distill"]["weight_features"] == 1.0
-    for folder in (runlayout.model_dir(run, "finetune"), runlayout.model_dir(run, "finetune", raw=True)):
-        keys = load_file(str(runlayout.weights_file(folder))).keys()
+    for folder in (layout.model_dir(run, "finetune"), layout.model_dir(run, "finetune", raw=True)):
+        keys = load_file(str(layout.weights_file(folder))).keys()
         assert keys and not any("projection" in k for k in keys)
-    pruned_keys = load_file(str(runlayout.weights_file(runlayout.model_dir(run, "prune")))).keys()
+    pruned_keys = load_file(str(layout.weights_file(layout.model_dir(run, "prune")))).keys()
     assert set(keys) == set(pruned_keys)  # the finetuned model is the pruned architecture, nothing more
     with pytest.raises(ConfigError, match="finetune.distill: weight_task, weight_output and weight_features"):
         zero = ["weight_task=0", "weight_output=0", "weight_features=0"]

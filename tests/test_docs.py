@@ -142,7 +142,7 @@ def test_the_layout_map_names_every_module():
     rows = set(re.findall(r"^\| `([\w/]+\.py)` \|", layout, flags=re.M))
     modules = {
         str(p.relative_to(ROOT))
-        for package in ("compressor", "pipeline", "deploy", "export")
+        for package in ("compressor", "rundir", "pipeline", "deploy", "export")
         for p in (ROOT / package).rglob("*.py")
         if "__pycache__" not in p.parts and (p.name != "__init__.py" or p.stat().st_size >= 200)
     }

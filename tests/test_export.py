@@ -12,8 +12,8 @@ from compressor.models import example_inputs, predict_noise
 from compressor.pruning import prune_unet
 from compressor.sampling import make_scheduler
 from deploy.runtimes import onnxruntime_backend
+from export.compare import compare, make_onnxrt_runner, make_torch_runner, parity_feeds
 from export.onnx_export import check_onnx, export_unet, onnx_sample_shape
-from export.parity import compare, make_onnxrt_runner, make_torch_runner, parity_feeds
 from tests.conftest import DDPM_SCHEDULER
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from compressor import runlayout
 from pipeline.cli import main
+from rundir import layout
 from tests.conftest import TINY_CONFIG, tree_hashes, write_config, write_images, write_model_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +34,7 @@ def _tiny(tmp: Path, steps: int = 4, every: int = 2) -> Path:
 
 
 def _temporaries(run_dir: Path) -> list[Path]:
-    return [p for p in run_dir.rglob("*") if runlayout.is_temporary(p)]
+    return [p for p in run_dir.rglob("*") if layout.is_temporary(p)]
 
 
 def _errors(err: str) -> list[str]:
@@ -73,11 +73,11 @@ def test_a_second_writer_is_refused_and_a_killed_holders_lock_is_taken_over(tmp_
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    assert runlayout.lock_path(run_dir).is_file()  # a killed holder leaves its file behind
+    assert layout.lock_path(run_dir).is_file()  # a killed holder leaves its file behind
     assert main([str(cfg), "--stages", "prune", "--run-dir", str(run_dir)]) == 0
     err = capsys.readouterr().err
     assert f"taking over the lock of {run_dir} left by pid {holder.pid}" in err
-    assert not runlayout.lock_path(run_dir).exists()  # released on exit
+    assert not layout.lock_path(run_dir).exists()  # released on exit
 
 
 def test_overrides_may_come_after_the_flags(tmp_path):
@@ -85,7 +85,7 @@ def test_overrides_may_come_after_the_flags(tmp_path):
     run_dir = tmp_path / "run"
     argv = [str(cfg), "--stages", "prune", "prune.ratio=0.5", "--run-dir", str(run_dir), "seed=3"]
     assert main(argv) == 0
-    rec = json.loads(runlayout.record_path(run_dir, "prune").read_text())
+    rec = json.loads(layout.record_path(run_dir, "prune").read_text())
     assert rec["metrics"]["ratio"] == 0.5 and rec["config"]["seed"] == 3
 
 
@@ -112,11 +112,11 @@ def test_disk_full_mid_stage_is_one_line_leaves_no_temporaries_and_resumes(tmp_p
     assert len(err) == 1 and err[0].startswith("error: finetune stage: cannot write ")
     assert "No space left on device; free some space or pass another --run-dir" in err[0]
     assert err[0].endswith("then rerun the same command to resume")
-    assert _temporaries(run_dir) == [] and not runlayout.lock_path(run_dir).exists()
+    assert _temporaries(run_dir) == [] and not layout.lock_path(run_dir).exists()
     assert main(["verify", str(run_dir)]) == 0  # the prune stage's outputs and the manifest are intact
     monkeypatch.setattr(training, "save_file", real)
     assert main([str(cfg), "--stages", "prune,finetune", "--run-dir", str(run_dir)]) == 0
-    rec = json.loads(runlayout.record_path(run_dir, "finetune").read_text())
+    rec = json.loads(layout.record_path(run_dir, "finetune").read_text())
     assert rec["metrics"]["resumed_from"] == 2  # from the last complete checkpoint
 
 
@@ -142,7 +142,7 @@ def test_disk_full_on_a_real_tmpfs(tmp_path, capsys):
         err = _errors(capsys.readouterr().err)
         assert code == 2 and len(err) == 1, err
         assert "No space left on device" in err[0] and "rerun the same command to resume" in err[0]
-        assert _temporaries(run_dir) == [] and not runlayout.lock_path(run_dir).exists()
+        assert _temporaries(run_dir) == [] and not layout.lock_path(run_dir).exists()
         assert main(["verify", str(run_dir)]) == 0
         moved = tmp_path / "moved"
         shutil.copytree(run_dir, moved)
@@ -160,7 +160,7 @@ def test_signal_during_finetune_names_the_stage_cleans_up_and_resumes(tmp_path, 
     subprocess.run([*cmd, "--run-dir", str(tmp_path / "ref")], env=ENV, capture_output=True, check=True)
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([*cmd, "--run-dir", str(run_dir)], env=ENV, stderr=subprocess.PIPE, text=True)
-    ckpts = runlayout.checkpoints_dir(run_dir)
+    ckpts = layout.checkpoints_dir(run_dir)
     deadline = time.time() + 120
     while time.time() < deadline and not list(ckpts.glob("*/step-*/trainer.json")):
         time.sleep(0.05)
@@ -172,9 +172,9 @@ def test_signal_during_finetune_names_the_stage_cleans_up_and_resumes(tmp_path, 
         f"interrupted by {name} during the finetune stage; rerun the same command to resume"
     )
     assert "Traceback" not in err
-    assert _temporaries(run_dir) == [] and not runlayout.lock_path(run_dir).exists()
+    assert _temporaries(run_dir) == [] and not layout.lock_path(run_dir).exists()
     subprocess.run([*cmd, "--run-dir", str(run_dir)], env=ENV, capture_output=True, check=True)
-    rec = json.loads(runlayout.record_path(run_dir, "finetune").read_text())
+    rec = json.loads(layout.record_path(run_dir, "finetune").read_text())
     assert rec["metrics"]["resumed_from"] is not None
     for name in ("model/unet.safetensors", "model-raw/unet.safetensors"):
         assert (run_dir / "finetune" / name).read_bytes() == (
@@ -195,6 +195,7 @@ def _imports(path: Path) -> set[str]:
 def test_layers_and_the_run_layout_have_one_owner():
     for floor, forbidden in (
         ("compressor", ("export", "deploy", "pipeline")),
+        ("rundir", ("export", "deploy", "pipeline", "torch", "safetensors", "diffusers")),
         ("export", ("deploy", "pipeline")),
     ):
         for path in (ROOT / floor).rglob("*.py"):
@@ -202,6 +203,10 @@ def test_layers_and_the_run_layout_have_one_owner():
             assert not bad, (path, bad)
     for path in (ROOT / "deploy").rglob("*.py"):
         assert not [m for m in _imports(path) if m.startswith("pipeline")], path
+    # the run directory's package reads no model files: of compressor it imports the lowest modules only
+    for path in (ROOT / "rundir").rglob("*.py"):
+        mine = [m for m in _imports(path) if m.startswith("compressor")]
+        assert set(mine) <= {"compressor.errors", "compressor.stack", "compressor.digest"}, (path, mine)
     # stages never import a stage or a command; commands never import a stage
     for path in (ROOT / "pipeline" / "stages").glob("*.py"):
         if path.name != "__init__.py":
@@ -214,25 +219,25 @@ def test_layers_and_the_run_layout_have_one_owner():
     for path in (ROOT / "pipeline" / "commands").glob("*.py"):
         bad = [m for m in _imports(path) if m.startswith(("pipeline.stages", "pipeline.cli"))]
         assert not bad, (path, bad)
-    # paths inside a run (and a model folder) are joined only by compressor/runlayout.py
+    # paths inside a run (and a model folder) are joined only by compressor/layout.py
     hand_made = (
         '/ "record.json"', '/ "export" /', '/ "build" /', '/ "model"', '"model-raw"', '"unet.plan"',
         '"unet.engine"', '"unet.json"', '"unet.safetensors"', '"probe.safetensors"', '"checkpoints"',
         '"trainer.json"', '"run.json"', '"manifest.json"', '/ "ablation"', '/ "diffusers"', '/ "plan"',
     )  # fmt: skip
-    for folder in ("compressor", "export", "pipeline", "deploy"):
+    for folder in ("compressor", "rundir", "export", "pipeline", "deploy"):
         for path in (ROOT / folder).rglob("*.py"):
-            if path.name == "runlayout.py" or "bundle_runtime" in path.parts:
+            if path.name == "layout.py" or "bundle_runtime" in path.parts:
                 continue  # the bundle runtime names its own folder's files (it imports numpy only)
             text = path.read_text()
             assert not [h for h in hand_made if h in text], (path, [h for h in hand_made if h in text])
-    # records are parsed only by compressor/records.py (and the cache's own bookkeeping reads none)
-    for folder in ("compressor", "export", "pipeline", "deploy"):
+    # records are parsed only by rundir/records.py (and the cache's own bookkeeping reads none)
+    for folder in ("compressor", "rundir", "export", "pipeline", "deploy"):
         for path in (ROOT / folder).rglob("*.py"):
             if path.name != "records.py":
                 text = path.read_text()
                 assert '["metrics"]' not in text and "['metrics']" not in text, path
-                users = ("runlayout.py", "context.py", "runner.py", "parity.py")  # name or write the file
+                users = ("layout.py", "context.py", "runner.py", "parity.py")  # name or write the file
                 assert "record_path(" not in text or path.name in users, path
 
 

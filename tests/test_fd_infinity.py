@@ -8,9 +8,9 @@ import torch
 from compressor.config import AcceptanceConfig
 from compressor.fd_infinity import FdInfScorer, intercept, nested_masks, nested_sizes
 from compressor.intervals import RealStats, Resampling, frechet_from_stats, frechet_replicates
-from compressor.records import QualityMetrics
 from compressor.sequential import look_level, look_sizes, pocock_constant
 from pipeline.acceptance import FAIL, INCONCLUSIVE, PASS, quality_checks
+from rundir.records import QualityMetrics
 
 D = 64  # the digits feature network's width
 

@@ -285,7 +285,7 @@ def test_ray_with_two_local_workers_gives_the_same_points(in_process, tiny, caps
 
 @pytest.mark.slow
 def test_a_latency_target_over_levers_chooses_a_stack_the_run_then_uses_and_checks(tiny, tmp_path):
-    from compressor.records import chosen_stack, read_metrics
+    from rundir.records import chosen_stack, read_metrics
 
     run = tmp_path / "run"
     target = ["prune.target_latency.levers=[prune,steps,scheduler,cache]", "prune.target_latency.speedup=1.1",
@@ -343,8 +343,8 @@ def test_students_are_a_lever_of_the_frontier_and_of_a_latency_target(tiny, tmp_
     """``--students 0,4,2``: per ratio one nested distill_steps run (rounds 8 -> 4 -> 2); its rounds are
     stacks sampled at their own steps; a latency target with the student lever can choose one, which the
     run then trains, exports and gates."""
-    from compressor import runlayout
-    from compressor.records import chosen_stack, read_metrics
+    from rundir import layout
+    from rundir.records import chosen_stack, read_metrics
 
     out = tmp_path / "f"
     grid = ["--ratios", "0,0.25", "--schedulers", "ddim", "--steps", "3", "--cache-intervals", "1",
@@ -362,12 +362,12 @@ def test_students_are_a_lever_of_the_frontier_and_of_a_latency_target(tiny, tmp_
         assert p["student_training"]["optimizer_steps"] == 2 * (1 if p["stack"]["student_steps"] == 4 else 2)
     assert all("student_steps" not in p["stack"] for p in frontier["points"] if p not in students)
     for ratio in (0.0, 0.25):  # one nested student run per ratio, its rounds the students
-        rec = read_metrics(runlayout.frontier_student_dir(out, ratio), "distill_steps")
+        rec = read_metrics(layout.frontier_student_dir(out, ratio), "distill_steps")
         assert [r["steps"] for r in rec.rounds] == [4, 2]
         assert rec.student == ("the dense model" if ratio == 0 else "finetune/model")
     # the ratio run's prune and finetune were reused, not redone
-    copied = read_metrics(runlayout.frontier_student_dir(out, 0.25), "finetune")
-    assert copied == read_metrics(runlayout.frontier_ratio_dir(out, 0.25), "finetune")
+    copied = read_metrics(layout.frontier_student_dir(out, 0.25), "finetune")
+    assert copied == read_metrics(layout.frontier_ratio_dir(out, 0.25), "finetune")
     # a latency target may choose a student: the run trains it and samples, exports and times it
     run = tmp_path / "run"
     target = ["prune.target_latency.levers=[prune,steps,student]", "prune.target_latency.speedup=1.5",

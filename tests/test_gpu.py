@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from compressor import runlayout
 from compressor.errors import ArtifactError, UserError
 from compressor.models import example_inputs, predict_noise
-from compressor.runlayout import engine_info_path
 from deploy import tensorrt_backend
-from deploy.engines import Profile
+from deploy.engine_info import Profile
 from deploy.runtimes import load_backend, torch_backend
+from rundir import layout
+from rundir.layout import engine_info_path
 
 NO_CUDA = "needs a CUDA GPU (none visible here)"
 TRT_REASON = tensorrt_backend.unavailable_reason()
@@ -107,11 +107,11 @@ def _fp16_engine(unet, run: Path, model: str, part: str = "unet") -> None:
     """Export ``part`` of ``unet`` in fp16 into ``run`` and build its engine (batch 1..4)."""
     from export.onnx_export import export_unet, onnx_input_shapes
 
-    onnx_file = runlayout.onnx_path(run, model, "fp16", part, 0)  # strongly typed: fp16 from the fp16 ONNX
+    onnx_file = layout.onnx_path(run, model, "fp16", part, 0)  # strongly typed: fp16 from the fp16 ONNX
     export_unet(unet, onnx_file, "fp16", part=part, level=0)
     tensorrt_backend.build_engine(
         onnx_file,
-        runlayout.engine_path(run, model, part, 0),
+        layout.engine_path(run, model, part, 0),
         Profile(1, 2, 4),
         onnx_input_shapes(onnx_file),
         "fp16",
@@ -135,9 +135,9 @@ def engine_run(tiny_unet, tmp_path):
 @pytest.mark.tensorrt
 @trt
 def test_engine_matches_torch_through_polygraphy(engine_run, tiny_unet):
-    from export.parity import compare, make_torch_runner, parity_feeds
+    from export.compare import compare, make_torch_runner, parity_feeds
 
-    runner, profile = tensorrt_backend.make_trt_runner(runlayout.engine_path(engine_run, "dense"), "trt")
+    runner, profile = tensorrt_backend.make_trt_runner(layout.engine_path(engine_run, "dense"), "trt")
     feeds = parity_feeds(tiny_unet, [1, 4], [0, 500, 999])
     report = compare([make_torch_runner(tiny_unet, "torch", "cuda"), runner], feeds, 2e-2, 2e-2)[0]
     assert report.passed, report.max_abs_error
@@ -165,7 +165,7 @@ def test_engine_refusals(engine_run, tiny_unet):
     x = example_inputs(tiny_unet, 8, "cuda")
     with pytest.raises(UserError, match="outside the profile"):
         backend.predict(x["sample"], x["timestep"])
-    engine = runlayout.engine_path(engine_run, "dense")
+    engine = layout.engine_path(engine_run, "dense")
     manifest = json.loads(engine_info_path(engine).read_text())
     manifest["tensorrt_version"] = "0.0.1"
     engine_info_path(engine).write_text(json.dumps(manifest))

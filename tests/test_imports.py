@@ -51,8 +51,18 @@ def test_the_run_bookkeeping_imports_without_torch():
     """``write_json``, the manifest, the progress bar and the content hash serve every command's
     bookkeeping: importing them must not pull in torch."""
     code = (
-        "import sys, compressor.artifacts, compressor.digest, compressor.progress; "
-        "print('torch' in sys.modules)"
+        "import sys, rundir.artifacts, compressor.digest, compressor.progress; print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+def test_no_two_modules_share_a_file_name():
+    """Where one would look for the other: a stage, a command and a library module never share a name
+    (``__init__``/``__main__`` aside)."""
+    seen: dict[str, list[str]] = {}
+    for name, path in import_graph.modules(ROOT).items():
+        if path.name not in ("__init__.py", "__main__.py"):
+            seen.setdefault(path.name, []).append(name)
+    assert {k: v for k, v in seen.items() if len(v) > 1} == {}
+    assert not (ROOT / "pipeline" / "stages" / "export.py").exists()  # would shadow the export package

@@ -183,7 +183,7 @@ def test_kid_on_scaled_digits_features_separates_a_clearly_worse_model():
     """Held-out real digits against noisy ones, both scored against the reference digits."""
     from compressor.data import digits_images
     from compressor.features import load_digits_features
-    from compressor.quality import FeatureAdapter, make_scorer
+    from compressor.image_quality import FeatureAdapter, make_scorer
 
     images = (digits_images(16, 1) + 1) / 2
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))  # writers mixed

@@ -249,14 +249,14 @@ def onnxruntime_backend_for(path):
 def test_the_build_makes_engines_of_both_passes_with_every_input_in_the_profile(
     tmp_path, tiny_unet, monkeypatch
 ):
-    from compressor import runlayout
     from compressor.config import BuildConfig
     from compressor.errors import ArtifactError
     from deploy import tensorrt_backend
+    from rundir import layout
 
     for model in ("dense", "pruned"):
         for part in ("unet", "full", "shallow"):
-            path = runlayout.onnx_path(tmp_path, model, "fp32", part, 0)
+            path = layout.onnx_path(tmp_path, model, "fp32", part, 0)
             export_unet(tiny_unet, path, "fp32", part=part, level=0)
     built = []
 
@@ -275,10 +275,10 @@ def test_the_build_makes_engines_of_both_passes_with_every_input_in_the_profile(
     assert src == "unet-shallow-l0.fp32.onnx"
     assert shapes["feature"] == tuple((b, *feature.shape[1:]) for b in (1, 2, 4))
     assert set(by_engine["build/dense/unet-full-l0.engine"][1]) == {"sample", "timestep"}
-    assert runlayout.engine_path(tmp_path, "dense", "full", 0) in files
+    assert layout.engine_path(tmp_path, "dense", "full", 0) in files
     built.clear()  # int8: the passes are not quantized, so only the plain graphs become engines
     for model in ("dense", "pruned"):
-        export_unet(tiny_unet, runlayout.onnx_path(tmp_path, model, "int8"), "fp32")
+        export_unet(tiny_unet, layout.onnx_path(tmp_path, model, "int8"), "fp32")
     cfg = BuildConfig(precision="int8", min_batch=1, opt_batch=2, max_batch=4)
     engines, _ = tensorrt_backend.build_run_engines(tmp_path, cfg, lambda m: None, reuse_level=0)
     assert set(engines) == {"dense", "pruned"}

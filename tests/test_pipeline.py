@@ -232,7 +232,7 @@ def test_sample_command_from_a_finished_run(finished_run, backend, tmp_path):
 
 @pytest.mark.slow
 def test_sampler_api_matches_across_backends(finished_run):
-    from compressor.quality import psnr
+    from compressor.image_quality import psnr
     from deploy.sampler import load_sampler
 
     _, run_dir = finished_run

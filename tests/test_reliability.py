@@ -228,8 +228,8 @@ def _one_error(capsys) -> tuple[str, str]:
 
 
 def test_an_ok_run_passes_and_its_manifest_holds_every_record_hash(gated_run, capsys):
-    from compressor import records
-    from compressor.artifacts import sha256_file
+    from rundir import records
+    from rundir.artifacts import sha256_file
 
     _, run_dir = gated_run
     listed = json.loads((run_dir / "manifest.json").read_text())["records"]
@@ -248,7 +248,7 @@ def test_an_ok_run_passes_and_its_manifest_holds_every_record_hash(gated_run, ca
 
 def test_check_names_an_overridden_limit_beside_the_verdict_and_writes_nothing(gated_run, capsys):
     from compressor.config import AcceptanceConfig
-    from compressor.records import limit_overrides
+    from rundir.records import limit_overrides
 
     _, run_dir = gated_run
     before = tree_hashes(run_dir)
@@ -281,9 +281,9 @@ def test_an_edited_quality_record_is_refused_naming_the_file(gated_run, capsys):
 
 
 def test_a_reversed_interval_is_refused_even_where_the_hash_matches(gated_run, capsys):
-    from compressor import records
-    from compressor.artifacts import note_record
-    from compressor.integrity import reversed_interval
+    from rundir import records
+    from rundir.artifacts import note_record
+    from rundir.integrity import reversed_interval
 
     _, run_dir = gated_run
     _quality_ratio_ci(run_dir, [2.0, 1.0])

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from compressor import runlayout
 from compressor.config import load_config
 from pipeline import plots
 from pipeline.acceptance import Check
@@ -23,6 +22,7 @@ from pipeline.context import RunContext
 from pipeline.report_render import Doc
 from pipeline.stages import report
 from pipeline.summary import Summary, build_summary, closing_lines, duration
+from rundir import layout
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "demo.yaml"
@@ -52,7 +52,7 @@ MACS_KEPT = 0.56
 
 
 def _record(run: Path, stage: str, metrics: dict) -> None:
-    path = runlayout.record_path(run, stage)
+    path = layout.record_path(run, stage)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {
         "stage": stage,
@@ -103,9 +103,9 @@ def write_run(run: Path, fd_inf_diff_ci: tuple[float, float] = (-1.0, 6.0)) -> P
         },
     )
     _record(run, "finetune", {"final_loss": 0.05})
-    folder = runlayout.model_dir(run, "finetune")
+    folder = layout.model_dir(run, "finetune")
     folder.mkdir(parents=True)
-    runlayout.structure_file(folder).write_text("{}")
+    layout.structure_file(folder).write_text("{}")
     finetuned = {
         "ssim_vs_dense": 0.94,
         "ssim_vs_dense_ci": [0.93, 0.95],
@@ -293,9 +293,9 @@ def test_the_report_stage_puts_the_run_at_a_glance_on_top(tmp_path):
     samples = {"dense": torch.rand(10, 1, 8, 8), "finetuned": torch.rand(10, 1, 8, 8)}
     from safetensors.torch import save_file
 
-    save_file(samples, str(runlayout.quality_samples(run)))
+    save_file(samples, str(layout.quality_samples(run)))
     result = report.run(RunContext(_cfg(), run))
-    out = runlayout.report_dir(run)
+    out = layout.report_dir(run)
     md = (out / "report.md").read_text()
     headings = [ln for ln in md.splitlines() if ln.startswith("## ")]
     assert md.index("**Acceptance: INCONCLUSIVE**") < md.index("## ")  # the card comes first

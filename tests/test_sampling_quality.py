@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from compressor.image_quality import FeatureAdapter, frechet_distance, inception_unavailable, psnr, ssim
 from compressor.models import as_noise_predictor
-from compressor.quality import FeatureAdapter, frechet_distance, inception_unavailable, psnr, ssim
 from compressor.sampling import generate, make_scheduler
 from tests.conftest import DDPM_SCHEDULER
 

@@ -169,7 +169,7 @@ def test_served_images_equal_local_sampling_and_ignore_batching(served, eta):
 
 def test_unet_model_serves_noise(served):
     from compressor.persist import load_unet
-    from compressor.runlayout import model_dir
+    from rundir.layout import model_dir
 
     run, _, http, _ = served
     x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)

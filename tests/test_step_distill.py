@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from compressor import runlayout
 from compressor.config import StepDistillConfig, load_config
 from compressor.errors import ConfigError
 from compressor.models import build_unet, predict_noise
 from compressor.sampling import make_scheduler
 from compressor.step_distill import PairTarget, student_scheduler_config, trailing_grid
+from rundir import layout
 from tests.conftest import DDPM_SCHEDULER, TINY_UNET, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,9 +146,9 @@ def student_run(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.mark.slow
 def test_the_stage_writes_the_student_its_rounds_and_the_final_model(student_run, tmp_path):
-    from compressor.persist import student_sampling
-    from compressor.records import final_model_dir, read_metrics, read_record, student_stack
+    from compressor.persist import student_sampling, student_stack
     from pipeline.cli import main
+    from rundir.records import final_model_dir, read_metrics, read_record
 
     cfg, run = student_run
     rec = read_record(run, "distill_steps")
@@ -158,11 +158,11 @@ def test_the_stage_writes_the_student_its_rounds_and_the_final_model(student_run
         assert len(r["losses"]) == 3 and r["wall_s"] > 0 and r["optimizer_steps"] == 3
         assert all(np.isfinite(loss) for _, loss in r["losses"]) and r["mse_vs_teacher"] >= 0
     assert rec.metrics["student"] == "finetune/model" and rec.metrics["prediction_type"] == "v_prediction"
-    assert final_model_dir(run) == ("distill_steps", runlayout.model_dir(run, "distill_steps"))
-    sched_cfg, steps = student_sampling(runlayout.model_dir(run, "distill_steps"))
+    assert final_model_dir(run) == ("distill_steps", layout.model_dir(run, "distill_steps"))
+    sched_cfg, steps = student_sampling(layout.model_dir(run, "distill_steps"))
     assert steps == 2 and sched_cfg["prediction_type"] == "v_prediction"
     assert sched_cfg["timestep_spacing"] == "trailing"
-    assert student_sampling(runlayout.student_round_dir(run, 4))[1] == 4
+    assert student_sampling(layout.student_round_dir(run, 4))[1] == 4
     assert student_stack(run).steps == student_stack(run).student_steps == 2
     quality = read_metrics(run, "quality")
     assert quality.compressed_label() == "student" and quality.student_steps == 2
@@ -172,7 +172,7 @@ def test_the_stage_writes_the_student_its_rounds_and_the_final_model(student_run
     (row,) = bench.student
     facts = (row["backend"], row["batch"], row["student_steps"], row["reference"])
     assert facts == ("onnxruntime", 2, 2, "ddim:3:1")
-    check = json.loads(runlayout.record_path(run, "check").read_text())["metrics"]["checks"]
+    check = json.loads(layout.record_path(run, "check").read_text())["metrics"]["checks"]
     (gate,) = [c for c in check if c["name"] == "min_sampler_speedup"]
     assert gate["measured"] == pytest.approx(row["speedup"]) and "student ddim:2" in gate["detail"]
     # the exported "pruned" graph is the student: ONNX Runtime samples it at its own steps
@@ -199,22 +199,22 @@ def test_a_killed_round_resumes_to_identical_weights(tmp_path, tiny_config):
                    capture_output=True)  # fmt: skip
     proc = subprocess.Popen([*base, "--stages", "distill_steps", "--run-dir", str(run)], env=ENV,
                             stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)  # fmt: skip
-    ckpts = runlayout.checkpoints_dir(run, "distill_steps")
+    ckpts = layout.checkpoints_dir(run, "distill_steps")
     deadline = time.time() + 300
     while time.time() < deadline and not list(ckpts.glob("*/round-1/step-00000010/trainer.json")):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)  # mid-way through the second round
     proc.wait(timeout=60)
-    assert not runlayout.structure_file(runlayout.model_dir(run, "distill_steps")).exists()
+    assert not layout.structure_file(layout.model_dir(run, "distill_steps")).exists()
     subprocess.run([*base, "--stages", "distill_steps", "--run-dir", str(run)], env=ENV, check=True,
                    capture_output=True)  # fmt: skip
-    rec = json.loads(runlayout.record_path(run, "distill_steps").read_text())
+    rec = json.loads(layout.record_path(run, "distill_steps").read_text())
     assert rec["metrics"]["rounds"][1]["resumed_from"] is not None
     for folder in ("model", "rounds/4", "rounds/2"):
-        mine = run / "distill_steps" / folder / runlayout.WEIGHTS_FILE
+        mine = run / "distill_steps" / folder / layout.WEIGHTS_FILE
         assert (
             mine.read_bytes()
-            == (tmp_path / "ref" / "distill_steps" / folder / runlayout.WEIGHTS_FILE).read_bytes()
+            == (tmp_path / "ref" / "distill_steps" / folder / layout.WEIGHTS_FILE).read_bytes()
         )
 
 
@@ -229,8 +229,8 @@ def test_a_target_that_does_not_divide_the_timesteps_is_one_line(tmp_path, tiny_
 
 
 def test_the_stage_is_off_by_default(tmp_path, tiny_config):
-    from compressor.records import read_record
     from pipeline.cli import main
+    from rundir.records import read_record
 
     assert "distill_steps" in load_config(tiny_config).stages
     assert main([str(tiny_config), "--stages", "distill_steps", "--run-dir", str(tmp_path / "r")]) == 0
@@ -252,8 +252,8 @@ def _model(x: np.ndarray, t: int) -> np.ndarray:
 def test_the_bundle_runtime_follows_diffusers_for_a_student(prediction, kind, steps):
     """Whole trajectories of the bundle's numpy solvers (the student's trailing grid and its
     prediction type) against diffusers' schedulers driven by the same model: max abs <= 1e-5."""
-    from deploy.bundle import scheduler_tables
     from deploy.bundle_runtime.core import SOLVERS, seed_noise
+    from deploy.edge_bundle import scheduler_tables
 
     cfg = student_scheduler_config(DDPM_SCHEDULER, prediction)
     settings, arrays = scheduler_tables(kind, cfg, steps)

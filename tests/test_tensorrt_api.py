@@ -114,7 +114,7 @@ def test_an_engine_bundle_under_the_real_tensorrt_api_refuses_without_a_gpu_in_o
 ):
     """The bundle runtime imports the real bindings and cuda-python, then names what is missing."""
     pytest.importorskip("cuda.bindings.runtime", reason="cuda-bindings (a dev extra) is not installed")
-    from deploy.bundle import BundleSpec, make_bundle
+    from deploy.edge_bundle import BundleSpec, make_bundle
     from tests.conftest import placeholder_engines
 
     _, run_dir = exported_run

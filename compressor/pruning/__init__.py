@@ -5,13 +5,13 @@
 - :mod:`compressor.pruning.search` - the ratio for a MACs/params target (:func:`search_ratio`) and
   for a measured latency target (:class:`LatencySearch`: uniform ratios, bisection, per-level
   allocation), timed through a :class:`Timer` that ``deploy.latency`` supplies.
-- :mod:`compressor.pruning.prune` - :func:`prune_unet`: the ratio, the Taylor pass
+- :mod:`compressor.pruning.driver` - :func:`prune_unet`: the ratio, the Taylor pass
   (:mod:`compressor.taylor`), the pruning, and the :class:`PruneResult` describing it.
 
 Every name is importable from ``compressor.pruning`` itself.
 """
 
-from compressor.pruning.prune import PruneResult, prune_unet
+from compressor.pruning.driver import PruneResult, prune_unet
 from compressor.pruning.search import (
     LatencySearch,
     Timer,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BundleError
+from .bundle_errors import BundleError
 
 MANIFEST = "manifest.json"
 

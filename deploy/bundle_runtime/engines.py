@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BundleError
+from .bundle_errors import BundleError
 
 REBUILD = (
     "rebuild the engines with `compress-deploy build RUN` on this device and bundle again, or pass --fallback"

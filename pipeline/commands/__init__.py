@@ -12,10 +12,10 @@ from types import ModuleType
 
 from pipeline.commands import (
     ablate,
-    build,
+    build_engines,
     bundle,
-    check,
-    frontier,
+    check_run,
+    frontier_sweep,
     plan,
     sample,
     serve,
@@ -28,12 +28,12 @@ COMMANDS: dict[str, ModuleType] = {
     "plan": plan,
     "serve": serve,
     "triton-repo": triton_repo,
-    "build": build,
+    "build": build_engines,
     "sample": sample,
-    "check": check,
+    "check": check_run,
     "verify": verify,
     "bundle": bundle,
-    "frontier": frontier,
+    "frontier": frontier_sweep,
 }
 
 SUMMARIES: dict[str, tuple[str, str]] = {

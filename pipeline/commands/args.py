@@ -147,7 +147,7 @@ def run_settings(name: str, section: str, argv: list[str], description: str) -> 
     also takes the latency target the run pruned for from the prune record.
     """
     from compressor.config import config_from_mapping
-    from compressor.records import read_record
+    from rundir.records import read_record
 
     parser = CommandParser(prog=f"compress-deploy {name}", description=description)
     run_arg(parser)
@@ -184,7 +184,8 @@ def stack_defaults(args: Any, run: Path, model: str, names: dict[str, str], cls:
     ``names``: argparse dest -> stack key; ``cls``: the config class the flags mirror. The flags
     must have been declared with ``default=None`` so that "not given" is visible.
     """
-    from compressor.records import chosen_stack, student_stack
+    from compressor.persist import student_stack
+    from rundir.records import chosen_stack
 
     stack = (chosen_stack(run) or student_stack(run)) if model == "pruned" else None
     out = {}

@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from compressor.config import AcceptanceConfig, SampleConfig, ServeConfig
-from deploy.bundle import BundleSpec, make_bundle
+from deploy.edge_bundle import BundleSpec, make_bundle
 from pipeline.commands.args import (
     STACK_FLAGS,
     CommandParser,
@@ -40,8 +40,8 @@ def quality_gates(run: Path) -> list[dict]:
     import dataclasses
 
     from compressor.config import AcceptanceConfig
-    from compressor.records import read_metrics, read_record
     from pipeline.acceptance import quality_checks
+    from rundir.records import read_metrics, read_record
 
     check, quality = read_record(run, "check", done_only=False), read_metrics(run, "quality")
     if check is None or quality is None:
@@ -67,7 +67,7 @@ def quality_gates(run: Path) -> list[dict]:
 
 def _dense_steps(run: Path) -> int:
     """The steps the run's dense model was scored at (its quality record), else 50."""
-    from compressor.records import read_metrics
+    from rundir.records import read_metrics
 
     quality = read_metrics(run, "quality")
     return int(quality.steps) if quality is not None else 50

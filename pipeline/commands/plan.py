@@ -12,14 +12,13 @@ cost of a latency target is visible before any finetuning.
 
 ``--target 3x|40ms [--levers prune,steps,scheduler,cache,precision]`` searches the measured
 speed-quality frontier instead (finetuned ratios, solvers, steps, reuse, precision): the same
-as ``compress-deploy frontier CONFIG --target ...`` (see :mod:`pipeline.commands.frontier`).
+as ``compress-deploy frontier CONFIG --target ...`` (see :mod:`pipeline.commands.frontier_sweep`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from compressor import runlayout
 from compressor.config import LatencyTarget, SampleConfig, check_value, load_config
 from compressor.errors import UserError
 from compressor.pruning import time_ratios, uniform_ratios
@@ -27,6 +26,7 @@ from deploy.latency import backend_unavailable, latency_timer
 from pipeline.commands.args import CommandParser, config_args, config_flag, int_list
 from pipeline.context import RunContext, log, write_json
 from pipeline.plots import plot_speedup_vs_macs
+from rundir import layout
 
 HEADER = (
     "| backend | batch | what | ratio | MACs kept | MACs reduction | dense ms | pruned ms | speed-up "
@@ -70,7 +70,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--levers", help="levers the --target search may move (default: all)")
     args = parser.parse_intermixed_args(argv)
     if args.target:
-        from pipeline.commands.frontier import main as frontier_main  # not the package: no circle
+        from pipeline.commands.frontier_sweep import main as frontier_main  # not the package: no circle
 
         extra = ["--levers", args.levers] if args.levers else []
         extra += ["--out", str(args.out)] if args.out else []
@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
     cfg = load_config(args.config, args.overrides)
     backends = _backends(args.backends, cfg.bench.backends)
     batches = int_list(args.batches, "--batches") or cfg.bench.batch_sizes
-    out = args.out or runlayout.plan_dir(Path("runs") / cfg.name)
+    out = args.out or layout.plan_dir(Path("runs") / cfg.name)
     ctx = RunContext(cfg, out)
     unet = ctx.dense.unet
     ratios = uniform_ratios(unet)

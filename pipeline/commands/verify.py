@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from compressor import runlayout
-from compressor.artifacts import verify_run
 from compressor.errors import UserError
 from pipeline.commands.args import CommandParser, run_arg
+from rundir import layout
+from rundir.artifacts import verify_run
 
 
 def main(argv: list[str]) -> int:
@@ -15,7 +15,7 @@ def main(argv: list[str]) -> int:
     parser = CommandParser(prog="compress-deploy verify", description="Verify a run's artifacts.")
     run_arg(parser)
     args = parser.parse_args(argv)
-    manifest = runlayout.manifest_path(args.run)
+    manifest = layout.manifest_path(args.run)
     if not manifest.is_file():
         raise UserError(f"{manifest} not found; pass a run directory written by compress-deploy")
     report = verify_run(args.run)

@@ -5,22 +5,22 @@ from __future__ import annotations
 
 import shutil
 
-from compressor import runlayout
 from pipeline.frontier.grid import Spec
 from pipeline.frontier.nested import ratio_config, ratio_stages, student_config, student_stages
+from rundir import layout
 
 
 def fit_ratio(spec: Spec, ratio: float) -> dict:
     """Job: prune (and finetune) at ``ratio`` and export, in the nested run ``OUT/ratio-<r>``."""
     import torch
 
-    from compressor.records import read_metrics
     from pipeline.runner import run_pipeline
+    from rundir.records import read_metrics
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
     cfg = ratio_config(spec, ratio)
-    run = runlayout.frontier_ratio_dir(spec.root, ratio)
+    run = layout.frontier_ratio_dir(spec.root, ratio)
     run_pipeline(cfg, run, ratio_stages(ratio, spec.backend))
     prune = read_metrics(run, "prune")
     return {"ratio": ratio, "run": str(run), "macs_kept": prune.macs_kept, "params_kept": prune.params_kept}
@@ -35,21 +35,21 @@ def fit_students(spec: Spec, ratio: float) -> dict:
     """
     import torch
 
-    from compressor.records import read_metrics, read_record
     from pipeline.runner import run_pipeline
+    from rundir.records import read_metrics, read_record
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    source = runlayout.frontier_ratio_dir(spec.root, ratio)
-    run = runlayout.frontier_student_dir(spec.root, ratio)
+    source = layout.frontier_ratio_dir(spec.root, ratio)
+    run = layout.frontier_student_dir(spec.root, ratio)
     run.mkdir(parents=True, exist_ok=True)
-    skip = shutil.ignore_patterns(runlayout.CHECKPOINTS)
+    skip = shutil.ignore_patterns(layout.CHECKPOINTS)
     for stage in ("prune", "finetune"):
         if read_record(source, stage) is not None and read_record(run, stage, done_only=False) is None:
-            src, dst = runlayout.stage_dir(source, stage), runlayout.stage_dir(run, stage)
+            src, dst = layout.stage_dir(source, stage), layout.stage_dir(run, stage)
             shutil.copytree(src, dst, ignore=skip, dirs_exist_ok=True)
-    if runlayout.run_file(source).is_file() and not runlayout.run_file(run).is_file():
-        shutil.copyfile(runlayout.run_file(source), runlayout.run_file(run))
+    if layout.run_file(source).is_file() and not layout.run_file(run).is_file():
+        shutil.copyfile(layout.run_file(source), layout.run_file(run))
     run_pipeline(student_config(spec, ratio), run, student_stages(ratio, spec.backend))
     found = read_metrics(run, "distill_steps")
     costs = [{k: r[k] for k in ("steps", "wall_s", "optimizer_steps", "final_loss")} for r in found.rounds]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from compressor.fd_infinity import replicate_plan
+from compressor.image_quality import resampling
 from compressor.progress import progress_bar
-from compressor.quality import resampling
 from compressor.stack import Stack
 from pipeline.context import log
 from pipeline.frontier.choice import FD_INF_KEYS, QUALITY_KEYS, mark_noise, pareto, ranking_key

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compressor import runlayout
 from compressor.config import (
     LatencyTarget,
     RunConfig,
@@ -20,6 +19,7 @@ from compressor.config import (
 )
 from pipeline.frontier.grid import Spec
 from pipeline.sweep.cells import key_of, stage_keys
+from rundir import layout
 
 
 def ratio_overrides(spec: Spec, ratio: float) -> list[str]:
@@ -88,8 +88,8 @@ def model_run(spec: Spec, ratio: float, student: bool = False) -> tuple[Path, st
     """(nested run, model name in it) of a ratio: ratio 0 is the dense model of its run; a student's
     run exports its last round's student as its compressed ("pruned") model, at every ratio."""
     if student:
-        return runlayout.frontier_student_dir(spec.root, ratio), "pruned"
-    return runlayout.frontier_ratio_dir(spec.root, ratio), "dense" if ratio == 0 else "pruned"
+        return layout.frontier_student_dir(spec.root, ratio), "pruned"
+    return layout.frontier_ratio_dir(spec.root, ratio), "dense" if ratio == 0 else "pruned"
 
 
 def ratio_key(spec: Spec, ratio: float, student: bool = False) -> str:

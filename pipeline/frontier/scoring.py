@@ -8,24 +8,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from compressor import runlayout
-from compressor.artifacts import write_json
 from compressor.fd_infinity import FdInf, FdInfScorer
 from compressor.progress import log
 from compressor.stack import Stack
 from pipeline.frontier.grid import Spec
 from pipeline.frontier.nested import model_run, ratio_config, ratio_key, sampling_settings
 from pipeline.sweep.cells import cached, key_of
+from rundir import layout
+from rundir.artifacts import write_json
 
 
 def replicates_file(spec: Spec, stack: Stack) -> Path:
     """Where a stack's Frechet replicates (one per jackknife group or bootstrap draw) are kept."""
-    return runlayout.frontier_points_dir(spec.root) / f"{stack.key()}.fd-replicates.npy"
+    return layout.frontier_points_dir(spec.root) / f"{stack.key()}.fd-replicates.npy"
 
 
 def fd_inf_replicates_file(spec: Spec, key: str) -> Path:
     """Where a stack's (or ``"reference"``'s) FD-infinity replicates are kept."""
-    return runlayout.frontier_points_dir(spec.root) / f"{key}.fd-inf-replicates.npy"
+    return layout.frontier_points_dir(spec.root) / f"{key}.fd-inf-replicates.npy"
 
 
 def load_replicates(spec: Spec, stacks: list[Stack]) -> dict:
@@ -60,13 +60,13 @@ def reference_images(spec: Spec) -> dict:
         torch.set_num_threads(spec.threads)
     cfg = ratio_config(spec, 0.0)
     ref = spec.reference
-    path = runlayout.frontier_points_dir(spec.root) / "reference.json"
+    path = layout.frontier_points_dir(spec.root) / "reference.json"
     fingerprint = key_of(sampling_settings(cfg), str(ref), spec.samples)
-    images_file = runlayout.frontier_points_dir(spec.root) / "reference-images.npy"
+    images_file = layout.frontier_points_dir(spec.root) / "reference-images.npy"
     found = cached(path, fingerprint)
     if found is not None and images_file.is_file() and "fd_inf" in found:
         return found
-    ctx = RunContext(cfg, runlayout.frontier_ratio_dir(spec.root, 0.0))
+    ctx = RunContext(cfg, layout.frontier_ratio_dir(spec.root, 0.0))
     log("frontier", f"reference: dense {ref.scheduler} {ref.steps} steps, {spec.samples} images")
     images = generate(
         ctx.torch_predictor(ctx.dense.unet), make_scheduler(ref.scheduler, ctx.dense.scheduler_config),
@@ -75,7 +75,7 @@ def reference_images(spec: Spec) -> dict:
     scorer, metric = make_frontier_scorer(ctx)
     score = scorer.score(images)
     _save(images_file, images)
-    _save(runlayout.frontier_points_dir(spec.root) / "reference-fd-replicates.npy", score.fd_reps)
+    _save(layout.frontier_points_dir(spec.root) / "reference-fd-replicates.npy", score.fd_reps)
     fd_inf = FdInfScorer(scorer.stats, scorer.boot)
     inf = fd_inf.score(score.features)
     _save(fd_inf_replicates_file(spec, "reference"), inf.reps)
@@ -88,7 +88,7 @@ def reference_images(spec: Spec) -> dict:
 def make_frontier_scorer(ctx):
     """The quality stage's scorer (features, KID scale, bootstrap) for a frontier job, and the metric."""
     from compressor.data import stack
-    from compressor.quality import make_scorer, resampling
+    from compressor.image_quality import make_scorer, resampling
 
     feature, metric = ctx.frechet_features()
     real = (stack(ctx.dataset, ctx.cfg.quality.num_reference) + 1) / 2
@@ -104,15 +104,15 @@ def score_stack(spec: Spec, stack: Stack) -> dict:
 
     from compressor.intervals import ssim_figures
     from compressor.persist import load_unet, student_sampling
-    from compressor.records import final_model_dir
     from compressor.sampling import generate, make_scheduler
     from deploy.runtimes import load_backend
     from pipeline.context import RunContext
+    from rundir.records import final_model_dir
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
     cfg = ratio_config(spec, stack.ratio)
-    path = runlayout.frontier_points_dir(spec.root) / f"{stack.key()}.quality.json"
+    path = layout.frontier_points_dir(spec.root) / f"{stack.key()}.quality.json"
     student = stack.student_steps > 0
     fingerprint = key_of(
         ratio_key(spec, stack.ratio, student), stack.as_dict(), spec.samples, str(spec.reference)
@@ -126,7 +126,7 @@ def score_stack(spec: Spec, stack: Stack) -> dict:
     sched_cfg = ctx.dense.scheduler_config
     folder = final_model_dir(run)[1] if model != "dense" else None
     if student:  # this round's student, sampled with the schedule it was trained for
-        folder = runlayout.student_round_dir(run, stack.student_steps)
+        folder = layout.student_round_dir(run, stack.student_steps)
         sched_cfg = student_sampling(folder)[0]
     if stack.precision == "fp32":  # the same images on every backend: torch
         unet = ctx.dense.unet if folder is None else load_unet(folder)[0]
@@ -142,7 +142,7 @@ def score_stack(spec: Spec, stack: Stack) -> dict:
     )  # fmt: skip
     scorer, metric = make_frontier_scorer(ctx)
     score = scorer.score(images)
-    points = runlayout.frontier_points_dir(spec.root)
+    points = layout.frontier_points_dir(spec.root)
     reference = torch.from_numpy(np.load(points / "reference-images.npy"))
     ref = json.loads((points / "reference.json").read_text())  # the reference job's figures
     ref_reps = torch.from_numpy(np.load(points / "reference-fd-replicates.npy"))

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compressor.artifacts import write_json
 from pipeline.frontier.choice import figure, point_interval
 from pipeline.plots import plot_frontier
+from rundir.artifacts import write_json
 
 
 def with_ci(value: float, ci: list | None, digits: int) -> str:

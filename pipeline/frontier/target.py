@@ -23,11 +23,9 @@ import os
 import sys
 from pathlib import Path
 
-from compressor import runlayout
 from compressor.config import RunConfig
 from compressor.errors import UserError
 from compressor.preflight import check_model_settings
-from compressor.records import stack_choice
 from compressor.stack import Stack, StackChoice
 from pipeline.context import RunContext, log
 from pipeline.frontier.choice import choose
@@ -36,6 +34,8 @@ from pipeline.frontier.measure import measure
 from pipeline.frontier.tables import choice_text, write
 from pipeline.runlock import RunLock
 from pipeline.runner import make_run_dir, run_pipeline
+from rundir import layout
+from rundir.records import stack_choice
 
 
 def choose_stack(cfg: RunConfig, run_dir: Path) -> StackChoice:
@@ -44,7 +44,7 @@ def choose_stack(cfg: RunConfig, run_dir: Path) -> StackChoice:
     stack meets the target."""
     lat = cfg.prune.target_latency
     levers = list(lat.levers)
-    out = runlayout.frontier_dir(run_dir)
+    out = layout.frontier_dir(run_dir)
     where = Path(cfg.frontier.dir) if cfg.frontier.dir else out
     threads = lat.threads or cfg.frontier.threads or cfg.bench.threads
     spec = spec_from_config(cfg, where, lever_grid(cfg, levers), backend=lat.backend, batch=lat.batch,

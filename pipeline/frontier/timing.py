@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from compressor import runlayout
-from compressor.artifacts import write_json
 from compressor.stack import Stack
 from pipeline.frontier.grid import Spec
 from pipeline.frontier.nested import model_run, ratio_config, ratio_key
 from pipeline.sweep.cells import cached, key_of
+from rundir import layout
+from rundir.artifacts import write_json
 
 
 def time_stacks(
@@ -20,14 +20,14 @@ def time_stacks(
     import torch
 
     from compressor.sampling import make_scheduler
-    from deploy.bench import host_facts, percentile_ms, sampler_call, time_alternating
     from deploy.runtimes import load_backend
+    from deploy.stopwatch import host_facts, percentile_ms, sampler_call, time_alternating
     from pipeline.context import RunContext
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
     cfg = ratio_config(spec, 0.0)
-    ctx = RunContext(cfg, runlayout.frontier_ratio_dir(spec.root, 0.0))
+    ctx = RunContext(cfg, layout.frontier_ratio_dir(spec.root, 0.0))
     shape, sched_cfg, ref = ctx.image_shape(), ctx.dense.scheduler_config, spec.reference
     host = host_facts()
     predictors: dict = {}
@@ -40,7 +40,7 @@ def time_stacks(
             unet = None
             if spec.backend == "torch":
                 from compressor.persist import load_unet
-                from compressor.records import final_model_dir
+                from rundir.records import final_model_dir
 
                 unet = ctx.dense.unet if model == "dense" else load_unet(final_model_dir(run)[1])[0]
             predictors[key] = load_backend(spec.backend, unet=unet, run_dir=run, model=model,
@@ -55,8 +55,7 @@ def time_stacks(
                   for s in stacks}  # fmt: skip
     for stack in stacks:
         path = (
-            runlayout.frontier_points_dir(spec.root)
-            / f"{stack.key()}.latency.{spec.backend}-b{spec.batch}.json"
+            layout.frontier_points_dir(spec.root) / f"{stack.key()}.latency.{spec.backend}-b{spec.batch}.json"
         )
         student = stack.student_steps > 0
         fingerprint = key_of(ratio_keys[(stack.ratio, student)], stack.as_dict(), str(ref),
@@ -84,4 +83,4 @@ def student_schedule(spec: Spec, stack: Stack) -> dict:
     from compressor.persist import student_sampling
 
     run, _ = model_run(spec, stack.ratio, True)
-    return student_sampling(runlayout.student_round_dir(run, stack.student_steps))[0]
+    return student_sampling(layout.student_round_dir(run, stack.student_steps))[0]

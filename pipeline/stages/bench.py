@@ -7,8 +7,8 @@ import torch
 from compressor.persist import load_unet
 from compressor.sampling import make_scheduler
 from compressor.stack import SamplerVariant
-from deploy.bench import host_facts, percentile_ms, sampler_call, time_alternating, unet_call
 from deploy.runtimes import VARIANTS, Backend, load_variant
+from deploy.stopwatch import host_facts, percentile_ms, sampler_call, time_alternating, unet_call
 from pipeline.context import RunContext, StageResult, log
 
 SECTIONS = ["bench", "build", "device", "threads"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from deploy import tensorrt_backend
-from deploy.engines import Profile
+from deploy.engine_info import Profile
 from pipeline.context import RunContext, StageResult, log
 
 SECTIONS = ["build", "device"]

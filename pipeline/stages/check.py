@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from compressor.records import verify_records
 from pipeline.acceptance import FAIL, INCONCLUSIVE, PASS, evaluate_run, verdict
 from pipeline.context import RunContext, StageResult, log
+from rundir.records import verify_records
 
 SECTIONS = ["acceptance", "prune"]
 INPUTS = ["bench", "parity", "quality"]
@@ -17,7 +17,7 @@ def run(ctx: RunContext) -> StageResult:
     The records the gates read (and the artifacts they list) are verified against their hashes
     first (RecordError, one line naming the file, when one differs). ``metrics.overrides`` is
     empty: the stage gates with the run's own config (``compress-deploy check RUN key=value`` names
-    its overrides beside its verdict, from :func:`compressor.records.limit_overrides`).
+    its overrides beside its verdict, from :func:`rundir.records.limit_overrides`).
     """
     if not verify_records(ctx.run_dir, ["prune", *INPUTS]):
         log("check", "the run's manifest predates record hashes; its records are not verified")

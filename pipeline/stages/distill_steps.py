@@ -15,11 +15,11 @@ import shutil
 
 import torch
 
-from compressor import runlayout
 from compressor.persist import dense_config, load_unet, read_structure, save_unet
 from compressor.step_distill import check_target, distill_round, student_scheduler_config
 from pipeline.context import RunContext, StageResult, log
 from pipeline.fitting import checkpoint_dir, drop_stale_checkpoints, step_bar
+from rundir import layout
 
 SECTIONS = ["distill_steps", "data", "seed"]
 INPUTS = ["prune", "finetune"]
@@ -55,7 +55,7 @@ def run(ctx: RunContext) -> StageResult:
     for index, steps in enumerate(cfg.round_steps()):
         folder = root / f"round-{index}"
         done = folder / "student"
-        if runlayout.structure_file(done).is_file():  # finished before an interruption
+        if layout.structure_file(done).is_file():  # finished before an interruption
             student = load_unet(done, ctx.device)[0]
             entry = json.loads((folder / "round.json").read_text())
             log("distill_steps", f"round {index + 1}: {steps} steps, finished earlier (resumed)")
@@ -79,14 +79,14 @@ def run(ctx: RunContext) -> StageResult:
     files = []
     for index, steps in enumerate(cfg.round_steps()):
         src = root / f"round-{index}" / "student"
-        dst = runlayout.student_round_dir(ctx.run_dir, steps)
+        dst = layout.student_round_dir(ctx.run_dir, steps)
         shutil.rmtree(dst, ignore_errors=True)
         shutil.copytree(src, dst)
-        files += [runlayout.weights_file(dst), runlayout.structure_file(dst)]  # the frontier samples them
-    final = runlayout.model_dir(ctx.run_dir, "distill_steps")
+        files += [layout.weights_file(dst), layout.structure_file(dst)]  # the frontier samples them
+    final = layout.model_dir(ctx.run_dir, "distill_steps")
     shutil.rmtree(final, ignore_errors=True)
     shutil.copytree(root / f"round-{len(rounds) - 1}" / "student", final)
-    files += [runlayout.weights_file(final), runlayout.structure_file(final), runlayout.probe_file(final)]
+    files += [layout.weights_file(final), layout.structure_file(final), layout.probe_file(final)]
     return StageResult(_metrics(ctx, source, rounds), files)
 
 
@@ -97,8 +97,8 @@ def _source(ctx: RunContext) -> tuple[str, torch.nn.Module, dict]:
         return "the dense model", unet, {"unet_config": dense_config(unet), "history": [], "kept_widths": {}}
     for stage in SOURCES:
         rec = ctx.record(stage)
-        folder = runlayout.model_dir(ctx.run_dir, stage)
-        if rec is not None and rec.ok and runlayout.structure_file(folder).is_file():
+        folder = layout.model_dir(ctx.run_dir, stage)
+        if rec is not None and rec.ok and layout.structure_file(folder).is_file():
             return f"{stage}/model", load_unet(folder, ctx.device)[0], read_structure(folder)
     ctx.require("prune", "distill_steps")  # raises: no compressed model
     raise AssertionError("unreachable")

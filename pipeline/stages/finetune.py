@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from compressor import runlayout
 from compressor.data import stack
+from compressor.image_quality import denoising_eval_loss
 from compressor.persist import load_unet, read_structure, save_unet
-from compressor.quality import denoising_eval_loss
 from pipeline.context import RunContext, StageResult, log
 from pipeline.fitting import fit, train_metrics
+from rundir import layout
 
 SECTIONS = ["finetune", "data", "seed"]
 INPUTS = ["prune"]
@@ -22,7 +22,7 @@ def run(ctx: RunContext) -> StageResult:
         )
         log("finetune", f"skipped: {reason}")
         return StageResult(status="skipped", reason=reason)
-    src = runlayout.model_dir(ctx.run_dir, "prune")
+    src = layout.model_dir(ctx.run_dir, "prune")
     unet, meta = load_unet(src, ctx.device)
     result = fit(ctx, unet, "finetune")
     if not ctx.is_main:  # data-parallel ranks: only rank 0 writes (all ranks hold the same weights)
@@ -33,7 +33,7 @@ def run(ctx: RunContext) -> StageResult:
     for raw, model in ((False, result.ema_unet), (True, result.unet)):
         files += save_unet(
             model.cpu(),
-            runlayout.model_dir(ctx.run_dir, "finetune", raw=raw),
+            layout.model_dir(ctx.run_dir, "finetune", raw=raw),
             structure["unet_config"],
             structure["history"],
             structure["kept_widths"],

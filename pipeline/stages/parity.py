@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from compressor import runlayout
 from compressor.errors import UserError
+from compressor.image_quality import psnr
 from compressor.persist import load_unet
-from compressor.quality import psnr
 from compressor.sampling import generate, make_scheduler
 from deploy.runtimes import load_backend
-from export.parity import compare, make_onnxrt_runner, make_torch_runner, parity_feeds
+from export.compare import compare, make_onnxrt_runner, make_torch_runner, parity_feeds
 from pipeline.context import RunContext, StageResult, log
+from rundir import layout
 
 SECTIONS = ["parity", "export", "sample", "build", "device", "threads"]
 INPUTS = ["prune", "finetune", "distill_steps", "export", "build"]
@@ -66,7 +66,7 @@ def reuse_interval(ctx: RunContext) -> int:
 
 def _engine_batches(ctx: RunContext, engine) -> list[int]:
     """The parity batches an engine's profile covers (its smallest batch if none is)."""
-    from deploy.engines import profile_of, read_engine_info
+    from deploy.engine_info import profile_of, read_engine_info
 
     profile = profile_of(read_engine_info(engine))
     batches = [b for b in ctx.cfg.parity.batches if profile.min_batch <= b <= profile.max_batch]
@@ -83,7 +83,7 @@ def _reuse_parity(
     the build precision's tolerances).
     """
     from compressor.feature_reuse import FeatureReuseUNet
-    from export.parity import make_pass_runner
+    from export.compare import make_pass_runner
 
     cfg, level = ctx.cfg.parity, ctx.cfg.sample.cache_level
     atol, rtol = (cfg.atol_fp32, cfg.rtol_fp32) if precision == "fp32" else (cfg.atol_fp16, cfg.rtol_fp16)
@@ -94,7 +94,7 @@ def _reuse_parity(
     if kind == "tensorrt":
         from deploy import tensorrt_backend
 
-        engine = runlayout.engine_path(ctx.run_dir, model, "full", level)
+        engine = layout.engine_path(ctx.run_dir, model, "full", level)
         feeds = parity_feeds(unet, _engine_batches(ctx, engine), cfg.timesteps, ctx.cfg.seed)
     with torch.no_grad():
         for feed in feeds:
@@ -115,10 +115,10 @@ def _reuse_parity(
         )
         ref = make_pass_runner(split, part, f"torch-{model}-{part}", feeds[0]["feature"].shape)
         if kind == "tensorrt":
-            engine = runlayout.engine_path(ctx.run_dir, model, part, level)
+            engine = layout.engine_path(ctx.run_dir, model, part, level)
             cand, _ = tensorrt_backend.make_trt_runner(engine, f"tensorrt-{model}-{part}")
         else:
-            path = runlayout.onnx_path(ctx.run_dir, model, precision, part, level)
+            path = layout.onnx_path(ctx.run_dir, model, precision, part, level)
             cand = make_onnxrt_runner(path, f"onnxruntime-{model}-{part}-{precision}")
         report = compare([ref, cand], part_feeds, atol, rtol)[0]
         row = {
@@ -146,7 +146,7 @@ def _engine_parity(ctx: RunContext, model: str, unet, scheduler) -> dict:
     from deploy import tensorrt_backend
 
     cfg = ctx.cfg.parity
-    engine = runlayout.engine_path(ctx.run_dir, model)
+    engine = layout.engine_path(ctx.run_dir, model)
     runner, _ = tensorrt_backend.make_trt_runner(engine, f"tensorrt-{model}")
     feeds = parity_feeds(unet, _engine_batches(ctx, engine), cfg.timesteps, ctx.cfg.seed)
     ref = make_torch_runner(unet, f"torch-{model}-fp32", device="cuda")
@@ -194,7 +194,7 @@ def run(ctx: RunContext) -> StageResult:
         feeds = parity_feeds(unet, cfg.batches, cfg.timesteps, ctx.cfg.seed)
         reference = _sampler_images(ctx, load_backend("torch", unet=unet).predict, scheduler)
         for precision in ctx.cfg.export.precisions:
-            path = runlayout.onnx_path(ctx.run_dir, model, precision)
+            path = layout.onnx_path(ctx.run_dir, model, precision)
             atol, rtol, min_psnr, these = _tolerances(ctx, precision, unet, scheduler, feeds)
             runner = make_onnxrt_runner(path, f"onnxruntime-{model}-{precision}")
             report = compare([make_torch_runner(unet, f"torch-{model}-fp32"), runner], these, atol, rtol)[0]
@@ -258,7 +258,7 @@ def run(ctx: RunContext) -> StageResult:
             "parity", SECTIONS, StageResult(metrics, status="failed", reason="; ".join(failures)), 0.0
         )
         raise ParityError(
-            f"parity failed for {', '.join(failures)}; see {runlayout.record_path(ctx.run_dir, 'parity')} "
+            f"parity failed for {', '.join(failures)}; see {layout.record_path(ctx.run_dir, 'parity')} "
             "(re-export, or loosen parity.* tolerances if the precision warrants it)"
         )
     return StageResult(metrics)

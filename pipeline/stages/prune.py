@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from compressor import runlayout
 from compressor.config import PruneConfig, config_from_mapping, config_to_dict, prune_target_overrides
 from compressor.data import taylor_and_holdout
 from compressor.errors import UserError
+from compressor.image_quality import denoising_eval_loss
 from compressor.models import count_macs_params
 from compressor.persist import dense_config, save_unet
 from compressor.progress import progress_bar
 from compressor.pruning import LatencySearch, PruneResult, prune_unet
-from compressor.quality import denoising_eval_loss
 from compressor.taylor import candidate_timesteps
 from deploy.latency import latency_timer
 from pipeline.context import RunContext, StageResult, environment_facts, log
+from rundir import layout
 
 SECTIONS = ["model", "data", "prune", "seed"]
 INPUTS: list[str] = []
@@ -142,7 +142,7 @@ def _save(ctx: RunContext, unet, result: PruneResult, cfg: PruneConfig) -> list:
     ctx.stage_dir("prune")
     return save_unet(
         unet.cpu(),
-        runlayout.model_dir(ctx.run_dir, "prune"),
+        layout.model_dir(ctx.run_dir, "prune"),
         dense_config(ctx.dense.unet),
         result.history,
         result.kept_widths,
@@ -160,7 +160,7 @@ def _metrics(
     eval_images,
     search: LatencySearch | None,
 ) -> dict:
-    """The prune record's metrics (read back through :class:`compressor.records.PruneMetrics`)."""
+    """The prune record's metrics (read back through :class:`rundir.records.PruneMetrics`)."""
     (macs_before, params_before), (macs_after, params_after) = before, after
     taylor = result.taylor
     return {

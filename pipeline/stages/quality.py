@@ -6,25 +6,25 @@ from __future__ import annotations
 
 import torch
 
-from compressor import runlayout
 from compressor.data import stack
 from compressor.errors import UserError
 from compressor.fd_infinity import FdInfScorer
+from compressor.image_quality import inception_unavailable, make_scorer, psnr, resampling
 from compressor.intervals import real_floor, ssim_figures
 from compressor.models import as_noise_predictor
 from compressor.persist import load_unet, student_sampling
-from compressor.quality import inception_unavailable, make_scorer, psnr, resampling
-from compressor.records import QualityMetrics
 from compressor.sequential import describe as describe_looks
 from compressor.sequential import look_level, look_sizes
 from deploy.runtimes import load_backend
 from pipeline.acceptance import INCONCLUSIVE, quality_checks, verdict
 from pipeline.context import RunContext, StageResult, log
+from rundir import layout
+from rundir.records import QualityMetrics
 
 SECTIONS = ["quality", "sample", "data"]
 INPUTS = ["prune", "finetune", "distill_steps", "export", "build"]
-MODEL_LABELS = runlayout.MODEL_NAMES
-COMPRESSED = runlayout.COMPRESSED_NAMES  # the final model is the first of these present
+MODEL_LABELS = layout.MODEL_NAMES
+COMPRESSED = layout.COMPRESSED_NAMES  # the final model is the first of these present
 
 
 def _deployed(ctx: RunContext, backend: str, model: str):
@@ -118,13 +118,13 @@ def _models(ctx: RunContext) -> dict:
     for stage, label in MODEL_LABELS.items():
         rec = ctx.record(stage)
         if rec is not None and rec.ok:  # a skipped finetune wrote no model
-            models[label] = load_unet(runlayout.model_dir(ctx.run_dir, stage), ctx.device)[0]
+            models[label] = load_unet(layout.model_dir(ctx.run_dir, stage), ctx.device)[0]
     if not ctx.cfg.quality.compare_pruned:  # only the final model is gated; each costs as much as dense
         final = _final(models)
         for label in COMPRESSED:
             if label != final:
                 models.pop(label, None)
-    raw = runlayout.model_dir(ctx.run_dir, "finetune", raw=True)
+    raw = layout.model_dir(ctx.run_dir, "finetune", raw=True)
     if ctx.cfg.quality.compare_raw and "finetuned" in models and raw.is_dir():
         # the raw (non-EMA) weights too, to show which copy is the better one
         models["finetuned (raw)"] = load_unet(raw, ctx.device)[0]
@@ -142,7 +142,7 @@ def _student(ctx: RunContext, label: str):
     """The student's (scheduler config, steps) when ``label`` is the few-step student, else None."""
     if label != "student":
         return None
-    return student_sampling(runlayout.model_dir(ctx.run_dir, "distill_steps"))
+    return student_sampling(layout.model_dir(ctx.run_dir, "distill_steps"))
 
 
 def _predictors(ctx: RunContext, models: dict) -> dict:
@@ -245,7 +245,7 @@ def _save(ctx: RunContext, samples: dict):
     from safetensors.torch import save_file
 
     ctx.stage_dir("quality")
-    path = runlayout.quality_samples(ctx.run_dir)
+    path = layout.quality_samples(ctx.run_dir)
     save_file({k: v.contiguous() for k, v in samples.items()}, str(path.with_suffix(".tmp")))
     path.with_suffix(".tmp").replace(path)
     return path

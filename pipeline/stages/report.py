@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from compressor import runlayout
-from compressor.records import BenchMetrics, QualityMetrics, read_metrics
 from pipeline.context import RunContext, StageResult, log
 from pipeline.plots import plot_headline, plot_seed_pairs, plot_speed_quality
 from pipeline.report_render import Doc
@@ -32,6 +30,8 @@ from pipeline.report_sections import (
     student_section,
 )
 from pipeline.summary import MODEL_NAMES, Summary, build_summary
+from rundir import layout
+from rundir.records import BenchMetrics, QualityMetrics, read_metrics
 
 SECTIONS = ["model", "prune", "finetune", "acceptance"]
 INPUTS = ["prune", "finetune", "distill_steps", "samples", "quality", "parity", "bench", "check"]
@@ -93,7 +93,7 @@ def model_names(summary: Summary, bench: BenchMetrics | None) -> dict[str, str]:
 def read_frontier(run: Path) -> dict | str | None:
     """``RUN/frontier/frontier.json`` as written by the frontier; None when absent, a sentence when
     unreadable."""
-    path = runlayout.frontier_dir(run) / "frontier.json"
+    path = layout.frontier_dir(run) / "frontier.json"
     if not path.is_file():
         return None
     try:
@@ -146,7 +146,7 @@ def steps_note(
 def pairs_section(doc: Doc, run: Path, quality: QualityMetrics | None, out: Path) -> None:
     """Dense and final-model samples of the same seeds, each pair side by side (from the quality
     stage's samples; nothing when that stage did not run)."""
-    path = runlayout.quality_samples(run)
+    path = layout.quality_samples(run)
     label = quality.compressed_label() if quality else None
     if quality is None or label is None or not path.is_file():
         return

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from compressor import runlayout
 from compressor.persist import load_unet, student_sampling
 from compressor.sampling import save_comparison
 from pipeline.context import RunContext, StageResult, log
+from rundir import layout
 
 SECTIONS = ["sample"]
 INPUTS = ["prune", "finetune", "distill_steps"]
-STUDENT = runlayout.MODEL_NAMES["distill_steps"]
-LABELS = runlayout.MODEL_NAMES  # the report's names
+STUDENT = layout.MODEL_NAMES["distill_steps"]
+LABELS = layout.MODEL_NAMES  # the report's names
 
 
 def run(ctx: RunContext) -> StageResult:
@@ -23,12 +23,12 @@ def run(ctx: RunContext) -> StageResult:
     for stage, label in LABELS.items():
         rec = ctx.record(stage)
         if rec is not None and rec.ok:  # a skipped finetune wrote no model
-            models[label] = load_unet(runlayout.model_dir(ctx.run_dir, stage), ctx.device)[0]
+            models[label] = load_unet(layout.model_dir(ctx.run_dir, stage), ctx.device)[0]
     if len(models) == 1:
         ctx.require("prune", "samples")
     for label, unet in models.items():
         student = (
-            student_sampling(runlayout.model_dir(ctx.run_dir, "distill_steps")) if label == STUDENT else None
+            student_sampling(layout.model_dir(ctx.run_dir, "distill_steps")) if label == STUDENT else None
         )
         n = student[1] if student else cfg.steps
         solver = "DDIM" if student else cfg.scheduler.upper()
@@ -38,6 +38,6 @@ def run(ctx: RunContext) -> StageResult:
             predict, cfg.num_images, cfg.steps, student=student, desc=f"[samples] {label}"
         )
     ctx.stage_dir("samples")
-    path = save_comparison(rows, runlayout.samples_grid(ctx.run_dir))
+    path = save_comparison(rows, layout.samples_grid(ctx.run_dir))
     log("samples", f"wrote {path}")
     return StageResult({"rows": list(rows), "num_images": cfg.num_images, "steps": cfg.steps}, [path])

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-from compressor import runlayout
 from compressor.persist import dense_config, save_unet
 from pipeline.context import RunContext, StageResult, log
 from pipeline.fitting import fit, train_metrics
+from rundir import layout
 
 SECTIONS = ["model", "data", "finetune", "seed"]
 INPUTS: list[str] = []
@@ -19,15 +19,15 @@ def run(ctx: RunContext) -> StageResult:
     if not ctx.is_main:  # data-parallel ranks: only rank 0 writes (all ranks hold the same weights)
         return StageResult(train_metrics(result))
     ctx.stage_dir("train")
-    model_dir = runlayout.model_dir(ctx.run_dir, "train")
+    model_dir = layout.model_dir(ctx.run_dir, "train")
     files = save_unet(result.ema_unet.cpu(), model_dir, dense_config(ctx.dense.unet))
-    folder = runlayout.diffusers_dir(ctx.run_dir)
+    folder = layout.diffusers_dir(ctx.run_dir)
     result.ema_unet.save_pretrained(str(folder), safe_serialization=True)
-    (folder / runlayout.SCHEDULER_CONFIG).write_text(json.dumps(ctx.dense.scheduler_config, indent=2))
+    (folder / layout.SCHEDULER_CONFIG).write_text(json.dumps(ctx.dense.scheduler_config, indent=2))
     files += [
         folder / "config.json",
         folder / "diffusion_pytorch_model.safetensors",
-        folder / runlayout.SCHEDULER_CONFIG,
+        folder / layout.SCHEDULER_CONFIG,
     ]
     log("train", f"wrote {model_dir} and the diffusers folder {folder}")
     return StageResult(train_metrics(result), files)

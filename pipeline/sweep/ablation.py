@@ -16,14 +16,14 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from compressor import runlayout
 from compressor.channels import channel_overlap
 from compressor.config import load_config, prune_target_overrides
 from compressor.digest import mean_std
 from compressor.progress import log
-from compressor.records import QualityMetrics, read_metrics
 from pipeline.plots import plot_ablation, plot_taylor_diagnostics
 from pipeline.sweep.engine import Sweep, document, spread, table, write_summary
+from rundir import layout
+from rundir.records import QualityMetrics, read_metrics
 
 STAGES = ("prune", "finetune", "quality")
 BASELINES = ("taylor", "magnitude", "random", "reinit")
@@ -80,7 +80,7 @@ def sweep_of(what: MethodAblation, name: str) -> Sweep:
     return Sweep(
         config=what.config,
         overrides=tuple(what.overrides),
-        root=runlayout.ablation_dir(what.run_dir or Path("runs") / name),
+        root=layout.ablation_dir(what.run_dir or Path("runs") / name),
         settings=variants(list(what.thresholds), list(what.methods), list(what.selections), what.finetune),
         seeds=tuple(what.seeds),
         stages=STAGES if what.finetune else ("prune", "quality"),

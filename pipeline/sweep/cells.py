@@ -25,13 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compressor import runlayout
-from compressor.artifacts import write_json
 from compressor.config import RunConfig, config_to_dict
 from compressor.digest import content_hash
 from compressor.errors import UserError
-from compressor.integrity import reversed_interval
-from compressor.records import read_record
+from rundir import layout
+from rundir.artifacts import write_json
+from rundir.integrity import reversed_interval
+from rundir.records import read_record
 
 KEY_LENGTH = 16  # the frontier's fingerprints and the cells' keys (the distillation scores keep 12)
 
@@ -109,7 +109,7 @@ def finished(run: Path, key: str, stages: Iterable[str]) -> bool:
     """Whether the cell in ``run`` finished ``stages`` under ``key`` and its stages' records are still
     the ones it finished with (a stage rerun since, or a record gone, is not finished)."""
     stages = list(stages)
-    done = cached(runlayout.sweep_cell_file(run), key, field="key")
+    done = cached(layout.sweep_cell_file(run), key, field="key")
     if done is None:
         return False
     now = stage_keys(run, stages)
@@ -120,4 +120,4 @@ def mark_finished(run: Path, key: str, stages: Iterable[str]) -> None:
     """Record that the cell in ``run`` finished ``stages`` under ``key``, with their records' keys (a
     cell finetuned too counts as finished for a sweep that measures it after pruning only)."""
     done = stage_keys(run, stages)
-    write_json(runlayout.sweep_cell_file(run), {"key": key, "stages": {s: k for s, k in done.items() if k}})
+    write_json(layout.sweep_cell_file(run), {"key": key, "stages": {s: k for s, k in done.items() if k}})

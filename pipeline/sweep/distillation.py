@@ -33,13 +33,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from compressor import runlayout
 from compressor.config import DistillConfig, RunConfig, load_config, prune_target_overrides
 from compressor.data import stack
 from compressor.errors import UserError
+from compressor.image_quality import inception_unavailable, make_scorer, resampling
 from compressor.intervals import ssim_figures
 from compressor.persist import load_unet
-from compressor.quality import inception_unavailable, make_scorer, resampling
 from compressor.training import checkpoint_at, ema_model, train
 from pipeline.context import RunContext, log, write_json
 from pipeline.plots import plot_distill_sweep
@@ -54,6 +53,7 @@ from pipeline.sweep.engine import (
     tally,
     write_summary,
 )
+from rundir import layout
 
 MODES = ("off", "output", "features", "output+features")
 
@@ -167,7 +167,7 @@ def sweep_cell(
     scored = {b: cached(_score_path(folder, mode, b, key), needs=["fd_replicates"]) for b in budgets}
     wanted = [b for b in budgets if scored[b] is None]
     if wanted:
-        pruned = load_unet(runlayout.model_dir(folder, "prune"), ctx.device)[0]
+        pruned = load_unet(layout.model_dir(folder, "prune"), ctx.device)[0]
         distill = mode_config(mode, cfg.finetune.distill)
         shared = cfg.finetune.schedule == "constant"
         runs = [max(budgets)] if shared else wanted
@@ -288,7 +288,7 @@ def sweep_of(what: DistillationSweep, name: str) -> Sweep:
     return Sweep(
         config=what.config,
         overrides=tuple(what.overrides),
-        root=runlayout.ablation_dir(what.run_dir or Path("runs") / name) / "distill",
+        root=layout.ablation_dir(what.run_dir or Path("runs") / name) / "distill",
         settings={setting(r): prune_target_overrides(target_macs=r) for r in what.ratios},
         seeds=tuple(what.seeds),
         stages=("prune",),

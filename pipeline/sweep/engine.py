@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from compressor.artifacts import write_json
 from compressor.config import RunConfig, load_config
 from compressor.digest import mean_std
 from pipeline.runner import run_pipeline
 from pipeline.sweep.cells import Cell, cell_folder, finished, mark_finished, settings_key
+from rundir.artifacts import write_json
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ stage and the config sections that produced it, and library versions; under ``re
 sha256 and size of every stage record (``RUN/<stage>/record.json``) as written. Loaders of ONNX
 files and engines call :func:`verify_against_manifest` before parsing a file, so a
 tampered or truncated artifact is refused before any parser touches it; the record readers
-(:mod:`compressor.records`) check a record against its hash before trusting what it says.
+(:mod:`rundir.records`) check a record against its hash before trusting what it says.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from compressor import runlayout
 from compressor.errors import ArtifactError
+from rundir import layout
 
-MANIFEST = runlayout.MANIFEST
-BOOKKEEPING = {runlayout.MANIFEST, runlayout.RUN_FILE, runlayout.LOCK_FILE, runlayout.SWEEP_CELL}
+MANIFEST = layout.MANIFEST
+BOOKKEEPING = {layout.MANIFEST, layout.RUN_FILE, layout.LOCK_FILE, layout.SWEEP_CELL}
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -72,7 +72,7 @@ def write_json(path: Path, data: Any) -> None:
 def find_run_dir(path: Path) -> Path | None:
     """The run directory holding ``path`` (the nearest parent with a run.json), if any."""
     for parent in Path(path).resolve().parents:
-        if runlayout.run_file(parent).is_file():
+        if layout.run_file(parent).is_file():
             return parent
     return None
 
@@ -97,11 +97,11 @@ def note_record(run_dir: Path, record: Path) -> None:
     manifest = read_manifest(run_dir)
     listed = manifest.get("records")
     if not isinstance(listed, dict):
-        found = sorted(run_dir.glob(f"*/{runlayout.RECORD}"))
+        found = sorted(run_dir.glob(f"*/{layout.RECORD}"))
         listed = {str(p.relative_to(run_dir)): _size_and_hash(p) for p in found}
     listed[str(Path(record).relative_to(run_dir))] = _size_and_hash(Path(record))
     manifest["records"] = dict(sorted(listed.items()))
-    write_json(runlayout.manifest_path(run_dir), manifest)
+    write_json(layout.manifest_path(run_dir), manifest)
 
 
 def listed_records(run_dir: Path) -> dict[str, dict] | None:
@@ -152,8 +152,8 @@ def verify_run(run_dir: Path) -> dict[str, list[str]]:
         rel = str(path.relative_to(run_dir))
         if not path.is_file() or rel in manifest or path.name in BOOKKEEPING or path.name == "record.json":
             continue
-        nested = rel.startswith(f"{runlayout.ABLATION}/")
-        if runlayout.CHECKPOINTS in path.parts or runlayout.is_temporary(path) or nested:
+        nested = rel.startswith(f"{layout.ABLATION}/")
+        if layout.CHECKPOINTS in path.parts or layout.is_temporary(path) or nested:
             continue  # training state, interrupted writes and nested ablation runs are not artifacts
         extra.append(rel)
     return {"missing": missing, "changed": changed, "extra": extra}

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compressor import runlayout
-from compressor.artifacts import artifact_matches, listed_records
 from compressor.errors import ArtifactError
-from compressor.integrity import differs_from_manifest, reversed_interval
 from compressor.stack import Stack, StackChoice
+from rundir import layout
+from rundir.artifacts import artifact_matches, listed_records
+from rundir.integrity import differs_from_manifest, reversed_interval
 
 DONE = ("ok", "skipped")
 INCONCLUSIVE = "inconclusive"  # the check stage's status when a quality gate's interval straddles its limit
@@ -105,7 +105,7 @@ def read_record(run: Path, stage: str, done_only: bool = True) -> Record | None:
     ``done_only``: a record whose status is not ok/skipped (failed acceptance, say) reads
     as None. Raises RecordError for a damaged record.
     """
-    path = runlayout.record_path(run, stage)
+    path = layout.record_path(run, stage)
     if not path.is_file():
         return None
     raw = path.read_bytes()
@@ -120,7 +120,7 @@ def read_record(run: Path, stage: str, done_only: bool = True) -> Record | None:
             raise RecordError(f"{path}: damaged record (no {key}); {_rerun(path, stage)}")
     if differs_from_manifest(run, path, raw):
         raise RecordError(
-            f"{path} differs from its sha256 in {runlayout.manifest_path(run)} (edited or damaged since "
+            f"{path} differs from its sha256 in {layout.manifest_path(run)} (edited or damaged since "
             f"its stage wrote it); {_rerun(path, stage)}"
         )
     bad = reversed_interval(data["metrics"], "metrics")
@@ -161,7 +161,7 @@ def verify_records(run: Path, stages: Iterable[str]) -> bool:
             continue
         if listed is not None and str(rec.path.relative_to(run)) not in listed:
             raise RecordError(
-                f"{rec.path} is not listed in {runlayout.manifest_path(run)} (written or copied outside the "
+                f"{rec.path} is not listed in {layout.manifest_path(run)} (written or copied outside the "
                 f"pipeline), so it cannot be verified; {_rerun(rec.path, stage)}"
             )
         for rel, entry in rec.artifacts.items():
@@ -186,15 +186,15 @@ def require_record(run: Path, stage: str, needed_by: str) -> Record:
 
 def final_model_dir(run: Path) -> tuple[str, Path]:
     """(stage, folder) of the run's newest compressed model: the student if distilled, else the
-    finetuned model if done, else the pruned one (:data:`runlayout.MODEL_STAGES`).
+    finetuned model if done, else the pruned one (:data:`layout.MODEL_STAGES`).
 
     The one rule for "the final model": a stage counts when its record is ok and its
     model folder holds a structure file. Raises RecordError when neither does.
     """
-    for stage in runlayout.MODEL_STAGES:
+    for stage in layout.MODEL_STAGES:
         rec = read_record(run, stage)
-        folder = runlayout.model_dir(run, stage)
-        if rec is not None and rec.ok and runlayout.structure_file(folder).is_file():
+        folder = layout.model_dir(run, stage)
+        if rec is not None and rec.ok and layout.structure_file(folder).is_file():
             return stage, folder
     raise RecordError(
         f"{run} holds no compressed model (no prune or finetune output); run "
@@ -286,7 +286,7 @@ class QualityMetrics:
 
     def compressed_label(self) -> str | None:
         """The final compressed model's label: the student if scored, else finetuned, else pruned."""
-        return next((k for k in runlayout.COMPRESSED_NAMES if k in self.models), None)
+        return next((k for k in layout.COMPRESSED_NAMES if k in self.models), None)
 
     def frechet(self, label: str) -> float | None:
         """The Frechet distance of model ``label`` (None when not measured)."""
@@ -432,22 +432,6 @@ def chosen_stack(run: Path) -> Stack | None:
     return choice.stack if choice else None
 
 
-def student_stack(run: Path) -> Stack | None:
-    """The sampler of the run's few-step student (DDIM at its own steps, fp32, no reuse) when the
-    final model is one (stage ``distill_steps``), else None."""
-    from compressor.persist import student_sampling
-
-    try:
-        stage, folder = final_model_dir(run)
-    except RecordError:
-        return None
-    found = student_sampling(folder) if stage == "distill_steps" else None
-    if found is None:
-        return None
-    ratio = read_metrics(run, "prune")
-    return Stack(ratio.ratio if ratio else 0.0, "ddim", found[1], 1, "fp32", found[1])
-
-
 def limit_overrides(run: Path, acceptance: Any) -> list[dict]:
     """The acceptance limits ``acceptance`` (an AcceptanceConfig) sets unlike the run's own config:
     one ``{"key": "acceptance.<name>", "run": <the run's value>, "now": <this one>, "recorded": True}``
@@ -472,7 +456,7 @@ def limit_overrides(run: Path, acceptance: Any) -> list[dict]:
 
 def run_config_name(run: Path) -> str | None:
     """The config name ``RUN/run.json`` binds the run to (None when absent or unreadable)."""
-    path = runlayout.run_file(run)
+    path = layout.run_file(run)
     if not path.is_file():
         return None
     try:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import sys
 
 from compressor.errors import UserError
-from compressor.records import limit_overrides, read_record, verify_records
 from pipeline.acceptance import EXIT_FAIL, EXIT_INCONCLUSIVE, FAIL, INCONCLUSIVE, PASS, evaluate_run, verdict
 from pipeline.commands.args import run_settings
+from rundir.records import limit_overrides, read_record, verify_records
 
 # the records the gates read (prune: the latency target the run pruned for)
 GATE_INPUTS = ("prune", "bench", "parity", "quality")

@@ -9,14 +9,14 @@ from typing import Any, Literal
 
 import yaml
 
-from compressor.config.acceptance import AcceptanceConfig
-from compressor.config.deploy import BenchConfig, BuildConfig, ExportConfig, ParityConfig
+from compressor.config.acceptance_config import AcceptanceConfig
+from compressor.config.deploy_config import BenchConfig, BuildConfig, ExportConfig, ParityConfig
 from compressor.config.fields import _build, _spec, apply_overrides
-from compressor.config.frontier import FrontierConfig
-from compressor.config.model import DataConfig, ModelConfig
-from compressor.config.prune import PruneConfig
-from compressor.config.sampling import QualityConfig, SampleConfig
-from compressor.config.training import FinetuneConfig, StepDistillConfig
+from compressor.config.frontier_config import FrontierConfig
+from compressor.config.model_config import DataConfig, ModelConfig
+from compressor.config.prune_config import PruneConfig
+from compressor.config.sampling_config import QualityConfig, SampleConfig
+from compressor.config.training_config import FinetuneConfig, StepDistillConfig
 from compressor.errors import ConfigError
 from compressor.stack import SamplerVariant
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from compressor import runlayout
 from deploy.tensorrt_backend import build_run_engines
 from pipeline.commands.args import run_settings
 from pipeline.context import log
 from pipeline.runlock import RunLock
+from rundir import layout
 
 
 def main(argv: list[str]) -> int:
@@ -15,5 +15,5 @@ def main(argv: list[str]) -> int:
     with RunLock(run, " ".join(["compress-deploy build", *argv])):
         level = cfg.sample.cache_level if cfg.export.feature_reuse else None
         engines, _ = build_run_engines(run, cfg.build, lambda m: log("build", m), level)
-    print(f"built {', '.join(engines)} engines in {runlayout.stage_dir(run, 'build')}")
+    print(f"built {', '.join(engines)} engines in {layout.stage_dir(run, 'build')}")
     return 0

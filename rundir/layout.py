@@ -4,7 +4,7 @@ Every stage, command and backend asks here for paths inside ``RUN/`` (and inside
 model folder) instead of joining them by hand, so a layout change is one edit. It sits in
 the bottom layer (pure paths, no imports of the rest) so that ``deploy/`` can read
 finished runs without importing the pipeline. What the files hold is read through
-:mod:`compressor.records`.
+:mod:`rundir.records`.
 
     RUN/run.json                          which config the run belongs to
     RUN/manifest.json                     the run's manifest: every artifact's hash (``verify``)

@@ -1,8 +1,8 @@
 """Whether a stage record can be trusted before anything is decided from it.
 
-Two checks every record reader (:func:`compressor.records.read_record`) makes: the record's bytes
+Two checks every record reader (:func:`rundir.records.read_record`) makes: the record's bytes
 against the sha256 the run's manifest lists for it (written with the record, see
-:func:`compressor.artifacts.note_record`), and every interval ``*_ci`` in it ordered low to high.
+:func:`rundir.artifacts.note_record`), and every interval ``*_ci`` in it ordered low to high.
 The frontier's cached measurements are checked for the second too. Pure checks: the readers word
 the refusal.
 """
@@ -13,14 +13,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-from compressor.artifacts import listed_records, sha256_bytes
+from rundir.artifacts import listed_records, sha256_bytes
 
 
 def differs_from_manifest(run: Path, path: Path, raw: bytes) -> bool:
     """True when the manifest of ``run`` lists ``path`` with another sha256 or size than ``raw``'s.
 
     A record the manifest does not list (a run written before record hashes, a stage folder
-    copied from another run) does not differ; :func:`compressor.records.verify_records`, for
+    copied from another run) does not differ; :func:`rundir.records.verify_records`, for
     readers that draw a verdict, refuses it.
     """
     entry = (listed_records(run) or {}).get(str(Path(path).relative_to(run)))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compressor.errors import ArtifactError, ConfigError, UserError
-from compressor.runlayout import engine_info_path
+from rundir.layout import engine_info_path
 
 REBUILD = "rebuild the engines here with `compress-deploy build RUN` (it needs only the ONNX files)"
 

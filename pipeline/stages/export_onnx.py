@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from compressor import runlayout
 from compressor.persist import load_unet, student_sampling
 from compressor.sampling import make_scheduler
+from export.compare import quiet_polygraphy
 from export.onnx_export import export_unet
-from export.parity import quiet_polygraphy
 from export.quantize import calibration_inputs, quantize_unet
 from pipeline.context import RunContext, StageResult, log
+from rundir import layout
 
 SECTIONS = ["export"]
 INPUTS = ["prune", "finetune", "distill_steps"]
@@ -39,7 +39,7 @@ def run(ctx: RunContext) -> StageResult:
     for model, unet in models.items():
         for precision in [p for p in cfg.precisions if p != "int8"]:
             for part in parts(ctx):
-                path = runlayout.onnx_path(ctx.run_dir, model, precision, part, level)
+                path = layout.onnx_path(ctx.run_dir, model, precision, part, level)
                 info = export_unet(unet, path, precision, cfg.trace_batch, cfg.fold_constants, part, level)
                 name = f"{model} {precision}" + ("" if part == "unet" else f" {part} pass (level {level})")
                 log(
@@ -54,7 +54,7 @@ def run(ctx: RunContext) -> StageResult:
         if "int8" in cfg.precisions:
             student = student_sampling(folder) if model == "pruned" and source == "distill_steps" else None
             facts[f"{model}.int8"] = _quantize(ctx, model, unet, student)
-            files.append(runlayout.onnx_path(ctx.run_dir, model, "int8"))
+            files.append(layout.onnx_path(ctx.run_dir, model, "int8"))
     return StageResult({"files": facts, "compressed_from": source}, files)
 
 
@@ -67,8 +67,8 @@ def _quantize(ctx: RunContext, model: str, unet, student: tuple[dict, int] | Non
         unet, make_scheduler("ddim", sched_cfg), ctx.image_shape(), cfg.calibration_images, steps,
         ctx.cfg.sample.seed,
     )  # fmt: skip
-    path = runlayout.onnx_path(ctx.run_dir, model, "int8")
-    info = quantize_unet(runlayout.onnx_path(ctx.run_dir, model, "fp32"), path, feeds)
+    path = layout.onnx_path(ctx.run_dir, model, "int8")
+    info = quantize_unet(layout.onnx_path(ctx.run_dir, model, "fp32"), path, feeds)
     log(
         "export",
         f"{model} int8: {info['dequantize_nodes']} Q/DQ pairs, calibrated on {info['calibration_inputs']} "

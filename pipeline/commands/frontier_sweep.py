@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from compressor import runlayout
 from compressor.config import load_config
 from compressor.errors import UserError
 from compressor.preflight import check_model_settings
@@ -35,6 +34,7 @@ from pipeline import frontier as fr
 from pipeline.commands.args import CommandParser, config_args, int_list
 from pipeline.frontier.measure import measure
 from pipeline.runlock import RunLock
+from rundir import layout
 
 
 def _floats(text: str | None, flag: str) -> list[float] | None:
@@ -144,7 +144,7 @@ def main(argv: list[str]) -> int:
     check_model_settings(
         dataclasses.replace(cfg, frontier=dataclasses.replace(f, **grid_keys)), frontier=True
     )
-    out = args.out or runlayout.frontier_dir(Path("runs") / cfg.name)
+    out = args.out or layout.frontier_dir(Path("runs") / cfg.name)
     spec = fr.spec_from_config(
         cfg, out, grid, backend=args.backend, batch=args.batch, samples=args.samples, threads=args.threads,
         repeat=args.repeat,

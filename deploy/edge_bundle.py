@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compressor import runlayout
 from compressor.errors import ArtifactError, UserError
-from compressor.records import read_record
 from deploy.bundle_runtime import FORMAT
 from deploy.bundle_runtime.core import MANIFEST, sha256
+from rundir import layout
+from rundir.records import read_record
 
 RUNTIME = Path(__file__).resolve().parent / "bundle_runtime"
 SOLVERS = ("ddim", "dpmsolver++")  # the loops the runtime reimplements (deterministic ones)
@@ -104,7 +104,7 @@ def _graph_files(run: Path, model: str, spec: BundleSpec) -> dict[str, Path]:
         raise UserError("bundle: feature reuse runs the fp32/fp16 passes (they are not quantized); drop int8")
     files = {}
     for part in parts:
-        path = runlayout.onnx_path(run, model, spec.precision, part, spec.cache_level)
+        path = layout.onnx_path(run, model, spec.precision, part, spec.cache_level)
         if not path.is_file():
             hint = (
                 f"export.feature_reuse=true sample.cache_level={spec.cache_level} " if part != "unet" else ""
@@ -119,12 +119,12 @@ def _graph_files(run: Path, model: str, spec: BundleSpec) -> dict[str, Path]:
 
 def _engine_files(run: Path, model: str, spec: BundleSpec) -> dict[str, Path]:
     """The run's TensorRT engines of a model's sampler (as :func:`_graph_files`), checked against ``spec``."""
-    from deploy.engines import profile_of, read_engine_info
+    from deploy.engine_info import profile_of, read_engine_info
 
     parts = ["full", "shallow"] if spec.cache_interval > 1 else ["unet"]
     files = {}
     for part in parts:
-        path = runlayout.engine_path(run, model, part, spec.cache_level)
+        path = layout.engine_path(run, model, part, spec.cache_level)
         if not path.is_file():
             hint = (
                 f" with export.feature_reuse=true sample.cache_level={spec.cache_level}"
@@ -267,7 +267,7 @@ def make_bundle(
         graphs = _copy_files(tmp, "graphs", sources, ".data")
         engines = _copy_files(tmp, "engines", engine_sources, ".json")
         some_engine = next((p for parts in engine_sources.values() for p in parts.values()), None)
-        engine_info = json.loads(runlayout.engine_info_path(some_engine).read_text()) if some_engine else {}
+        engine_info = json.loads(layout.engine_info_path(some_engine).read_text()) if some_engine else {}
         (tmp / "scheduler.json").write_text(json.dumps(settings, indent=1))
         np.savez(tmp / "scheduler.npz", **arrays)
         (tmp / "acceptance.json").write_text(json.dumps(_limits(run, spec, limits or {}), indent=1))
