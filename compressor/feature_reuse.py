@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from compressor.errors import ConfigError
+from compressor.models import null_context
 
 SCHEDULES = ("uniform", "quadratic")
 
@@ -88,7 +89,6 @@ class FeatureReuseUNet(nn.Module):
 
     def _embed(self, sample: torch.Tensor, timestep: torch.Tensor):
         """(sample after input centring, time embedding, encoder hidden states or None)."""
-        from compressor.models import null_context
 
         u = self.unet
         if timestep.dim() == 0:

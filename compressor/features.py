@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compressor.data import digits_images
 from compressor.errors import ModelError
 
 WEIGHTS = Path(__file__).parent / "assets" / "digits-features.safetensors"
@@ -53,8 +54,6 @@ class DigitsFeatures(nn.Module):
 def train_digits_features(epochs: int = 30, seed: int = 0) -> tuple[DigitsFeatures, float]:
     """Train the classifier on 80% of the digits; returns it and its test accuracy."""
     from sklearn.datasets import load_digits
-
-    from compressor.data import digits_images
 
     torch.manual_seed(seed)
     x = (digits_images(INPUT_SIZE, 1) + 1) / 2

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from compressor.errors import UserError
+from compressor.intervals import Resampling, Scorer, library_frechet
 from compressor.taylor import denoising_loss
 
 EVAL_TIMESTEPS = (10, 50, 100, 200, 300, 400, 500, 600, 800, 950)
@@ -120,7 +121,6 @@ def frechet_distance(
     real: torch.Tensor, fake: torch.Tensor, feature: nn.Module | int, weights: str | None = None
 ) -> float:
     """Frechet distance between feature statistics of ``real`` and ``fake`` (both in [0, 1])."""
-    from compressor.intervals import library_frechet
 
     extract = feature_extractor(feature, weights)
     return library_frechet(extract(real), extract(fake))
@@ -130,7 +130,6 @@ def resampling(quality, seed: int, method: str | None = None, level: float | Non
     """The paired resampling behind a run's quality intervals (``quality.interval_level``,
     ``quality.resamples``, ``quality.interval_method`` unless ``method`` or ``level`` is given),
     seeded by ``seed``."""
-    from compressor.intervals import Resampling
 
     q = quality
     return Resampling(level or q.interval_level, q.resamples, seed, method or q.interval_method)
@@ -139,7 +138,6 @@ def resampling(quality, seed: int, method: str | None = None, level: float | Non
 def make_scorer(reference: torch.Tensor, feature: nn.Module | int, metric: str, boot, weights=None):
     """A :class:`compressor.intervals.Scorer` against the reference images: KID on the digits
     features scaled by the reference features' spread, on Inception's as they are (standard KID)."""
-    from compressor.intervals import Scorer
 
     extract = feature_extractor(feature, weights)
     return Scorer(extract(reference), extract, boot, kid_scale="auto" if metric == "fd_digits" else 1.0)

@@ -35,7 +35,7 @@ from compressor.components import (
     read_component_configs,
 )
 from compressor.config import ModelConfig
-from compressor.errors import ModelError
+from compressor.errors import ConfigError, ModelError
 
 ARCH_DIR = Path(__file__).parent / "architectures"
 ASSET_DIR = Path(__file__).parent / "assets"
@@ -337,8 +337,6 @@ def count_macs_params(unet: nn.Module) -> tuple[int, int]:
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when available, else CPU."""
     if name == "cuda" and not torch.cuda.is_available():
-        from compressor.errors import ConfigError
-
         raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

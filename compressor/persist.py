@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from compressor.errors import ModelError
-from compressor.models import build_unet
+from compressor.models import build_unet, example_inputs, predict_noise
 from compressor.pruning import replay_history, sync_module_attributes
 from compressor.stack import Stack
 from rundir import layout
@@ -73,7 +73,6 @@ def save_unet(
 
 def probe_outputs(unet: nn.Module, batch: int = 2) -> dict[str, torch.Tensor]:
     """Fixed inputs and the model's outputs on them, to prove a reload is exact."""
-    from compressor.models import example_inputs, predict_noise
 
     was_training = unet.training
     unet.eval()
@@ -87,8 +86,6 @@ def probe_outputs(unet: nn.Module, batch: int = 2) -> dict[str, torch.Tensor]:
 def probe_difference(folder: Path, unet: nn.Module) -> float:
     """Max abs difference between ``unet`` and the outputs saved with it in ``folder``."""
     from safetensors.torch import load_file
-
-    from compressor.models import predict_noise
 
     probe = load_file(str(layout.probe_file(folder)))
     device = next(unet.parameters()).device

@@ -71,6 +71,7 @@ class ModelFacts:
 def model_facts(cfg: RunConfig) -> ModelFacts | None:
     """The facts of the model ``cfg.model`` names, from its configs alone; None where they cannot be
     read cheaply (a hub id that is not a shipped architecture; the model's loader checks later)."""
+    # lazy: pulls in torch, which importing compressor.preflight alone does not
     from compressor.models import read_model_configs
 
     found = read_model_configs(cfg.model)

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-from compressor.models import NoisePredictor
+from compressor.errors import ConfigError
+from compressor.feature_reuse import full_steps
+from compressor.models import NoisePredictor, ReusePredictor
 
 # The samplers by name: diffusers' class and the settings that make it the named method.
 # DPM-Solver++ (Lu et al. 2022) and UniPC (Zhao et al. 2023) are 2nd-order multistep solvers
@@ -42,8 +44,6 @@ def make_scheduler(kind: str, scheduler_config: dict):
     import diffusers
 
     if kind not in SCHEDULERS:
-        from compressor.errors import ConfigError
-
         raise ConfigError(f"unknown scheduler {kind!r}; choose one of {', '.join(SCHEDULERS)}")
     name, settings = SCHEDULERS[kind]
     cls = getattr(diffusers, name)
@@ -96,12 +96,8 @@ def denoise(
     :class:`compressor.models.ReusePredictor`; the full pass runs at the steps
     :func:`compressor.feature_reuse.full_steps` names, the shallow pass in between.
     """
-    from compressor.feature_reuse import full_steps
-    from compressor.models import ReusePredictor
 
     if cache_interval > 1 and not isinstance(predict, ReusePredictor):
-        from compressor.errors import ConfigError
-
         raise ConfigError(
             f"sample.cache_interval={cache_interval} needs a backend built for feature reuse "
             "(its full and shallow passes); this one has a single UNet call"

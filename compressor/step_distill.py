@@ -37,6 +37,8 @@ from torch import nn
 from compressor.config import FinetuneConfig, StepDistillConfig
 from compressor.errors import ConfigError
 from compressor.models import predict_noise
+from compressor.sampling import make_scheduler
+from compressor.training import train
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -206,8 +208,6 @@ def distill_round(
 
     Returns the round's EMA student. Resumes the newest checkpoint in ``checkpoint_dir``.
     """
-    from compressor.sampling import make_scheduler
-    from compressor.training import train
 
     noise_scheduler = make_scheduler("ddpm", scheduler_config)
     objective = PairTarget(

@@ -21,7 +21,7 @@ from torch import nn
 
 from compressor.config import DistillConfig
 from compressor.errors import ConfigError
-from compressor.models import predict_noise
+from compressor.models import example_inputs, predict_noise
 
 
 def block_points(unet: nn.Module) -> dict[str, nn.Module]:
@@ -139,7 +139,6 @@ def has_active_dropout(module: nn.Module) -> bool:
 
 def block_widths(unet: nn.Module, points: list[str]) -> dict[str, int]:
     """Output channels of each chosen block, from one batch-1 forward (none without points)."""
-    from compressor.models import example_inputs
 
     if not points:
         return {}

@@ -27,6 +27,7 @@ from torch import nn
 from compressor.config import FinetuneConfig
 from compressor.errors import ConfigError, ModelError
 from compressor.models import predict_noise
+from compressor.teacher_distill import DistillStudent, distill_losses, make_teacher, resolve_points
 from rundir import layout
 
 CKPT_PREFIX = "step-"
@@ -274,8 +275,6 @@ def train(
     student: nn.Module = unet
     points: list[str] = []
     if distill is not None:
-        from compressor.teacher_distill import DistillStudent, make_teacher, resolve_points
-
         teacher = make_teacher(teacher, accelerator.device)
         points = resolve_points(unet, distill.feature_points) if distill.weight_features > 0 else []
         student = DistillStudent(unet, teacher, points, seed)
@@ -314,8 +313,6 @@ def train(
                     noisy = noise_scheduler.add_noise(xb, nb, tb)
                     loss = F.mse_loss(predict_noise(model, noisy, tb).float(), nb) / cfg.grad_accum
                 else:
-                    from compressor.teacher_distill import distill_losses
-
                     noisy = noise_scheduler.add_noise(xb, nb, tb)
                     terms = distill_losses(distill, nb, model(noisy, tb), teacher, noisy, tb, points)
                     loss = terms["total"] / cfg.grad_accum

@@ -26,8 +26,14 @@ import numpy as np
 import torch
 
 from compressor.errors import ArtifactError, UserError
+from compressor.feature_reuse import FeatureReuseUNet, full_steps
+from compressor.models import predict_noise
+from compressor.sampling import generate, make_scheduler
 from deploy.bundle_runtime import FORMAT
 from deploy.bundle_runtime.core import MANIFEST, sha256
+from deploy.engine_info import profile_of, read_engine_info
+from deploy.runtimes import load_backend, load_run_unet
+from deploy.sampler import load_sampler
 from rundir import layout
 from rundir.records import read_record
 
@@ -56,7 +62,6 @@ class BundleSpec:
 
 def scheduler_tables(kind: str, scheduler_config: dict, steps: int) -> tuple[dict, dict[str, np.ndarray]]:
     """(settings, arrays) of a solver after diffusers' ``set_timesteps(steps)``; UserError if unsupported."""
-    from compressor.sampling import make_scheduler
 
     if kind not in SOLVERS:
         raise UserError(
@@ -119,7 +124,6 @@ def _graph_files(run: Path, model: str, spec: BundleSpec) -> dict[str, Path]:
 
 def _engine_files(run: Path, model: str, spec: BundleSpec) -> dict[str, Path]:
     """The run's TensorRT engines of a model's sampler (as :func:`_graph_files`), checked against ``spec``."""
-    from deploy.engine_info import profile_of, read_engine_info
 
     parts = ["full", "shallow"] if spec.cache_interval > 1 else ["unet"]
     files = {}
@@ -173,10 +177,6 @@ def _limits(run: Path, spec: BundleSpec, overrides: dict) -> dict:
 
 def _reference(run: Path, spec: BundleSpec, scheduler_config: dict, shape: tuple) -> dict:
     """Torch fp32 outputs on fixed inputs (each pass) and images of the first seeds."""
-    from compressor.feature_reuse import FeatureReuseUNet
-    from compressor.models import predict_noise
-    from compressor.sampling import generate, make_scheduler
-    from deploy.runtimes import load_backend, load_run_unet
 
     unet = load_run_unet(run, spec.model)
     rng = np.random.Generator(np.random.PCG64(12345))
@@ -231,8 +231,6 @@ def make_bundle(
     run: Path, out: Path, spec: BundleSpec, limits: dict | None = None, archive: bool = False
 ) -> dict:
     """Write the bundle folder ``out`` (atomically: built beside it, then renamed); its manifest."""
-    from compressor.feature_reuse import full_steps
-    from deploy.sampler import load_sampler
 
     run = Path(run)
     if out.exists():

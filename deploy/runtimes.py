@@ -19,8 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from compressor.config import config_from_mapping
 from compressor.errors import ArtifactError, UserError
+from compressor.feature_reuse import FeatureReuseUNet
+from compressor.models import ReusePredictor, load_model, predict_noise
+from compressor.persist import load_unet
+from deploy import tensorrt_backend
+from export.onnx_export import check_onnx
 from rundir import layout
+from rundir.records import final_model_dir, require_record
 
 
 @dataclass
@@ -61,8 +68,6 @@ def _ort_session(path: Path, threads: int | None, providers: str, part: str = "u
     """
     import onnxruntime as ort
 
-    from export.onnx_export import check_onnx
-
     check_onnx(path, part=part)
     ort.set_default_logger_severity(3)
     opts = ort.SessionOptions()
@@ -84,7 +89,6 @@ def onnxruntime_reuse_backend(
     full_path: Path, shallow_path: Path, level: int, threads: int | None = None, providers: str = "auto"
 ) -> Backend:
     """Feature reuse on ONNX Runtime: the full and shallow graphs as a ReusePredictor."""
-    from compressor.models import ReusePredictor
 
     full_s = _ort_session(full_path, threads, providers, "full", spin=False)
     shallow_s = _ort_session(shallow_path, threads, providers, "shallow", spin=False)
@@ -165,8 +169,6 @@ def torch_backend(
     """
     import copy
 
-    from compressor.models import ReusePredictor, predict_noise
-
     device = torch.device(device)
     if dtype not in PRECISIONS:
         raise UserError(f"torch backend: unsupported dtype {dtype}; use float32, float16 or bfloat16")
@@ -189,8 +191,6 @@ def torch_backend(
         "compile": compile,
     }
     if cache_level is not None:
-        from compressor.feature_reuse import FeatureReuseUNet
-
         split = FeatureReuseUNet(model, cache_level)
 
         def full(sample: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,13 +250,8 @@ def load_run_unet(
     run_dir: Path, model: str = "pruned", device: torch.device | str = "cpu"
 ) -> torch.nn.Module:
     """A finished run's UNet in torch: the final compressed model, or the dense one it came from."""
-    from compressor.persist import load_unet
-    from rundir.records import final_model_dir, require_record
 
     if model == "dense":
-        from compressor.config import config_from_mapping
-        from compressor.models import load_model
-
         rec = require_record(Path(run_dir), "prune", "loading the dense model")
         try:  # the recorded sections, validated as a config again
             cfg = config_from_mapping({"model": rec.section("model"), "seed": rec.config.get("seed", 0)})
@@ -305,8 +300,6 @@ def _load_torch(
         )
     if unet is None:
         if file is not None:
-            from compressor.persist import load_unet
-
             unet = load_unet(Path(file))[0]
         elif run_dir is not None:
             unet = load_run_unet(run_dir, model)
@@ -333,7 +326,6 @@ PASSES = ("full", "shallow")  # feature reuse's two graphs (export.onnx_export.I
 def _load_tensorrt(
     unet, file, run_dir, model, precision, device, threads, cuda_graph, compile, level
 ) -> Backend:
-    from deploy import tensorrt_backend
 
     if level is not None:
         engines = [_source("tensorrt", None, run_dir, model, precision, p, level) for p in PASSES]

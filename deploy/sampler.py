@@ -20,6 +20,7 @@ import torch
 from compressor.components import ModelSpec
 from compressor.errors import ArtifactError, UserError
 from compressor.models import NoisePredictor
+from compressor.persist import read_structure
 from compressor.sampling import generate, make_scheduler
 from deploy.runtimes import check_backend_name, load_backend
 from rundir.records import final_model_dir
@@ -102,7 +103,6 @@ def load_sampler(
     ``precision`` picks the torch dtype or the exported ONNX file; ``cache_level`` loads
     the two feature-reuse passes split at that level (see :mod:`compressor.feature_reuse`).
     """
-    from compressor.persist import read_structure
 
     check_backend_name(backend)
     run_dir = Path(run_dir)

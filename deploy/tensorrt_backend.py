@@ -21,6 +21,7 @@ import torch
 
 from compressor.config import BuildConfig
 from compressor.errors import ArtifactError, UserError
+from compressor.models import ReusePredictor
 from deploy.engine_info import (
     Profile,
     check_compatible,
@@ -29,8 +30,9 @@ from deploy.engine_info import (
     read_engine_info,
     write_engine_info,
 )
+from export.onnx_export import check_onnx, onnx_input_shapes
 from rundir import layout
-from rundir.artifacts import sha256_bytes, sha256_file
+from rundir.artifacts import sha256_bytes, sha256_file, verify_against_manifest
 
 INSTALL_HINT = (
     "install TensorRT (pip install 'compress-deploy[gpu]' on a CUDA host) or run inside the "
@@ -224,7 +226,6 @@ class EngineRunner:
     """
 
     def __init__(self, engine_path: Path, cuda_graph: bool = False) -> None:
-        from rundir.artifacts import verify_against_manifest
 
         trt = require_tensorrt()
         verify_against_manifest(engine_path)
@@ -308,7 +309,6 @@ class EngineRunner:
 
 def reuse_predictor(full_engine: Path, shallow_engine: Path, level: int, cuda_graph: bool = False):
     """Feature reuse on TensorRT: the two pass engines as a ReusePredictor (and the full runner)."""
-    from compressor.models import ReusePredictor
 
     full_runner = EngineRunner(full_engine, cuda_graph)
     shallow_runner = EngineRunner(shallow_engine, cuda_graph)
@@ -349,7 +349,6 @@ def build_run_engines(
     passes are exported in fp32/fp16, so an int8 build skips them and says so).
     Returns (engine info per model and pass: ``dense``, ``dense.full``, ...; files written).
     """
-    from export.onnx_export import check_onnx, onnx_input_shapes
 
     profile = Profile(cfg.min_batch, cfg.opt_batch, cfg.max_batch)
     profile.validate()

@@ -31,7 +31,10 @@ from pathlib import Path
 
 from compressor.components import DenoiserInputs, ModelSpec
 from compressor.errors import ArtifactError, UserError
+from compressor.persist import read_structure
 from rundir import layout
+from rundir.layout import engine_info_path
+from rundir.records import final_model_dir
 
 MODELS_DIR = Path(__file__).parent / "triton_models"
 UNET_KINDS = ("auto", "tensorrt", "onnxruntime", "python")
@@ -136,8 +139,6 @@ def _choose_unet(run_dir: Path, s: RepoSettings) -> str:
 
 def write_repository(run_dir: Path, out: Path, s: RepoSettings) -> dict:
     """Write ``out/{unet,sampler}`` for ``run_dir``; returns facts (what each model serves)."""
-    from compressor.persist import read_structure
-    from rundir.records import final_model_dir
 
     if s.unet_kind not in UNET_KINDS:
         raise UserError(f"unknown unet kind {s.unet_kind!r}; choose one of {', '.join(UNET_KINDS)}")
@@ -178,8 +179,6 @@ def write_repository(run_dir: Path, out: Path, s: RepoSettings) -> dict:
             shutil.copytree(folder, unet_dir / "pruned_unet")
             spec = {"backend": "torch", "file": "pruned_unet"}
         else:
-            from rundir.layout import engine_info_path
-
             shutil.copy2(need(engine, "build"), unet_dir / layout.ENGINE_FILE)
             shutil.copy2(
                 need(engine_info_path(engine), "build"), engine_info_path(unet_dir / layout.ENGINE_FILE)

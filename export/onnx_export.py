@@ -39,7 +39,9 @@ from torch import nn
 
 from compressor.components import ModelSpec
 from compressor.errors import ArtifactError, ModelError
+from compressor.feature_reuse import FeatureReuseUNet
 from compressor.models import predict_noise, sample_shape
+from rundir.artifacts import verify_against_manifest
 
 INPUT_NAMES = ["sample", "timestep"]
 OUTPUT_NAMES = ["noise"]
@@ -162,8 +164,6 @@ def export_unet(
     """
     import onnx
 
-    from compressor.feature_reuse import FeatureReuseUNet
-
     unet = copy.deepcopy(unet).eval().cpu()  # the caller's model keeps its device and mode
     described = ModelSpec.of(unet, spec).denoiser_inputs(batch)
     conditions = tuple(i.name for i in described.conditions)
@@ -255,8 +255,6 @@ def _io_shapes(unet: nn.Module, part: str, level: int, full: tuple) -> dict[str,
     """The shape of every graph input and output at the model's own size (batch ``full[0]``)."""
     shapes = {"sample": full, "timestep": (full[0],), "noise": full}
     if part != "unet":
-        from compressor.feature_reuse import FeatureReuseUNet
-
         with torch.no_grad():
             x = torch.zeros(full)
             feature = FeatureReuseUNet(unet, level).full(x, torch.zeros(full[0], dtype=torch.long))[1]
@@ -300,8 +298,6 @@ def check_onnx(
     expected instead of the interface's (a conditioned model's, from its description).
     """
     import onnx
-
-    from rundir.artifacts import verify_against_manifest
 
     if not path.is_file():
         raise ArtifactError(f"{path} not found; run the export stage first")

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from compressor.errors import ArtifactError
+from compressor.models import as_noise_predictor
+from compressor.sampling import denoise, initial_noise
 
 QUANTIZED_OPS = ["Conv", "MatMul", "Gemm"]
 KEPT_IN_FLOAT = ("time_embedding", "time_proj", "time_emb_proj")  # the timestep path and its projections
@@ -39,8 +41,6 @@ def calibration_inputs(
     trajectory from pure noise to the clean image (one timestep is not enough: the
     ranges of early and late steps differ by an order of magnitude).
     """
-    from compressor.models import as_noise_predictor
-    from compressor.sampling import denoise, initial_noise
 
     predict = as_noise_predictor(unet)
     feeds: list[dict[str, np.ndarray]] = []

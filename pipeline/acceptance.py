@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from compressor.config import AcceptanceConfig, LatencyTarget
 from compressor.stack import SamplerVariant
-from rundir.records import BenchMetrics, ParityMetrics, QualityMetrics
+from rundir.records import BenchMetrics, ParityMetrics, QualityMetrics, read_metrics
 
 PASS, FAIL, INCONCLUSIVE = "pass", "fail", "inconclusive"
 QUALITY_GATES = {"min_ssim": ">=", "max_fd_ratio": "<=", "max_fd_increase": "<=", "max_kid_increase": "<="}
@@ -74,6 +74,7 @@ def interval_check(
     level: float | None = None,
 ) -> Check:
     """A quality gate decided by its interval (three outcomes), or by the figure when it has none."""
+    # lazy: pulls in torch, which importing pipeline.acceptance alone does not
     from compressor.intervals import samples_to_decide
 
     at_most = direction == "<="
@@ -240,7 +241,6 @@ def evaluate(
 
 def evaluate_run(run, cfg: AcceptanceConfig, target: LatencyTarget | None = None) -> list[Check]:
     """:func:`evaluate` over the bench, parity and quality records of run directory ``run``."""
-    from rundir.records import read_metrics
 
     return evaluate(
         cfg, read_metrics(run, "bench"), read_metrics(run, "parity"), read_metrics(run, "quality"), target

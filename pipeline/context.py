@@ -14,11 +14,19 @@ from typing import Any
 import torch
 
 from compressor.config import RunConfig, config_to_dict
+from compressor.data import load_dataset
 from compressor.errors import UserError
-from compressor.models import DiffusionModel, load_model, resolve_device
+from compressor.features import NUM_FEATURES, load_digits_features
+from compressor.image_quality import FeatureAdapter
+from compressor.models import DiffusionModel, as_noise_predictor, load_model, resolve_device
 from compressor.preflight import check_model_supported
-from compressor.progress import log  # noqa: F401  (re-exported: stages log through the context)
+from compressor.progress import (
+    log,  # noqa: F401  (re-exported: stages log through the context)
+    progress_bar,
+)
+from compressor.sampling import generate, make_scheduler
 from compressor.stack import Stack, StackChoice
+from deploy.runtimes import load_backend
 from rundir import layout
 from rundir.artifacts import note_record, sha256_file, write_json
 from rundir.records import Record, final_model_dir, read_record, require_record, run_config_name
@@ -198,8 +206,6 @@ class RunContext:
 
     def torch_predictor(self, unet: torch.nn.Module):
         """``unet`` as the run's sampler calls it: two passes when ``sample`` reuses features."""
-        from compressor.models import as_noise_predictor
-        from deploy.runtimes import load_backend
 
         level = self.cfg.sample.reuse_level
         if level is None:
@@ -229,8 +235,6 @@ class RunContext:
         reuse interval instead (the chosen stack of a latency target over levers). ``student``
         (:func:`compressor.persist.student_sampling`): a few-step student's DDIM at its own steps.
         """
-        from compressor.progress import progress_bar
-        from compressor.sampling import generate, make_scheduler
 
         s = self.cfg.sample
         scheduler, interval, sched_cfg = s.scheduler, s.cache_interval, self.dense.scheduler_config
@@ -264,9 +268,6 @@ class RunContext:
         if kind == "auto":
             kind = "digits" if self.cfg.data.source == "digits" else "inception"
         if kind == "digits":
-            from compressor.features import NUM_FEATURES, load_digits_features
-            from compressor.image_quality import FeatureAdapter
-
             return FeatureAdapter(load_digits_features(), 1, NUM_FEATURES), "fd_digits"
         return 2048, "fid"
 
@@ -278,14 +279,12 @@ class RunContext:
     @property
     def dataset(self):
         """The training images, shaped for the dense model."""
-        from compressor.data import load_dataset
 
         c, h, _ = self.image_shape()
         return self._memoised("dataset", lambda: load_dataset(self.cfg.data, c, h))
 
     def noise_scheduler(self):
         """The training (DDPM) scheduler of the dense model."""
-        from compressor.sampling import make_scheduler
 
         return make_scheduler("ddpm", self.dense.scheduler_config)
 

@@ -8,7 +8,9 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from compressor.config import DistillConfig
 from compressor.progress import progress_bar
+from compressor.training import train
 from pipeline.context import RunContext, log
 from rundir import layout
 
@@ -60,8 +62,6 @@ def step_bar(ctx: RunContext, total: int, desc: str) -> Iterator[Callable[[int, 
 
 def fit(ctx: RunContext, unet, stage: str):
     """Train ``unet`` with the finetune recipe, resuming this stage input's last checkpoint."""
-    from compressor.config import DistillConfig
-    from compressor.training import train
 
     cfg = ctx.cfg.finetune
     teacher = None

@@ -30,7 +30,7 @@ CHANNEL = re.compile(r"\bctx\.(chosen|frontier_choice|stack|choice)\b|chosen_sta
 SIDE_DOOR = re.compile(r"^\s*ctx\.\w+\s*=[^=]")
 HASHING = re.compile(r"hashlib\.sha256\(")
 SWEEP_COPIES = {
-    "_slug": re.compile(r"^def _slug\("),
+    "_slug": re.compile(r"^def _?slug\("),
     "mean_std": re.compile(r"^def _?mean_std\("),
     "markdown": re.compile(r"^def markdown\("),
     "chart": re.compile(r"^def plot\w*\("),
@@ -42,6 +42,11 @@ def figures(root: Path) -> dict:
     mods = import_graph.modules(root)
     texts = {name: path.read_text(encoding="utf-8") for name, path in mods.items()}
     walk = sorted(n for n, t in texts.items() if SETTING.search(t) or CHANNEL.search(t))
+    carriers = sorted(n for n, t in texts.items() if CHANNEL.search(t))
+    lazy_all = import_graph.function_imports(root)
+    on_route = [x for x in lazy_all if x[0] in carriers]
+    runner = next((t for n, t in texts.items() if n == "pipeline.runner"), "")
+    branches = len(re.findall(r"name\s*[!=]=\s*\"\w+\"", runner))
     doors = [
         (n, i + 1) for n, t in texts.items() for i, line in enumerate(t.splitlines()) if SIDE_DOOR.match(line)
     ]
@@ -53,10 +58,13 @@ def figures(root: Path) -> dict:
         for k, rx in SWEEP_COPIES.items()
     }
     names = collections.Counter(p.name for p in mods.values() if p.name != "__init__.py")
-    lazy = import_graph.function_imports(root)
+    lazy = lazy_all
     lengths = import_graph.lengths(root)
     return {
         "walk": walk,
+        "carriers": carriers,
+        "route_lazy": len(on_route),
+        "runner_branches": branches,
         "side_doors": doors,
         "hashing": hashing,
         "copies": copies,
@@ -78,6 +86,9 @@ def main() -> int:
         f"walk of prune.target_latency: {len(f['walk'])} modules read it or carry its stack: "
         + ", ".join(f["walk"])
     )
+    print(f"  of them carry the chosen stack to the stages: {len(f['carriers'])} "
+          f"({', '.join(f['carriers'])}); lazy imports of project modules in those: {f['route_lazy']}; "
+          f"stage-name branches in the runner: {f['runner_branches']}")  # fmt: skip
     print(f"  assignments to a run context's attribute (side doors): {len(f['side_doors'])}"
           + "".join(f"\n    {n}:{line}" for n, line in f["side_doors"]))  # fmt: skip
     print(f"hashing sites (hashlib.sha256): {sum(c for _, c in f['hashing'])} in "

@@ -132,7 +132,7 @@ def function_imports(root: Path) -> list[tuple[str, int, str, str]]:
                         reason = text.split("#", 1)[1].strip()
                         break
                 out.append((name, node.lineno, targets[0], reason))
-    return out
+    return sorted(set(out))  # a nested function's imports are walked with its outer function's too
 
 
 def main() -> int:

@@ -41,6 +41,7 @@ def verify(root: Path) -> dict:
         raise BundleError(
             f"{path} is not readable JSON ({type(exc).__name__}); the bundle is damaged"
         ) from None
+    # lazy: the package's __init__ imports this module (a circle if imported at the top)
     from . import FORMAT
 
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -224,6 +225,7 @@ class Bundle:
             )
         self.backend, self.fallback_reason = backend, ""
         if backend == "tensorrt":
+            # lazy: TensorRT and cuda-python, optional (a bundle runs on ONNX Runtime without them)
             from .engines import Engines
 
             try:

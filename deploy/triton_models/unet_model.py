@@ -26,6 +26,8 @@ class TritonPythonModel:
         spec = json.loads((here / "backend.json").read_text())
         if spec.get("threads"):
             torch.set_num_threads(spec["threads"])
+        # lazy: Triton loads this file by path inside its Python backend; the project is imported
+        # only once the model initialises (its import errors then reach Triton's log, not the loader)
         from deploy.runtimes import load_backend
 
         device = "cuda" if spec["backend"] == "torch" and torch.cuda.is_available() else "cpu"

@@ -21,8 +21,10 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from compressor.config import describe_field, field_spec, parse_value
+from compressor.config import config_from_mapping, describe_field, field_spec, parse_value
 from compressor.errors import UserError
+from compressor.persist import student_stack
+from rundir.records import chosen_stack, read_record
 
 DEFAULT = "(default:"
 """How every option's help states its default: ``(default: X)``, last."""
@@ -146,8 +148,6 @@ def run_settings(name: str, section: str, argv: list[str], description: str) -> 
     ``section`` starts from what RUN's last record of the command's stage used; ``check``
     also takes the latency target the run pruned for from the prune record.
     """
-    from compressor.config import config_from_mapping
-    from rundir.records import read_record
 
     parser = CommandParser(prog=f"compress-deploy {name}", description=description)
     run_arg(parser)
@@ -184,8 +184,6 @@ def stack_defaults(args: Any, run: Path, model: str, names: dict[str, str], cls:
     ``names``: argparse dest -> stack key; ``cls``: the config class the flags mirror. The flags
     must have been declared with ``default=None`` so that "not given" is visible.
     """
-    from compressor.persist import student_stack
-    from rundir.records import chosen_stack
 
     stack = (chosen_stack(run) or student_stack(run)) if model == "pruned" else None
     out = {}

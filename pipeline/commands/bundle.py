@@ -22,6 +22,7 @@ from pathlib import Path
 
 from compressor.config import AcceptanceConfig, SampleConfig, ServeConfig
 from deploy.edge_bundle import BundleSpec, make_bundle
+from pipeline.acceptance import quality_checks
 from pipeline.commands.args import (
     STACK_FLAGS,
     CommandParser,
@@ -32,16 +33,13 @@ from pipeline.commands.args import (
     stack_flag,
 )
 from pipeline.runlock import RunLock
+from rundir.records import read_metrics, read_record
 
 
 def quality_gates(run: Path) -> list[dict]:
     """The run's quality gates (``min_ssim``, the Frechet and KID gates, the check record's limits) as the
     bundle's ``check`` re-decides them: figure, interval, limit, sample count and sampler."""
     import dataclasses
-
-    from compressor.config import AcceptanceConfig
-    from pipeline.acceptance import quality_checks
-    from rundir.records import read_metrics, read_record
 
     check, quality = read_record(run, "check", done_only=False), read_metrics(run, "quality")
     if check is None or quality is None:
@@ -67,7 +65,6 @@ def quality_gates(run: Path) -> list[dict]:
 
 def _dense_steps(run: Path) -> int:
     """The steps the run's dense model was scored at (its quality record), else 50."""
-    from rundir.records import read_metrics
 
     quality = read_metrics(run, "quality")
     return int(quality.steps) if quality is not None else 50

@@ -24,6 +24,7 @@ from compressor.errors import UserError
 from compressor.pruning import time_ratios, uniform_ratios
 from deploy.latency import backend_unavailable, latency_timer
 from pipeline.commands.args import CommandParser, config_args, config_flag, int_list
+from pipeline.commands.frontier_sweep import main as frontier_main
 from pipeline.context import RunContext, log, write_json
 from pipeline.plots import plot_speedup_vs_macs
 from rundir import layout
@@ -70,8 +71,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--levers", help="levers the --target search may move (default: all)")
     args = parser.parse_intermixed_args(argv)
     if args.target:
-        from pipeline.commands.frontier_sweep import main as frontier_main  # not the package: no circle
-
         extra = ["--levers", args.levers] if args.levers else []
         extra += ["--out", str(args.out)] if args.out else []
         return frontier_main([args.config, *args.overrides, "--target", args.target, *extra])

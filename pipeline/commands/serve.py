@@ -28,6 +28,7 @@ from pathlib import Path
 
 from compressor.config import ServeConfig
 from compressor.errors import UserError
+from deploy.tensorrt_backend import unavailable_reason
 from deploy.triton import (
     RepoSettings,
     find_server,
@@ -133,8 +134,6 @@ def main(argv: list[str]) -> int:
     if len(set(ports.values())) < len(ports):
         raise UserError(f"{', '.join(f'{k} {v}' for k, v in ports.items())}: the three ports must differ")
     if args.backend == "tensorrt":
-        from deploy.tensorrt_backend import unavailable_reason
-
         reason = unavailable_reason()
         if reason:
             raise UserError(f"--backend tensorrt: {reason}")

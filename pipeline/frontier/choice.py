@@ -59,6 +59,7 @@ def mark_noise(points: list[dict], replicates: dict | None = None, boot=None) ->
     """``within_noise``: the keys of the other points within noise of this one. With ``replicates``
     (key -> the Frechet replicates of a point's seeds) and ``boot`` (their Resampling): the paired
     interval of the difference holds zero; otherwise the two Frechet intervals overlap."""
+    # lazy: pulls in torch, which importing pipeline.frontier.choice alone does not
     from compressor.intervals import overlap
 
     def tied(p: dict, q: dict) -> bool:
@@ -92,6 +93,7 @@ def choose(points: list[dict], speedup: float | None = None, ms: float | None = 
     ``choice``: the rule, the best point, the stacks within noise of it, whether the rule moved the
     choice away from the best, and the quality gate it respected.
     """
+    # lazy: pulls in torch, which importing pipeline.frontier.choice alone does not
     from compressor.intervals import overlap
 
     allowed = set(grid.stacks()) if grid else None

@@ -8,14 +8,15 @@ import shutil
 from pipeline.frontier.grid import Spec
 from pipeline.frontier.nested import ratio_config, ratio_stages, student_config, student_stages
 from rundir import layout
+from rundir.records import read_metrics, read_record
 
 
 def fit_ratio(spec: Spec, ratio: float) -> dict:
     """Job: prune (and finetune) at ``ratio`` and export, in the nested run ``OUT/ratio-<r>``."""
     import torch
 
+    # lazy: pulls in torch, which importing pipeline.frontier.fits alone does not
     from pipeline.runner import run_pipeline
-    from rundir.records import read_metrics
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -35,8 +36,8 @@ def fit_students(spec: Spec, ratio: float) -> dict:
     """
     import torch
 
+    # lazy: pulls in torch, which importing pipeline.frontier.fits alone does not
     from pipeline.runner import run_pipeline
-    from rundir.records import read_metrics, read_record
 
     if spec.threads:
         torch.set_num_threads(spec.threads)

@@ -8,14 +8,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from compressor.data import stack
 from compressor.fd_infinity import FdInf, FdInfScorer
+from compressor.image_quality import make_scorer, resampling
+from compressor.intervals import ssim_figures
+from compressor.persist import load_unet, student_sampling
 from compressor.progress import log
+from compressor.sampling import generate, make_scheduler
 from compressor.stack import Stack
+from deploy.runtimes import load_backend
+from pipeline.context import RunContext
 from pipeline.frontier.grid import Spec
 from pipeline.frontier.nested import model_run, ratio_config, ratio_key, sampling_settings
 from pipeline.sweep.cells import cached, key_of
 from rundir import layout
 from rundir.artifacts import write_json
+from rundir.records import final_model_dir
 
 
 def replicates_file(spec: Spec, stack: Stack) -> Path:
@@ -53,9 +61,6 @@ def reference_images(spec: Spec) -> dict:
     """Job: the dense reference sampler's images (torch fp32) and their Frechet distance."""
     import torch
 
-    from compressor.sampling import generate, make_scheduler
-    from pipeline.context import RunContext
-
     if spec.threads:
         torch.set_num_threads(spec.threads)
     cfg = ratio_config(spec, 0.0)
@@ -87,8 +92,6 @@ def reference_images(spec: Spec) -> dict:
 
 def make_frontier_scorer(ctx):
     """The quality stage's scorer (features, KID scale, bootstrap) for a frontier job, and the metric."""
-    from compressor.data import stack
-    from compressor.image_quality import make_scorer, resampling
 
     feature, metric = ctx.frechet_features()
     real = (stack(ctx.dataset, ctx.cfg.quality.num_reference) + 1) / 2
@@ -101,13 +104,6 @@ def score_stack(spec: Spec, stack: Stack) -> dict:
     """Job: a stack's Frechet distance and SSIM vs the reference images (needs :func:`reference_images`)."""
     import numpy as np
     import torch
-
-    from compressor.intervals import ssim_figures
-    from compressor.persist import load_unet, student_sampling
-    from compressor.sampling import generate, make_scheduler
-    from deploy.runtimes import load_backend
-    from pipeline.context import RunContext
-    from rundir.records import final_model_dir
 
     if spec.threads:
         torch.set_num_threads(spec.threads)

@@ -11,6 +11,7 @@ from pipeline.frontier.nested import model_run, ratio_config, ratio_key
 from pipeline.sweep.cells import cached, key_of
 from rundir import layout
 from rundir.artifacts import write_json
+from rundir.records import final_model_dir
 
 
 def time_stacks(
@@ -19,9 +20,16 @@ def time_stacks(
     """Time each stack's sampler alternately with the dense reference sampler (this process)."""
     import torch
 
+    # lazy: pulls in torch, which importing pipeline.frontier.timing alone does not
     from compressor.sampling import make_scheduler
+
+    # lazy: pulls in torch, which importing pipeline.frontier.timing alone does not
     from deploy.runtimes import load_backend
+
+    # lazy: pulls in torch, which importing pipeline.frontier.timing alone does not
     from deploy.stopwatch import host_facts, percentile_ms, sampler_call, time_alternating
+
+    # lazy: pulls in torch, which importing pipeline.frontier.timing alone does not
     from pipeline.context import RunContext
 
     if spec.threads:
@@ -39,8 +47,8 @@ def time_stacks(
             level = cfg.sample.cache_level if reuse else None
             unet = None
             if spec.backend == "torch":
+                # lazy: pulls in torch, which importing pipeline.frontier.timing alone does not
                 from compressor.persist import load_unet
-                from rundir.records import final_model_dir
 
                 unet = ctx.dense.unet if model == "dense" else load_unet(final_model_dir(run)[1])[0]
             predictors[key] = load_backend(spec.backend, unet=unet, run_dir=run, model=model,
@@ -80,6 +88,7 @@ def time_stacks(
 
 def student_schedule(spec: Spec, stack: Stack) -> dict:
     """The scheduler config a student stack samples with (its round's structure file)."""
+    # lazy: pulls in torch, which importing pipeline.frontier.timing alone does not
     from compressor.persist import student_sampling
 
     run, _ = model_run(spec, stack.ratio, True)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from compressor.persist import load_unet
+from compressor.persist import load_unet, student_sampling
 from compressor.sampling import make_scheduler
 from compressor.stack import SamplerVariant
-from deploy.runtimes import VARIANTS, Backend, load_variant
+from deploy import tensorrt_backend
+from deploy.runtimes import VARIANTS, Backend, load_backend, load_variant
 from deploy.stopwatch import host_facts, percentile_ms, sampler_call, time_alternating, unet_call
 from pipeline.context import RunContext, StageResult, log
 
@@ -55,8 +56,6 @@ def load_backends(
     ``cache_level``: the feature-reuse builds of the same variants (two passes each).
     """
     if kind == "tensorrt":
-        from deploy import tensorrt_backend
-
         reason = tensorrt_backend.unavailable_reason()
         if reason:
             return {}, reason
@@ -146,7 +145,6 @@ def run(ctx: RunContext) -> StageResult:
 def _time_student(ctx: RunContext, folder, plain: dict) -> list[dict]:
     """The few-step student's sampler (DDIM at its own steps, its prediction type) against the dense
     reference sampler (``sample.scheduler`` at ``sample.steps``), alternately, per backend and batch."""
-    from compressor.persist import student_sampling
 
     sched_cfg, steps = student_sampling(folder)
     s, cfg = ctx.cfg.sample, ctx.cfg.bench
@@ -171,8 +169,6 @@ def _time_stack(ctx: RunContext, models: dict, student=None) -> dict:
     """The chosen stack (compressed, on the target's backend and batch) against the dense reference
     sampler (``sample.scheduler`` at ``sample.steps``, fp32), alternately: what ``check`` verifies.
     ``student``: the folder of a chosen few-step student, sampled with its own schedule."""
-    from compressor.persist import student_sampling
-    from deploy.runtimes import load_backend
 
     lat, stack, s = ctx.cfg.prune.target_latency, ctx.stack, ctx.cfg.sample
     level = s.cache_level if stack.reuses_features else None

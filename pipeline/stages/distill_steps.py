@@ -15,7 +15,9 @@ import shutil
 
 import torch
 
+from compressor.models import as_noise_predictor
 from compressor.persist import dense_config, load_unet, read_structure, save_unet
+from compressor.sampling import generate, make_scheduler
 from compressor.step_distill import check_target, distill_round, student_scheduler_config
 from pipeline.context import RunContext, StageResult, log
 from pipeline.fitting import checkpoint_dir, drop_stale_checkpoints, step_bar
@@ -132,8 +134,6 @@ def _round(ctx: RunContext, student, teacher, index: int, steps: int, teacher_pr
 
 
 def _samples(ctx: RunContext, unet, sched_cfg: dict, steps: int) -> torch.Tensor:
-    from compressor.models import as_noise_predictor
-    from compressor.sampling import generate, make_scheduler
 
     return generate(
         as_noise_predictor(unet.eval()),

@@ -5,11 +5,15 @@ from __future__ import annotations
 import torch
 
 from compressor.errors import UserError
+from compressor.feature_reuse import FeatureReuseUNet
 from compressor.image_quality import psnr
 from compressor.persist import load_unet
 from compressor.sampling import generate, make_scheduler
+from deploy import tensorrt_backend
+from deploy.engine_info import profile_of, read_engine_info
 from deploy.runtimes import load_backend
-from export.compare import compare, make_onnxrt_runner, make_torch_runner, parity_feeds
+from export.compare import compare, make_onnxrt_runner, make_pass_runner, make_torch_runner, parity_feeds
+from export.quantize import calibration_inputs
 from pipeline.context import RunContext, StageResult, log
 from rundir import layout
 
@@ -47,8 +51,6 @@ def _tolerances(ctx: RunContext, precision: str, unet, scheduler, feeds: list[di
     """
     cfg = ctx.cfg.parity
     if precision == "int8":
-        from export.quantize import calibration_inputs
-
         seed = ctx.cfg.sample.seed + 1000
         held_out = calibration_inputs(
             unet, scheduler, ctx.image_shape(), max(cfg.batches), cfg.sampler_steps, seed
@@ -66,7 +68,6 @@ def reuse_interval(ctx: RunContext) -> int:
 
 def _engine_batches(ctx: RunContext, engine) -> list[int]:
     """The parity batches an engine's profile covers (its smallest batch if none is)."""
-    from deploy.engine_info import profile_of, read_engine_info
 
     profile = profile_of(read_engine_info(engine))
     batches = [b for b in ctx.cfg.parity.batches if profile.min_batch <= b <= profile.max_batch]
@@ -82,8 +83,6 @@ def _reuse_parity(
     ``kind``: the passes' ONNX graphs on ONNX Runtime, or their TensorRT engines (on the GPU,
     the build precision's tolerances).
     """
-    from compressor.feature_reuse import FeatureReuseUNet
-    from export.compare import make_pass_runner
 
     cfg, level = ctx.cfg.parity, ctx.cfg.sample.cache_level
     atol, rtol = (cfg.atol_fp32, cfg.rtol_fp32) if precision == "fp32" else (cfg.atol_fp16, cfg.rtol_fp16)
@@ -92,8 +91,6 @@ def _reuse_parity(
     split = FeatureReuseUNet(unet, level)
     feeds = parity_feeds(unet, cfg.batches, cfg.timesteps, ctx.cfg.seed)
     if kind == "tensorrt":
-        from deploy import tensorrt_backend
-
         engine = layout.engine_path(ctx.run_dir, model, "full", level)
         feeds = parity_feeds(unet, _engine_batches(ctx, engine), cfg.timesteps, ctx.cfg.seed)
     with torch.no_grad():
@@ -143,7 +140,6 @@ def _reuse_parity(
 
 def _engine_parity(ctx: RunContext, model: str, unet, scheduler) -> dict:
     """TensorRT engine vs the fp32 torch reference on the GPU (fp16 tolerances), plus sampler PSNR."""
-    from deploy import tensorrt_backend
 
     cfg = ctx.cfg.parity
     engine = layout.engine_path(ctx.run_dir, model)

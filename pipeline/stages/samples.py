@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from compressor.models import as_noise_predictor
 from compressor.persist import load_unet, student_sampling
 from compressor.sampling import save_comparison
 from pipeline.context import RunContext, StageResult, log
@@ -15,7 +16,6 @@ LABELS = layout.MODEL_NAMES  # the report's names
 
 def run(ctx: RunContext) -> StageResult:
     """Write ``RUN/samples/grid.png``: dense, pruned, finetuned and student rows (those that ran)."""
-    from compressor.models import as_noise_predictor
 
     cfg = ctx.cfg.sample
     rows = {}
