@@ -114,6 +114,16 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+def source_folder(cfg: DataConfig) -> Path:
+    """The image folder ``cfg.source`` names; DataError when it is missing or not a directory."""
+    folder = Path(cfg.source).expanduser()
+    if not folder.exists():
+        raise DataError(f"data.source={cfg.source!r}: folder not found; use 'digits' or an image folder")
+    if not folder.is_dir():
+        raise DataError(f"data.source={cfg.source!r} is not a directory; point it at a folder of images")
+    return folder
+
+
 def load_dataset(cfg: DataConfig, channels: int, size: int, check: bool = True) -> Dataset:
     """The dataset named by ``cfg.source``; raises DataError for unusable input."""
     if cfg.source == "digits":
@@ -121,11 +131,7 @@ def load_dataset(cfg: DataConfig, channels: int, size: int, check: bool = True) 
         if cfg.max_images:
             images = images[: cfg.max_images]
         return TensorImages(images, "digits")
-    folder = Path(cfg.source).expanduser()
-    if not folder.exists():
-        raise DataError(f"data.source={cfg.source!r}: folder not found; use 'digits' or an image folder")
-    if not folder.is_dir():
-        raise DataError(f"data.source={cfg.source!r} is not a directory; point it at a folder of images")
+    folder = source_folder(cfg)
     files = list_images(folder)
     if not files:
         raise DataError(
