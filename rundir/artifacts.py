@@ -153,7 +153,8 @@ def verify_run(run_dir: Path) -> dict[str, list[str]]:
         if not path.is_file() or rel in manifest or path.name in BOOKKEEPING or path.name == "record.json":
             continue
         nested = rel.startswith(f"{layout.ABLATION}/")
-        if layout.CHECKPOINTS in path.parts or layout.is_temporary(path) or nested:
-            continue  # training state, interrupted writes and nested ablation runs are not artifacts
+        cache = path.relative_to(run_dir).parts[0] == layout.ENCODED  # checked by its own index
+        if layout.CHECKPOINTS in path.parts or layout.is_temporary(path) or nested or cache:
+            continue  # training state, caches, interrupted writes and nested ablation runs are not artifacts
         extra.append(rel)
     return {"missing": missing, "changed": changed, "extra": extra}

@@ -23,6 +23,9 @@ finished runs without importing the pipeline. What the files hold is read throug
     RUN/build/<dense|pruned>/unet.engine  TensorRT engines (+ unet.engine.json, the engine's
                                           metadata), build/timing.cache
     RUN/samples/grid.png, RUN/quality/samples.safetensors, RUN/report/report.{md,html}
+    RUN/encoded/latents.safetensors, text.safetensors, encoded.json   the latent and text-embedding
+                                          cache of a conditioned model's data (its keys and hashes in
+                                          encoded.json; ``compressor.encoded_cache``)
     RUN/plan/plan.{json,md,png}           ``compress-deploy plan`` (the latency plan)
     RUN/ablation/<variant>/seed-<k>/      ``compress-deploy ablate``'s nested runs (``distill/``: the
                                           distillation sweep's, ``macs-<r>/seed-<k>/``)
@@ -57,6 +60,7 @@ STRUCTURE_FILE = "unet.json"
 PROBE_FILE = "probe.safetensors"
 TRAINER_STATE = "trainer.json"
 ENGINE_FILE = "unet.engine"
+ENCODED = "encoded"
 
 
 def stage_dir(run: Path, stage: str) -> Path:
@@ -179,6 +183,27 @@ def engine_info_path(engine: Path) -> Path:
 def timing_cache(run: Path) -> Path:
     """TensorRT's timing cache, shared by the run's engine builds."""
     return stage_dir(run, "build") / "timing.cache"
+
+
+def encoded_dir(run: Path) -> Path:
+    """``RUN/encoded``: the cache of a conditioned model's encoded data (one per run: the VAE and the
+    text encoder are never pruned, so every stage reads the same)."""
+    return Path(run) / ENCODED
+
+
+def encoded_latents(run: Path) -> Path:
+    """The VAE latents of the run's training images."""
+    return encoded_dir(run) / "latents.safetensors"
+
+
+def encoded_text(run: Path) -> Path:
+    """The text encoder's embeddings of the run's captions (and of the empty prompt)."""
+    return encoded_dir(run) / "text.safetensors"
+
+
+def encoded_index(run: Path) -> Path:
+    """The keys, sizes and sha256 of the encoded files (a file is reused only when both match)."""
+    return encoded_dir(run) / "encoded.json"
 
 
 def samples_grid(run: Path) -> Path:

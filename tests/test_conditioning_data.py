@@ -1,6 +1,7 @@
 """Conditioned training data (compressor/conditioned_data.py): captions from metadata.jsonl, class
 indices from class subfolders, the digits' captions and labels, and one-line errors for every bad
-input before long work starts."""
+input before long work starts; the latent and text-embedding cache (compressor/encoded_cache.py) on
+a tiny AutoencoderKL, CLIP text encoder and a CLIP tokenizer trained here (never a download)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from compressor import encoded_cache
+from compressor.components import DiffusionModel
 from compressor.conditioned_data import (
     DIGIT_NAMES,
     ConditionedImages,
@@ -17,8 +21,12 @@ from compressor.conditioned_data import (
 )
 from compressor.config import DataConfig, config_from_mapping
 from compressor.data import load_dataset
-from compressor.errors import ConfigError, DataError
-from tests.conftest import write_images
+from compressor.encoded_cache import encode_dataset
+from compressor.errors import ConfigError, DataError, ModelError
+from compressor.models import build_unet
+from rundir import layout
+from rundir.artifacts import verify_run
+from tests.conftest import DDPM_SCHEDULER, TINY_COND_UNET, TINY_UNET, write_images
 
 
 def captioned(root: Path, count: int = 3, lines: list | None = None) -> Path:
@@ -205,3 +213,204 @@ def test_digits_refuse_settings_that_name_another_source(tmp_path):
         load_conditioned_dataset(DataConfig(prompt_template="a {kind} digit"), 1, 8, "text")
     with pytest.raises(DataError, match="folder not found"):
         load(tmp_path / "nowhere")
+
+
+# -- the latent and text-embedding cache ---------------------------------------------------------------
+
+TOKENS = 12
+TINY_VAE = {
+    "_class_name": "AutoencoderKL",
+    "block_out_channels": [8, 16],  # two levels: one latent spans 2 x 2 pixels
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "latent_channels": 4,
+    "norm_num_groups": 4,
+    "layers_per_block": 1,
+    "sample_size": 16,
+}
+SENTENCES = [f"a handwritten digit {n}" for n in DIGIT_NAMES] + ["a cat on a mat", "the empty prompt"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """A tiny CLIP tokenizer: a byte-level BPE trained here on a few sentences and saved in CLIP's format
+    (vocab.json, merges.txt with '</w>' ends of words), read back as the loader reads one (no download)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import models, normalizers, pre_tokenizers, trainers
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    bpe = tokenizers.Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
+    bpe.normalizer = normalizers.Lowercase()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|startoftext|>", "<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), end_of_word_suffix="</w>",
+    )  # fmt: skip
+    bpe.train_from_iterator(SENTENCES, trainer)
+    bpe.model.save(str(folder))  # vocab.json + merges.txt
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": TOKENS}))
+    tok = transformers.CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    ids = tok("a handwritten digit seven")["input_ids"]
+    assert tok.convert_ids_to_tokens(ids)[1:5] == ["a</w>", "handwritten</w>", "digit</w>", "seven</w>"]
+    return tok
+
+
+def tiny_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL.from_config(TINY_VAE).eval()
+
+
+def tiny_text_encoder(vocab: int, seed: int = 0):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.CLIPTextConfig(
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=TOKENS, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return transformers.CLIPTextModel(config).eval()
+
+
+@pytest.fixture
+def latent_text_model(tokenizer):
+    """A text-conditioned latent model: tiny UNet2DConditionModel, AutoencoderKL, CLIP text encoder."""
+    unet = build_unet(TINY_COND_UNET, seed=0).eval()
+    encoder = tiny_text_encoder(len(tokenizer))
+    return DiffusionModel(
+        unet, dict(DDPM_SCHEDULER), vae=tiny_vae(), text_encoder=encoder, tokenizer=tokenizer
+    )
+
+
+def digits_for(model, conditioning="text", **keys):
+    data = DataConfig(max_images=12, **keys)
+    c, h, _ = model.image_shape
+    return data, load_conditioned_dataset(data, c, h, conditioning, model.num_classes)
+
+
+def test_the_cache_encodes_images_and_captions_as_diffusers_does(latent_text_model, tokenizer, tmp_path):
+    model, run = latent_text_model, tmp_path / "run"
+    data, ds = digits_for(model)
+    enc = encode_dataset(model, ds, data, run, batch_size=5)
+    assert len(enc) == 12 and enc.reused == () and enc.latents.shape == (12, *model.sample_shape)
+    with torch.no_grad():
+        x = torch.stack([ds[i][0] for i in range(12)])
+        want = model.vae.encode(x).latent_dist.mode() * model.vae.config.scaling_factor
+    assert torch.allclose(enc.samples(range(12)), want, atol=1e-5)
+    distinct = list(dict.fromkeys(ds.captions))
+    assert enc.text_embeddings.shape == (1 + len(distinct), TOKENS, 16) and enc.truncated == 0
+    with torch.no_grad():  # StableDiffusionPipeline's encode_prompt
+        ids = tokenizer([ds.captions[3], ""], padding="max_length", max_length=TOKENS, truncation=True,
+                        return_tensors="pt").input_ids  # fmt: skip
+        hidden = model.text_encoder(ids)[0]
+    cond = enc.conditions([3, 3])
+    assert set(cond) == {"encoder_hidden_states"} and cond["encoder_hidden_states"].shape == (2, TOKENS, 16)
+    assert torch.allclose(cond["encoder_hidden_states"][0], hidden[0], atol=1e-5)
+    assert torch.allclose(enc.null_embedding[0], hidden[1], atol=1e-5)  # row 0: the empty prompt
+    assert not model.vae.training and not model.text_encoder.training
+    for path in (layout.encoded_latents(run), layout.encoded_text(run), layout.encoded_index(run)):
+        assert path.is_file()
+    assert not [p for p in layout.encoded_dir(run).iterdir() if layout.is_temporary(p)]
+    index = json.loads(layout.encoded_index(run).read_text())
+    assert index["latents"]["key"] != index["text"]["key"] and index["format"] == 1
+
+
+def test_a_rerun_reuses_the_cache_and_a_change_recomputes_only_its_part(
+    latent_text_model, tmp_path, monkeypatch
+):
+    model, run = latent_text_model, tmp_path / "run"
+    data, ds = digits_for(model)
+    first = encode_dataset(model, ds, data, run)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("encoded again")
+
+    with monkeypatch.context() as m:
+        m.setattr(encoded_cache, "encode_images", refuse)
+        m.setattr(encoded_cache, "encode_tokens", refuse)
+        again = encode_dataset(model, ds, data, run)
+    assert again.reused == ("latents", "text") and again.key == first.key
+    assert torch.equal(again.latents, first.latents) and torch.equal(
+        again.text_embeddings, first.text_embeddings
+    )
+    # another caption template: the text is encoded again, the latents are reused
+    data2, ds2 = digits_for(model, prompt_template="digit {label}")
+    with monkeypatch.context() as m:
+        m.setattr(encoded_cache, "encode_images", refuse)
+        other = encode_dataset(model, ds2, data2, run)
+    assert other.reused == ("latents",) and other.key != first.key
+    # other VAE weights: the latents are encoded again, the text is reused
+    with torch.no_grad():
+        model.vae.encoder.conv_in.weight.add_(0.1)
+    with monkeypatch.context() as m:
+        m.setattr(encoded_cache, "encode_tokens", refuse)
+        moved = encode_dataset(model, ds2, data2, run)
+    assert moved.reused == ("text",) and not torch.allclose(moved.latents, first.latents)
+    # other images (max_images): encoded again
+    data3, ds3 = digits_for(model, prompt_template="digit {label}")
+    data3.max_images = 7
+    ds3 = load_conditioned_dataset(data3, 3, 16, "text")
+    assert encode_dataset(model, ds3, data3, run).latents.shape[0] == 7
+
+
+def test_a_damaged_cache_file_is_encoded_again(latent_text_model, tmp_path):
+    model, run = latent_text_model, tmp_path / "run"
+    data, ds = digits_for(model)
+    first = encode_dataset(model, ds, data, run)
+    path = layout.encoded_latents(run)
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF  # one flipped bit in the tensor data: same size, another hash
+    path.write_bytes(bytes(raw))
+    said = []
+    again = encode_dataset(model, ds, data, run, log=said.append)
+    assert again.reused == ("text",) and torch.equal(again.latents, first.latents)
+    assert any(
+        "latents.safetensors differs from encoded.json (damaged or changed); encoding again" in s
+        for s in said
+    )
+    layout.encoded_index(run).write_text("{not json")  # a damaged index: everything encoded again
+    assert encode_dataset(model, ds, data, run).reused == ()
+
+
+def test_an_image_folder_is_keyed_on_its_files(latent_text_model, tmp_path):
+    model, run = latent_text_model, tmp_path / "run"
+    root = captioned(tmp_path / "c", 3)
+    data = DataConfig(source=str(root))
+    ds = load_conditioned_dataset(data, 3, 16, "text")
+    assert encode_dataset(model, ds, data, run).reused == ()
+    assert encode_dataset(model, ds, data, run).reused == ("latents", "text")
+    write_images(tmp_path / "other", 1, size=30)  # the first image replaced by another picture
+    (tmp_path / "other" / "img000.png").replace(root / "img000.png")
+    ds = load_conditioned_dataset(data, 3, 16, "text")
+    assert encode_dataset(model, ds, data, run).reused == ("text",)
+
+
+def test_class_conditioning_needs_no_files_and_the_shapes_are_checked(latent_text_model, tmp_path):
+    unet = build_unet({**TINY_UNET, "num_class_embeds": 10}, seed=0)
+    pixel = DiffusionModel(unet, dict(DDPM_SCHEDULER))
+    data, ds = digits_for(pixel, "class")
+    enc = encode_dataset(pixel, ds, data, tmp_path / "run")
+    assert enc.latents is None and enc.text_embeddings is None and not (tmp_path / "run").exists()
+    assert torch.equal(enc.conditions([0, 5])["class_labels"], torch.tensor([ds.labels[0], ds.labels[5]]))
+    with pytest.raises(ValueError, match="no latents"):
+        enc.samples([0])
+    model = latent_text_model
+    data = DataConfig(max_images=4)
+    wrong = load_conditioned_dataset(data, 3, 8, "text")  # pixels at the latent size, not the image size
+    with pytest.raises(
+        DataError, match=r"the VAE gives latents 4x4x4 but the UNet takes 4x8x8; load the data at"
+    ):
+        encode_dataset(model, wrong, data, tmp_path / "run2")
+    no_encoder = DiffusionModel(model.unet, {}, tokenizer=model.tokenizer)
+    with pytest.raises(ModelError, match="text-conditioned but has no text_encoder"):
+        encode_dataset(no_encoder, load_conditioned_dataset(data, 3, 16, "text"), data, tmp_path / "run3")
+
+
+def test_the_run_verify_leaves_the_cache_to_its_index(latent_text_model, tmp_path):
+    model, run = latent_text_model, tmp_path / "run"
+    data, ds = digits_for(model)
+    encode_dataset(model, ds, data, run)
+    assert verify_run(run) == {"missing": [], "changed": [], "extra": []}
