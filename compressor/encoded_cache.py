@@ -133,10 +133,11 @@ def encode_dataset(
     """
     say = log or (lambda _msg: None)
     run = Path(run)
+    _check_inputs(model, dataset)  # before any long work
     index = _read_index(run)
     out = EncodedData(count=len(dataset))
     keys: dict[str, str] = {}
-    if dataset.labels is not None and model.conditioning == "class":
+    if dataset.labels is not None and model.num_classes is not None:  # the UNet embeds classes
         out.labels = torch.tensor(dataset.labels, dtype=torch.long)
     if model.vae is not None:
         keys["latents"] = latents_key(model.vae, dataset, data)
@@ -151,25 +152,11 @@ def encode_dataset(
             out.reused += ("latents",)
         out.latents = cached["latents"]
     if model.conditioning == "text":
-        if model.tokenizer is None or model.text_encoder is None:
-            missing = "tokenizer" if model.tokenizer is None else "text_encoder"
-            raise ModelError(
-                f"the model is text-conditioned but has no {missing}; add it to the pipeline folder"
-            )
-        if dataset.captions is None:
-            raise DataError("the model is text-conditioned but the data has no captions; see data.captions")
-        rows = ["", *dict.fromkeys(c for c in dataset.captions if c != "")]
+        rows = ["", *dict.fromkeys(c for c in dataset.captions or [] if c != "")]
         ids, mask, out.truncated = tokenize(model.tokenizer, rows)
         if not _uses_attention_mask(model.text_encoder):
             mask = None
-        keys["text"] = content_hash(
-            {
-                "format": FORMAT,
-                "encoder": module_digest(model.text_encoder),
-                "ids": _tensor_digest(ids),
-                "mask": None if mask is None else _tensor_digest(mask),
-            }
-        )
+        keys["text"] = text_key(model.text_encoder, ids, mask)
         cached = _reuse(run, index, "text", keys["text"], say)
         if cached is None:
             say(f"encoding {len(rows)} distinct captions with the text encoder")
@@ -180,11 +167,9 @@ def encode_dataset(
             out.reused += ("text",)
         out.text_embeddings = cached["embeddings"]
         row = {c: i for i, c in enumerate(rows)}
-        out.caption_index = torch.tensor([row[c] for c in dataset.captions], dtype=torch.long)
+        out.caption_index = torch.tensor([row[c] for c in dataset.captions or []], dtype=torch.long)
         if out.truncated:
-            say(
-                f"{out.truncated} caption(s) longer than the tokenizer's {ids.shape[1]} tokens were truncated"
-            )
+            say(f"{out.truncated} caption(s) longer than the tokenizer's {ids.shape[1]} tokens were cut")
     out.key = content_hash(keys)
     return out
 
@@ -252,6 +237,30 @@ def encode_tokens(
     return torch.cat(out)
 
 
+def _check_inputs(model: DiffusionModel, dataset: ConditionedImages) -> None:
+    """ModelError/DataError for what would fail only after encoding: text conditioning without a
+    tokenizer, text encoder or captions; images of another shape than the model's."""
+    if model.conditioning == "text":
+        if model.tokenizer is None or model.text_encoder is None:
+            missing = "tokenizer" if model.tokenizer is None else "text_encoder"
+            raise ModelError(
+                f"the model is text-conditioned but has no {missing}; add it to the pipeline folder"
+            )
+        if dataset.captions is None:
+            raise DataError("the model is text-conditioned but the data has no captions; see data.captions")
+    if model.vae is not None and len(dataset):
+        got, want = tuple(dataset.images[0].shape), tuple(model.image_shape)
+        if got != want:
+            raise DataError(
+                f"the data's images are {_dims(got)} but the model's VAE takes {_dims(want)} (encoded to the "
+                f"UNet's {_dims(model.sample_shape)}); load the data at the model's image_shape"
+            )
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
 def _check_latent_shape(latents: torch.Tensor, model: DiffusionModel) -> None:
     got, want = tuple(latents.shape[1:]), tuple(model.sample_shape)
     if got != want:
@@ -286,12 +295,20 @@ def _tensor_digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}".encode() + _bytes(tensor)).hexdigest()
 
 
+def text_key(text_encoder: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> str:
+    """The text embeddings' cache key: the text encoder's digest and the token ids (and mask) fed to it."""
+    digest = None if mask is None else _tensor_digest(mask)
+    return content_hash(
+        {"format": FORMAT, "encoder": module_digest(text_encoder), "ids": _tensor_digest(ids), "mask": digest}
+    )
+
+
 def images_digest(images: Dataset) -> str:
     """What the pixels depend on: a folder's files (relative names, sizes, modification times) and its
     decoding settings, or the bytes of in-memory images (anything else: every image decoded)."""
     if isinstance(images, ImageFolder):
         root = Path(images.name)
-        files = [[_relative(f, root), f.stat().st_size, f.stat().st_mtime_ns] for f in images.files]
+        files = [[_relative(f, root), st.st_size, st.st_mtime_ns] for f in images.files for st in [f.stat()]]
         settings = {"channels": images.channels, "size": images.size, "max_pixels": images.max_pixels}
         return content_hash({"root": str(root.resolve()), "files": files, **settings})
     if isinstance(images, TensorImages):

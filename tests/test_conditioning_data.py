@@ -401,12 +401,13 @@ def test_class_conditioning_needs_no_files_and_the_shapes_are_checked(latent_tex
     data = DataConfig(max_images=4)
     wrong = load_conditioned_dataset(data, 3, 8, "text")  # pixels at the latent size, not the image size
     with pytest.raises(
-        DataError, match=r"the VAE gives latents 4x4x4 but the UNet takes 4x8x8; load the data at"
+        DataError, match=r"images are 3x8x8 but the model's VAE takes 3x16x16 \(encoded to the UNet's 4x8x8\)"
     ):
         encode_dataset(model, wrong, data, tmp_path / "run2")
     no_encoder = DiffusionModel(model.unet, {}, tokenizer=model.tokenizer)
     with pytest.raises(ModelError, match="text-conditioned but has no text_encoder"):
         encode_dataset(no_encoder, load_conditioned_dataset(data, 3, 16, "text"), data, tmp_path / "run3")
+    assert not (tmp_path / "run2").exists() and not (tmp_path / "run3").exists()  # refused before any work
 
 
 def test_the_run_verify_leaves_the_cache_to_its_index(latent_text_model, tmp_path):
