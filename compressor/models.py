@@ -312,11 +312,12 @@ def predict_noise(
 
 
 def as_noise_predictor(unet: nn.Module) -> NoisePredictor:
-    """Wrap a torch UNet as the backend-agnostic ``unet(sample, timestep) -> noise`` callable."""
+    """Wrap a torch UNet as the backend-agnostic ``unet(sample, timestep) -> noise`` callable; a
+    conditional model's ``encoder_hidden_states`` / ``class_labels`` pass through by keyword."""
 
-    def call(sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def call(sample: torch.Tensor, timestep: torch.Tensor, **conditioning: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return predict_noise(unet, sample, timestep)
+            return predict_noise(unet, sample, timestep, **conditioning)
 
     return call
 

@@ -8,6 +8,12 @@ for stochastic samplers (DDIM with eta > 0, DDPM), draws every step's noise from
 own generator too, so an image depends only on (seed, steps, scheduler, eta): never on
 the batch it was computed in or its neighbours there (a batching server relies on this),
 and dense and pruned models (and every backend) are compared on the same noise.
+
+Conditional models (:mod:`compressor.guidance`): ``conditioning`` feeds ``predict`` the prompts'
+embeddings or class labels as keyword arguments, ``guidance_scale`` > 1 applies classifier-free
+guidance (both halves in one call at twice the batch, as diffusers does), and ``decode`` (a latent
+model's VAE: :func:`compressor.guidance.vae_decoder`) turns the final latents into images. Without
+them a call is the unconditional loop it always was, bit for bit.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch
 
 from compressor.errors import ConfigError
 from compressor.feature_reuse import full_steps
+from compressor.guidance import Conditioning, check_guidance, combine, uses_guidance
 from compressor.models import NoisePredictor, ReusePredictor
 
 # The samplers by name: diffusers' class and the settings that make it the named method.
@@ -88,6 +95,10 @@ def denoise(
     on_step: Callable[[int], None] | None = None,
     cache_interval: int = 1,
     cache_schedule: str = "uniform",
+    *,
+    conditioning: Conditioning | None = None,
+    guidance_scale: float = 1.0,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run the reverse process from ``noise``; returns images in [0, 1] (CPU, float32).
 
@@ -95,8 +106,17 @@ def denoise(
     ``cache_interval`` > 1 reuses deep features (DeepCache): ``predict`` must then be a
     :class:`compressor.models.ReusePredictor`; the full pass runs at the steps
     :func:`compressor.feature_reuse.full_steps` names, the shallow pass in between.
+
+    ``conditioning`` (one row per image) is passed to ``predict`` by keyword
+    (``encoder_hidden_states`` or ``class_labels``). ``guidance_scale`` > 1 calls ``predict`` once
+    per step on the batch doubled (unconditional rows first) and combines ``uncond + scale * (cond -
+    uncond)``; at 1 or below (diffusers' rule) the conditional rows alone are predicted. ``noise``
+    is then in the denoiser's (latent) shape and ``decode`` maps the final latents to images in
+    [-1, 1]. Feature reuse with conditioning is not yet supported (ConfigError).
     """
 
+    check_guidance(conditioning, guidance_scale, noise.shape[0], cache_interval)
+    guided = uses_guidance(conditioning, guidance_scale)
     if cache_interval > 1 and not isinstance(predict, ReusePredictor):
         raise ConfigError(
             f"sample.cache_interval={cache_interval} needs a backend built for feature reuse "
@@ -115,21 +135,30 @@ def denoise(
     if "generator" in params:  # diffusers' randn_tensor draws image i from generator[i]
         step_kwargs["generator"] = step_generators(seeds)
     x = noise * scheduler.init_noise_sigma
+    cond = {} if conditioning is None else conditioning.inputs(guided, x.device, x.dtype)
     for i, t in enumerate(scheduler.timesteps):
-        # 2. predict the noise at this timestep (a full or a shallow pass when reusing features)
-        timestep = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
+        # 2. predict the noise at this timestep (a full or a shallow pass when reusing features;
+        # both halves at once under guidance)
+        model_in = torch.cat([x, x]) if guided else x
+        if hasattr(scheduler, "scale_model_input"):  # the identity for DDIM, DDPM, DPM-Solver, UniPC
+            model_in = scheduler.scale_model_input(model_in, t)
+        timestep = torch.full((model_in.shape[0],), int(t), dtype=torch.long, device=x.device)
         if full_at is None:
-            eps = predict(x, timestep)
+            eps = predict(model_in, timestep, **cond)
         elif i in full_at:
-            eps, feature = predict.full(x, timestep)
+            eps, feature = predict.full(model_in, timestep)
         else:
-            eps = predict.shallow(x, timestep, feature)
+            eps = predict.shallow(model_in, timestep, feature)
         eps = eps.to(x.dtype)
+        if guided:
+            eps = combine(eps, guidance_scale)
         # 3. let the scheduler take one reverse step
         x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
         if on_step:
             on_step(i)
-    # 4. map from [-1, 1] to [0, 1]
+    # 4. decode latents (a latent model), then map from [-1, 1] to [0, 1]
+    if decode is not None:
+        x = decode(x)
     return ((x.float().cpu() + 1) / 2).clamp(0, 1)
 
 
@@ -153,14 +182,26 @@ def generate(
     on_batch: Callable[[int], None] | None = None,
     cache_interval: int = 1,
     cache_schedule: str = "uniform",
+    *,
+    conditioning: Conditioning | None = None,
+    guidance_scale: float = 1.0,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``num_images`` images from seeds ``seed .. seed + num_images - 1`` in batches (see :func:`denoise`)."""
+    """``num_images`` images from seeds ``seed .. seed + num_images - 1`` in batches (see :func:`denoise`).
+
+    ``image_shape`` is the denoiser's sample shape (latents for a latent model, decoded by
+    ``decode``); ``conditioning`` holds one row per image (image ``i``: row ``i``), split with the batches.
+    """
+    if conditioning is not None and len(conditioning) != num_images:
+        raise ConfigError(f"conditioning for {len(conditioning)} images given for {num_images} images")
     out = []
     for start in range(0, num_images, batch_size):
         seeds = list(range(seed + start, seed + min(num_images, start + batch_size)))
         noise = initial_noise(image_shape, seeds).to(device=device, dtype=dtype)
+        rows = None if conditioning is None else conditioning.rows(start, start + len(seeds))
+        kw = {"conditioning": rows, "guidance_scale": guidance_scale, "decode": decode}
         out.append(
-            denoise(predict, scheduler, noise, steps, eta, seeds, None, cache_interval, cache_schedule)
+            denoise(predict, scheduler, noise, steps, eta, seeds, None, cache_interval, cache_schedule, **kw)
         )
         if on_batch:
             on_batch(len(seeds))

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from compressor.components import DiffusionModel
 from compressor.config import config_from_mapping
 from compressor.errors import ArtifactError, UserError
 from compressor.feature_reuse import FeatureReuseUNet
@@ -246,18 +247,24 @@ def _cuda_graph_replayer(eager: Callable, device: torch.device) -> Callable:
 # -- the registry -----------------------------------------------------------------------------
 
 
+def load_run_model(run_dir: Path) -> DiffusionModel:
+    """The dense model a finished run compressed (UNet, scheduler config, VAE, text encoder,
+    tokenizer), loaded as the prune stage's record names it (its ``model`` section and seed)."""
+    rec = require_record(Path(run_dir), "prune", "loading the dense model")
+    try:  # the recorded sections, validated as a config again
+        cfg = config_from_mapping({"model": rec.section("model"), "seed": rec.config.get("seed", 0)})
+    except UserError as exc:
+        raise ArtifactError(f"{rec.path}: damaged record ({exc}); rerun the prune stage") from None
+    return load_model(cfg.model, cfg.seed)
+
+
 def load_run_unet(
     run_dir: Path, model: str = "pruned", device: torch.device | str = "cpu"
 ) -> torch.nn.Module:
     """A finished run's UNet in torch: the final compressed model, or the dense one it came from."""
 
     if model == "dense":
-        rec = require_record(Path(run_dir), "prune", "loading the dense model")
-        try:  # the recorded sections, validated as a config again
-            cfg = config_from_mapping({"model": rec.section("model"), "seed": rec.config.get("seed", 0)})
-        except UserError as exc:
-            raise ArtifactError(f"{rec.path}: damaged record ({exc}); rerun the prune stage") from None
-        return load_model(cfg.model, cfg.seed).unet.to(device).eval()
+        return load_run_model(run_dir).unet.to(device).eval()
     return load_unet(final_model_dir(Path(run_dir))[1], device)[0]
 
 

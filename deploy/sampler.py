@@ -7,6 +7,10 @@ images = sampler(num_images=16, steps=10, seed=0, scheduler="dpmsolver++")
 
 fast = load_sampler("runs/demo", backend="torch", cache_level=0)   # feature reuse (DeepCache)
 images = fast(num_images=16, steps=20, scheduler="dpmsolver++", cache_interval=3)
+
+from deploy.sampler import load_pipeline
+pipe = load_pipeline("runs/demo")   # a diffusers pipeline around the compressed UNet
+images = pipe(batch_size=4, num_inference_steps=20).images      # (StableDiffusionPipeline: pipe(prompt))
 """
 
 from __future__ import annotations
@@ -17,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from compressor.components import ModelSpec
-from compressor.errors import ArtifactError, UserError
+from compressor.components import DiffusionModel, ModelSpec
+from compressor.errors import ArtifactError, ModelError, UserError
 from compressor.models import NoisePredictor
-from compressor.persist import read_structure
+from compressor.persist import load_unet, read_structure
 from compressor.sampling import generate, make_scheduler
-from deploy.runtimes import check_backend_name, load_backend
+from deploy.runtimes import check_backend_name, load_backend, load_run_model
 from rundir.records import final_model_dir
 
 
@@ -111,14 +115,77 @@ def load_sampler(
     folder = final_model_dir(run_dir)[1]
     structure = read_structure(folder)
     student = structure.get("student_steps") if model == "pruned" else None
-    sched_cfg = structure.get("scheduler_config")
-    if model == "dense":  # a student's structure file keeps the dense model's schedule apart
-        sched_cfg = structure.get("dense_scheduler_config", sched_cfg)
-    if not sched_cfg:
-        raise ArtifactError(f"{folder}: its structure file has no scheduler config; rerun the prune stage")
+    sched_cfg = _scheduler_config(folder, structure, model)
     shape = ModelSpec(structure["unet_config"]).sample_shape  # the denoiser's input: the image
     b = load_backend(
         backend, run_dir=run_dir, model=model, device=device, precision=precision, cache_level=cache_level
     )
     info = {"backend": backend, "model": model, **b.info}
     return Sampler(b.predict, sched_cfg, shape, info, device, int(student) if student else None)
+
+
+def _scheduler_config(folder: Path, structure: dict, model: str) -> dict:
+    """The schedule the run's ``model`` (pruned|dense) samples with, from the final model's structure."""
+    sched_cfg = structure.get("scheduler_config")
+    if model == "dense":  # a student's structure file keeps the dense model's schedule apart
+        sched_cfg = structure.get("dense_scheduler_config", sched_cfg)
+    if not sched_cfg:
+        raise ArtifactError(f"{folder}: its structure file has no scheduler config; rerun the prune stage")
+    return sched_cfg
+
+
+def diffusers_pipeline(unet: torch.nn.Module, dense: DiffusionModel, scheduler):
+    """``unet`` (e.g. a compressed copy of ``dense.unet``) with ``dense``'s other components and
+    ``scheduler`` in the diffusers pipeline that samples such a model.
+
+    Text-conditioned (VAE, text encoder, tokenizer): ``StableDiffusionPipeline`` (no safety
+    checker); unconditional on latents (VAE): ``LDMPipeline``; unconditional on pixels:
+    ``DDIMPipeline`` for a DDIM scheduler, else ``DDPMPipeline`` (which steps any scheduler).
+    ModelError where diffusers has no pipeline for the model: class conditioning, a text-conditioned
+    model without its VAE, a ``UNet2DConditionModel`` without a text encoder (the product runs it
+    with a null context that no diffusers pipeline supplies).
+    """
+    import diffusers
+
+    spec = dense.spec
+    if spec.conditioning == "text":
+        missing = [c for c in ("vae", "text_encoder", "tokenizer") if getattr(dense, c) is None]
+        if missing:
+            raise ModelError(
+                f"a StableDiffusionPipeline needs the model's {', '.join(missing)}; the dense model has none"
+            )
+        return diffusers.StableDiffusionPipeline(
+            vae=dense.vae, text_encoder=dense.text_encoder, tokenizer=dense.tokenizer, unet=unet,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
+    if spec.conditioning == "class" or spec.cross_attention_dim is not None:
+        what = "class conditioning" if spec.conditioning == "class" else "a UNet2DConditionModel without text"
+        raise ModelError(
+            f"diffusers has no pipeline for {what}; sample it with deploy.sampler.load_sampler "
+            "or compressor.sampling.generate"
+        )
+    if dense.vae is not None:
+        return diffusers.LDMPipeline(vqvae=dense.vae, unet=unet, scheduler=scheduler)
+    if isinstance(scheduler, diffusers.DDIMScheduler):
+        return diffusers.DDIMPipeline(unet=unet, scheduler=scheduler)
+    return diffusers.DDPMPipeline(unet=unet, scheduler=scheduler)
+
+
+def load_pipeline(run_dir: str | Path, scheduler: str = "ddim", device: str = "cpu"):
+    """A finished run's final compressed UNet (the few-step student, else finetuned, else pruned)
+    inside a diffusers pipeline (see :func:`diffusers_pipeline`), with the other components of the
+    dense model the run's prune record names and a ``scheduler`` (:data:`compressor.sampling.SCHEDULERS`)
+    built from the final model's schedule.
+
+    A pipeline samples with diffusers' own noise and rules (its ``generator``, not this project's
+    per-seed noise); given the same initial latents it computes what :func:`compressor.sampling.denoise`
+    does. ``StableDiffusionPipeline`` rewrites a legacy scheduler config (``steps_offset`` != 1,
+    ``clip_sample``) with a deprecation warning, so there it follows diffusers, not the run's config.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ArtifactError(f"run directory {run_dir} not found; pass the folder a run wrote")
+    folder = final_model_dir(run_dir)[1]
+    unet, structure = load_unet(folder, device)
+    sched = make_scheduler(scheduler, _scheduler_config(folder, structure, "pruned"))
+    return diffusers_pipeline(unet, load_run_model(run_dir), sched).to(device)
