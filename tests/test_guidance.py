@@ -374,3 +374,18 @@ def test_models_without_a_diffusers_pipeline_are_refused(class_model, tiny_cond_
     null_context = DiffusionModel(tiny_cond_unet, dict(DDPM_SCHEDULER))
     with pytest.raises(ModelError, match="UNet2DConditionModel without text"):
         diffusers_pipeline(tiny_cond_unet, null_context, sched)
+
+
+def test_an_unconditional_latent_model_goes_in_ldm_pipeline(sd_model):
+    latent_unet = build_unet({**TINY_UNET, "in_channels": 4, "out_channels": 4, "sample_size": 8}, 0).eval()
+    dense = DiffusionModel(latent_unet, dict(SD_SCHEDULER), vae=sd_model.vae)
+    pipe = diffusers_pipeline(latent_unet, dense, make_scheduler("ddim", SD_SCHEDULER))
+    assert isinstance(pipe, diffusers.LDMPipeline)
+    noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))  # LDMPipeline's draw
+    with torch.no_grad():
+        images = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=3,
+                      output_type="np").images  # fmt: skip
+    sched = make_scheduler("ddim", SD_SCHEDULER)
+    ours = denoise(as_noise_predictor(latent_unet), sched, noise, 3, decode=model_decoder(dense))
+    assert ours.shape == (2, 3, 16, 16)
+    assert float((torch.from_numpy(images).permute(0, 3, 1, 2) - ours).abs().max()) < 1e-5
