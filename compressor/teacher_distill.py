@@ -121,10 +121,11 @@ class DistillStudent(nn.Module):
             self.unet.eval()
         return self
 
-    def forward(self, noisy: torch.Tensor, timestep: torch.Tensor):
-        """The student's noise and its (projected) block outputs."""
+    def forward(self, noisy: torch.Tensor, timestep: torch.Tensor, **conditioning: torch.Tensor):
+        """The student's noise and its (projected) block outputs; ``conditioning``: a conditional
+        UNet's ``encoder_hidden_states`` / ``class_labels``."""
         with tapped(self.unet, self.points) as found:
-            noise = predict_noise(self.unet, noisy, timestep)
+            noise = predict_noise(self.unet, noisy, timestep, **conditioning)
         feats = {}
         for point in self.points:
             proj = self.projections[_key(point)] if _key(point) in self.projections else None
@@ -144,8 +145,11 @@ def block_widths(unet: nn.Module, points: list[str]) -> dict[str, int]:
         return {}
     device = next(unet.parameters()).device
     x = example_inputs(unet, 1)
+    extra = {}
+    if getattr(unet.config, "num_class_embeds", None):  # a class-conditional UNet needs a label
+        extra["class_labels"] = torch.zeros(1, dtype=torch.long, device=device)
     with torch.no_grad(), tapped(unet, points) as found:
-        predict_noise(unet, x["sample"].to(device), x["timestep"].to(device))
+        predict_noise(unet, x["sample"].to(device), x["timestep"].to(device), **extra)
     return {p: int(found[p].shape[1]) for p in points}
 
 
@@ -174,14 +178,16 @@ def distill_losses(
     noisy: torch.Tensor,
     timestep: torch.Tensor,
     points: list[str],
+    conditioning: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The weighted total and each term (task, output, features) of one micro-batch."""
+    """The weighted total and each term (task, output, features) of one micro-batch; the teacher
+    sees ``conditioning`` (a conditional model's, the same the student saw)."""
     pred, feats = student
     pred = pred.float()
     terms = {"task": F.mse_loss(pred, noise)}
     matched = points if cfg.weight_features > 0 else []
     with torch.no_grad(), tapped(teacher, matched) as found:
-        target = predict_noise(teacher, noisy, timestep).float()
+        target = predict_noise(teacher, noisy, timestep, **(conditioning or {})).float()
     terms["output"] = F.mse_loss(pred, target)
     if matched:
         # relative MSE: each block's error over its teacher output's mean square, so blocks of

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compressor.conditional_batches import ConditionedSamples, NullCondition, drop_conditions, null_condition
 from compressor.config import FinetuneConfig
 from compressor.errors import ConfigError, ModelError
 from compressor.models import predict_noise
@@ -61,6 +62,30 @@ def draw_batch(
     t = torch.randint(0, num_train_timesteps, (batch,), generator=g)
     x0 = torch.stack([images[int(i)] for i in idx])
     return x0, noise, t
+
+
+def draw_conditioned_batch(
+    data: ConditionedSamples,
+    batch: int,
+    num_train_timesteps: int,
+    cond_dropout: float,
+    null: NullCondition,
+    seed: int,
+    step: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """The global batch of step ``step`` from conditioned data: (clean samples, noise, timesteps,
+    conditioning), each image's condition dropped to ``null`` with probability ``cond_dropout``.
+
+    Indices, noise and timesteps are drawn as :func:`draw_batch` draws them, the dropout mask next,
+    all from the step's own generator (a resumed run drops the same conditions).
+    """
+    g = step_generator(seed, step)
+    idx = torch.randint(len(data), (batch,), generator=g)
+    x0 = data.samples(idx).float()
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, num_train_timesteps, (batch,), generator=g)
+    drop = torch.rand(batch, generator=g) < cond_dropout
+    return x0, noise, t, drop_conditions(data.conditions(idx), drop, null)
 
 
 def lr_factor(step: int, cfg: FinetuneConfig) -> float:
@@ -242,6 +267,17 @@ def train(
 ) -> TrainResult:
     """Train ``unet`` on ``images`` (indexable, items (C, H, W) in [-1, 1]) for ``cfg.steps``.
 
+    ``images`` may instead be conditioned data (:class:`~compressor.conditional_batches.ConditionedSamples`:
+    an :class:`~compressor.encoded_cache.EncodedData` of latents, or
+    :class:`~compressor.conditional_batches.PixelConditions` for a pixel-space model): each batch then
+    feeds the UNet (and the teacher) its ``encoder_hidden_states`` / ``class_labels``, each image's
+    condition dropped to the empty prompt or the null class with probability ``cfg.cond_dropout``
+    (:func:`draw_conditioned_batch`). A plain dataset trains exactly as before (same weights).
+    How the finetune stage will call it (not wired: preflight refuses conditional models): it loads
+    the conditioned dataset, calls :func:`~compressor.encoded_cache.encode_dataset` once on the
+    main process and passes the ``EncodedData`` (latent model) or ``PixelConditions(images,
+    encoded)`` (pixel model) here in place of the images, with the dense model as ``teacher``.
+
     Data-parallel when started under ``accelerate launch``/``torchrun``: the global
     batch ``cfg.batch_size`` is split evenly over processes and gradient
     accumulation micro-batches. ``stop_after`` ends early (tests of resume).
@@ -263,6 +299,10 @@ def train(
             f"finetune.batch_size={cfg.batch_size} must be divisible by processes x grad_accum = {per_step}"
         )
     micro = cfg.batch_size // per_step
+    conditioned = isinstance(images, ConditionedSamples)
+    if conditioned and objective is not None:
+        raise ConfigError("a training objective (step distillation) does not take conditioned data yet")
+    null = null_condition(unet, images) if conditioned else None
     num_images = len(images)
     if num_images < micro:
         raise ConfigError(
@@ -288,14 +328,20 @@ def train(
         resumed_from = start
     model, opt = accelerator.prepare(student, opt)
     ema.to(accelerator.device)
-    sample_shape = tuple(images[0].shape)
+    sample_shape = None if conditioned else tuple(images[0].shape)
     num_t = draw_range or noise_scheduler.config.num_train_timesteps
     if objective is not None:
         objective = objective.to(accelerator.device)
     began, done = time.perf_counter(), 0
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     for step in range(start, end):
-        x0, noise, t = draw_batch(images, num_images, cfg.batch_size, sample_shape, num_t, seed, step)
+        cond: dict[str, torch.Tensor] = {}
+        if conditioned:
+            x0, noise, t, cond = draw_conditioned_batch(
+                images, cfg.batch_size, num_t, cfg.cond_dropout, null, seed, step
+            )
+        else:
+            x0, noise, t = draw_batch(images, num_images, cfg.batch_size, sample_shape, num_t, seed, step)
         lo = rank * cfg.grad_accum * micro
         torch.manual_seed(seed * 7_919 + step * world + rank)  # dropout, if the model has any
         for group in opt.param_groups:
@@ -305,16 +351,18 @@ def train(
         for k in range(cfg.grad_accum):
             sl = slice(lo + k * micro, lo + (k + 1) * micro)
             xb, nb, tb = (v[sl].to(accelerator.device) for v in (x0, noise, t))
+            cb = {name: v[sl].to(accelerator.device) for name, v in cond.items()}
             sync = accelerator.no_sync(model) if k < cfg.grad_accum - 1 else contextlib.nullcontext()
             with sync, accelerator.autocast():
                 if objective is not None:
                     loss = objective(model, xb, nb, tb) / cfg.grad_accum
                 elif distill is None:
                     noisy = noise_scheduler.add_noise(xb, nb, tb)
-                    loss = F.mse_loss(predict_noise(model, noisy, tb).float(), nb) / cfg.grad_accum
+                    loss = F.mse_loss(predict_noise(model, noisy, tb, **cb).float(), nb) / cfg.grad_accum
                 else:
                     noisy = noise_scheduler.add_noise(xb, nb, tb)
-                    terms = distill_losses(distill, nb, model(noisy, tb), teacher, noisy, tb, points)
+                    student_out = model(noisy, tb, **cb)
+                    terms = distill_losses(distill, nb, student_out, teacher, noisy, tb, points, cb)
                     loss = terms["total"] / cfg.grad_accum
                     parts = [terms["task"], terms["output"], terms["features"]]
                     step_terms += torch.stack(parts).detach() / cfg.grad_accum

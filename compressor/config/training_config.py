@@ -54,6 +54,13 @@ class FinetuneConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = _spec("no", "autocast on GPU")
     checkpoint_every: int = _spec(100, "steps between checkpoints", ge=1)
     log_every: int = _spec(10, "steps between loss log rows", ge=1)
+    cond_dropout: float = _spec(
+        0.0,
+        "conditional models: probability that an image's caption becomes the empty prompt or its class "
+        "the null class (classifier-free guidance; Stable Diffusion and BK-SDM use 0.1)",
+        ge=0.0,
+        le=1.0,
+    )
     distill: DistillConfig = field(default_factory=DistillConfig)
 
 
