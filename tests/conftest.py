@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from compressor.clip_text import train_clip_tokenizer
+from compressor.conditioned_data import DIGIT_NAMES
 from compressor.models import build_unet
 
 TINY_UNET = {
@@ -54,6 +56,33 @@ DDPM_SCHEDULER = {
     "num_train_timesteps": 1000,
     "clip_sample": True,
 }
+
+
+TOKENIZER_CORPUS = [
+    *(f"a handwritten digit {name}" for name in DIGIT_NAMES),
+    "a cat on a mat",
+    "a dog on the moon",
+    "the empty prompt",
+]
+"""What the tests' CLIP tokenizer is trained on: each word here is one token, any other text splits."""
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer_folder(tmp_path_factory):
+    """``make(max_length) -> folder``: a CLIP tokenizer trained by the project's own
+    ``train_clip_tokenizer`` on :data:`TOKENIZER_CORPUS`, in CLIP's format; one folder per length,
+    trained once a session. Load it with ``CLIPTokenizer.from_pretrained(folder)``, copy it into a
+    pipeline's ``tokenizer/``."""
+    folders: dict[int, Path] = {}
+
+    def make(max_length: int) -> Path:
+        if max_length not in folders:
+            folder = tmp_path_factory.mktemp(f"clip-tokenizer-{max_length}")
+            train_clip_tokenizer(TOKENIZER_CORPUS, folder, max_length=max_length)
+            folders[max_length] = folder
+        return folders[max_length]
+
+    return make
 
 
 @pytest.fixture(autouse=True)

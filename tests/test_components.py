@@ -6,6 +6,7 @@ wrong; the export and the Triton config of a conditioned denoiser."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import onnx
 import pytest
 import torch
 
+from compressor.clip_text import frozen_text_encoder
 from compressor.components import DiffusionModel, ModelSpec
 from compressor.config import ModelConfig, config_from_mapping
 from compressor.errors import ModelError
@@ -54,30 +56,28 @@ def tiny_vae():
     return AutoencoderKL.from_config(TINY_VAE).eval()
 
 
-def tiny_text_encoder(hidden: int = 16):
-    config = transformers.CLIPTextConfig(
-        vocab_size=8, hidden_size=hidden, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=TOKENS, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return transformers.CLIPTextModel(config).eval()
+def tiny_tokenizer(folder: Path):
+    return transformers.CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
-def tiny_tokenizer(tmp_path: Path):
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "b</w>": 3, "a": 4, "b": 5}
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    return transformers.CLIPTokenizer(
-        vocab_file=str(tmp_path / "vocab.json"),
-        merges_file=str(tmp_path / "merges.txt"),
-        model_max_length=TOKENS,
-    )
+def tiny_text_encoder(tokenizer, hidden: int = 16):
+    return frozen_text_encoder(tokenizer, hidden_size=hidden, layers=1, heads=2, intermediate_size=32)
+
+
+@pytest.fixture
+def tokenizer_folder(clip_tokenizer_folder) -> Path:
+    """The project's CLIP tokenizer (trained on the tests' corpus), TOKENS long."""
+    return clip_tokenizer_folder(TOKENS)
 
 
 def write_pipeline(
-    root: Path, parts: tuple[str, ...] = ("vae", "text_encoder", "tokenizer"), unet=TINY_COND_UNET
+    root: Path,
+    parts: tuple[str, ...] = ("vae", "text_encoder", "tokenizer"),
+    unet=TINY_COND_UNET,
+    tokenizer: Path | None = None,
 ):
-    """A diffusers pipeline folder: model_index.json, unet/, scheduler/ and the named components."""
+    """A diffusers pipeline folder: model_index.json, unet/, scheduler/ and the named components (the
+    text encoder and tokenizer from the tokenizer folder ``tokenizer``)."""
     build_unet(unet, 0).save_pretrained(str(root / "unet"), safe_serialization=True)
     (root / "scheduler").mkdir()
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(DDPM_SCHEDULER))
@@ -86,10 +86,10 @@ def write_pipeline(
     if "vae" in parts:
         tiny_vae().save_pretrained(str(root / "vae"), safe_serialization=True)
     if "text_encoder" in parts:
-        tiny_text_encoder().save_pretrained(str(root / "text_encoder"), safe_serialization=True)
+        encoder = tiny_text_encoder(tiny_tokenizer(tokenizer))
+        encoder.save_pretrained(str(root / "text_encoder"), safe_serialization=True)
     if "tokenizer" in parts:
-        (root / "files").mkdir()
-        tiny_tokenizer(root / "files").save_pretrained(str(root / "tokenizer"))
+        shutil.copytree(tokenizer, root / "tokenizer")
     return root
 
 
@@ -115,10 +115,9 @@ def test_a_conditional_unet_alone_runs_with_the_null_context(tiny_cond_unet):
     assert model.denoiser_inputs(1).names == ["sample", "timestep"]
 
 
-def test_text_conditioning_describes_encoder_hidden_states(tiny_cond_unet, tmp_path):
-    model = DiffusionModel(
-        tiny_cond_unet, text_encoder=tiny_text_encoder(), tokenizer=tiny_tokenizer(tmp_path)
-    )
+def test_text_conditioning_describes_encoder_hidden_states(tiny_cond_unet, tokenizer_folder):
+    tokenizer = tiny_tokenizer(tokenizer_folder)
+    model = DiffusionModel(tiny_cond_unet, text_encoder=tiny_text_encoder(tokenizer), tokenizer=tokenizer)
     assert model.conditioning == "text" and not model.latent
     inputs = model.denoiser_inputs(3)
     assert inputs.names == ["sample", "timestep", "encoder_hidden_states"]
@@ -126,8 +125,23 @@ def test_text_conditioning_describes_encoder_hidden_states(tiny_cond_unet, tmp_p
     x = inputs.examples(torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert tiny_cond_unet(**x).sample.shape == x["sample"].shape  # the described inputs fit the UNet
-        hidden = model.text_encoder(torch.zeros(3, TOKENS, dtype=torch.long)).last_hidden_state
+        prompts = ["a handwritten digit seven", "a cat", ""]
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=TOKENS, truncation=True, return_tensors="pt"
+        )
+        hidden = model.text_encoder(ids.input_ids).last_hidden_state
+    words = tokenizer.convert_ids_to_tokens(ids.input_ids[0])
+    assert words[:6] == [
+        "<|startoftext|>",
+        "a</w>",
+        "handwritten</w>",
+        "digit</w>",
+        "seven</w>",
+        "<|endoftext|>",
+    ]
+    assert len({tuple(row) for row in ids.input_ids.tolist()}) == 3  # the prompts really are tokenized
     assert hidden.shape == inputs["encoder_hidden_states"].shape  # what the text encoder makes
+    assert not torch.allclose(hidden[0], hidden[1])
     assert "has text conditioning (text_encoder, tokenizer)" in model.spec.refusal()
 
 
@@ -156,10 +170,11 @@ def test_a_vae_makes_the_model_latent_and_decodes_to_the_image_shape(tiny_cond_u
     assert tuple(latents.shape[1:]) == model.sample_shape
 
 
-def test_the_configs_alone_describe_what_the_modules_do(tiny_cond_unet, tmp_path):
+def test_the_configs_alone_describe_what_the_modules_do(tiny_cond_unet, tokenizer_folder):
     """ModelSpec from JSON configs (preflight, a run's structure) agrees with the loaded modules'."""
+    tokenizer = tiny_tokenizer(tokenizer_folder)
     loaded = DiffusionModel(
-        tiny_cond_unet, vae=tiny_vae(), text_encoder=tiny_text_encoder(), tokenizer=tiny_tokenizer(tmp_path)
+        tiny_cond_unet, vae=tiny_vae(), text_encoder=tiny_text_encoder(tokenizer), tokenizer=tokenizer
     )
     configs = ModelSpec(
         TINY_COND_UNET, vae=TINY_VAE, text_encoder={"max_position_embeddings": TOKENS}, tokenizer={}
@@ -179,13 +194,20 @@ def test_conditioning_that_cannot_be_described_is_a_model_error(tiny_unet):
 # -- loading ---------------------------------------------------------------------------------------
 
 
-def test_a_pipeline_folder_loads_the_components_it_holds(tmp_path):
-    root = write_pipeline(tmp_path / "pipe")
+def test_a_pipeline_folder_loads_the_components_it_holds(tmp_path, tokenizer_folder):
+    root = write_pipeline(tmp_path / "pipe", tokenizer=tokenizer_folder)
     model = load_model(ModelConfig(name=str(root)))
     assert model.components == ("unet", "vae", "text_encoder", "tokenizer")
     assert type(model.vae).__name__ == "AutoencoderKL" and not model.vae.training
     assert type(model.text_encoder).__name__ == "CLIPTextModel"
     assert model.tokenizer.model_max_length == TOKENS
+    ids = model.tokenizer("a handwritten digit seven").input_ids
+    assert model.tokenizer.convert_ids_to_tokens(ids)[1:5] == [
+        "a</w>",
+        "handwritten</w>",
+        "digit</w>",
+        "seven</w>",
+    ]
     assert (model.conditioning, model.latent, model.image_shape) == ("text", True, (3, 16, 16))
     assert model.source == {"kind": "folder", "path": str(root)}
     assert torch.equal(model.vae.decoder.conv_out.weight, tiny_vae().decoder.conv_out.weight)
@@ -205,8 +227,8 @@ def test_only_the_components_present_are_loaded_and_random_init_seeds_them(tmp_p
     assert not torch.equal(a.vae.decoder.conv_out.weight, model.vae.decoder.conv_out.weight)
 
 
-def test_a_folder_without_model_index_is_the_unet_alone(tmp_path):
-    root = write_pipeline(tmp_path / "pipe")
+def test_a_folder_without_model_index_is_the_unet_alone(tmp_path, tokenizer_folder):
+    root = write_pipeline(tmp_path / "pipe", tokenizer=tokenizer_folder)
     (root / "model_index.json").unlink()
     assert load_model(ModelConfig(name=str(root))).components == ("unet",)
 
@@ -227,20 +249,20 @@ def test_unsupported_or_damaged_components_are_clear_errors(tmp_path):
         load_model(ModelConfig(name=str(root)))
 
 
-def test_text_components_without_transformers_say_to_install_it(tmp_path, monkeypatch):
-    root = write_pipeline(tmp_path / "pipe", parts=("text_encoder",))
+def test_text_components_without_transformers_say_to_install_it(tmp_path, monkeypatch, tokenizer_folder):
+    root = write_pipeline(tmp_path / "pipe", parts=("text_encoder",), tokenizer=tokenizer_folder)
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers raises ImportError
     with pytest.raises(ModelError, match="needs the transformers package; install it with `pip install"):
         load_model(ModelConfig(name=str(root)))
 
 
 def test_a_shipped_architecture_is_the_unet_alone_and_a_hub_pipeline_brings_its_components(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, tokenizer_folder
 ):
     """No download: the hub's snapshot is the local pipeline folder."""
     import huggingface_hub
 
-    root = write_pipeline(tmp_path / "pipe")
+    root = write_pipeline(tmp_path / "pipe", tokenizer=tokenizer_folder)
     asked = []
 
     def snapshot(hub_id, allow_patterns):
@@ -263,8 +285,8 @@ def _cfg(model: Path, **model_keys):
     return config_from_mapping({"model": {"name": str(model), **model_keys}})
 
 
-def test_preflight_refuses_a_text_conditioned_latent_pipeline_naming_the_stages(tmp_path):
-    root = write_pipeline(tmp_path / "pipe")
+def test_preflight_refuses_a_text_conditioned_latent_pipeline_naming_the_stages(tmp_path, tokenizer_folder):
+    root = write_pipeline(tmp_path / "pipe", tokenizer=tokenizer_folder)
     with pytest.raises(ModelError) as err:
         check_model_settings(_cfg(root), stages=["prune", "samples"])
     assert str(err.value) == (
@@ -301,12 +323,14 @@ def test_the_cli_refuses_before_touching_the_run_directory(tmp_path, capsys):
     assert not run.exists()
 
 
-def test_the_loaded_model_is_refused_where_preflight_could_not_read_it(tmp_path, monkeypatch):
+def test_the_loaded_model_is_refused_where_preflight_could_not_read_it(
+    tmp_path, monkeypatch, tokenizer_folder
+):
     """A hub id's configs are not read up front: the run's context refuses the loaded model."""
     from compressor import models
     from pipeline.context import RunContext, StageCall
 
-    root = write_pipeline(tmp_path / "pipe", parts=("text_encoder", "tokenizer"))
+    root = write_pipeline(tmp_path / "pipe", parts=("text_encoder", "tokenizer"), tokenizer=tokenizer_folder)
     monkeypatch.setattr(models, "read_model_spec", lambda cfg: None)
     check_model_settings(_cfg(root), stages=["prune"])  # nothing to check without the configs
     ctx = RunContext(_cfg(root), tmp_path / "run").at_stage(StageCall("prune", "key"))

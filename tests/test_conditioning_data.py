@@ -1,7 +1,8 @@
 """Conditioned training data (compressor/conditioned_data.py): captions from metadata.jsonl, class
 indices from class subfolders, the digits' captions and labels, and one-line errors for every bad
 input before long work starts; the latent and text-embedding cache (compressor/encoded_cache.py) on
-a tiny AutoencoderKL, CLIP text encoder and a CLIP tokenizer trained here (never a download)."""
+a tiny AutoencoderKL and the project's frozen CLIP text encoder and trained CLIP tokenizer (never a
+download)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from compressor import encoded_cache
+from compressor.clip_text import frozen_text_encoder
 from compressor.components import DiffusionModel
 from compressor.conditioned_data import (
     DIGIT_NAMES,
@@ -228,31 +230,16 @@ TINY_VAE = {
     "layers_per_block": 1,
     "sample_size": 16,
 }
-SENTENCES = [f"a handwritten digit {n}" for n in DIGIT_NAMES] + ["a cat on a mat", "the empty prompt"]
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    """A tiny CLIP tokenizer: a byte-level BPE trained here on a few sentences and saved in CLIP's format
-    (vocab.json, merges.txt with '</w>' ends of words), read back as the loader reads one (no download)."""
-    tokenizers = pytest.importorskip("tokenizers")
+def tokenizer(clip_tokenizer_folder):
+    """The project's CLIP tokenizer (a byte-level BPE trained by train_clip_tokenizer on a few sentences,
+    saved in CLIP's format), read back as the loader reads one (no download)."""
     transformers = pytest.importorskip("transformers")
-    from tokenizers import models, normalizers, pre_tokenizers, trainers
-
-    folder = tmp_path_factory.mktemp("tokenizer")
-    bpe = tokenizers.Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
-    bpe.normalizer = normalizers.Lowercase()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Whitespace(), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    tok = transformers.CLIPTokenizer.from_pretrained(
+        str(clip_tokenizer_folder(TOKENS)), local_files_only=True
     )
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|startoftext|>", "<|endoftext|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), end_of_word_suffix="</w>",
-    )  # fmt: skip
-    bpe.train_from_iterator(SENTENCES, trainer)
-    bpe.model.save(str(folder))  # vocab.json + merges.txt
-    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": TOKENS}))
-    tok = transformers.CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
     ids = tok("a handwritten digit seven")["input_ids"]
     assert tok.convert_ids_to_tokens(ids)[1:5] == ["a</w>", "handwritten</w>", "digit</w>", "seven</w>"]
     return tok
@@ -265,21 +252,15 @@ def tiny_vae(seed: int = 0):
     return AutoencoderKL.from_config(TINY_VAE).eval()
 
 
-def tiny_text_encoder(vocab: int, seed: int = 0):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.CLIPTextConfig(
-        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=TOKENS, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    return transformers.CLIPTextModel(config).eval()
+def tiny_text_encoder(tokenizer, seed: int = 0):
+    return frozen_text_encoder(tokenizer, hidden_size=16, layers=1, heads=2, intermediate_size=32, seed=seed)
 
 
 @pytest.fixture
 def latent_text_model(tokenizer):
     """A text-conditioned latent model: tiny UNet2DConditionModel, AutoencoderKL, CLIP text encoder."""
     unet = build_unet(TINY_COND_UNET, seed=0).eval()
-    encoder = tiny_text_encoder(len(tokenizer))
+    encoder = tiny_text_encoder(tokenizer)
     return DiffusionModel(
         unet, dict(DDPM_SCHEDULER), vae=tiny_vae(), text_encoder=encoder, tokenizer=tokenizer
     )

@@ -1,18 +1,21 @@
 """Conditional sampling in the product's own loop (compressor/guidance.py, compressor/sampling.py) proven
-against diffusers: a tiny text-conditioned latent pipeline (UNet2DConditionModel, CLIP text encoder and a
-byte-level BPE tokenizer written here, AutoencoderKL) equals ``StableDiffusionPipeline`` from the same
-initial latents, with and without classifier-free guidance; a class-conditional UNet2DModel equals a
-reference loop written out here; ``deploy.sampler.load_pipeline`` puts a run's compressed UNet in the
-diffusers pipeline for its model. Everything is built from configs into tmp_path (never a download)."""
+against diffusers: a tiny text-conditioned latent pipeline (UNet2DConditionModel, the project's frozen
+CLIP text encoder and byte-level BPE tokenizer, AutoencoderKL) equals ``StableDiffusionPipeline`` from
+the same initial latents, with and without classifier-free guidance; a class-conditional UNet2DModel
+equals a reference loop written out here; ``deploy.sampler.load_pipeline`` puts a run's compressed UNet
+in the diffusers pipeline for its model. Everything is built from configs into tmp_path (never a
+download)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from compressor.clip_text import frozen_text_encoder
 from compressor.components import DiffusionModel
 from compressor.config import config_from_mapping
 from compressor.errors import ConfigError, ModelError
@@ -63,49 +66,18 @@ SD_INDEX = {
 PROMPTS = ["a cat", "a dog on the moon, painted in oil with far too many words for sixteen tokens"]
 
 
-def _byte_symbols() -> list[str]:
-    """GPT-2/CLIP's byte-to-unicode table: the 256 symbols a byte-level BPE vocabulary starts from."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    codes, extra = {b: b for b in printable}, 0
-    for b in range(256):
-        if b not in codes:
-            codes[b], extra = 256 + extra, extra + 1
-    return [chr(codes[b]) for b in range(256)]
-
-
-def write_clip_tokenizer(folder: Path) -> Path:
-    """A CLIP tokenizer in its own format (vocab.json, merges.txt, tokenizer_config.json): every byte
-    alone and word-final, a few merges, the start and end tokens; any text tokenizes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    merges = [("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>"), ("o", "n</w>")]
-    symbols = _byte_symbols()
-    tokens = [*symbols, *(s + "</w>" for s in symbols), *(a + b for a, b in merges)]
-    vocab = {tok: i for i, tok in enumerate([*tokens, "<|startoftext|>", "<|endoftext|>"])}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    config = {"model_max_length": TOKENS, "tokenizer_class": "CLIPTokenizer"}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return folder
-
-
-def write_sd_pipeline(root: Path) -> Path:
-    """A tiny Stable-Diffusion-layout pipeline folder written with save_pretrained."""
+def write_sd_pipeline(root: Path, tokenizer_folder: Path) -> Path:
+    """A tiny Stable-Diffusion-layout pipeline folder: the project's CLIP tokenizer (its files as
+    train_clip_tokenizer saved them) and frozen text encoder, the rest written with save_pretrained."""
     from diffusers import AutoencoderKL
 
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(root / "bpe")))
-    tokenizer.save_pretrained(str(root / "tokenizer"))
-    text_config = transformers.CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=TINY_COND_UNET["cross_attention_dim"], intermediate_size=32,
-        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=TOKENS,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(1)
-    transformers.CLIPTextModel(text_config).save_pretrained(str(root / "text_encoder"))
+    shutil.copytree(tokenizer_folder, root / "tokenizer")
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
+    hidden = TINY_COND_UNET["cross_attention_dim"]
+    encoder = frozen_text_encoder(
+        tokenizer, hidden_size=hidden, layers=1, heads=2, intermediate_size=32, seed=1
+    )
+    encoder.save_pretrained(str(root / "text_encoder"))
     torch.manual_seed(2)
     AutoencoderKL.from_config(TINY_VAE).save_pretrained(str(root / "vae"), safe_serialization=True)
     build_unet(TINY_COND_UNET, 0).save_pretrained(str(root / "unet"), safe_serialization=True)
@@ -120,8 +92,8 @@ def _model_config(name: Path):
 
 
 @pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory) -> Path:
-    return write_sd_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+def sd_folder(tmp_path_factory, clip_tokenizer_folder) -> Path:
+    return write_sd_pipeline(tmp_path_factory.mktemp("tiny-sd"), clip_tokenizer_folder(TOKENS))
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +132,7 @@ def _product_images(model, unet, kind, noise, steps, guidance, negative) -> torc
 # -- the text-conditioned latent loop against StableDiffusionPipeline ------------------------------
 
 
-def test_the_tokenizer_written_here_is_a_real_byte_level_bpe(sd_model):
+def test_the_projects_tokenizer_is_a_real_byte_level_bpe(sd_model):
     ids = sd_model.tokenizer(PROMPTS, padding="max_length", max_length=TOKENS, truncation=True).input_ids
     words = sd_model.tokenizer.convert_ids_to_tokens(ids[0])
     assert words[:4] == ["<|startoftext|>", "a</w>", "cat</w>", "<|endoftext|>"]
