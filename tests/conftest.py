@@ -40,6 +40,31 @@ TINY_COND_UNET = {
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
 }
 
+TINY_VAE = {
+    "_class_name": "AutoencoderKL",
+    "block_out_channels": [
+        8,
+        16,
+    ],  # two levels: one latent spans 2 x 2 pixels (8 x 8 latents, 16 x 16 images)
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "latent_channels": 4,
+    "norm_num_groups": 4,
+    "layers_per_block": 1,
+    "sample_size": 16,
+}
+
+SD_INDEX = {  # a Stable-Diffusion-layout pipeline folder's model_index.json
+    "_class_name": "StableDiffusionPipeline",
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "safety_checker": [None, None],
+    "feature_extractor": [None, None],
+}
+
 
 def tensorrt_reason() -> str:
     """Why TensorRT cannot run here ("" where it can): tests expect what this host really has."""

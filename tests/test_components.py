@@ -22,30 +22,15 @@ from compressor.errors import ModelError
 from compressor.models import build_unet, load_model, read_model_spec
 from compressor.preflight import check_model_settings
 from export.onnx_export import INTERFACES, export_unet
-from tests.conftest import DDPM_SCHEDULER, TINY_COND_UNET, TINY_UNET, write_images
+from tests.conftest import DDPM_SCHEDULER, SD_INDEX, TINY_COND_UNET, TINY_UNET, TINY_VAE, write_images
 
 transformers = pytest.importorskip("transformers")
 
 TOKENS = 12
 CLASS_UNET = {**TINY_UNET, "num_class_embeds": 10}
-TINY_VAE = {
-    "_class_name": "AutoencoderKL",
-    "block_out_channels": [8, 16],  # two levels: one latent spans 2 x 2 pixels
-    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
-    "latent_channels": 4,
-    "norm_num_groups": 4,
-    "layers_per_block": 1,
-    "sample_size": 16,
-}
-INDEX = {
-    "_class_name": "StableDiffusionPipeline",
-    "unet": ["diffusers", "UNet2DConditionModel"],
+INDEX = {  # its scheduler a DDPM one, no feature extractor
+    **{k: v for k, v in SD_INDEX.items() if k != "feature_extractor"},
     "scheduler": ["diffusers", "DDPMScheduler"],
-    "vae": ["diffusers", "AutoencoderKL"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "safety_checker": [None, None],
 }
 
 

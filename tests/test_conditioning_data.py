@@ -28,7 +28,7 @@ from compressor.errors import ConfigError, DataError, ModelError
 from compressor.models import build_unet
 from rundir import layout
 from rundir.artifacts import verify_run
-from tests.conftest import DDPM_SCHEDULER, TINY_COND_UNET, TINY_UNET, write_images
+from tests.conftest import DDPM_SCHEDULER, TINY_COND_UNET, TINY_UNET, TINY_VAE, write_images
 
 
 def captioned(root: Path, count: int = 3, lines: list | None = None) -> Path:
@@ -220,16 +220,6 @@ def test_digits_refuse_settings_that_name_another_source(tmp_path):
 # -- the latent and text-embedding cache ---------------------------------------------------------------
 
 TOKENS = 12
-TINY_VAE = {
-    "_class_name": "AutoencoderKL",
-    "block_out_channels": [8, 16],  # two levels: one latent spans 2 x 2 pixels
-    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
-    "latent_channels": 4,
-    "norm_num_groups": 4,
-    "layers_per_block": 1,
-    "sample_size": 16,
-}
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from compressor.persist import dense_config, load_unet, save_unet
 from compressor.sampling import denoise, generate, initial_noise, make_scheduler
 from deploy.sampler import diffusers_pipeline, load_pipeline
 from rundir import layout
-from tests.conftest import DDPM_SCHEDULER, TINY_COND_UNET, TINY_UNET, finished_tiny_run
+from tests.conftest import DDPM_SCHEDULER, SD_INDEX, TINY_COND_UNET, TINY_UNET, TINY_VAE, finished_tiny_run
 
 transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
@@ -42,26 +42,6 @@ SD_SCHEDULER = {
     "skip_prk_steps": True,
     "steps_offset": 1,
     "clip_sample": False,
-}
-TINY_VAE = {
-    "_class_name": "AutoencoderKL",
-    "block_out_channels": [8, 16],  # one latent spans 2 x 2 pixels: 8 x 8 latents, 16 x 16 images
-    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
-    "latent_channels": 4,
-    "norm_num_groups": 4,
-    "layers_per_block": 1,
-    "sample_size": 16,
-}
-SD_INDEX = {
-    "_class_name": "StableDiffusionPipeline",
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "scheduler": ["diffusers", "PNDMScheduler"],
-    "vae": ["diffusers", "AutoencoderKL"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "safety_checker": [None, None],
-    "feature_extractor": [None, None],
 }
 PROMPTS = ["a cat", "a dog on the moon, painted in oil with far too many words for sixteen tokens"]
 
