@@ -93,7 +93,7 @@ def run_with_target(
         at = stages.index("finetune") + 1 if "finetune" in stages else stages.index("prune") + 1
         stages = [*stages[:at], "distill_steps", *stages[at:]]
     before = stages[: stages.index("prune")] if "prune" in stages else []
-    check_model_settings(cfg)
+    check_model_settings(cfg, stages=stages)  # before the run directory is touched
     make_run_dir(run_dir)
     main = int(os.environ.get("RANK", "0")) == 0  # data-parallel ranks: rank 0 holds the lock
     with RunLock(run_dir, " ".join(["compress-deploy", *sys.argv[1:]])) if main else contextlib.nullcontext():
