@@ -26,7 +26,7 @@ from compressor.feature_reuse import FeatureReuseUNet
 from compressor.models import ReusePredictor, load_model, predict_noise
 from compressor.persist import load_unet
 from deploy import tensorrt_backend
-from export.onnx_export import check_onnx
+from export.onnx_export import CONDITION_INPUTS, INPUT_NAMES, check_onnx, onnx_input_shapes
 from rundir import layout
 from rundir.records import final_model_dir, require_record
 
@@ -69,7 +69,7 @@ def _ort_session(path: Path, threads: int | None, providers: str, part: str = "u
     """
     import onnxruntime as ort
 
-    check_onnx(path, part=part)
+    check_onnx(path, part=part, inputs=_conditioned_inputs(path) if part == "unet" else None)
     ort.set_default_logger_severity(3)
     opts = ort.SessionOptions()
     if threads:
@@ -84,6 +84,46 @@ def _ort_session(path: Path, threads: int | None, providers: str, part: str = "u
             f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:160]}); rerun the export stage"
         ) from None
     return session
+
+
+def graph_session(path: Path, part: str, threads: int | None = None, providers: str = "cpu"):
+    """A checked ONNX Runtime session over a pipeline graph other than the UNet (``text_encoder``,
+    ``vae_decoder``: :data:`export.onnx_export.INTERFACES`); ArtifactError for a missing or wrong file."""
+    return _ort_session(Path(path), threads, providers, part)
+
+
+def _conditioned_inputs(path: Path) -> list[str] | None:
+    """A UNet graph's input names when they are ``sample``, ``timestep`` and conditioning inputs
+    (:data:`export.onnx_export.CONDITION_INPUTS`, in that order); None otherwise (the plain
+    interface is then checked, and a missing or unreadable file reported by check_onnx)."""
+    try:
+        names = list(onnx_input_shapes(path))
+    except Exception:  # noqa: BLE001 - onnx raises several error types; check_onnx reports them
+        return None
+    extra = names[len(INPUT_NAMES) :]
+    ordered = [c for c in CONDITION_INPUTS if c in extra]
+    if names[: len(INPUT_NAMES)] == INPUT_NAMES and extra and extra == ordered:
+        return names
+    return None
+
+
+def _condition_feeds(
+    wanted: list[str], given: dict[str, torch.Tensor], path: Path
+) -> dict[str, torch.Tensor]:
+    """The conditioning tensors a UNet graph takes (``wanted``), typed as its inputs are: float32
+    ``encoder_hidden_states``, int64 ``class_labels``. UserError when one is missing or not an input."""
+    unknown = sorted(set(given) - set(wanted))
+    missing = [name for name in wanted if name not in given]
+    if unknown or missing:
+        what = f"takes no {', '.join(unknown)}" if unknown else f"needs {', '.join(missing)}"
+        has = ", ".join(wanted) or "no conditioning"
+        raise UserError(f"onnxruntime backend: {path.name} {what} (its conditioning inputs: {has})")
+    return {
+        name: given[name].detach().contiguous().long()
+        if name == "class_labels"
+        else given[name].detach().contiguous().float()
+        for name in wanted
+    }
 
 
 def onnxruntime_reuse_backend(
@@ -114,20 +154,32 @@ def onnxruntime_reuse_backend(
 
 
 def onnxruntime_backend(path: Path, threads: int | None = None, providers: str = "auto") -> Backend:
-    """An ONNX Runtime session over ``path`` as a noise predictor (torch tensors in and out)."""
+    """An ONNX Runtime session over ``path`` as a noise predictor (torch tensors in and out).
+
+    A conditioned UNet's graph (inputs ``sample``, ``timestep``, then ``encoder_hidden_states``
+    and/or ``class_labels``) takes those by keyword, as the sampling loop's guided steps pass them
+    (``predict(x, t, encoder_hidden_states=...)``); each of its conditioning inputs is required,
+    and an unconditional graph refuses any (UserError)."""
     session = _ort_session(path, threads, providers)
     used = session.get_providers()  # what the session really uses, not what is installed
     on_gpu = used[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+    conditions = [i.name for i in session.get_inputs()][len(INPUT_NAMES) :]  # checked by _ort_session
 
     if on_gpu:
         binding_device = "cuda"
+        numpy_types = {torch.float32: np.float32, torch.int64: np.int64}
 
-        def predict(sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        def predict(
+            sample: torch.Tensor, timestep: torch.Tensor, **conditioning: torch.Tensor
+        ) -> torch.Tensor:
             io = session.io_binding()
             s = sample.contiguous().float().to(binding_device)
             t = timestep.contiguous().long().to(binding_device)
-            io.bind_input("sample", "cuda", 0, np.float32, list(s.shape), s.data_ptr())
-            io.bind_input("timestep", "cuda", 0, np.int64, list(t.shape), t.data_ptr())
+            named = {
+                k: v.to(binding_device) for k, v in _condition_feeds(conditions, conditioning, path).items()
+            }
+            for name, x in {"sample": s, "timestep": t, **named}.items():  # alive until the run ends
+                io.bind_input(name, "cuda", 0, numpy_types[x.dtype], list(x.shape), x.data_ptr())
             out = torch.empty_like(s)
             io.bind_output("noise", "cuda", 0, np.float32, list(out.shape), out.data_ptr())
             session.run_with_iobinding(io)
@@ -135,14 +187,21 @@ def onnxruntime_backend(path: Path, threads: int | None = None, providers: str =
 
     else:
 
-        def predict(sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        def predict(
+            sample: torch.Tensor, timestep: torch.Tensor, **conditioning: torch.Tensor
+        ) -> torch.Tensor:
             feeds = {
                 "sample": sample.detach().float().cpu().numpy(),
                 "timestep": timestep.detach().long().cpu().numpy(),
             }
+            for name, x in _condition_feeds(conditions, conditioning, path).items():
+                feeds[name] = x.cpu().numpy()
             return torch.from_numpy(session.run(["noise"], feeds)[0]).to(sample.device)
 
-    return Backend("onnxruntime", predict, {"provider": used[0], "providers": used, "path": str(path)})
+    info = {"provider": used[0], "providers": used, "path": str(path)}
+    if conditions:
+        info["conditioning"] = conditions
+    return Backend("onnxruntime", predict, info)
 
 
 PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -181,9 +240,14 @@ def torch_backend(
         p.requires_grad_(False)
     forward = torch.compile(model) if compile else model
 
-    def eager(sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def eager(sample: torch.Tensor, timestep: torch.Tensor, **conditioning: torch.Tensor) -> torch.Tensor:
+        given = {  # embeddings in the model's dtype, class labels as they are
+            k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+            for k, v in conditioning.items()
+        }
         with torch.inference_mode():
-            return predict_noise(forward, sample.to(device=device, dtype=dtype), timestep.to(device)).float()
+            x = sample.to(device=device, dtype=dtype)
+            return predict_noise(forward, x, timestep.to(device), **given).float()
 
     info = {
         "device": str(device),
@@ -215,26 +279,33 @@ def torch_backend(
 def _cuda_graph_replayer(eager: Callable, device: torch.device) -> Callable:
     """Capture ``eager`` once per input shape as a CUDA graph, then replay it on copied inputs.
 
-    ``eager`` takes tensors and returns a tensor or a tuple of tensors; so does the replayer.
+    ``eager`` takes tensors (and keyword tensors: a conditioned UNet's conditioning) and returns a
+    tensor or a tuple of tensors; so does the replayer. One graph per shape of every input.
     """
     graphs: dict[tuple, tuple] = {}
 
-    def predict(*inputs: torch.Tensor):
-        key = tuple(tuple(x.shape) for x in inputs)
+    def predict(*inputs: torch.Tensor, **named: torch.Tensor):
+        names = sorted(named)
+        every = [*inputs, *(named[k] for k in names)]
+        key = (tuple(names), tuple(tuple(x.shape) for x in every))
+
+        def call(static: list[torch.Tensor]):
+            return eager(*static[: len(inputs)], **dict(zip(names, static[len(inputs) :], strict=True)))
+
         if key not in graphs:
-            static_in = [x.detach().to(device).clone() for x in inputs]
+            static_in = [x.detach().to(device).clone() for x in every]
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 for _ in range(3):  # warm-up on a side stream, as CUDA graph capture requires
-                    eager(*static_in)
+                    call(static_in)
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                static_out = eager(*static_in)
+                static_out = call(static_in)
             graphs[key] = (graph, static_in, static_out)
         graph, static_in, static_out = graphs[key]
-        for dst, src in zip(static_in, inputs, strict=True):
+        for dst, src in zip(static_in, every, strict=True):
             dst.copy_(src)
         graph.replay()
         if isinstance(static_out, tuple):

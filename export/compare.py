@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +104,40 @@ def make_pass_runner(split: nn.Module, part: str, name: str, feature_shape: tupl
     return PassRunner()
 
 
+def make_function_runner(
+    fn: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    name: str,
+    inputs: dict[str, tuple[type, tuple[int, ...]]],
+):
+    """A Polygraphy runner over any torch function of named tensors (a text encoder, a VAE decoder,
+    a conditioned UNet): ``fn({name: tensor}) -> {output: tensor}``, run under ``torch.no_grad``.
+
+    ``inputs``: each input's numpy dtype and shape (-1 for the dynamic batch axis), in feed order.
+    """
+    from polygraphy.backend.base import BaseRunner
+    from polygraphy.common import TensorMetadata
+
+    class FunctionRunner(BaseRunner):
+        def __init__(self) -> None:
+            super().__init__(name=name, prefix="torch-function-runner")
+
+        def get_input_metadata_impl(self):
+            meta = TensorMetadata()
+            for key, (dtype, shape) in inputs.items():
+                meta.add(key, dtype, shape)
+            return meta
+
+        def infer_impl(self, feed_dict):
+            feeds = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feed_dict.items()}
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = fn(feeds)
+            self.inference_time = time.perf_counter() - start
+            return OrderedDict((k, np.ascontiguousarray(v.float().cpu().numpy())) for k, v in out.items())
+
+    return FunctionRunner()
+
+
 def make_onnxrt_runner(path: Path, name: str, providers: list[str] | None = None):
     """Polygraphy's ONNX Runtime runner over an ONNX file."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
@@ -141,8 +176,13 @@ class ParityReport:
         return self.__dict__.copy()
 
 
-def compare(runners: list, feeds: list[dict], atol: float, rtol: float) -> list[ParityReport]:
+def compare(
+    runners: list, feeds: list[dict], atol: float, rtol: float, output: str = "noise"
+) -> list[ParityReport]:
     """Run all ``runners`` on ``feeds``; compare each against ``runners[0]``.
+
+    ``output``: the output the error statistics are computed on (the UNet's ``noise`` by default;
+    pass/fail covers every output). Each case names its batch (and its timestep where the feed has one).
 
     Pass/fail comes from Polygraphy's ``CompareFunc.simple`` (element-wise
     ``|a - b| <= atol + rtol * |b|`` on every element).
@@ -171,14 +211,14 @@ def compare(runners: list, feeds: list[dict], atol: float, rtol: float) -> list[
         passed = all(bool(out) for it in accuracy[(ref_name, cand_name)] for out in it.values())
         cases = []
         for feed, ref, cand in zip(feeds, ref_iters, cand_iters, strict=True):
-            a, b = ref["noise"].astype(np.float64), cand["noise"].astype(np.float64)
+            a, b = ref[output].astype(np.float64), cand[output].astype(np.float64)
             err = np.abs(a - b)
             fa, fb = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
             cos = (fa * fb).sum(1) / (np.linalg.norm(fa, axis=1) * np.linalg.norm(fb, axis=1) + 1e-30)
             cases.append(
                 {
-                    "batch": int(feed["sample"].shape[0]),
-                    "timestep": int(feed["timestep"][0]),
+                    "batch": int(next(iter(feed.values())).shape[0]),
+                    **({"timestep": int(feed["timestep"][0])} if "timestep" in feed else {}),
                     "max_abs_error": float(err.max()),
                     "median_abs_error": float(np.median(err)),
                     "cosine": float(cos.min()),

@@ -50,7 +50,12 @@ INTERFACES: dict[str, tuple[list[str], list[str]]] = {
     "unet": (INPUT_NAMES, OUTPUT_NAMES),
     "full": (INPUT_NAMES, ["noise", "feature"]),
     "shallow": ([*INPUT_NAMES, "feature"], OUTPUT_NAMES),
+    # a text-to-image pipeline's other graphs (export.pipeline_graphs), exported once per run
+    "text_encoder": (["input_ids"], ["last_hidden_state"]),
+    "vae_decoder": (["latent_sample"], ["sample"]),
 }
+# the conditioning inputs a UNet graph may take after sample and timestep, in this order
+CONDITION_INPUTS = ("encoder_hidden_states", "class_labels")
 TWO_GIB = 2**31
 OPSET = 18
 
@@ -325,8 +330,12 @@ def check_onnx(
 
 
 def graph_part(path: Path) -> str:
-    """Which interface an exported file has, from its name (see rundir.layout.onnx_path)."""
+    """Which interface an exported file has, from its name (see rundir.layout.onnx_path and
+    shared_onnx_path)."""
     name = Path(path).name
+    for part in ("text_encoder", "vae_decoder"):
+        if name.startswith(f"{part}."):
+            return part
     for part in ("full", "shallow"):
         if name.startswith(f"unet-{part}-"):
             return part

@@ -20,6 +20,9 @@ finished runs without importing the pipeline. What the files hold is read throug
                                           stage's cache key (distill_steps: one folder a round)
     RUN/train/diffusers/                  the trained dense model as a diffusers folder
     RUN/export/<dense|pruned>/unet.<precision>.onnx, unet-{full,shallow}-l<level>.<precision>.onnx
+    RUN/export/shared/text_encoder.<precision>.onnx, vae_decoder.<precision>.onnx   a text-to-image
+                                          model's text encoder and VAE decoder (never compressed:
+                                          exported once, shared by the dense and compressed UNets)
     RUN/build/<dense|pruned>/unet.engine  TensorRT engines (+ unet.engine.json, the engine's
                                           metadata), build/timing.cache
     RUN/samples/grid.png, RUN/quality/samples.safetensors, RUN/report/report.{md,html}
@@ -161,6 +164,17 @@ def onnx_path(run: Path, model: str, precision: str, part: str = "unet", level: 
     """
     name = "unet" if part == "unet" else f"unet-{part}-l{level}"
     return stage_dir(run, "export") / model / f"{name}.{precision}.onnx"
+
+
+SHARED_GRAPHS = ("text_encoder", "vae_decoder")
+
+
+def shared_onnx_path(run: Path, component: str, precision: str) -> Path:
+    """``RUN/export/shared/<component>.<precision>.onnx``: a pipeline graph the dense and compressed
+    UNets share (``text_encoder`` or ``vae_decoder``: only the UNet is compressed)."""
+    if component not in SHARED_GRAPHS:
+        raise ValueError(f"shared graph {component!r}; one of {', '.join(SHARED_GRAPHS)}")
+    return stage_dir(run, "export") / "shared" / f"{component}.{precision}.onnx"
 
 
 def engine_path(run: Path, model: str, part: str = "unet", level: int = 0) -> Path:
