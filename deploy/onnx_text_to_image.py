@@ -4,7 +4,7 @@ The three graphs of :mod:`export.pipeline_graphs` and :func:`export.onnx_export.
 the prompts are tokenized (the model's tokenizer, padded to its ``model_max_length``, as
 ``StableDiffusionPipeline.encode_prompt`` does) and encoded by the text encoder graph, the
 product's sampling loop (:func:`compressor.sampling.denoise`) guides the UNet graph through the
-ONNX Runtime backend (:func:`deploy.runtimes.onnxruntime_backend`, conditioning by keyword), and
+ONNX Runtime backend (``load_backend("onnxruntime", file=...)``, conditioning by keyword), and
 the final latents are unscaled here (:func:`export.pipeline_graphs.unscale_latents`: ``/
 scaling_factor``) and decoded by the VAE decoder graph.
 
@@ -27,7 +27,7 @@ from compressor.errors import ModelError
 from compressor.guidance import Conditioning, encode_prompts, model_decoder
 from compressor.models import as_noise_predictor
 from compressor.sampling import denoise, initial_noise, make_scheduler
-from deploy.runtimes import graph_session, onnxruntime_backend
+from deploy.runtimes import graph_session, load_backend
 from export.pipeline_graphs import TEXT_ENCODER, VAE_DECODER, unscale_latents
 
 
@@ -118,7 +118,7 @@ def text_to_image_parity(
         **common,
     )
     encode = onnx_text_encoder(text_encoder_path, model.tokenizer, threads)
-    backend = onnxruntime_backend(Path(unet_path), threads, providers="cpu")
+    backend = load_backend("onnxruntime", file=Path(unet_path), threads=threads)
     candidate = denoise(
         backend.predict,
         sched,
