@@ -12,7 +12,7 @@ import torch
 from compressor.clip_text import frozen_text_encoder
 from compressor.components import DiffusionModel
 from compressor.errors import ArtifactError, UserError
-from compressor.guidance import encode_prompts, model_decoder
+from compressor.guidance import class_conditioning, encode_prompts, model_decoder
 from compressor.models import as_noise_predictor, build_unet
 from compressor.sampling import denoise, initial_noise, make_scheduler
 from deploy.onnx_text_to_image import text_to_image_parity
@@ -27,7 +27,7 @@ from export.pipeline_graphs import (
     vae_decoder_parity,
 )
 from rundir import layout
-from tests.conftest import TINY_COND_UNET, TINY_UNET, TINY_VAE
+from tests.conftest import DDPM_SCHEDULER, TINY_COND_UNET, TINY_UNET, TINY_VAE
 
 transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
@@ -186,3 +186,19 @@ def test_conditioning_is_checked_against_the_graphs_inputs(sd_model, graphs, tmp
         predict(x, t, encoder_hidden_states=torch.zeros(1, TOKENS, 16))
     with pytest.raises(ArtifactError, match="do not match"):  # a text encoder graph is no UNet
         onnxruntime_backend(graphs["text_encoder"])
+
+
+def test_a_class_conditional_unet_runs_guided_on_onnx_runtime(tmp_path):
+    model = DiffusionModel(build_unet({**TINY_UNET, "num_class_embeds": 5}, 0).eval(), dict(DDPM_SCHEDULER))
+    path = tmp_path / "unet.fp32.onnx"
+    export_unet(model.unet, path, "fp32", spec=model.spec)
+    assert _io(path) == (["sample", "timestep", "class_labels"], ["noise"])
+    report = conditional_unet_parity(model.unet, path, model.spec)
+    assert report.passed and report.max_abs_error < 1e-4
+    cond = class_conditioning(model, [0, 3])
+    sched = make_scheduler("ddim", model.scheduler_config)
+    noise = initial_noise(model.sample_shape, [0, 1])
+    kw = {"conditioning": cond, "guidance_scale": 2.0}
+    ref = denoise(as_noise_predictor(model.unet), sched, noise.clone(), 3, **kw)
+    ours = denoise(load_backend("onnxruntime", file=path, threads=1).predict, sched, noise.clone(), 3, **kw)
+    assert float((ours - ref).abs().max()) < 1e-4
