@@ -23,15 +23,23 @@ EVAL_TIMESTEPS = (10, 50, 100, 200, 300, 400, 500, 600, 800, 950)
 
 
 def denoising_eval_loss(
-    unet: nn.Module, noise_scheduler, images: torch.Tensor, seed: int, timesteps=EVAL_TIMESTEPS
+    unet: nn.Module,
+    noise_scheduler,
+    images: torch.Tensor,
+    seed: int,
+    timesteps=EVAL_TIMESTEPS,
+    conditioning: dict[str, torch.Tensor] | None = None,
 ) -> float:
-    """Mean epsilon-MSE over fixed timesteps and fixed noise (comparable across models)."""
+    """Mean epsilon-MSE over fixed timesteps and fixed noise (comparable across models); a conditional
+    UNet's ``conditioning`` for ``images`` (item for item) passes to every call."""
     g = torch.Generator().manual_seed(seed + 12345)
     noise = torch.randn(images.shape, generator=g).to(images.device)
     was_training = unet.training
     unet.eval()
     with torch.no_grad():
-        losses = [float(denoising_loss(unet, noise_scheduler, images, noise, t)) for t in timesteps]
+        losses = [
+            float(denoising_loss(unet, noise_scheduler, images, noise, t, conditioning)) for t in timesteps
+        ]
     unet.train(was_training)
     return sum(losses) / len(losses)
 

@@ -278,8 +278,18 @@ def null_context(unet: nn.Module, batch: int, device: torch.device | str = "cpu"
     return torch.zeros(batch, CONTEXT_LENGTH, unet.config.cross_attention_dim, device=device)
 
 
-def example_inputs(unet: nn.Module, batch: int = 1, device: torch.device | str = "cpu") -> dict:
-    """Keyword inputs for tracing/counting: sample, timestep (and context if conditional)."""
+def class_embeds(unet: nn.Module) -> int | None:
+    """The UNet's class count when it embeds class labels by index (``num_class_embeds``), else None."""
+    n = getattr(unet.config, "num_class_embeds", None) if hasattr(unet, "config") else None
+    return None if n is None or getattr(unet, "class_embedding", None) is None else int(n)
+
+
+def example_inputs(
+    unet: nn.Module, batch: int = 1, device: torch.device | str = "cpu", tokens: int | None = None
+) -> dict:
+    """Keyword inputs for tracing/counting one UNet call: sample, timestep, and the conditioning the
+    UNet takes: a null context (zeros, ``tokens`` long, 77 by default) with cross-attention, class 0
+    with class embeddings (``num_class_embeds``)."""
     g = torch.Generator().manual_seed(0)
     inputs: dict[str, Any] = {
         "sample": torch.randn(sample_shape(unet, batch), generator=g).to(device),
@@ -287,7 +297,11 @@ def example_inputs(unet: nn.Module, batch: int = 1, device: torch.device | str =
     }
     ctx = null_context(unet, batch, device)
     if ctx is not None:
+        if tokens is not None and tokens != ctx.shape[1]:
+            ctx = torch.zeros(batch, tokens, ctx.shape[2], device=device)
         inputs["encoder_hidden_states"] = ctx
+    if class_embeds(unet) is not None:
+        inputs["class_labels"] = torch.zeros(batch, dtype=torch.long, device=device)
     return inputs
 
 
@@ -322,15 +336,22 @@ def as_noise_predictor(unet: nn.Module) -> NoisePredictor:
     return call
 
 
-def count_macs_params(unet: nn.Module) -> tuple[int, int]:
-    """MACs of one batch-1 forward and the parameter count (torch-pruning's counter)."""
+def count_macs_params(unet: nn.Module, tokens: int | None = None) -> tuple[int, int]:
+    """MACs of one batch-1 UNet call with its conditioning and the parameter count (torch-pruning's
+    counter).
+
+    The count is per call: a conditional UNet is counted with its ``encoder_hidden_states``
+    (``tokens`` long, 77 by default: :func:`example_inputs`) and/or ``class_labels``. Under
+    classifier-free guidance the sampler calls the UNet at twice the batch (the conditioned and the
+    unconditioned half), so one guided step costs twice this count per image.
+    """
     import torch_pruning as tp
 
     device = next(unet.parameters()).device
     was_training = unet.training
     unet.eval()
     with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # its batch-size notice is noise
-        macs, params = tp.utils.count_ops_and_params(unet, example_inputs(unet, 1, device))
+        macs, params = tp.utils.count_ops_and_params(unet, example_inputs(unet, 1, device, tokens))
     unet.train(was_training)
     return int(macs), int(params)
 

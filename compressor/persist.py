@@ -77,10 +77,12 @@ def probe_outputs(unet: nn.Module, batch: int = 2) -> dict[str, torch.Tensor]:
     was_training = unet.training
     unet.eval()
     x = example_inputs(unet, batch, next(unet.parameters()).device)
+    labels = {"class_labels": x["class_labels"]} if "class_labels" in x else {}  # a class-conditional UNet
     with torch.no_grad():
-        noise = predict_noise(unet, x["sample"], x["timestep"])
+        noise = predict_noise(unet, x["sample"], x["timestep"], **labels)
     unet.train(was_training)
-    return {"sample": x["sample"].cpu(), "timestep": x["timestep"].cpu(), "noise": noise.contiguous().cpu()}
+    out = {"sample": x["sample"].cpu(), "timestep": x["timestep"].cpu(), "noise": noise.contiguous().cpu()}
+    return out | {k: v.cpu() for k, v in labels.items()}
 
 
 def probe_difference(folder: Path, unet: nn.Module) -> float:
@@ -90,7 +92,8 @@ def probe_difference(folder: Path, unet: nn.Module) -> float:
     probe = load_file(str(layout.probe_file(folder)))
     device = next(unet.parameters()).device
     with torch.no_grad():
-        out = predict_noise(unet.eval(), probe["sample"].to(device), probe["timestep"].to(device))
+        labels = {"class_labels": probe["class_labels"].to(device)} if "class_labels" in probe else {}
+        out = predict_noise(unet.eval(), probe["sample"].to(device), probe["timestep"].to(device), **labels)
     return float((out.cpu() - probe["noise"]).abs().max())
 
 

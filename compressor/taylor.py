@@ -51,12 +51,24 @@ def threshold_reached(loss: float, max_loss: float, threshold: float) -> bool:
 
 
 def denoising_loss(
-    unet: nn.Module, noise_scheduler, x0: torch.Tensor, noise: torch.Tensor, t: int
+    unet: nn.Module,
+    noise_scheduler,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    t: int,
+    conditioning: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Epsilon-prediction MSE of ``unet`` at timestep ``t`` for clean images ``x0``."""
+    """Epsilon-prediction MSE of ``unet`` at timestep ``t`` for clean samples ``x0`` (pixels, or
+    latents of a latent model), called with ``conditioning`` (``encoder_hidden_states`` and/or
+    ``class_labels``, item for item with ``x0``) when given."""
     timesteps = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
     noisy = noise_scheduler.add_noise(x0, noise, timesteps)
-    return F.mse_loss(predict_noise(unet, noisy, timesteps), noise)
+    return F.mse_loss(predict_noise(unet, noisy, timesteps, **(conditioning or {})), noise)
+
+
+def _rows(conditioning: dict[str, torch.Tensor] | None, part: slice) -> dict[str, torch.Tensor] | None:
+    """The conditioning of the items in ``part`` (None stays None)."""
+    return None if conditioning is None else {k: v[part] for k, v in conditioning.items()}
 
 
 def accumulate_taylor_grads(
@@ -69,6 +81,7 @@ def accumulate_taylor_grads(
     on_step: Callable[[int, float], None] | None = None,
     diagnose: bool = False,
     kept_layers: tuple[nn.Module, ...] = (),
+    conditioning: dict[str, torch.Tensor] | None = None,
 ) -> TaylorPass:
     """Accumulate ``dL_t/dw`` over ``candidates`` until the threshold rule stops it.
 
@@ -83,6 +96,11 @@ def accumulate_taylor_grads(
     the two halves (near 1: the direction is signal; near 0: noise), both over the
     parameters that can be pruned: ``kept_layers`` (the output conv, never pruned) are left
     out, since their gradient follows each half's noise mean and would swamp the rest.
+
+    ``conditioning``: a conditional UNet's keyword inputs for the items of ``x0``
+    (``encoder_hidden_states`` (B, tokens, width) and/or ``class_labels`` (B,)); every call of
+    the pass gets them. Without them the UNet is called as before (a ``UNet2DConditionModel``
+    with the null context).
     """
     unet.zero_grad(set_to_none=True)
     used: list[int] = []
@@ -95,7 +113,9 @@ def accumulate_taylor_grads(
     skip = {id(p) for layer in kept_layers for p in layer.parameters()}
     for t in candidates:
         if diagnose:
-            value, grad_norm, cosine, calls = _diagnosed_step(unet, noise_scheduler, x0, noise, t, skip)
+            value, grad_norm, cosine, calls = _diagnosed_step(
+                unet, noise_scheduler, x0, noise, t, skip, conditioning
+            )
             forward_calls += calls
             backward_calls += calls
             accumulated = stopped_grads is None
@@ -113,7 +133,7 @@ def accumulate_taylor_grads(
                     on_step(t, value)
                 continue
         else:
-            loss = denoising_loss(unet, noise_scheduler, x0, noise, t)
+            loss = denoising_loss(unet, noise_scheduler, x0, noise, t, conditioning)
             forward_calls += 1
             loss.backward()
             backward_calls += 1
@@ -146,7 +166,13 @@ def _flat_grads(params: list[nn.Parameter]) -> torch.Tensor:
 
 
 def _diagnosed_step(
-    unet: nn.Module, noise_scheduler, x0: torch.Tensor, noise: torch.Tensor, t: int, skip: set[int]
+    unet: nn.Module,
+    noise_scheduler,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    t: int,
+    skip: set[int],
+    conditioning: dict[str, torch.Tensor] | None = None,
 ) -> tuple[float, float, float | None, int]:
     """One timestep as two half-batch backward passes that add up to the full-batch gradient.
 
@@ -161,7 +187,7 @@ def _diagnosed_step(
     halves_grads, total = [], 0.0
     for part in halves:
         share = (part.stop - part.start) / n
-        loss = denoising_loss(unet, noise_scheduler, x0[part], noise[part], t)
+        loss = denoising_loss(unet, noise_scheduler, x0[part], noise[part], t, _rows(conditioning, part))
         (loss * share).backward()
         total += float(loss.detach()) * share
         after = _flat_grads(params)

@@ -18,7 +18,14 @@ from compressor.config import PruneConfig
 from compressor.errors import ConfigError
 from compressor.models import count_macs_params
 from compressor.pruning.search import search_ratio
-from compressor.pruning.structure import layer_widths, prune_structure, reinitialize, stem_ratio
+from compressor.pruning.structure import (
+    check_conditional_structure,
+    conditioning_widths,
+    layer_widths,
+    prune_structure,
+    reinitialize,
+    stem_ratio,
+)
 from compressor.taylor import TaylorPass, accumulate_taylor_grads, candidate_timesteps, make_importance
 
 
@@ -46,8 +53,16 @@ def prune_unet(
     on_taylor_step: Callable[[int, float], None] | None = None,
     on_search_trial: Callable[[float, float, float], None] | None = None,
     allocate: Callable[[nn.Module, object], dict[int, float]] | None = None,
+    conditioning: dict[str, torch.Tensor] | None = None,
 ) -> PruneResult:
     """Prune ``unet`` in place by ``cfg`` (method, target) and describe what was done.
+
+    ``images``: the Taylor pass's clean samples (pixels, or latents of a latent model);
+    ``conditioning``: a conditional UNet's inputs for them, item for item (``encoder_hidden_states``
+    and/or ``class_labels``, e.g. :meth:`compressor.encoded_cache.EncodedData.conditions`), passed
+    to every call of the pass; a MACs target counts one call with a context of their token count.
+    The structural rules for conditional UNets are :func:`compressor.pruning.structure.build_pruner`'s
+    and are checked after pruning (:func:`compressor.pruning.structure.check_conditional_structure`).
 
     ``allocate(unet, importance)``, when given, is called after the Taylor pass and
     returns a ratio per resolution level (hardware-aware allocation); it replaces the
@@ -63,9 +78,10 @@ def prune_unet(
         else:
             metric = "macs" if cfg.target_macs is not None else "params"
             target = cfg.target_macs if cfg.target_macs is not None else cfg.target_params
-            dense = count_macs_params(unet)
+            tokens = context_tokens(conditioning)
+            dense = count_macs_params(unet, tokens)
             ratio, search = search_ratio(
-                unet, target, metric, cfg.round_to, dense, cfg.search, on_trial=on_search_trial
+                unet, target, metric, cfg.round_to, dense, cfg.search, on_trial=on_search_trial, tokens=tokens
             )
     taylor = None
     if cfg.method in ("diff-pruning", "taylor"):
@@ -73,6 +89,7 @@ def prune_unet(
             raise ConfigError(f"prune.method={cfg.method} needs training images for the Taylor pass")
         g = torch.Generator().manual_seed(seed)
         x0 = images[: cfg.batch_size]
+        cond = None if conditioning is None else {k: v[: cfg.batch_size] for k, v in conditioning.items()}
         noise = torch.randn(x0.shape, generator=g).to(x0.device)
         candidates = candidate_timesteps(
             noise_scheduler.config.num_train_timesteps, cfg.timestep_stride, cfg.max_timesteps
@@ -89,7 +106,9 @@ def prune_unet(
             on_taylor_step,
             cfg.diagnose,
             kept_layers=(unet.conv_out,) if hasattr(unet, "conv_out") else (),
+            conditioning=cond,
         )
+    dense_inputs = conditioning_widths(unet)
     dense_channels = channel_widths(unet)
     importance = make_importance(cfg.method, cfg)
     level_ratios = None
@@ -100,6 +119,7 @@ def prune_unet(
     history = prune_structure(
         unet, importance, ratio, cfg.round_to, seed, cfg.group_selection, level_ratios, stats
     )
+    check_conditional_structure(unet, dense_inputs)
     kept_importance = None if cfg.method in ("random", "reinit") else stats.get("importance_kept")
     unet.zero_grad(set_to_none=True)
     if cfg.method == "reinit":
@@ -108,3 +128,9 @@ def prune_unet(
     widths = {name: [dense_widths[name], kept[name]] for name in kept}
     channels = kept_channels(history, dense_channels)
     return PruneResult(unet, ratio, history, widths, taylor, search, channels, level_ratios, kept_importance)
+
+
+def context_tokens(conditioning: dict[str, torch.Tensor] | None) -> int | None:
+    """The token count of ``encoder_hidden_states`` in ``conditioning`` (None without text)."""
+    ctx = (conditioning or {}).get("encoder_hidden_states")
+    return None if ctx is None else int(ctx.shape[1])

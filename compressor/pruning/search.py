@@ -81,10 +81,12 @@ def pruned_copy(
 
 
 def kept_fraction(
-    unet: nn.Module, ratio: float, round_to: int | None, dense: tuple[int, int]
+    unet: nn.Module, ratio: float, round_to: int | None, dense: tuple[int, int], tokens: int | None = None
 ) -> tuple[float, float]:
-    """(MACs, params) fractions kept if ``unet`` were pruned at ``ratio`` (on a copy)."""
-    macs, params = count_macs_params(pruned_copy(unet, ratio, round_to))  # sizes: any criterion will do
+    """(MACs, params) fractions kept if ``unet`` were pruned at ``ratio`` (on a copy); ``tokens``: the
+    length of a conditional UNet's ``encoder_hidden_states`` the MACs are counted with."""
+    trial = pruned_copy(unet, ratio, round_to)  # sizes: any criterion will do
+    macs, params = count_macs_params(trial, tokens)
     return macs / dense[0], params / dense[1]
 
 
@@ -112,8 +114,12 @@ def search_ratio(
     mode: str = "uniform",
     iterations: int = 8,
     on_trial: Callable[[float, float, float], None] | None = None,
+    tokens: int | None = None,
 ) -> tuple[float, list[dict]]:
     """The ratio giving the largest pruned model that keeps at most ``target`` of MACs/params.
+
+    MACs are those of one UNet call with its conditioning (``tokens``: the text length a
+    conditional UNet is counted with, see :func:`compressor.models.count_macs_params`).
 
     ``uniform`` walks :func:`uniform_ratios` from the mildest and stops at the first
     that meets the target; ``fine`` then bisects between that ratio and the previous
@@ -124,7 +130,7 @@ def search_ratio(
     trials: list[dict] = []
 
     def evaluate(r: float) -> float:
-        fr = kept_fraction(unet, r, round_to, dense)
+        fr = kept_fraction(unet, r, round_to, dense, tokens)
         trials.append({"ratio": round(r, 6), "macs_kept": fr[0], "params_kept": fr[1]})
         if on_trial:
             on_trial(r, fr[0], fr[1])

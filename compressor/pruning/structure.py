@@ -34,6 +34,49 @@ def head_dims(unet: nn.Module) -> dict[str, int]:
     return {n: a.to_q.out_features // a.heads for n, a in attention_modules(unet).items()}
 
 
+def conditioning_widths(unet: nn.Module) -> dict[str, int]:
+    """The widths pruning must never change, by name: the sample's channels in (``conv_in``) and out
+    (``conv_out``), the timestep embedding's input (``time_embedding.linear_1``), the class count of a
+    class embedding, and every cross-attention's key/value input (``to_k`` / ``to_v`` in_features:
+    ``cross_attention_dim``, the text encoder's width)."""
+    out: dict[str, int] = {}
+    for name in ("conv_in", "conv_out"):
+        conv = getattr(unet, name, None)
+        if conv is not None:
+            out[f"{name}.{'in' if name == 'conv_in' else 'out'}_channels"] = (
+                conv.in_channels if name == "conv_in" else conv.out_channels
+            )
+    linear_1 = getattr(getattr(unet, "time_embedding", None), "linear_1", None)
+    if isinstance(linear_1, nn.Linear):
+        out["time_embedding.linear_1.in_features"] = linear_1.in_features
+    emb = getattr(unet, "class_embedding", None)
+    if isinstance(emb, nn.Embedding):
+        out["class_embedding.num_embeddings"] = emb.num_embeddings
+    for name, attn in attention_modules(unet).items():
+        if attn.is_cross_attention:
+            out[f"{name}.to_k.in_features"] = attn.to_k.in_features
+            out[f"{name}.to_v.in_features"] = attn.to_v.in_features
+    return out
+
+
+def check_conditional_structure(unet: nn.Module, dense: dict[str, int]) -> None:
+    """Raise RuntimeError where pruning broke a rule of conditional UNets: a width of
+    :func:`conditioning_widths` changed, or an attention (self or cross) whose query, key and value
+    widths differ or do not split into its unchanged head count (heads are kept; each loses the same
+    channels, torch-pruning's ``prune_head_dims``)."""
+    now = conditioning_widths(unet)
+    changed = [f"{k}: {v} -> {now.get(k)}" for k, v in dense.items() if now.get(k) != v]
+    for name, attn in attention_modules(unet).items():
+        widths = {attn.to_q.out_features, attn.to_k.out_features, attn.to_v.out_features}
+        if len(widths) != 1 or attn.to_q.out_features % attn.heads:
+            changed.append(
+                f"{name}: q/k/v widths {attn.to_q.out_features}/{attn.to_k.out_features}/"
+                f"{attn.to_v.out_features} over {attn.heads} heads"
+            )
+    if changed:
+        raise RuntimeError("pruning broke the UNet's fixed widths: " + "; ".join(changed))
+
+
 def level_blocks(unet: nn.Module) -> dict[int, list[nn.Module]]:
     """Resolution level -> the down/mid/up blocks working at it (level 0: full resolution)."""
     levels: dict[int, list[nn.Module]] = {}
@@ -72,6 +115,14 @@ def build_pruner(
     """A torch-pruning pruner over the whole UNet, output conv kept, heads kept consistent.
 
     ``ratio_dict`` (block -> ratio) overrides ``ratio`` for the groups rooted in a block.
+
+    Every attention, self (``attn1``) and cross (``attn2``) alike, keeps its head count and loses
+    the same channels from each head (``num_heads`` on its q/k/v, ``prune_head_dims``). The inputs
+    the graph is traced with (:func:`compressor.models.example_inputs`: the sample, the timestep, a
+    conditional UNet's context and class label) are never pruned, and nothing feeds them, so the
+    sample's channels in, the timestep and class embeddings' inputs and the cross-attention's
+    key/value input width (``cross_attention_dim``) stay; ``conv_out`` is ignored so the sample's
+    channels out stay too (:func:`check_conditional_structure` checks all of them after pruning).
     """
     import torch_pruning as tp
 
