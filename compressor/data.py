@@ -167,14 +167,23 @@ def taylor_and_holdout(
     ``holdout_count`` images beside the Taylor batch, fewer are held out (None: none).
     Raises DataError when the data is smaller than the Taylor batch.
     """
+    pick, holdout = taylor_and_holdout_indices(dataset, taylor_count, holdout_count, seed)
+    taylor = gather(dataset, pick) if taylor_count else None
+    return taylor, (gather(dataset, holdout) if holdout else None)
+
+
+def taylor_and_holdout_indices(
+    dataset: Dataset, taylor_count: int, holdout_count: int, seed: int
+) -> tuple[list[int], list[int]]:
+    """The indices :func:`taylor_and_holdout` takes (Taylor batch, held out), for data read by index
+    (a conditioned model's encoded samples and their conditions)."""
     n = len(dataset)
     require_images(dataset, taylor_count, f"the Taylor batch (prune.batch_size={taylor_count})")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(HOLDOUT_SEED))
     holdout = order[: min(holdout_count, n - taylor_count)]
     pool = order[len(holdout) :]
     pick = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:taylor_count]]
-    taylor = gather(dataset, pick.tolist()) if taylor_count else None
-    return taylor, (gather(dataset, holdout.tolist()) if len(holdout) else None)
+    return pick.tolist(), holdout.tolist()
 
 
 def gather(dataset: Dataset, indices: list[int]) -> torch.Tensor:

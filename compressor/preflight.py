@@ -15,9 +15,11 @@ when the runner starts and before the first stage writes anything:
   inside its levels (when features are reused), ``finetune.distill.feature_points`` among its blocks.
 
 The model itself is refused first when the stages would get it wrong (:func:`check_model_supported`):
-only unconditional pixel-space models run through them today, so a model with text or class
-conditioning, or one working on latents (a VAE), is one ModelError naming the stages, not a failure
-deep inside one.
+only unconditional pixel-space models run through most of them today, so a model with text or class
+conditioning, or one working on latents (a VAE), is one ModelError naming the stages that would get
+it wrong, not a failure deep inside one. The stages of :data:`CONDITIONAL_STAGES` (``prune``) take
+text- or class-conditioned models, pixel or latent (the Taylor pass runs on the encoded data with its
+conditioning); a run of those alone is not refused.
 
 Data needs no check here: images are resized to the model's sample size. A setting that asks for a
 stage the config's stage list lacks (``distill_steps.target_steps`` without ``distill_steps``) is
@@ -36,6 +38,20 @@ from compressor.stack import SamplerVariant
 
 if TYPE_CHECKING:  # annotations only: the description module imports torch
     from compressor.components import ModelSpec
+
+# the stages that run text- or class-conditioned models (pixel or latent) with their conditioning
+CONDITIONAL_STAGES = ("prune",)
+
+
+def stages_refusing(spec: ModelSpec, stages: list[str]) -> list[str]:
+    """Which of ``stages`` would get the model of ``spec`` wrong: none for an unconditional pixel-space
+    model; the stages outside :data:`CONDITIONAL_STAGES` for a conditioned one; all of them for an
+    unconditional latent model (no conditioned data to encode)."""
+    if not spec.refusal():
+        return []
+    if spec.conditioning == "none":
+        return list(stages)
+    return [s for s in stages if s not in CONDITIONAL_STAGES]
 
 
 @dataclass(frozen=True)
@@ -102,8 +118,9 @@ def check_model_settings(cfg: RunConfig, frontier: bool = False, stages: list[st
     ConfigError line, every setting of ``cfg`` that cannot work with its model.
 
     ``frontier``: also check the whole ``frontier`` grid (``compress-deploy frontier``); otherwise
-    only the lists a latency target over levers may move. ``stages``: the stages about to run (named
-    in the refusal).
+    only the lists a latency target over levers may move. ``stages``: the stages about to run; a
+    conditioned model is refused naming those of them outside :data:`CONDITIONAL_STAGES`
+    (:func:`stages_refusing`), and passes when there are none.
     """
     from compressor.models import read_model_spec  # heavy (torch, diffusers): only when checking
 
@@ -116,7 +133,13 @@ def check_model_settings(cfg: RunConfig, frontier: bool = False, stages: list[st
         where = f"stage{'s' if len(stages) > 1 else ''} {', '.join(stages)}"
     else:
         where = "the pipeline's stages"
-    check_model_supported(spec, cfg.model.name, where)
+    if frontier or not stages:
+        check_model_supported(spec, cfg.model.name, where)
+    else:
+        refusing = stages_refusing(spec, stages)
+        if refusing:
+            where = f"stage{'s' if len(refusing) > 1 else ''} {', '.join(refusing)}"
+            check_model_supported(spec, cfg.model.name, where)
     facts = ModelFacts.from_configs(cfg.model.name, dict(spec.unet), dict(spec.scheduler))
     problems = model_problems(cfg, facts, frontier)
     if problems:

@@ -19,7 +19,7 @@ from compressor.errors import UserError
 from compressor.features import NUM_FEATURES, load_digits_features
 from compressor.image_quality import FeatureAdapter
 from compressor.models import DiffusionModel, as_noise_predictor, load_model, resolve_device
-from compressor.preflight import check_model_supported
+from compressor.preflight import check_model_supported, stages_refusing
 from compressor.progress import (
     log,  # noqa: F401  (re-exported: stages log through the context)
     progress_bar,
@@ -184,17 +184,21 @@ class RunContext:
     @property
     def dense(self) -> DiffusionModel:
         """The dense model named by ``model`` (loaded once per process): its description, components
-        and denoiser. A model the stages would get wrong (conditioning, latents) is refused here too,
-        for models whose configs preflight could not read (a hub id)."""
+        and denoiser. A model the stage would get wrong (conditioning, latents) is refused here too,
+        for models whose configs preflight could not read (a hub id); a stage of
+        :data:`compressor.preflight.CONDITIONAL_STAGES` takes a conditioned one."""
 
         def load() -> DiffusionModel:
             loaded = load_model(self.cfg.model, self.cfg.seed)
-            where = f"stage {self.call.name}" if self.call else "the pipeline's stages"
-            check_model_supported(loaded.spec, self.cfg.model.name, where)
             loaded.unet.eval()
             return loaded
 
-        return self._memoised("dense", load)
+        dense = self._memoised("dense", load)
+        stage = [self.call.name] if self.call else []
+        if not stage or stages_refusing(dense.spec, stage):
+            where = f"stage {self.call.name}" if self.call else "the pipeline's stages"
+            check_model_supported(dense.spec, self.cfg.model.name, where)
+        return dense
 
     def dense_on(self, device: torch.device | str | None = None) -> torch.nn.Module:
         """A private copy of the dense UNet on ``device`` (default: the run's), in eval mode.

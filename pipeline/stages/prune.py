@@ -1,9 +1,19 @@
-"""The ``prune`` stage: Diff-Pruning (or a baseline) of the dense UNet."""
+"""The ``prune`` stage: Diff-Pruning (or a baseline) of the dense UNet.
+
+A text- or class-conditioned model (pixel or latent) prunes with its conditioning: the Taylor batch
+and the held-out batch are its training data encoded by the dense model's VAE and text encoder
+(:func:`compressor.encoded_cache.encode_dataset`, cached in ``RUN/encoded/``), each sample with its
+caption's embedding or class label, and MACs are counted for one UNet call with a context of the
+tokenizer's length.
+"""
 
 from __future__ import annotations
 
+from compressor.conditional_batches import PixelConditions
+from compressor.conditioned_data import load_conditioned_dataset
 from compressor.config import PruneConfig, config_from_mapping, config_to_dict, prune_target_overrides
-from compressor.data import taylor_and_holdout
+from compressor.data import taylor_and_holdout, taylor_and_holdout_indices
+from compressor.encoded_cache import encode_dataset
 from compressor.errors import UserError
 from compressor.image_quality import denoising_eval_loss
 from compressor.models import count_macs_params
@@ -38,14 +48,16 @@ def key_extra(ctx: RunContext) -> dict:
 def run(ctx: RunContext) -> StageResult:
     """Prune the dense model by ``prune`` and save it to ``RUN/prune/model``."""
     unet = ctx.dense_on()
-    before = count_macs_params(unet)
+    data = _prune_data(ctx, _needs_data(ctx.cfg.prune))
+    images, cond, eval_images, eval_cond = data
+    tokens = None if cond is None and eval_cond is None else _tokens(ctx)
+    before = count_macs_params(unet, tokens)
     log("prune", f"dense: {before[1] / 1e6:.2f}M params, {before[0] / 1e9:.3f}G MACs")
-    images, eval_images = _prune_images(ctx, _needs_data(ctx.cfg.prune))
-    loss_dense = _eval_loss(ctx, unet, eval_images)
+    loss_dense = _eval_loss(ctx, unet, eval_images, eval_cond)
     cfg, allocate, search = _latency_target(ctx, unet)
-    result = _prune(ctx, unet, images, cfg, allocate)
-    after = count_macs_params(unet)
-    loss_pruned = _eval_loss(ctx, unet, eval_images)
+    result = _prune(ctx, unet, images, cfg, allocate, cond)
+    after = count_macs_params(unet, tokens)
+    loss_pruned = _eval_loss(ctx, unet, eval_images, eval_cond)
     _log_result(cfg, result, before, after)
     files = _save(ctx, unet, result, cfg)
     metrics = _metrics(ctx, cfg, result, before, after, images, eval_images, search)
@@ -85,7 +97,7 @@ def _chosen_ratio(ctx: RunContext) -> PruneConfig:
     return config_from_mapping(config_to_dict(ctx.cfg), prune_target_overrides(ratio=ratio)).prune
 
 
-def _prune(ctx: RunContext, unet, images, cfg: PruneConfig, allocate) -> PruneResult:
+def _prune(ctx: RunContext, unet, images, cfg: PruneConfig, allocate, conditioning=None) -> PruneResult:
     """The Taylor pass (with a progress bar) and the structural pruning, in place on ``unet``.
 
     The bar's total is every candidate timestep: the pass may stop earlier, at the threshold, and
@@ -108,7 +120,17 @@ def _prune(ctx: RunContext, unet, images, cfg: PruneConfig, allocate) -> PruneRe
         bar.update(1)
 
     try:
-        result = prune_unet(unet, scheduler, images, cfg, ctx.cfg.seed, on_step, on_trial, allocate=allocate)
+        result = prune_unet(
+            unet,
+            scheduler,
+            images,
+            cfg,
+            ctx.cfg.seed,
+            on_step,
+            on_trial,
+            allocate=allocate,
+            conditioning=conditioning,
+        )
     finally:
         if bar is not None:
             bar.close()
@@ -200,6 +222,45 @@ def _metrics(
     }
 
 
+def _prune_data(ctx: RunContext, needs_data: bool) -> tuple:
+    """(Taylor samples, their conditioning, held-out samples, their conditioning), each None where
+    absent; the conditioning is None for an unconditional model."""
+    if ctx.dense.conditioning == "none":
+        images, eval_images = _prune_images(ctx, needs_data)
+        return images, None, eval_images, None
+    return _conditioned_data(ctx, needs_data)
+
+
+def _tokens(ctx: RunContext) -> int | None:
+    """The length of the text context a conditional UNet is called with (None without text)."""
+    return ctx.dense.spec.tokens if ctx.dense.conditioning == "text" else None
+
+
+def _conditioned_data(ctx: RunContext, needs_data: bool) -> tuple:
+    """A conditioned model's Taylor and held-out batches: the samples (latents of a latent model, else
+    pixels) and their conditions, drawn by the indices :func:`taylor_and_holdout` draws."""
+    cfg, dense = ctx.cfg.prune, ctx.dense
+    if not needs_data and not cfg.eval_batch:
+        return None, None, None, None
+    c, h, _ = dense.image_shape
+    dataset = load_conditioned_dataset(ctx.cfg.data, c, h, dense.conditioning, dense.num_classes)
+    encoded = encode_dataset(dense, dataset, ctx.cfg.data, ctx.run_dir, log=lambda m: log("prune", m))
+    source = encoded if dense.latent else PixelConditions(dataset.images, encoded)
+    pick, holdout = taylor_and_holdout_indices(
+        dataset, cfg.batch_size if needs_data else 0, cfg.eval_batch, ctx.cfg.seed
+    )
+    if cfg.eval_batch and len(holdout) < cfg.eval_batch:
+        log("prune", f"only {len(holdout)} of prune.eval_batch={cfg.eval_batch} images could be held out")
+
+    def batch(idx: list[int]) -> tuple:
+        if not idx:
+            return None, None
+        conditions = {k: v.to(ctx.device) for k, v in source.conditions(idx).items()}
+        return source.samples(idx).to(ctx.device), conditions
+
+    return (*batch(pick), *batch(holdout))
+
+
 def _prune_images(ctx: RunContext, needs_data: bool):
     """(Taylor batch or None, held-out images or None) on the run's device."""
     cfg = ctx.cfg.prune
@@ -216,6 +277,8 @@ def _prune_images(ctx: RunContext, needs_data: bool):
     )
 
 
-def _eval_loss(ctx: RunContext, unet, images) -> float | None:
-    """The denoising loss on the held-out images (None when none are held out)."""
-    return None if images is None else denoising_eval_loss(unet, ctx.noise_scheduler(), images, ctx.cfg.seed)
+def _eval_loss(ctx: RunContext, unet, images, conditioning=None) -> float | None:
+    """The denoising loss on the held-out images (with their conditioning; None when none are held out)."""
+    if images is None:
+        return None
+    return denoising_eval_loss(unet, ctx.noise_scheduler(), images, ctx.cfg.seed, conditioning=conditioning)
