@@ -1,6 +1,6 @@
-"""scripts/make_digits_sd.py: the digits demo's tokenizer, text encoder, VAE, scheduler and
-model_index.json in Stable Diffusion's layout, without the UNet, loadable by diffusers (a few VAE steps
-here; the real build trains it longer)."""
+"""scripts/make_digits_sd.py: the digits demo's tokenizer, text encoder, VAE, scheduler, model_index.json
+and UNet (trained by the product's loop) in Stable Diffusion's layout, loadable by diffusers (a few VAE
+and UNet steps here; the real build trains them longer: compressor/assets/digits-sd)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ _spec.loader.exec_module(make_digits_sd)
 pytest.importorskip("transformers")
 
 
-def test_the_folder_has_every_component_but_the_unet_and_loads_in_diffusers(tmp_path, capsys):
+def test_the_folder_is_a_complete_pipeline_that_loads_in_diffusers(tmp_path, capsys):
     out = tmp_path / "digits-sd"
-    assert make_digits_sd.main([str(out), "--vae-steps", "2", "--text-hidden", "16"]) == 0
+    args = [str(out), "--vae-steps", "2", "--unet-steps", "3", "--text-hidden", "16"]
+    assert make_digits_sd.main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert sorted(p.name for p in out.iterdir()) == [
         "make_digits_sd.json",
@@ -30,8 +31,9 @@ def test_the_folder_has_every_component_but_the_unet_and_loads_in_diffusers(tmp_
         "scheduler",
         "text_encoder",
         "tokenizer",
+        "unet",
         "vae",
-    ]  # no unet/: the product's training loop makes it
+    ]
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline" and index["unet"] == [
         "diffusers",
@@ -43,8 +45,13 @@ def test_the_folder_has_every_component_but_the_unet_and_loads_in_diffusers(tmp_
         k: v for k, v in ddpm.items() if k != "clip_sample"
     }
     assert scheduler["clip_sample"] is False  # latents are not bounded to [-1, 1]
-    check = summary["diffusers_check"]
+    check = summary["check"]
     assert check["pipeline"] == "StableDiffusionPipeline" and check["image_shape"] == [1, 16, 16]
+    assert 0 <= check["accuracy_diffusers"] <= 1 and len(check["predicted_loop"]) == 40
+    assert summary["unet"]["finetune"]["steps"] == 3 and summary["unet"]["finetune"]["cond_dropout"] == 0.1
+    assert summary["unet"]["latents"] == [1797, 4, 8, 8] and summary["unet"]["caption_rows"] == 11
+    recorded = json.loads((out / "make_digits_sd.json").read_text())
+    assert recorded["unet"]["losses"] and recorded["check"] == check
     assert check["tokens"][1:5] == ["a</w>", "handwritten</w>", "digit</w>", "seven</w>"]
     configs = {part: json.loads((out / part / "config.json").read_text()) for part in ("vae", "text_encoder")}
     assert (
@@ -52,12 +59,8 @@ def test_the_folder_has_every_component_but_the_unet_and_loads_in_diffusers(tmp_
         and configs["text_encoder"]["max_position_embeddings"] == 16
     )
     assert configs["vae"]["scaling_factor"] == pytest.approx(summary["vae"]["scaling_factor"])
-    unet = {
-        "_class_name": "UNet2DConditionModel",
-        "in_channels": 4,
-        "sample_size": 8,
-        "cross_attention_dim": 16,
-    }
+    unet = json.loads((out / "unet" / "config.json").read_text())
+    assert unet["_class_name"] == "UNet2DConditionModel" and unet["cross_attention_dim"] == 16
     spec = ModelSpec(unet, vae=configs["vae"], text_encoder=configs["text_encoder"], tokenizer={})
-    assert spec.sample_shape == (4, 8, 8) and spec.image_shape == (1, 16, 16)  # what the UNet will see
+    assert spec.sample_shape == (4, 8, 8) and spec.image_shape == (1, 16, 16)  # what the UNet sees
     assert make_digits_sd.main([str(out)]) == 2  # never over a folder that holds something
