@@ -40,7 +40,6 @@ from the main process only (it writes into the run directory, under the run's lo
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -57,10 +56,10 @@ from compressor.components import DiffusionModel
 from compressor.conditioned_data import ConditionedImages
 from compressor.config import DataConfig, config_to_dict
 from compressor.data import ImageFolder, TensorImages
-from compressor.digest import content_hash
+from compressor.digest import content_hash, stream_hash
 from compressor.errors import DataError, ModelError
 from rundir import layout
-from rundir.artifacts import artifact_matches, write_json
+from rundir.artifacts import artifact_matches, sha256_bytes, write_json
 
 FORMAT = 1  # bump when what the files hold changes: every cache then recomputes
 
@@ -280,11 +279,15 @@ def module_digest(module: nn.Module) -> str:
     config = getattr(module, "config", None)
     config = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
     kept = {k: v for k, v in config.items() if not k.startswith("_") and not k.endswith("_version")}
-    h = hashlib.sha256(content_hash({"class": type(module).__name__, "config": kept}).encode())
-    for name, tensor in sorted(module.state_dict().items()):
-        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        h.update(_bytes(tensor))
-    return h.hexdigest()
+    head = content_hash({"class": type(module).__name__, "config": kept}).encode()
+
+    def chunks() -> Iterator[bytes]:  # one tensor's bytes at a time (an SD UNet's weights are GBs)
+        yield head
+        for name, t in sorted(module.state_dict().items()):
+            yield f"{name}|{t.dtype}|{tuple(t.shape)}".encode()
+            yield _bytes(t)
+
+    return stream_hash(chunks())
 
 
 def _bytes(tensor: torch.Tensor) -> bytes:
@@ -292,7 +295,7 @@ def _bytes(tensor: torch.Tensor) -> bytes:
 
 
 def _tensor_digest(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}".encode() + _bytes(tensor)).hexdigest()
+    return stream_hash([f"{tensor.dtype}|{tuple(tensor.shape)}".encode(), _bytes(tensor)])
 
 
 def text_key(text_encoder: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> str:
@@ -313,10 +316,7 @@ def images_digest(images: Dataset) -> str:
         return content_hash({"root": str(root.resolve()), "files": files, **settings})
     if isinstance(images, TensorImages):
         return _tensor_digest(images.images)
-    h = hashlib.sha256()
-    for i in range(len(images)):
-        h.update(_tensor_digest(images[i]).encode())
-    return h.hexdigest()
+    return stream_hash(_tensor_digest(images[i]).encode() for i in range(len(images)))
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -375,4 +375,4 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], key: str) -> dict:
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
-    return {"file": path.name, "key": key, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return {"file": path.name, "key": key, "bytes": len(data), "sha256": sha256_bytes(data)}
