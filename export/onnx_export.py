@@ -167,7 +167,6 @@ def export_unet(
     denoiser inputs the graph takes; by default the UNet alone. A conditioned model exports its
     plain call only (ModelError for the feature-reuse passes).
     """
-    import onnx
 
     unet = copy.deepcopy(unet).eval().cpu()  # the caller's model keeps its device and mode
     described = ModelSpec.of(unet, spec).denoiser_inputs(batch)
@@ -203,6 +202,36 @@ def export_unet(
     for name, shape in shapes.items():
         if len(shape) == 4:
             dynamic[name].update({2: f"{name}_height", 3: f"{name}_width"})
+    facts = trace_to_onnx(wrapper, args, path, part, (inputs, outputs), dynamic, shapes or None, fold, inputs)
+    return {
+        "path": facts["path"],
+        "part": part,
+        **({"cache_level": level} if part != "unet" else {}),
+        "precision": precision,
+        **{k: facts[k] for k in ("opset", "exporter", "export_seconds")},
+        "traced_size": list(traced[2:]),
+        **{k: facts[k] for k in ("nodes_exported", "nodes", "external_data", "bytes")},
+    }
+
+
+def trace_to_onnx(
+    wrapper: nn.Module,
+    args: tuple,
+    path: Path,
+    part: str,
+    names: tuple[list[str], list[str]],
+    dynamic: dict,
+    pin: dict[str, tuple] | None = None,
+    fold: bool = True,
+    check_inputs: list[str] | None = None,
+) -> dict:
+    """Trace ``wrapper`` on ``args`` to ``path`` (through a temporary file, so a failed export leaves the
+    previous graph), pin the input/output sizes ``pin`` gives (a graph traced below its size), fold
+    constants, save (external data past 2 GiB) and check it against ``part``'s interface; the facts
+    every exported graph's record holds. ``names``: (input names, output names)."""
+    import onnx
+
+    inputs, outputs = names
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.onnx")
     began = time.perf_counter()
@@ -222,26 +251,22 @@ def export_unet(
     export_seconds = time.perf_counter() - began
     proto = onnx.load(str(tmp))
     nodes_exported = len(proto.graph.node)
-    if traced != full:
-        pin_spatial_size(proto, shapes)
+    if pin:
+        pin_spatial_size(proto, pin)
     if fold:
         from polygraphy.backend.onnx import fold_constants
 
         proto = fold_constants(proto, error_ok=True)
-    size = proto.ByteSize()
-    external = size > TWO_GIB - (1 << 20)
+    external = proto.ByteSize() > TWO_GIB - (1 << 20)
     tmp.unlink()
     save_onnx(proto, path, external)
-    check_onnx(path, against_manifest=False, part=part, inputs=inputs)  # the manifest lists the previous one
+    check_onnx(path, against_manifest=False, part=part, inputs=check_inputs)  # the manifest lists the old one
     return {
         "path": path.name,
         "part": part,
-        **({"cache_level": level} if part != "unet" else {}),
-        "precision": precision,
         "opset": OPSET,
         "exporter": "torchscript (dynamo=False)",
         "export_seconds": round(export_seconds, 3),
-        "traced_size": list(traced[2:]),
         "nodes_exported": nodes_exported,
         "nodes": len(proto.graph.node),
         "external_data": external,

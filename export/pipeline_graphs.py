@@ -31,8 +31,6 @@ the ONNX Runtime backend and lives in :mod:`deploy.onnx_text_to_image`.
 from __future__ import annotations
 
 import copy
-import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,12 +43,8 @@ from compressor.models import predict_noise
 from export.compare import ParityReport, compare, make_function_runner, make_onnxrt_runner
 from export.onnx_export import (
     INTERFACES,
-    OPSET,
-    TWO_GIB,
-    check_onnx,
     half_with_fp32_norms,
-    pin_spatial_size,
-    save_onnx,
+    trace_to_onnx,
 )
 
 TEXT_ENCODER = "text_encoder"
@@ -106,49 +100,9 @@ def _export(
     dynamic: dict,
     pin: dict[str, tuple] | None = None,
 ) -> dict:
-    """Trace ``wrapper`` to ``path`` with ``part``'s interface (as export_unet does); facts for the record."""
-    import onnx
-    from polygraphy.backend.onnx import fold_constants
-
-    inputs, outputs = INTERFACES[part]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.onnx")
-    began = time.perf_counter()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about shape checks
-        torch.onnx.export(
-            wrapper,
-            args,
-            str(tmp),
-            input_names=inputs,
-            output_names=outputs,
-            dynamic_axes=dynamic,
-            opset_version=OPSET,
-            dynamo=False,
-            do_constant_folding=True,
-        )
-    export_seconds = time.perf_counter() - began
-    proto = onnx.load(str(tmp))
-    nodes_exported = len(proto.graph.node)
-    if pin:
-        pin_spatial_size(proto, pin)
-    proto = fold_constants(proto, error_ok=True)
-    external = proto.ByteSize() > TWO_GIB - (1 << 20)
-    tmp.unlink()
-    save_onnx(proto, path, external)
-    check_onnx(path, against_manifest=False, part=part)
-    return {
-        "path": path.name,
-        "part": part,
-        "opset": OPSET,
-        "exporter": "torchscript (dynamo=False)",
-        "export_seconds": round(export_seconds, 3),
-        "nodes_exported": nodes_exported,
-        "nodes": len(proto.graph.node),
-        "external_data": external,
-        "bytes": path.stat().st_size,
-    }
+    """Trace ``wrapper`` to ``path`` with ``part``'s interface (:func:`~export.onnx_export.trace_to_onnx`,
+    as export_unet does); facts for the record."""
+    return trace_to_onnx(wrapper, args, Path(path), part, INTERFACES[part], dynamic, pin)
 
 
 def _check_precision(precision: str) -> torch.dtype:
