@@ -13,22 +13,11 @@ from compressor.errors import ConfigError, DataError
 from compressor.models import build_unet
 from compressor.sampling import make_scheduler
 from compressor.training import draw_batch, draw_conditioned_batch, train
-from tests.conftest import DDPM_SCHEDULER, TINY_UNET
+from tests.conftest import DDPM_SCHEDULER, TINY_COND_UNET, TINY_UNET
 
 N, CAPTIONS, TOKENS, WIDTH, CLASSES = 16, 4, 5, 8, 4  # class 3 is the null class
-TEXT_UNET = {
-    "_class_name": "UNet2DConditionModel",
-    "block_out_channels": [16, 32],
-    "norm_num_groups": 4,
-    "attention_head_dim": 4,
-    "cross_attention_dim": WIDTH,
-    "layers_per_block": 1,
-    "sample_size": 8,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-}
+TEXT_UNET = {**TINY_COND_UNET, "block_out_channels": [16, 32], "norm_num_groups": 4,
+             "cross_attention_dim": WIDTH}  # fmt: skip
 CLASS_UNET = {**TINY_UNET, "sample_size": 8, "num_class_embeds": CLASSES}
 OFF = DistillConfig(weight_output=0.0, weight_features=0.0)
 
