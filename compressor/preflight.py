@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # annotations only: the description module imports torch
     from compressor.components import ModelSpec
 
 # the stages that run text- or class-conditioned models (pixel or latent) with their conditioning
-CONDITIONAL_STAGES = ("prune",)
+CONDITIONAL_STAGES = ("prune", "finetune", "samples")
 
 
 def stages_refusing(spec: ModelSpec, stages: list[str]) -> list[str]:

@@ -13,10 +13,14 @@ from typing import Any
 
 import torch
 
+from compressor.conditional_batches import PixelConditions
+from compressor.conditioned_data import load_conditioned_dataset
 from compressor.config import RunConfig, config_to_dict
 from compressor.data import load_dataset
+from compressor.encoded_cache import encode_dataset
 from compressor.errors import UserError
 from compressor.features import NUM_FEATURES, load_digits_features
+from compressor.guidance import model_decoder
 from compressor.image_quality import FeatureAdapter
 from compressor.models import DiffusionModel, as_noise_predictor, load_model, resolve_device
 from compressor.preflight import check_model_supported, stages_refusing
@@ -24,6 +28,7 @@ from compressor.progress import (
     log,  # noqa: F401  (re-exported: stages log through the context)
     progress_bar,
 )
+from compressor.prompts import PromptSet, run_prompts
 from compressor.sampling import generate, make_scheduler
 from compressor.stack import Stack, StackChoice
 from deploy.runtimes import load_backend
@@ -191,6 +196,9 @@ class RunContext:
         def load() -> DiffusionModel:
             loaded = load_model(self.cfg.model, self.cfg.seed)
             loaded.unet.eval()
+            for frozen in (loaded.vae, loaded.text_encoder):  # kept as they are, used where sampling runs
+                if frozen is not None:
+                    frozen.to(self.device).eval().requires_grad_(False)
             return loaded
 
         dense = self._memoised("dense", load)
@@ -226,6 +234,7 @@ class RunContext:
         start: int = 0,
         *,
         desc: str | None = None,
+        prompts: PromptSet | None = None,
     ) -> torch.Tensor:
         """``num_images`` images from the run's seeds with its sampler (``sample`` section) at ``steps``.
 
@@ -238,6 +247,10 @@ class RunContext:
         ``variant`` (a :class:`~compressor.config.SamplerVariant`): that solver, step count and
         reuse interval instead (the chosen stack of a latency target over levers). ``student``
         (:func:`compressor.persist.student_sampling`): a few-step student's DDIM at its own steps.
+
+        A conditional model samples image ``i`` with its prompt (:attr:`prompts`, ``prompts`` to
+        override) under ``sample.guidance_scale``, and a latent one decodes with the dense model's VAE:
+        the images are always pixels in [0, 1].
         """
 
         s = self.cfg.sample
@@ -246,6 +259,13 @@ class RunContext:
             scheduler, steps, interval = variant.scheduler, variant.steps, variant.cache_interval
         if student is not None:
             scheduler, interval, (sched_cfg, steps) = "ddim", 1, student
+        conditional = {}
+        if self.dense.conditioning != "none":
+            prompts = prompts or self.prompts
+            conditional = {
+                "conditioning": prompts.conditioning(self.dense, num_images, start, self.device),
+                "guidance_scale": s.guidance_scale,
+            }
         with progress_bar(num_images, desc or "", "image", disable=desc is None) as bar:
             return generate(
                 predict,
@@ -260,7 +280,40 @@ class RunContext:
                 on_batch=bar.update,
                 cache_interval=interval,
                 cache_schedule=s.cache_schedule,
+                decode=model_decoder(self.dense),
+                **conditional,
             )
+
+    @property
+    def prompts(self) -> PromptSet:
+        """The prompts (or class labels) a conditional model's images cycle through
+        (:func:`compressor.prompts.run_prompts`); ConfigError for an unconditional model."""
+        dense = self.dense
+        if dense.conditioning == "none":
+            raise UserError(f"model {self.cfg.model.name} is unconditional: it takes no prompts")
+        return self._memoised(
+            "prompts",
+            lambda: run_prompts(
+                self.cfg.sample, self.cfg.data, dense.conditioning, dense.image_shape, dense.num_classes
+            ),
+        )
+
+    @property
+    def conditioned_data(self):
+        """A conditioned model's training data as the denoiser takes it: the dataset encoded once by
+        the dense model's VAE and text encoder (:func:`compressor.encoded_cache.encode_dataset`,
+        cached in ``RUN/encoded/``), latents for a latent model, else the pixels beside their
+        conditions (:class:`compressor.conditional_batches.PixelConditions`)."""
+
+        def make():
+            dense = self.dense
+            c, h, _ = dense.image_shape
+            data = load_conditioned_dataset(self.cfg.data, c, h, dense.conditioning, dense.num_classes)
+            stage = self.call.name if self.call else "run"
+            encoded = encode_dataset(dense, data, self.cfg.data, self.run_dir, log=lambda m: log(stage, m))
+            return encoded if dense.latent else PixelConditions(data.images, encoded)
+
+        return self._memoised("conditioned_data", make)
 
     def frechet_features(self):
         """The Frechet feature extractor and its metric name (``fd_digits`` or ``fid``).
@@ -282,9 +335,9 @@ class RunContext:
 
     @property
     def dataset(self):
-        """The training images, shaped for the dense model."""
+        """The training images (pixels), shaped as the dense model's images (decoded, for a latent model)."""
 
-        c, h, _ = self.image_shape()
+        c, h, _ = self.dense.image_shape
         return self._memoised("dataset", lambda: load_dataset(self.cfg.data, c, h))
 
     def noise_scheduler(self):

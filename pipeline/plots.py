@@ -270,6 +270,30 @@ def plot_seed_pairs(dense, compressed, names: tuple[str, str], path: Path, per_r
     return _save(fig, path, dpi=110)
 
 
+def plot_prompt_pairs(prompts: list[str], rows: dict[str, object], path: Path) -> Path:
+    """Each prompt on a row, one image per model beside each other (same seed): ``rows`` maps a
+    model's label to (N, C, H, W) in [0, 1], image i drawn for ``prompts[i]``."""
+    plt = _pyplot()
+    names = list(rows)
+    fig, axes = plt.subplots(
+        len(prompts), len(names), figsize=(1.6 * len(names) + 2.6, 1.5 * len(prompts) + 0.3), squeeze=False
+    )
+    for i, prompt in enumerate(prompts):
+        for j, name in enumerate(names):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            image = rows[name][i].clamp(0, 1).permute(1, 2, 0).numpy()  # type: ignore[index]
+            ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1,
+                      interpolation="nearest")  # fmt: skip
+            if i == 0:
+                ax.set_title(name, fontsize=9)
+            if j == 0:
+                ax.set_ylabel(prompt if len(prompt) <= 40 else prompt[:37] + "...", fontsize=8,
+                              rotation=0, ha="right", va="center")  # fmt: skip
+    return _save(fig, path, dpi=110)
+
+
 def plot_ablation(rows: list[dict], path: Path) -> None:
     """The ablation: Frechet distance after pruning and after finetuning, and SSIM, with the spread
     over seeds (``compress-deploy ablate``)."""

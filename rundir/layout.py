@@ -225,6 +225,11 @@ def samples_grid(run: Path) -> Path:
     return stage_dir(run, "samples") / "grid.png"
 
 
+def prompt_pairs(run: Path) -> Path:
+    """A conditional model's samples per prompt, dense beside compressed."""
+    return stage_dir(run, "samples") / "prompts.png"
+
+
 def quality_samples(run: Path) -> Path:
     """Every model's quality samples."""
     return stage_dir(run, "quality") / "samples.safetensors"

@@ -37,6 +37,11 @@ class AcceptanceConfig:
         None, "max FD-infinity of compressed - dense, in the Frechet feature's units", gt=0.0
     )
     max_kid_increase: float | None = _spec(None, "max KID of compressed - dense (unbiased at any N)", gt=0.0)
+    min_adherence_ratio: float | None = _spec(
+        None,
+        "conditional models: min prompt adherence of compressed / dense (its interval's lower end)",
+        gt=0.0,
+    )
     variant: str | None = _spec(
         None, "bench sampler variant the sampler gates read (SCHEDULER:STEPS[:INTERVAL]; default: the first)"
     )

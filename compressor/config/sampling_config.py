@@ -30,6 +30,19 @@ class SampleConfig:
     precision: Literal["fp32", "fp16", "int8"] = _spec(
         "fp32", "sampler precision: the torch dtype, or which exported ONNX file runs (int8: ONNX only)"
     )
+    guidance_scale: float = _spec(
+        7.5,
+        "conditional models: classifier-free guidance scale (1 or below: no guidance, one UNet call)",
+        ge=0.0,
+    )
+    prompts: list[str] | None = _spec(
+        None, "conditional models: the prompts (text) or class indices as strings (class) image i cycles "
+        "through; null: prompt_file, else the data's distinct captions or classes",
+    )  # fmt: skip
+    prompt_file: str | None = _spec(None, "conditional models: a UTF-8 file of prompts, one a line")
+    negative_prompt: str | None = _spec(
+        None, "text-conditioned models: the prompt guidance steers away from (null: the empty prompt)"
+    )
 
     @property
     def reuse_level(self) -> int | None:
@@ -59,6 +72,9 @@ class QualityConfig:
     compare_raw: bool = _spec(True, "also score the finetune's raw (non-EMA) weights")
     compare_pruned: bool = _spec(
         True, "also score the pruned model before finetuning (what the finetune recovered)"
+    )
+    clip_model: str | None = _spec(
+        None, "text-conditioned models: a local CLIPModel folder; prompt adherence as CLIP score"
     )
     interval_level: float = _spec(
         0.95, "level of every quality figure's interval (paired over seeds)", gt=0.0, lt=1.0

@@ -39,10 +39,20 @@ def run(ctx: RunContext) -> StageResult:
             structure["kept_widths"],
             extra={"scheduler_config": structure.get("scheduler_config"), "finetuned_from": "prune/model"},
         )
-    images = stack(ctx.dataset, 16)
+    images, cond = _eval_batch(ctx)
     sched = ctx.noise_scheduler()
     metrics = train_metrics(result)
-    metrics["eval_loss_ema"] = denoising_eval_loss(result.ema_unet, sched, images, ctx.cfg.seed)
-    metrics["eval_loss_raw"] = denoising_eval_loss(result.unet, sched, images, ctx.cfg.seed)
+    for name, model in (("eval_loss_ema", result.ema_unet), ("eval_loss_raw", result.unet)):
+        metrics[name] = denoising_eval_loss(model, sched, images, ctx.cfg.seed, conditioning=cond)
     log("finetune", f"eval loss: EMA {metrics['eval_loss_ema']:.4f}, raw {metrics['eval_loss_raw']:.4f}")
     return StageResult(metrics, files)
+
+
+def _eval_batch(ctx: RunContext, count: int = 16) -> tuple:
+    """The first ``count`` training samples (latents of a latent model, on the CPU where the saved
+    models are), with their conditions for a conditioned model (None for an unconditional one)."""
+    if ctx.dense.conditioning == "none":
+        return stack(ctx.dataset, count), None
+    data = ctx.conditioned_data
+    idx = list(range(min(count, len(data))))
+    return data.samples(idx), data.conditions(idx)

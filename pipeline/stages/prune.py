@@ -9,11 +9,8 @@ tokenizer's length.
 
 from __future__ import annotations
 
-from compressor.conditional_batches import PixelConditions
-from compressor.conditioned_data import load_conditioned_dataset
 from compressor.config import PruneConfig, config_from_mapping, config_to_dict, prune_target_overrides
 from compressor.data import taylor_and_holdout, taylor_and_holdout_indices
-from compressor.encoded_cache import encode_dataset
 from compressor.errors import UserError
 from compressor.image_quality import denoising_eval_loss
 from compressor.models import count_macs_params
@@ -238,16 +235,14 @@ def _tokens(ctx: RunContext) -> int | None:
 
 def _conditioned_data(ctx: RunContext, needs_data: bool) -> tuple:
     """A conditioned model's Taylor and held-out batches: the samples (latents of a latent model, else
-    pixels) and their conditions, drawn by the indices :func:`taylor_and_holdout` draws."""
-    cfg, dense = ctx.cfg.prune, ctx.dense
+    pixels) and their conditions (:attr:`RunContext.conditioned_data`), drawn by the indices
+    :func:`taylor_and_holdout` draws."""
+    cfg = ctx.cfg.prune
     if not needs_data and not cfg.eval_batch:
         return None, None, None, None
-    c, h, _ = dense.image_shape
-    dataset = load_conditioned_dataset(ctx.cfg.data, c, h, dense.conditioning, dense.num_classes)
-    encoded = encode_dataset(dense, dataset, ctx.cfg.data, ctx.run_dir, log=lambda m: log("prune", m))
-    source = encoded if dense.latent else PixelConditions(dataset.images, encoded)
+    source = ctx.conditioned_data
     pick, holdout = taylor_and_holdout_indices(
-        dataset, cfg.batch_size if needs_data else 0, cfg.eval_batch, ctx.cfg.seed
+        source, cfg.batch_size if needs_data else 0, cfg.eval_batch, ctx.cfg.seed
     )
     if cfg.eval_batch and len(holdout) < cfg.eval_batch:
         log("prune", f"only {len(holdout)} of prune.eval_batch={cfg.eval_batch} images could be held out")

@@ -1,4 +1,9 @@
-"""The ``samples`` stage: dense and compressed samples side by side from the same seeds."""
+"""The ``samples`` stage: dense and compressed samples side by side from the same seeds.
+
+A conditional model samples image ``i`` with the run's prompt ``i`` (cycling; see
+:mod:`compressor.prompts`) under ``sample.guidance_scale``; the stage then also draws
+``RUN/samples/prompts.png``, each prompt on a row with every model's image of the same seed.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ from compressor.models import as_noise_predictor
 from compressor.persist import load_unet, student_sampling
 from compressor.sampling import save_comparison
 from pipeline.context import RunContext, StageResult, log
+from pipeline.plots import plot_prompt_pairs
 from rundir import layout
 
 SECTIONS = ["sample"]
@@ -40,4 +46,14 @@ def run(ctx: RunContext) -> StageResult:
     ctx.stage_dir("samples")
     path = save_comparison(rows, layout.samples_grid(ctx.run_dir))
     log("samples", f"wrote {path}")
-    return StageResult({"rows": list(rows), "num_images": cfg.num_images, "steps": cfg.steps}, [path])
+    metrics = {"rows": list(rows), "num_images": cfg.num_images, "steps": cfg.steps}
+    files = [path]
+    if ctx.dense.conditioning != "none":
+        prompts = ctx.prompts
+        shown = min(len(prompts), cfg.num_images)
+        metrics.update(prompts=prompts.for_images(cfg.num_images), guidance_scale=cfg.guidance_scale)
+        metrics["negative_prompt"] = prompts.negative
+        pairs = {label: images[:shown] for label, images in rows.items()}
+        files.append(plot_prompt_pairs(prompts.for_images(shown), pairs, layout.prompt_pairs(ctx.run_dir)))
+        log("samples", f"wrote {files[-1]} ({shown} prompts, guidance {cfg.guidance_scale:g})")
+    return StageResult(metrics, files)

@@ -1,0 +1,145 @@
+"""The stages after prune on conditional models: finetune on the encoded data with conditioning dropout,
+samples with the run's prompts under guidance (latents decoded by the dense model's VAE), and the
+prompts themselves (:mod:`compressor.prompts`)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from compressor.config import DataConfig, SampleConfig, config_from_mapping
+from compressor.errors import ConfigError, DataError
+from compressor.prompts import PromptSet, read_prompt_file, run_prompts
+from pipeline.runner import run_pipeline
+from rundir import layout
+from rundir.records import read_record
+from tests.conftest import TINY_UNET, write_model_folder
+
+TOKENS = 6
+
+
+def _cfg(model: Path, data: Path, **sample) -> object:
+    return config_from_mapping(
+        {
+            "seed": 0,
+            "device": "cpu",
+            "model": {"name": str(model)},
+            "data": {"source": str(data)},
+            "prune": {"method": "diff-pruning", "ratio": 0.3, "timestep_stride": 250, "batch_size": 4},
+            "finetune": {
+                "steps": 4,
+                "batch_size": 4,
+                "checkpoint_every": 2,
+                "log_every": 1,
+                "cond_dropout": 0.5,
+            },
+            "sample": {"steps": 3, "num_images": 4, "batch_size": 2, "guidance_scale": 3.0, **sample},
+        }
+    )
+
+
+def test_a_text_to_image_pipeline_prunes_finetunes_and_samples_its_prompts(tmp_path, clip_tokenizer_folder):
+    from tests.test_components import write_pipeline
+    from tests.test_conditioning_data import captioned
+
+    pipe = write_pipeline(tmp_path / "pipe", tokenizer=clip_tokenizer_folder(TOKENS))
+    cfg = _cfg(pipe, captioned(tmp_path / "images", 8))
+    run = tmp_path / "run"
+    records = run_pipeline(cfg, run, ["prune", "finetune", "samples"])
+    ft = records["finetune"]["metrics"]
+    assert math.isfinite(ft["eval_loss_ema"]) and math.isfinite(ft["eval_loss_raw"])
+    assert len(ft["losses"]) == 4
+    m = records["samples"]["metrics"]
+    # the data's captions, cycled over the images (image i, prompt i mod 8)
+    assert m["prompts"] == [f"image {i}" for i in range(4)] and m["guidance_scale"] == 3.0
+    assert m["rows"] == ["dense", "pruned", "finetuned"]
+    assert layout.prompt_pairs(run).is_file() and layout.samples_grid(run).is_file()
+    # a rerun reuses every stage; a negative prompt changes the samples stage alone
+    again = run_pipeline(
+        _cfg(pipe, tmp_path / "images", negative_prompt="blurry"), run, ["prune", "finetune", "samples"]
+    )
+    assert again["finetune"]["finished"] == records["finetune"]["finished"]
+    assert again["samples"]["metrics"]["negative_prompt"] == "blurry"
+
+
+def test_class_conditioned_pixel_models_sample_their_classes(tmp_path):
+    from tests.test_conditioning_data import class_tree
+
+    model = write_model_folder(tmp_path / "model", {**TINY_UNET, "num_class_embeds": 5})
+    cfg = _cfg(model, class_tree(tmp_path / "classes", {"a": 4, "b": 4}), prompts=["1", "0"])
+    run = tmp_path / "run"
+    m = run_pipeline(cfg, run, ["prune", "finetune", "samples"])["samples"]["metrics"]
+    assert m["prompts"] == ["1", "0", "1", "0"]
+    assert read_record(run, "finetune").ok
+
+
+def test_the_sampled_images_follow_the_prompt_and_guidance(tmp_path, clip_tokenizer_folder):
+    """Same seeds: another prompt or another guidance scale changes the images, the same ones do not."""
+    from compressor.models import as_noise_predictor
+    from pipeline.context import RunContext, StageCall
+    from tests.test_components import write_pipeline
+    from tests.test_conditioning_data import captioned
+
+    pipe = write_pipeline(tmp_path / "pipe", tokenizer=clip_tokenizer_folder(TOKENS))
+    data = captioned(tmp_path / "images", 3)
+    ctx = RunContext(_cfg(pipe, data), tmp_path / "run").at_stage(StageCall("samples", "key"))
+    predict = as_noise_predictor(ctx.dense.unet)
+    ctx.cfg.sample.guidance_scale = 5.0  # a config is a plain dataclass: one context per setting here
+    a = ctx.sample_images(predict, 2, 3)
+    assert a.shape == (2, *ctx.dense.image_shape) and 0 <= a.min() and a.max() <= 1  # decoded pixels
+    assert torch.equal(a, ctx.sample_images(predict, 2, 3))
+    other = PromptSet("text", ("something else",))
+    assert not torch.allclose(a, ctx.sample_images(predict, 2, 3, prompts=other))
+    ctx.cfg.sample.guidance_scale = 1.0
+    assert not torch.allclose(a, ctx.sample_images(predict, 2, 3))
+
+
+# -- the prompts ------------------------------------------------------------------------------------
+
+
+def test_prompts_come_from_the_flag_the_config_the_file_or_the_data(tmp_path):
+    digits = DataConfig(source="digits", max_images=40)
+    shape = (1, 16, 16)
+    found = run_prompts(SampleConfig(), digits, "text", shape)
+    assert found.prompts[:3] == (
+        "a handwritten digit zero",
+        "a handwritten digit one",
+        "a handwritten digit two",
+    )
+    assert len(found) == 10 and found.digits == list(range(10)) and found.source == "data.source=digits"
+    assert found.for_images(3, start=9) == [
+        "a handwritten digit nine",
+        "a handwritten digit zero",
+        "a handwritten digit one",
+    ]
+    file = tmp_path / "prompts.txt"
+    file.write_text("a handwritten digit three\n\n  a cat  \n", encoding="utf-8")
+    from_file = run_prompts(SampleConfig(prompt_file=str(file)), digits, "text", shape)
+    assert from_file.prompts == ("a handwritten digit three", "a cat") and from_file.digits == [3, None]
+    config = run_prompts(SampleConfig(prompts=["x"], prompt_file=str(file)), digits, "text", shape)
+    assert config.prompts == ("x",)
+    flag = run_prompts(SampleConfig(prompts=["x"]), digits, "text", shape, prompts=["y", "z"])
+    assert flag.prompts == ("y", "z") and flag.source == "--prompt"
+    classes = run_prompts(SampleConfig(), digits, "class", shape, num_classes=11)
+    assert classes.prompts[:2] == ("0", "1") and classes.labels(3, start=9) == [9, 0, 1]
+
+
+def test_bad_prompts_are_one_line_each(tmp_path):
+    digits = DataConfig(source="digits", max_images=20)
+    with pytest.raises(DataError, match="not found"):
+        read_prompt_file(tmp_path / "missing.txt")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        read_prompt_file(tmp_path / "latin1.txt")
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    with pytest.raises(DataError, match="holds no prompts"):
+        read_prompt_file(tmp_path / "blank.txt")
+    with pytest.raises(ConfigError, match="empty prompt"):
+        run_prompts(SampleConfig(prompts=["a", " "]), digits, "text", (1, 16, 16))
+    with pytest.raises(ConfigError, match="not a class index"):
+        run_prompts(SampleConfig(prompts=["seven"]), digits, "class", (1, 16, 16), num_classes=11)
+    with pytest.raises(ConfigError, match="outside the model's classes 0..9"):
+        run_prompts(SampleConfig(prompts=["10"]), digits, "class", (1, 16, 16), num_classes=11)
