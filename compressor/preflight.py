@@ -17,9 +17,10 @@ when the runner starts and before the first stage writes anything:
 The model itself is refused first when the stages would get it wrong (:func:`check_model_supported`):
 only unconditional pixel-space models run through most of them today, so a model with text or class
 conditioning, or one working on latents (a VAE), is one ModelError naming the stages that would get
-it wrong, not a failure deep inside one. The stages of :data:`CONDITIONAL_STAGES` (``prune``) take
-text- or class-conditioned models, pixel or latent (the Taylor pass runs on the encoded data with its
-conditioning); a run of those alone is not refused.
+it wrong, not a failure deep inside one. The stages of :data:`CONDITIONAL_STAGES` (all but ``train``
+and ``distill_steps``) take text- or class-conditioned models, pixel or latent: they train on the
+encoded data with its conditioning and sample with the run's prompts under guidance; a run of those
+alone is not refused.
 
 Data needs no check here: images are resized to the model's sample size. A setting that asks for a
 stage the config's stage list lacks (``distill_steps.target_steps`` without ``distill_steps``) is
@@ -40,7 +41,18 @@ if TYPE_CHECKING:  # annotations only: the description module imports torch
     from compressor.components import ModelSpec
 
 # the stages that run text- or class-conditioned models (pixel or latent) with their conditioning
-CONDITIONAL_STAGES = ("prune", "finetune", "samples")
+CONDITIONAL_STAGES = (
+    "prune",
+    "finetune",
+    "samples",
+    "export",
+    "build",
+    "quality",
+    "parity",
+    "bench",
+    "check",
+    "report",
+)
 
 
 def stages_refusing(spec: ModelSpec, stages: list[str]) -> list[str]:

@@ -273,13 +273,14 @@ def _cfg(model: Path, **model_keys):
 def test_preflight_refuses_a_text_conditioned_latent_pipeline_naming_the_stages(tmp_path, tokenizer_folder):
     root = write_pipeline(tmp_path / "pipe", tokenizer=tokenizer_folder)
     with pytest.raises(ModelError) as err:
-        check_model_settings(_cfg(root), stages=["prune", "samples", "quality"])
-    assert str(err.value) == (  # prune takes conditioned models (tests/test_conditional_pruning.py)
+        check_model_settings(_cfg(root), stages=["train", "prune", "samples", "distill_steps"])
+    assert str(err.value) == (  # all but train and distill_steps take conditioned models
         f"model {root} has text conditioning (text_encoder, tokenizer) and works on latents (vae): the "
-        "conditional latent pipeline is not supported by stages samples, quality yet; point model.name at "
-        "an unconditional pixel-space model (a UNet without vae, text_encoder, tokenizer or num_class_embeds)"
+        "conditional latent pipeline is not supported by stages train, distill_steps yet; point model.name "
+        "at an unconditional pixel-space model (a UNet without vae, text_encoder, tokenizer or "
+        "num_class_embeds)"
     )
-    check_model_settings(_cfg(root), stages=["prune"])
+    check_model_settings(_cfg(root), stages=["prune", "finetune", "samples", "quality", "bench"])
 
 
 def test_preflight_refuses_class_conditioning_and_passes_unconditional_models(tmp_path, model_folder):
@@ -287,8 +288,8 @@ def test_preflight_refuses_class_conditioning_and_passes_unconditional_models(tm
 
     classes = write_model_folder(tmp_path / "classes", CLASS_UNET)
     with pytest.raises(ModelError, match=r"has class conditioning \(num_class_embeds=10\): the conditional "
-                                         r"pipeline is not supported by stage finetune yet"):  # fmt: skip
-        check_model_settings(_cfg(classes), stages=["prune", "finetune"])
+                                         r"pipeline is not supported by stage distill_steps"):  # fmt: skip
+        check_model_settings(_cfg(classes), stages=["prune", "finetune", "distill_steps"])
     check_model_settings(_cfg(classes), stages=["prune"])  # prune takes conditioned models
     with pytest.raises(ModelError, match="not supported by compress-deploy frontier yet"):
         check_model_settings(_cfg(classes), frontier=True)
@@ -319,10 +320,10 @@ def test_the_loaded_model_is_refused_where_preflight_could_not_read_it(
 
     root = write_pipeline(tmp_path / "pipe", parts=("text_encoder", "tokenizer"), tokenizer=tokenizer_folder)
     monkeypatch.setattr(models, "read_model_spec", lambda cfg: None)
-    check_model_settings(_cfg(root), stages=["samples"])  # nothing to check without the configs
+    check_model_settings(_cfg(root), stages=["distill_steps"])  # nothing to check without the configs
     run = RunContext(_cfg(root), tmp_path / "run")
-    ctx = run.at_stage(StageCall("samples", "key"))
-    with pytest.raises(ModelError, match="has text conditioning .*not supported by stage samples yet"):
+    ctx = run.at_stage(StageCall("distill_steps", "key"))
+    with pytest.raises(ModelError, match="has text conditioning .*not supported by stage distill_steps yet"):
         ctx.dense  # noqa: B018
     assert run.at_stage(StageCall("prune", "key")).dense.conditioning == "text"  # prune takes it
 
