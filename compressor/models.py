@@ -228,8 +228,9 @@ def read_model_spec(cfg: ModelConfig) -> ModelSpec | None:
     name = cfg.name
     path = Path(name).expanduser()
     parts: dict = {}
-    if cfg.init == "pretrained" and _shipped(ASSET_DIR, name):
+    if cfg.init == "pretrained" and _shipped(ASSET_DIR, name):  # digits-sd is a whole pipeline
         found = _read_folder_configs(ASSET_DIR / name)
+        parts = read_component_configs(ASSET_DIR / name)
     elif _shipped(ARCH_DIR, name, ".json"):  # random init, or the hub model the architecture names
         spec = architecture_spec(name)
         found = spec["unet"], spec["scheduler"]

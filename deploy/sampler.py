@@ -11,23 +11,32 @@ images = fast(num_images=16, steps=20, scheduler="dpmsolver++", cache_interval=3
 from deploy.sampler import load_pipeline
 pipe = load_pipeline("runs/demo")   # a diffusers pipeline around the compressed UNet
 images = pipe(batch_size=4, num_inference_steps=20).images      # (StableDiffusionPipeline: pipe(prompt))
+
+# a text-to-image run: prompts (one image each, cycled), classifier-free guidance, the VAE decoding
+t2i = load_sampler("runs/demo-sd", backend="onnxruntime")
+images = t2i(num_images=4, steps=30, prompts=["a handwritten digit three"], guidance_scale=4.0)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from compressor.components import DiffusionModel, ModelSpec
+from compressor.config import ModelConfig, SampleConfig
 from compressor.errors import ArtifactError, ModelError, UserError
-from compressor.models import NoisePredictor
+from compressor.guidance import Conditioning, model_decoder
+from compressor.models import NoisePredictor, read_model_spec
 from compressor.persist import load_unet, read_structure
+from compressor.prompts import PromptSet
 from compressor.sampling import generate, make_scheduler
+from deploy.onnx_text_to_image import onnx_prompt_conditioning, onnx_text_encoder, onnx_vae_decoder
 from deploy.runtimes import check_backend_name, load_backend, load_run_model
-from rundir.records import final_model_dir
+from rundir import layout
+from rundir.records import final_model_dir, read_record
 
 
 @dataclass
@@ -40,6 +49,32 @@ class Sampler:
     info: dict = field(default_factory=dict)
     device: str = "cpu"
     student_steps: int | None = None  # a few-step student: the steps it was trained to take
+    components: DiffusionModel | None = None  # a conditional or latent run's dense model (text, VAE)
+    encode: Callable[[list[str]], torch.Tensor] | None = None  # texts -> embeddings (ONNX text encoder)
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # latents -> images in [-1, 1]
+    guidance_scale: float = 1.0  # the run's sample.guidance_scale: what a call without one uses
+
+    @property
+    def conditioning_kind(self) -> str:
+        """``text``, ``class`` or ``none``: what a call's ``prompts`` are."""
+        return self.components.conditioning if self.components is not None else "none"
+
+    def conditioning(
+        self, prompts: Sequence[str], num_images: int, negative_prompt: str = ""
+    ) -> Conditioning:
+        """Image ``i``'s conditioning: ``prompts[i % len(prompts)]`` (class indices for a
+        class-conditioned model) beside the negative prompt or the null class."""
+        kind = self.conditioning_kind
+        if kind == "none":
+            raise UserError("prompts given, but the run's model is unconditional; sample it without prompts")
+        found = PromptSet(kind, tuple(str(p) for p in prompts), "--prompt", negative_prompt)
+        if kind == "class":
+            bad = [p for p in found.prompts if not p.strip().lstrip("-").isdigit()]
+            if bad:
+                raise UserError(f"--prompt {bad[0]!r}: a class-conditioned model takes class indices")
+        if kind == "text" and self.encode is not None:
+            return onnx_prompt_conditioning(self.encode, found.for_images(num_images), negative_prompt)
+        return found.conditioning(self.components, num_images, 0, self.device)
 
     @property
     def default_steps(self) -> int:
@@ -62,8 +97,16 @@ class Sampler:
         cache_interval: int = 1,
         cache_schedule: str = "uniform",
         on_batch: Callable[[int], None] | None = None,
+        prompts: Sequence[str] | None = None,
+        guidance_scale: float | None = None,
+        negative_prompt: str = "",
     ) -> torch.Tensor:
         """Images from seeds ``seed .. seed + num_images - 1``; UserError for steps beyond the schedule.
+
+        A conditional run's model needs ``prompts`` (image ``i`` takes ``prompts[i % len]``; class
+        indices for a class-conditioned model) and samples under ``guidance_scale`` (default: the
+        run's ``sample.guidance_scale``) away from ``negative_prompt``; a latent one's images are
+        decoded by the run's VAE (its ONNX graph on ONNX Runtime when exported).
 
         ``cache_interval`` > 1 needs a sampler loaded with ``cache_level`` (feature reuse).
         ``on_batch(n)`` is called after each batch with its image count (progress).
@@ -77,6 +120,16 @@ class Sampler:
                 f"use 1..{self.max_steps}"
             )
         sched = make_scheduler(scheduler, self.scheduler_config)
+        conditional = {}
+        if prompts:
+            conditional = {
+                "conditioning": self.conditioning(prompts, num_images, negative_prompt),
+                "guidance_scale": self.guidance_scale if guidance_scale is None else guidance_scale,
+            }
+        elif self.conditioning_kind != "none":
+            raise UserError(
+                "the run's model is conditional: pass prompts (--prompt TEXT or --prompt-file FILE)"
+            )
         return generate(
             self.predict,
             sched,
@@ -90,7 +143,14 @@ class Sampler:
             on_batch=on_batch,
             cache_interval=cache_interval,
             cache_schedule=cache_schedule,
+            decode=self.decode,
+            **conditional,
         )
+
+    @property
+    def output_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images a call returns: decoded pixels for a latent model."""
+        return self.components.image_shape if self.components is not None else self.image_shape
 
 
 def load_sampler(
@@ -121,7 +181,56 @@ def load_sampler(
         backend, run_dir=run_dir, model=model, device=device, precision=precision, cache_level=cache_level
     )
     info = {"backend": backend, "model": model, **b.info}
-    return Sampler(b.predict, sched_cfg, shape, info, device, int(student) if student else None)
+    sampler = Sampler(b.predict, sched_cfg, shape, info, device, int(student) if student else None)
+    dense = _conditional_components(run_dir)
+    if dense is not None:
+        _attach_components(sampler, dense, run_dir, backend, device)
+    return sampler
+
+
+def _conditional_components(run_dir: Path) -> DiffusionModel | None:
+    """The dense model of a conditional or latent run (its text encoder, tokenizer, VAE), None for an
+    unconditional pixel-space run (read from its configs first: nothing else is loaded then)."""
+    rec = read_record(run_dir, "prune")
+    if rec is None:
+        return None
+    model = rec.section("model")
+    spec = read_model_spec(ModelConfig(**{k: v for k, v in model.items() if k in ("name", "init")}))
+    if spec is not None and spec.conditioning == "none" and not spec.latent:
+        return None
+    dense = load_run_model(run_dir)
+    return dense if dense.conditioning != "none" or dense.latent else None
+
+
+def _attach_components(
+    sampler: Sampler, dense: DiffusionModel, run_dir: Path, backend: str, device: str
+) -> None:
+    """Give ``sampler`` the dense model's text encoder and VAE: their exported ONNX graphs on ONNX
+    Runtime when the run has them, else the torch modules; and the run's guidance scale."""
+    for module in (dense.text_encoder, dense.vae):
+        if module is not None:
+            module.to(device).eval()
+    sampler.components = dense
+    sampler.decode = model_decoder(dense)
+    text, vae = (layout.shared_onnx_path(run_dir, c, "fp32") for c in ("text_encoder", "vae_decoder"))
+    if backend == "onnxruntime" and dense.tokenizer is not None and text.is_file():
+        sampler.encode = onnx_text_encoder(text, dense.tokenizer)
+        sampler.info["text_encoder"] = str(text)
+    if backend == "onnxruntime" and dense.vae is not None and vae.is_file():
+        sampler.decode = onnx_vae_decoder(vae, dense.vae.config)
+        sampler.info["vae_decoder"] = str(vae)
+    sampler.guidance_scale = run_guidance_scale(run_dir)
+
+
+def run_guidance_scale(run_dir: Path) -> float:
+    """The ``sample.guidance_scale`` a run sampled with (its samples, quality or bench record), else
+    the config's default."""
+    for stage in ("samples", "quality", "bench"):
+        rec = read_record(run_dir, stage)
+        scale = (rec.config.get("sample") or {}).get("guidance_scale") if rec is not None else None
+        if scale is not None:
+            return float(scale)
+    return float(SampleConfig().guidance_scale)
 
 
 def _scheduler_config(folder: Path, structure: dict, model: str) -> dict:

@@ -7,11 +7,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from compressor.config import DataConfig, SampleConfig, config_from_mapping
-from compressor.errors import ConfigError, DataError
+from compressor.errors import ConfigError, DataError, UserError
 from compressor.prompts import PromptSet, read_prompt_file, run_prompts
 from pipeline.runner import run_pipeline
 from rundir import layout
@@ -41,14 +42,22 @@ def _cfg(model: Path, data: Path, **sample) -> object:
     )
 
 
-def test_a_text_to_image_pipeline_prunes_finetunes_and_samples_its_prompts(tmp_path, clip_tokenizer_folder):
+@pytest.fixture(scope="module")
+def sd_run(tmp_path_factory, clip_tokenizer_folder):
+    """A tiny Stable-Diffusion-layout pipeline run through prune, finetune and samples: (pipeline
+    folder, caption folder, run directory, records)."""
     from tests.test_components import write_pipeline
     from tests.test_conditioning_data import captioned
 
-    pipe = write_pipeline(tmp_path / "pipe", tokenizer=clip_tokenizer_folder(TOKENS))
-    cfg = _cfg(pipe, captioned(tmp_path / "images", 8))
-    run = tmp_path / "run"
-    records = run_pipeline(cfg, run, ["prune", "finetune", "samples"])
+    root = tmp_path_factory.mktemp("sd-run")
+    pipe = write_pipeline(root / "pipe", tokenizer=clip_tokenizer_folder(TOKENS))
+    data = captioned(root / "images", 8)
+    run = root / "run"
+    return pipe, data, run, run_pipeline(_cfg(pipe, data), run, ["prune", "finetune", "samples"])
+
+
+def test_a_text_to_image_pipeline_prunes_finetunes_and_samples_its_prompts(sd_run):
+    pipe, data, run, records = sd_run
     ft = records["finetune"]["metrics"]
     assert math.isfinite(ft["eval_loss_ema"]) and math.isfinite(ft["eval_loss_raw"])
     assert len(ft["losses"]) == 4
@@ -58,11 +67,49 @@ def test_a_text_to_image_pipeline_prunes_finetunes_and_samples_its_prompts(tmp_p
     assert m["rows"] == ["dense", "pruned", "finetuned"]
     assert layout.prompt_pairs(run).is_file() and layout.samples_grid(run).is_file()
     # a rerun reuses every stage; a negative prompt changes the samples stage alone
-    again = run_pipeline(
-        _cfg(pipe, tmp_path / "images", negative_prompt="blurry"), run, ["prune", "finetune", "samples"]
-    )
+    again = run_pipeline(_cfg(pipe, data, negative_prompt="blurry"), run, ["prune", "finetune", "samples"])
     assert again["finetune"]["finished"] == records["finetune"]["finished"]
     assert again["samples"]["metrics"]["negative_prompt"] == "blurry"
+
+
+def test_the_sampler_and_the_sample_command_take_prompts(sd_run, tmp_path, capsys):
+    from deploy.sampler import load_sampler
+    from pipeline.cli import main
+
+    _, _, run, _ = sd_run
+    sampler = load_sampler(run)
+    assert sampler.conditioning_kind == "text" and sampler.guidance_scale == 3.0  # the run's
+    a = sampler(2, 3, prompts=["image 1", "image 2"])
+    assert a.shape == (2, *sampler.output_shape) == (2, 3, 16, 16)  # decoded by the run's VAE
+    assert torch.allclose(a[1:], sampler(1, 3, seed=1, prompts=["image 2"]), atol=1e-5)  # seed i, prompt i
+    assert not torch.equal(a, sampler(2, 3, prompts=["image 1", "image 2"], guidance_scale=1.0))
+    with pytest.raises(UserError, match="pass prompts"):
+        sampler(1, 3)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("image 3\nimage 4\nimage 5\n")
+    out = tmp_path / "three.npy"
+    argv = ["sample", str(run), "--prompt", "image 1", "--prompt-file", str(prompts), "--steps", "3"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "4 images for 4 prompts" in capsys.readouterr().out  # one image per prompt by default
+    images = torch.from_numpy(np.load(out))
+    assert torch.allclose(images, sampler(4, 3, prompts=["image 1", "image 3", "image 4", "image 5"]))
+    assert main(["sample", str(run), "--steps", "3", "--out", str(tmp_path / "x.png")]) == 2
+    assert "pass prompts" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+    assert main([*argv[:4], "--prompt-file", str(tmp_path / "none.txt"), "--out", str(out)]) == 2
+
+
+def test_load_pipeline_generates_through_diffusers(sd_run):
+    from diffusers import StableDiffusionPipeline
+
+    from deploy.sampler import load_pipeline
+
+    _, _, run, _ = sd_run
+    pipe = load_pipeline(run)
+    assert isinstance(pipe, StableDiffusionPipeline)
+    out = pipe("image 1", num_inference_steps=3, guidance_scale=3.0, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert out.shape == (1, 16, 16, 3) and np.isfinite(out).all()
+    assert pipe.unet.conv_in.out_channels < 32  # the compressed UNet inside
 
 
 def test_class_conditioned_pixel_models_sample_their_classes(tmp_path):

@@ -4,6 +4,13 @@
                                [--seed K] [--eta E] [--scheduler ddim|ddpm|dpmsolver++|unipc]
                                [--cache-interval N] [--cache-level L] [--cache-schedule uniform|quadratic]
                                [--precision fp32|fp16|int8] [--device D] [--out PNG|NPY]
+                               [--prompt TEXT ...] [--prompt-file FILE] [--negative-prompt TEXT]
+                               [--guidance-scale G]
+
+A text-to-image run samples each ``--prompt`` (repeatable; or one a line of ``--prompt-file``),
+image ``i`` taking prompt ``i`` cycled, so ``--num-images`` defaults to one image per prompt; a
+class-conditioned run takes class indices. Guidance defaults to the run's ``sample.guidance_scale``.
+The images are decoded by the run's VAE (its ONNX graph on ``--backend onnxruntime`` when exported).
 
 Where a latency target over levers chose a stack for the run (``prune.target_latency.levers``),
 the pruned model samples with its solver, steps, reuse interval and precision unless the
@@ -28,6 +35,7 @@ from compressor.config import RunConfig, SampleConfig, ServeConfig
 from compressor.errors import UserError
 from compressor.models import resolve_device
 from compressor.progress import progress_bar
+from compressor.prompts import read_prompt_file
 from compressor.sampling import save_comparison
 from deploy.sampler import load_sampler
 from pipeline.commands.args import (
@@ -105,6 +113,25 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--out", type=Path, help="PNG grid, or .npy of the images (default: ./sample-<backend>-<model>.png)"
     )
+    parser.add_argument(
+        "--prompt", action="append", metavar="TEXT",
+        help="a conditional run's prompt, repeatable; image i takes prompt i cycled; class index for "
+        "a class-conditioned model (default: none)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--prompt-file",
+        type=Path,
+        help="a UTF-8 file of prompts, one a line, after --prompt's (default: none)",
+    )
+    parser.add_argument(
+        "--negative-prompt",
+        default="",
+        metavar="TEXT",
+        help="what guidance steers from (default: the empty prompt)",
+    )
+    config_flag(parser, "--guidance-scale", SampleConfig, "guidance_scale", default=None,
+                help="classifier-free guidance scale (default: the run's sample.guidance_scale)")  # fmt: skip
+    count_given = any(a == "--num-images" or a.startswith("--num-images=") for a in argv)
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     run = run_dir_arg(args.run)
@@ -116,8 +143,11 @@ def main(argv: list[str]) -> int:
             f"--steps: expected at most {sampler.max_steps} (the model's training timesteps), "
             f"got {args.steps}"
         )
+    prompts = list(args.prompt or []) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
+    if prompts and not count_given:
+        args.num_images = len(prompts)  # one image per prompt
     out = args.out or Path(f"sample-{args.backend}-{args.model}.png")
-    check_fits(args.num_images, sampler.image_shape, out)
+    check_fits(args.num_images, sampler.output_shape, out)
     began = time.perf_counter()
     with progress_bar(args.num_images, "[sample]", "image") as bar:
         images = sampler(
@@ -129,6 +159,9 @@ def main(argv: list[str]) -> int:
             cache_interval=args.cache_interval,
             cache_schedule=args.cache_schedule,
             on_batch=bar.update,
+            prompts=prompts or None,
+            guidance_scale=args.guidance_scale,
+            negative_prompt=args.negative_prompt,
         )
     seconds = time.perf_counter() - began
     if out.suffix == ".npy":
@@ -136,6 +169,8 @@ def main(argv: list[str]) -> int:
 
         np.save(out, images.numpy().astype(np.float32))
     else:
-        save_comparison({f"{args.model} ({args.backend}, {sampler.info.get('provider', '')})": images}, out)
-    print(f"{args.num_images} images in {seconds:.1f} s on {sampler.info} -> {out}")
+        where = ", ".join(str(v) for v in (args.backend, sampler.info.get("provider")) if v)
+        save_comparison({f"{args.model} ({where})": images}, out)
+    said = f" for {len(prompts)} prompt{'s' if len(prompts) > 1 else ''}" if prompts else ""
+    print(f"{args.num_images} images{said} in {seconds:.1f} s on {sampler.info} -> {out}")
     return 0
