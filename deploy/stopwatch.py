@@ -3,7 +3,10 @@
 Each measurement is a warm-up, then repeated timed calls with a device synchronise
 around each (``torch.cuda.synchronize`` on CUDA). Medians and 95th percentiles are
 reported in milliseconds, for one UNet call and for the whole sampler (UNet x steps
-+ scheduler, the loop users run).
++ scheduler, the loop users run). A conditional model's calls are fed its conditioning
+(``encoder_hidden_states`` / ``class_labels``); under classifier-free guidance the UNet is called on
+twice the batch, as the sampler calls it. The whole text-to-image call, timed by component, is
+:mod:`deploy.whole_call`.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from compressor.guidance import Conditioning, uses_guidance
 from compressor.sampling import denoise, initial_noise
 
 
-def _sync() -> None:
+def sync() -> None:
+    """Wait for the GPU's queued work (nothing on a CPU-only host): timed spans end here."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -36,24 +41,39 @@ def time_alternating(
     for fn in calls.values():
         for _ in range(warmup):
             fn()
-    _sync()
+    sync()
     times: dict[str, list[float]] = {k: [] for k in calls}
     for _ in range(repeat):
         for name, fn in calls.items():
-            _sync()
+            sync()
             start = time.perf_counter()
             fn()
-            _sync()
+            sync()
             times[name].append(time.perf_counter() - start)
     return times
 
 
-def unet_call(predict, shape: tuple, batch: int, device) -> Callable[[], object]:
-    """One UNet call on fixed inputs."""
+def unet_call(
+    predict,
+    shape: tuple,
+    batch: int,
+    device,
+    conditioning: Conditioning | None = None,
+    guidance_scale: float = 1.0,
+) -> Callable[[], object]:
+    """One UNet call on fixed inputs for ``batch`` images.
+
+    ``conditioning`` (one row per image) is fed by keyword; with ``guidance_scale`` > 1 the call is
+    on twice the batch (the unconditional rows, then the conditional ones), as each guided sampling
+    step calls the UNet (:func:`compressor.sampling.denoise`).
+    """
+    guided = uses_guidance(conditioning, guidance_scale)
+    rows = 2 * batch if guided else batch
     g = torch.Generator().manual_seed(0)
-    sample = torch.randn((batch, *shape), generator=g).to(device)
-    timestep = torch.full((batch,), 500, dtype=torch.long, device=device)
-    return lambda: predict(sample, timestep)
+    sample = torch.randn((rows, *shape), generator=g).to(device)
+    timestep = torch.full((rows,), 500, dtype=torch.long, device=device)
+    cond = {} if conditioning is None else conditioning.inputs(guided, device)
+    return lambda: predict(sample, timestep, **cond)
 
 
 def sampler_call(
@@ -65,11 +85,25 @@ def sampler_call(
     device,
     cache_interval: int = 1,
     cache_schedule: str = "uniform",
+    *,
+    conditioning: Conditioning | None = None,
+    guidance_scale: float = 1.0,
 ) -> Callable[[], object]:
-    """One whole sampler run from fixed noise (``cache_interval`` > 1: with feature reuse)."""
+    """One whole sampler run from fixed noise (``cache_interval`` > 1: with feature reuse).
+
+    ``conditioning`` (one row per image) and ``guidance_scale``: a conditional model's loop, guided
+    as :func:`compressor.sampling.denoise` guides it; the latents are not decoded (the UNet loop alone).
+    """
     noise = initial_noise(shape, list(range(batch))).to(device)
     return lambda: denoise(
-        predict, scheduler, noise, steps, cache_interval=cache_interval, cache_schedule=cache_schedule
+        predict,
+        scheduler,
+        noise,
+        steps,
+        cache_interval=cache_interval,
+        cache_schedule=cache_schedule,
+        conditioning=conditioning,
+        guidance_scale=guidance_scale,
     )
 
 

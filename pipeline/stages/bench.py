@@ -1,28 +1,53 @@
-"""The ``bench`` stage: UNet-call and sampler latency, dense vs compressed, per backend."""
+"""The ``bench`` stage: UNet-call and sampler latency, dense vs compressed, per backend.
+
+A conditional model's UNet calls and sampler loops are fed the run's conditioning (the prompts'
+embeddings or class labels, :attr:`pipeline.context.RunContext.prompts`) under
+``sample.guidance_scale``: a guided UNet call is timed at twice the batch, as the sampler calls it.
+Besides those, it times the whole text-to-image call a user waits for (``what`` ``pipeline``: text
+encoder, the guided UNet loop, VAE decoder; :mod:`deploy.whole_call`), each row with its
+``components`` in milliseconds. An unconditional model's rows are as they always were.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from compressor.guidance import Conditioning
+from compressor.models import read_model_spec
 from compressor.persist import load_unet, student_sampling
 from compressor.sampling import make_scheduler
 from compressor.stack import SamplerVariant
 from deploy import tensorrt_backend
 from deploy.runtimes import VARIANTS, Backend, load_backend, load_variant
 from deploy.stopwatch import host_facts, percentile_ms, sampler_call, time_alternating, unet_call
-from pipeline.context import RunContext, StageResult, log
+from deploy.whole_call import LOOP, component_sources, unavailable_reason, whole_call
+from pipeline.context import RunContext, StageCall, StageResult, log
 
 SECTIONS = ["bench", "build", "device", "threads"]
 INPUTS = ["prune", "finetune", "distill_steps", "export", "build"]
 ENVIRONMENT = ["torch", "onnxruntime", "tensorrt", "gpu"]
+PROMPT_KEYS = ("guidance_scale", "prompts", "prompt_file", "negative_prompt")  # the data's: through prune
 
 
 def key_extra(ctx: RunContext) -> dict:
-    """Timed feature-reuse samplers also depend on the split level and the full-step schedule."""
+    """Timed feature-reuse samplers also depend on the split level and the full-step schedule; a
+    conditional model's timed calls on its prompts (or labels) and the guidance scale."""
+    extra = {}
+    if _conditioning_kind(ctx) != "none":
+        s = ctx.cfg.sample
+        extra = {f"sample.{k}": getattr(s, k) for k in PROMPT_KEYS}
     if not any(v.cache_interval > 1 for v in ctx.cfg.bench.sampler_variants()):
-        return {}
+        return extra
     sample = ctx.cfg.sample
-    return {"sample.cache_level": sample.cache_level, "sample.cache_schedule": sample.cache_schedule}
+    return {**extra, "sample.cache_level": sample.cache_level, "sample.cache_schedule": sample.cache_schedule}
+
+
+def _conditioning_kind(ctx: RunContext) -> str:
+    """The model's conditioning from its configs alone (the model loaded only where they cannot be read)."""
+    spec = read_model_spec(ctx.cfg.model)
+    if spec is not None:
+        return spec.conditioning
+    return ctx.at_stage(StageCall("bench", "key")).dense.conditioning
 
 
 def variant_labels(ctx: RunContext, kind: str) -> list[str]:
@@ -93,16 +118,31 @@ def run(ctx: RunContext) -> StageResult:
     source, folder = ctx.final_model_dir()
     models = {"dense": ctx.dense.unet, "pruned": load_unet(folder)[0]}  # backends build private copies
     macs_reduction = ctx.require("prune", "bench").typed().macs_reduction
-    samplers = cfg.sampler_variants()
+    conditional = ctx.dense.conditioning != "none"
+    samplers, skipped_reuse = _timed_samplers(ctx)
     plain, reuse, skipped = _backends(ctx, models, any(v.cache_interval > 1 for v in samplers))
+    skipped.update(skipped_reuse)
     rows, speedups = [], []
     for name, backends in plain.items():
         for batch in cfg.batch_sizes:
             calls = {
-                m: unet_call(b.predict, ctx.image_shape(), batch, ctx.device) for m, b in backends.items()
+                m: unet_call(b.predict, ctx.image_shape(), batch, ctx.device, **_guidance(ctx, batch))
+                for m, b in backends.items()
             }
+            extra = _unet_keys(ctx, batch)
             _time(
-                ctx, name, batch, "unet", None, calls, cfg.warmup, cfg.repeat, macs_reduction, rows, speedups
+                ctx,
+                name,
+                batch,
+                "unet",
+                None,
+                calls,
+                cfg.warmup,
+                cfg.repeat,
+                macs_reduction,
+                rows,
+                speedups,
+                extra,
             )
         for variant in samplers:
             chosen = backends if variant.cache_interval == 1 else reuse.get(name)
@@ -111,6 +151,7 @@ def run(ctx: RunContext) -> StageResult:
             for batch in cfg.sampler_batch_sizes or cfg.batch_sizes:
                 calls = {m: _sampler(ctx, b, variant, batch) for m, b in chosen.items()}
                 warmup = min(1, cfg.warmup)
+                extra = {"guidance_scale": ctx.cfg.sample.guidance_scale} if conditional else None
                 _time(
                     ctx,
                     name,
@@ -123,7 +164,10 @@ def run(ctx: RunContext) -> StageResult:
                     macs_reduction,
                     rows,
                     speedups,
+                    extra,
                 )
+        if conditional:
+            _time_whole_calls(ctx, name, backends, samplers, macs_reduction, rows, speedups, skipped)
     metrics = {
         "results": rows,
         "speedup": speedups,
@@ -139,7 +183,65 @@ def run(ctx: RunContext) -> StageResult:
     }
     if source == "distill_steps":
         metrics["student"] = _time_student(ctx, folder, plain)
+    if conditional:
+        metrics["conditioning"] = {
+            **ctx.prompts.summary(),
+            "guidance_scale": ctx.cfg.sample.guidance_scale,
+            "guided_unet_batch": "2x" if _guided(ctx) else "1x",
+        }
     return StageResult(metrics)
+
+
+def _timed_samplers(ctx: RunContext) -> tuple[list[SamplerVariant], dict]:
+    """The sampler variants to time and the skipped ones (feature reuse with conditioning is not
+    supported by the sampling loop yet)."""
+    samplers = ctx.cfg.bench.sampler_variants()
+    if ctx.dense.conditioning == "none":
+        return samplers, {}
+    kept = [v for v in samplers if v.cache_interval == 1]
+    skipped = {
+        f"sampler {v}": "feature reuse with conditioning or guidance is not yet supported (cache_interval=1)"
+        for v in samplers
+        if v.cache_interval > 1
+    }
+    for what, reason in skipped.items():
+        log("bench", f"{what}: skipped ({reason})")
+    return kept, skipped
+
+
+def _guided(ctx: RunContext) -> bool:
+    """Whether a conditional model's sampler runs classifier-free guidance (2 x batch UNet calls)."""
+    return ctx.dense.conditioning != "none" and ctx.cfg.sample.guidance_scale > 1
+
+
+def _conditioning(ctx: RunContext, batch: int) -> Conditioning:
+    """The conditioning of images ``0 .. batch - 1`` (the run's prompts or labels), encoded once."""
+    memo = ctx._memoised("bench_conditioning", dict)
+    if batch not in memo:
+        memo[batch] = ctx.prompts.conditioning(ctx.dense, batch, 0, ctx.device)
+    return memo[batch]
+
+
+def _guidance(ctx: RunContext, batch: int) -> dict:
+    """The timed calls' conditioning and guidance keywords ({} for an unconditional model)."""
+    if ctx.dense.conditioning == "none":
+        return {}
+    return {"conditioning": _conditioning(ctx, batch), "guidance_scale": ctx.cfg.sample.guidance_scale}
+
+
+def _unet_keys(ctx: RunContext, batch: int) -> dict | None:
+    """What a conditional model's UNet-call row says about its batch (None: unconditional)."""
+    if ctx.dense.conditioning == "none":
+        return None
+    scale, guided = ctx.cfg.sample.guidance_scale, _guided(ctx)
+    return {
+        "unet_batch": 2 * batch if guided else batch,
+        "guidance": f"classifier-free at scale {scale:g}: one UNet call on 2 x batch (unconditional rows, "
+        "then conditional), as each sampling step calls it"
+        if guided
+        else f"none (guidance_scale {scale:g} <= 1): the conditional rows alone",
+        "conditioning": ctx.dense.conditioning,
+    }
 
 
 def _time_student(ctx: RunContext, folder, plain: dict) -> list[dict]:
@@ -232,12 +334,100 @@ def _sampler(ctx: RunContext, backend: Backend, variant: SamplerVariant, batch: 
     shape = ctx.image_shape()
     schedule = ctx.cfg.sample.cache_schedule
     return sampler_call(
-        backend.predict, scheduler, shape, batch, variant.steps, ctx.device, variant.cache_interval, schedule
+        backend.predict,
+        scheduler,
+        shape,
+        batch,
+        variant.steps,
+        ctx.device,
+        variant.cache_interval,
+        schedule,
+        **_guidance(ctx, batch),
     )
 
 
-def _time(ctx, name, batch, what, variant, calls, warmup, repeat, macs_reduction, rows, speedups) -> None:
-    """Time dense and pruned alternately; append their rows and the speed-up row."""
+def _time_whole_calls(
+    ctx: RunContext,
+    name: str,
+    backends: dict[str, Backend],
+    samplers: list[SamplerVariant],
+    macs_reduction: float,
+    rows: list,
+    speedups: list,
+    skipped: dict,
+) -> None:
+    """A conditional model's whole text-to-image call (text encoder, guided UNet loop, VAE decoder),
+    dense and compressed alternately, at each sampler batch: rows ``what`` ``pipeline`` with their
+    ``components`` (median ms each), the speed-up of the call and of its UNet loop alone."""
+    cfg, dense = ctx.cfg.bench, ctx.dense
+    kind = VARIANTS[name][0]
+    reason = unavailable_reason(dense, kind, ctx.run_dir)
+    if reason:
+        if f"{kind} (whole call)" not in skipped:
+            skipped[f"{kind} (whole call)"] = reason
+            log("bench", f"{kind} whole call: skipped ({reason})")
+        return
+    scale = ctx.cfg.sample.guidance_scale
+    for variant in samplers:
+        for batch in cfg.sampler_batch_sizes or cfg.batch_sizes:
+            calls = {
+                m: whole_call(
+                    dense,
+                    kind,
+                    b.predict,
+                    make_scheduler(variant.scheduler, dense.scheduler_config),
+                    ctx.prompts,
+                    batch,
+                    variant.steps,
+                    scale,
+                    ctx.device,
+                    ctx.run_dir,
+                    cfg.threads,
+                )
+                for m, b in backends.items()
+            }
+            times = time_alternating(calls, min(1, cfg.warmup), cfg.sampler_repeat)
+            keys = {
+                "backend": name,
+                "batch": batch,
+                "what": "pipeline",
+                "variant": str(variant),
+                "scheduler": variant.scheduler,
+                "steps": variant.steps,
+                "cache_interval": 1,
+                "precision": _precision(ctx, name),
+                "guidance_scale": scale,
+                "components_on": component_sources(dense, kind),
+            }
+            med, parts = {}, {}
+            for model, samples in times.items():
+                median, p95 = percentile_ms(samples)
+                med[model], parts[model] = median, calls[model].component_ms(cfg.sampler_repeat)
+                rows.append({**keys, "model": model, "median_ms": median, "p95_ms": p95,
+                             "runs": cfg.sampler_repeat, "components": parts[model]})  # fmt: skip
+            speedup = med["dense"] / med["pruned"]
+            loop_speedup = parts["dense"][LOOP] / parts["pruned"][LOOP]
+            speedups.append({**keys, "speedup": speedup, "unet_loop_speedup": loop_speedup,
+                             "macs_reduction": macs_reduction,
+                             "speedup_over_macs_reduction": speedup / macs_reduction})  # fmt: skip
+            log(
+                "bench",
+                f"{name} whole call {variant} batch {batch}: dense {med['dense']:.1f} ms, pruned "
+                f"{med['pruned']:.1f} ms, speed-up {speedup:.2f}x (UNet loop alone {loop_speedup:.2f}x); "
+                f"dense {_breakdown(parts['dense'])}; pruned {_breakdown(parts['pruned'])}",
+            )
+
+
+def _breakdown(parts: dict[str, float]) -> str:
+    """E.g. 'text_encoder 1.2 + unet_loop 30.5 + vae_decoder 2.1 ms'."""
+    return " + ".join(f"{k} {v:.1f}" for k, v in parts.items()) + " ms"
+
+
+def _time(
+    ctx, name, batch, what, variant, calls, warmup, repeat, macs_reduction, rows, speedups, extra=None
+) -> None:
+    """Time dense and pruned alternately; append their rows and the speed-up row (``extra``: more
+    keys for both, a conditional model's)."""
     times = time_alternating(calls, warmup, repeat)
     keys = {
         "backend": name,
@@ -248,6 +438,7 @@ def _time(ctx, name, batch, what, variant, calls, warmup, repeat, macs_reduction
         "steps": variant.steps if variant else None,
         "cache_interval": variant.cache_interval if variant else 1,
         "precision": _precision(ctx, name),
+        **(extra or {}),
     }
     med = {}
     for model, samples in times.items():
