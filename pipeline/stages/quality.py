@@ -1,11 +1,18 @@
 """The ``quality`` stage: SSIM/PSNR vs dense from the same seeds, Frechet distances (finite-N and
 FD-infinity) and KID, each with its paired interval; with ``quality.num_samples: auto`` sampled in
-chunks until every quality gate is decided (repeated confidence intervals, compressor.sequential)."""
+chunks until every quality gate is decided (repeated confidence intervals, compressor.sequential).
+
+A conditional model's images are drawn with the run's prompts under guidance and decoded to pixels
+(:meth:`pipeline.context.RunContext.sample_images`), so every figure above compares pixels at the
+decoded image shape against the data's images; its prompt adherence (:mod:`compressor.adherence`: the
+digits classifier's accuracy on the prompted digit, or CLIP score) is scored per model with its
+interval and the paired compressed / dense ratio, and the prompts are recorded."""
 
 from __future__ import annotations
 
 import torch
 
+from compressor.adherence import AdherenceMeasure, choose_adherence
 from compressor.data import stack
 from compressor.errors import UserError
 from compressor.fd_infinity import FdInfScorer
@@ -41,6 +48,7 @@ def run(ctx: RunContext) -> StageResult:
     feature, metric = ctx.frechet_features()
     fd_note = _frechet_note(ctx, metric)
     predictors = _predictors(ctx, _models(ctx))
+    adherence = _adherence(ctx, metric)
     reference = (stack(ctx.dataset, cfg.num_reference) + 1) / 2
     auto = cfg.num_samples == "auto"
     sizes = look_sizes(cfg.chunk_samples, cfg.max_samples) if auto else [cfg.num_samples]
@@ -48,11 +56,18 @@ def run(ctx: RunContext) -> StageResult:
     boot = resampling(cfg, ctx.cfg.seed, level=look_level(sizes, cfg.interval_level))
     scorer = None if fd_note else make_scorer(reference, feature, metric, boot, cfg.inception_weights)
     samples: dict = {label: None for label in predictors}
+    adhering: dict = {label: None for label in predictors}  # per-image adherence scores
     looks: list[dict] = []
     for n in sizes:
         for label, predict in predictors.items():
+            have = 0 if samples[label] is None else samples[label].shape[0]
             samples[label] = _draw(ctx, label, predict, samples[label], n)
+            if adherence is not None and adherence.score is not None:  # the new images only
+                new = adherence.score(samples[label][have:], have)
+                adhering[label] = new if adhering[label] is None else torch.cat([adhering[label], new])
         results = _score(samples, metric, fd_note, boot, scorer)
+        if adherence is not None:
+            _score_adherence(results, adherence, adhering, boot)
         look = _look(ctx, results, metric, n)
         if auto:
             looks.append(look)
@@ -73,6 +88,8 @@ def run(ctx: RunContext) -> StageResult:
         "kid_feature_scale": scorer.kid_scale if scorer else None,
         "student_steps": _student(ctx, "student")[1] if "student" in samples else None,
     }
+    if adherence is not None:
+        metrics.update(_adherence_summary(ctx, results, adherence))
     if auto:
         metrics["looks"] = looks
         metrics["sequential"] = describe_looks(sizes, cfg.interval_level)
@@ -95,6 +112,47 @@ def _look(ctx: RunContext, results: dict, metric: str, n: int) -> dict:
     log("quality", f"look at {n} samples per model: {shown}")
     decided = all(c.outcome != INCONCLUSIVE for c in checks)
     return {"samples": n, "models": results, "gates": gates, "outcome": outcome, "decided": decided}
+
+
+def _adherence(ctx: RunContext, metric: str) -> AdherenceMeasure | None:
+    """A conditional model's prompt adherence measure (None for an unconditional model: its record
+    keeps no adherence entries)."""
+    if ctx.dense.conditioning == "none":
+        return None
+    measure = choose_adherence(ctx.prompts, ctx.cfg.quality.clip_model, metric == "fd_digits", ctx.device)
+    log("quality", f"prompt adherence: {measure.note}")
+    return measure
+
+
+def _score_adherence(results: dict, measure: AdherenceMeasure, scores: dict, boot) -> None:
+    """Every model's adherence figures into ``results`` (compressed models: also the paired ratio to
+    dense, same seeds and prompts)."""
+    for label, vals in results.items():
+        dense = scores["dense"] if label != "dense" else None
+        vals.update(measure.figures(boot, scores[label], dense))
+        if vals["adherence"] is not None:
+            ci = vals["adherence_ci"]
+            ratio = vals.get("adherence_ratio")
+            rci = vals.get("adherence_ratio_ci")
+            shown = f"{label}: {measure.metric} {vals['adherence']:.4g} [{ci[0]:.4g}, {ci[1]:.4g}]"
+            if isinstance(ratio, float):
+                shown += f", vs dense {ratio:.4g}" + (f" [{rci[0]:.4g}, {rci[1]:.4g}]" if rci else "")
+            log("quality", shown)
+
+
+def _adherence_summary(ctx: RunContext, results: dict, measure: AdherenceMeasure) -> dict:
+    """The record's top-level conditional entries: the prompts and guidance, the adherence measure, and
+    the final compressed model's adherence ratio to dense with its interval."""
+    final = _final(results)
+    figures = results.get(final, {}) if final else {}
+    return {
+        "prompts": ctx.prompts.summary(),
+        "guidance_scale": ctx.cfg.sample.guidance_scale,
+        "adherence_metric": measure.metric,
+        "adherence_note": measure.note,
+        "adherence_ratio": figures.get("adherence_ratio"),
+        "adherence_ratio_ci": figures.get("adherence_ratio_ci"),
+    }
 
 
 def _frechet_note(ctx: RunContext, metric: str) -> str | None:
