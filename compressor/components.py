@@ -18,8 +18,10 @@ text conditioning and ``class_labels`` (B,) with class conditioning. A ``UNet2DC
 without a text encoder is run unconditionally, its cross-attention fed a fixed null context
 (zeros, :func:`compressor.models.null_context`) inside the call, so its inputs are the plain two.
 
-Only unconditional pixel-space models (the denoiser alone) run through the stages today;
-:func:`compressor.preflight.check_model_supported` refuses the others up front.
+Conditional and latent models run through every stage but ``train`` and ``distill_steps``
+(:data:`compressor.preflight.CONDITIONAL_STAGES`); preflight refuses them there up front. The VAE
+may be an ``AutoencoderKL`` (Stable Diffusion: latents times ``scaling_factor``) or a ``VQModel``
+(LDMPipeline's ``vqvae``: latents unscaled, :func:`is_vq`).
 
 Loading the optional components of a diffusers pipeline folder (``model_index.json`` with
 ``vae/``, ``text_encoder/``, ``tokenizer/``) is here too (:func:`load_components`); the UNet and
@@ -45,12 +47,20 @@ OPTIONAL_COMPONENTS = ("vae", "text_encoder", "tokenizer")
 TEXT_COMPONENTS = ("text_encoder", "tokenizer")
 # model_index.json's class names this project loads, per component
 COMPONENT_CLASSES = {
-    "vae": ("AutoencoderKL",),
+    "vae": ("AutoencoderKL", "VQModel"),
     "text_encoder": ("CLIPTextModel",),
     "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
 }
 # the config file that marks a component's folder as present
 COMPONENT_FILES = {"vae": "config.json", "text_encoder": "config.json", "tokenizer": "tokenizer_config.json"}
+# another name a pipeline gives a component: LDMPipeline's VQ autoencoder is its "vqvae"
+COMPONENT_ALIASES = {"vae": ("vae", "vqvae")}
+
+
+def is_vq(vae_config: Mapping | None) -> bool:
+    """True for a VQ autoencoder (``VQModel``, the LDMs' ``vqvae``): LDMPipeline feeds its latents
+    unscaled (no ``scaling_factor``) and decodes them through its quantizer."""
+    return vae_config is not None and vae_config.get("_class_name") == "VQModel"
 
 
 @dataclass(frozen=True)
@@ -217,7 +227,9 @@ class ModelSpec:
     @property
     def latent_scaling(self) -> float:
         """The VAE's ``scaling_factor`` (latents are multiplied by it after encoding); 1 without one."""
-        return 1.0 if self.vae is None else float(self.vae.get("scaling_factor", 0.18215))
+        if self.vae is None or is_vq(self.vae):  # LDMPipeline does not scale a VQModel's latents
+            return 1.0
+        return float(self.vae.get("scaling_factor", 0.18215))
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -379,8 +391,9 @@ def present_components(folder: Path) -> dict[str, Path]:
         return {}
     found = {}
     for name in OPTIONAL_COMPONENTS:
-        entry = index.get(name)
-        sub = folder / name
+        key = next((k for k in COMPONENT_ALIASES.get(name, (name,)) if index.get(k)), name)
+        entry = index.get(key)
+        sub = folder / key
         if not entry or not (sub / COMPONENT_FILES[name]).is_file():
             continue
         cls = entry[1] if isinstance(entry, list | tuple) and len(entry) == 2 else None
@@ -444,9 +457,11 @@ def _load_component(name: str, sub: Path, random_init: bool, seed: int) -> Any:
     if name == "tokenizer":
         return _transformers(name).CLIPTokenizer.from_pretrained(str(sub), local_files_only=True)
     if name == "vae":
-        from diffusers import AutoencoderKL
+        import diffusers
 
-        cls, built = AutoencoderKL, lambda: AutoencoderKL.from_config(AutoencoderKL.load_config(str(sub)))
+        config = diffusers.AutoencoderKL.load_config(str(sub))
+        cls = diffusers.VQModel if is_vq(config) else diffusers.AutoencoderKL
+        built = lambda: cls.from_config(config)  # noqa: E731
     else:
         tf = _transformers(name)
         cls, built = tf.CLIPTextModel, lambda: tf.CLIPTextModel(tf.CLIPTextConfig.from_pretrained(str(sub)))

@@ -193,13 +193,15 @@ def encode_images(vae: nn.Module, images: Dataset, batch_size: int = 16) -> torc
     ``(latent_dist.mode() - shift_factor) * scaling_factor``, float32 on the CPU."""
     p = next(vae.parameters())
     device, dtype = p.device, p.dtype
-    scale = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
-    shift = getattr(vae.config, "shift_factor", None)
+    vq = type(vae).__name__ == "VQModel"  # the LDMs' VQ autoencoder: its latents, unscaled
+    scale = 1.0 if vq else float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
+    shift = None if vq else getattr(vae.config, "shift_factor", None)
     out = []
     with _frozen(vae):
         for start in range(0, len(images), batch_size):
             x = torch.stack([images[i] for i in range(start, min(start + batch_size, len(images)))])
-            z = vae.encode(x.to(device=device, dtype=dtype)).latent_dist.mode()
+            encoded = vae.encode(x.to(device=device, dtype=dtype))
+            z = encoded.latents if vq else encoded.latent_dist.mode()
             if shift is not None:
                 z = z - float(shift)
             out.append((z * scale).float().cpu())

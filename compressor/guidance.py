@@ -204,8 +204,9 @@ def vae_decoder(vae: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """``latents -> images in [-1, 1]``: ``vae.decode(latents / scaling_factor)`` as diffusers' pipelines
     decode, plus the VAE's ``shift_factor`` where it has one (as SD3's pipeline does); the sampling
     loop then maps to [0, 1]."""
-    scale = float(vae.config.scaling_factor)
-    shift = getattr(vae.config, "shift_factor", None)
+    vq = type(vae).__name__ == "VQModel"  # LDMPipeline: vqvae.decode(latents), unscaled, quantized
+    scale = 1.0 if vq else float(vae.config.scaling_factor)
+    shift = None if vq else getattr(vae.config, "shift_factor", None)
     dtype = next(vae.parameters()).dtype
 
     def decode(latents: torch.Tensor) -> torch.Tensor:

@@ -57,12 +57,9 @@ CONDITIONAL_STAGES = (
 
 def stages_refusing(spec: ModelSpec, stages: list[str]) -> list[str]:
     """Which of ``stages`` would get the model of ``spec`` wrong: none for an unconditional pixel-space
-    model; the stages outside :data:`CONDITIONAL_STAGES` for a conditioned one; all of them for an
-    unconditional latent model (no conditioned data to encode)."""
+    model; the stages outside :data:`CONDITIONAL_STAGES` for a conditioned or latent one."""
     if not spec.refusal():
         return []
-    if spec.conditioning == "none":
-        return list(stages)
     return [s for s in stages if s not in CONDITIONAL_STAGES]
 
 

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from compressor.conditional_batches import PixelConditions
-from compressor.conditioned_data import load_conditioned_dataset
+from compressor.conditioned_data import ConditionedImages, load_conditioned_dataset
 from compressor.config import RunConfig, config_to_dict
-from compressor.data import load_dataset
+from compressor.data import TensorImages, load_dataset
 from compressor.encoded_cache import encode_dataset
 from compressor.errors import UserError
 from compressor.features import NUM_FEATURES, load_digits_features
@@ -308,12 +308,27 @@ class RunContext:
         def make():
             dense = self.dense
             c, h, _ = dense.image_shape
-            data = load_conditioned_dataset(self.cfg.data, c, h, dense.conditioning, dense.num_classes)
+            if dense.conditioning == "none":  # an unconditional latent model: its images alone
+                data = ConditionedImages(self.dataset, "none")  # type: ignore[arg-type]
+            else:
+                data = load_conditioned_dataset(self.cfg.data, c, h, dense.conditioning, dense.num_classes)
             stage = self.call.name if self.call else "run"
             encoded = encode_dataset(dense, data, self.cfg.data, self.run_dir, log=lambda m: log(stage, m))
             return encoded if dense.latent else PixelConditions(data.images, encoded)
 
         return self._memoised("conditioned_data", make)
+
+    @property
+    def training_data(self):
+        """What the denoiser trains on: the images (an unconditional pixel model), their latents (an
+        unconditional latent model: :attr:`conditioned_data`'s, a :class:`~compressor.data.TensorImages`)
+        or the conditioned samples (:attr:`conditioned_data`)."""
+        dense = self.dense
+        if dense.conditioning != "none":
+            return self.conditioned_data
+        if dense.latent:
+            return self._memoised("latents", lambda: TensorImages(self.conditioned_data.latents, "latents"))
+        return self.dataset
 
     def frechet_features(self):
         """The Frechet feature extractor and its metric name (``fd_digits`` or ``fid``).

@@ -76,8 +76,8 @@ def fit(ctx: RunContext, unet, stage: str):
         )
     elif cfg.distill.active and cfg.distill != DistillConfig():  # set by the user, not the default
         log(stage, "finetune.distill is ignored here: the dense model has no teacher")
-    # a conditioned model trains on its encoded data, dropping conditions by finetune.cond_dropout
-    data = ctx.dataset if ctx.dense.conditioning == "none" else ctx.conditioned_data
+    # a latent or conditioned model trains on its encoded data, dropping conditions by finetune.cond_dropout
+    data = ctx.training_data
     with step_bar(ctx, cfg.steps, f"[{stage}]") as on_step:
         result = train(
             unet,

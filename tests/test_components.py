@@ -221,8 +221,8 @@ def test_a_folder_without_model_index_is_the_unet_alone(tmp_path, tokenizer_fold
 def test_unsupported_or_damaged_components_are_clear_errors(tmp_path):
     root = write_pipeline(tmp_path / "pipe", parts=("vae",))
     index = json.loads((root / "model_index.json").read_text())
-    (root / "model_index.json").write_text(json.dumps({**index, "vae": ["diffusers", "VQModel"]}))
-    with pytest.raises(ModelError, match="vae is a VQModel; only AutoencoderKL is loaded"):
+    (root / "model_index.json").write_text(json.dumps({**index, "vae": ["diffusers", "AutoencoderTiny"]}))
+    with pytest.raises(ModelError, match="vae is a AutoencoderTiny; only AutoencoderKL or VQModel is loaded"):
         load_model(ModelConfig(name=str(root)))
     (root / "model_index.json").write_text(json.dumps(index))
     weights = root / "vae" / "diffusion_pytorch_model.safetensors"

@@ -25,7 +25,7 @@ from compressor.pruning import time_ratios, uniform_ratios
 from deploy.latency import backend_unavailable, latency_timer
 from pipeline.commands.args import CommandParser, config_args, config_flag, int_list
 from pipeline.commands.frontier_sweep import main as frontier_main
-from pipeline.context import RunContext, log, write_json
+from pipeline.context import RunContext, StageCall, log, write_json
 from pipeline.plots import plot_speedup_vs_macs
 from rundir import layout
 
@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
     backends = _backends(args.backends, cfg.bench.backends)
     batches = int_list(args.batches, "--batches") or cfg.bench.batch_sizes
     out = args.out or layout.plan_dir(Path("runs") / cfg.name)
-    ctx = RunContext(cfg, out)
+    ctx = RunContext(cfg, out).at_stage(StageCall("prune", "plan"))  # what the prune stage would prune
     unet = ctx.dense.unet
     ratios = uniform_ratios(unet)
     rows: list[dict] = []

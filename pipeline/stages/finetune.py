@@ -52,7 +52,7 @@ def _eval_batch(ctx: RunContext, count: int = 16) -> tuple:
     """The first ``count`` training samples (latents of a latent model, on the CPU where the saved
     models are), with their conditions for a conditioned model (None for an unconditional one)."""
     if ctx.dense.conditioning == "none":
-        return stack(ctx.dataset, count), None
+        return stack(ctx.training_data, count), None
     data = ctx.conditioned_data
     idx = list(range(min(count, len(data))))
     return data.samples(idx), data.conditions(idx)

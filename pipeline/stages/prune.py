@@ -262,7 +262,7 @@ def _prune_images(ctx: RunContext, needs_data: bool):
     if not needs_data and not cfg.eval_batch:
         return None, None
     taylor, holdout = taylor_and_holdout(
-        ctx.dataset, cfg.batch_size if needs_data else 0, cfg.eval_batch, ctx.cfg.seed
+        ctx.training_data, cfg.batch_size if needs_data else 0, cfg.eval_batch, ctx.cfg.seed
     )
     if cfg.eval_batch and (holdout is None or len(holdout) < cfg.eval_batch):
         got = 0 if holdout is None else len(holdout)
