@@ -10,7 +10,10 @@ scaling_factor``) and decoded by the VAE decoder graph.
 
 :func:`text_to_image_parity` runs that and the torch pipeline (:func:`compressor.guidance.encode_prompts`,
 the torch UNet, :func:`compressor.guidance.model_decoder`) on the same prompts and initial noise
-and reports the PSNR of the decoded images (in [0, 1]) and their largest absolute difference.
+and reports the PSNR of the decoded images (in [0, 1]) and their largest absolute difference. A
+class-conditioned model runs the same comparison with class labels instead of the text encoder graph,
+and a pixel model without the VAE decoder graph (the parity stage's whole-call check for every
+conditional model).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch import nn
 
 from compressor.components import DiffusionModel
 from compressor.errors import ModelError
-from compressor.guidance import Conditioning, encode_prompts, model_decoder
+from compressor.guidance import Conditioning, class_conditioning, encode_prompts, model_decoder
 from compressor.models import as_noise_predictor
 from compressor.sampling import denoise, initial_noise, make_scheduler
 from deploy.runtimes import graph_session, load_backend
@@ -83,8 +86,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def text_to_image_parity(
     model: DiffusionModel,
     unet_path: Path,
-    text_encoder_path: Path,
-    vae_decoder_path: Path,
+    text_encoder_path: Path | None,
+    vae_decoder_path: Path | None,
     prompts: Sequence[str],
     *,
     unet: nn.Module | None = None,
@@ -97,35 +100,54 @@ def text_to_image_parity(
 ) -> dict:
     """The same prompts and seed through torch and through ONNX Runtime (text encoder graph -> UNet
     graph with classifier-free guidance -> VAE decoder graph); returns ``psnr`` (dB) and
-    ``max_abs_error`` of the images in [0, 1], and both image batches (``torch``, ``onnx``).
+    ``max_abs_error`` of the images in [0, 1], both image batches (``torch``, ``onnx``) and, for a
+    latent model, the torch loop's final latents (``latents``, before decoding).
 
-    ``unet``: the torch UNet the UNet graph was exported from (default ``model.unet``). ModelError
-    for a model that is not text-to-image (no text encoder, tokenizer or VAE)."""
-    if model.text_encoder is None or model.tokenizer is None or model.vae is None:
-        raise ModelError("text_to_image_parity: the model needs a text encoder, a tokenizer and a VAE")
+    A class-conditioned model takes class indices as ``prompts`` (no text encoder graph: pass None),
+    a pixel model no VAE decoder graph (None). ``unet``: the torch UNet the UNet graph was exported
+    from (default ``model.unet``); the model's text encoder and VAE must be on the CPU. ModelError for
+    an unconditional model or a missing graph."""
+    if model.conditioning == "none":
+        raise ModelError("text_to_image_parity: the model is unconditional (no prompts or class labels)")
+    text = model.conditioning == "text"
+    if text and (model.tokenizer is None or text_encoder_path is None):
+        raise ModelError(
+            "text_to_image_parity: a text-conditioned model needs its tokenizer and text encoder graph"
+        )
+    if model.latent and vae_decoder_path is None:
+        raise ModelError("text_to_image_parity: a latent model needs its VAE decoder graph")
     prompts = list(prompts)
     seeds = list(range(seed, seed + len(prompts)))
     noise = initial_noise(model.sample_shape, seeds)
     sched = make_scheduler(scheduler, model.scheduler_config)
     common = {"steps": steps, "seeds": seeds, "guidance_scale": guidance_scale}
+    if text:
+        conditioning = encode_prompts(model, prompts, negative_prompt, device="cpu")
+        encode = onnx_text_encoder(Path(text_encoder_path), model.tokenizer, threads)
+        onnx_conditioning = onnx_prompt_conditioning(encode, prompts, negative_prompt)
+    else:
+        conditioning = onnx_conditioning = class_conditioning(model, [int(p) for p in prompts])
+    latents: list[torch.Tensor] = []
+    torch_decode = model_decoder(model)
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        latents.append(z.detach().float().cpu().clone())
+        return torch_decode(z)
 
     reference = denoise(
         as_noise_predictor(unet if unet is not None else model.unet),
         sched,
         noise.clone(),
-        conditioning=encode_prompts(model, prompts, negative_prompt, device="cpu"),
-        decode=model_decoder(model),
+        conditioning=conditioning,
+        decode=decode if torch_decode is not None else None,
         **common,
     )
-    encode = onnx_text_encoder(text_encoder_path, model.tokenizer, threads)
     backend = load_backend("onnxruntime", file=Path(unet_path), threads=threads)
+    onnx_decode = (
+        onnx_vae_decoder(Path(vae_decoder_path), model.vae.config, threads) if model.latent else None
+    )
     candidate = denoise(
-        backend.predict,
-        sched,
-        noise.clone(),
-        conditioning=onnx_prompt_conditioning(encode, prompts, negative_prompt),
-        decode=onnx_vae_decoder(vae_decoder_path, model.vae.config, threads),
-        **common,
+        backend.predict, sched, noise.clone(), conditioning=onnx_conditioning, decode=onnx_decode, **common
     )
     return {
         "psnr": psnr(reference, candidate),
@@ -137,4 +159,5 @@ def text_to_image_parity(
         "scheduler": scheduler,
         "torch": reference,
         "onnx": candidate,
+        **({"latents": latents[0]} if latents else {}),
     }

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from compressor.components import ModelSpec
 from compressor.models import predict_noise, sample_shape
 
 
@@ -37,10 +38,16 @@ def quiet_polygraphy() -> None:
         pass
 
 
-def make_torch_runner(unet: nn.Module, name: str, device: str = "cpu"):
-    """A Polygraphy runner calling a torch UNet as ``(sample, timestep) -> noise`` (on a private copy)."""
+def make_torch_runner(unet: nn.Module, name: str, device: str = "cpu", spec: ModelSpec | None = None):
+    """A Polygraphy runner calling a torch UNet as ``(sample, timestep) -> noise`` (on a private copy).
+
+    ``spec``: the description of the model ``unet`` belongs to (``DiffusionModel.spec``); a conditioned
+    model's runner also takes its ``encoder_hidden_states`` / ``class_labels`` (passed by keyword).
+    """
     from polygraphy.backend.base import BaseRunner
     from polygraphy.common import TensorMetadata
+
+    conditions = ModelSpec.of(unet, spec).denoiser_inputs(1).conditions if spec is not None else ()
 
     class TorchRunner(BaseRunner):
         def __init__(self) -> None:
@@ -51,14 +58,20 @@ def make_torch_runner(unet: nn.Module, name: str, device: str = "cpu"):
             meta = TensorMetadata()
             meta.add("sample", np.float32, (-1, *sample_shape(unet, 1)[1:]))
             meta.add("timestep", np.int64, (-1,))
+            for spec_in in conditions:
+                dtype = np.int64 if spec_in.dtype == torch.long else np.float32
+                meta.add(spec_in.name, dtype, (-1, *spec_in.per_item))
             return meta
 
         def infer_impl(self, feed_dict):
-            sample = torch.from_numpy(np.ascontiguousarray(feed_dict["sample"])).to(device)
-            timestep = torch.from_numpy(np.ascontiguousarray(feed_dict["timestep"])).to(device)
+            def tensor(key: str) -> torch.Tensor:
+                return torch.from_numpy(np.ascontiguousarray(feed_dict[key])).to(device)
+
+            sample, timestep = tensor("sample"), tensor("timestep")
+            given = {i.name: tensor(i.name) for i in conditions}
             start = time.perf_counter()
             with torch.no_grad():
-                out = predict_noise(self.unet, sample, timestep).float().cpu().numpy()
+                out = predict_noise(self.unet, sample, timestep, **given).float().cpu().numpy()
             self.inference_time = time.perf_counter() - start
             return OrderedDict(noise=out)
 
@@ -147,14 +160,25 @@ def make_onnxrt_runner(path: Path, name: str, providers: list[str] | None = None
     )
 
 
-def parity_feeds(unet: nn.Module, batches: list[int], timesteps: list[int], seed: int = 0) -> list[dict]:
-    """Real inputs: for each batch size and timestep, noised samples at that timestep's scale."""
+def parity_feeds(
+    unet: nn.Module,
+    batches: list[int],
+    timesteps: list[int],
+    seed: int = 0,
+    conditions: Callable[[int], dict[str, np.ndarray]] | None = None,
+) -> list[dict]:
+    """Real inputs: for each batch size and timestep, noised samples at that timestep's scale.
+
+    ``conditions``: a conditioned model's other inputs for a batch of ``b``
+    (``{"encoder_hidden_states": ...}`` or ``{"class_labels": ...}``), added to each feed.
+    """
     g = torch.Generator().manual_seed(seed)
     feeds = []
     for b in batches:
         for t in timesteps:
             sample = torch.randn(sample_shape(unet, b), generator=g)
-            feeds.append({"sample": sample.numpy(), "timestep": np.full((b,), t, dtype=np.int64)})
+            feed = {"sample": sample.numpy(), "timestep": np.full((b,), t, dtype=np.int64)}
+            feeds.append(feed if conditions is None else {**feed, **conditions(b)})
     return feeds
 
 

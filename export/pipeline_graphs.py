@@ -164,16 +164,22 @@ def export_vae_decoder(
 # -- parity of each graph against torch ----------------------------------------------------------
 
 
-def _report(runners: list, feeds: list[dict], precision: str, output: str) -> ParityReport:
-    atol, rtol = TOLERANCES[precision]
+def _report(
+    runners: list, feeds: list[dict], precision: str, output: str, tolerances: tuple[float, float] | None
+) -> ParityReport:
+    atol, rtol = tolerances or TOLERANCES[precision]
     return compare(runners, feeds, atol, rtol, output=output)[0]
 
 
 def text_encoder_parity(
-    text_encoder: nn.Module, path: Path, input_ids: torch.Tensor, precision: str = "fp32"
+    text_encoder: nn.Module,
+    path: Path,
+    input_ids: torch.Tensor,
+    precision: str = "fp32",
+    tolerances: tuple[float, float] | None = None,
 ) -> ParityReport:
     """The exported text encoder against torch fp32 on ``input_ids`` (and on its first row alone: a
-    second batch size); tolerances per precision (:data:`TOLERANCES`)."""
+    second batch size); ``tolerances`` (atol, rtol), by default the precision's (:data:`TOLERANCES`)."""
     module = TextEncoderModule(copy.deepcopy(text_encoder).float().eval())
     ids = input_ids.long()
 
@@ -185,14 +191,18 @@ def text_encoder_parity(
     )
     feeds = [{"input_ids": ids.numpy()}, {"input_ids": ids[:1].numpy()}]
     onnx_runner = make_onnxrt_runner(Path(path), f"onnxrt-text_encoder-{precision}")
-    return _report([runner, onnx_runner], feeds, precision, "last_hidden_state")
+    return _report([runner, onnx_runner], feeds, precision, "last_hidden_state", tolerances)
 
 
 def vae_decoder_parity(
-    vae: nn.Module, path: Path, latents: torch.Tensor, precision: str = "fp32"
+    vae: nn.Module,
+    path: Path,
+    latents: torch.Tensor,
+    precision: str = "fp32",
+    tolerances: tuple[float, float] | None = None,
 ) -> ParityReport:
     """The exported VAE decoder against torch fp32 ``vae.decode`` on the unscaled ``latents`` (and
-    their first row alone)."""
+    their first row alone); ``tolerances`` (atol, rtol) as :func:`text_encoder_parity`'s."""
     module = VaeDecoderModule(copy.deepcopy(vae).float().eval())
     z = latents.float()
 
@@ -203,7 +213,7 @@ def vae_decoder_parity(
     runner = make_function_runner(run, "torch-vae_decoder-fp32", meta)
     feeds = [{"latent_sample": z.numpy()}, {"latent_sample": z[:1].numpy()}]
     onnx_runner = make_onnxrt_runner(Path(path), f"onnxrt-vae_decoder-{precision}")
-    return _report([runner, onnx_runner], feeds, precision, "sample")
+    return _report([runner, onnx_runner], feeds, precision, "sample", tolerances)
 
 
 def conditional_unet_parity(
@@ -238,4 +248,4 @@ def conditional_unet_parity(
             examples = ModelSpec.of(unet, spec).denoiser_inputs(b).examples(g, timestep=t)
             feeds.append({n: examples[n].numpy() for n in names})
     onnx_runner = make_onnxrt_runner(Path(path), f"onnxrt-unet-{precision}")
-    return _report([runner, onnx_runner], feeds, precision, "noise")
+    return _report([runner, onnx_runner], feeds, precision, "noise", None)

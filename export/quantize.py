@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from compressor.errors import ArtifactError
+from compressor.guidance import Conditioning
 from compressor.models import as_noise_predictor
 from compressor.sampling import denoise, initial_noise
 
@@ -32,7 +33,15 @@ KEPT_IN_FLOAT = ("time_embedding", "time_proj", "time_emb_proj")  # the timestep
 
 
 def calibration_inputs(
-    unet: nn.Module, scheduler, shape: tuple[int, int, int], images: int, steps: int, seed: int = 0
+    unet: nn.Module,
+    scheduler,
+    shape: tuple[int, int, int],
+    images: int,
+    steps: int,
+    seed: int = 0,
+    *,
+    conditioning: Conditioning | None = None,
+    guidance_scale: float = 1.0,
 ) -> list[dict[str, np.ndarray]]:
     """The UNet inputs the fp32 sampler really produces: one feed (a batch of ``images``) per step.
 
@@ -40,17 +49,25 @@ def calibration_inputs(
     at every one of its ``steps`` timesteps, so the activation ranges cover the whole
     trajectory from pure noise to the clean image (one timestep is not enough: the
     ranges of early and late steps differ by an order of magnitude).
+
+    ``conditioning`` (one row per image) and ``guidance_scale``: a conditioned model's sampler, guided
+    as the run samples; each feed then holds the doubled batch (unconditional rows first) and its
+    ``encoder_hidden_states`` / ``class_labels`` too.
     """
 
     predict = as_noise_predictor(unet)
     feeds: list[dict[str, np.ndarray]] = []
 
-    def recording(sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        feeds.append({"sample": sample.float().numpy().copy(), "timestep": timestep.long().numpy().copy()})
-        return predict(sample, timestep)
+    def recording(sample: torch.Tensor, timestep: torch.Tensor, **conditions: torch.Tensor) -> torch.Tensor:
+        feed = {"sample": sample.float().numpy().copy(), "timestep": timestep.long().numpy().copy()}
+        for name, value in conditions.items():  # embeddings as float32, labels as int64
+            feed[name] = (value.float() if value.is_floating_point() else value.long()).cpu().numpy().copy()
+        feeds.append(feed)
+        return predict(sample, timestep, **conditions)
 
     seeds = list(range(seed, seed + images))
-    denoise(recording, scheduler, initial_noise(shape, seeds), steps, seeds=seeds)
+    guided = {} if conditioning is None else {"conditioning": conditioning, "guidance_scale": guidance_scale}
+    denoise(recording, scheduler, initial_noise(shape, seeds), steps, seeds=seeds, **guided)
     return feeds
 
 
