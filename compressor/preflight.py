@@ -122,6 +122,19 @@ def check_model_supported(spec: ModelSpec, name: str, where: str = "the pipeline
     )
 
 
+def check_latent_channels(spec: ModelSpec, name: str) -> None:
+    """ModelError, one line, for a latent model whose UNet does not take its VAE's latents (channels)."""
+    if spec.vae is None:
+        return
+    latent = spec.vae.get("latent_channels")
+    takes = spec.unet.get("in_channels")
+    if isinstance(latent, int) and isinstance(takes, int) and latent != takes:
+        raise ModelError(
+            f"model {name}: its UNet takes {takes} input channels but its VAE's latents have {latent}; "
+            "point model.name at a pipeline whose unet/ and vae/ belong together"
+        )
+
+
 def check_model_settings(cfg: RunConfig, frontier: bool = False, stages: list[str] | None = None) -> None:
     """Refuse a model the stages would get wrong (:func:`check_model_supported`), then, in one
     ConfigError line, every setting of ``cfg`` that cannot work with its model.
@@ -149,6 +162,7 @@ def check_model_settings(cfg: RunConfig, frontier: bool = False, stages: list[st
         if refusing:
             where = f"stage{'s' if len(refusing) > 1 else ''} {', '.join(refusing)}"
             check_model_supported(spec, cfg.model.name, where)
+    check_latent_channels(spec, cfg.model.name)
     facts = ModelFacts.from_configs(cfg.model.name, dict(spec.unet), dict(spec.scheduler))
     problems = model_problems(cfg, facts, frontier)
     if problems:

@@ -305,9 +305,12 @@ def test_the_cli_refuses_before_touching_the_run_directory(tmp_path, capsys):
     write_images(tmp_path / "images", 4)
     cfg = write_config(tmp_path / "c.yaml", TINY_CONFIG.format(model=root, data=tmp_path / "images"))
     run = tmp_path / "run"
-    assert main([str(cfg), "--stages", "prune,samples", "--run-dir", str(run)]) == 2
+    assert main([str(cfg), "--stages", "prune,distill_steps", "--run-dir", str(run)]) == 2
     err = capsys.readouterr().err
-    assert "works on latents (vae): the latent pipeline is not supported by stages prune, samples yet" in err
+    assert "works on latents (vae): the latent pipeline is not supported by stage distill_steps yet" in err
+    assert not run.exists()
+    assert main([str(cfg), "--stages", "prune,samples", "--run-dir", str(run)]) == 2
+    assert "its UNet takes 3 input channels but its VAE's latents have 4" in capsys.readouterr().err
     assert not run.exists()
 
 
