@@ -25,6 +25,7 @@ finished runs without importing the pipeline. What the files hold is read throug
                                           exported once, shared by the dense and compressed UNets)
     RUN/build/<dense|pruned>/unet.engine  TensorRT engines (+ unet.engine.json, the engine's
                                           metadata), build/timing.cache
+    RUN/build/shared/text_encoder.plan, vae_decoder.plan   the shared graphs' engines (+ .plan.json)
     RUN/samples/grid.png, RUN/quality/samples.safetensors, RUN/report/report.{md,html}
     RUN/encoded/latents.safetensors, text.safetensors, encoded.json   the latent and text-embedding
                                           cache of a conditioned model's data (its keys and hashes in
@@ -259,3 +260,11 @@ def is_temporary(path: Path) -> bool:
     """Whether ``path`` is a half-written file or folder (atomic writes use these names)."""
     name = path.name
     return name.endswith(".tmp") or ".tmp." in name or name.startswith(".tmp-")
+
+
+def shared_engine_path(run: Path, component: str) -> Path:
+    """``RUN/build/shared/<component>.plan``: the TensorRT engine of a shared pipeline graph (``text_encoder``
+    or ``vae_decoder``, built from :func:`shared_onnx_path`'s graph), engine info beside it."""
+    if component not in SHARED_GRAPHS:
+        raise ValueError(f"shared graph {component!r}; one of {', '.join(SHARED_GRAPHS)}")
+    return stage_dir(run, "build") / "shared" / f"{component}.plan"
