@@ -142,23 +142,30 @@ def whole_call(
     device: torch.device | str,
     run_dir: Path,
     threads: int | None = None,
+    graphs: dict | None = None,
 ) -> WholeCall:
     """The whole call for ``batch`` images (images ``0 .. batch - 1`` of the run's prompts and seeds)
     with the UNet ``predict`` of a ``backend`` bench variant: the text encoder and VAE decoder on torch
     (the model's own, on ``device``) for a torch UNet, their fp32 ONNX graphs for an ONNX Runtime one
-    (:func:`unavailable_reason` says when they cannot run)."""
+    (:func:`unavailable_reason` says when they cannot run). ``graphs``: a dict the ONNX graphs' runners
+    are kept in, so that the calls built with the same dict share their sessions."""
     noise = initial_noise(model.sample_shape, list(range(batch))).to(device)
     encode, conditioning, decode = None, None, None
     onnx = backend == "onnxruntime"
+    graphs = {} if graphs is None else graphs
+
+    def graph(part: str, load: Callable[[Path], Callable]) -> Callable:
+        if (part, threads) not in graphs:
+            graphs[part, threads] = load(shared_onnx_path(run_dir, part, "fp32"))
+        return graphs[part, threads]
+
     if model.conditioning == "text":
         texts, negative = prompts.for_images(batch), prompts.negative
         if onnx:
-            graph = onnx_text_encoder(
-                shared_onnx_path(run_dir, TEXT_ENCODER, "fp32"), model.tokenizer, threads
-            )
+            text_graph = graph(TEXT_ENCODER, lambda path: onnx_text_encoder(path, model.tokenizer, threads))
 
             def encode() -> Conditioning:
-                return onnx_prompt_conditioning(graph, texts, negative)
+                return onnx_prompt_conditioning(text_graph, texts, negative)
         else:
 
             def encode() -> Conditioning:
@@ -166,8 +173,9 @@ def whole_call(
     else:
         conditioning = prompts.conditioning(model, batch, 0, device)
     if model.vae is not None:
+        config = model.vae.config
         decode = (
-            onnx_vae_decoder(shared_onnx_path(run_dir, VAE_DECODER, "fp32"), model.vae.config, threads)
+            graph(VAE_DECODER, lambda path: onnx_vae_decoder(path, config, threads))
             if onnx
             else model_decoder(model)
         )

@@ -367,7 +367,7 @@ def _time_whole_calls(
             skipped[f"{kind} (whole call)"] = reason
             log("bench", f"{kind} whole call: skipped ({reason})")
         return
-    scale = ctx.cfg.sample.guidance_scale
+    scale, graphs = ctx.cfg.sample.guidance_scale, {}  # the ONNX graphs' sessions, shared by the calls
     for variant in samplers:
         for batch in cfg.sampler_batch_sizes or cfg.batch_sizes:
             calls = {
@@ -383,6 +383,7 @@ def _time_whole_calls(
                     ctx.device,
                     ctx.run_dir,
                     cfg.threads,
+                    graphs,
                 )
                 for m, b in backends.items()
             }
