@@ -17,7 +17,7 @@ from torch import nn
 
 from compressor.errors import ModelError
 from compressor.models import build_unet, example_inputs, predict_noise
-from compressor.pruning import replay_history, sync_module_attributes
+from compressor.pruning import pruned_heads, replay_history, set_attention_heads, sync_module_attributes
 from compressor.stack import Stack
 from rundir import layout
 from rundir.records import RecordError, final_model_dir, read_metrics
@@ -59,6 +59,9 @@ def save_unet(
         "shapes": {k: list(v.shape) for k, v in state.items()},
         **(extra or {}),
     }
+    heads = pruned_heads(unet)
+    if heads is not None:  # whole heads pruned: the counts the config does not say
+        meta["attention_heads"] = heads
     weights, structure = layout.weights_file(folder), layout.structure_file(folder)
     probe = layout.probe_file(folder)
     tmp_w, tmp_p = weights.with_suffix(".safetensors.tmp"), structure.with_suffix(".json.tmp")
@@ -154,6 +157,7 @@ def load_unet(folder: Path, device: torch.device | str = "cpu") -> tuple[nn.Modu
                 f"{layout.structure_file(folder)}: the pruning history does not fit its architecture "
                 "(a history from another model?); rerun the prune stage"
             ) from None
+    set_attention_heads(unet, meta.get("attention_heads"))
     sync_module_attributes(unet)
     expected = {k: list(v.shape) for k, v in unet.state_dict().items()}
     found = {k: list(v.shape) for k, v in state.items()}

@@ -388,3 +388,14 @@ def samples_section(doc: Doc, ctx: RunContext, out: Path) -> None:
         doc.para(f"{ctx.cfg.sample.num_images} seeds per row, {ctx.cfg.sample.scheduler.upper()} "
                  f"{ctx.cfg.sample.steps} steps; each row one model, each column one seed.")  # fmt: skip
         doc.image(out / "grid.png", "samples of every model, same seeds")
+    prompts = layout.prompt_pairs(ctx.run_dir)
+    rec = ctx.record("samples")
+    if prompts.is_file() and rec is not None:
+        m = rec.metrics
+        shutil.copyfile(prompts, out / "prompts.png")
+        negative = f', away from "{m["negative_prompt"]}"' if m.get("negative_prompt") else ""
+        doc.heading("Each prompt, dense beside compressed")
+        doc.para(f"One row per prompt, every model's image from the same seed, guidance scale "
+                 f"{m.get('guidance_scale')}{negative}; the images are decoded by the dense model's VAE "
+                 "(only the UNet is compressed).")  # fmt: skip
+        doc.image(out / "prompts.png", "each prompt: dense and compressed images, same seed")

@@ -15,7 +15,7 @@ from compressor.errors import ModelError
 from compressor.models import build_unet, count_macs_params, example_inputs, predict_noise
 from compressor.persist import dense_config, load_unet, probe_difference, save_unet
 from compressor.preflight import check_model_settings
-from compressor.pruning import attention_modules, prune_unet
+from compressor.pruning import attention_modules, head_dims, prune_unet
 from compressor.pruning.structure import check_conditional_structure, conditioning_widths
 from compressor.sampling import make_scheduler
 from compressor.taylor import accumulate_taylor_grads, denoising_loss
@@ -70,10 +70,20 @@ def test_diagnosed_taylor_pass_splits_the_conditioning_with_the_batch(scheduler,
         torch.testing.assert_close(p.grad, a, rtol=1e-4, atol=1e-6)
 
 
-def _check_attention(unet: torch.nn.Module, dense_heads: dict[str, int], cross_dim: int | None) -> int:
+def _check_attention(
+    unet: torch.nn.Module,
+    dense_heads: dict[str, int],
+    cross_dim: int | None,
+    dims: dict[str, int] | None = None,
+) -> int:
+    """Every attention consistent; ``dims`` (the dense head dimensions) given: whole heads were pruned
+    (fewer heads, each of the dense dimension), else the head count is the dense one."""
     cross = 0
     for name, attn in attention_modules(unet).items():
-        assert attn.heads == dense_heads[name]  # heads kept, each the same head dim
+        if dims is None:
+            assert attn.heads == dense_heads[name]  # heads kept, each the same head dim
+        else:
+            assert attn.to_q.out_features // attn.heads == dims[name] and attn.heads < dense_heads[name]
         assert attn.to_q.out_features == attn.to_k.out_features == attn.to_v.out_features
         assert attn.to_q.out_features % attn.heads == 0
         assert attn.inner_dim == attn.to_q.out_features
@@ -92,13 +102,15 @@ def test_conditional_unet_prunes_with_its_conditioning_and_reloads(scheduler, tm
     dense = count_macs_params(unet, tokens)
     fixed = conditioning_widths(unet)
     heads = {n: a.heads for n, a in attention_modules(unet).items()}
+    dims = head_dims(unet)
     cfg = PruneConfig(method="diff-pruning", ratio=0.3, batch_size=4, timestep_stride=250, threshold=0.0)
     result = prune_unet(unet, scheduler, x0, cfg, seed=0, conditioning=cond)
     assert result.taylor is not None and len(result.taylor.timesteps) == 4
     after = count_macs_params(unet, tokens)
     assert after[0] < dense[0] and after[1] < dense[1]
     assert conditioning_widths(unet) == fixed
-    cross = _check_attention(unet, heads, config.get("cross_attention_dim"))
+    # a text UNet (cross-attention) loses whole heads (prune.attention_heads auto); the class UNet head dims
+    cross = _check_attention(unet, heads, config.get("cross_attention_dim"), dims if kind == "text" else None)
     if kind == "text":
         assert cross == 4  # down.0 (1), mid (1), up.1 (2 layers): attn2 of each, pruned too
         assert unet.conv_in.in_channels == unet.conv_out.out_channels == 4
@@ -109,8 +121,12 @@ def test_conditional_unet_prunes_with_its_conditioning_and_reloads(scheduler, tm
     assert out.shape == x0.shape and torch.isfinite(out).all()
     folder = tmp_path / "model"
     save_unet(unet, folder, dense_config(build_unet(config)), result.history, result.kept_widths)
-    loaded, _ = load_unet(folder)
+    loaded, meta = load_unet(folder)
     assert probe_difference(folder, loaded) == 0.0
+    assert ("attention_heads" in meta) == (kind == "text")  # the pruned head counts are saved
+    assert {n: a.heads for n, a in attention_modules(loaded).items()} == {
+        n: a.heads for n, a in attention_modules(unet).items()
+    }
     with torch.no_grad():
         again = predict_noise(loaded, x0, torch.full((4,), 50), **cond)
     torch.testing.assert_close(again, out, rtol=0, atol=0)

@@ -10,7 +10,7 @@ import torch
 from compressor.config import PruneConfig
 from compressor.errors import ConfigError
 from compressor.models import count_macs_params, example_inputs, predict_noise
-from compressor.pruning import attention_modules, prune_unet, search_ratio, uniform_ratios
+from compressor.pruning import attention_modules, head_dims, prune_unet, search_ratio, uniform_ratios
 from compressor.sampling import make_scheduler
 from compressor.taylor import accumulate_taylor_grads, candidate_timesteps, threshold_reached
 from tests.conftest import DDPM_SCHEDULER
@@ -120,13 +120,19 @@ def test_every_method_prunes_and_runs(tiny_unet, scheduler, method):
         assert result.taylor is None
 
 
-def test_heads_stay_consistent_and_processors_agree(tiny_cond_unet, scheduler):
+@pytest.mark.parametrize("setting", ["dims", "whole"])
+def test_heads_stay_consistent_and_processors_agree(tiny_cond_unet, scheduler, setting):
     from diffusers.models.attention_processor import AttnProcessor
 
     heads = {n: a.heads for n, a in attention_modules(tiny_cond_unet).items()}
-    prune_unet(tiny_cond_unet, scheduler, None, PruneConfig(method="magnitude", ratio=0.3), 0)
+    dims = head_dims(tiny_cond_unet)
+    cfg = PruneConfig(method="magnitude", ratio=0.3, attention_heads=setting)
+    prune_unet(tiny_cond_unet, scheduler, None, cfg, 0)
     for name, attn in attention_modules(tiny_cond_unet).items():
-        assert attn.heads == heads[name]
+        if setting == "dims":  # the head count kept, each head narrower
+            assert attn.heads == heads[name]
+        else:  # whole heads gone (torch-pruning removes ceil(0.3 x 4) = 2), each of the dense width
+            assert attn.heads == heads[name] - 2 and attn.to_q.out_features // attn.heads == dims[name]
         assert attn.to_q.out_features % attn.heads == 0
         assert attn.to_q.out_features == attn.to_k.out_features == attn.inner_dim
         assert attn.scale == pytest.approx((attn.to_q.out_features // attn.heads) ** -0.5)

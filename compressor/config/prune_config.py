@@ -90,6 +90,11 @@ class PruneConfig:
         "GroupNorm-coupled layers: each group picks its own channels (independent, the paper's code) "
         "or all groups drop the same in-group positions (shared, torch-pruning 1.6)",
     )
+    attention_heads: Literal["auto", "whole", "dims"] = _spec(
+        "auto",
+        "attention: lose whole heads (head dimension kept) or the same channels from every head (head "
+        "count kept); auto: whole heads for a UNet with cross-attention (text-conditioned), dims otherwise",
+    )
     taylor_score: Literal["abs", "squared"] = _spec(
         "abs", "per-channel Taylor score: sum |w*g| or sum (w*g)^2 (the paper's code)"
     )

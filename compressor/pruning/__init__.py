@@ -39,10 +39,13 @@ from compressor.pruning.structure import (
     level_ratio_dict,
     preserve_attention_scale,
     prune_structure,
+    pruned_heads,
     reinitialize,
     replay_history,
+    set_attention_heads,
     stem_ratio,
     sync_module_attributes,
+    uses_whole_heads,
 )
 
 __all__ = [
@@ -64,6 +67,9 @@ __all__ = [
     "monotone_savings",
     "preserve_attention_scale",
     "prune_structure",
+    "pruned_heads",
+    "set_attention_heads",
+    "uses_whole_heads",
     "prune_unet",
     "pruned_copy",
     "reinitialize",

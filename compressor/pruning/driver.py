@@ -25,6 +25,7 @@ from compressor.pruning.structure import (
     prune_structure,
     reinitialize,
     stem_ratio,
+    uses_whole_heads,
 )
 from compressor.taylor import TaylorPass, accumulate_taylor_grads, candidate_timesteps, make_importance
 
@@ -81,7 +82,15 @@ def prune_unet(
             tokens = context_tokens(conditioning)
             dense = count_macs_params(unet, tokens)
             ratio, search = search_ratio(
-                unet, target, metric, cfg.round_to, dense, cfg.search, on_trial=on_search_trial, tokens=tokens
+                unet,
+                target,
+                metric,
+                cfg.round_to,
+                dense,
+                cfg.search,
+                on_trial=on_search_trial,
+                tokens=tokens,
+                heads=cfg.attention_heads,
             )
     taylor = None
     if cfg.method in ("diff-pruning", "taylor"):
@@ -116,8 +125,9 @@ def prune_unet(
         level_ratios = allocate(unet, importance)
         ratio = stem_ratio(level_ratios)
     stats: dict = {}
+    whole = uses_whole_heads(unet, cfg.attention_heads)
     history = prune_structure(
-        unet, importance, ratio, cfg.round_to, seed, cfg.group_selection, level_ratios, stats
+        unet, importance, ratio, cfg.round_to, seed, cfg.group_selection, level_ratios, stats, whole
     )
     check_conditional_structure(unet, dense_inputs)
     kept_importance = None if cfg.method in ("random", "reinit") else stats.get("importance_kept")

@@ -38,7 +38,13 @@ from compressor.config import LatencyTarget, PruneConfig
 from compressor.digest import content_hash
 from compressor.errors import ConfigError
 from compressor.models import count_macs_params
-from compressor.pruning.structure import importance_by_level, level_blocks, prune_structure, stem_ratio
+from compressor.pruning.structure import (
+    importance_by_level,
+    level_blocks,
+    prune_structure,
+    stem_ratio,
+    uses_whole_heads,
+)
 
 Log = Callable[[str], None]
 CALIBRATIONS = 4  # allocations measured whole before the uniform search decides
@@ -66,9 +72,14 @@ class Timer(Protocol):
 
 
 def pruned_copy(
-    unet: nn.Module, ratio: float, round_to: int | None, level_ratios: dict[int, float] | None = None
+    unet: nn.Module,
+    ratio: float,
+    round_to: int | None,
+    level_ratios: dict[int, float] | None = None,
+    heads: str = "auto",
 ) -> nn.Module:
-    """``unet`` pruned at ``ratio`` (or per level) on a copy (magnitude: only the structure matters)."""
+    """``unet`` pruned at ``ratio`` (or per level) on a copy (magnitude: only the structure matters);
+    ``heads``: ``prune.attention_heads`` (:func:`compressor.pruning.structure.uses_whole_heads`)."""
     import torch_pruning as tp
 
     trial = copy.deepcopy(unet)
@@ -76,16 +87,22 @@ def pruned_copy(
         ratio = stem_ratio(level_ratios)
     if ratio > 0 or any((level_ratios or {}).values()):
         imp = tp.importance.GroupMagnitudeImportance(p=1)
-        prune_structure(trial, imp, ratio, round_to, level_ratios=level_ratios)
+        whole = uses_whole_heads(trial, heads)
+        prune_structure(trial, imp, ratio, round_to, level_ratios=level_ratios, whole_heads=whole)
     return trial.eval()
 
 
 def kept_fraction(
-    unet: nn.Module, ratio: float, round_to: int | None, dense: tuple[int, int], tokens: int | None = None
+    unet: nn.Module,
+    ratio: float,
+    round_to: int | None,
+    dense: tuple[int, int],
+    tokens: int | None = None,
+    heads: str = "auto",
 ) -> tuple[float, float]:
     """(MACs, params) fractions kept if ``unet`` were pruned at ``ratio`` (on a copy); ``tokens``: the
     length of a conditional UNet's ``encoder_hidden_states`` the MACs are counted with."""
-    trial = pruned_copy(unet, ratio, round_to)  # sizes: any criterion will do
+    trial = pruned_copy(unet, ratio, round_to, heads=heads)  # sizes: any criterion will do
     macs, params = count_macs_params(trial, tokens)
     return macs / dense[0], params / dense[1]
 
@@ -115,6 +132,7 @@ def search_ratio(
     iterations: int = 8,
     on_trial: Callable[[float, float, float], None] | None = None,
     tokens: int | None = None,
+    heads: str = "auto",
 ) -> tuple[float, list[dict]]:
     """The ratio giving the largest pruned model that keeps at most ``target`` of MACs/params.
 
@@ -130,7 +148,7 @@ def search_ratio(
     trials: list[dict] = []
 
     def evaluate(r: float) -> float:
-        fr = kept_fraction(unet, r, round_to, dense, tokens)
+        fr = kept_fraction(unet, r, round_to, dense, tokens, heads)
         trials.append({"ratio": round(r, 6), "macs_kept": fr[0], "params_kept": fr[1]})
         if on_trial:
             on_trial(r, fr[0], fr[1])

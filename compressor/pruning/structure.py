@@ -111,13 +111,16 @@ def build_pruner(
     ratio: float,
     round_to: int | None = None,
     ratio_dict: dict[nn.Module, float] | None = None,
+    whole_heads: bool = False,
 ):
     """A torch-pruning pruner over the whole UNet, output conv kept, heads kept consistent.
 
     ``ratio_dict`` (block -> ratio) overrides ``ratio`` for the groups rooted in a block.
 
     Every attention, self (``attn1``) and cross (``attn2``) alike, keeps its head count and loses
-    the same channels from each head (``num_heads`` on its q/k/v, ``prune_head_dims``). The inputs
+    the same channels from each head (``num_heads`` on its q/k/v, ``prune_head_dims``), or with
+    ``whole_heads`` loses whole heads at the same ratio and keeps its head dimension (torch-pruning's
+    ``prune_num_heads``; the heads ranked by their mean importance). The inputs
     the graph is traced with (:func:`compressor.models.example_inputs`: the sample, the timestep, a
     conditional UNet's context and class label) are never pruned, and nothing feeds them, so the
     sample's channels in, the timestep and class embeddings' inputs and the cross-attention's
@@ -140,9 +143,40 @@ def build_pruner(
         ignored_layers=[unet.conv_out],
         round_to=round_to,
         num_heads=num_heads,
-        prune_num_heads=False,
-        prune_head_dims=True,
+        prune_num_heads=whole_heads,
+        prune_head_dims=not whole_heads,
+        head_pruning_ratio=ratio if whole_heads else 0.0,
+        head_pruning_ratio_dict=ratio_dict if whole_heads else None,
     )
+
+
+def uses_whole_heads(unet: nn.Module, setting: str) -> bool:
+    """Whether ``prune.attention_heads`` (``whole``, ``dims`` or ``auto``) prunes ``unet``'s attention
+    heads whole: ``auto`` does for a UNet with cross-attention (text-conditioned: Stable Diffusion's
+    eight heads a layer), not for the unconditional DDPMs (often one head a layer)."""
+    if setting != "auto":
+        return setting == "whole"
+    return any(a.is_cross_attention for a in attention_modules(unet).values())
+
+
+def set_attention_heads(unet: nn.Module, heads: dict[str, int] | None) -> None:
+    """Give each named attention its head count (a saved model pruned by whole heads); marks them so
+    that a later save keeps the counts (:func:`pruned_heads`)."""
+    if not heads:
+        return
+    for name, attn in attention_modules(unet).items():
+        if name in heads:
+            attn.heads = int(heads[name])
+            attn.heads_pruned = True
+
+
+def pruned_heads(unet: nn.Module) -> dict[str, int] | None:
+    """Every attention's head count when whole heads were pruned (what a saved model must restore),
+    else None (head counts are the config's)."""
+    found = attention_modules(unet)
+    if not any(getattr(a, "heads_pruned", False) for a in found.values()):
+        return None
+    return {name: int(a.heads) for name, a in found.items()}
 
 
 def sync_module_attributes(unet: nn.Module) -> None:
@@ -208,6 +242,7 @@ def prune_structure(
     group_selection: str = "shared",
     level_ratios: dict[int, float] | None = None,
     stats: dict | None = None,
+    whole_heads: bool = False,
 ) -> list:
     """Prune ``unet`` in place at a uniform per-layer ``ratio``; returns the pruning history.
 
@@ -225,10 +260,13 @@ def prune_structure(
     ``round_to`` rounds each layer's kept channels down to a multiple of
     ``lcm(round_to, channel groups)`` here: torch-pruning 1.6 rounds per-group
     counts against whole-layer widths and leaves GroupNorm-coupled layers unpruned.
+
+    ``whole_heads``: attentions lose whole heads (:func:`build_pruner`), chosen by torch-pruning
+    under either selection; their new head counts are set on the modules.
     """
     dense_heads = head_dims(unet)
     ratio_dict = level_ratio_dict(unet, level_ratios) if level_ratios else None
-    pruner = build_pruner(unet, importance, ratio, None, ratio_dict)
+    pruner = build_pruner(unet, importance, ratio, None, ratio_dict, whole_heads)
     torch.manual_seed(seed)  # RandomImportance draws from the global generator
     if group_selection == "shared" and not round_to and stats is None:
         pruner.step()
@@ -236,7 +274,9 @@ def prune_structure(
         scores = _root_importance(pruner)
         removed = 0.0
         for group in pruner.step(interactive=True):
-            if group_selection != "shared" or round_to:
+            if (group_selection != "shared" or round_to) and not (
+                whole_heads and _is_attention(pruner, group)
+            ):
                 group = _reselect(pruner, group, scores, group_selection, round_to)
             dep = group[0].dep
             imp = scores.get((dep.target.module, dep.handler))
@@ -246,9 +286,18 @@ def prune_structure(
         if stats is not None:
             total = sum(float(v.double().sum()) for v in scores.values())
             stats["importance_kept"] = 1 - removed / total if total else None
+    if whole_heads:  # the head dimension is kept: the count follows the width
+        set_attention_heads(
+            unet, {n: a.to_q.out_features // dense_heads[n] for n, a in attention_modules(unet).items()}
+        )
     sync_module_attributes(unet)
     preserve_attention_scale(unet, dense_heads)
     return plain_history(pruner.DG.pruning_history())
+
+
+def _is_attention(pruner, group) -> bool:
+    """Whether ``group`` prunes an attention's query/key/value widths (torch-pruning's own test)."""
+    return bool(pruner._is_atten_group(group)[0])
 
 
 def level_of_modules(unet: nn.Module) -> dict[nn.Module, int]:
