@@ -394,8 +394,13 @@ def present_components(folder: Path) -> dict[str, Path]:
         key = next((k for k in COMPONENT_ALIASES.get(name, (name,)) if index.get(k)), name)
         entry = index.get(key)
         sub = folder / key
-        if not entry or not (sub / COMPONENT_FILES[name]).is_file():
+        if not entry or entry == [None, None]:  # not part of this pipeline
             continue
+        if not (sub / COMPONENT_FILES[name]).is_file():
+            raise ModelError(
+                f"{folder}: model_index.json lists the {key} but {sub / COMPONENT_FILES[name]} is missing; "
+                f"copy the pipeline's {key}/ folder too, or re-download the pipeline"
+            )
         cls = entry[1] if isinstance(entry, list | tuple) and len(entry) == 2 else None
         if cls is not None and cls not in COMPONENT_CLASSES[name]:
             raise ModelError(

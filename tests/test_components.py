@@ -232,6 +232,14 @@ def test_unsupported_or_damaged_components_are_clear_errors(tmp_path):
     (root / "model_index.json").write_text("{not json")
     with pytest.raises(ModelError, match="model_index.json: not valid JSON"):
         load_model(ModelConfig(name=str(root)))
+    # a component the index lists but the folder lacks: one line naming it, up front too
+    (root / "model_index.json").write_text(
+        json.dumps({**index, "text_encoder": ["transformers", "CLIPTextModel"]})
+    )
+    with pytest.raises(ModelError, match=r"lists the text_encoder but .*text_encoder/config.json is missing"):
+        load_model(ModelConfig(name=str(root)))
+    with pytest.raises(ModelError, match="lists the text_encoder"):
+        check_model_settings(_cfg(root), stages=["prune"])
 
 
 def test_text_components_without_transformers_say_to_install_it(tmp_path, monkeypatch, tokenizer_folder):
