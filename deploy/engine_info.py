@@ -6,6 +6,11 @@ info"; the run's *manifest* is ``RUN/manifest.json``) recording the sha256 of th
 came from and of the engine, the TensorRT version, GPU name and compute capability, the
 profile, the precision and the build time. Loading checks the engine info first and
 refuses a mismatched or tampered engine with one line telling the user to rebuild.
+
+Which engines a run builds (:func:`run_graphs`, read from its exported graphs, no TensorRT needed):
+the dense and compressed UNets (and feature reuse's passes); a conditioned UNet over UNet rows,
+twice the images under classifier-free guidance; a conditional model's shared text encoder and VAE
+decoder (``RUN/build/shared/<graph>.plan``) over images. Each input's per-item shape is the graph's.
 """
 
 from __future__ import annotations
@@ -14,8 +19,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from compressor.config import BuildConfig
 from compressor.errors import ArtifactError, ConfigError, UserError
+from export.onnx_export import CONDITION_INPUTS, INPUT_NAMES, onnx_input_shapes
+from rundir import layout
 from rundir.layout import engine_info_path
+from rundir.records import read_record
 
 REBUILD = "rebuild the engines here with `compress-deploy build RUN` (it needs only the ONNX files)"
 
@@ -40,10 +49,16 @@ class Profile:
         """(min, opt, max) shapes of every engine input, from each input's per-sample shape.
 
         ``inputs`` as :func:`export.onnx_export.onnx_input_shapes` reads them from the graph:
-        ``{"sample": (C, H, W), "timestep": ()}`` plus ``feature`` for a shallow pass.
+        ``{"sample": (C, H, W), "timestep": ()}`` plus ``feature`` for a shallow pass, a conditioned
+        UNet's ``encoder_hidden_states`` (tokens, width) / ``class_labels`` (), a text encoder's
+        ``input_ids`` (tokens,), a VAE decoder's ``latent_sample`` (C, h, w): only the batch varies.
         """
         batches = (self.min_batch, self.opt_batch, self.max_batch)
         return {name: tuple((b, *dims) for b in batches) for name, dims in inputs.items()}
+
+    def scaled(self, factor: int) -> Profile:
+        """The same profile counting ``factor`` rows per item (a guided UNet runs 2 rows per image)."""
+        return Profile(self.min_batch * factor, self.opt_batch * factor, self.max_batch * factor)
 
     def check_batch(self, batch: int, engine: Path) -> None:
         """Raise UserError for a batch size the engine was not built for."""
@@ -108,5 +123,128 @@ def check_integrity(info: dict, engine: Path, sha256: str) -> None:
 
 
 def profile_of(info: dict) -> Profile:
+    """The profile an engine info records."""
     p = info["profile"]
     return Profile(p["min_batch"], p["opt_batch"], p["max_batch"])
+
+
+# -- the engines a run builds (read from its exported graphs; nothing here needs TensorRT) ----------
+
+
+@dataclass(frozen=True)
+class GraphBuild:
+    """One engine a run builds: its record key, the ONNX graph it comes from, where it goes, its
+    profile (over the graph's batch axis) and each input's per-item shape (from the graph)."""
+
+    key: str  # metrics.engines key: dense, pruned, dense.full, ..., shared.text_encoder
+    label: str
+    part: str  # unet | full | shallow | text_encoder | vae_decoder
+    onnx: Path
+    engine: Path
+    profile: Profile
+    inputs: dict[str, tuple[int, ...]]
+    precision: str  # the engine's: the ONNX file's
+
+
+def _graph_inputs(src: Path) -> dict[str, tuple[int, ...]]:
+    """The graph's inputs' per-item shapes; ArtifactError for a dimension besides the batch that is
+    not fixed (the profile covers the batch only)."""
+    inputs = onnx_input_shapes(src)
+    for name, dims in inputs.items():
+        if any(d <= 0 for d in dims):
+            raise ArtifactError(
+                f"{src}: input {name} has a dynamic dimension besides the batch (per item {list(dims)}); "
+                "the engine profile varies the batch only: re-export it with the export stage"
+            )
+    return inputs
+
+
+def _unet_conditions(src: Path, inputs: dict[str, tuple[int, ...]]) -> list[str]:
+    """The conditioning inputs a UNet graph takes after ``sample, timestep`` (ArtifactError for others)."""
+    names = list(inputs)
+    conditions = [n for n in names if n in CONDITION_INPUTS]
+    own = [n for n in names if n not in INPUT_NAMES and n not in CONDITION_INPUTS]
+    expected = [*INPUT_NAMES, *[c for c in CONDITION_INPUTS if c in conditions], *own]
+    if names[:2] != INPUT_NAMES or names != expected:
+        raise ArtifactError(
+            f"{src}: inputs {names} are not sample, timestep, then {' / '.join(CONDITION_INPUTS)}; "
+            "re-export it with the export stage"
+        )
+    return conditions
+
+
+def conditioned_unet(run_dir: Path, precision: str) -> bool:
+    """Whether the run's exported dense UNet graph at ``precision`` takes conditioning (False when absent)."""
+    src = layout.onnx_path(run_dir, "dense", precision)
+    return src.is_file() and any(name in CONDITION_INPUTS for name in onnx_input_shapes(src))
+
+
+def _shared_precision(run_dir: Path, files: dict, graph: str, precision: str) -> str | None:
+    """The precision of ``graph``'s shared engine: the build's; int8 (the UNet alone is quantized) takes
+    the fp16 graph, else the fp32 one. None when the export wrote no such graph."""
+    choices = ["fp16", "fp32"] if precision == "int8" else [precision]
+    exported = [key.split(".", 1)[1] for key in files if key.split(".", 1)[0] == graph]
+    if not exported:
+        return None
+    for choice in choices:
+        if choice in exported:
+            return choice
+    raise ArtifactError(
+        f"{layout.shared_onnx_path(run_dir, graph, choices[-1])} not exported (only "
+        f"{', '.join(sorted(exported))}); run the export stage with export.precisions incl. {choices[-1]}"
+    )
+
+
+def run_graphs(
+    run_dir: Path, cfg: BuildConfig, reuse_level: int | None = None, guidance_scale: float = 1.0
+) -> list[GraphBuild]:
+    """Every engine the run's build makes, in build order (reads the ONNX graphs' inputs, builds nothing).
+
+    The dense and pruned UNets (``reuse_level``: and their feature-reuse passes, not at int8); a UNet
+    graph taking conditioning is built over UNet rows, ``build.*_batch`` x 2 when ``guidance_scale`` > 1
+    (the guided sampler's unconditional and conditional halves in one call). The shared graphs the
+    export stage wrote (its record's ``text_encoder.<p>`` / ``vae_decoder.<p>`` files; a text-conditioned
+    UNet needs its text encoder), over ``build.*_batch`` images, from the build's precision (int8: fp16,
+    else fp32). ArtifactError, naming the export settings, for a graph that is not there.
+    """
+    profile = Profile(cfg.min_batch, cfg.opt_batch, cfg.max_batch)
+    profile.validate()
+    source = cfg.precision  # strongly typed on 10 and 11: the engine's precision is the ONNX file's
+    parts = ["unet"]
+    if reuse_level is not None and source != "int8":
+        parts += ["full", "shallow"]
+    level = reuse_level or 0
+    graphs, conditions = [], []
+    for model in ("dense", "pruned"):
+        for part in parts:
+            src = layout.onnx_path(run_dir, model, source, part, level)
+            if not src.is_file():
+                hint = "" if part == "unet" else f" and export.feature_reuse=true sample.cache_level={level}"
+                raise ArtifactError(
+                    f"{src} not found; run the export stage (with export.precisions incl. {source}{hint})"
+                )
+            inputs = _graph_inputs(src)
+            conditions = _unet_conditions(src, inputs) if part == "unet" else conditions
+            rows = profile.scaled(2) if conditions and guidance_scale > 1 else profile
+            label = model if part == "unet" else f"{model} {part} pass (level {level})"
+            key = model if part == "unet" else f"{model}.{part}"
+            dst = layout.engine_path(run_dir, model, part, level)
+            graphs.append(GraphBuild(key, label, part, src, dst, rows, inputs, source))
+    record = read_record(run_dir, "export")
+    files = record.metrics.get("files", {}) if record is not None else {}
+    for graph in layout.SHARED_GRAPHS:
+        precision = _shared_precision(run_dir, files, graph, source)
+        if precision is None:
+            if graph == "text_encoder" and "encoder_hidden_states" in conditions:
+                src = layout.shared_onnx_path(run_dir, graph, "fp16" if source == "int8" else source)
+                raise ArtifactError(f"{src} not found; run the export stage (it exports the text encoder)")
+            continue
+        src = layout.shared_onnx_path(run_dir, graph, precision)
+        if not src.is_file():
+            raise ArtifactError(f"{src} not found; run the export stage")
+        label = f"shared {graph.replace('_', ' ')}"
+        dst = layout.shared_engine_path(run_dir, graph)
+        graphs.append(
+            GraphBuild(f"shared.{graph}", label, graph, src, dst, profile, _graph_inputs(src), precision)
+        )
+    return graphs

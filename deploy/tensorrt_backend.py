@@ -7,6 +7,18 @@ ever set. TensorRT 10 needs the STRONGLY_TYPED creation flag for that; on 11 eve
 network is strongly typed and the flag is deprecated, so it is not passed.
 Checked against NVIDIA's real 10.13 and 11.4 Python bindings by tests/test_tensorrt_api.py.
 Imports cleanly without TensorRT; :func:`unavailable_reason` says why it cannot run.
+
+A run's engines (:func:`deploy.engine_info.run_graphs`, built by :func:`build_run_engines`): the
+dense and the compressed UNet (and feature reuse's passes); for a conditional model the UNets
+take their conditioning (``encoder_hidden_states``: batch x tokens x width, ``class_labels``:
+batch) and, under classifier-free guidance (``sample.guidance_scale`` > 1), their profile counts
+UNet rows, twice the images (``build.*_batch`` x 2: the sampler calls the UNet on the
+unconditional and conditional halves at once); the shared text encoder (``input_ids``, batch x
+tokens, int64 as exported) and VAE decoder (``latent_sample``) graphs get engines of their own
+over ``build.*_batch`` images, ``RUN/build/shared/<graph>.plan``. Every input's per-item shape is
+the graph's (only the batch varies); the engine keeps each input's declared type (int64 ids and
+timesteps included: TensorRT 10 and 11 take INT64 I/O), and :class:`EngineRunner` feeds each
+input in its engine type.
 """
 
 from __future__ import annotations
@@ -28,9 +40,10 @@ from deploy.engine_info import (
     check_integrity,
     profile_of,
     read_engine_info,
+    run_graphs,
     write_engine_info,
 )
-from export.onnx_export import check_onnx, onnx_input_shapes
+from export.onnx_export import check_onnx
 from rundir import layout
 from rundir.artifacts import sha256_bytes, sha256_file, verify_against_manifest
 
@@ -194,7 +207,7 @@ def build_engine(
             "opt_batch": profile.opt_batch,
             "max_batch": profile.max_batch,
         },
-        "sample_shape": list(input_shapes["sample"]),
+        **({"sample_shape": list(input_shapes["sample"])} if "sample" in input_shapes else {}),
         "inputs": {k: list(v) for k, v in input_shapes.items()},
         "precision": precision,
         "strongly_typed": True,
@@ -221,8 +234,10 @@ class EngineRunner:
     """A deserialised engine called on CUDA tensors by I/O name (``run``), or as a UNet call.
 
     The engine's own I/O list (names, modes, types) drives the bindings, so one runner
-    serves the plain UNet (``sample, timestep -> noise``) and both feature-reuse passes
-    (``-> noise, feature`` and ``sample, timestep, feature -> noise``).
+    serves the plain UNet (``sample, timestep -> noise``), a conditioned one (``encoder_hidden_states``
+    / ``class_labels`` too), both feature-reuse passes (``-> noise, feature`` and
+    ``sample, timestep, feature -> noise``) and the shared graphs (``input_ids -> last_hidden_state``,
+    ``latent_sample -> sample``); each input is cast to its engine type (int64 ids stay int64).
     """
 
     def __init__(self, engine_path: Path, cuda_graph: bool = False) -> None:
@@ -251,6 +266,7 @@ class EngineRunner:
             is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
             (self.inputs if is_input else self.outputs)[name] = dtype
         self.context = self.engine.create_execution_context()
+        self.device = torch.device("cuda")
         self.stream = torch.cuda.Stream()
         self.cuda_graph = cuda_graph
         self.graphs: dict[int, tuple] = {}
@@ -263,18 +279,25 @@ class EngineRunner:
         outputs = {}
         for name, dtype in self.outputs.items():
             shape = tuple(self.context.get_tensor_shape(name))
-            outputs[name] = torch.empty(shape, dtype=dtype, device="cuda")
+            outputs[name] = torch.empty(shape, dtype=dtype, device=self.device)
             self.context.set_tensor_address(name, outputs[name].data_ptr())
         return outputs
 
+    def feeds(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``feeds`` checked (every engine input given, nothing else, the batch in the profile) and
+        cast to the engine's types on its device, in the engine's input order."""
+        missing = sorted(set(self.inputs) - set(feeds))
+        unknown = sorted(set(feeds) - set(self.inputs))
+        if missing or unknown:
+            takes = ", ".join(self.inputs)
+            what = f"inputs {', '.join(missing)} not given" if missing else f"no input {', '.join(unknown)}"
+            raise UserError(f"{self.path}: {what} (it takes {takes})")
+        self.profile.check_batch(feeds[next(iter(self.inputs))].shape[0], self.path)
+        return {n: feeds[n].to(self.device, dtype).contiguous() for n, dtype in self.inputs.items()}
+
     def run(self, **feeds: torch.Tensor) -> dict[str, torch.Tensor]:
         """Execute on ``feeds`` (one tensor per engine input); the outputs by name."""
-        missing = sorted(set(self.inputs) - set(feeds))
-        if missing:
-            takes = ", ".join(self.inputs)
-            raise UserError(f"{self.path}: inputs {', '.join(missing)} not given (it takes {takes})")
-        self.profile.check_batch(feeds["sample"].shape[0], self.path)
-        feeds = {n: feeds[n].to("cuda", dtype).contiguous() for n, dtype in self.inputs.items()}
+        feeds = self.feeds(feeds)
         if self.cuda_graph:
             return self._graph_run(feeds)
         outputs = self._bind(feeds)
@@ -284,13 +307,16 @@ class EngineRunner:
         torch.cuda.current_stream().wait_stream(self.stream)
         return outputs
 
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        """The plain UNet call: noise for ``sample`` at ``timestep``."""
-        return self.run(sample=sample, timestep=timestep)["noise"]
+    def __call__(
+        self, sample: torch.Tensor, timestep: torch.Tensor, **conditions: torch.Tensor
+    ) -> torch.Tensor:
+        """The UNet call: noise for ``sample`` at ``timestep`` (``conditions``: a conditioned engine's
+        ``encoder_hidden_states`` / ``class_labels``)."""
+        return self.run(sample=sample, timestep=timestep, **conditions)["noise"]
 
     def _graph_run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Replay a CUDA graph captured once per batch size (static shapes and buffers)."""
-        batch = feeds["sample"].shape[0]
+        batch = next(iter(feeds.values())).shape[0]
         if batch not in self.graphs:
             inputs = {n: t.clone() for n, t in feeds.items()}
             outputs = self._bind(inputs)
@@ -341,52 +367,47 @@ def build_run_engines(
     cfg: BuildConfig,
     log: Callable[[str], None],
     reuse_level: int | None = None,
+    guidance_scale: float = 1.0,
 ) -> tuple[dict, list[Path]]:
-    """Build dense and pruned engines from ``RUN/export``; needs only the ONNX files.
+    """Build the run's engines (:func:`deploy.engine_info.run_graphs`) from ``RUN/export``; needs only
+    the ONNX files.
 
     ``reuse_level``: also build the feature-reuse passes split there (``unet-full-l<k>`` and
     ``unet-shallow-l<k>``, from the export stage's graphs of the build precision; the
     passes are exported in fp32/fp16, so an int8 build skips them and says so).
-    Returns (engine info per model and pass: ``dense``, ``dense.full``, ...; files written).
+    ``guidance_scale``: the sampler's (``sample.guidance_scale``); above 1 a conditioned UNet's
+    profile counts twice the images. Returns (engine info per key: ``dense``, ``dense.full``,
+    ``shared.text_encoder``, ...; files written).
     """
 
-    profile = Profile(cfg.min_batch, cfg.opt_batch, cfg.max_batch)
-    profile.validate()
+    Profile(cfg.min_batch, cfg.opt_batch, cfg.max_batch).validate()
     require_tensorrt()
-    source = cfg.precision  # strongly typed on 10 and 11: the engine's precision is the ONNX file's
-    parts = ["unet"]
-    if reuse_level is not None and source == "int8":
+    if reuse_level is not None and cfg.precision == "int8":
         log("feature-reuse passes: not built at int8 (their graphs are exported in fp32/fp16 only)")
-    elif reuse_level is not None:
-        parts += ["full", "shallow"]
-    level = reuse_level or 0
+    graphs = run_graphs(run_dir, cfg, reuse_level, guidance_scale)
     cache = layout.timing_cache(run_dir)
     cache.parent.mkdir(parents=True, exist_ok=True)
     engines, files = {}, []
-    for model in ("dense", "pruned"):
-        for part in parts:
-            src = layout.onnx_path(run_dir, model, source, part, level)
-            if not src.is_file():
-                hint = "" if part == "unet" else f" and export.feature_reuse=true sample.cache_level={level}"
-                raise ArtifactError(
-                    f"{src} not found; run the export stage (with export.precisions incl. {source}{hint})"
-                )
-            check_onnx(src, part=part)
-            dst = layout.engine_path(run_dir, model, part, level)
-            label = model if part == "unet" else f"{model} {part} pass (level {level})"
-            log(f"{label}: {src.name} -> {dst} ({cfg.precision}, batch {cfg.min_batch}..{cfg.max_batch})")
-            info = build_engine(
-                src,
-                dst,
-                profile,
-                onnx_input_shapes(src),
-                cfg.precision,
-                cfg.workspace_gib,
-                cfg.optimization_level,
-                cache,
-                label,
-            )
-            log(f"{label}: built in {info['build_seconds']:.1f} s")
-            engines[model if part == "unet" else f"{model}.{part}"] = info
-            files += [dst, layout.engine_info_path(dst)]
+    for graph in graphs:
+        src, dst, profile = graph.onnx, graph.engine, graph.profile
+        check_onnx(src, part=graph.part, inputs=list(graph.inputs) if graph.part == "unet" else None)
+        rows = profile != Profile(cfg.min_batch, cfg.opt_batch, cfg.max_batch)
+        batch = f"batch {profile.min_batch}..{profile.max_batch}" + (
+            ": UNet rows, 2 per image under guidance" if rows else ""
+        )
+        log(f"{graph.label}: {src.name} -> {dst} ({graph.precision}, {batch})")
+        info = build_engine(
+            src,
+            dst,
+            profile,
+            graph.inputs,
+            graph.precision,
+            cfg.workspace_gib,
+            cfg.optimization_level,
+            cache,
+            graph.label,
+        )
+        log(f"{graph.label}: built in {info['build_seconds']:.1f} s")
+        engines[graph.key] = info
+        files += [dst, layout.engine_info_path(dst)]
     return engines, files + [cache]

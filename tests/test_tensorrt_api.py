@@ -16,7 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.runner import run_pipeline
 from tests.conftest import finished_tiny_run
+from tests.test_components import write_pipeline
+from tests.test_conditional_build import TOKENS, _cfg
+from tests.test_conditioning_data import captioned
 
 ROOT = Path(__file__).resolve().parent.parent
 SETUP = ROOT.parent / "shared" / "tools" / "trt-api" / "setup"
@@ -79,6 +83,97 @@ def test_the_checker_notices_a_missing_name_and_a_wrong_keyword(trt_api):
 @pytest.fixture(scope="module")
 def exported_run(tmp_path_factory):
     return finished_tiny_run(tmp_path_factory.mktemp("trt-run"), "prune,export")
+
+
+@pytest.fixture(scope="module")
+def sd_exported_run(tmp_path_factory, clip_tokenizer_folder) -> Path:
+    """A tiny SD-layout pipeline pruned, finetuned for 2 steps and exported (its three graphs)."""
+    root = tmp_path_factory.mktemp("trt-sd")
+    pipe = write_pipeline(root / "pipe", tokenizer=clip_tokenizer_folder(TOKENS))
+    run_pipeline(_cfg(pipe, captioned(root / "images", 4)), root / "run", ["prune", "finetune", "export"])
+    return root / "run"
+
+
+def _build_check(trt_api: Path, run_dir: Path, copy: Path, guidance: float) -> dict:
+    """tests/trt_api_check.py's build of a copy of ``run_dir`` on stand-ins of the real factories."""
+    shutil.copytree(run_dir, copy)
+    return _check(trt_api, str(copy), str(guidance))
+
+
+# what the build and run paths call on TensorRT objects, each held to the real signature
+CALLS = {
+    "Builder.__init__", "Builder.create_network", "Builder.build_serialized_network", "OnnxParser.__init__",
+    "OnnxParser.parse_from_file", "IOptimizationProfile.set_shape", "IBuilderConfig.add_optimization_profile",
+    "IBuilderConfig.set_memory_pool_limit", "IBuilderConfig.set_timing_cache", "Runtime.__init__",
+    "Runtime.deserialize_cuda_engine", "ICudaEngine.get_tensor_dtype", "IExecutionContext.set_input_shape",
+    "IExecutionContext.set_tensor_address", "IExecutionContext.execute_async_v3",
+}  # fmt: skip
+
+
+def test_a_text_to_image_run_builds_and_runs_its_three_engines_on_the_real_api(
+    trt_api, sd_exported_run, tmp_path
+):
+    """build_run_engines -> build_engine and EngineRunner on every engine of a conditional run, with
+    the factories replaced by stand-ins holding each call to the real bindings' signatures."""
+    report = _build_check(trt_api, sd_exported_run, tmp_path / "run", 3.0)
+    assert report["problems"] == [] and report["calls_unchecked"] == []
+    assert CALLS <= set(report["calls_checked"])
+    engines = report["engines"]
+    assert list(engines) == ["dense", "pruned", "shared.text_encoder", "shared.vae_decoder"]
+    guided = {"min_batch": 2, "opt_batch": 4, "max_batch": 6}  # build batches 1/2/3, two UNet rows per image
+    for model in ("dense", "pruned"):
+        assert engines[model]["profile"] == guided
+        assert list(engines[model]["inputs"]) == ["sample", "timestep", "encoder_hidden_states"]
+        assert engines[model]["engine_types"]["timestep"] == "int64"
+        assert engines[model]["outputs"]["noise"][0] == 4
+    text, vae = engines["shared.text_encoder"], engines["shared.vae_decoder"]
+    assert text["engine"] == "build/shared/text_encoder.plan"
+    assert text["profile"] == {"min_batch": 1, "opt_batch": 2, "max_batch": 3}
+    assert text["inputs"] == {"input_ids": [TOKENS]} and text["engine_types"] == {"input_ids": "int64"}
+    assert text["outputs"]["last_hidden_state"][:2] == [2, TOKENS]
+    assert vae["engine"] == "build/shared/vae_decoder.plan" and vae["inputs"]["latent_sample"][0] == 4
+    assert "build/shared/vae_decoder.plan.json" in report["files"]
+
+
+def test_an_unconditional_run_builds_its_two_engines_as_before_on_the_real_api(
+    trt_api, exported_run, tmp_path
+):
+    _, run_dir = exported_run
+    report = _build_check(trt_api, run_dir, tmp_path / "run", 1.0)
+    assert report["problems"] == [] and report["calls_unchecked"] == []
+    assert list(report["engines"]) == ["dense", "pruned"]
+    dense = report["engines"]["dense"]
+    assert dense["profile"] == {"min_batch": 1, "opt_batch": 2, "max_batch": 3}
+    assert list(dense["inputs"]) == ["sample", "timestep"]
+    assert report["files"] == [
+        "build/dense/unet.engine", "build/dense/unet.engine.json", "build/pruned/unet.engine",
+        "build/pruned/unet.engine.json", "build/timing.cache",
+    ]  # fmt: skip
+
+
+def test_the_stand_ins_notice_a_call_the_real_api_would_refuse(trt_api):
+    script = (
+        "import json, tensorrt as trt, tests.trt_api_check as c\n"
+        "c.REAL.update({n: getattr(trt, n) for n in ('IOptimizationProfile', 'ITimingCache', 'Dims')})\n"
+        "cache = c.Fake('ITimingCache', [])\n"
+        "print(json.dumps([\n"
+        "  c.bind_problem(trt.IOptimizationProfile.set_shape, 'set_shape',"
+        " ('x', (1, 2), (2, 2), (0, 2)), {}),\n"
+        "  c.bind_problem(trt.IBuilderConfig.set_timing_cache, 'set_timing_cache', (cache,),"
+        " {'ignore_mismatches': True}),\n"
+        "  c.bind_problem(trt.IBuilderConfig.set_memory_pool_limit, 'set_memory_pool_limit', (0, 5), {}),\n"
+        "  c.bind_problem(trt.IExecutionContext.set_input_shape, 'set_input_shape', ('x', (2, 6)), {}),\n"
+        "]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=_env(trt_api), timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    shape, keyword, pool, fine = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "max: (0, 2) for Dims" in shape
+    assert "unknown ['ignore_mismatches']" in keyword and "missing ['ignore_mismatch']" in keyword
+    assert "pool: int for MemoryPoolType" in pool
+    assert fine == ""
 
 
 def test_build_refuses_and_the_stage_skips_with_one_line_when_only_the_api_imports(trt_api, exported_run):

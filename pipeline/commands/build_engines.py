@@ -10,10 +10,11 @@ from rundir import layout
 
 
 def main(argv: list[str]) -> int:
-    """Build dense and pruned engines under the run's lock."""
+    """Build the run's engines (the UNets; a conditional model's shared graphs too) under its lock."""
     run, cfg = run_settings("build", "build", argv, "Build TensorRT engines from a run's ONNX files.")
     with RunLock(run, " ".join(["compress-deploy build", *argv])):
         level = cfg.sample.cache_level if cfg.export.feature_reuse else None
-        engines, _ = build_run_engines(run, cfg.build, lambda m: log("build", m), level)
+        guidance = cfg.sample.guidance_scale
+        engines, _ = build_run_engines(run, cfg.build, lambda m: log("build", m), level, guidance)
     print(f"built {', '.join(engines)} engines in {layout.stage_dir(run, 'build')}")
     return 0

@@ -1,9 +1,14 @@
-"""The ``build`` stage: TensorRT engines from the run's ONNX files (``compress-deploy build RUN`` too)."""
+"""The ``build`` stage: TensorRT engines from the run's ONNX files (``compress-deploy build RUN`` too).
+
+A conditional model's run builds its three graphs: the dense and compressed UNets with their
+conditioning (a profile of UNet rows, twice the images under ``sample.guidance_scale`` > 1) and the
+shared text encoder and VAE decoder (``RUN/build/shared/``): :func:`deploy.engine_info.run_graphs`.
+"""
 
 from __future__ import annotations
 
 from deploy import tensorrt_backend
-from deploy.engine_info import Profile
+from deploy.engine_info import Profile, conditioned_unet
 from pipeline.context import RunContext, StageResult, log
 
 SECTIONS = ["build", "device"]
@@ -16,6 +21,14 @@ def reuse_level(ctx: RunContext) -> int | None:
     return ctx.cfg.sample.cache_level if ctx.cfg.export.feature_reuse else None
 
 
+def key_extra(ctx: RunContext) -> dict:
+    """A conditioned UNet graph's engines are profiled over guided rows: the guidance scale (nothing for
+    an unconditional model, whose key is as before; read from the exported graph, no model loaded)."""
+    if not conditioned_unet(ctx.run_dir, ctx.cfg.build.precision):
+        return {}
+    return {"sample.guidance_scale": ctx.cfg.sample.guidance_scale}
+
+
 def run(ctx: RunContext) -> StageResult:
     """Build the engines; reports itself skipped (with the reason) where TensorRT cannot run."""
     cfg = ctx.cfg.build
@@ -26,6 +39,6 @@ def run(ctx: RunContext) -> StageResult:
         return StageResult({"engines": {}}, status="skipped", reason=reason)
     ctx.require("export", "build")
     engines, files = tensorrt_backend.build_run_engines(
-        ctx.run_dir, cfg, lambda m: log("build", m), reuse_level(ctx)
+        ctx.run_dir, cfg, lambda m: log("build", m), reuse_level(ctx), ctx.cfg.sample.guidance_scale
     )
     return StageResult({"engines": engines}, files)

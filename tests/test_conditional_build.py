@@ -1,0 +1,178 @@
+"""The build stage on conditional models: the engines a text-to-image run would build (its three graphs,
+each with its profile and input shapes), the stage skipped with the reason where TensorRT cannot run,
+and build_run_engines over those graphs with TensorRT's build replaced (it cannot run here)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import onnx
+import pytest
+
+from compressor.config import BuildConfig, config_from_mapping
+from compressor.errors import ArtifactError
+from compressor.models import build_unet
+from deploy import engine_info, tensorrt_backend
+from deploy.engine_info import Profile
+from export.onnx_export import export_unet
+from pipeline.runner import run_pipeline
+from pipeline.stages import build as build_stage
+from rundir import layout
+from rundir.records import read_record
+from tests.conftest import TINY_COND_UNET, TINY_UNET, tensorrt_reason
+from tests.test_components import CLASS_UNET, write_pipeline
+from tests.test_conditioning_data import captioned
+
+TOKENS = 6
+GUIDANCE = 3.0
+
+
+def _cfg(model: Path, data: Path) -> object:
+    return config_from_mapping(
+        {
+            "seed": 0,
+            "device": "cpu",
+            "model": {"name": str(model)},
+            "data": {"source": str(data)},
+            "prune": {"method": "diff-pruning", "ratio": 0.3, "timestep_stride": 250, "batch_size": 4},
+            "finetune": {"steps": 2, "batch_size": 4, "checkpoint_every": 2, "log_every": 1},
+            "sample": {"steps": 3, "num_images": 2, "batch_size": 2, "guidance_scale": GUIDANCE},
+            "export": {"precisions": ["fp32", "fp16"]},
+            "build": {"precision": "fp16", "min_batch": 1, "opt_batch": 2, "max_batch": 4},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def sd_run(tmp_path_factory, clip_tokenizer_folder) -> tuple[object, Path, dict]:
+    """A tiny SD-layout pipeline (CLIP text encoder, UNet2DConditionModel, VAE) pruned, finetuned for 2
+    steps, exported, then the build stage."""
+    root = tmp_path_factory.mktemp("sd-build")
+    pipe = write_pipeline(root / "pipe", tokenizer=clip_tokenizer_folder(TOKENS))
+    cfg = _cfg(pipe, captioned(root / "images", 4))
+    run = root / "run"
+    records = run_pipeline(cfg, run, ["prune", "finetune", "export", "build"])
+    return cfg, run, records
+
+
+def _input_types(path: Path) -> dict[str, int]:
+    proto = onnx.load(str(path), load_external_data=False)
+    return {i.name: i.type.tensor_type.elem_type for i in proto.graph.input}
+
+
+@pytest.mark.skipif(not tensorrt_reason(), reason="TensorRT runs here: the stage builds instead of skipping")
+def test_the_build_stage_of_a_text_to_image_run_is_skipped_with_the_reason_here(sd_run):
+    _, run, records = sd_run
+    record = read_record(run, "build")
+    assert record is not None and record.status == "skipped"
+    assert record.reason == tensorrt_backend.unavailable_reason() and record.reason
+    assert record.metrics == {"engines": {}}
+    assert not layout.shared_engine_path(run, "text_encoder").exists()
+
+
+def test_a_text_to_image_run_would_build_its_three_graphs_with_their_profiles(sd_run):
+    cfg, run, _ = sd_run
+    graphs = engine_info.run_graphs(run, cfg.build, None, cfg.sample.guidance_scale)
+    by_key = {g.key: g for g in graphs}
+    assert list(by_key) == ["dense", "pruned", "shared.text_encoder", "shared.vae_decoder"]
+    images, rows = Profile(1, 2, 4), Profile(2, 4, 8)  # the guided UNet: uncond + cond rows per image
+    width = TINY_COND_UNET["cross_attention_dim"]
+    for model in ("dense", "pruned"):
+        unet = by_key[model]
+        assert unet.onnx == layout.onnx_path(run, model, "fp16")
+        assert unet.engine == layout.engine_path(run, model)
+        assert unet.profile == rows and unet.precision == "fp16"
+        assert list(unet.inputs) == ["sample", "timestep", "encoder_hidden_states"]
+        assert unet.inputs["encoder_hidden_states"] == (TOKENS, width)
+        assert unet.inputs["sample"] == (TINY_COND_UNET["in_channels"], *unet.inputs["sample"][1:])
+    text, vae = by_key["shared.text_encoder"], by_key["shared.vae_decoder"]
+    assert text.onnx == layout.shared_onnx_path(run, "text_encoder", "fp16")
+    assert (
+        text.engine
+        == layout.shared_engine_path(run, "text_encoder")
+        == run / "build/shared/text_encoder.plan"
+    )
+    assert text.profile == images and text.inputs == {"input_ids": (TOKENS,)}
+    assert _input_types(text.onnx)["input_ids"] == onnx.TensorProto.INT64  # the engine keeps int64 ids
+    assert vae.engine == layout.shared_engine_path(run, "vae_decoder") and vae.profile == images
+    assert vae.inputs == {"latent_sample": by_key["dense"].inputs["sample"]}
+    assert len({g.engine for g in graphs}) == 4
+    # the profile of every input: batch first, then the graph's own per-item dims
+    shapes = by_key["dense"].profile.shapes(by_key["dense"].inputs)
+    assert shapes["encoder_hidden_states"] == ((2, TOKENS, width), (4, TOKENS, width), (8, TOKENS, width))
+    assert shapes["timestep"] == ((2,), (4,), (8,))
+    assert text.profile.shapes(text.inputs)["input_ids"] == ((1, TOKENS), (2, TOKENS), (4, TOKENS))
+
+
+def test_without_guidance_the_unet_profile_counts_images_and_int8_takes_the_fp16_shared_graphs(sd_run):
+    cfg, run, _ = sd_run
+    plain = engine_info.run_graphs(run, cfg.build, None, 1.0)
+    assert {g.key: g.profile for g in plain} == dict.fromkeys(
+        ["dense", "pruned", "shared.text_encoder", "shared.vae_decoder"], Profile(1, 2, 4)
+    )
+    fp32 = BuildConfig(precision="fp32", min_batch=2, opt_batch=3, max_batch=5)
+    graphs = {g.key: g for g in engine_info.run_graphs(run, fp32, None, GUIDANCE)}
+    assert graphs["dense"].profile == Profile(4, 6, 10)
+    assert graphs["shared.vae_decoder"].onnx == layout.shared_onnx_path(run, "vae_decoder", "fp32")
+    assert graphs["shared.vae_decoder"].profile == Profile(2, 3, 5)
+    int8 = BuildConfig(precision="int8")
+    with pytest.raises(ArtifactError, match=r"dense/unet.int8.onnx not found"):
+        engine_info.run_graphs(run, int8, None, GUIDANCE)
+
+
+def test_build_run_engines_builds_every_graph_and_records_each_engine(sd_run, monkeypatch):
+    cfg, run, _ = sd_run
+    built, lines = [], []
+
+    def fake_build(src, dst, profile, shapes, precision, *rest):  # TensorRT itself cannot run here
+        built.append((dst, profile, profile.shapes(shapes), precision))
+        return {"build_seconds": 0.0, "precision": precision}
+
+    monkeypatch.setattr(tensorrt_backend, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(tensorrt_backend, "build_engine", fake_build)
+    engines, files = tensorrt_backend.build_run_engines(run, cfg.build, lines.append, None, GUIDANCE)
+    assert list(engines) == ["dense", "pruned", "shared.text_encoder", "shared.vae_decoder"]
+    assert [b[0] for b in built] == [
+        layout.engine_path(run, "dense"),
+        layout.engine_path(run, "pruned"),
+        layout.shared_engine_path(run, "text_encoder"),
+        layout.shared_engine_path(run, "vae_decoder"),
+    ]
+    assert layout.engine_info_path(layout.shared_engine_path(run, "vae_decoder")) in files
+    assert built[0][1] == Profile(2, 4, 8) and built[2][1] == Profile(1, 2, 4)
+    assert any("dense: unet.fp16.onnx" in line and "2..8: UNet rows, 2 per image" in line for line in lines)
+    assert any(line.startswith("shared text encoder: text_encoder.fp16.onnx") for line in lines), lines
+
+
+def test_a_class_conditional_graph_is_profiled_over_guided_rows_and_needs_no_shared_graph(tmp_path):
+    unet = build_unet(CLASS_UNET, 0)
+    for model in ("dense", "pruned"):
+        export_unet(unet, layout.onnx_path(tmp_path, model, "fp32"), "fp32")
+    cfg = BuildConfig(precision="fp32", min_batch=1, opt_batch=2, max_batch=4)
+    graphs = engine_info.run_graphs(tmp_path, cfg, None, GUIDANCE)
+    assert [g.key for g in graphs] == ["dense", "pruned"]
+    assert list(graphs[0].inputs) == ["sample", "timestep", "class_labels"]
+    assert graphs[0].inputs["class_labels"] == () and graphs[0].profile == Profile(2, 4, 8)
+    assert engine_info.conditioned_unet(tmp_path, "fp32")
+    assert not engine_info.conditioned_unet(tmp_path, "fp16")  # not exported at fp16
+
+
+def test_a_text_unet_without_its_text_encoder_graph_is_refused(sd_run, tmp_path):
+    _, run, _ = sd_run
+    for model in ("dense", "pruned"):  # the UNet graphs alone, no export record listing the shared ones
+        dst = layout.onnx_path(tmp_path, model, "fp32")
+        dst.parent.mkdir(parents=True)
+        shutil.copyfile(layout.onnx_path(run, model, "fp32"), dst)
+    cfg = BuildConfig(precision="fp32", min_batch=1, opt_batch=2, max_batch=4)
+    with pytest.raises(ArtifactError, match=r"shared/text_encoder.fp32.onnx not found; run the export stage"):
+        engine_info.run_graphs(tmp_path, cfg, None, GUIDANCE)
+
+
+def test_the_guidance_scale_keys_a_conditioned_build_only(sd_run, tmp_path):
+    cfg, run, _ = sd_run
+    assert build_stage.key_extra(SimpleNamespace(run_dir=run, cfg=cfg)) == {"sample.guidance_scale": GUIDANCE}
+    unconditional = tmp_path / "run"
+    export_unet(build_unet(TINY_UNET, 0), layout.onnx_path(unconditional, "dense", "fp16"), "fp16")
+    assert build_stage.key_extra(SimpleNamespace(run_dir=unconditional, cfg=cfg)) == {}
