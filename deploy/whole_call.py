@@ -1,11 +1,13 @@
 """The whole text-to-image call a user waits for, timed by component: what ``bench`` times for a
 conditional model besides the UNet call and the UNet loop.
 
-One call (:class:`WholeCall`) is: the prompts encoded once (the text encoder, on torch or its ONNX
-graph ``RUN/export/shared/text_encoder.fp32.onnx``; a class-conditioned model's labels need no
-encoder), ``steps`` UNet calls under classifier-free guidance through the scheduler
+One call (:class:`WholeCall`) is: the prompts encoded once (the text encoder, on torch, its ONNX
+graph ``RUN/export/shared/text_encoder.fp32.onnx`` or its TensorRT engine
+``RUN/build/shared/text_encoder.plan``, as the benched UNet runs; a class-conditioned model's labels
+need no encoder), ``steps`` UNet calls under classifier-free guidance through the scheduler
 (:func:`compressor.sampling.denoise`, the UNet on the benched backend), and the final latents decoded
-(the torch VAE or the ONNX graph ``vae_decoder.fp32.onnx``; a pixel model decodes nothing). Each
+(the torch VAE, the ONNX graph ``vae_decoder.fp32.onnx`` or the engine ``vae_decoder.plan``; a pixel
+model decodes nothing). Each
 part is timed inside the same call (``perf_counter`` around it, the device synchronised at its
 edges), so the parts add up to the call's time; :meth:`WholeCall.component_ms` gives their medians.
 """
@@ -23,13 +25,15 @@ from compressor.components import DiffusionModel
 from compressor.guidance import Conditioning, encode_prompts, model_decoder
 from compressor.prompts import PromptSet
 from compressor.sampling import denoise, initial_noise
+from deploy import tensorrt_backend
 from deploy.onnx_text_to_image import onnx_prompt_conditioning, onnx_text_encoder, onnx_vae_decoder
 from deploy.stopwatch import sync
-from export.pipeline_graphs import TEXT_ENCODER, VAE_DECODER
-from rundir.layout import shared_onnx_path
+from export.pipeline_graphs import TEXT_ENCODER, VAE_DECODER, unscale_latents
+from rundir.layout import shared_engine_path, shared_onnx_path
 
 TEXT, LOOP, DECODE = "text_encoder", "unet_loop", "vae_decoder"
-WHOLE_CALL_BACKENDS = ("torch", "onnxruntime")  # where the text encoder and the VAE decoder run
+WHOLE_CALL_BACKENDS = ("torch", "onnxruntime", "tensorrt")  # where the text encoder and VAE decoder run
+WHERE = {"torch": "torch fp32", "onnxruntime": "onnxruntime fp32 graph", "tensorrt": "tensorrt engine"}
 
 
 class WholeCall:
@@ -104,7 +108,7 @@ class WholeCall:
 
 def component_sources(model: DiffusionModel, backend: str) -> dict[str, str]:
     """Where a whole call's text encoder and VAE decoder run beside a UNet on ``backend``."""
-    where = "torch fp32" if backend == "torch" else "onnxruntime fp32 graph"
+    where = WHERE[backend]
     out = {}
     if model.conditioning == "text":
         out[TEXT] = where
@@ -115,19 +119,55 @@ def component_sources(model: DiffusionModel, backend: str) -> dict[str, str]:
 
 def unavailable_reason(model: DiffusionModel, backend: str, run_dir: Path) -> str:
     """Why the whole call cannot be timed with a UNet on ``backend`` ('' when it can): a backend
-    without text encoder and VAE runners, or the shared ONNX graphs not exported."""
+    without text encoder and VAE runners, TensorRT unusable here, or the shared ONNX graphs (TensorRT
+    engines) not exported (built)."""
     if backend not in WHOLE_CALL_BACKENDS:
         return (
             f"the whole text-to-image call on {backend}: the text encoder and VAE decoder run on "
-            f"{' or '.join(WHOLE_CALL_BACKENDS)} only"
+            f"{', '.join(WHOLE_CALL_BACKENDS)} only"
         )
-    if backend == "onnxruntime":
-        needed = {TEXT_ENCODER: model.conditioning == "text", VAE_DECODER: model.vae is not None}
-        for part in (p for p, used in needed.items() if used):
-            path = shared_onnx_path(run_dir, part, "fp32")
-            if not path.is_file():
-                return f"{path} is missing: rerun the export stage (--force export)"
+    if backend == "tensorrt":
+        reason = tensorrt_backend.unavailable_reason()
+        if reason:
+            return reason
+    needed = {TEXT_ENCODER: model.conditioning == "text", VAE_DECODER: model.vae is not None}
+    stage = "build" if backend == "tensorrt" else "export"
+    for part in (p for p, used in needed.items() if used and backend != "torch"):
+        path = (
+            shared_engine_path(run_dir, part) if stage == "build" else shared_onnx_path(run_dir, part, "fp32")
+        )
+        if not path.is_file():
+            return f"{path} is missing: rerun the {stage} stage (--force {stage})"
     return ""
+
+
+def engine_text_encoder(path: Path, tokenizer) -> Callable[[list[str]], torch.Tensor]:
+    """``texts -> last_hidden_state`` through the shared text encoder's TensorRT engine, the texts
+    tokenized as Stable Diffusion does (padded to the tokenizer's ``model_max_length``, truncated)."""
+    runner = tensorrt_backend.EngineRunner(Path(path))
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        ids = tokenizer(
+            texts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return runner.run(input_ids=ids)["last_hidden_state"].float()
+
+    return encode
+
+
+def engine_vae_decoder(path: Path, vae_config) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``latents -> images in [-1, 1]`` through the shared VAE decoder's TensorRT engine (the latents
+    unscaled first, as :func:`deploy.onnx_text_to_image.onnx_vae_decoder` unscales them)."""
+    runner = tensorrt_backend.EngineRunner(Path(path))
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        return runner.run(latent_sample=unscale_latents(latents, vae_config))["sample"].float()
+
+    return decode
 
 
 def whole_call(
@@ -146,23 +186,32 @@ def whole_call(
 ) -> WholeCall:
     """The whole call for ``batch`` images (images ``0 .. batch - 1`` of the run's prompts and seeds)
     with the UNet ``predict`` of a ``backend`` bench variant: the text encoder and VAE decoder on torch
-    (the model's own, on ``device``) for a torch UNet, their fp32 ONNX graphs for an ONNX Runtime one
-    (:func:`unavailable_reason` says when they cannot run). ``graphs``: a dict the ONNX graphs' runners
-    are kept in, so that the calls built with the same dict share their sessions."""
+    (the model's own, on ``device``) for a torch UNet, their fp32 ONNX graphs for an ONNX Runtime one,
+    their engines for a TensorRT one (:func:`unavailable_reason` says when they cannot run).
+    ``graphs``: a dict the graphs' runners are kept in, so that calls built with the same dict share
+    their sessions (engines)."""
     noise = initial_noise(model.sample_shape, list(range(batch))).to(device)
     encode, conditioning, decode = None, None, None
-    onnx = backend == "onnxruntime"
     graphs = {} if graphs is None else graphs
+    engine = backend == "tensorrt"
 
     def graph(part: str, load: Callable[[Path], Callable]) -> Callable:
-        if (part, threads) not in graphs:
-            graphs[part, threads] = load(shared_onnx_path(run_dir, part, "fp32"))
-        return graphs[part, threads]
+        if (backend, part, threads) not in graphs:
+            path = shared_engine_path(run_dir, part) if engine else shared_onnx_path(run_dir, part, "fp32")
+            graphs[backend, part, threads] = load(path)
+        return graphs[backend, part, threads]
 
     if model.conditioning == "text":
         texts, negative = prompts.for_images(batch), prompts.negative
-        if onnx:
-            text_graph = graph(TEXT_ENCODER, lambda path: onnx_text_encoder(path, model.tokenizer, threads))
+        if backend != "torch":
+            text_graph = graph(
+                TEXT_ENCODER,
+                lambda path: (
+                    engine_text_encoder(path, model.tokenizer)
+                    if engine
+                    else onnx_text_encoder(path, model.tokenizer, threads)
+                ),
+            )
 
             def encode() -> Conditioning:
                 return onnx_prompt_conditioning(text_graph, texts, negative)
@@ -175,8 +224,13 @@ def whole_call(
     if model.vae is not None:
         config = model.vae.config
         decode = (
-            graph(VAE_DECODER, lambda path: onnx_vae_decoder(path, config, threads))
-            if onnx
-            else model_decoder(model)
+            model_decoder(model)
+            if backend == "torch"
+            else graph(
+                VAE_DECODER,
+                lambda path: (
+                    engine_vae_decoder(path, config) if engine else onnx_vae_decoder(path, config, threads)
+                ),
+            )
         )
     return WholeCall(predict, scheduler, noise, steps, guidance_scale, encode, decode, conditioning)
