@@ -19,8 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compressor.components import ModelSpec
 from compressor.config import RunConfig
 from compressor.errors import ConfigError
+from compressor.guidance import Conditioning
 from compressor.sampling import make_scheduler
 from deploy import tensorrt_backend
 from deploy.engine_info import Profile
@@ -52,6 +54,9 @@ class LatencyProbe:
     precision: str = "fp16"  # TensorRT engines only
     scheduler_config: dict | None = None
     scheduler: str = "ddim"  # the timed sampler's solver (what="sampler")
+    spec: ModelSpec | None = None  # the model the UNets belong to: the inputs their graphs take
+    conditioning: Conditioning | None = None  # a conditional model's inputs, one row per image
+    guidance_scale: float = 1.0  # > 1: each UNet call on twice the batch, as the guided sampler calls it
 
     def __post_init__(self) -> None:
         reason = backend_unavailable(self.backend)
@@ -72,11 +77,15 @@ class LatencyProbe:
         repeat: int | None = None,
         threads: int | None = None,
         scheduler: str = "ddim",
+        spec: ModelSpec | None = None,
+        conditioning: Conditioning | None = None,
     ) -> LatencyProbe:
         """A probe set up from a run config: ``prune.target_latency`` unless overridden.
 
         torch is timed on the run's device, ONNX Runtime on the CPU, TensorRT engines at
-        ``build.precision``; the sampler runs ``bench.sampler_steps`` DDIM steps.
+        ``build.precision``; the sampler runs ``bench.sampler_steps`` DDIM steps. A conditional
+        model (``spec``, ``conditioning`` for the probe's batch) is timed with its conditioning at
+        ``sample.guidance_scale``: one UNet call on twice the batch under guidance.
         """
         lat = cfg.prune.target_latency
         backend = backend or lat.backend
@@ -92,6 +101,9 @@ class LatencyProbe:
             cfg.build.precision,
             scheduler_config,
             scheduler,
+            spec,
+            conditioning,
+            cfg.sample.guidance_scale if conditioning is not None else 1.0,
         )
 
     def dense(self, unet: nn.Module) -> Backend:
@@ -106,7 +118,7 @@ class LatencyProbe:
             return load_backend("torch", unet=unet, device=self.device)
         precision = self.precision if self.backend == "tensorrt" else "fp32"
         onnx_file = Path(self._dir.name) / f"{label}.{precision}.onnx"
-        export_unet(unet, onnx_file, precision, fold=self.backend == "tensorrt")
+        export_unet(unet, onnx_file, precision, fold=self.backend == "tensorrt", spec=self.spec)
         if self.backend == "onnxruntime":
             backend = load_backend("onnxruntime", file=onnx_file, threads=self.threads)
             _remove(onnx_file)  # the session holds the model: trials of big models must not fill the disk
@@ -130,10 +142,20 @@ class LatencyProbe:
 
     def _call(self, backend: Backend, shape: tuple) -> Callable[[], object]:
         device = "cuda" if self.backend == "tensorrt" else self.device
+        cond, scale = self.conditioning, self.guidance_scale
         if self.what == "unet":
-            return unet_call(backend.predict, shape, self.batch, device)
+            return unet_call(backend.predict, shape, self.batch, device, cond, scale)
         scheduler = make_scheduler(self.scheduler, self.scheduler_config or {})
-        return sampler_call(backend.predict, scheduler, shape, self.batch, self.steps, device)
+        return sampler_call(
+            backend.predict,
+            scheduler,
+            shape,
+            self.batch,
+            self.steps,
+            device,
+            conditioning=cond,
+            guidance_scale=scale,
+        )
 
     def measure(self, dense: Backend, candidate: Backend, shape: tuple) -> tuple[float, float]:
         """(dense median ms, candidate median ms), timed alternately (torch on ``threads`` threads)."""
@@ -151,7 +173,8 @@ class LatencyProbe:
     def describe(self) -> str:
         """E.g. 'onnxruntime, UNet call at batch 16'."""
         what = "UNet call" if self.what == "unet" else f"{self.steps}-step {self.scheduler} sampler"
-        return f"{self.backend}, {what} at batch {self.batch}"
+        guided = f" (guided: UNet rows x 2, scale {self.guidance_scale:g})" if self.guidance_scale > 1 else ""
+        return f"{self.backend}, {what} at batch {self.batch}{guided}"
 
 
 def _remove(*paths: Path) -> None:
@@ -182,10 +205,13 @@ class ProbeTimer:
     def cache_facts(self) -> dict:
         """The probe's settings a measured latency table depends on (part of its cache key)."""
         p = self.probe
-        return {
+        facts = {
             "probe": [p.backend, p.batch, p.what, p.steps, p.threads, p.precision],
             "device": str(p.device),
         }
+        if p.conditioning is not None:  # unconditional keys unchanged
+            facts["conditioning"] = [p.conditioning.kind, list(p.conditioning.cond.shape), p.guidance_scale]
+        return facts
 
     def time(self, dense: nn.Module, candidate: nn.Module, label: str) -> tuple[float, float]:
         """(dense median ms, candidate median ms), timed alternately (:func:`time_structure`)."""
@@ -196,6 +222,6 @@ def latency_timer(
     cfg: RunConfig, device: torch.device, scheduler_config: dict, shape: tuple, **overrides
 ) -> ProbeTimer:
     """The search's timer for a run: a probe from ``prune.target_latency`` (``overrides``: the
-    arguments of :meth:`LatencyProbe.from_config`) at input ``shape``. Raises ConfigError where
-    the backend cannot be timed here."""
+    arguments of :meth:`LatencyProbe.from_config`, ``spec`` and ``conditioning`` for a conditional
+    model) at input ``shape``. Raises ConfigError where the backend cannot be timed here."""
     return ProbeTimer(LatencyProbe.from_config(cfg, device, scheduler_config, **overrides), shape)

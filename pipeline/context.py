@@ -298,6 +298,16 @@ class RunContext:
             ),
         )
 
+    def timing_inputs(self, batch: int) -> dict:
+        """What a latency probe of the dense model needs beside the UNet
+        (:func:`deploy.latency.latency_timer`): nothing for an unconditional model; for a
+        conditional one its description (the inputs its graphs take) and the conditioning of
+        ``batch`` images from the run's prompts."""
+        dense = self.dense
+        if dense.conditioning == "none":
+            return {}
+        return {"spec": dense.spec, "conditioning": self.prompts.conditioning(dense, batch, 0, self.device)}
+
     @property
     def conditioned_data(self):
         """A conditioned model's training data as the denoiser takes it: the dataset encoded once by

@@ -17,9 +17,10 @@ from compressor.prompts import PromptSet, read_prompt_file, run_prompts
 from pipeline.runner import run_pipeline
 from rundir import layout
 from rundir.records import read_record
-from tests.conftest import TINY_UNET, write_model_folder
+from tests.conftest import TINY_COND_UNET, TINY_UNET, write_model_folder
 
 TOKENS = 6
+WIDTH = TINY_COND_UNET["cross_attention_dim"]
 
 
 def _cfg(model: Path, data: Path, **sample) -> object:
@@ -96,6 +97,39 @@ def test_the_sampler_and_the_sample_command_take_prompts(sd_run, tmp_path, capsy
     assert main(["sample", str(run), "--steps", "3", "--out", str(tmp_path / "x.png")]) == 2
     assert "pass prompts" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
     assert main([*argv[:4], "--prompt-file", str(tmp_path / "none.txt"), "--out", str(out)]) == 2
+
+
+def test_latency_probes_time_the_guided_call_with_its_conditioning(sd_run):
+    """plan and prune.target_latency time a conditional UNet as the guided sampler calls it: with
+    the prompts' embeddings, on twice the batch, its ONNX graph taking them as inputs."""
+    from deploy.latency import latency_timer
+    from pipeline.context import RunContext, StageCall
+
+    pipe, data, run, _ = sd_run
+    ctx = RunContext(_cfg(pipe, data), run).at_stage(StageCall("prune", "key"))
+    inputs = ctx.timing_inputs(2)
+    assert inputs["conditioning"].cond.shape == (2, TOKENS, WIDTH) and inputs["spec"].conditioning == "text"
+    seen = []
+
+    def predict(sample, timestep, **cond):
+        seen.append((sample.shape[0], {k: tuple(v.shape) for k, v in cond.items()}))
+        return sample
+
+    timer = latency_timer(ctx.cfg, ctx.device, ctx.dense.scheduler_config, ctx.image_shape(), backend="torch",
+                          batch=2, **inputs)  # fmt: skip
+    assert "guided" in timer.describe() and timer.cache_facts()["conditioning"][2] == 3.0
+    timer.probe._call(type("B", (), {"predict": staticmethod(predict)})(), ctx.image_shape())()
+    assert seen == [(4, {"encoder_hidden_states": (4, TOKENS, WIDTH)})]  # 2 images, guided: 4 rows
+    onnx_timer = latency_timer(ctx.cfg, ctx.device, ctx.dense.scheduler_config, ctx.image_shape(),
+                               backend="onnxruntime", batch=2, repeat=3, **inputs)  # fmt: skip
+    dense, pruned = onnx_timer.time(ctx.dense.unet, ctx.dense.unet, "same")
+    assert dense > 0 and pruned > 0
+    assert (
+        "conditioning"
+        not in latency_timer(
+            ctx.cfg, ctx.device, ctx.dense.scheduler_config, ctx.image_shape(), backend="torch"
+        ).cache_facts()
+    )  # an unconditional probe's key is unchanged
 
 
 def test_load_pipeline_generates_through_diffusers(sd_run):

@@ -87,6 +87,7 @@ def main(argv: list[str]) -> int:
             timer = latency_timer(
                 cfg, ctx.device, ctx.dense.scheduler_config, ctx.image_shape(), backend=backend, batch=batch,
                 what=args.what, repeat=args.repeat, threads=cfg.bench.threads, scheduler=args.scheduler,
+                **ctx.timing_inputs(batch),
             )  # fmt: skip
             log("plan", f"{timer.describe()}: ratios {', '.join(f'{r:g}' for r in ratios)}")
             for row in time_ratios(unet, ratios, timer, cfg.prune.round_to, on_trial=_show):

@@ -74,7 +74,13 @@ def _latency_target(ctx: RunContext, unet) -> tuple[PruneConfig, object, Latency
         return _chosen_ratio(ctx), None, None
     search = LatencySearch(
         ctx.cfg.prune,
-        latency_timer(ctx.cfg, ctx.device, ctx.dense.scheduler_config, ctx.image_shape()),
+        latency_timer(
+            ctx.cfg,
+            ctx.device,
+            ctx.dense.scheduler_config,
+            ctx.image_shape(),
+            **ctx.timing_inputs(ctx.cfg.prune.target_latency.batch),
+        ),  # fmt: skip
         environment_facts(ctx.device),
         lambda message: log("prune", message),
     )
