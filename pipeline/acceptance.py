@@ -9,7 +9,8 @@ from compressor.stack import SamplerVariant
 from rundir.records import BenchMetrics, ParityMetrics, QualityMetrics, read_metrics
 
 PASS, FAIL, INCONCLUSIVE = "pass", "fail", "inconclusive"
-QUALITY_GATES = {"min_ssim": ">=", "max_fd_ratio": "<=", "max_fd_increase": "<=", "max_kid_increase": "<="}
+QUALITY_GATES = {"min_ssim": ">=", "max_fd_ratio": "<=", "max_fd_increase": "<=", "max_kid_increase": "<=",
+                 "min_adherence_ratio": ">="}  # fmt: skip
 EXIT_FAIL, EXIT_INCONCLUSIVE = 3, 4  # ``check`` and the pipeline's exit codes
 
 
@@ -144,7 +145,10 @@ def quality_checks(cfg: AcceptanceConfig, quality: QualityMetrics | None) -> lis
     against dense on the same seeds). The Frechet gates read FD-infinity (free of the sample-size
     bias); ``max_fd_ratio`` refuses to decide when the dense model's own FD-infinity interval
     reaches zero (the ratio is then ill-conditioned) and falls back to the finite-N ratio only on
-    records written before FD-infinity."""
+    records written before FD-infinity. ``min_adherence_ratio`` reads the prompt adherence ratio
+    (conditional models, :mod:`compressor.adherence`) the same way: three outcomes from its paired
+    interval, undecidable when the dense model's own adherence interval reaches zero, and failed as not
+    measured, with the fix, when the run measured none (an unconditional model, or no measure applied)."""
     if quality is None:
         return [
             Check(name, None, getattr(cfg, name), d, False, "[no quality record]")
@@ -172,6 +176,7 @@ def quality_checks(cfg: AcceptanceConfig, quality: QualityMetrics | None) -> lis
                             f"[FD-infinity, compressed - dense, paired over seeds{own}]"),
         "max_kid_increase": (c.get("kid_diff"), c.get("kid_diff_ci"),
                              "[KID, compressed - dense, paired over seeds]"),
+        "min_adherence_ratio": (c.get("adherence_ratio"), c.get("adherence_ratio_ci"), _adherence_detail(c)),
     }  # fmt: skip
     checks = []
     for name, (value, interval, detail) in gates.items():
@@ -184,10 +189,28 @@ def quality_checks(cfg: AcceptanceConfig, quality: QualityMetrics | None) -> lis
                                 "acceptance.max_fd_increase instead", None, INCONCLUSIVE, samples, level,
                                 ill_posed=True))  # fmt: skip
             continue
+        if name == "min_adherence_ratio" and c.get("adherence_ratio_note"):  # dense's own interval reaches 0
+            note = f"{detail} {c['adherence_ratio_note']}"
+            checks.append(Check(name, value, limit, ">=", False, note, None, INCONCLUSIVE, samples, level,
+                                ill_posed=True))  # fmt: skip
+            continue
         checks.append(
             interval_check(name, value, interval, limit, QUALITY_GATES[name], detail, samples, level)
         )
     return checks
+
+
+def _adherence_detail(figures: dict) -> str:
+    """The adherence gate's bracket: what was measured, or why nothing was and what to do."""
+    if "adherence" not in figures:
+        return (
+            "[prompt adherence applies to text- or class-conditioned models; this run's model is "
+            "unconditional (or its quality record predates adherence): unset acceptance.min_adherence_ratio]"
+        )
+    if figures.get("adherence") is None:
+        note = figures.get("adherence_note") or "prompt adherence not measured"
+        return f"[{note}]"
+    return f"[{figures.get('adherence_metric')}, compressed / dense, paired over seeds and prompts]"
 
 
 def evaluate(
@@ -209,10 +232,15 @@ def evaluate(
     if student:  # a few-step student: its sampler at its steps against the dense reference sampler
         shown = f"student ddim:{student['student_steps']} vs dense {student['reference']}"
         sampler_where = f"[{cfg.backend}, batch {cfg.batch}, {shown}]"
+    whole_call = bench is not None and bench.whole_call  # a conditional model: what a user waits for
+    if whole_call:
+        sampler_where = where[:-1] + ", whole call: text encoder + guided UNet loop + VAE decoder]"
 
     def timed(what: str, key: str) -> float | None:
         if what == "sampler" and student:
             return student["speedup"] if key == "speedup" else student["ms"] / student["batch"]
+        if what == "sampler" and whole_call:
+            what = "pipeline"
         return bench.value(cfg.backend, cfg.batch, what, key, variant) if bench else None
 
     measured = {

@@ -283,6 +283,15 @@ class QualityMetrics:
     sequential: dict = field(default_factory=dict)  # num_samples auto: the looks' boundary (``how``)
     fd_digits_real_floor: float | None = None  # digits: the Frechet distance between two halves of the data
     fd_digits_real_floor_ci: list | None = None
+    # conditional models (absent from an unconditional run's record): the prompts images cycled through
+    # (PromptSet summary), the guidance scale, the prompt adherence measure (compressor.adherence; None,
+    # with the note saying why, when none applied) and the final model's adherence ratio to dense
+    prompts: dict | None = None
+    guidance_scale: float | None = None
+    adherence_metric: str | None = None
+    adherence_note: str | None = None
+    adherence_ratio: float | None = None
+    adherence_ratio_ci: list | None = None
 
     def compressed_label(self) -> str | None:
         """The final compressed model's label: the student if scored, else finetuned, else pruned."""
@@ -322,6 +331,12 @@ class BenchMetrics:
     compressed_from: str | None = None  # the stage whose model the "pruned" rows timed (finetune, ...)
 
     @property
+    def whole_call(self) -> bool:
+        """True when bench timed the whole text-to-image call (rows ``what`` ``pipeline``: text encoder,
+        guided UNet loop, VAE decoder), as it does for a conditional model."""
+        return any(row.get("what") == "pipeline" for row in self.results)
+
+    @property
     def timed_stack(self) -> Stack | None:
         """The chosen stack bench timed (the ``stack`` row's), typed; None when it timed none."""
         return Stack.from_dict(self.stack["stack"]) if self.stack else None
@@ -331,13 +346,15 @@ class BenchMetrics:
     ) -> float | None:
         """``speedup``, the pruned model's median ``ms`` or its ``per_image`` ms; None when not timed.
 
-        ``variant`` (``scheduler:steps:interval``) picks a sampler row; default: the first timed.
+        ``what``: ``unet``, ``sampler`` or ``pipeline`` (the whole text-to-image call).
+        ``variant`` (``scheduler:steps:interval``) picks a sampler or pipeline row; default: the first timed.
         """
 
         def matches(row: dict) -> bool:
             same = (row["backend"], row["batch"], row["what"]) == (backend, batch, what)
             # rows written before bench.variants carry no variant: they are the default sampler
-            return same and (variant is None or what != "sampler" or row.get("variant", variant) == variant)
+            looped = what in ("sampler", "pipeline")  # a sampler, or the whole text-to-image call
+            return same and (variant is None or not looped or row.get("variant", variant) == variant)
 
         if key == "speedup":
             return next((row["speedup"] for row in self.speedup if matches(row)), None)
