@@ -165,6 +165,11 @@ def check_model_settings(cfg: RunConfig, frontier: bool = False, stages: list[st
     check_latent_channels(spec, cfg.model.name)
     facts = ModelFacts.from_configs(cfg.model.name, dict(spec.unet), dict(spec.scheduler))
     problems = model_problems(cfg, facts, frontier)
+    if cfg.acceptance.min_adherence_ratio is not None and spec.conditioning == "none":
+        problems.append(
+            "acceptance.min_adherence_ratio is set but the model is unconditional: prompt adherence needs "
+            "prompts or classes; unset it"
+        )
     if problems:
         raise ConfigError(
             f"settings that cannot work with model {facts.name} ({facts.num_train_timesteps} training "

@@ -18,7 +18,7 @@ import torch
 from compressor.clip_text import frozen_text_encoder
 from compressor.components import DiffusionModel, ModelSpec
 from compressor.config import ModelConfig, config_from_mapping
-from compressor.errors import ModelError
+from compressor.errors import ConfigError, ModelError
 from compressor.models import build_unet, load_model, read_model_spec
 from compressor.preflight import check_model_settings
 from export.onnx_export import INTERFACES, export_unet
@@ -302,6 +302,11 @@ def test_preflight_refuses_class_conditioning_and_passes_unconditional_models(tm
     with pytest.raises(ModelError, match="not supported by compress-deploy frontier yet"):
         check_model_settings(_cfg(classes), frontier=True)
     check_model_settings(_cfg(model_folder), stages=["prune"])  # the product's models pass
+    adherence = config_from_mapping(
+        {"model": {"name": str(model_folder)}, "acceptance": {"min_adherence_ratio": 0.9}}
+    )
+    with pytest.raises(ConfigError, match="min_adherence_ratio is set but the model is unconditional"):
+        check_model_settings(adherence, stages=["prune", "quality"])
     check_model_settings(_cfg("sd-v1-unet", init="random"), stages=["prune"])  # a conditional UNet alone
 
 

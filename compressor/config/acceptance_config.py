@@ -25,9 +25,13 @@ class AcceptanceConfig:
     ] = _spec("onnxruntime", "bench variant the latency gates read (GPU hosts: torch-fp16+cudagraph, ...)")
     batch: int = _spec(1, "batch size the latency gates read", ge=1)
     max_unet_ms: float | None = _spec(None, "max median latency of one compressed UNet call (ms)", gt=0.0)
-    max_image_ms: float | None = _spec(None, "max compressed sampler latency per image (ms)", gt=0.0)
+    max_image_ms: float | None = _spec(
+        None, "max compressed sampler latency per image (ms; conditional models: the whole call)", gt=0.0
+    )
     min_speedup: float | None = _spec(None, "min UNet-call speed-up vs dense", gt=0.0)
-    min_sampler_speedup: float | None = _spec(None, "min sampler speed-up vs dense", gt=0.0)
+    min_sampler_speedup: float | None = _spec(
+        None, "min sampler speed-up vs dense (conditional models: the whole text-to-image call)", gt=0.0
+    )
     max_parity_error: float | None = _spec(None, "max abs error, fp32 ONNX vs torch", gt=0.0)
     min_ssim: float | None = _spec(None, "min SSIM vs dense samples", ge=0.0, le=1.0)
     max_fd_ratio: float | None = _spec(
