@@ -203,6 +203,7 @@ def quality_section(doc: Doc, m: QualityMetrics) -> None:
         ("SSIM vs dense", "ssim_vs_dense"), ("PSNR vs dense (dB)", "psnr_vs_dense"), (metric, metric),
         (f"{metric} / dense", "fd_ratio"), ("FD-infinity", "fd_inf"), ("FD-infinity - dense", "fd_inf_diff"),
         ("FD-infinity / dense", "fd_inf_ratio"), ("KID", "kid"), ("KID - dense", "kid_diff"),
+        (f"prompt adherence ({m.adherence_metric})", "adherence"),
     ]  # fmt: skip
     shown = [(h, k) for h, k in columns if any(m.figure(label, k)[0] is not None for label in m.models)]
     doc.table(  # one row a figure, one column a model: a few models, many figures with intervals
@@ -225,6 +226,21 @@ def quality_section(doc: Doc, m: QualityMetrics) -> None:
         f"{m.num_samples} samples per model, {m.scheduler.upper()} {m.steps} steps{steps}, same seeds; "
         f"{m.num_reference} reference images.{intervals}" + (f" {m.frechet_note}" if m.frechet_note else "")
     )
+    if m.prompts:
+        texts = list(dict.fromkeys(m.prompts.get("prompts") or []))
+        shown = ", ".join(f'"{t}"' for t in texts[:4]) + (
+            f" and {len(texts) - 4} more" if len(texts) > 4 else ""
+        )
+        ratio = (
+            f"; the compressed model's adherence is {with_interval(m.adherence_ratio, m.adherence_ratio_ci)} "
+            "of dense's, paired over seeds and prompts"
+            if m.adherence_ratio is not None
+            else (f"; prompt adherence: {m.adherence_note}" if m.adherence_note else "")
+        )
+        doc.para(
+            f"Image i is drawn for prompt i of {len(texts)} ({shown}; from {m.prompts.get('source')}), "
+            f"guidance scale {m.guidance_scale}{ratio}."
+        )
     if m.fd_digits_real_floor is not None:
         doc.para(
             "For scale: two halves of the real digits are "
@@ -305,9 +321,54 @@ def bench_section(doc: Doc, m: BenchMetrics, names: dict[str, str], out: Path) -
         ],
         [[s[k] for k in keys] for s in m.speedup],
     )
+    whole_call_section(doc, m, final)
     for name, why in m.skipped.items():
         doc.para(f"{name}: skipped ({why})")
     doc.para("Host: " + ", ".join(f"{k} {v}" for k, v in m.host.items()))
+
+
+def whole_call_section(doc: Doc, m: BenchMetrics, final: str) -> None:
+    """A conditional model's whole text-to-image call (bench rows ``pipeline``): dense against the
+    final model per backend and batch, and where the time goes (text encoder, UNet loop, VAE)."""
+    rows = [r for r in m.results if r.get("what") == "pipeline"]
+    if not rows:
+        return
+    doc.heading("Latency: the whole text-to-image call")
+    by_key = {(r["backend"], r["batch"], r.get("variant"), r["model"]): r for r in rows}
+    table = []
+    for s in [s for s in m.speedup if s.get("what") == "pipeline"]:
+        dense = by_key.get((s["backend"], s["batch"], s.get("variant"), "dense"))
+        pruned = by_key.get((s["backend"], s["batch"], s.get("variant"), "pruned"))
+        if dense is None or pruned is None:
+            continue
+        parts = list(dense.get("components") or {})
+        split = "; ".join(
+            f"{p} {dense['components'][p]:.1f} -> {pruned['components'].get(p, 0):.1f}" for p in parts
+        )
+        loop = s.get("unet_loop_speedup")
+        table.append([s["backend"], s["batch"], s.get("variant"), f"{dense['median_ms']:.1f}",
+                      f"{pruned['median_ms']:.1f}", f"{s['speedup']:.2f}x",
+                      "-" if loop is None else f"{loop:.2f}x", split])  # fmt: skip
+    doc.table(
+        [
+            "backend",
+            "batch",
+            "sampler",
+            "dense ms",
+            f"{final} ms",
+            "speed-up",
+            "UNet loop alone",
+            "ms by part",
+        ],
+        table,
+    )
+    guidance = rows[0].get("guidance_scale")
+    doc.para(
+        f"What a user waits for per call of `batch` images: the prompts encoded once, the guided UNet "
+        f"loop (guidance scale {guidance}: each step one UNet call on twice the batch) and the VAE "
+        f"decoding, each part timed inside the same call. Only the UNet is compressed, so the speed-up "
+        f"of the whole call is the UNet loop's diluted by the parts both models share."
+    )
 
 
 def frontier_section(doc: Doc, ctx: RunContext, f: dict | str | None, bench: BenchMetrics | None,

@@ -38,6 +38,7 @@ QUALITY_LABELS = {
     "max_fd_ratio": "FD-infinity ratio (compressed / dense)",
     "max_fd_increase": "FD-infinity increase (compressed - dense)",
     "max_kid_increase": "KID increase (compressed - dense)",
+    "min_adherence_ratio": "prompt adherence (compressed / dense)",
 }
 NO_LIMITS = "none"  # the verdict when no acceptance limit is configured
 
@@ -197,7 +198,8 @@ def final_name(run: Path) -> str:
 def sampler_row(bench: BenchMetrics, cfg: RunConfig) -> SamplerRow | None:
     """The sampler the headline compares: the chosen stack's when a latency target over levers chose
     one, else the student's, else the plain sampler at the acceptance backend and batch (the first
-    timed sampler when bench has no such row)."""
+    timed sampler when bench has no such row); for a conditional model the whole text-to-image call
+    (bench rows ``pipeline``), which the sampler gates read too."""
     acc = cfg.acceptance
     if bench.stack:
         r, s = bench.stack, bench.timed_stack
@@ -211,7 +213,8 @@ def sampler_row(bench: BenchMetrics, cfg: RunConfig) -> SamplerRow | None:
         what = f"student ddim {r['student_steps']} steps vs dense {r['reference']}"
         return SamplerRow(r["backend"], r["batch"], r["reference_ms"], r["ms"], what)
     variant = str(SamplerVariant.parse(acc.variant, "acceptance.variant")) if acc.variant else None
-    rows = [r for r in bench.results if r["what"] == "sampler"]
+    looped = "pipeline" if bench.whole_call else "sampler"  # a conditional model: the whole call
+    rows = [r for r in bench.results if r["what"] == looped]
     wanted = [r for r in rows if (r["backend"], r["batch"]) == (acc.backend, acc.batch)
               and (variant is None or r.get("variant", variant) == variant)]  # fmt: skip
     if not wanted and rows:
@@ -223,6 +226,8 @@ def sampler_row(bench: BenchMetrics, cfg: RunConfig) -> SamplerRow | None:
         return None
     r = ms["pruned"]
     what = f"{r['scheduler']} {r['steps']} steps" if r.get("steps") else f"{bench.sampler_steps} steps"
+    if looped == "pipeline":
+        what = f"whole text-to-image call, {what}, guidance {r.get('guidance_scale')}"
     return SamplerRow(r["backend"], r["batch"], ms["dense"]["median_ms"], r["median_ms"], what)
 
 
@@ -234,9 +239,12 @@ def speed_figure(row: SamplerRow | None, checks: list[Check]) -> Figure | None:
     gate = "prune.target_latency.speedup" if row.what.startswith("stack") else "min_sampler_speedup"
     check = next((c for c in checks if c.name == gate), None)
     where = f"{row.backend}, batch {row.batch}, {row.what}"
+    label = (
+        "text-to-image speed-up" if row.what.startswith("whole text-to-image call") else "sampler speed-up"
+    )
     if check is None or check.measured is None or not math.isclose(check.measured, row.speedup):
-        return Figure("sampler_speedup", "sampler speed-up", row.speedup, where=where, unit="x")
-    return Figure(gate, "sampler speed-up", row.speedup, None, check.limit, check.direction, check.outcome,
+        return Figure("sampler_speedup", label, row.speedup, where=where, unit="x")
+    return Figure(gate, label, row.speedup, None, check.limit, check.direction, check.outcome,
                   where, "x")  # fmt: skip
 
 
@@ -341,6 +349,10 @@ def next_steps(run: Path, cfg: RunConfig, checks: list[Check], command: Command)
             out.append(NextStep(c.name, why, command.pipeline(force="bench"), duration(times.rerun("bench"))))
         elif c.outcome == INCONCLUSIVE and c.decide_at:
             out.append(_more_samples(c, command, times, quality))
+        elif c.outcome == INCONCLUSIVE and getattr(c, "ill_posed", False) and c.name == "min_adherence_ratio":
+            why = "dense's own adherence reaches zero: a ratio to it decides nothing; use prompts it follows"
+            cmd = command.pipeline("acceptance.min_adherence_ratio=null")
+            out.append(NextStep(c.name, why, cmd, "seconds: only check and report rerun"))
         elif c.outcome == INCONCLUSIVE and getattr(c, "ill_posed", False):
             why = "a ratio to a dense figure near zero decides nothing; gate on the increase (feature units)"
             has = cfg.acceptance.max_fd_increase is not None  # already gated on it: drop the ratio
