@@ -23,9 +23,10 @@ TOKENS = 6
 WIDTH = TINY_COND_UNET["cross_attention_dim"]
 
 
-def _cfg(model: Path, data: Path, **sample) -> object:
+def _cfg(model: Path, data: Path, extra: dict | None = None, **sample) -> object:
     return config_from_mapping(
         {
+            **(extra or {}),
             "seed": 0,
             "device": "cpu",
             "model": {"name": str(model)},
@@ -97,6 +98,34 @@ def test_the_sampler_and_the_sample_command_take_prompts(sd_run, tmp_path, capsy
     assert main(["sample", str(run), "--steps", "3", "--out", str(tmp_path / "x.png")]) == 2
     assert "pass prompts" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
     assert main([*argv[:4], "--prompt-file", str(tmp_path / "none.txt"), "--out", str(out)]) == 2
+
+
+def test_a_text_to_image_run_ends_with_its_verdict_and_report(sd_run):
+    """export, quality, parity, bench, check and report on the tiny run: the verdict reads the whole
+    call and adherence, and the report shows both and the prompts side by side."""
+    pipe, data, run, _ = sd_run
+    small = {
+        "quality": {"num_samples": 8, "steps": 3, "resamples": 20, "compare_pruned": False,
+                    "compare_raw": False},
+        "parity": {"batches": [1], "timesteps": [0, 999], "sampler_steps": 2, "sampler_images": 2},
+        "bench": {"backends": ["onnxruntime"], "batch_sizes": [1], "sampler_steps": 2, "repeat": 3,
+                  "sampler_repeat": 3, "warmup": 1},
+        "export": {"precisions": ["fp32"]},
+        "acceptance": {"backend": "onnxruntime", "batch": 1, "min_sampler_speedup": 0.01,
+                       "max_parity_error": 1e-3},
+    }  # fmt: skip
+    stages = ["prune", "finetune", "samples", "export", "quality", "parity", "bench", "check", "report"]
+    records = run_pipeline(_cfg(pipe, data, small), run, stages)
+    checks = {c["name"]: c for c in records["check"]["metrics"]["checks"]}
+    assert (
+        "whole call" in checks["min_sampler_speedup"]["detail"]
+        and checks["min_sampler_speedup"]["outcome"] == "pass"
+    )
+    report = (layout.report_dir(run) / "report.md").read_text()
+    for part in ("text-to-image speed-up", "Latency: the whole text-to-image call", "ms by part",
+                 "Each prompt, dense beside", "prompt -> image"):  # fmt: skip
+        assert part in report, part
+    assert (layout.report_dir(run) / "prompts.png").is_file()
 
 
 def test_latency_probes_time_the_guided_call_with_its_conditioning(sd_run):
