@@ -94,6 +94,13 @@ def graph_session(path: Path, part: str, threads: int | None = None, providers: 
     return _ort_session(Path(path), threads, providers, part, spin=False)
 
 
+def graph_engine(path: Path):
+    """A TensorRT engine runner over a shared pipeline graph's engine (``text_encoder``,
+    ``vae_decoder``; :func:`rundir.layout.shared_engine_path`): ``runner.run(**inputs)`` returns its
+    outputs by name. The registry's counterpart of :func:`graph_session` for engines."""
+    return tensorrt_backend.EngineRunner(Path(path))
+
+
 def _conditioned_inputs(path: Path) -> list[str] | None:
     """A UNet graph's input names when they are ``sample``, ``timestep`` and conditioning inputs
     (:data:`export.onnx_export.CONDITION_INPUTS`, in that order); None otherwise (the plain

@@ -27,6 +27,7 @@ from compressor.prompts import PromptSet
 from compressor.sampling import denoise, initial_noise
 from deploy import tensorrt_backend
 from deploy.onnx_text_to_image import onnx_prompt_conditioning, onnx_text_encoder, onnx_vae_decoder
+from deploy.runtimes import graph_engine
 from deploy.stopwatch import sync
 from export.pipeline_graphs import TEXT_ENCODER, VAE_DECODER, unscale_latents
 from rundir.layout import shared_engine_path, shared_onnx_path
@@ -144,7 +145,7 @@ def unavailable_reason(model: DiffusionModel, backend: str, run_dir: Path) -> st
 def engine_text_encoder(path: Path, tokenizer) -> Callable[[list[str]], torch.Tensor]:
     """``texts -> last_hidden_state`` through the shared text encoder's TensorRT engine, the texts
     tokenized as Stable Diffusion does (padded to the tokenizer's ``model_max_length``, truncated)."""
-    runner = tensorrt_backend.EngineRunner(Path(path))
+    runner = graph_engine(Path(path))
 
     def encode(texts: list[str]) -> torch.Tensor:
         ids = tokenizer(
@@ -162,7 +163,7 @@ def engine_text_encoder(path: Path, tokenizer) -> Callable[[list[str]], torch.Te
 def engine_vae_decoder(path: Path, vae_config) -> Callable[[torch.Tensor], torch.Tensor]:
     """``latents -> images in [-1, 1]`` through the shared VAE decoder's TensorRT engine (the latents
     unscaled first, as :func:`deploy.onnx_text_to_image.onnx_vae_decoder` unscales them)."""
-    runner = tensorrt_backend.EngineRunner(Path(path))
+    runner = graph_engine(Path(path))
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
         return runner.run(latent_sample=unscale_latents(latents, vae_config))["sample"].float()
