@@ -28,9 +28,9 @@ text encoder's digest and the token ids of the captions. Files are written atomi
 file, fsynced, renamed), the index last. The run directory's verify skips ``RUN/encoded/``: this
 index is what checks it.
 
-How the stages will use it (not wired yet: :func:`compressor.preflight.check_model_supported`
-refuses conditional models): the prune stage loads the conditioned data at the model's
-``image_shape``, calls :func:`encode_dataset` once, and feeds its Taylor batch
+How the stages use it (through :attr:`pipeline.context.RunContext.conditioned_data`): the data is
+loaded at the model's ``image_shape``, :func:`encode_dataset` called once, and the prune stage feeds
+its Taylor batch
 ``encoded.samples(idx)`` (latents) with ``**encoded.conditions(idx)`` into the UNet; the finetune
 stage does the same for each training batch (dropping captions to row 0 with the guidance drop
 rate), and neither stage then holds the VAE or the text encoder in memory while it trains. Call it

@@ -273,10 +273,10 @@ def train(
     feeds the UNet (and the teacher) its ``encoder_hidden_states`` / ``class_labels``, each image's
     condition dropped to the empty prompt or the null class with probability ``cfg.cond_dropout``
     (:func:`draw_conditioned_batch`). A plain dataset trains exactly as before (same weights).
-    How the finetune stage will call it (not wired: preflight refuses conditional models): it loads
-    the conditioned dataset, calls :func:`~compressor.encoded_cache.encode_dataset` once on the
-    main process and passes the ``EncodedData`` (latent model) or ``PixelConditions(images,
-    encoded)`` (pixel model) here in place of the images, with the dense model as ``teacher``.
+    The finetune stage passes :attr:`pipeline.context.RunContext.training_data`: the dataset
+    encoded once on the main process (:func:`~compressor.encoded_cache.encode_dataset`), an
+    ``EncodedData`` (latent model) or ``PixelConditions(images, encoded)`` (pixel model) in place of
+    the images, with the dense model as ``teacher``.
 
     Data-parallel when started under ``accelerate launch``/``torchrun``: the global
     batch ``cfg.batch_size`` is split evenly over processes and gradient

@@ -287,7 +287,7 @@ class RunContext:
     @property
     def prompts(self) -> PromptSet:
         """The prompts (or class labels) a conditional model's images cycle through
-        (:func:`compressor.prompts.run_prompts`); ConfigError for an unconditional model."""
+        (:func:`compressor.prompts.run_prompts`); UserError for an unconditional model."""
         dense = self.dense
         if dense.conditioning == "none":
             raise UserError(f"model {self.cfg.model.name} is unconditional: it takes no prompts")
