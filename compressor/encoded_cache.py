@@ -208,11 +208,18 @@ def encode_images(vae: nn.Module, images: Dataset, batch_size: int = 16) -> torc
     return torch.cat(out)
 
 
+def padded_tokens(tokenizer, texts: list[str]):
+    """``texts`` tokenized as ``StableDiffusionPipeline`` does: padded to the tokenizer's
+    ``model_max_length`` and truncated there; torch tensors (``input_ids``, ``attention_mask``)."""
+    length = int(tokenizer.model_max_length)
+    return tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+
+
 def tokenize(tokenizer, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Token ids and attention mask (N, model_max_length) of ``captions``, padded and truncated as
-    ``StableDiffusionPipeline`` does, and how many captions were cut."""
+    ``StableDiffusionPipeline`` does (:func:`padded_tokens`), and how many captions were cut."""
     length = int(tokenizer.model_max_length)
-    batch = tokenizer(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    batch = padded_tokens(tokenizer, captions)
     full = tokenizer(captions, padding=False, truncation=False)["input_ids"]
     truncated = sum(len(ids) > length for ids in full)
     return batch["input_ids"], batch["attention_mask"], truncated

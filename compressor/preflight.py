@@ -33,26 +33,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from compressor.config import RunConfig, StepDistillConfig
+from compressor.config import DEFAULT_STAGES, RunConfig, StepDistillConfig
 from compressor.errors import ConfigError, ModelError
 from compressor.stack import SamplerVariant
 
 if TYPE_CHECKING:  # annotations only: the description module imports torch
     from compressor.components import ModelSpec
 
-# the stages that run text- or class-conditioned models (pixel or latent) with their conditioning
-CONDITIONAL_STAGES = (
-    "prune",
-    "finetune",
-    "samples",
-    "export",
-    "build",
-    "quality",
-    "parity",
-    "bench",
-    "check",
-    "report",
-)
+# the stages that run text- or class-conditioned and latent models: all but train and distill_steps
+CONDITIONAL_STAGES = tuple(s for s in DEFAULT_STAGES if s != "distill_steps")
 
 
 def stages_refusing(spec: ModelSpec, stages: list[str]) -> list[str]:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from compressor.components import DiffusionModel
+from compressor.encoded_cache import padded_tokens
 from compressor.errors import ModelError
 from compressor.guidance import Conditioning, class_conditioning, encode_prompts, model_decoder
 from compressor.models import as_noise_predictor
@@ -42,14 +43,8 @@ def onnx_text_encoder(
     session = graph_session(Path(path), TEXT_ENCODER, threads)
 
     def encode(texts: list[str]) -> torch.Tensor:
-        ids = tokenizer(
-            texts,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="np",
-        ).input_ids
-        return torch.from_numpy(session.run(["last_hidden_state"], {"input_ids": ids.astype("int64")})[0])
+        ids = padded_tokens(tokenizer, texts).input_ids.numpy().astype("int64")
+        return torch.from_numpy(session.run(["last_hidden_state"], {"input_ids": ids})[0])
 
     return encode
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from compressor.components import DiffusionModel
+from compressor.encoded_cache import padded_tokens
 from compressor.guidance import Conditioning, encode_prompts, model_decoder
 from compressor.prompts import PromptSet
 from compressor.sampling import denoise, initial_noise
@@ -148,14 +149,7 @@ def engine_text_encoder(path: Path, tokenizer) -> Callable[[list[str]], torch.Te
     runner = graph_engine(Path(path))
 
     def encode(texts: list[str]) -> torch.Tensor:
-        ids = tokenizer(
-            texts,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return runner.run(input_ids=ids)["last_hidden_state"].float()
+        return runner.run(input_ids=padded_tokens(tokenizer, texts).input_ids)["last_hidden_state"].float()
 
     return encode
 
