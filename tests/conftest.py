@@ -240,3 +240,32 @@ def placeholder_engines(run: Path, precision: str = "fp32", parts: tuple[str, ..
             info["profile"] = {"min_batch": 1, "opt_batch": 4, "max_batch": 16}
             written += [engine, write_engine_info(engine, info)]
     return written
+
+
+def conditional_config(model: Path, data: Path, **sections: dict):
+    """A tiny conditional run's config: Diff-Pruning at 0.3, a 2-step finetune, 2 images of 3 guided
+    sampling steps (scale 3). Each of ``sections`` is merged into the section of its name (or adds it)."""
+    from compressor.config import config_from_mapping
+
+    base: dict = {
+        "seed": 0,
+        "device": "cpu",
+        "model": {"name": str(model)},
+        "data": {"source": str(data)},
+        "prune": {"method": "diff-pruning", "ratio": 0.3, "timestep_stride": 250, "batch_size": 4},
+        "finetune": {"steps": 2, "batch_size": 4, "checkpoint_every": 2, "log_every": 1},
+        "sample": {"steps": 3, "num_images": 2, "batch_size": 2, "guidance_scale": 3.0},
+    }
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    return config_from_mapping(base)
+
+
+def text_to_image_folders(root: Path, make_tokenizer, images: int = 4, tokens: int = 6) -> tuple[Path, Path]:
+    """A tiny Stable-Diffusion-layout pipeline folder (``make_tokenizer``: the ``clip_tokenizer_folder``
+    fixture) and a folder of ``images`` captioned digits under ``root``: (pipeline, data)."""
+    from tests.test_components import write_pipeline
+    from tests.test_conditioning_data import captioned
+
+    pipe = write_pipeline(root / "pipe", tokenizer=make_tokenizer(tokens))
+    return pipe, captioned(root / "images", images)

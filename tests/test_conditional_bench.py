@@ -21,7 +21,7 @@ from pipeline.acceptance import evaluate
 from pipeline.runner import run_pipeline
 from rundir import layout
 from rundir.records import BenchMetrics, read_metrics
-from tests.conftest import DDPM_SCHEDULER, TINY_UNET, write_images, write_model_folder
+from tests.conftest import DDPM_SCHEDULER, TINY_UNET, conditional_config, write_images, write_model_folder
 from tests.test_components import write_pipeline
 from tests.test_conditioning_data import captioned, class_tree
 
@@ -30,26 +30,9 @@ STAGES = ["prune", "finetune", "bench"]
 
 
 def _cfg(model: Path, data: Path, guidance: float = 3.0, **bench) -> object:
-    return config_from_mapping(
-        {
-            "seed": 0,
-            "device": "cpu",
-            "model": {"name": str(model)},
-            "data": {"source": str(data)},
-            "prune": {"method": "diff-pruning", "ratio": 0.3, "timestep_stride": 250, "batch_size": 4},
-            "finetune": {"steps": 2, "batch_size": 4, "checkpoint_every": 2, "log_every": 1},
-            "sample": {"steps": 3, "num_images": 2, "guidance_scale": guidance},
-            "bench": {
-                "backends": ["torch"],
-                "batch_sizes": [1, 2],
-                "sampler_steps": 3,
-                "warmup": 1,
-                "repeat": 2,
-                "sampler_repeat": 2,
-                **bench,
-            },
-        }
-    )
+    timing = {"backends": ["torch"], "batch_sizes": [1, 2], "sampler_steps": 3, "warmup": 1, "repeat": 2,
+              "sampler_repeat": 2}  # fmt: skip
+    return conditional_config(model, data, sample={"guidance_scale": guidance}, bench={**timing, **bench})
 
 
 def _rows(metrics: dict, what: str) -> list[dict]:

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import onnx
 import pytest
 
-from compressor.config import BuildConfig, config_from_mapping
+from compressor.config import BuildConfig
 from compressor.errors import ArtifactError
 from compressor.models import build_unet
 from deploy import engine_info, tensorrt_backend
@@ -21,7 +21,7 @@ from pipeline.runner import run_pipeline
 from pipeline.stages import build as build_stage
 from rundir import layout
 from rundir.records import read_record
-from tests.conftest import TINY_COND_UNET, TINY_UNET, tensorrt_reason
+from tests.conftest import TINY_COND_UNET, TINY_UNET, conditional_config, tensorrt_reason
 from tests.test_components import CLASS_UNET, write_pipeline
 from tests.test_conditioning_data import captioned
 
@@ -30,18 +30,12 @@ GUIDANCE = 3.0
 
 
 def _cfg(model: Path, data: Path) -> object:
-    return config_from_mapping(
-        {
-            "seed": 0,
-            "device": "cpu",
-            "model": {"name": str(model)},
-            "data": {"source": str(data)},
-            "prune": {"method": "diff-pruning", "ratio": 0.3, "timestep_stride": 250, "batch_size": 4},
-            "finetune": {"steps": 2, "batch_size": 4, "checkpoint_every": 2, "log_every": 1},
-            "sample": {"steps": 3, "num_images": 2, "batch_size": 2, "guidance_scale": GUIDANCE},
-            "export": {"precisions": ["fp32", "fp16"]},
-            "build": {"precision": "fp16", "min_batch": 1, "opt_batch": 2, "max_batch": 4},
-        }
+    return conditional_config(
+        model,
+        data,
+        sample={"guidance_scale": GUIDANCE},
+        export={"precisions": ["fp32", "fp16"]},
+        build={"precision": "fp16", "min_batch": 1, "opt_batch": 2, "max_batch": 4},
     )
 
 

@@ -12,7 +12,6 @@ import onnx
 import pytest
 
 from compressor.components import DiffusionModel
-from compressor.config import config_from_mapping
 from compressor.errors import ConfigError
 from compressor.guidance import class_conditioning
 from compressor.models import build_unet
@@ -21,29 +20,17 @@ from export.quantize import calibration_inputs
 from pipeline.runner import run_pipeline
 from rundir import layout
 from rundir.records import ParityMetrics, read_metrics, read_record
-from tests.conftest import DDPM_SCHEDULER, TINY_UNET, write_model_folder
+from tests.conftest import DDPM_SCHEDULER, TINY_UNET, conditional_config, write_model_folder
 
 TOKENS = 6
 
 
 def _cfg(model: Path, data: Path, precisions=("fp32", "fp16"), **export) -> object:
-    return config_from_mapping(
-        {
-            "seed": 0,
-            "device": "cpu",
-            "model": {"name": str(model)},
-            "data": {"source": str(data)},
-            "prune": {"method": "diff-pruning", "ratio": 0.3, "timestep_stride": 250, "batch_size": 4},
-            "finetune": {"steps": 2, "batch_size": 4, "checkpoint_every": 2, "log_every": 1},
-            "sample": {"steps": 3, "num_images": 2, "batch_size": 2, "guidance_scale": 3.0},
-            "export": {
-                "precisions": list(precisions), "calibration_images": 2, "calibration_steps": 3, **export
-            },
-            "parity": {
-                "batches": [1, 2], "timesteps": [10, 500], "sampler_images": 2, "sampler_steps": 3,
-                "median_abs_int8": 10.0, "min_psnr_int8": 0.0,
-            },
-        }
+    return conditional_config(
+        model, data,
+        export={"precisions": list(precisions), "calibration_images": 2, "calibration_steps": 3, **export},
+        parity={"batches": [1, 2], "timesteps": [10, 500], "sampler_images": 2, "sampler_steps": 3,
+                "median_abs_int8": 10.0, "min_psnr_int8": 0.0},
     )  # fmt: skip
 
 

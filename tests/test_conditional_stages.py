@@ -11,37 +11,21 @@ import numpy as np
 import pytest
 import torch
 
-from compressor.config import DataConfig, SampleConfig, config_from_mapping
+from compressor.config import DataConfig, SampleConfig
 from compressor.errors import ConfigError, DataError, UserError
 from compressor.prompts import PromptSet, read_prompt_file, run_prompts
 from pipeline.runner import run_pipeline
 from rundir import layout
 from rundir.records import read_record
-from tests.conftest import TINY_COND_UNET, TINY_UNET, write_model_folder
+from tests.conftest import TINY_COND_UNET, TINY_UNET, conditional_config, write_model_folder
 
 TOKENS = 6
 WIDTH = TINY_COND_UNET["cross_attention_dim"]
 
 
 def _cfg(model: Path, data: Path, extra: dict | None = None, **sample) -> object:
-    return config_from_mapping(
-        {
-            **(extra or {}),
-            "seed": 0,
-            "device": "cpu",
-            "model": {"name": str(model)},
-            "data": {"source": str(data)},
-            "prune": {"method": "diff-pruning", "ratio": 0.3, "timestep_stride": 250, "batch_size": 4},
-            "finetune": {
-                "steps": 4,
-                "batch_size": 4,
-                "checkpoint_every": 2,
-                "log_every": 1,
-                "cond_dropout": 0.5,
-            },
-            "sample": {"steps": 3, "num_images": 4, "batch_size": 2, "guidance_scale": 3.0, **sample},
-        }
-    )
+    sections = {"finetune": {"steps": 4, "cond_dropout": 0.5}, "sample": {"num_images": 4, **sample}}
+    return conditional_config(model, data, **sections, **(extra or {}))
 
 
 @pytest.fixture(scope="module")
