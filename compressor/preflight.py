@@ -17,10 +17,11 @@ when the runner starts and before the first stage writes anything:
 The model itself is refused first when the stages would get it wrong (:func:`check_model_supported`):
 only unconditional pixel-space models run through most of them today, so a model with text or class
 conditioning, or one working on latents (a VAE), is one ModelError naming the stages that would get
-it wrong, not a failure deep inside one. The stages of :data:`CONDITIONAL_STAGES` (all but ``train``
-and ``distill_steps``) take text- or class-conditioned models, pixel or latent: they train on the
-encoded data with its conditioning and sample with the run's prompts under guidance; a run of those
-alone is not refused.
+it wrong, not a failure deep inside one. The stages of :data:`CONDITIONAL_STAGES` (every default
+stage; ``train``, which trains the demo's base model from scratch, is not one) take text- or
+class-conditioned models, pixel or latent: they train on the encoded data with its conditioning and
+sample with the run's prompts under guidance; a run of those alone is not refused, and neither is
+``compress-deploy frontier``.
 
 Data needs no check here: images are resized to the model's sample size. A setting that asks for a
 stage the config's stage list lacks (``distill_steps.target_steps`` without ``distill_steps``) is
@@ -40,8 +41,8 @@ from compressor.stack import SamplerVariant
 if TYPE_CHECKING:  # annotations only: the description module imports torch
     from compressor.components import ModelSpec
 
-# the stages that run text- or class-conditioned and latent models: all but train and distill_steps
-CONDITIONAL_STAGES = tuple(s for s in DEFAULT_STAGES if s != "distill_steps")
+# the stages that run text- or class-conditioned and latent models: every default stage (not train)
+CONDITIONAL_STAGES = tuple(DEFAULT_STAGES)
 
 
 def stages_refusing(spec: ModelSpec, stages: list[str]) -> list[str]:
@@ -128,8 +129,9 @@ def check_model_settings(cfg: RunConfig, frontier: bool = False, stages: list[st
     """Refuse a model the stages would get wrong (:func:`check_model_supported`), then, in one
     ConfigError line, every setting of ``cfg`` that cannot work with its model.
 
-    ``frontier``: also check the whole ``frontier`` grid (``compress-deploy frontier``); otherwise
-    only the lists a latency target over levers may move. ``stages``: the stages about to run; a
+    ``frontier``: also check the whole ``frontier`` grid (``compress-deploy frontier``, which takes
+    conditioned and latent models as its stages do); otherwise only the lists a latency target over
+    levers may move. ``stages``: the stages about to run; a
     conditioned model is refused naming those of them outside :data:`CONDITIONAL_STAGES`
     (:func:`stages_refusing`), and passes when there are none.
     """
@@ -138,15 +140,9 @@ def check_model_settings(cfg: RunConfig, frontier: bool = False, stages: list[st
     spec = read_model_spec(cfg.model)
     if spec is None:
         return
-    if frontier:
-        where = "compress-deploy frontier"
-    elif stages:
-        where = f"stage{'s' if len(stages) > 1 else ''} {', '.join(stages)}"
-    else:
-        where = "the pipeline's stages"
-    if frontier or not stages:
-        check_model_supported(spec, cfg.model.name, where)
-    else:
+    if not frontier and not stages:
+        check_model_supported(spec, cfg.model.name)
+    elif not frontier:
         refusing = stages_refusing(spec, stages)
         if refusing:
             where = f"stage{'s' if len(refusing) > 1 else ''} {', '.join(refusing)}"

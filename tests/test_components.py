@@ -282,13 +282,15 @@ def test_preflight_refuses_a_text_conditioned_latent_pipeline_naming_the_stages(
     root = write_pipeline(tmp_path / "pipe", tokenizer=tokenizer_folder)
     with pytest.raises(ModelError) as err:
         check_model_settings(_cfg(root), stages=["train", "prune", "samples", "distill_steps"])
-    assert str(err.value) == (  # all but train and distill_steps take conditioned models
+    assert str(err.value) == (  # all but train take conditioned models
         f"model {root} has text conditioning (text_encoder, tokenizer) and works on latents (vae): the "
-        "conditional latent pipeline is not supported by stages train, distill_steps yet; point model.name "
+        "conditional latent pipeline is not supported by stage train yet; point model.name "
         "at an unconditional pixel-space model (a UNet without vae, text_encoder, tokenizer or "
         "num_class_embeds)"
     )
-    check_model_settings(_cfg(root), stages=["prune", "finetune", "samples", "quality", "bench"])
+    check_model_settings(
+        _cfg(root), stages=["prune", "finetune", "distill_steps", "samples", "quality", "bench"]
+    )
 
 
 def test_preflight_refuses_class_conditioning_and_passes_unconditional_models(tmp_path, model_folder):
@@ -296,11 +298,10 @@ def test_preflight_refuses_class_conditioning_and_passes_unconditional_models(tm
 
     classes = write_model_folder(tmp_path / "classes", CLASS_UNET)
     with pytest.raises(ModelError, match=r"has class conditioning \(num_class_embeds=10\): the conditional "
-                                         r"pipeline is not supported by stage distill_steps"):  # fmt: skip
-        check_model_settings(_cfg(classes), stages=["prune", "finetune", "distill_steps"])
-    check_model_settings(_cfg(classes), stages=["prune"])  # prune takes conditioned models
-    with pytest.raises(ModelError, match="not supported by compress-deploy frontier yet"):
-        check_model_settings(_cfg(classes), frontier=True)
+                                         r"pipeline is not supported by stage train"):  # fmt: skip
+        check_model_settings(_cfg(classes), stages=["train", "prune", "finetune"])
+    check_model_settings(_cfg(classes), stages=["prune", "distill_steps"])  # they take conditioned models
+    check_model_settings(_cfg(classes), frontier=True)  # so does the frontier
     check_model_settings(_cfg(model_folder), stages=["prune"])  # the product's models pass
     adherence = config_from_mapping(
         {"model": {"name": str(model_folder)}, "acceptance": {"min_adherence_ratio": 0.9}}
@@ -318,9 +319,9 @@ def test_the_cli_refuses_before_touching_the_run_directory(tmp_path, capsys):
     write_images(tmp_path / "images", 4)
     cfg = write_config(tmp_path / "c.yaml", TINY_CONFIG.format(model=root, data=tmp_path / "images"))
     run = tmp_path / "run"
-    assert main([str(cfg), "--stages", "prune,distill_steps", "--run-dir", str(run)]) == 2
+    assert main([str(cfg), "--stages", "train,prune", "--run-dir", str(run)]) == 2
     err = capsys.readouterr().err
-    assert "works on latents (vae): the latent pipeline is not supported by stage distill_steps yet" in err
+    assert "works on latents (vae): the latent pipeline is not supported by stage train yet" in err
     assert not run.exists()
     assert main([str(cfg), "--stages", "prune,samples", "--run-dir", str(run)]) == 2
     assert "its UNet takes 3 input channels but its VAE's latents have 4" in capsys.readouterr().err
@@ -336,10 +337,10 @@ def test_the_loaded_model_is_refused_where_preflight_could_not_read_it(
 
     root = write_pipeline(tmp_path / "pipe", parts=("text_encoder", "tokenizer"), tokenizer=tokenizer_folder)
     monkeypatch.setattr(models, "read_model_spec", lambda cfg: None)
-    check_model_settings(_cfg(root), stages=["distill_steps"])  # nothing to check without the configs
+    check_model_settings(_cfg(root), stages=["train"])  # nothing to check without the configs
     run = RunContext(_cfg(root), tmp_path / "run")
-    ctx = run.at_stage(StageCall("distill_steps", "key"))
-    with pytest.raises(ModelError, match="has text conditioning .*not supported by stage distill_steps yet"):
+    ctx = run.at_stage(StageCall("train", "key"))
+    with pytest.raises(ModelError, match="has text conditioning .*not supported by stage train yet"):
         ctx.dense  # noqa: B018
     assert run.at_stage(StageCall("prune", "key")).dense.conditioning == "text"  # prune takes it
 

@@ -194,8 +194,8 @@ def test_the_prune_stage_prunes_a_text_conditioned_latent_pipeline(tmp_path, cli
 
     pipe = write_pipeline(tmp_path / "pipe", tokenizer=clip_tokenizer_folder(TOKENS))
     cfg = _run_cfg(pipe, captioned(tmp_path / "images", 8))
-    with pytest.raises(ModelError, match="not supported by stage distill_steps yet"):
-        check_model_settings(cfg, stages=["prune", "samples", "distill_steps"])  # few-step students refuse
+    with pytest.raises(ModelError, match="not supported by stage train yet"):
+        check_model_settings(cfg, stages=["train", "prune", "samples"])  # training from scratch refuses
     run = tmp_path / "run"
     record = run_pipeline(cfg, run, ["prune"])["prune"]
     m = record["metrics"]
