@@ -45,6 +45,8 @@ class WholeCall:
     ``encode``: the prompts to their :class:`~compressor.guidance.Conditioning` (timed as
     ``text_encoder``), or None with ``conditioning`` given (class labels: nothing to encode).
     ``decode``: the final latents to images in [-1, 1] (timed as ``vae_decoder``), None for a pixel model.
+    ``cache_interval`` > 1: the UNet loop reuses features (``predict`` a reuse backend's), as
+    :func:`compressor.sampling.denoise` does with ``cache_schedule``.
     """
 
     def __init__(
@@ -57,12 +59,15 @@ class WholeCall:
         encode: Callable[[], Conditioning] | None = None,
         decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
         conditioning: Conditioning | None = None,
+        cache_interval: int = 1,
+        cache_schedule: str = "uniform",
     ) -> None:
         if encode is None and conditioning is None:
             raise ValueError("WholeCall: give encode (prompts) or conditioning (class labels)")
         self.predict, self.scheduler, self.noise, self.steps = predict, scheduler, noise, steps
         self.guidance_scale, self.encode, self.decode = guidance_scale, encode, decode
         self.conditioning = conditioning
+        self.cache_interval, self.cache_schedule = cache_interval, cache_schedule
         self.calls: list[dict[str, float]] = []
 
     def components(self) -> list[str]:
@@ -90,6 +95,8 @@ class WholeCall:
             self.scheduler,
             self.noise,
             self.steps,
+            cache_interval=self.cache_interval,
+            cache_schedule=self.cache_schedule,
             conditioning=conditioning,
             guidance_scale=self.guidance_scale,
             decode=timed_decode if self.decode else None,
@@ -178,13 +185,17 @@ def whole_call(
     run_dir: Path,
     threads: int | None = None,
     graphs: dict | None = None,
+    cache_interval: int = 1,
+    cache_schedule: str = "uniform",
 ) -> WholeCall:
     """The whole call for ``batch`` images (images ``0 .. batch - 1`` of the run's prompts and seeds)
     with the UNet ``predict`` of a ``backend`` bench variant: the text encoder and VAE decoder on torch
     (the model's own, on ``device``) for a torch UNet, their fp32 ONNX graphs for an ONNX Runtime one,
     their engines for a TensorRT one (:func:`unavailable_reason` says when they cannot run).
     ``graphs``: a dict the graphs' runners are kept in, so that calls built with the same dict share
-    their sessions (engines)."""
+    their sessions (engines). ``cache_interval`` > 1: the loop reuses features (``predict`` a reuse
+    backend's). At ``guidance_scale`` 1 or below (a few-step student distilled at a fixed scale) the
+    UNet sees the prompts alone, so the graphs (engines) encode no negative prompt."""
     noise = initial_noise(model.sample_shape, list(range(batch))).to(device)
     encode, conditioning, decode = None, None, None
     graphs = {} if graphs is None else graphs
@@ -209,6 +220,9 @@ def whole_call(
             )
 
             def encode() -> Conditioning:
+                if guidance_scale <= 1:  # unguided: the negative prompt is never used
+                    embedded = text_graph(texts)
+                    return Conditioning("text", embedded, embedded)
                 return onnx_prompt_conditioning(text_graph, texts, negative)
         else:
 
@@ -228,4 +242,5 @@ def whole_call(
                 ),
             )
         )
-    return WholeCall(predict, scheduler, noise, steps, guidance_scale, encode, decode, conditioning)
+    return WholeCall(predict, scheduler, noise, steps, guidance_scale, encode, decode, conditioning,
+                     cache_interval, cache_schedule)  # fmt: skip

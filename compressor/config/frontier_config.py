@@ -33,6 +33,17 @@ class FrontierConfig:
     )
     backend: Backend = _spec("onnxruntime", "backend the latency is measured on (`frontier --backend`)")
     batch: int = _spec(16, "images per sampler run when timing (`frontier --batch`)", ge=1)
+    batches: list[int] | None = _spec(
+        None,
+        "every batch the stacks are timed at (`frontier --batches 1,4`; default [batch]); speed-ups and "
+        "targets read `batch`, the others are shown beside it",
+        ge=1,
+    )
+    targets: list[str] | None = _spec(
+        None,
+        "latency targets whose choice frontier.md states, e.g. [3x, 10x] or [40ms] (`--target` also "
+        "records the first as `chosen`)",
+    )
     samples: int | None = _spec(None, "images scored per stack (default: quality.num_samples)", ge=2)
     repeat: int = _spec(3, "timed sampler runs per stack (alternating with the dense reference)", ge=1)
     warmup: int = _spec(1, "untimed sampler runs per stack before timing", ge=0)

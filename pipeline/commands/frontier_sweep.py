@@ -3,8 +3,9 @@
     compress-deploy frontier CONFIG [key=value ...] [--ratios 0,0.25,0.45] [--schedulers ddim,dpmsolver++]
                              [--steps 50,20,10] [--cache-intervals 1,2] [--precisions fp32,int8]
                              [--students 0,8,4,2]
-                             [--backend onnxruntime] [--batch 16] [--samples N] [--repeat N] [--threads N]
-                             [--target 3x|40ms] [--levers prune,steps,scheduler,cache,precision,student]
+                             [--backend onnxruntime] [--batch 16] [--batches 1,4] [--samples N]
+                             [--repeat N] [--threads N] [--target 3x|40ms|3x,10x]
+                             [--levers prune,steps,scheduler,cache,precision,student]
                              [--ray [ADDRESS]] [--workers N] [--out DIR]
 
 Defaults come from the config's ``frontier`` section. Per pruning ratio a nested run
@@ -14,7 +15,10 @@ and its sampler latency (alternating with the dense reference sampler, ``sample.
 at ``sample.steps``). ``--students`` adds few-step students: per ratio a nested run
 (``OUT/ratio-<r>-students/``) distils the ratio's model by progressive distillation down to the
 fewest steps listed; each listed step count is one of its rounds, sampled with DDIM at its own steps
-(``stack.student_steps``). Writes ``OUT/frontier.{json,md,png}`` (default OUT: ``runs/<name>/frontier``).
+(``stack.student_steps``). A conditional model's stacks sample with the run's prompts under guidance
+(students: unguided, distilled at the run's scale), score prompt adherence beside the Frechet
+figures, and time the whole text-to-image call (text encoder, UNet loop, VAE decoder) at every batch
+of ``--batches``. Writes ``OUT/frontier.{json,md,png}`` (default OUT: ``runs/<name>/frontier``).
 ``--target`` also picks the stack of lowest Frechet distance that meets it among the
 ``--levers`` that may move (the others stay at the run's sampler) and records it as
 ``chosen``. ``--ray`` runs the fits and quality jobs as Ray tasks: on the cluster at
@@ -103,12 +107,17 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--backend", help="latency backend (default: frontier.backend)")
     parser.add_argument("--batch", type=int, help="images per timed sampler run (default: frontier.batch)")
+    parser.add_argument(
+        "--batches", help="comma-separated batches to time too, e.g. 1,4 (default: frontier.batches)"
+    )
     parser.add_argument("--samples", type=int, help="images scored per stack (default: quality.num_samples)")
     parser.add_argument("--repeat", type=int, help="timed runs per stack (default: frontier.repeat)")
     parser.add_argument("--threads", type=int, help="threads of every job and timing (default: all)")
     parser.add_argument(
         "--target",
-        help="pick the best stack meeting a speed-up (3x) or latency (40ms) (default: none, measure only)",
+        help="pick the best stack meeting a speed-up (3x) or latency (40ms); several comma-separated "
+        "(3x,10x): each one's choice is stated, the first is recorded as chosen (default: frontier.targets, "
+        "stated only)",
     )
     parser.add_argument("--levers", help=f"levers --target may move (default: all of {','.join(fr.LEVERS)})")
     parser.add_argument(
@@ -145,32 +154,42 @@ def main(argv: list[str]) -> int:
         dataclasses.replace(cfg, frontier=dataclasses.replace(f, **grid_keys)), frontier=True
     )
     out = args.out or layout.frontier_dir(Path("runs") / cfg.name)
+    batches = int_list(args.batches, "--batches")
     spec = fr.spec_from_config(
         cfg, out, grid, backend=args.backend, batch=args.batch, samples=args.samples, threads=args.threads,
-        repeat=args.repeat,
+        repeat=args.repeat, batches=batches,
     )  # fmt: skip
-    target = parse_target(args.target) if args.target else None
+    named = [t.strip() for t in (args.target or "").split(",") if t.strip()]
+    if args.target is not None and not named:
+        parse_target(args.target)  # the one-line error
+    targets = {t: parse_target(t) for t in (named or list(f.targets or []))}
+    target = targets[named[0]] if named else None
     levers = _names(args.levers, "--levers", fr.LEVERS) or list(fr.LEVERS)
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out, " ".join(["compress-deploy frontier", *argv])):
         frontier = measure(spec, args.ray, args.workers)
-        if target:
-            speedup, ms = target
-            allowed = fr.lever_grid(cfg, levers, grid) if args.levers else None
-            frontier["target"] = args.target
+        allowed = fr.lever_grid(cfg, levers, grid) if args.levers else None
+        choices = {
+            name: fr.choose(frontier["points"], speedup, ms, cfg.prune.target_latency.margin, allowed,
+                            max_increase=cfg.acceptance.max_fd_increase,
+                            min_adherence_ratio=cfg.acceptance.min_adherence_ratio)
+            for name, (speedup, ms) in targets.items()
+        }  # fmt: skip
+        if targets:
             frontier["levers"] = levers
-            chosen = fr.choose(frontier["points"], speedup, ms, cfg.prune.target_latency.margin, allowed,
-                               max_increase=cfg.acceptance.max_fd_increase)  # fmt: skip
-            frontier["chosen"] = chosen
+        if target:
+            frontier["target"] = named[0]
+            frontier["chosen"] = choices[named[0]]
+        if len(targets) > 1 or (targets and not target):
+            frontier["choices"] = choices
         fr.write(frontier, out)
     print(fr.table(frontier))
     on_front = [p["label"] for p in frontier["points"] if p["pareto"]]
     print(f"Pareto-optimal ({len(on_front)} of {len(frontier['points'])}): {'; '.join(on_front)}")
-    if target:
-        c = frontier["chosen"]
+    for name, c in choices.items():
         if c is None:
-            print(f"no measured stack meets {args.target} (levers {', '.join(levers)})")
+            print(f"no measured stack meets {name} (levers {', '.join(levers)})")
         else:
-            print(fr.choice_text(c, args.target, frontier["metric"]).replace("**", ""))
+            print(fr.choice_text(c, name, frontier["metric"]).replace("**", ""))
     print(f"wrote {out / 'frontier.md'}, {out / 'frontier.png'}, {out / 'frontier.json'}")
     return 0

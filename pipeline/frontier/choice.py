@@ -45,6 +45,13 @@ def pareto(points: list[dict]) -> list[bool]:
 
 
 QUALITY_KEYS = ("fd", "fd_ci", "fd_ratio", "fd_ratio_ci", "ssim", "ssim_ci", "kid", "kid_std", "kid_ci")
+ADHERENCE_KEYS = (
+    "adherence",
+    "adherence_ci",
+    "adherence_ratio",
+    "adherence_ratio_ci",
+    "adherence_ratio_note",
+)
 FD_INF_KEYS = ("fd_inf", "fd_inf_ci", "fd_inf_diff", "fd_inf_diff_ci", "fd_inf_ratio", "fd_inf_ratio_ci")
 
 
@@ -79,9 +86,17 @@ def passes_increase(point: dict, max_increase: float) -> bool:
     return ci is not None and ci[1] <= max_increase
 
 
+def passes_adherence(point: dict, min_ratio: float) -> bool:
+    """Whether a point's prompt adherence ratio to dense is decided at or over ``min_ratio`` (the lower
+    end of its paired interval: the run's ``acceptance.min_adherence_ratio`` gate would pass)."""
+    ci = point.get("adherence_ratio_ci")
+    return ci is not None and ci[0] >= min_ratio
+
+
 def choose(points: list[dict], speedup: float | None = None, ms: float | None = None,
            margin: float = 0.0, grid: Grid | None = None,
-           max_increase: float | None = None) -> dict | None:  # fmt: skip
+           max_increase: float | None = None,
+           min_adherence_ratio: float | None = None) -> dict | None:  # fmt: skip
     """Among the points meeting the target (with ``margin``) within ``grid``: the fastest of those within
     noise of the best (lowest Frechet distance) such point: listed in its ``within_noise`` (see
     :func:`mark_noise`), or, for points without that list, whose Frechet interval overlaps the best's.
@@ -89,7 +104,9 @@ def choose(points: list[dict], speedup: float | None = None, ms: float | None = 
     A point whose quality cannot be told from the best one's at this sample count is as good, so
     the faster wins. With ``max_increase`` (the run's ``acceptance.max_fd_increase``) only points
     whose increase over the dense reference passes it are considered, when any meeting the target
-    does (otherwise all are, and the choice says none passes). The returned point carries
+    does (otherwise all are, and the choice says none passes); with ``min_adherence_ratio`` (the run's
+    ``acceptance.min_adherence_ratio``, points with prompt adherence) likewise those whose adherence
+    ratio's interval is at or over it, both gates together. The returned point carries
     ``choice``: the rule, the best point, the stacks within noise of it, whether the rule moved the
     choice away from the best, and the quality gate it respected.
     """
@@ -107,9 +124,16 @@ def choose(points: list[dict], speedup: float | None = None, ms: float | None = 
     if not meets:
         return None
     gate = None
-    if max_increase is not None:
-        passing = [p for p in meets if passes_increase(p, max_increase)]
+    adherent = min_adherence_ratio is not None and any("adherence_ratio" in p for p in meets)
+    if max_increase is not None or adherent:
+        passing = [
+            p for p in meets
+            if (max_increase is None or passes_increase(p, max_increase))
+            and (not adherent or passes_adherence(p, min_adherence_ratio))  # type: ignore[arg-type]
+        ]  # fmt: skip
         gate = {"max_fd_increase": max_increase, "meeting_target_and_passing": len(passing)}
+        if adherent:
+            gate["min_adherence_ratio"] = min_adherence_ratio
         meets = passing or meets
     best = min(meets, key=lambda p: (figure(p), -p["speedup"]))
     paired = "within_noise" in best

@@ -81,10 +81,16 @@ class Spec:
     threads: int | None = None
     repeat: int = 3
     warmup: int = 1
+    batches: list[int] = field(default_factory=list)  # more timed batches beside ``batch``
 
     @property
     def root(self) -> Path:
         return Path(self.out)
+
+    @property
+    def timed_batches(self) -> list[int]:
+        """Every batch the stacks are timed at: ``batch`` (which speed-ups and targets read) first."""
+        return [self.batch, *sorted({b for b in self.batches if b != self.batch})]
 
     def config(self) -> RunConfig:
         return config_from_mapping(self.base)
@@ -103,10 +109,18 @@ def spec_from_config(cfg: RunConfig, out: Path, grid: Grid | None = None, **chan
                         list(f.precisions), list(f.students))  # fmt: skip
     threads = f.threads or cfg.bench.threads
     spec = Spec(config_to_dict(cfg), str(out), grid, f.backend, f.batch,
-                f.samples or cfg.quality.fixed_samples, threads, f.repeat, f.warmup)  # fmt: skip
+                f.samples or cfg.quality.fixed_samples, threads, f.repeat, f.warmup,
+                list(f.batches or []))  # fmt: skip
     spec = dataclasses.replace(spec, **{k: v for k, v in changes.items() if v is not None})
     spec.grid.check(cfg.distill_steps.start_steps)
     return spec
+
+
+def stack_guidance(cfg: RunConfig, stack: Stack) -> float:
+    """The guidance scale a stack samples a conditional model with: ``sample.guidance_scale``, except a
+    few-step student's 1.0 (distilled at the run's fixed scale, it is called once per step on the
+    conditional rows alone)."""
+    return 1.0 if stack.student_steps else cfg.sample.guidance_scale
 
 
 def lever_grid(cfg: RunConfig, levers: list[str], base: Grid | None = None) -> Grid:

@@ -9,7 +9,14 @@ from compressor.image_quality import resampling
 from compressor.progress import progress_bar
 from compressor.stack import Stack
 from pipeline.context import log
-from pipeline.frontier.choice import FD_INF_KEYS, QUALITY_KEYS, mark_noise, pareto, ranking_key
+from pipeline.frontier.choice import (
+    ADHERENCE_KEYS,
+    FD_INF_KEYS,
+    QUALITY_KEYS,
+    mark_noise,
+    pareto,
+    ranking_key,
+)
 from pipeline.frontier.fits import fit_ratio, fit_students
 from pipeline.frontier.grid import Spec
 from pipeline.frontier.jobs import run_jobs
@@ -39,6 +46,8 @@ def measure(spec: Spec, ray: str | None = None, cpus: int | None = None) -> dict
         times = time_stacks(spec, stacks, shown)
     finally:
         bar.close()
+    conditional = "conditioning" in ref  # a conditional model: whole calls, prompts, adherence
+    batches = spec.timed_batches
     points = []
     for stack in stacks:
         q, t = scores[stack], times[stack]
@@ -48,6 +57,13 @@ def measure(spec: Spec, ray: str | None = None, cpus: int | None = None) -> dict
             "latency_ms": t["latency_ms"], "reference_ms": t["reference_ms"], "speedup": t["speedup"],
             **{k: q[k] for k in QUALITY_KEYS}, **{k: q.get(k) for k in FD_INF_KEYS},
         })  # fmt: skip
+        if conditional:
+            points[-1].update({k: q.get(k) for k in ADHERENCE_KEYS})
+        if conditional or len(batches) > 1:  # every timed batch (a whole call: by component too)
+            points[-1]["by_batch"] = {
+                str(b): {k: v for k, v in t["by_batch"][b].items() if k not in ("fingerprint", "host")}
+                for b in batches
+            }
         if stack.student_steps:  # what its distillation cost: the rounds down to it
             rounds = students[stack.ratio]["round_costs"]
             points[-1]["student_training"] = {
@@ -63,6 +79,16 @@ def measure(spec: Spec, ray: str | None = None, cpus: int | None = None) -> dict
     boot = resampling(q, cfg.seed)  # the scorers' own (FD-infinity's: at most 100 replicates)
     ranked_by = ranking_key(points)
     mark_noise(points, load_replicates(spec, stacks), replicate_plan(boot) if ranked_by == "fd_inf" else boot)
+    extra = {}
+    if conditional or len(batches) > 1:
+        extra["batches"] = batches
+    if conditional:
+        extra.update(
+            whole_call="text encoder + guided UNet loop + VAE decoder" if ref["conditioning"] == "text"
+            else "guided UNet loop + VAE decoder",
+            conditioning=ref["conditioning"], guidance_scale=ref["guidance_scale"],
+            adherence_metric=ref.get("adherence_metric"), adherence_note=ref.get("adherence_note"),
+        )  # fmt: skip
     return {
         "config": cfg.name,
         "model": cfg.model.name,
@@ -74,6 +100,7 @@ def measure(spec: Spec, ray: str | None = None, cpus: int | None = None) -> dict
         "reference": {
             "stack": Stack(0.0, spec.reference.scheduler, spec.reference.steps).as_dict(),
             **{k: ref.get(k) for k in ("fd", "fd_ci", "fd_inf", "fd_inf_ci", "kid", "kid_std", "kid_ci")},
+            **({k: ref.get(k) for k in ("adherence", "adherence_ci")} if conditional else {}),
         },  # fmt: skip
         "ranked_by": ranked_by,
         "interval": {
@@ -87,4 +114,5 @@ def measure(spec: Spec, ray: str | None = None, cpus: int | None = None) -> dict
         "ratios": {f"{r:g}": fitted[r] for r in ratios},
         "students": {f"{r:g}": students[r] for r in taught},
         "points": points,
+        **extra,
     }

@@ -1,15 +1,25 @@
 """Jobs: the quality of every stack, against the dense reference sampler's images from the same
 seeds: the Frechet distance and KID with the quality stage's features, SSIM, each with its paired
 interval. fp32 stacks sample in torch (the same images on every backend), fp16 and int8 through
-ONNX Runtime."""
+ONNX Runtime.
+
+A conditional model's stacks (text or class) sample image ``i`` with the run's prompt ``i`` (cycled,
+:attr:`pipeline.context.RunContext.prompts`) under ``sample.guidance_scale`` (a few-step student: 1.0,
+:func:`~pipeline.frontier.grid.stack_guidance`), decoded by the dense VAE, so every stack and the
+reference share seeds and prompts; each stack also gets its prompt adherence
+(:mod:`compressor.adherence`) with its interval and the paired compressed / dense ratio."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import torch
+
+from compressor.adherence import choose_adherence
 from compressor.data import stack
 from compressor.fd_infinity import FdInf, FdInfScorer
+from compressor.guidance import model_decoder
 from compressor.image_quality import make_scorer, resampling
 from compressor.intervals import ssim_figures
 from compressor.persist import load_unet, student_sampling
@@ -17,13 +27,19 @@ from compressor.progress import log
 from compressor.sampling import generate, make_scheduler
 from compressor.stack import Stack
 from deploy.runtimes import load_backend
-from pipeline.context import RunContext
-from pipeline.frontier.grid import Spec
+from pipeline.context import RunContext, StageCall
+from pipeline.frontier.grid import Spec, stack_guidance
 from pipeline.frontier.nested import model_run, ratio_config, ratio_key, sampling_settings
 from pipeline.sweep.cells import cached, key_of
 from rundir import layout
 from rundir.artifacts import write_json
 from rundir.records import final_model_dir
+
+
+def job_context(cfg, run: Path, stage: str = "quality") -> RunContext:
+    """A frontier job's context on a nested run, bound as the stage whose work it does (``quality``
+    scores, ``bench`` times), so a conditional model is taken as those stages take it."""
+    return RunContext(cfg, run).at_stage(StageCall(stage, "frontier"))
 
 
 def replicates_file(spec: Spec, stack: Stack) -> Path:
@@ -69,25 +85,70 @@ def reference_images(spec: Spec) -> dict:
     fingerprint = key_of(sampling_settings(cfg), str(ref), spec.samples)
     images_file = layout.frontier_points_dir(spec.root) / "reference-images.npy"
     found = cached(path, fingerprint)
-    if found is not None and images_file.is_file() and "fd_inf" in found:
+    ctx = job_context(cfg, layout.frontier_ratio_dir(spec.root, 0.0))
+    if found is not None and images_file.is_file() and "fd_inf" in found and _has_adherence(ctx, found):
         return found
-    ctx = RunContext(cfg, layout.frontier_ratio_dir(spec.root, 0.0))
     log("frontier", f"reference: dense {ref.scheduler} {ref.steps} steps, {spec.samples} images")
-    images = generate(
-        ctx.torch_predictor(ctx.dense.unet), make_scheduler(ref.scheduler, ctx.dense.scheduler_config),
-        ctx.image_shape(), spec.samples, ref.steps, seed=cfg.sample.seed, batch_size=cfg.sample.batch_size,
-    )  # fmt: skip
+    images = stack_images(ctx, ctx.torch_predictor(ctx.dense.unet), ref.scheduler, ctx.dense.scheduler_config,
+                          spec.samples, ref.steps, guidance=cfg.sample.guidance_scale)  # fmt: skip
     scorer, metric = make_frontier_scorer(ctx)
     score = scorer.score(images)
     _save(images_file, images)
+    adherence = {}
+    measure = adherence_measure(ctx, metric)
+    if measure is not None:  # a conditional model: its per-image adherence, kept for the paired ratios
+        scores = measure.score(images, 0) if measure.score else None
+        if scores is not None:
+            _save(adherence_file(spec, "reference"), scores)
+        adherence = {"conditioning": ctx.dense.conditioning, "guidance_scale": cfg.sample.guidance_scale,
+                     **measure.figures(scorer.boot, scores)}  # fmt: skip
     _save(layout.frontier_points_dir(spec.root) / "reference-fd-replicates.npy", score.fd_reps)
     fd_inf = FdInfScorer(scorer.stats, scorer.boot)
     inf = fd_inf.score(score.features)
     _save(fd_inf_replicates_file(spec, "reference"), inf.reps)
     figures = scorer.figures(score, "fd") | fd_inf.figures(inf)
-    result = {"fingerprint": fingerprint, "metric": metric, "reference": str(ref), **figures}
+    result = {"fingerprint": fingerprint, "metric": metric, "reference": str(ref), **figures, **adherence}
     write_json(path, result)
     return result
+
+
+def stack_images(ctx: RunContext, predict, scheduler: str, scheduler_config: dict, count: int, steps: int,
+                 cache_interval: int = 1, guidance: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """``count`` images from the run's seeds (``sample.seed``..) with ``predict`` under ``scheduler`` at
+    ``steps``: a conditional model's image ``i`` with the run's prompt ``i`` under ``guidance``, its
+    latents decoded by the dense VAE (pixels in [0, 1] either way); an unconditional model's as
+    :func:`compressor.sampling.generate` draws them."""
+    cfg = ctx.cfg
+    conditional = {}
+    if ctx.dense.conditioning != "none":
+        conditional = {
+            "conditioning": ctx.prompts.conditioning(ctx.dense, count, 0),
+            "guidance_scale": guidance,
+            "decode": model_decoder(ctx.dense),
+        }
+    return generate(
+        predict, make_scheduler(scheduler, scheduler_config), ctx.image_shape(), count, steps,
+        seed=cfg.sample.seed, batch_size=cfg.sample.batch_size, cache_interval=cache_interval,
+        cache_schedule=cfg.sample.cache_schedule, **conditional,
+    )  # fmt: skip
+
+
+def adherence_file(spec: Spec, key: str) -> Path:
+    """Where a stack's (or ``"reference"``'s) per-image prompt adherence scores are kept."""
+    return layout.frontier_points_dir(spec.root) / f"{key}.adherence.npy"
+
+
+def adherence_measure(ctx: RunContext, metric: str):
+    """A conditional model's prompt adherence measure (:func:`compressor.adherence.choose_adherence`),
+    None for an unconditional one (its points keep no adherence entries)."""
+    if ctx.dense.conditioning == "none":
+        return None
+    return choose_adherence(ctx.prompts, ctx.cfg.quality.clip_model, metric == "fd_digits", ctx.device)
+
+
+def _has_adherence(ctx: RunContext, found: dict) -> bool:
+    """Whether a cached result has what its model needs (a conditional one: adherence entries)."""
+    return ctx.dense.conditioning == "none" or "adherence" in found
 
 
 def make_frontier_scorer(ctx):
@@ -114,10 +175,11 @@ def score_stack(spec: Spec, stack: Stack) -> dict:
         ratio_key(spec, stack.ratio, student), stack.as_dict(), spec.samples, str(spec.reference)
     )
     found = cached(path, fingerprint)
-    if found is not None and "fd_inf" in found and fd_inf_replicates_file(spec, stack.key()).is_file():
-        return found  # (a point cached before FD-infinity is scored again)
     run, model = model_run(spec, stack.ratio, student)
-    ctx = RunContext(cfg, run)
+    ctx = job_context(cfg, run)
+    if found is not None and "fd_inf" in found and fd_inf_replicates_file(spec, stack.key()).is_file():
+        if _has_adherence(ctx, found):
+            return found  # (a point cached before FD-infinity is scored again)
     level = cfg.sample.cache_level if stack.cache_interval > 1 else None
     sched_cfg = ctx.dense.scheduler_config
     folder = final_model_dir(run)[1] if model != "dense" else None
@@ -131,11 +193,8 @@ def score_stack(spec: Spec, stack: Stack) -> dict:
         predict = load_backend("onnxruntime", run_dir=run, model=model, precision=stack.precision,
                                threads=spec.threads, cache_level=level).predict  # fmt: skip
     log("frontier", f"quality: {stack.label()}, {spec.samples} images")
-    images = generate(
-        predict, make_scheduler(stack.scheduler, sched_cfg), ctx.image_shape(),
-        spec.samples, stack.steps, seed=cfg.sample.seed, batch_size=cfg.sample.batch_size,
-        cache_interval=stack.cache_interval, cache_schedule=cfg.sample.cache_schedule,
-    )  # fmt: skip
+    images = stack_images(ctx, predict, stack.scheduler, sched_cfg, spec.samples, stack.steps,
+                          stack.cache_interval, stack_guidance(cfg, stack))  # fmt: skip
     scorer, metric = make_frontier_scorer(ctx)
     score = scorer.score(images)
     points = layout.frontier_points_dir(spec.root)
@@ -156,6 +215,12 @@ def score_stack(spec: Spec, stack: Stack) -> dict:
     }
     sim = ssim_figures(scorer.boot, images, reference)
     result.update(ssim=sim["ssim_vs_dense"], ssim_ci=sim["ssim_vs_dense_ci"])
+    measure = adherence_measure(ctx, metric)
+    if measure is not None:  # same seeds and prompts as the reference: the paired ratio
+        scores = measure.score(images, 0) if measure.score else None
+        dense_file = adherence_file(spec, "reference")
+        dense = torch.from_numpy(np.load(dense_file)) if scores is not None and dense_file.is_file() else None
+        result.update(measure.figures(scorer.boot, scores, dense))
     _save(replicates_file(spec, stack), score.fd_reps)  # for the paired differences between stacks
     _save(fd_inf_replicates_file(spec, stack.key()), inf.reps)  # (choice.py)
     write_json(path, result)

@@ -27,20 +27,35 @@ def table(frontier: dict) -> str:
     with its interval; "within noise of" lists the Pareto rows whose Frechet interval overlaps."""
     metric = frontier["metric"]
     inf = frontier.get("ranked_by") == "fd_inf"
+    batches = frontier.get("batches")  # several timed batches (a conditional run: always)
+    adherent = "conditioning" in frontier
+    speed = (
+        " | ".join(f"ms (batch {b}) | speed-up (batch {b})" for b in batches)
+        if batches
+        else f"ms (batch {frontier['batch']}) | speed-up"
+    )
     lines = [
-        f"| # | stack | MACs kept | ms (batch {frontier['batch']}) | speed-up | "
+        f"| # | stack | MACs kept | {speed} | "
         + ("FD-infinity | FD-infinity - dense | " if inf else "")
-        + f"{metric} | {metric} ratio | KID x 1e3 | SSIM | Pareto | within noise of |",
-        "|---|---|---|---|---|" + ("---|---|" if inf else "") + "---|---|---|---|---|---|",
-    ]
+        + f"{metric} | {metric} ratio | KID x 1e3 | SSIM | "
+        + ("adherence | adherence ratio | " if adherent else "")
+        + "Pareto | within noise of |",
+        "|---|---|---|" + "---|---|" * len(batches or [0]) + ("---|---|" if inf else "") + "---|---|---|---|"
+        + ("---|---|" if adherent else "") + "---|---|",
+    ]  # fmt: skip
     order = sorted(frontier["points"], key=lambda p: -p["speedup"])
     row = {p["key"]: i + 1 for i, p in enumerate(order)}
     for i, p in enumerate(order, 1):
         mark = "**yes**" if p["pareto"] else ""
         label = f"**{p['label']}**" if p["pareto"] else p["label"]
         ties = sorted(row[k] for k in p.get("within_noise", []) if k in row and order[row[k] - 1]["pareto"])
+        timed = (
+            " | ".join(speed_cells(p, b) for b in batches)
+            if batches
+            else f"{p['latency_ms']:.1f} | {p['speedup']:.2f}x"
+        )
         lines.append(
-            f"| {i} | {label} | {p['macs_kept']:.2f} | {p['latency_ms']:.1f} | {p['speedup']:.2f}x "
+            f"| {i} | {label} | {p['macs_kept']:.2f} | {timed} "
             + (
                 f"| {with_ci(p['fd_inf'], p.get('fd_inf_ci'), 1)} "
                 f"| {with_ci(p['fd_inf_diff'], p.get('fd_inf_diff_ci'), 1)} "
@@ -49,10 +64,27 @@ def table(frontier: dict) -> str:
             )  # fmt: skip
             + f"| {with_ci(p['fd'], p.get('fd_ci'), 1)} | {with_ci(p['fd_ratio'], p.get('fd_ratio_ci'), 2)} "
             f"| {kid_text(p.get('kid'), p.get('kid_ci'))} | {with_ci(p['ssim'], p.get('ssim_ci'), 3)} "
-            f"| {mark} "
+            + (f"| {adherence_text(p)} " if adherent else "")
+            + f"| {mark} "
             f"| {', '.join(map(str, ties))} |"
         )
     return "\n".join(lines)
+
+
+def speed_cells(point: dict, batch: int) -> str:
+    """A point's milliseconds and speed-up at ``batch`` (two table cells; ``-`` where not timed)."""
+    t = point.get("by_batch", {}).get(str(batch))
+    return f"{t['latency_ms']:.1f} | {t['speedup']:.2f}x" if t else "- | -"
+
+
+def adherence_text(point: dict) -> str:
+    """A point's prompt adherence and its paired ratio to dense, each with its interval (two cells)."""
+    value = point.get("adherence")
+    if value is None:
+        return "- | -"
+    ratio = point.get("adherence_ratio")
+    shown = with_ci(ratio, point.get("adherence_ratio_ci"), 3) if ratio is not None else "-"
+    return f"{with_ci(value, point.get('adherence_ci'), 3)} | {shown}"
 
 
 def plot(frontier: dict, path: Path) -> Path:
@@ -83,7 +115,9 @@ def choice_text(c: dict, target: str, metric: str) -> str:
         metric = "FD-infinity"
     text = (f"Chosen for {target}: **{c['label']}** ({c['speedup']:.2f}x, {metric} "
             f"{with_ci(figure(c), point_interval(c), 2)}, "
-            f"SSIM {c.get('ssim', float('nan')):.3f}).")  # fmt: skip
+            f"SSIM {c.get('ssim', float('nan')):.3f}"
+            + (f", adherence ratio {adherence_text(c).split(' | ')[1]}" if c.get("adherence") else "")
+            + ").")  # fmt: skip
     choice = c.get("choice")
     if choice:
         n = len(choice["within_noise_of_best"])
@@ -102,14 +136,38 @@ def choice_text(c: dict, target: str, metric: str) -> str:
     gate = (choice or {}).get("quality_gate")
     if gate:
         passing, limit = gate["meeting_target_and_passing"], gate["max_fd_increase"]
+        whose, names = [], []
+        if limit is not None:
+            whose.append(f"whose FD-infinity increase over dense passes acceptance.max_fd_increase {limit:g}")
+            names.append(f"acceptance.max_fd_increase {limit:g}")
+        if gate.get("min_adherence_ratio") is not None:
+            least = gate["min_adherence_ratio"]
+            whose.append(
+                f"whose adherence ratio's interval is at or over acceptance.min_adherence_ratio {least:g}"
+            )
+            names.append(f"acceptance.min_adherence_ratio {least:g}")
         text += (
-            f" Considered: the {passing} stacks meeting the target whose FD-infinity increase over dense "
-            f"passes acceptance.max_fd_increase {limit:g}."
+            f" Considered: the {passing} stacks meeting the target {' and '.join(whose)}."
             if passing
-            else f" No stack meeting the target passes acceptance.max_fd_increase {limit:g}; all were "
-            "considered."
+            else f" No stack meeting the target passes {' and '.join(names)}; all were considered."
         )
     return text
+
+
+def choices_text(frontier: dict) -> list[str]:
+    """One sentence per latency target of ``frontier['choices']``: its choice, or that no measured
+    stack reaches it (and the fastest that was measured)."""
+    out = []
+    for target, chosen in frontier.get("choices", {}).items():
+        if chosen is not None:
+            out.append(choice_text(chosen, target, frontier["metric"]))
+            continue
+        fastest = max(frontier["points"], key=lambda p: p["speedup"])
+        out.append(
+            f"Chosen for {target}: none: no measured stack reaches it (the fastest, {fastest['label']}, "
+            f"is {fastest['speedup']:.2f}x)."
+        )
+    return out
 
 
 def write(frontier: dict, out: Path) -> None:
@@ -120,10 +178,30 @@ def write(frontier: dict, out: Path) -> None:
     chosen = ""
     if frontier.get("chosen"):
         chosen = f"\n{choice_text(frontier['chosen'], frontier['target'], frontier['metric'])}\n"
+    if frontier.get("choices"):
+        chosen += "".join(f"\n- {line}" for line in choices_text(frontier)) + "\n"
     ref = frontier["reference"]
+    what = f"whole sampler, {frontier['backend']}, batch {frontier['batch']}"
+    if frontier.get("batches"):
+        what = (f"whole sampler, {frontier['backend']}, batches {', '.join(map(str, frontier['batches']))} "
+                f"(speed-ups and targets read batch {frontier['batch']})")  # fmt: skip
+    if "conditioning" in frontier:
+        what = (
+            f"the whole {'text-to-image ' if frontier['conditioning'] == 'text' else ''}call "
+            f"({frontier['whole_call']}, guidance scale {frontier['guidance_scale']:g}; few-step students "
+            "unguided), " + what.removeprefix("whole sampler, ")
+        )
+        if ref.get("adherence") is not None:
+            what += (
+                f"; prompt adherence ({frontier['adherence_metric']}: dense "
+                f"{with_ci(ref['adherence'], ref.get('adherence_ci'), 3)}) and its paired ratio to dense, "
+                "the same seeds and prompts"
+            )
+        elif frontier.get("adherence_note"):
+            what += f"; prompt adherence: {frontier['adherence_note']}"
     text = (
         f"# Speed-quality frontier: {frontier['model']}\n\n"
-        f"Latency: whole sampler, {frontier['backend']}, batch {frontier['batch']}, speed-up vs dense "
+        f"Latency: {what}, speed-up vs dense "
         f"{ref['stack']['scheduler']} {ref['stack']['steps']} timed alternately; quality: "
         f"{frontier['samples']} images per stack, {frontier['metric']} (dense reference "
         f"{with_ci(ref['fd'], ref.get('fd_ci'), 2)}"

@@ -52,7 +52,8 @@ def choose_stack(cfg: RunConfig, run_dir: Path) -> StackChoice:
     found = measure(spec)
     found["measured_in"] = str(where)
     chosen = choose(found["points"], lat.speedup, lat.ms, lat.margin,
-                    max_increase=cfg.acceptance.max_fd_increase)  # fmt: skip
+                    max_increase=cfg.acceptance.max_fd_increase,
+                    min_adherence_ratio=cfg.acceptance.min_adherence_ratio)  # fmt: skip
     found.update(target=lat.goal(), levers=levers, chosen=chosen)
     write(found, out)
     if chosen is None:
