@@ -19,31 +19,50 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
+
 from compressor.config import BuildConfig
-from compressor.errors import ArtifactError, ConfigError, UserError
+from compressor.errors import ArtifactError, ConfigError, ModelError, UserError
+from compressor.persist import read_structure
 from export.onnx_export import CONDITION_INPUTS, INPUT_NAMES, onnx_input_shapes
 from rundir import layout
 from rundir.layout import engine_info_path
-from rundir.records import read_record
+from rundir.records import RecordError, final_model_dir, read_record
 
 REBUILD = "rebuild the engines here with `compress-deploy build RUN` (it needs only the ONNX files)"
 
 
+SPATIAL_INPUTS = ("sample", "latent_sample")  # (C, h, w) inputs whose side a size range varies
+
+
 @dataclass(frozen=True)
 class Profile:
-    """One optimisation profile over the batch axis (min <= opt <= max)."""
+    """One optimisation profile: the batch axis (min <= opt <= max) and, where a size range is built,
+    the side of the spatial inputs (``sizes``: min, opt, max in the inputs' own units, latents for a
+    latent model; None: each graph's own size)."""
 
     min_batch: int
     opt_batch: int
     max_batch: int
+    sizes: tuple[int, int, int] | None = None
 
     def validate(self) -> None:
-        """Raise ConfigError unless 1 <= min <= opt <= max."""
+        """Raise ConfigError unless 1 <= min <= opt <= max (batches and sizes)."""
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
             raise ConfigError(
                 f"build profile: need 1 <= min_batch <= opt_batch <= max_batch, got "
                 f"{self.min_batch}/{self.opt_batch}/{self.max_batch}; fix build.min_batch/opt_batch/max_batch"
             )
+        if self.sizes is not None and not 1 <= self.sizes[0] <= self.sizes[1] <= self.sizes[2]:
+            raise ConfigError(
+                f"build profile: sizes {list(self.sizes)} are not min <= opt <= max; fix build.sizes"
+            )
+
+    @property
+    def static(self) -> bool:
+        """One shape only (min = opt = max on every axis): TensorRT's fastest engine."""
+        same = self.min_batch == self.opt_batch == self.max_batch
+        return same and (self.sizes is None or len(set(self.sizes)) == 1)
 
     def shapes(self, inputs: dict[str, tuple[int, ...]]) -> dict[str, tuple[tuple, tuple, tuple]]:
         """(min, opt, max) shapes of every engine input, from each input's per-sample shape.
@@ -51,22 +70,39 @@ class Profile:
         ``inputs`` as :func:`export.onnx_export.onnx_input_shapes` reads them from the graph:
         ``{"sample": (C, H, W), "timestep": ()}`` plus ``feature`` for a shallow pass, a conditioned
         UNet's ``encoder_hidden_states`` (tokens, width) / ``class_labels`` (), a text encoder's
-        ``input_ids`` (tokens,), a VAE decoder's ``latent_sample`` (C, h, w): only the batch varies.
+        ``input_ids`` (tokens,), a VAE decoder's ``latent_sample`` (C, h, w). The batch varies, and the
+        side of ``sample`` / ``latent_sample`` where :attr:`sizes` is set.
         """
         batches = (self.min_batch, self.opt_batch, self.max_batch)
-        return {name: tuple((b, *dims) for b in batches) for name, dims in inputs.items()}
+        out = {}
+        for name, dims in inputs.items():
+            rows = []
+            for i, b in enumerate(batches):
+                item = tuple(dims)
+                if self.sizes is not None and name in SPATIAL_INPUTS and len(item) == 3:
+                    item = (item[0], self.sizes[i], self.sizes[i])
+                rows.append((b, *item))
+            out[name] = tuple(rows)
+        return out
 
     def scaled(self, factor: int) -> Profile:
         """The same profile counting ``factor`` rows per item (a guided UNet runs 2 rows per image)."""
-        return Profile(self.min_batch * factor, self.opt_batch * factor, self.max_batch * factor)
+        return Profile(self.min_batch * factor, self.opt_batch * factor, self.max_batch * factor, self.sizes)
 
     def check_batch(self, batch: int, engine: Path) -> None:
         """Raise UserError for a batch size the engine was not built for."""
         if not self.min_batch <= batch <= self.max_batch:
             raise UserError(
                 f"batch {batch} is outside the profile of {engine} ({self.min_batch}..{self.max_batch}); "
-                "use a batch in range or rebuild with build.min_batch/max_batch covering it"
+                "use a batch in range or rebuild with build.min_batch/max_batch (build.shapes) covering it"
             )
+
+    def record(self) -> dict:
+        """The engine info's ``profile``: min/opt/max batch (and sizes, when a size range was built)."""
+        out: dict = {"min_batch": self.min_batch, "opt_batch": self.opt_batch, "max_batch": self.max_batch}
+        if self.sizes is not None:
+            out["sizes"] = list(self.sizes)
+        return out
 
 
 def write_engine_info(engine: Path, info: dict) -> Path:
@@ -125,7 +161,36 @@ def check_integrity(info: dict, engine: Path, sha256: str) -> None:
 def profile_of(info: dict) -> Profile:
     """The profile an engine info records."""
     p = info["profile"]
-    return Profile(p["min_batch"], p["opt_batch"], p["max_batch"])
+    sizes = tuple(int(s) for s in p["sizes"]) if p.get("sizes") else None
+    return Profile(p["min_batch"], p["opt_batch"], p["max_batch"], sizes)  # type: ignore[arg-type]
+
+
+def covers(info: dict, name: str, shape: tuple[int, ...]) -> bool:
+    """Whether an engine's recorded profile shapes (``profile_shapes``; else its batch profile over the
+    recorded per-item ``inputs``) take input ``name`` at ``shape``."""
+    shapes = info.get("profile_shapes") or {
+        k: [list(r) for r in v]
+        for k, v in profile_of(info).shapes({n: tuple(d) for n, d in info.get("inputs", {}).items()}).items()
+    }
+    if name not in shapes:
+        return False
+    lo, _, hi = shapes[name]
+    return len(shape) == len(lo) and all(a <= d <= b for a, d, b in zip(lo, shape, hi, strict=True))
+
+
+def check_shapes(info: dict, shapes: dict[str, tuple[int, ...]], engine: Path) -> None:
+    """UserError (one line: the engine, the input, its shape, the profile and the ``build.shapes`` fix)
+    for an input shape outside an engine's recorded profile (:func:`covers`)."""
+    for name, shape in shapes.items():
+        if covers(info, name, shape):
+            continue
+        known = info.get("profile_shapes", {}).get(name)
+        span = f" ({known[0]}..{known[2]})" if known else ""
+        raise UserError(
+            f"{engine}: input {name} of shape {list(shape)} is outside the profile it was built for{span}; "
+            "call it within that profile or rebuild with build.shapes (static: one shape at build.opt_batch; "
+            "dynamic: build.min_batch..max_batch, build.sizes) covering it"
+        )
 
 
 # -- the engines a run builds (read from its exported graphs; nothing here needs TensorRT) ----------
@@ -146,17 +211,92 @@ class GraphBuild:
     precision: str  # the engine's: the ONNX file's
 
 
-def _graph_inputs(src: Path) -> dict[str, tuple[int, ...]]:
+def _graph_inputs(src: Path, sized: bool = False) -> dict[str, tuple[int, ...]]:
     """The graph's inputs' per-item shapes; ArtifactError for a dimension besides the batch that is
-    not fixed (the profile covers the batch only)."""
+    not fixed (the profile covers the batch only), but for the side of a spatial input when ``sized``
+    (a size range fills it in)."""
     inputs = onnx_input_shapes(src)
     for name, dims in inputs.items():
-        if any(d <= 0 for d in dims):
+        free = [i for i, d in enumerate(dims) if d <= 0]
+        if sized and name in SPATIAL_INPUTS and len(dims) == 3 and set(free) <= {1, 2}:
+            continue
+        if free:
             raise ArtifactError(
                 f"{src}: input {name} has a dynamic dimension besides the batch (per item {list(dims)}); "
                 "the engine profile varies the batch only: re-export it with the export stage"
             )
     return inputs
+
+
+def _output_dims(src: Path) -> dict[str, tuple[int, ...]]:
+    """Each output of a graph and its per-item shape (the VAE decoder's image size)."""
+    proto = onnx.load(str(src), load_external_data=False)
+    return {
+        v.name: tuple(int(d.dim_value) for d in v.type.tensor_type.shape.dim[1:]) for v in proto.graph.output
+    }
+
+
+def unet_downsampling(run_dir: Path) -> int:
+    """How many times the run's UNet halves its input side (2 ** (down blocks - 1)), from the final
+    model's structure file; ArtifactError when the run has none."""
+    try:
+        config = read_structure(final_model_dir(run_dir)[1])["unet_config"]
+    except (ModelError, RecordError, KeyError):
+        raise ArtifactError(
+            f"{run_dir}: no compressed model's structure to read the UNet's downsampling from; build.sizes "
+            "needs the run's prune stage (or leave build.sizes unset)"
+        ) from None
+    return 2 ** (len(config["down_block_types"]) - 1)
+
+
+def size_range(
+    run_dir: Path, cfg: BuildConfig, unet_sample: tuple[int, ...], vae_onnx: Path | None
+) -> tuple[tuple[int, int, int] | None, int]:
+    """``build.sizes`` (image sides in pixels) as the spatial inputs' sides (latents for a latent model),
+    and the pixels per latent (1 for a pixel model). (None, factor) without build.sizes. ConfigError,
+    with the fix, for a side the UNet's downsampling (times the VAE's) does not divide."""
+    factor = 1
+    if vae_onnx is not None:
+        latent = onnx_input_shapes(vae_onnx)["latent_sample"]
+        image = _output_dims(vae_onnx)["sample"]
+        if latent[-1] > 0 and image[-1] > 0:
+            factor = image[-1] // latent[-1]
+    if cfg.sizes is None:
+        return None, factor
+    if unet_sample[1] != unet_sample[2]:
+        raise ConfigError(
+            f"build.sizes={cfg.sizes}: the model's samples are {unet_sample[1]}x{unet_sample[2]} (not "
+            "square); size ranges are square sides: leave build.sizes unset"
+        )
+    multiple = factor * unet_downsampling(run_dir)
+    bad = [s for s in cfg.sizes if s % multiple]
+    if bad:
+        lo = max(multiple, bad[0] // multiple * multiple)
+        raise ConfigError(
+            f"build.sizes={cfg.sizes}: {bad[0]} px is not a multiple of {multiple} (the UNet downsamples "
+            f"{multiple // factor}x"
+            + ("" if factor == 1 else f" latents {factor}x smaller than the image")
+            + f"); use multiples of {multiple}, e.g. {lo} or {lo + multiple}"
+        )
+    return tuple(s // factor for s in cfg.sizes), factor  # type: ignore[return-value]
+
+
+def _check_sized(
+    src: Path, inputs: dict[str, tuple[int, ...]], sizes: tuple[int, int, int] | None, factor: int
+):
+    """ArtifactError when a size range asks a graph fixed at another side for sizes it cannot take."""
+    if sizes is None:
+        return
+    for name in SPATIAL_INPUTS:
+        dims = inputs.get(name)
+        if dims is None or dims[1] <= 0 or set(sizes) == {dims[1]}:
+            continue
+        raise ArtifactError(
+            f"{src} is exported at a fixed {dims[1]}x{dims[2]} {name} ({dims[1] * factor} px images): "
+            f"build.sizes {[s * factor for s in sizes]} needs graphs with dynamic height and width, which "
+            f"the export stage does not write yet; set build.sizes=null (the model's size) or "
+            f"{[dims[1] * factor] * 3}"
+        )
 
 
 def _unet_conditions(src: Path, inputs: dict[str, tuple[int, ...]]) -> list[str]:
@@ -206,15 +346,25 @@ def run_graphs(
     export stage wrote (its record's ``text_encoder.<p>`` / ``vae_decoder.<p>`` files; a text-conditioned
     UNet needs its text encoder), over ``build.*_batch`` images, from the build's precision (int8: fp16,
     else fp32). ArtifactError, naming the export settings, for a graph that is not there.
+
+    ``build.shapes=static``: every profile is one shape (``opt_batch`` images, x 2 rows for a guided UNet);
+    ``build.sizes``: the UNet's ``sample`` and the VAE decoder's ``latent_sample`` side ranges over the
+    sizes (in latents), checked against the UNet's downsampling (:func:`size_range`).
     """
-    profile = Profile(cfg.min_batch, cfg.opt_batch, cfg.max_batch)
-    profile.validate()
+    cfg.check_shapes()
+    images = Profile(*cfg.profile_batches())
     source = cfg.precision  # strongly typed on 10 and 11: the engine's precision is the ONNX file's
     parts = ["unet"]
     if reuse_level is not None and source != "int8":
         parts += ["full", "shallow"]
     level = reuse_level or 0
     graphs, conditions = [], []
+    record = read_record(run_dir, "export")
+    files = record.metrics.get("files", {}) if record is not None else {}
+    shared = {g: _shared_precision(run_dir, files, g, source) for g in layout.SHARED_GRAPHS}
+    vae = shared["vae_decoder"]
+    vae_onnx = layout.shared_onnx_path(run_dir, "vae_decoder", vae) if vae else None
+    sizes, factor = None, 1
     for model in ("dense", "pruned"):
         for part in parts:
             src = layout.onnx_path(run_dir, model, source, part, level)
@@ -223,17 +373,21 @@ def run_graphs(
                 raise ArtifactError(
                     f"{src} not found; run the export stage (with export.precisions incl. {source}{hint})"
                 )
-            inputs = _graph_inputs(src)
+            inputs = _graph_inputs(src, cfg.sizes is not None)
             conditions = _unet_conditions(src, inputs) if part == "unet" else conditions
+            if (model, part) == ("dense", "unet"):
+                sizes, factor = size_range(
+                    run_dir, cfg, inputs["sample"], vae_onnx if vae_onnx and vae_onnx.is_file() else None
+                )
+            _check_sized(src, inputs, sizes, factor)
+            profile = Profile(*cfg.profile_batches(), sizes)
             rows = profile.scaled(2) if conditions and guidance_scale > 1 else profile
             label = model if part == "unet" else f"{model} {part} pass (level {level})"
             key = model if part == "unet" else f"{model}.{part}"
             dst = layout.engine_path(run_dir, model, part, level)
             graphs.append(GraphBuild(key, label, part, src, dst, rows, inputs, source))
-    record = read_record(run_dir, "export")
-    files = record.metrics.get("files", {}) if record is not None else {}
     for graph in layout.SHARED_GRAPHS:
-        precision = _shared_precision(run_dir, files, graph, source)
+        precision = shared[graph]
         if precision is None:
             if graph == "text_encoder" and "encoder_hidden_states" in conditions:
                 src = layout.shared_onnx_path(run_dir, graph, "fp16" if source == "int8" else source)
@@ -244,7 +398,10 @@ def run_graphs(
             raise ArtifactError(f"{src} not found; run the export stage")
         label = f"shared {graph.replace('_', ' ')}"
         dst = layout.shared_engine_path(run_dir, graph)
-        graphs.append(
-            GraphBuild(f"shared.{graph}", label, graph, src, dst, profile, _graph_inputs(src), precision)
+        inputs = _graph_inputs(src, cfg.sizes is not None)
+        _check_sized(src, inputs, sizes, factor)
+        own = Profile(
+            images.min_batch, images.opt_batch, images.max_batch, sizes if graph == "vae_decoder" else None
         )
+        graphs.append(GraphBuild(f"shared.{graph}", label, graph, src, dst, own, inputs, precision))
     return graphs

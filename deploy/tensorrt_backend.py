@@ -38,6 +38,7 @@ from deploy.engine_info import (
     Profile,
     check_compatible,
     check_integrity,
+    check_shapes,
     profile_of,
     read_engine_info,
     run_graphs,
@@ -167,10 +168,12 @@ def build_engine(
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise UserError(f"TensorRT cannot parse {onnx_path}: {errors[:300]}; re-export the model")
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    workspace = int(workspace_gib * (1 << 30))
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
     config.builder_optimization_level = optimization_level
     opt_profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in profile.shapes(input_shapes).items():
+    shapes = profile.shapes(input_shapes)
+    for name, (lo, opt, hi) in shapes.items():
         opt_profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(opt_profile)
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
@@ -195,6 +198,7 @@ def build_engine(
     cache_tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
     cache_tmp.replace(timing_cache)
     name, capability = gpu_identity()
+    memory = device_memory(trt, logger, data)
     info = {
         "onnx": onnx_path.name,
         "onnx_sha256": sha256_file(onnx_path),
@@ -202,19 +206,41 @@ def build_engine(
         "tensorrt_version": trt.__version__,
         "gpu_name": name,
         "compute_capability": capability,
-        "profile": {
-            "min_batch": profile.min_batch,
-            "opt_batch": profile.opt_batch,
-            "max_batch": profile.max_batch,
-        },
+        "profile": profile.record(),
         **({"sample_shape": list(input_shapes["sample"])} if "sample" in input_shapes else {}),
         "inputs": {k: list(v) for k, v in input_shapes.items()},
         "precision": precision,
         "strongly_typed": True,
         "build_seconds": round(seconds, 2),
+        **engine_facts(profile, shapes, len(data), workspace, memory),
     }
     write_engine_info(engine_path, info)
     return info
+
+
+def device_memory(trt, logger, data: bytes) -> int | None:
+    """The device memory TensorRT says the engine's (only) profile needs besides its weights, in bytes:
+    ``ICudaEngine.get_device_memory_size_for_profile_v2(0)`` (10.x and 11.x alike); None when the engine
+    does not deserialize here."""
+    engine = trt.Runtime(logger).deserialize_cuda_engine(data)
+    if engine is None:
+        return None
+    return int(engine.get_device_memory_size_for_profile_v2(0))
+
+
+def engine_facts(
+    profile: Profile, shapes: dict, engine_bytes: int, workspace: int, memory: int | None
+) -> dict:
+    """What the build record says of an engine beside its profile: ``shapes`` (static or dynamic), the
+    shapes set on the optimisation profile per input ([min, opt, max]), the file's size, the builder's
+    workspace limit and the device memory the engine needs (bytes)."""
+    return {
+        "shapes": "static" if profile.static else "dynamic",
+        "profile_shapes": {n: [list(s) for s in rows] for n, rows in shapes.items()},
+        "engine_bytes": engine_bytes,
+        "workspace_bytes": workspace,
+        "device_memory_bytes": memory,
+    }
 
 
 def torch_dtype(trt, dtype) -> torch.dtype:
@@ -293,6 +319,7 @@ class EngineRunner:
             what = f"inputs {', '.join(missing)} not given" if missing else f"no input {', '.join(unknown)}"
             raise UserError(f"{self.path}: {what} (it takes {takes})")
         self.profile.check_batch(feeds[next(iter(self.inputs))].shape[0], self.path)
+        check_shapes(self.info, {n: tuple(t.shape) for n, t in feeds.items()}, self.path)
         return {n: feeds[n].to(self.device, dtype).contiguous() for n, dtype in self.inputs.items()}
 
     def run(self, **feeds: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -362,6 +389,18 @@ def make_trt_runner(engine_file: Path, name: str):
     return TrtRunner(EngineFromBytes(engine_file.read_bytes()), name=name), runner.profile
 
 
+def _sizes_text(info: dict) -> str:
+    """', 12.3 MiB engine, 45.6 MiB device memory (workspace limit 8.0 GiB)' from an engine info."""
+    if "engine_bytes" not in info:
+        return ""
+    memory = info.get("device_memory_bytes")
+    need = "device memory not reported" if memory is None else f"{memory / (1 << 20):.1f} MiB device memory"
+    return (
+        f": {info['engine_bytes'] / (1 << 20):.1f} MiB engine, {need} "
+        f"(workspace limit {info['workspace_bytes'] / (1 << 30):.1f} GiB)"
+    )
+
+
 def build_run_engines(
     run_dir: Path,
     cfg: BuildConfig,
@@ -380,7 +419,7 @@ def build_run_engines(
     ``shared.text_encoder``, ...; files written).
     """
 
-    Profile(cfg.min_batch, cfg.opt_batch, cfg.max_batch).validate()
+    cfg.check_shapes()
     require_tensorrt()
     if reuse_level is not None and cfg.precision == "int8":
         log("feature-reuse passes: not built at int8 (their graphs are exported in fp32/fp16 only)")
@@ -391,10 +430,14 @@ def build_run_engines(
     for graph in graphs:
         src, dst, profile = graph.onnx, graph.engine, graph.profile
         check_onnx(src, part=graph.part, inputs=list(graph.inputs) if graph.part == "unet" else None)
-        rows = profile != Profile(cfg.min_batch, cfg.opt_batch, cfg.max_batch)
+        rows = (profile.min_batch, profile.opt_batch, profile.max_batch) != cfg.profile_batches()
         batch = f"batch {profile.min_batch}..{profile.max_batch}" + (
             ": UNet rows, 2 per image under guidance" if rows else ""
         )
+        if profile.static:
+            batch = f"static: batch {profile.opt_batch}" + (", UNet rows" if rows else "")
+        if profile.sizes is not None:
+            batch += f", side {profile.sizes[0]}..{profile.sizes[2]} (opt {profile.sizes[1]})"
         log(f"{graph.label}: {src.name} -> {dst} ({graph.precision}, {batch})")
         info = build_engine(
             src,
@@ -407,7 +450,7 @@ def build_run_engines(
             cache,
             graph.label,
         )
-        log(f"{graph.label}: built in {info['build_seconds']:.1f} s")
+        log(f"{graph.label}: built in {info['build_seconds']:.1f} s{_sizes_text(info)}")
         engines[graph.key] = info
         files += [dst, layout.engine_info_path(dst)]
     return engines, files + [cache]

@@ -94,10 +94,10 @@ def sd_exported_run(tmp_path_factory, clip_tokenizer_folder) -> Path:
     return root / "run"
 
 
-def _build_check(trt_api: Path, run_dir: Path, copy: Path, guidance: float) -> dict:
+def _build_check(trt_api: Path, run_dir: Path, copy: Path, guidance: float, shapes: str = "dynamic") -> dict:
     """tests/trt_api_check.py's build of a copy of ``run_dir`` on stand-ins of the real factories."""
     shutil.copytree(run_dir, copy)
-    return _check(trt_api, str(copy), str(guidance))
+    return _check(trt_api, str(copy), str(guidance), shapes)
 
 
 # what the build and run paths call on TensorRT objects, each held to the real signature
@@ -107,6 +107,7 @@ CALLS = {
     "IBuilderConfig.set_memory_pool_limit", "IBuilderConfig.set_timing_cache", "Runtime.__init__",
     "Runtime.deserialize_cuda_engine", "ICudaEngine.get_tensor_dtype", "IExecutionContext.set_input_shape",
     "IExecutionContext.set_tensor_address", "IExecutionContext.execute_async_v3",
+    "ICudaEngine.get_device_memory_size_for_profile_v2",
 }  # fmt: skip
 
 
@@ -133,6 +134,39 @@ def test_a_text_to_image_run_builds_and_runs_its_three_engines_on_the_real_api(
     assert text["outputs"]["last_hidden_state"][:2] == [2, TOKENS]
     assert vae["engine"] == "build/shared/vae_decoder.plan" and vae["inputs"]["latent_sample"][0] == 4
     assert "build/shared/vae_decoder.plan.json" in report["files"]
+    for key, engine in engines.items():  # the record's sizes: the file, the workspace limit, the memory
+        assert engine["engine_bytes"] == engine["engine_file_bytes"] > 0, key
+        assert engine["workspace_bytes"] == 8 << 30 and engine["device_memory_bytes"] == 3 << 20
+        assert engine["shapes"] == "dynamic"
+    assert text["profile_shapes"] == {"input_ids": [[1, TOKENS], [2, TOKENS], [3, TOKENS]]}
+    assert engines["dense"]["profile_shapes"]["encoder_hidden_states"][2][0] == 6
+    sampler = report["sampler"]  # load_sampler(RUN, backend="tensorrt") over the three engines
+    assert sampler["engines"] == ["text_encoder", "unet", "vae_decoder"]
+    assert sampler["info"]["text_encoder"].endswith("build/shared/text_encoder.plan")
+    fed = sampler["fed"]
+    assert fed["text_encoder.plan"] == [{"input_ids": [2, TOKENS]}] * 2  # the prompts, then the negative
+    latent = engines["shared.vae_decoder"]["inputs"]["latent_sample"]
+    assert fed["unet.engine"][0]["sample"] == [4, *latent]  # 2 images x 2 rows under guidance
+    assert fed["unet.engine"][0]["encoder_hidden_states"][:2] == [4, TOKENS] and len(fed["unet.engine"]) == 2
+    assert fed["vae_decoder.plan"] == [{"latent_sample": [2, *latent]}]
+    assert sampler["images"][0] == 2
+    assert sampler["refusal"].startswith("tensorrt sampler: the unet engine ")
+    assert "[8, " in sampler["refusal"] and "(4 images x 2 rows under guidance)" in sampler["refusal"]
+
+
+def test_static_shapes_build_every_engine_at_one_shape_on_the_real_api(trt_api, sd_exported_run, tmp_path):
+    report = _build_check(trt_api, sd_exported_run, tmp_path / "run", 3.0, "static")
+    assert report["problems"] == [] and report["calls_unchecked"] == []
+    engines = report["engines"]
+    assert {k: e["shapes"] for k, e in engines.items()} == dict.fromkeys(engines, "static")
+    assert engines["dense"]["profile"] == {"min_batch": 4, "opt_batch": 4, "max_batch": 4}  # opt 2 x 2 rows
+    for key, engine in engines.items():
+        for name, (lo, opt, hi) in engine["profile_shapes"].items():
+            assert lo == opt == hi, (key, name)
+    assert engines["shared.text_encoder"]["profile_shapes"]["input_ids"][0] == [2, TOKENS]
+    sampler = report["sampler"]
+    assert sampler["fed"]["unet.engine"][0]["sample"][0] == 4 and sampler["images"][0] == 2
+    assert "build.shapes=static build.opt_batch=4" in sampler["refusal"]
 
 
 def test_an_unconditional_run_builds_its_two_engines_as_before_on_the_real_api(

@@ -55,6 +55,7 @@ PROJECT_API: dict[str, dict[str, list[str] | None]] = {
         "get_tensor_name": ["index"],
         "get_tensor_mode": ["name"],
         "get_tensor_dtype": ["name"],
+        "get_device_memory_size_for_profile_v2": ["profile_index"],
     },
     "IExecutionContext": {
         "set_input_shape": ["name", "shape"],
@@ -364,6 +365,7 @@ def factory(cls: str, problems: list[str], make) -> object:
 
 
 ONNX_TYPES = {1: "FLOAT", 10: "HALF", 6: "INT32", 7: "INT64"}
+DEVICE_MEMORY = 3 << 20  # what the stand-in engines report they need
 
 
 def graph_io(onnx_path: Path) -> tuple[list, list]:
@@ -465,6 +467,7 @@ def fake_tensorrt(problems: list[str], built: dict) -> None:
             return Fake("IExecutionContext", problems, returns)
 
         returns = {
+            "get_device_memory_size_for_profile_v2": lambda profile_index: DEVICE_MEMORY,
             "num_io_tensors": lambda: len(io),
             "get_tensor_name": lambda index: io[index][0],
             "get_tensor_mode": lambda name: by_name[name][3],
@@ -487,9 +490,10 @@ class _Stream:
         pass
 
 
-def check_run_build(run_dir: Path, guidance_scale: float) -> tuple[dict, list[str]]:
-    """The build of ``run_dir``'s engines (build_run_engines -> build_engine) and EngineRunner on each,
-    on stand-ins of TensorRT's factories; (what was built and run, problems)."""
+def check_run_build(run_dir: Path, guidance_scale: float, shapes: str = "dynamic") -> tuple[dict, list[str]]:
+    """The build of ``run_dir``'s engines (build_run_engines -> build_engine, ``build.shapes=shapes``) and
+    EngineRunner on each, on stand-ins of TensorRT's factories; then, for a text-to-image run, the
+    TensorRT sampler over the three engines (:func:`check_sampler`); (what was built and run, problems)."""
     import torch
 
     from compressor.config import BuildConfig
@@ -506,7 +510,7 @@ def check_run_build(run_dir: Path, guidance_scale: float) -> tuple[dict, list[st
     tb.libraries_reason.cache_clear()
     tb.libraries_reason = lambda: ""
     tb.gpu_identity = lambda: ("stand-in GPU", "9.0")
-    cfg = BuildConfig(precision="fp32", min_batch=1, opt_batch=2, max_batch=3)
+    cfg = BuildConfig(precision="fp32", min_batch=1, opt_batch=2, max_batch=3, shapes=shapes)
     engines, files = tb.build_run_engines(run_dir, cfg, lambda m: None, None, guidance_scale)
     report: dict = {"engines": {}, "files": sorted(str(Path(f).relative_to(run_dir)) for f in files)}
     expected_flags = tb.network_flags(trt)
@@ -549,6 +553,8 @@ def check_run_build(run_dir: Path, guidance_scale: float) -> tuple[dict, list[st
         if profile != graph.profile:
             problems.append(f"{graph.key}: make_trt_runner's profile {profile}, built {graph.profile}")
         info = engines[graph.key]
+        if info["profile_shapes"] != made["shapes"]:
+            problems.append(f"{graph.key}: recorded {info['profile_shapes']}, set {made['shapes']}")
         report["engines"][graph.key] = {
             "engine": str(graph.engine.relative_to(run_dir)),
             "profile": info["profile"],
@@ -556,23 +562,60 @@ def check_run_build(run_dir: Path, guidance_scale: float) -> tuple[dict, list[st
             "engine_types": types,
             "outputs": shapes,
             "precision": info["precision"],
+            **{k: info[k] for k in ("shapes", "profile_shapes", "engine_bytes", "workspace_bytes")},
+            "device_memory_bytes": info["device_memory_bytes"],
+            "engine_file_bytes": graph.engine.stat().st_size,
         }
     if layout.timing_cache(run_dir).read_bytes() != b"timing cache":
         problems.append("the timing cache was not written from ITimingCache.serialize")
+    if "shared.text_encoder" in engines:
+        report["sampler"] = check_sampler(run_dir, problems)
     report["calls_checked"] = sorted(BOUND["checked"])
     report["calls_unchecked"] = sorted(BOUND["unchecked"])
     return report, problems
 
 
+def check_sampler(run_dir: Path, problems: list[str]) -> dict:
+    """``load_sampler(RUN, backend="tensorrt")`` on the stand-in engines: a guided call from two prompts
+    (every engine's inputs as fed, by engine file) and the refusal of a batch outside the profiles."""
+    import torch
+
+    from compressor.errors import UserError
+    from deploy import sampler as sampler_module
+    from deploy import tensorrt_backend as tb
+
+    fed: dict[str, list] = {}
+    run = tb.EngineRunner.run
+
+    def logged(self, **feeds):
+        fed.setdefault(self.path.name, []).append({n: list(t.shape) for n, t in feeds.items()})
+        self.device = torch.device("cpu")  # the stand-in engines' outputs live on this host
+        return run(self, **feeds)
+
+    tb.EngineRunner.run = logged
+    sampler_module.engine_device = lambda device: "cpu"
+    sampler = sampler_module.load_sampler(run_dir, backend="tensorrt")
+    prompts = ["a handwritten digit three", "a handwritten digit seven"]
+    images = sampler(num_images=2, steps=2, batch_size=2, prompts=prompts, seeds=None)
+    out = {"fed": fed, "images": list(images.shape), "engines": sorted(sampler.engines)}
+    out["info"] = {k: v for k, v in sampler.info.items() if k in ("text_encoder", "vae_decoder")}
+    try:
+        sampler(num_images=4, steps=2, batch_size=4, prompts=prompts)
+        problems.append("the tensorrt sampler took 4 images on engines built for 1..3")
+    except UserError as exc:
+        out["refusal"] = str(exc)
+    return out
+
+
 def main() -> int:
     """Print the JSON report; exit 0 (the test reads the report).
 
-    ``trt_api_check.py RUN GUIDANCE``: instead, build RUN's engines on stand-ins of the factories
-    (:func:`check_run_build`) and print what was built and every problem.
+    ``trt_api_check.py RUN GUIDANCE [static|dynamic]``: instead, build RUN's engines on stand-ins of the
+    factories (:func:`check_run_build`) and print what was built and run, and every problem.
     """
     sys.path.insert(0, str(ROOT))
-    if len(sys.argv) == 3:
-        report, problems = check_run_build(Path(sys.argv[1]), float(sys.argv[2]))
+    if len(sys.argv) in (3, 4):
+        report, problems = check_run_build(Path(sys.argv[1]), float(sys.argv[2]), *sys.argv[3:])
         print(json.dumps({"version": trt.__version__, **report, "problems": problems}))
         return 0
     n1, p1 = check_table(PROJECT_API)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from compressor.config.fields import Backend, Scheduler, _spec
+from compressor.errors import ConfigError
 from compressor.stack import SamplerVariant
 
 
@@ -76,7 +77,13 @@ class BenchConfig:
 
 @dataclass
 class BuildConfig:
-    """TensorRT engines for the dense and the compressed UNet (GPU hosts)."""
+    """TensorRT engines of the run's graphs (GPU hosts) and their optimisation profiles.
+
+    ``shapes``: ``dynamic`` (default) builds each engine over batches ``min_batch..max_batch`` (tuned
+    for ``opt_batch``) at the model's resolution, or over image sides ``sizes`` (min, opt, max pixels);
+    ``static`` builds one shape per engine (min = opt = max: batch ``opt_batch``, the model's
+    resolution), the fastest engines. Batches count images: a guided UNet's profile is twice them.
+    """
 
     precision: Literal["fp16", "fp32", "int8"] = _spec(
         "fp16", "engine precision (the ONNX file it is built from; int8: the QDQ file, explicit quantization)"
@@ -87,6 +94,47 @@ class BuildConfig:
     workspace_gib: float = _spec(8.0, "builder workspace limit (GiB)", gt=0.0)
     optimization_level: int = _spec(3, "builder optimisation level", ge=0, le=5)
     cuda_graphs: bool = _spec(True, "also benchmark with CUDA graphs (static shapes)")
+    shapes: Literal["dynamic", "static"] = _spec(
+        "dynamic",
+        "optimisation profiles: dynamic (batch min_batch..max_batch, opt opt_batch; image side build.sizes "
+        "or the model's) or static (one shape per engine: batch opt_batch at the model's resolution)",
+    )
+    sizes: list[int] | None = _spec(
+        None,
+        "dynamic shapes: the image side in pixels as [min, opt, max] (square images, multiples of the "
+        "model's downsampling); null: the model's own size",
+        ge=1,
+    )
+
+    def __post_init__(self) -> None:
+        self.check_shapes()
+
+    def check_shapes(self) -> None:
+        """ConfigError (one line, with the fix) for a batch or size range that is not min <= opt <= max,
+        or sizes under static shapes (one shape at the model's resolution)."""
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ConfigError(
+                "build: need 1 <= min_batch <= opt_batch <= max_batch, got "
+                f"{self.min_batch}/{self.opt_batch}/{self.max_batch}; fix build.min_batch/opt_batch/max_batch"
+            )
+        if self.sizes is None:
+            return
+        if len(self.sizes) != 3 or not self.sizes[0] <= self.sizes[1] <= self.sizes[2]:
+            raise ConfigError(
+                f"build.sizes: expected [min, opt, max] image sides in pixels with min <= opt <= max, got "
+                f"{self.sizes}; e.g. build.sizes=[256,512,768], or null for the model's size"
+            )
+        if self.shapes == "static":
+            raise ConfigError(
+                f"build.sizes={self.sizes} with build.shapes=static: static engines take one shape at the "
+                "model's resolution; set build.shapes=dynamic for a size range, or build.sizes=null"
+            )
+
+    def profile_batches(self) -> tuple[int, int, int]:
+        """(min, opt, max) images of every engine's profile: all ``opt_batch`` under static shapes."""
+        if self.shapes == "static":
+            return (self.opt_batch,) * 3
+        return self.min_batch, self.opt_batch, self.max_batch
 
 
 @dataclass

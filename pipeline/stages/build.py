@@ -8,7 +8,7 @@ shared text encoder and VAE decoder (``RUN/build/shared/``): :func:`deploy.engin
 from __future__ import annotations
 
 from deploy import tensorrt_backend
-from deploy.engine_info import Profile, conditioned_unet
+from deploy.engine_info import conditioned_unet
 from pipeline.context import RunContext, StageResult, log
 
 SECTIONS = ["build", "device"]
@@ -32,7 +32,7 @@ def key_extra(ctx: RunContext) -> dict:
 def run(ctx: RunContext) -> StageResult:
     """Build the engines; reports itself skipped (with the reason) where TensorRT cannot run."""
     cfg = ctx.cfg.build
-    Profile(cfg.min_batch, cfg.opt_batch, cfg.max_batch).validate()
+    cfg.check_shapes()
     reason = tensorrt_backend.unavailable_reason()
     if reason:
         log("build", f"skipped: {reason}")
