@@ -1,9 +1,12 @@
 """The build stage on conditional models: the engines a text-to-image run would build (its three graphs,
-each with its profile and input shapes), the stage skipped with the reason where TensorRT cannot run,
-and build_run_engines over those graphs with TensorRT's build replaced (it cannot run here)."""
+each with its profile and input shapes; build.shapes static or dynamic, build.sizes checked against the
+downsampling and the graphs), the stage skipped with the reason where TensorRT cannot run,
+build_run_engines over those graphs with TensorRT's build replaced (it cannot run here), and the
+TensorRT sampler's refusals (a missing engine, a call outside a profile)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,9 +15,9 @@ import onnx
 import pytest
 
 from compressor.config import BuildConfig
-from compressor.errors import ArtifactError
+from compressor.errors import ArtifactError, ConfigError, UserError
 from compressor.models import build_unet
-from deploy import engine_info, tensorrt_backend
+from deploy import engine_info, sampler, tensorrt_backend
 from deploy.engine_info import Profile
 from export.onnx_export import export_unet
 from pipeline.runner import run_pipeline
@@ -170,3 +173,115 @@ def test_the_guidance_scale_keys_a_conditioned_build_only(sd_run, tmp_path):
     unconditional = tmp_path / "run"
     export_unet(build_unet(TINY_UNET, 0), layout.onnx_path(unconditional, "dense", "fp16"), "fp16")
     assert build_stage.key_extra(SimpleNamespace(run_dir=unconditional, cfg=cfg)) == {}
+
+
+def _image_side(run: Path) -> tuple[int, int]:
+    """(image side in pixels, pixels per latent) of the tiny run, from its exported VAE decoder."""
+    vae = layout.shared_onnx_path(run, "vae_decoder", "fp32")
+    proto = onnx.load(str(vae), load_external_data=False)
+    latent = proto.graph.input[0].type.tensor_type.shape.dim[-1].dim_value
+    image = proto.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
+    return image, image // latent
+
+
+def test_static_shapes_put_every_engine_at_one_shape(sd_run):
+    cfg, run, _ = sd_run
+    static = BuildConfig(precision="fp16", min_batch=1, opt_batch=2, max_batch=4, shapes="static")
+    graphs = {g.key: g for g in engine_info.run_graphs(run, static, None, GUIDANCE)}
+    assert graphs["dense"].profile == graphs["pruned"].profile == Profile(4, 4, 4)  # 2 images x 2 rows
+    assert graphs["shared.text_encoder"].profile == graphs["shared.vae_decoder"].profile == Profile(2, 2, 2)
+    for graph in graphs.values():
+        assert graph.profile.static
+        for name, (lo, opt, hi) in graph.profile.shapes(graph.inputs).items():
+            assert lo == opt == hi, (graph.key, name)
+    assert not engine_info.run_graphs(run, cfg.build, None, GUIDANCE)[0].profile.static
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (
+            {"shapes": "static", "sizes": [16, 16, 16]},
+            "with build.shapes=static: static engines take one shape",
+        ),
+        ({"sizes": [32, 16, 64]}, "build.sizes: expected [min, opt, max] image sides"),
+        ({"sizes": [16, 32]}, "build.sizes: expected [min, opt, max]"),
+        ({"shapes": "fixed"}, "build.shapes: expected one of 'dynamic', 'static'"),
+        ({"min_batch": 4, "opt_batch": 2}, "need 1 <= min_batch <= opt_batch <= max_batch"),
+    ],
+)
+def test_build_shapes_settings_that_cannot_work_are_one_config_error(tmp_path, build, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as caught:
+        conditional_config(tmp_path / "pipe", tmp_path / "images", build=build)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_size_range_is_checked_against_the_downsampling_and_the_graphs(sd_run):
+    _, run, _ = sd_run
+    side, factor = _image_side(run)
+    multiple = factor * 2  # the tiny UNet halves its latents once (two down blocks)
+
+    def sized(sizes):
+        return BuildConfig(precision="fp32", min_batch=1, opt_batch=2, max_batch=4, sizes=sizes)
+
+    with pytest.raises(ConfigError, match=rf"{side + 1} px is not a multiple of {multiple} .*use multiples"):
+        engine_info.run_graphs(run, sized([side, side + 1, side + 2]), None, GUIDANCE)
+    with pytest.raises(ArtifactError, match=r"exported at a fixed .* needs graphs with dynamic height"):
+        engine_info.run_graphs(run, sized([side, side, 2 * side]), None, GUIDANCE)
+    graphs = {g.key: g for g in engine_info.run_graphs(run, sized([side] * 3), None, GUIDANCE)}
+    latent = side // factor
+    assert graphs["dense"].profile == Profile(2, 4, 8, (latent,) * 3)
+    assert graphs["shared.vae_decoder"].profile.sizes == (latent,) * 3
+    assert graphs["shared.text_encoder"].profile.sizes is None
+    lo, _, hi = graphs["dense"].profile.shapes(graphs["dense"].inputs)["sample"]
+    assert lo[0] == 2 and hi[0] == 8 and lo[2:] == hi[2:] == (latent, latent)
+
+
+def _info(part: str, profile: Profile, inputs: dict) -> dict:
+    """An engine info as the build writes it (what check_engine_request reads)."""
+    shapes = {n: [list(s) for s in rows] for n, rows in profile.shapes(inputs).items()}
+    return {
+        "path": f"RUN/build/{part}",
+        "profile": profile.record(),
+        "inputs": inputs,
+        "profile_shapes": shapes,
+    }
+
+
+def test_a_tensorrt_sampler_call_outside_an_engine_profile_is_one_line_naming_the_engine_and_the_fix():
+    latent = (4, 8, 8)
+    engines = {
+        "unet": _info("unet", Profile(4, 4, 4), {"sample": latent, "timestep": ()}),  # static, 2 images
+        "text_encoder": _info("text_encoder", Profile(2, 2, 2), {"input_ids": (TOKENS,)}),
+        "vae_decoder": _info("vae_decoder", Profile(2, 2, 2), {"latent_sample": latent}),
+    }
+    sampler.check_engine_request(engines, latent, 4, 2, True)  # two batches of 2 images, 4 UNet rows each
+    with pytest.raises(UserError) as caught:
+        sampler.check_engine_request(engines, latent, 3, 2, True)  # the last batch has 1 image
+    text = str(caught.value)
+    assert text.startswith("tensorrt sampler: the unet engine RUN/build/unet takes sample")
+    assert "[2, 4, 8, 8] (1 images x 2 rows under guidance)" in text and "build.shapes=static" in text
+    assert "\n" not in text
+    with pytest.raises(UserError, match=r"the text_encoder engine .* needs \[4, 6\] \(4 images\)"):
+        sampler.check_engine_request({"text_encoder": engines["text_encoder"]}, latent, 4, 4, True)
+    dynamic = {"unet": _info("unet", Profile(2, 4, 8), {"sample": latent, "timestep": ()})}
+    sampler.check_engine_request(dynamic, latent, 9, 4, True)  # 4, 4 and 1 images: 8, 8 and 2 rows
+    with pytest.raises(UserError, match=r"\(5 images x 2 rows under guidance\).*build.min_batch<=5<=build"):
+        sampler.check_engine_request(dynamic, latent, 5, 8, True)
+    sampler.check_engine_request(dynamic, latent, 5, 8, False)  # unguided: 5 rows fit
+    with pytest.raises(UserError, match=r"needs \[2, 4, 16, 16\]"):  # another resolution
+        sampler.check_engine_request(dynamic, (4, 16, 16), 1, 1, True)
+
+
+def test_the_tensorrt_sampler_of_a_run_without_engines_names_every_missing_one(sd_run):
+    _, run, _ = sd_run
+    with pytest.raises(ArtifactError) as caught:
+        sampler.load_sampler(run, backend="tensorrt")
+    text = str(caught.value)
+    for path in (
+        layout.engine_path(run, "pruned"),
+        layout.shared_engine_path(run, "text_encoder"),
+        layout.shared_engine_path(run, "vae_decoder"),
+    ):
+        assert str(path) in text
+    assert "compress-deploy build RUN" in text and "\n" not in text
