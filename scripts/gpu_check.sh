@@ -5,7 +5,10 @@
 # through the full and shallow passes/engines, DPM-Solver++ 10): torch fp32 / fp16 / bf16 / fp16+CUDA graphs, ONNX Runtime (its CUDA
 # provider; left out when only the CPU onnxruntime is installed) and TensorRT (+CUDA graphs); a summary table; and the
 # standard Inception FID path end to end (real weights from $INCEPTION_WEIGHTS when set, else a
-# randomly initialised file: figures meaningless, code path real).
+# randomly initialised file: figures meaningless, code path real); where TensorRT runs, the
+# text-to-image demo (digits-sd) with its three engines at static shapes: each engine's size, device
+# memory and workspace, and the whole call on them (the GPU tests build a tiny one static and dynamic
+# and compare the TensorRT sampler with ONNX Runtime).
 #
 # Usage: bash scripts/gpu_check.sh [--no-tensorrt] [RUN_DIR]
 # Exit: 0 all passed; 1 a step failed (TensorRT missing counts unless --no-tensorrt); 2 no CUDA device.
@@ -20,7 +23,7 @@ RUN=runs/gpu-check
 for arg in "$@"; do
   case $arg in
     --no-tensorrt) NO_TRT=1 ;;
-    -h|--help) sed -n 2,14p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,18p "$0"; exit 0 ;;
     -*) echo "gpu_check: unknown option $arg (known: --no-tensorrt)" >&2; exit 2 ;;
     *) RUN=$arg ;;
   esac
@@ -96,6 +99,27 @@ for name, why in rec["skipped"].items():
 par = json.load(open(f"{sys.argv[1]}/parity/record.json"))["metrics"]
 print(f"parity: fp32 max abs {par['max_abs_error_fp32']:.3g}; all rows {len(par['results'])}")
 PYEOF
+if [ -n "$TRT" ]; then  # the text-to-image demo's three engines, static shapes, and its whole call on them
+  step "text-to-image (digits-sd): prune, finetune, export, build (build.shapes=static), bench" "$PY" -m pipeline.cli \
+    configs/demo-sd.yaml device=cuda finetune.steps=100 build.shapes=static build.opt_batch=4 \
+    bench.backends="[torch,$ORT$TRT]" bench.batch_sizes=[4] bench.repeat=10 bench.sampler_repeat=3 \
+    --stages prune,finetune,export,build,bench --run-dir "$RUN-sd"
+  step "text-to-image engines and whole call" "$PY" - "$RUN-sd" <<'PYEOF'
+import json, sys
+build = json.load(open(f"{sys.argv[1]}/build/record.json"))["metrics"]["engines"]
+for key, e in build.items():
+    mem = e.get("device_memory_bytes")
+    print(f"{key:22} {e['shapes']:8} {e['engine_bytes'] / 2**20:8.2f} MiB engine  "
+          f"{'-' if mem is None else f'{mem / 2**20:.2f}'} MiB device memory  "
+          f"workspace limit {e['workspace_bytes'] / 2**30:.1f} GiB  opt {e['profile_shapes']}")
+bench = json.load(open(f"{sys.argv[1]}/bench/record.json"))["metrics"]
+for r in bench["results"]:
+    if r.get("what") == "pipeline":
+        print(f"whole call {r['backend']:22} batch {r['batch']} {r['model']:7} {r['median_ms']:9.2f} ms  {r.get('components')}")
+for name, why in bench.get("skipped", {}).items():
+    print(f"skipped {name}: {why}")
+PYEOF
+fi
 WEIGHTS=${INCEPTION_WEIGHTS:-}
 if [ -z "$WEIGHTS" ]; then
   WEIGHTS="$RUN/inception-random.pth"

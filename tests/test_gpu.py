@@ -208,6 +208,74 @@ def test_feature_reuse_engines_match_the_torch_passes(pass_engines, tiny_unet):
         assert torch.equal(replay, got)
 
 
+@pytest.fixture(scope="module")
+def text_to_image_engines(tmp_path_factory, clip_tokenizer_folder) -> dict[str, Path]:
+    """A tiny text-to-image run (CLIP text encoder, conditioned UNet, VAE) pruned, finetuned and exported
+    once, then built twice: ``dynamic`` (images 1..4, opt 2) and ``static`` (2 images) (TensorRT only)."""
+    import shutil
+
+    from pipeline.runner import run_pipeline
+    from tests.conftest import conditional_config, text_to_image_folders
+
+    tensorrt_backend.require_tensorrt()
+    root = tmp_path_factory.mktemp("t2i-engines")
+    pipe, data = text_to_image_folders(root, clip_tokenizer_folder)
+    build = {"precision": "fp32", "min_batch": 1, "opt_batch": 2, "max_batch": 4, "workspace_gib": 1.0}
+    runs = {}
+    for shapes in ("dynamic", "static"):
+        cfg = conditional_config(
+            pipe, data, export={"precisions": ["fp32"]}, build={**build, "shapes": shapes}
+        )
+        runs[shapes] = root / shapes
+        if shapes == "static":  # the same exported run, built again with other shapes
+            shutil.copytree(runs["dynamic"], runs[shapes], ignore=shutil.ignore_patterns("build"))
+            run_pipeline(cfg, runs[shapes], ["build"])
+        else:
+            run_pipeline(cfg, runs[shapes], ["prune", "finetune", "export", "build"])
+    return runs
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@trt
+@pytest.mark.parametrize("shapes", ["dynamic", "static"])
+def test_text_to_image_engines_generate_what_onnx_runtime_does(text_to_image_engines, shapes):
+    """The three engines (text encoder, guided UNet, VAE decoder) built with static and dynamic shapes,
+    each recorded with its size, workspace and device memory; a prompt through the TensorRT sampler
+    against the same call on ONNX Runtime (the fp32 graphs the engines were built from)."""
+    from deploy.onnx_text_to_image import psnr
+    from deploy.sampler import load_sampler
+    from rundir.records import read_record
+
+    run = text_to_image_engines[shapes]
+    record = read_record(run, "build")
+    engines = record.metrics["engines"]
+    assert list(engines) == ["dense", "pruned", "shared.text_encoder", "shared.vae_decoder"]
+    for key, info in engines.items():
+        assert info["shapes"] == shapes and info["workspace_bytes"] == 1 << 30, key
+        assert info["engine_bytes"] > 0 and isinstance(info["device_memory_bytes"], int), key
+        rows = 2 if key in ("dense", "pruned") else 1
+        opt = [r[0] for r in info["profile_shapes"].values()]
+        assert set(opt) == ({2 * rows} if shapes == "static" else {rows}), (key, info["profile_shapes"])
+    engine = layout.shared_engine_path(run, "text_encoder")
+    assert engines["shared.text_encoder"]["engine_bytes"] == engine.stat().st_size
+    prompts = ["a handwritten digit three", "a handwritten digit seven"]
+    call = {"num_images": 2, "batch_size": 2, "steps": 3, "prompts": prompts, "guidance_scale": 3.0}
+    trt_sampler = load_sampler(run, backend="tensorrt")
+    assert set(trt_sampler.engines) == {"unet", "text_encoder", "vae_decoder"}
+    got = trt_sampler(**call, seed=4).float().cpu()
+    want = load_sampler(run, backend="onnxruntime")(**call, seed=4).float().cpu()
+    assert got.shape == want.shape and float(psnr(got, want)) > 35.0
+    seeded = trt_sampler(**{**call, "num_images": 0}, seeds=[4, 5]).float().cpu()
+    assert torch.allclose(seeded, got, atol=1e-3)
+    if shapes == "static":
+        with pytest.raises(UserError, match=r"build.shapes=static build.opt_batch=3"):
+            trt_sampler(**{**call, "num_images": 3, "batch_size": 3})
+    else:
+        with pytest.raises(UserError, match=r"\(5 images x 2 rows under guidance\)"):
+            trt_sampler(**{**call, "num_images": 5, "batch_size": 5})
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible: the check would run")
 def test_gpu_check_refuses_cleanly_without_cuda():
     import subprocess
