@@ -10,7 +10,9 @@ limits (``acceptance.json``), reference inputs/outputs and images from torch fp3
 ``engine`` (``--engine``) it also carries the run's TensorRT engines of the same
 configuration and their engine info (``engines/<model>/``); the runtime then runs them with
 TensorRT and cuda-python (:mod:`deploy.bundle_runtime.engines`) and keeps the ONNX graphs
-for ``--backend onnxruntime`` or ``--fallback``.
+for ``--backend onnxruntime`` or ``--fallback``. A conditional or latent run's bundle also carries
+the tokenizer, the text encoder and VAE decoder graphs, ``pipeline.json`` and the whole call's
+references and limits (:mod:`deploy.conditional_bundle`), and tables for ``generate --steps``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,17 @@ from compressor.models import predict_noise
 from compressor.sampling import generate, make_scheduler
 from deploy.bundle_runtime import FORMAT
 from deploy.bundle_runtime.core import MANIFEST, sha256
+from deploy.conditional_bundle import (
+    PIPELINE,
+    TOKENIZER,
+    bundle_tokenizer,
+    has_pipeline,
+    pipeline_files,
+    pipeline_limits,
+    pipeline_reference,
+    pipeline_settings,
+    refuse_unsupported,
+)
 from deploy.engine_info import profile_of, read_engine_info
 from deploy.runtimes import load_backend, load_run_unet
 from deploy.sampler import load_sampler
@@ -39,6 +52,8 @@ from rundir.records import read_record
 
 RUNTIME = Path(__file__).resolve().parent / "bundle_runtime"
 SOLVERS = ("ddim", "dpmsolver++")  # the loops the runtime reimplements (deterministic ones)
+STEP_CHOICES = range(1, 51)  # a conditional bundle's `generate --steps`: the tables of each count
+SHARED_TABLES = ("alphas_cumprod", "final_alpha_cumprod")  # the same at every step count
 
 
 @dataclass
@@ -240,7 +255,16 @@ def make_bundle(
     sampler = load_sampler(run, "torch", spec.model)  # structure, scheduler config, image shape
     if spec.steps > sampler.max_steps:
         raise UserError(f"--steps {spec.steps}: the model was trained with {sampler.max_steps} timesteps")
+    conditional = has_pipeline(sampler)  # prompts, class labels or latents: the whole call's parts too
+    if conditional:
+        refuse_unsupported(sampler, spec)
     settings, arrays = scheduler_tables(spec.scheduler, sampler.scheduler_config, spec.steps)
+    if conditional and not sampler.student_steps:  # `generate --steps N`: each count's own tables
+        settings["step_choices"] = sorted({*STEP_CHOICES, spec.steps} & set(range(1, sampler.max_steps + 1)))
+        for n in settings["step_choices"]:
+            if n != spec.steps:
+                more = scheduler_tables(spec.scheduler, sampler.scheduler_config, n)[1]
+                arrays.update({f"steps{n}.{k}": v for k, v in more.items() if k not in SHARED_TABLES})
     if sampler.student_steps and spec.with_dense:  # dense samples with its own schedule and steps
         dense = load_sampler(run, "torch", "dense")
         dense_settings, dense_arrays = scheduler_tables("ddim", dense.scheduler_config, spec.dense_steps)
@@ -254,6 +278,11 @@ def make_bundle(
     if spec.with_dense and spec.model != "dense":
         models["dense"] = "dense"
     sources = {label: _graph_files(run, m, spec) for label, m in models.items()}
+    shared = {"shared": pipeline_files(run, sampler, spec.precision)} if conditional else {}
+    pipeline = pipeline_settings(run, sampler, spec.reference_images) if conditional else {}
+    tokenizer = (
+        bundle_tokenizer(sampler.components.tokenizer) if pipeline.get("conditioning") == "text" else None
+    )
     engine_sources = (
         {label: _engine_files(run, m, spec) for label, m in models.items()} if spec.engine else {}
     )
@@ -264,15 +293,26 @@ def make_bundle(
         # external weights (``.data``) travel with their graph, the engine info with its engine
         graphs = _copy_files(tmp, "graphs", sources, ".data")
         engines = _copy_files(tmp, "engines", engine_sources, ".json")
+        shared_graphs = _copy_files(tmp, "graphs", shared, ".data").get("shared", {})
+        if tokenizer is not None:
+            (tmp / TOKENIZER).parent.mkdir(parents=True)
+            tokenizer.save(str(tmp / TOKENIZER))
+        if conditional:
+            (tmp / PIPELINE).write_text(json.dumps(pipeline, indent=1))
         some_engine = next((p for parts in engine_sources.values() for p in parts.values()), None)
         engine_info = json.loads(layout.engine_info_path(some_engine).read_text()) if some_engine else {}
         (tmp / "scheduler.json").write_text(json.dumps(settings, indent=1))
         np.savez(tmp / "scheduler.npz", **arrays)
-        (tmp / "acceptance.json").write_text(json.dumps(_limits(run, spec, limits or {}), indent=1))
-        np.savez(
-            tmp / "reference.npz",
-            **_reference(run, spec, sampler.scheduler_config, sampler.image_shape),
+        acceptance = _limits(run, spec, limits or {})
+        if conditional:
+            acceptance.update(pipeline_limits(run, spec))
+        (tmp / "acceptance.json").write_text(json.dumps(acceptance, indent=1))
+        reference = (
+            pipeline_reference(sampler, pipeline, tokenizer, spec)
+            if conditional
+            else _reference(run, spec, sampler.scheduler_config, sampler.image_shape)
         )
+        np.savez(tmp / "reference.npz", **reference)
         shutil.copytree(
             RUNTIME, tmp / "bundle_runtime", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
         )
@@ -291,6 +331,11 @@ def make_bundle(
             "requires": ["numpy", "onnxruntime"] + (["tensorrt", "cuda-python"] if engines else []),
             "runtime_module": "bundle_runtime",
         }
+        if conditional:  # the denoiser's samples (latents) apart from the images the decoder makes
+            manifest.update(conditioning=pipeline["conditioning"], pipeline=PIPELINE, shared=shared_graphs)
+            manifest.update(sample_shape=pipeline["sample_shape"], image_shape=pipeline["image_shape"])
+            if tokenizer is not None:
+                manifest.update(tokenizer=TOKENIZER, requires=[*manifest["requires"], "tokenizers"])
         if engines:
             keys = ("tensorrt_version", "gpu_name", "compute_capability", "precision", "profile")
             manifest.update(engines=engines, engine={k: engine_info.get(k) for k in keys})

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle_errors import BundleError
+from .guided_sampler import Pipeline, guided_eps
 
 MANIFEST = "manifest.json"
 
@@ -175,10 +176,11 @@ class Graphs:
                 raise BundleError(f"{root / name}: ONNX Runtime cannot load it ({why})") from None
         self.reuse = "full" in files
 
-    def unet(self, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
-        """The plain UNet call (the full pass's noise when reusing features)."""
+    def unet(self, sample: np.ndarray, timestep: np.ndarray, **condition: np.ndarray) -> np.ndarray:
+        """The plain UNet call (the full pass's noise when reusing features); ``condition``: a
+        conditioned graph's ``encoder_hidden_states`` or ``class_labels``."""
         part = "full" if self.reuse else "unet"
-        return self.sessions[part].run(["noise"], {"sample": sample, "timestep": timestep})[0]
+        return self.sessions[part].run(["noise"], {"sample": sample, "timestep": timestep, **condition})[0]
 
     def full(self, sample: np.ndarray, timestep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         noise, feature = self.sessions["full"].run(
@@ -208,7 +210,9 @@ class Bundle:
         self.settings = json.loads((self.root / "scheduler.json").read_text())
         self.acceptance = json.loads((self.root / "acceptance.json").read_text())
         self.tables = load_tables(self.root)
-        self.shape = tuple(self.manifest["image_shape"])
+        # the denoiser's samples: latents for a latent model (``image_shape`` is then the decoded pixels)
+        self.shape = tuple(self.manifest.get("sample_shape") or self.manifest["image_shape"])
+        self.pipeline: Pipeline | None = None
         scheduler = self.settings["scheduler"]
         if scheduler not in SOLVERS:
             raise BundleError(
@@ -254,43 +258,104 @@ class Bundle:
             provider = "CPUExecutionProvider"
         self.provider = provider
         self.graphs = {m: Graphs(self.root, f, provider, threads) for m, f in self.manifest["graphs"].items()}
+        if self.manifest.get("pipeline"):  # a conditional or latent model's tokenizer, encoder, decoder
+            self.pipeline = Pipeline(self.root, self.manifest, provider, threads)
 
-    def solver(self, model: str = "model"):
+    @property
+    def step_choices(self) -> list[int]:
+        """The step counts ``generate --steps`` takes (the bundle's own, and the tables carried for more)."""
+        return list(self.settings.get("step_choices") or [int(self.settings["steps"])])
+
+    def solver(self, model: str = "model", steps: int | None = None):
         """A fresh solver of ``model``'s scheduler: the bundle's, or (a few-step student's bundle)
-        the dense model's own DDIM, kept under ``dense`` in scheduler.json and ``dense.*`` tables."""
+        the dense model's own DDIM, kept under ``dense`` in scheduler.json and ``dense.*`` tables.
+        ``steps``: another of :attr:`step_choices` (its ``steps<N>.*`` tables)."""
         settings, tables = self.settings, self.tables
         if model == "dense" and "dense" in self.settings:
             settings = self.settings["dense"]
             tables = {k[len("dense.") :]: v for k, v in self.tables.items() if k.startswith("dense.")}
+        elif steps is not None and steps != int(settings["steps"]):
+            if steps not in self.step_choices:
+                raise BundleError(
+                    f"--steps {steps}: this bundle carries the tables of "
+                    f"{_ranges(self.step_choices)} steps; choose one or bundle with --steps {steps}"
+                )
+            prefix = f"steps{steps}."
+            tables = {**tables, **{k[len(prefix) :]: v for k, v in tables.items() if k.startswith(prefix)}}
         return SOLVERS[settings["scheduler"]](settings, tables)
 
-    def denoise(self, noise: np.ndarray, model: str = "model") -> np.ndarray:
-        """The sampler from ``noise``; images in [0, 1] (float32)."""
-        graphs, solver = self.graphs[model], self.solver(model)
+    def denoise(
+        self,
+        noise: np.ndarray,
+        model: str = "model",
+        condition: tuple[np.ndarray, np.ndarray] | None = None,
+        guidance: float = 1.0,
+        steps: int | None = None,
+    ) -> np.ndarray:
+        """The sampler from ``noise``; images in [0, 1] (float32). ``condition``: (cond, uncond), one row
+        per image, of a conditional model, guided by ``guidance`` (both halves in one call above 1);
+        a latent model's final latents are decoded by the bundle's VAE decoder."""
+        graphs, solver = self.graphs[model], self.solver(model, steps)
         x = noise * np.float32(self.settings["init_noise_sigma"])
         feature = None
         interval = int(self.settings.get("cache_interval", 1))
+        name = self.pipeline.input if self.pipeline is not None and condition is not None else None
         for i, t in enumerate(solver.timesteps):
             timestep = np.full((x.shape[0],), int(t), dtype=np.int64)
             if interval <= 1:
-                eps = graphs.unet(x, timestep)
+                eps = guided_eps(graphs.unet, x, timestep, name, condition, guidance)
             elif i in self.full_steps:
                 eps, feature = graphs.full(x, timestep)
             else:
                 eps = graphs.shallow(x, timestep, feature)
             x = solver.step(i, eps.astype(np.float32), x)
+        if self.pipeline is not None and self.pipeline.decoder is not None:
+            x = self.pipeline.decode(x)
         return np.clip((x + 1) / 2, 0, 1).astype(np.float32)
 
     def generate(
-        self, seed: int, num_images: int, batch: int | None = None, model: str = "model"
+        self,
+        seed: int,
+        num_images: int,
+        batch: int | None = None,
+        model: str = "model",
+        prompts: list[str] | None = None,
+        negative_prompt: str | None = None,
+        guidance_scale: float | None = None,
+        steps: int | None = None,
     ) -> np.ndarray:
-        """Images of seeds ``seed .. seed + num_images - 1`` (each from its own noise)."""
+        """Images of seeds ``seed .. seed + num_images - 1`` (each from its own noise). A conditional
+        bundle's image ``i`` takes ``prompts[i % len(prompts)]`` (class indices for a class-conditioned
+        model), guided by ``guidance_scale`` (default the run's) away from ``negative_prompt`` (default
+        the run's); an unconditional one takes none."""
         batch = batch or int(self.manifest["batch"])
+        conditional = self.pipeline is not None and self.pipeline.kind != "none"
+        if prompts and not conditional:
+            raise BundleError("--prompt given, but the bundle's model is unconditional; generate without it")
+        condition, guidance = None, 1.0
+        if conditional:
+            if not prompts:
+                raise BundleError("the bundle's model is conditional: pass --prompt TEXT (repeatable)")
+            guidance = self.pipeline.guidance_scale if guidance_scale is None else float(guidance_scale)
+            if not np.isfinite(guidance) or guidance < 0:
+                raise BundleError(f"--guidance-scale {guidance}: use a finite number >= 0 (1 = no guidance)")
+            condition = self.pipeline.conditioning(
+                [prompts[i % len(prompts)] for i in range(num_images)], negative_prompt
+            )
         out = []
         for start in range(0, num_images, batch):
             seeds = range(seed + start, seed + min(num_images, start + batch))
-            out.append(self.denoise(np.stack([seed_noise(self.shape, s) for s in seeds]), model))
+            rows = None if condition is None else tuple(c[start : start + len(seeds)] for c in condition)
+            noise = np.stack([seed_noise(self.shape, s) for s in seeds])
+            out.append(self.denoise(noise, model, rows, guidance, steps))
         return np.concatenate(out)
+
+
+def _ranges(values: list[int]) -> str:
+    """``1..50`` for consecutive counts, else the counts."""
+    if values == list(range(values[0], values[-1] + 1)) and len(values) > 2:
+        return f"{values[0]}..{values[-1]}"
+    return ", ".join(map(str, values))
 
 
 # -- images ---------------------------------------------------------------------------------

@@ -14,6 +14,13 @@ The acceptance limits start from the run's ``check`` record. A run whose latency
 levers chose a stack bundles that stack's sampler unless the flags say otherwise; a run whose
 final model is a few-step student (stage ``distill_steps``) bundles it at its own steps, with its
 prediction type, and its dense model at ``--dense-steps``.
+
+A conditional run (text-to-image, class-conditioned) bundles the whole call (see
+:mod:`deploy.conditional_bundle`): the tokenizer as ``tokenizer.json``, the text encoder and VAE
+decoder graphs beside the UNet's, ``pipeline.json`` (guidance scale, negative prompt, latent scaling,
+shapes); on the target ``generate --prompt TEXT --seed S --num-images N --out x.npy`` (with
+``pip install numpy onnxruntime tokenizers``), and ``check`` re-decides the whole call's parity and the
+run's adherence gate too.
 """
 
 from __future__ import annotations
@@ -126,4 +133,7 @@ def main(argv: list[str]) -> int:
     size = sum((args.out / name).stat().st_size for name in manifest["files"]) / 1e6
     print(f"bundle of {len(manifest['files'])} files, {size:.2f} MB -> {args.out}")
     print(f"run it there: cd {args.out} && python -m bundle_runtime check")
+    if manifest.get("conditioning") in ("text", "class"):
+        example = "a prompt" if manifest["conditioning"] == "text" else "0"
+        print(f'  python -m bundle_runtime generate --prompt "{example}" --seed 0 --num-images 4 --out x.npy')
     return 0
