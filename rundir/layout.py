@@ -268,3 +268,11 @@ def shared_engine_path(run: Path, component: str) -> Path:
     if component not in SHARED_GRAPHS:
         raise ValueError(f"shared graph {component!r}; one of {', '.join(SHARED_GRAPHS)}")
     return stage_dir(run, "build") / "shared" / f"{component}.plan"
+
+
+def sized_onnx_path(run: Path, graph: str, precision: str) -> Path:
+    """``RUN/build/graphs/<graph>.<precision>.onnx``: a graph (``dense`` / ``pruned`` UNet, ``vae_decoder``)
+    exported with dynamic height and width by the build stage, for engines over ``build.sizes``."""
+    if graph not in ("dense", "pruned", "vae_decoder"):
+        raise ValueError(f"sized graph {graph!r}; one of dense, pruned, vae_decoder")
+    return stage_dir(run, "build") / "graphs" / f"{graph}.{precision}.onnx"
