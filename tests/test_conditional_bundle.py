@@ -177,3 +177,34 @@ def test_the_bundle_runs_in_a_venv_with_only_numpy_onnxruntime_and_tokenizers(t2
     record = str(tmp_path / "r.json")
     done = _runtime(out, "check", "--repeat", "2", "--sampler-repeat", "1", "--record", record, python=python)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_class_conditioned_bundle_takes_class_indices(tmp_path):
+    """A class-conditioned pixel model: --prompt is a class index (the null class is the table's last
+    row); the images are sample's, and a class outside the model's is refused in one line."""
+    from tests.conftest import TINY_UNET, write_model_folder
+    from tests.test_conditioning_data import class_tree
+
+    model = write_model_folder(tmp_path / "model", {**TINY_UNET, "num_class_embeds": 3})
+    data = class_tree(tmp_path / "classes", {"a": 4, "b": 4})
+    cfg = conditional_config(model, data, sample={"prompts": ["1", "0"]}, export={"precisions": ["fp32"]})
+    run = tmp_path / "run"
+    run_pipeline(cfg, run, ["prune", "finetune", "samples", "export"])
+    out = tmp_path / "bundle"
+    manifest = make_bundle(run, out, BundleSpec(steps=3, with_dense=False))
+    assert manifest["conditioning"] == "class" and "tokenizer" not in manifest and manifest["shared"] == {}
+    b, s = tmp_path / "b.npy", tmp_path / "s.npy"
+    done = _runtime(out, "generate", "--prompt", "1", "--prompt", "0", "--num-images", "3", "--out", str(b))
+    assert done.returncode == 0, done.stderr
+    argv = ["sample", str(run), "--backend", "onnxruntime", "--steps", "3", "--prompt", "1", "--prompt", "0",
+            "--num-images", "3", "--out", str(s)]  # fmt: skip
+    assert main(argv) == 0
+    assert np.load(b).shape == (3, 3, 16, 16) and np.abs(np.load(b) - np.load(s)).max() <= 1e-5
+    done = _runtime(out, "generate", "--prompt", "2", "--out", str(b))
+    assert done.returncode == 2 and "the model's classes are 0..1" in done.stderr
+    done = _runtime(
+        out, "check", "--repeat", "1", "--sampler-repeat", "1", "--record", str(tmp_path / "r.json")
+    )
+    assert done.returncode == 0 and "PASS whole call parity (max abs" in done.stdout, (
+        done.stdout + done.stderr
+    )

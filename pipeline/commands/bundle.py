@@ -25,6 +25,7 @@ run's adherence gate too.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from compressor.config import AcceptanceConfig, SampleConfig, ServeConfig
@@ -134,6 +135,6 @@ def main(argv: list[str]) -> int:
     print(f"bundle of {len(manifest['files'])} files, {size:.2f} MB -> {args.out}")
     print(f"run it there: cd {args.out} && python -m bundle_runtime check")
     if manifest.get("conditioning") in ("text", "class"):
-        example = "a prompt" if manifest["conditioning"] == "text" else "0"
+        example = json.loads((args.out / manifest["pipeline"]).read_text())["prompts"][0]
         print(f'  python -m bundle_runtime generate --prompt "{example}" --seed 0 --num-images 4 --out x.npy')
     return 0
