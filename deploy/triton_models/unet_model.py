@@ -2,7 +2,8 @@
 
 Copied as ``unet/1/model.py`` by ``compress-deploy triton-repo --unet python`` and by ``serve``
 (for servers whose only backend is Python). ``backend.json`` beside it names the backend
-(onnxruntime, torch or tensorrt) and the file it loads from this folder.
+(onnxruntime, torch or tensorrt), the file it loads from this folder and, for a conditional
+run, the conditioning inputs the UNet takes (``encoder_hidden_states``, ``class_labels``).
 """
 
 import json
@@ -31,6 +32,7 @@ class TritonPythonModel:
         from deploy.runtimes import load_backend
 
         device = "cuda" if spec["backend"] == "torch" and torch.cuda.is_available() else "cpu"
+        self.conditions = list(spec.get("conditions") or [])
         self.backend = load_backend(
             spec["backend"], file=here / spec["file"], threads=spec.get("threads"), device=device
         )
@@ -38,15 +40,22 @@ class TritonPythonModel:
     def execute(self, requests):
         """One UNet call for the whole batch; one response per request."""
         samples, timesteps, sizes = [], [], []
+        conditions = {name: [] for name in self.conditions}
         for request in requests:
             s = pb_utils.get_input_tensor_by_name(request, "sample").as_numpy()
             t = pb_utils.get_input_tensor_by_name(request, "timestep").as_numpy().reshape(-1)
             samples.append(s)
             timesteps.append(t)
             sizes.append(len(s))
+            for name, parts in conditions.items():
+                value = pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+                parts.append(value.reshape(-1) if name == "class_labels" else value)
+        kwargs = {name: torch.from_numpy(np.concatenate(parts)) for name, parts in conditions.items()}
         with torch.no_grad():
             noise = self.backend.predict(
-                torch.from_numpy(np.concatenate(samples)), torch.from_numpy(np.concatenate(timesteps))
+                torch.from_numpy(np.concatenate(samples)),
+                torch.from_numpy(np.concatenate(timesteps)),
+                **kwargs,
             )
         noise = noise.float().cpu().numpy()
         out, start = [], 0

@@ -7,9 +7,12 @@
                               [--instances 1] [--threads N] [--repo DIR]
 
 ``serve`` writes a model repository (the UNet as a Python-backend model running the chosen
-backend in process, the sampler as a Python-backend model) and runs ``tritonserver`` on it:
+backend in process, the sampler as a Python-backend model; for a conditional run the
+``text_to_image`` model instead, with the text encoder and VAE decoder graphs as models of their
+own) and runs ``tritonserver`` on it:
 PyTriton's bundled binary (the ``serve`` extra) unless ``$TRITONSERVER`` or the PATH names
-another. HTTP/REST on ``--http-port`` (``/v2/health/ready``, ``/v2/models/sampler/infer``),
+another. HTTP/REST on ``--http-port`` (``/v2/health/ready``, ``/v2/models/sampler/infer`` or
+``/v2/models/text_to_image/infer``),
 gRPC, and Prometheus metrics on ``--metrics-port``, all on ``--host`` (default 127.0.0.1:
 this machine only; Triton authenticates no one, so another address belongs behind a proxy
 that does). SIGTERM or SIGINT stops it the way Triton stops: no new requests, in-flight
@@ -50,6 +53,11 @@ from pipeline.context import log
 from pipeline.runner import Interrupted
 
 LOOPBACK = ("127.0.0.1", "::1")
+ENTRY_INPUTS = {  # what the ready line says each entry model takes
+    "sampler": "seed INT64[1], optional steps INT32[1], eta FP32[1]",
+    "text_to_image": "prompt BYTES[1], seed INT64[1], optional negative_prompt BYTES[1], steps INT32[1], "
+    "guidance_scale FP32[1]",
+}
 
 
 def batching_args(parser: argparse.ArgumentParser) -> None:
@@ -163,10 +171,11 @@ def main(argv: list[str]) -> int:
                     raise UserError(f"tritonserver not ready after {args.startup_timeout:.0f} s; see its log")
                 time.sleep(0.5)
             where = url_host(host)
+            inputs = ENTRY_INPUTS.get(facts["entry"], ENTRY_INPUTS["sampler"])
             log(
                 "serve",
-                f"ready: http://{where}:{args.http_port}/v2/models/sampler/infer (seed INT64[1], optional "
-                f"steps INT32[1], eta FP32[1]), /v2/models/unet/infer, gRPC {where}:{args.grpc_port}, "
+                f"ready: http://{where}:{args.http_port}/v2/models/{facts['entry']}/infer ({inputs}), "
+                f"/v2/models/unet/infer, gRPC {where}:{args.grpc_port}, "
                 f"metrics http://{where}:{args.metrics_port}/metrics; SIGTERM or Ctrl-C stops it",
             )
             code = proc.wait()

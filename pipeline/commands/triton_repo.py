@@ -5,7 +5,9 @@
 
 The UNet is a TensorRT plan where the run has an engine (``auto``), else ONNX, or a
 Python-backend model running ``--backend`` in process; the sampler is a Python-backend
-model calling it (BLS).
+model calling it (BLS). A conditional run's repository has a ``text_to_image`` model instead
+(``prompt`` in, ``image`` out) calling ``unet`` and the run's ``text_encoder`` and
+``vae_decoder`` graphs, each served like the UNet (plan, ONNX or Python backend).
 """
 
 from __future__ import annotations
@@ -34,6 +36,13 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--unet: expected one of {', '.join(UNET_KINDS)}, got {args.unet!r}")
     run = run_dir_arg(args.run)
     facts = write_repository(run, args.out, repo_settings(args, args.backend, args.unet, run))
-    print(f"wrote {args.out}: unet = {facts['unet']}; sampler = Python backend (BLS calls to unet)")
+    if facts["entry"] == "sampler":
+        print(f"wrote {args.out}: unet = {facts['unet']}; sampler = Python backend (BLS calls to unet)")
+    else:
+        graphs = "".join(f"; {name} = {where}" for name, where in facts["graphs"].items())
+        print(
+            f"wrote {args.out}: unet = {facts['unet']}{graphs}; {facts['entry']} = Python backend with the "
+            f"run's tokenizer (prompt in, image out; BLS calls to {', '.join(['unet', *facts['graphs']])})"
+        )
     print(f"configs parsed with Triton's ModelConfig protobuf; image shape {facts['image_shape']}")
     return 0
