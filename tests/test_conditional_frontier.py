@@ -95,3 +95,21 @@ def test_a_rerun_of_the_conditional_frontier_measures_nothing_again(measured, ca
     assert {p: p.stat().st_mtime_ns for p in (out / "points").glob("*.json")} == stamps
     again = json.loads((out / "frontier.json").read_text())
     assert [p["adherence"] for p in again["points"]] == [p["adherence"] for p in frontier["points"]]
+
+
+def test_a_runs_latency_target_over_levers_chooses_from_the_conditional_frontier(measured, tmp_path):
+    """``prune.target_latency.levers`` on a text-to-image config: the sweep around the run measures (here:
+    reuses, ``frontier.dir``) the conditional frontier and hands the run a conditional stack."""
+    from compressor.config import load_config
+    from pipeline.frontier.target import choose_stack
+
+    path, out, frontier = measured
+    cfg = load_config(path, ["prune.ratio=null", "prune.target_latency.what=sampler",
+                             "prune.target_latency.levers=[prune,steps,precision]",
+                             "prune.target_latency.ms=100000", "prune.target_latency.batch=2",
+                             "prune.target_latency.threads=1", f"frontier.dir={out}"])  # fmt: skip
+    choice = choose_stack(cfg, tmp_path / "run")
+    written = json.loads((tmp_path / "run" / "frontier" / "frontier.json").read_text())
+    assert written["conditioning"] == "text" and written["chosen"]["stack"] == choice.stack.as_dict()
+    assert choice.stack.as_dict() in [p["stack"] for p in frontier["points"]]  # nothing measured anew
+    assert written["chosen"]["adherence"] is not None and "by_batch" in written["chosen"]
