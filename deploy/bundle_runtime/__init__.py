@@ -17,6 +17,12 @@ of ``--seed S`` starts from numpy PCG64(S + i) standard normals, as in the proje
 sampler, so the same seed gives the same image as ``compress-deploy sample``. A bundle made
 with ``--engine`` runs its TensorRT engines with TensorRT and cuda-python instead
 (:mod:`.engines`; ``--backend onnxruntime`` or ``--fallback`` for the ONNX graphs).
+
+A conditional run's bundle (text-to-image, class-conditioned) runs the whole call
+(:mod:`.guided_sampler`): ``generate --prompt TEXT [--negative-prompt TEXT] [--guidance-scale G]
+[--steps N]`` tokenizes with the bundled ``tokenizer.json`` (``tokenizers``, a text-to-image bundle's
+third requirement), encodes with the text encoder graph, guides the UNet loop and decodes the latents
+with the VAE decoder graph; ``check`` also decides the tokenizer, each graph and the whole call.
 """
 
 FORMAT = "compress-deploy-bundle/1"
