@@ -249,18 +249,61 @@ def unet_downsampling(run_dir: Path) -> int:
     return 2 ** (len(config["down_block_types"]) - 1)
 
 
+def _vae_factor(vae_onnx: Path | None) -> int:
+    """Pixels per latent from the exported VAE decoder's input and output (1 without one)."""
+    if vae_onnx is None or not vae_onnx.is_file():
+        return 1
+    latent = onnx_input_shapes(vae_onnx)["latent_sample"]
+    image = _output_dims(vae_onnx)["sample"]
+    return image[-1] // latent[-1] if latent[-1] > 0 and image[-1] > 0 else 1
+
+
+def _exported_vae(run_dir: Path, precision: str) -> Path | None:
+    """The exported VAE decoder graph a build at ``precision`` takes (None when the export wrote none)."""
+    record = read_record(run_dir, "export")
+    files = record.metrics.get("files", {}) if record is not None else {}
+    vae = _shared_precision(run_dir, files, "vae_decoder", precision)
+    return layout.shared_onnx_path(run_dir, "vae_decoder", vae) if vae else None
+
+
+def sized_graphs_needed(run_dir: Path, cfg: BuildConfig) -> bool:
+    """Whether ``build.sizes`` asks for sides other than the model's, so the build needs the UNet and VAE
+    decoder graphs exported with dynamic height and width (:func:`rundir.layout.sized_onnx_path`,
+    :mod:`export.sized_graphs`); False without build.sizes or before the export."""
+    src = layout.onnx_path(run_dir, "dense", cfg.precision)
+    if cfg.sizes is None or not src.is_file():
+        return False
+    side = onnx_input_shapes(src)["sample"][-1]
+    return side > 0 and set(cfg.sizes) != {side * _vae_factor(_exported_vae(run_dir, cfg.precision))}
+
+
+def _sized_source(
+    run_dir: Path, src: Path, graph: str, precision: str, sizes: tuple[int, int, int] | None
+) -> tuple[Path, dict[str, tuple[int, ...]]]:
+    """The graph an engine over ``sizes`` is built from, with its inputs: ``src`` when it takes them
+    (no size range, or the range is its own side), else the build's graph of dynamic height and width
+    (ArtifactError naming how to make it when it is not there)."""
+    inputs = _graph_inputs(src, sizes is not None)
+    spatial = [inputs[n] for n in SPATIAL_INPUTS if n in inputs]
+    if sizes is None or not spatial or spatial[0][1] <= 0 or set(sizes) == {spatial[0][1]}:
+        return src, inputs
+    sized = layout.sized_onnx_path(run_dir, graph, precision)
+    if not sized.is_file():
+        raise ArtifactError(
+            f"{sized} not found: build.sizes needs the {graph} graph exported with dynamic height and "
+            "width, which the build stage writes (compress-deploy CONFIG --stages build, or compress-deploy "
+            "build RUN)"
+        )
+    return sized, _graph_inputs(sized, True)
+
+
 def size_range(
     run_dir: Path, cfg: BuildConfig, unet_sample: tuple[int, ...], vae_onnx: Path | None
 ) -> tuple[tuple[int, int, int] | None, int]:
     """``build.sizes`` (image sides in pixels) as the spatial inputs' sides (latents for a latent model),
     and the pixels per latent (1 for a pixel model). (None, factor) without build.sizes. ConfigError,
     with the fix, for a side the UNet's downsampling (times the VAE's) does not divide."""
-    factor = 1
-    if vae_onnx is not None:
-        latent = onnx_input_shapes(vae_onnx)["latent_sample"]
-        image = _output_dims(vae_onnx)["sample"]
-        if latent[-1] > 0 and image[-1] > 0:
-            factor = image[-1] // latent[-1]
+    factor = _vae_factor(vae_onnx)
     if cfg.sizes is None:
         return None, factor
     if unet_sample[1] != unet_sample[2]:
@@ -294,8 +337,8 @@ def _check_sized(
         raise ArtifactError(
             f"{src} is exported at a fixed {dims[1]}x{dims[2]} {name} ({dims[1] * factor} px images): "
             f"build.sizes {[s * factor for s in sizes]} needs graphs with dynamic height and width, which "
-            f"the export stage does not write yet; set build.sizes=null (the model's size) or "
-            f"{[dims[1] * factor] * 3}"
+            f"are not exported for feature reuse's passes; set build.sizes=null (the model's size) or "
+            f"{[dims[1] * factor] * 3}, or export.feature_reuse=false"
         )
 
 
@@ -349,7 +392,9 @@ def run_graphs(
 
     ``build.shapes=static``: every profile is one shape (``opt_batch`` images, x 2 rows for a guided UNet);
     ``build.sizes``: the UNet's ``sample`` and the VAE decoder's ``latent_sample`` side ranges over the
-    sizes (in latents), checked against the UNet's downsampling (:func:`size_range`).
+    sizes (in latents), checked against the UNet's downsampling (:func:`size_range`); a range other than
+    the model's own side is built from the build stage's graphs of dynamic height and width
+    (:func:`sized_graphs_needed`, ``RUN/build/graphs/``), the feature-reuse passes are refused then.
     """
     cfg.check_shapes()
     images = Profile(*cfg.profile_batches())
@@ -379,6 +424,8 @@ def run_graphs(
                 sizes, factor = size_range(
                     run_dir, cfg, inputs["sample"], vae_onnx if vae_onnx and vae_onnx.is_file() else None
                 )
+            if part == "unet":  # another size range than the model's: the build's graph of any side
+                src, inputs = _sized_source(run_dir, src, model, source, sizes)
             _check_sized(src, inputs, sizes, factor)
             profile = Profile(*cfg.profile_batches(), sizes)
             rows = profile.scaled(2) if conditions and guidance_scale > 1 else profile
@@ -398,7 +445,7 @@ def run_graphs(
             raise ArtifactError(f"{src} not found; run the export stage")
         label = f"shared {graph.replace('_', ' ')}"
         dst = layout.shared_engine_path(run_dir, graph)
-        inputs = _graph_inputs(src, cfg.sizes is not None)
+        src, inputs = _sized_source(run_dir, src, graph, precision, sizes if graph == "vae_decoder" else None)
         _check_sized(src, inputs, sizes, factor)
         own = Profile(
             images.min_batch, images.opt_batch, images.max_batch, sizes if graph == "vae_decoder" else None

@@ -13,13 +13,16 @@ from types import SimpleNamespace
 
 import onnx
 import pytest
+import torch
 
 from compressor.config import BuildConfig
 from compressor.errors import ArtifactError, ConfigError, UserError
 from compressor.models import build_unet
 from deploy import engine_info, sampler, tensorrt_backend
 from deploy.engine_info import Profile
+from deploy.runtimes import load_run_model, load_run_unet
 from export.onnx_export import export_unet
+from export.sized_graphs import export_run_sized_graphs
 from pipeline.runner import run_pipeline
 from pipeline.stages import build as build_stage
 from rundir import layout
@@ -208,6 +211,7 @@ def test_static_shapes_put_every_engine_at_one_shape(sd_run):
         ({"sizes": [16, 32]}, "build.sizes: expected [min, opt, max]"),
         ({"shapes": "fixed"}, "build.shapes: expected one of 'dynamic', 'static'"),
         ({"min_batch": 4, "opt_batch": 2}, "need 1 <= min_batch <= opt_batch <= max_batch"),
+        ({"precision": "int8", "sizes": [16, 16, 32]}, "build.sizes with build.precision=int8: graphs"),
     ],
 )
 def test_build_shapes_settings_that_cannot_work_are_one_config_error(tmp_path, build, message):
@@ -226,9 +230,12 @@ def test_a_size_range_is_checked_against_the_downsampling_and_the_graphs(sd_run)
 
     with pytest.raises(ConfigError, match=rf"{side + 1} px is not a multiple of {multiple} .*use multiples"):
         engine_info.run_graphs(run, sized([side, side + 1, side + 2]), None, GUIDANCE)
-    with pytest.raises(ArtifactError, match=r"exported at a fixed .* needs graphs with dynamic height"):
+    assert not engine_info.sized_graphs_needed(run, sized([side] * 3))
+    assert engine_info.sized_graphs_needed(run, sized([side, side, 2 * side]))
+    with pytest.raises(ArtifactError, match=r"graphs/dense.fp32.onnx not found: build.sizes needs the dense"):
         engine_info.run_graphs(run, sized([side, side, 2 * side]), None, GUIDANCE)
     graphs = {g.key: g for g in engine_info.run_graphs(run, sized([side] * 3), None, GUIDANCE)}
+    assert graphs["dense"].onnx == layout.onnx_path(run, "dense", "fp32")  # the model's side: the export's
     latent = side // factor
     assert graphs["dense"].profile == Profile(2, 4, 8, (latent,) * 3)
     assert graphs["shared.vae_decoder"].profile.sizes == (latent,) * 3
@@ -285,3 +292,51 @@ def test_the_tensorrt_sampler_of_a_run_without_engines_names_every_missing_one(s
     ):
         assert str(path) in text
     assert "compress-deploy build RUN" in text and "\n" not in text
+
+
+def test_a_size_range_builds_from_graphs_of_any_side_that_compute_what_torch_does(sd_run, tmp_path):
+    """The build's graphs of dynamic height and width (export.sized_graphs): the profiles of a size range
+    over them, and the dense UNet and VAE decoder graphs on ONNX Runtime at a side the export never saw."""
+    import onnxruntime as ort
+
+    cfg, run, _ = sd_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    side, factor = _image_side(copy)
+    sizes = [side, side + 2 * factor, 2 * side]  # latents 8, 10, 16: multiples of the UNet's 2
+    build = BuildConfig(precision="fp32", min_batch=1, opt_batch=2, max_batch=4, sizes=sizes)
+    dense = load_run_model(copy)
+    unets = {"dense": dense.unet, "pruned": load_run_unet(copy, "pruned")}
+    files = export_run_sized_graphs(copy, "fp32", unets, dense.spec, dense.vae)
+    assert files == [layout.sized_onnx_path(copy, g, "fp32") for g in ("dense", "pruned", "vae_decoder")]
+    graphs = {g.key: g for g in engine_info.run_graphs(copy, build, None, GUIDANCE)}
+    latents = tuple(s // factor for s in sizes)
+    for key, graph_name in (("dense", "dense"), ("pruned", "pruned"), ("shared.vae_decoder", "vae_decoder")):
+        assert graphs[key].onnx == layout.sized_onnx_path(copy, graph_name, "fp32")
+        assert graphs[key].profile.sizes == latents
+    assert graphs["shared.text_encoder"].onnx == layout.shared_onnx_path(copy, "text_encoder", "fp32")
+    sample = graphs["dense"].profile.shapes(graphs["dense"].inputs)["sample"]
+    channels = TINY_COND_UNET["in_channels"]
+    assert sample == ((2, channels, 8, 8), (4, channels, 10, 10), (8, channels, 16, 16))
+    assert graphs["shared.vae_decoder"].profile.shapes(graphs["shared.vae_decoder"].inputs)["latent_sample"][
+        2
+    ] == (
+        4,
+        channels,
+        16,
+        16,
+    )
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((2, channels, 10, 10), generator=g)  # the opt side: traced at 8, exported for any
+    t = torch.tensor([10, 700])
+    context = torch.randn((2, TOKENS, TINY_COND_UNET["cross_attention_dim"]), generator=g)
+    with torch.no_grad():
+        want = dense.unet(x, t, encoder_hidden_states=context).sample
+        image = dense.vae.decode(x[:1]).sample
+    unet = ort.InferenceSession(str(files[0]), providers=["CPUExecutionProvider"])
+    feeds = {"sample": x.numpy(), "timestep": t.numpy(), "encoder_hidden_states": context.numpy()}
+    assert float((torch.from_numpy(unet.run(None, feeds)[0]) - want).abs().max()) < 1e-4
+    vae = ort.InferenceSession(str(files[2]), providers=["CPUExecutionProvider"])
+    decoded = torch.from_numpy(vae.run(None, {"latent_sample": x[:1].numpy()})[0])
+    assert decoded.shape == image.shape and decoded.shape[-1] == 10 * factor
+    assert float((decoded - image).abs().max()) < 1e-4

@@ -124,6 +124,11 @@ class BuildConfig:
                 f"build.sizes: expected [min, opt, max] image sides in pixels with min <= opt <= max, got "
                 f"{self.sizes}; e.g. build.sizes=[256,512,768], or null for the model's size"
             )
+        if self.precision == "int8":
+            raise ConfigError(
+                "build.sizes with build.precision=int8: graphs of several sizes are exported in fp32 and "
+                "fp16 only (the int8 graph is calibrated); use build.precision=fp16, or build.sizes=null"
+            )
         if self.shapes == "static":
             raise ConfigError(
                 f"build.sizes={self.sizes} with build.shapes=static: static engines take one shape at the "

@@ -3,12 +3,19 @@
 A conditional model's run builds its three graphs: the dense and compressed UNets with their
 conditioning (a profile of UNet rows, twice the images under ``sample.guidance_scale`` > 1) and the
 shared text encoder and VAE decoder (``RUN/build/shared/``): :func:`deploy.engine_info.run_graphs`.
+Engines over a range of image sizes (``build.sizes`` other than the model's side) are built from the
+UNets and VAE decoder exported again with dynamic height and width (``RUN/build/graphs/``,
+:mod:`export.sized_graphs`).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from compressor.persist import load_unet
 from deploy import tensorrt_backend
-from deploy.engine_info import conditioned_unet
+from deploy.engine_info import conditioned_unet, sized_graphs_needed
+from export.sized_graphs import export_run_sized_graphs
 from pipeline.context import RunContext, StageResult, log
 
 SECTIONS = ["build", "device"]
@@ -38,7 +45,20 @@ def run(ctx: RunContext) -> StageResult:
         log("build", f"skipped: {reason}")
         return StageResult({"engines": {}}, status="skipped", reason=reason)
     ctx.require("export", "build")
+    sized = export_sized(ctx)
     engines, files = tensorrt_backend.build_run_engines(
         ctx.run_dir, cfg, lambda m: log("build", m), reuse_level(ctx), ctx.cfg.sample.guidance_scale
     )
-    return StageResult({"engines": engines}, files)
+    return StageResult({"engines": engines}, sized + files)
+
+
+def export_sized(ctx: RunContext) -> list[Path]:
+    """The UNets and VAE decoder exported with dynamic height and width when ``build.sizes`` asks for
+    sides other than the model's (:func:`deploy.engine_info.sized_graphs_needed`); the files written."""
+    cfg = ctx.cfg.build
+    if not sized_graphs_needed(ctx.run_dir, cfg):
+        return []
+    log("build", f"build.sizes {cfg.sizes}: the UNets and VAE decoder exported with dynamic height and width")
+    unets = {"dense": ctx.dense_on("cpu"), "pruned": load_unet(ctx.final_model_dir()[1])[0]}
+    spec = ctx.dense.spec if ctx.dense.conditioning != "none" else None
+    return export_run_sized_graphs(ctx.run_dir, cfg.precision, unets, spec, ctx.dense.vae)
