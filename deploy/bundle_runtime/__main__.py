@@ -126,13 +126,11 @@ def _check(bundle: Bundle, args) -> int:
     if bundle.pipeline is not None and bundle.pipeline.kind != "none":  # the whole call a user waits for
         what = "whole call (prompt -> image)"
         prompts = bundle.pipeline.settings["reference_prompts"][:1] * batch
-        call = {"guidance": bundle.pipeline.guidance_scale}
+        call = {"guidance": bundle.pipeline.guidance_scale, "rows": bundle.pipeline.conditioning(prompts)}
 
-        def unet(model: str = "model"):
-            rows = bundle.pipeline.conditioning(prompts)
-            return guided_eps(
-                bundle.graphs[model].unet, noise, t, bundle.pipeline.input, rows, call["guidance"]
-            )
+        def unet(model: str = "model"):  # the UNet call alone: the prompts were encoded once, above
+            graph = bundle.graphs[model].unet
+            return guided_eps(graph, noise, t, bundle.pipeline.input, call["rows"], call["guidance"])
 
         def sampler(model: str = "model"):
             return bundle.generate(0, batch, batch, model, prompts)
