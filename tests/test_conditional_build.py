@@ -340,3 +340,15 @@ def test_a_size_range_builds_from_graphs_of_any_side_that_compute_what_torch_doe
     decoded = torch.from_numpy(vae.run(None, {"latent_sample": x[:1].numpy()})[0])
     assert decoded.shape == image.shape and decoded.shape[-1] == 10 * factor
     assert float((decoded - image).abs().max()) < 1e-4
+
+
+def test_seeds_give_each_image_its_own_seed_and_prompt(sd_run):
+    _, run, _ = sd_run
+    t2i = sampler.load_sampler(run, backend="onnxruntime")
+    prompts = ["a handwritten digit one", "a handwritten digit two"]
+    got = t2i(steps=2, prompts=prompts, seeds=[3, 7, 8])  # runs [3] and [7, 8]: one call each
+    first = t2i(num_images=1, steps=2, seed=3, prompts=prompts)
+    rest = t2i(num_images=2, steps=2, seed=7, prompts=prompts[1:] + prompts[:1])  # image 1 takes prompt 1
+    assert torch.allclose(got, torch.cat([first, rest]), atol=1e-6)
+    with pytest.raises(UserError, match=r"seeds \[\]: give a non-empty list of integers >= 0"):
+        t2i(steps=2, prompts=prompts, seeds=[])
