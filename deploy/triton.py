@@ -321,6 +321,7 @@ def _write_graphs(run_dir: Path, out: Path, model: ModelSpec, kind: str, s: Repo
             if s.backend == "tensorrt":
                 plan = layout.shared_engine_path(run_dir, name)
                 shutil.copy2(need(plan, "build"), where / "graph.plan")
+                shutil.copy2(need(engine_info_path(plan), "build"), engine_info_path(where / "graph.plan"))
                 spec = {"backend": "tensorrt", "file": "graph.plan"}
             else:  # torch serves the UNet alone in torch; the shared graphs run on ONNX Runtime
                 shutil.copy2(need(onnx, "export"), where / "graph.onnx")

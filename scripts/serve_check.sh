@@ -7,7 +7,10 @@
 #  2. The same load test with --no-dynamic-batching.
 #  3. `compress-deploy triton-repo` (Python-backend unet, the variant PyTriton's bundled tritonserver
 #     can load), loaded by that binary, one request served.
-# Usage: [BACKEND=torch] bash scripts/serve_check.sh [RUN] [CLIENTS] [REQUESTS] [STEPS]
+# A conditional run (its server has a `text_to_image` model) gets prompts: the load tests cycle through
+# $PROMPT (default: the prompts of the run's quality or samples stage), and the bad-request list is the
+# text-to-image one (empty, over-long prompt, guidance and steps out of range, no prompt).
+# Usage: [BACKEND=torch] [PROMPT="a handwritten digit seven"] bash scripts/serve_check.sh [RUN] [CLIENTS] [REQUESTS] [STEPS]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -18,8 +21,9 @@ STEPS=${4:-20}
 PORT=${PORT:-8310}
 BACKEND=${BACKEND:-onnxruntime}  # the UNet backend serve runs in process (onnxruntime | torch | tensorrt)
 THREADS=${THREADS:-}             # its CPU threads (serve --threads; default all)
+PROMPT=${PROMPT:-}               # a conditional run's load-test prompt (default: the run's prompts)
 OUT=$(mktemp -d)
-trap 'pkill -f "serve $RUN --http-port $PORT" 2>/dev/null; rm -rf "$OUT"' EXIT
+trap '[ -n "${SERVER:-}" ] && kill -TERM "$SERVER" 2>/dev/null; rm -rf "$OUT"' EXIT  # our own server, by its id
 
 start() {  # start serve with extra options; wait until ready
   "$PY" -m pipeline.cli serve "$RUN" --http-port $PORT --grpc-port $((PORT + 1)) --metrics-port $((PORT + 2)) \
@@ -38,20 +42,34 @@ infer() {  # infer MODEL JSON-INPUTS: print status code and the error, if any
 }
 SEED='{"name":"seed","shape":[1,1],"datatype":"INT64","data":[1]}'
 steps() { echo "{\"name\":\"steps\",\"shape\":[1,1],\"datatype\":\"INT32\",\"data\":[$1]}"; }
+prompt() { echo "{\"name\":\"prompt\",\"shape\":[1,1],\"datatype\":\"BYTES\",\"data\":[\"$1\"]}"; }
+guidance() { echo "{\"name\":\"guidance_scale\",\"shape\":[1,1],\"datatype\":\"FP32\",\"data\":[$1]}"; }
+LOAD_ARGS=(${PROMPT:+--prompt "$PROMPT"} --run "$RUN")
 
 echo "== serve $RUN ($BACKEND), dynamic batching (max batch 16, max queue delay 2000 us)"
 start || exit 1
+ENTRY=sampler
+curl -sf -o /dev/null localhost:$PORT/v2/models/text_to_image/ready && ENTRY=text_to_image
 "$PY" scripts/load_test.py --url 127.0.0.1:$PORT --clients "$CLIENTS" --requests "$REQUESTS" --steps "$STEPS" \
-  --verify "$RUN" --backend "$BACKEND" --json "$OUT/batched.json"
-batches() {  # how many sampler requests the server got, and in how many model executions
+  --verify "$RUN" --backend "$BACKEND" --json "$OUT/batched.json" "${LOAD_ARGS[@]}"
+batches() {  # how many requests the entry model got, and in how many model executions
   curl -s localhost:$((PORT + 2))/metrics | python3 -c "
 import re, sys
-text = sys.stdin.read()
-get = lambda name: sum(float(v) for v in re.findall(r'^' + name + r'\{model=\"sampler\",version=\"1\"\} (\S+)', text, re.M))
-print(f'sampler: {get(\"nv_inference_request_success\"):.0f} requests in {get(\"nv_inference_exec_count\"):.0f} executions')"
+text, model = sys.stdin.read(), sys.argv[1]
+get = lambda name: sum(float(v) for v in re.findall(r'^' + name + r'\{model=\"' + model + r'\",version=\"1\"\} (\S+)', text, re.M))
+print(f'{model}: {get(\"nv_inference_request_success\"):.0f} requests in {get(\"nv_inference_exec_count\"):.0f} executions')" "$ENTRY"
 }
 batches
 echo "== bad requests (each followed by a good one)"
+if [ "$ENTRY" = text_to_image ]; then  # a conditional run
+  GOOD="$(prompt "${PROMPT:-a handwritten digit seven}"),$SEED,$(steps 5)"
+  LONG=$(printf 'a handwritten digit seven %.0s' $(seq 1 40))
+  for bad in "$(prompt ""),$SEED" "$(prompt "$LONG"),$SEED" "$(prompt x),$SEED,$(guidance -1)" \
+    "$(prompt x),$SEED,$(steps 0)" "$(prompt x),$SEED,$(steps 101)" "$SEED"; do
+    echo "bad:  $(infer text_to_image "$bad")"
+    echo "good: $(infer text_to_image "$GOOD")"
+  done
+else
 for bad in \
   '{"name":"seed","shape":[1,1],"datatype":"FP32","data":[1]}' \
   '{"name":"seed","shape":[1,2],"datatype":"INT64","data":[1,2]}' \
@@ -63,9 +81,10 @@ for bad in \
 done
 echo "bad:  $(infer no-such-model "$SEED")"
 echo "good: $(infer sampler "$SEED,$(steps 5)")"
+fi
 echo "== SIGTERM during a load test"
 "$PY" scripts/load_test.py --url 127.0.0.1:$PORT --clients "$CLIENTS" --requests "$REQUESTS" --steps "$STEPS" \
-  --json "$OUT/sigterm.json" > "$OUT/sigterm.txt" 2>&1 &
+  --json "$OUT/sigterm.json" "${LOAD_ARGS[@]}" > "$OUT/sigterm.txt" 2>&1 &
 LOAD=$!
 sleep 4
 kill -TERM $SERVER
@@ -79,7 +98,7 @@ tail -2 "$OUT/server.log"
 echo "== serve $RUN ($BACKEND), no dynamic batching"
 start --no-dynamic-batching || exit 1
 "$PY" scripts/load_test.py --url 127.0.0.1:$PORT --clients "$CLIENTS" --requests "$REQUESTS" --steps "$STEPS" \
-  --json "$OUT/single.json"
+  --json "$OUT/single.json" "${LOAD_ARGS[@]}"
 batches
 kill -TERM $SERVER; wait $SERVER
 "$PY" - "$OUT" <<'PYEOF'
@@ -92,14 +111,14 @@ PYEOF
 echo "== triton-repo (Python-backend unet) loaded by PyTriton's bundled tritonserver"
 "$PY" -m pipeline.cli triton-repo "$RUN" "$OUT/repo" --unet python
 "$PY" -m pipeline.cli triton-repo "$RUN" "$OUT/repo-onnx"
-"$PY" - "$OUT" "$PORT" <<'PYEOF'
+"$PY" - "$OUT" "$PORT" "$ENTRY" "${PROMPT:-a handwritten digit seven}" <<'PYEOF'
 import signal, subprocess, sys, time, urllib.request, json
 from pathlib import Path
 from deploy.triton import (
     find_server, parse_config, python_backend_dir, server_command, server_environment, server_ready)
-out, port = Path(sys.argv[1]), int(sys.argv[2])
+out, port, entry, prompt = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 for repo in ("repo", "repo-onnx"):
-    for model in ("unet", "sampler"):
+    for model in sorted(p.parent.name for p in (out / repo).glob("*/config.pbtxt")):
         cfg = parse_config((out / repo / model / "config.pbtxt").read_text())
         print(f"{repo}/{model}: parsed ({cfg.platform or cfg.backend}, max_batch_size {cfg.max_batch_size})")
 binary, bundled, libs = find_server()
@@ -110,9 +129,11 @@ for _ in range(360):
         break
     time.sleep(0.5)
 body = {"inputs": [{"name": "seed", "shape": [1, 1], "datatype": "INT64", "data": [7]}]}
-req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/sampler/infer", data=json.dumps(body).encode())
+if entry == "text_to_image":
+    body["inputs"].append({"name": "prompt", "shape": [1, 1], "datatype": "BYTES", "data": [prompt]})
+req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/{entry}/infer", data=json.dumps(body).encode())
 reply = json.load(urllib.request.urlopen(req, timeout=300))
-print(f"{binary}: served sampler from the repository, image shape {reply['outputs'][0]['shape']}")
+print(f"{binary}: served {entry} from the repository, image shape {reply['outputs'][0]['shape']}")
 proc.send_signal(signal.SIGTERM)
 print("tritonserver exit status", proc.wait(timeout=120))
 PYEOF

@@ -9,6 +9,7 @@ is not installed.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sys
 import threading
@@ -92,6 +93,37 @@ def test_the_repository_declares_prompt_and_the_run_s_graphs(served, tmp_path, c
         "encoder_hidden_states"
     ]
     assert json.loads((py / "text_encoder" / "1" / "backend.json").read_text())["graph"] == "text_encoder"
+
+
+def test_a_run_with_engines_gets_plans_for_all_three_graphs(tmp_path_factory, served):
+    """Where the run built engines (placeholders here: nothing on a CPU runs them), the UNet, text encoder
+    and VAE decoder are ``tensorrt_plan`` models, and ``--unet python --backend tensorrt`` carries each
+    engine with its engine info; without the shared engines it names the build stage."""
+    from deploy.engine_info import write_engine_info
+    from rundir import layout
+    from tests.conftest import placeholder_engines
+
+    run = tmp_path_factory.mktemp("engines") / "run"
+    shutil.copytree(served[0], run)
+    assert main(["triton-repo", str(run), str(run.parent / "none"), "--unet", "tensorrt"]) == 2
+    placeholder_engines(run)
+    for graph in ("text_encoder", "vae_decoder"):
+        plan = layout.shared_engine_path(run, graph)
+        plan.parent.mkdir(parents=True, exist_ok=True)
+        plan.write_bytes(b"placeholder")
+        write_engine_info(
+            plan, json.loads(layout.engine_info_path(layout.engine_path(run, "pruned")).read_text())
+        )
+    out = run.parent / "repo"
+    assert main(["triton-repo", str(run), str(out)]) == 0  # auto: the plans
+    for graph in ("unet", "text_encoder", "vae_decoder"):
+        assert parse_config((out / graph / "config.pbtxt").read_text()).platform == "tensorrt_plan"
+        assert (out / graph / "1" / "model.plan").is_file()
+    py = run.parent / "repo-python"
+    assert main(["triton-repo", str(run), str(py), "--unet", "python", "--backend", "tensorrt"]) == 0
+    for graph in ("text_encoder", "vae_decoder"):
+        assert json.loads((py / graph / "1" / "backend.json").read_text())["backend"] == "tensorrt"
+        assert layout.engine_info_path(py / graph / "1" / "graph.plan").is_file()
 
 
 def test_a_served_prompt_equals_local_sampling(served, local):

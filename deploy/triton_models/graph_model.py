@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path[:0] = [p for p in os.environ.get("COMPRESS_DEPLOY_SYSPATH", "").split(os.pathsep) if p]
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from deploy.runtimes import graph_engine, graph_session  # noqa: E402
@@ -31,7 +32,7 @@ class TritonPythonModel:
         path = here / spec["file"]
         if spec["backend"] == "tensorrt":
             runner = graph_engine(path)
-            self.run = lambda feeds: [_numpy(runner.run(**feeds)[name]) for name in self.outputs]
+            self.run = lambda feeds: _engine_outputs(runner, feeds, self.outputs)
         else:
             session = graph_session(path, spec["graph"], spec.get("threads"))
             self.run = lambda feeds: session.run(self.outputs, feeds)
@@ -55,6 +56,7 @@ class TritonPythonModel:
         return out
 
 
-def _numpy(value):
-    """An engine's output (a torch tensor or an array) as a numpy array on the host."""
-    return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+def _engine_outputs(runner, feeds, names):
+    """An engine runner's outputs ``names`` for numpy ``feeds`` (it takes and gives torch tensors)."""
+    out = runner.run(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+    return [out[name].detach().float().cpu().numpy() for name in names]
