@@ -11,8 +11,11 @@ The sampling loop (:func:`compressor.sampling.denoise`) calls the full pass at t
 
 Both passes are written against the UNet's own blocks (diffusers' ``UNet2DModel`` and
 ``UNet2DConditionModel``), so they work on pruned models, whose widths differ per level,
-and export to ONNX as two graphs. Configurations the split does not cover (class
-conditioning, skip-connection blocks, added embeddings) raise ConfigError.
+and export to ONNX as two graphs. Conditioned UNets pass their conditioning to both passes as their
+own call takes it (``encoder_hidden_states`` for cross-attention, ``class_labels`` for a class
+embedding); under classifier-free guidance the sampler calls each pass once a step on both halves
+(twice the batch) and the cached feature holds both halves' rows. Configurations the split does not
+cover (projected class embeddings, skip-connection blocks, added embeddings) raise ConfigError.
 """
 
 from __future__ import annotations
@@ -87,8 +90,16 @@ class FeatureReuseUNet(nn.Module):
 
     # -- shared pieces ----------------------------------------------------------------------
 
-    def _embed(self, sample: torch.Tensor, timestep: torch.Tensor):
-        """(sample after input centring, time embedding, encoder hidden states or None)."""
+    def _embed(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+    ):
+        """(sample after input centring, time (+ class) embedding, encoder hidden states or None), as
+        the UNet's own forward computes them: a conditional UNet takes the prompts' embeddings when
+        given (else its fixed null context), a class-conditional one adds its class embedding."""
 
         u = self.unet
         if timestep.dim() == 0:
@@ -98,13 +109,24 @@ class FeatureReuseUNet(nn.Module):
         if self.conditional:
             t_emb = u.get_time_embed(sample=sample, timestep=timestep)
             emb = u.time_embedding(t_emb, None)
+            class_emb = u.get_class_embed(sample=sample, class_labels=class_labels)
+            if class_emb is not None:
+                emb = emb + class_emb
             if u.time_embed_act is not None:
                 emb = u.time_embed_act(emb)
-            ctx = null_context(u, sample.shape[0], sample.device).to(sample.dtype)
+            ctx = encoder_hidden_states
+            if ctx is None:
+                ctx = null_context(u, sample.shape[0], sample.device).to(sample.dtype)
             ctx = u.process_encoder_hidden_states(encoder_hidden_states=ctx, added_cond_kwargs={})
             return sample, emb, ctx
         timesteps = timestep * torch.ones(sample.shape[0], dtype=timestep.dtype, device=timestep.device)
         emb = u.time_embedding(u.time_proj(timesteps).to(dtype=sample.dtype))
+        if u.class_embedding is not None:
+            if class_labels is None:
+                raise ConfigError("feature reuse: this UNet is class-conditional; pass class_labels")
+            if u.config.class_embed_type == "timestep":
+                class_labels = u.time_proj(class_labels)
+            emb = emb + u.class_embedding(class_labels).to(dtype=emb.dtype)
         return sample, emb, None
 
     def _down(self, block: nn.Module, sample, emb, ctx):
@@ -150,11 +172,19 @@ class FeatureReuseUNet(nn.Module):
 
     # -- the two passes ---------------------------------------------------------------------
 
-    def full(self, sample: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(noise, the feature entering the boundary up block): the whole UNet, once."""
+    def full(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noise, the feature entering the boundary up block): the whole UNet, once. A conditioned
+        UNet takes its conditioning as its own call does (under guidance: both halves, twice the batch;
+        the feature then holds both halves' rows too)."""
         u = self.unet
         forward_size = self._upsample_size_needed(sample)
-        sample, emb, ctx = self._embed(sample, timestep)
+        sample, emb, ctx = self._embed(sample, timestep, encoder_hidden_states, class_labels)
         sample = u.conv_in(sample)
         res_samples: tuple = (sample,)
         for block in u.down_blocks:
@@ -171,11 +201,19 @@ class FeatureReuseUNet(nn.Module):
         sample, _ = self._ups(self.shallow_up, sample, res_samples, emb, ctx, forward_size)
         return self._out(sample), feature
 
-    def shallow(self, sample: torch.Tensor, timestep: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
-        """The noise from the levels above the boundary, the deep part taken from ``feature``."""
+    def shallow(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        feature: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The noise from the levels above the boundary, the deep part taken from ``feature`` (cached by
+        the last full pass on the same rows and conditioning)."""
         u = self.unet
         forward_size = self._upsample_size_needed(sample)
-        sample, emb, ctx = self._embed(sample, timestep)
+        sample, emb, ctx = self._embed(sample, timestep, encoder_hidden_states, class_labels)
         sample = u.conv_in(sample)
         res_samples: tuple = (sample,)
         for block in u.down_blocks[: self.level + 1]:
@@ -187,9 +225,15 @@ class FeatureReuseUNet(nn.Module):
         )
         return self._out(out)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The full pass (what the full ONNX graph computes)."""
-        return self.full(sample, timestep)
+        return self.full(sample, timestep, encoder_hidden_states, class_labels)
 
 
 class ShallowPass(nn.Module):
@@ -199,9 +243,16 @@ class ShallowPass(nn.Module):
         super().__init__()
         self.split = split
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        feature: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The shallow pass."""
-        return self.split.shallow(sample, timestep, feature)
+        return self.split.shallow(sample, timestep, feature, encoder_hidden_states, class_labels)
 
 
 def _check_supported(unet: nn.Module) -> None:
@@ -213,8 +264,12 @@ def _check_supported(unet: nn.Module) -> None:
         )
     cfg = unet.config
     unsupported = []
-    if getattr(unet, "class_embedding", None) is not None:
-        unsupported.append("class conditioning")
+    class_type = cfg.get("class_embed_type")
+    plain_classes = (None, "timestep", "identity")  # what UNet2DModel embeds; the conditional UNet's own
+    if kind == "UNet2DModel" and unet.class_embedding is not None and class_type not in plain_classes:
+        unsupported.append(f"class_embed_type={class_type}")
+    if kind == "UNet2DConditionModel" and cfg.get("class_embeddings_concat"):
+        unsupported.append("class_embeddings_concat")
     if any(hasattr(b, "skip_conv") for b in [*unet.down_blocks, *unet.up_blocks]):
         unsupported.append("skip-connection blocks")
     if kind == "UNet2DModel" and cfg.time_embedding_type != "positional":

@@ -39,6 +39,10 @@ from compressor.components import DiffusionModel
 from compressor.errors import ConfigError, ModelError
 
 INPUT_NAMES = {"text": "encoder_hidden_states", "class": "class_labels"}
+# The scheduler-config key of a few-step student distilled from a guided teacher at a fixed scale
+# (:mod:`compressor.step_distill`): the guidance is in its weights, so it is sampled on the conditional
+# half alone (one UNet call a step at the images' batch), never guided again.
+DISTILLED_GUIDANCE = "distilled_guidance_scale"
 
 
 @dataclass(frozen=True)
@@ -103,8 +107,9 @@ def check_guidance(
     conditioning: Conditioning | None, guidance_scale: float, batch: int, cache_interval: int = 1
 ) -> None:
     """ConfigError for settings the loop cannot honour: a scale that is not a finite number >= 0,
-    guidance without conditioning, conditioning for another batch size, feature reuse with
-    conditioning (not yet supported)."""
+    guidance without conditioning, conditioning for another batch size. ``cache_interval`` is
+    accepted for the callers that pass it: feature reuse works with conditioning and guidance (both
+    passes take the conditioning, on both halves under guidance)."""
     if not isinstance(guidance_scale, int | float) or not math.isfinite(guidance_scale) or guidance_scale < 0:
         raise ConfigError(f"guidance_scale={guidance_scale!r}: use a finite number >= 0 (1 = no guidance)")
     if conditioning is None:
@@ -116,11 +121,24 @@ def check_guidance(
         return
     if len(conditioning) != batch:
         raise ConfigError(f"conditioning for {len(conditioning)} images given for a batch of {batch}")
-    if cache_interval > 1:
-        raise ConfigError(
-            f"sample.cache_interval={cache_interval} is not yet supported with conditioning or guidance; "
-            "use cache_interval=1"
-        )
+
+
+def distilled_scale(scheduler_or_config) -> float | None:
+    """The guidance scale a few-step student was distilled at (its scheduler config's
+    :data:`DISTILLED_GUIDANCE`, kept on the scheduler :func:`compressor.sampling.make_scheduler` builds
+    from it), None for any other model's schedule."""
+    if isinstance(scheduler_or_config, dict):
+        value = scheduler_or_config.get(DISTILLED_GUIDANCE)
+    else:
+        value = getattr(scheduler_or_config, DISTILLED_GUIDANCE, None)
+    return None if value is None else float(value)
+
+
+def sampled_guidance(scheduler, guidance_scale: float) -> float:
+    """The scale the loop guides with: ``guidance_scale``, or 1 (the conditional half alone) for a
+    student whose schedule says it was distilled at a fixed scale (:func:`distilled_scale`): guiding
+    it again would apply the guidance twice."""
+    return 1.0 if distilled_scale(scheduler) is not None else guidance_scale
 
 
 def combine(prediction: torch.Tensor, guidance_scale: float) -> torch.Tensor:

@@ -26,7 +26,15 @@ import torch
 
 from compressor.errors import ConfigError
 from compressor.feature_reuse import full_steps
-from compressor.guidance import Conditioning, check_guidance, combine, uses_guidance
+from compressor.guidance import (
+    DISTILLED_GUIDANCE,
+    Conditioning,
+    check_guidance,
+    combine,
+    distilled_scale,
+    sampled_guidance,
+    uses_guidance,
+)
 from compressor.models import NoisePredictor, ReusePredictor
 
 # The samplers by name: diffusers' class and the settings that make it the named method.
@@ -44,7 +52,9 @@ def make_scheduler(kind: str, scheduler_config: dict):
     """A fresh scheduler ``kind`` (see :data:`SCHEDULERS`) built from a model's scheduler config.
 
     The model's training schedule (betas, timesteps, prediction type) carries over; keys
-    a solver does not know (e.g. DDPM's ``variance_type``) are dropped, not warned about.
+    a solver does not know (e.g. DDPM's ``variance_type``) are dropped, not warned about. A
+    guidance-distilled student's scale (:data:`compressor.guidance.DISTILLED_GUIDANCE`) stays on the
+    scheduler, so :func:`denoise` samples it on the conditional half alone.
     """
     import inspect
 
@@ -56,7 +66,11 @@ def make_scheduler(kind: str, scheduler_config: dict):
     cls = getattr(diffusers, name)
     known = set(inspect.signature(cls.__init__).parameters)
     cfg = {k: v for k, v in scheduler_config.items() if k in known}
-    return cls.from_config({**cfg, **settings})
+    scheduler = cls.from_config({**cfg, **settings})
+    distilled = distilled_scale(scheduler_config)
+    if distilled is not None:
+        setattr(scheduler, DISTILLED_GUIDANCE, distilled)
+    return scheduler
 
 
 def seed_noise(shape: tuple[int, ...], seed: int):
@@ -112,10 +126,16 @@ def denoise(
     per step on the batch doubled (unconditional rows first) and combines ``uncond + scale * (cond -
     uncond)``; at 1 or below (diffusers' rule) the conditional rows alone are predicted. ``noise``
     is then in the denoiser's (latent) shape and ``decode`` maps the final latents to images in
-    [-1, 1]. Feature reuse with conditioning is not yet supported (ConfigError).
+    [-1, 1]. A few-step student distilled from the guided teacher at a fixed scale (its schedule from
+    :func:`make_scheduler` says so: :func:`compressor.guidance.distilled_scale`) is sampled on the
+    conditional rows alone whatever ``guidance_scale`` is: the guidance is in its weights.
+    With feature reuse both passes take the conditioning too (``predict.full(x, t, **cond)``,
+    ``predict.shallow(x, t, feature, **cond)``), under guidance on both halves at once, so the cached
+    feature holds the unconditional and the conditional rows.
     """
 
     check_guidance(conditioning, guidance_scale, noise.shape[0], cache_interval)
+    guidance_scale = sampled_guidance(scheduler, guidance_scale)  # a guidance-distilled student: 1
     guided = uses_guidance(conditioning, guidance_scale)
     if cache_interval > 1 and not isinstance(predict, ReusePredictor):
         raise ConfigError(
@@ -143,12 +163,14 @@ def denoise(
         if hasattr(scheduler, "scale_model_input"):  # the identity for DDIM, DDPM, DPM-Solver, UniPC
             model_in = scheduler.scale_model_input(model_in, t)
         timestep = torch.full((model_in.shape[0],), int(t), dtype=torch.long, device=x.device)
-        if full_at is None:
+        if full_at is None and isinstance(predict, ReusePredictor):  # its full pass, with the conditioning
+            eps = predict.full(model_in, timestep, **cond)[0]
+        elif full_at is None:
             eps = predict(model_in, timestep, **cond)
         elif i in full_at:
-            eps, feature = predict.full(model_in, timestep)
+            eps, feature = predict.full(model_in, timestep, **cond)
         else:
-            eps = predict.shallow(model_in, timestep, feature)
+            eps = predict.shallow(model_in, timestep, feature, **cond)
         eps = eps.to(x.dtype)
         if guided:
             eps = combine(eps, guidance_scale)

@@ -15,6 +15,16 @@ that yields ``x~`` from ``z_t`` (its ``prediction_type``). Rounds chain: the EMA
 each round's student are the next round's teacher and its starting point. The dense model
 sampled at ``start_steps`` is the first teacher.
 
+Guided models (Meng et al., CVPR 2023, "On Distillation of Guided Diffusion Models"): a conditional
+model sampled under classifier-free guidance calls its UNet on both halves each step. Stage one
+(:class:`GuidedTarget`, :func:`guided_round`) distils the guided teacher at the run's FIXED scale ``w``
+into a student called once on the conditional half; the halving rounds then run as above, on the
+same conditioned data, teacher and student both fed the conditions. The student keeps the UNet's
+signature (no ``w`` input), so it exports to the same graph and runs on the same engines, Triton model
+and bundle as any UNet, at half the UNet work per step; another scale needs another student. Its
+scheduler config carries ``w`` (:data:`compressor.guidance.DISTILLED_GUIDANCE`), which makes every
+sampler call it unguided.
+
 Training runs on :func:`compressor.training.train` (Accelerate: one CPU or many GPUs,
 checkpoints, exact resume): each round is one call with its own checkpoint folder, and
 every random draw is seeded by (seed, round, step), so a run killed mid-round and rerun
@@ -34,8 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compressor.conditional_batches import NullCondition, drop_conditions
 from compressor.config import FinetuneConfig, StepDistillConfig
 from compressor.errors import ConfigError
+from compressor.guidance import DISTILLED_GUIDANCE, combine
 from compressor.models import predict_noise
 from compressor.sampling import make_scheduler
 from compressor.training import train
@@ -48,11 +60,17 @@ def trailing_grid(num_train_timesteps: int, steps: int) -> np.ndarray:
     return np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / steps)).astype(np.int64) - 1
 
 
-def student_scheduler_config(scheduler_config: dict, prediction_type: str) -> dict:
+def student_scheduler_config(
+    scheduler_config: dict, prediction_type: str, distilled_guidance: float | None = None
+) -> dict:
     """The scheduler config saved with a student: trailing DDIM grid, its prediction type,
-    and the last step landing on the clean image (``set_alpha_to_one``)."""
+    and the last step landing on the clean image (``set_alpha_to_one``); a student of a guided
+    teacher also the scale it was distilled at (:data:`compressor.guidance.DISTILLED_GUIDANCE`), which
+    makes every sampler call it on the conditional half alone."""
     out = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
     out.update(timestep_spacing="trailing", prediction_type=prediction_type, set_alpha_to_one=True)
+    if distilled_guidance is not None:
+        out[DISTILLED_GUIDANCE] = float(distilled_guidance)
     return out
 
 
@@ -113,30 +131,84 @@ class PairTarget(nn.Module):
         return (x0.clamp(-1, 1) if self.clip else x0), eps
 
     @torch.no_grad()
-    def _ddim(self, z: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    def _ddim(self, z: torch.Tensor, t: torch.Tensor, s: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
         """One deterministic DDIM step of the teacher from ``t`` to ``s`` (diffusers' rule)."""
-        out = predict_noise(self.teacher, z, t).float()
+        out = predict_noise(self.teacher, z, t, **cond).float()
         x0, eps = self._split(out, z, t, self.teacher_prediction)
         alpha_s, sigma_s = self._coef(s)
         return alpha_s * x0 + sigma_s * eps
 
     def forward(
-        self, model: nn.Module, x0: torch.Tensor, noise: torch.Tensor, k: torch.Tensor
+        self, model: nn.Module, x0: torch.Tensor, noise: torch.Tensor, k: torch.Tensor, **cond: torch.Tensor
     ) -> torch.Tensor:
-        """The round's loss on one micro-batch."""
+        """The round's loss on one micro-batch; ``cond``: a conditioned model's inputs (the prompts'
+        embeddings or labels), which teacher and student both take (the teacher a student of the
+        guided model after :class:`GuidedTarget`'s stage: one call on the conditional half)."""
         t, t_mid, s = self.t[k], self.t_mid[k], self.t_next[k]
         alpha_t, sigma_t = self._coef(t)
         z = alpha_t * x0 + sigma_t * noise
-        z_s = self._ddim(self._ddim(z, t, t_mid), t_mid, s)
+        z_s = self._ddim(self._ddim(z, t, t_mid, **cond), t_mid, s, **cond)
         alpha_s, sigma_s = self._coef(s)
         ratio = sigma_s / sigma_t
         x_target = (z_s - ratio * z) / (alpha_s - ratio * alpha_t)  # ratio = 0 on the last step: z_s
-        out = predict_noise(model, z, t).float()
+        out = predict_noise(model, z, t, **cond).float()
         if self.student_prediction == "v_prediction":
             target = alpha_t * noise_of(z, x_target, alpha_t, sigma_t) - sigma_t * x_target
         else:
             target = noise_of(z, x_target, alpha_t, sigma_t)
         return F.mse_loss(out, target)
+
+
+class GuidedTarget(nn.Module):
+    """Stage one of guided distillation (Meng et al., CVPR 2023): ``(model, x0, noise, t, **cond) ->
+    loss``, the student called once on the conditional inputs regressing the guided teacher's output.
+
+    The teacher runs both halves at once (the null condition's rows first, as the sampler does) and
+    combines them at ``guidance_scale``: ``uncond + w (cond - uncond)``; the student is trained to
+    predict that (converted to its ``student_prediction``) from the conditional half alone, at every
+    training timestep ``t``. The scale is fixed: the student keeps the UNet's inputs (no ``w`` input),
+    so its graph, engines and servers are the plain UNet's.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        alphas_cumprod: torch.Tensor,
+        guidance_scale: float,
+        null: NullCondition,
+        teacher_prediction: str,
+        student_prediction: str,
+    ):
+        super().__init__()
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.register_buffer("abar", alphas_cumprod.float().clone())
+        self.scale, self.null = float(guidance_scale), null
+        self.teacher_prediction, self.student_prediction = teacher_prediction, student_prediction
+
+    @torch.no_grad()
+    def guided(self, z: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        """The teacher's classifier-free-guided output at ``(z, t)`` for conditions ``cond``."""
+        text = None if self.null.text is None else self.null.text.to(z.device)
+        null = NullCondition(text, self.null.label)
+        uncond = drop_conditions(cond, torch.ones(z.shape[0], dtype=torch.bool, device=z.device), null)
+        both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+        out = predict_noise(self.teacher, torch.cat([z, z]), torch.cat([t, t]), **both).float()
+        return combine(out, self.scale)
+
+    def forward(
+        self, model: nn.Module, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor
+    ) -> torch.Tensor:
+        """The stage's loss on one micro-batch."""
+        ab = self.abar[t].view(-1, 1, 1, 1)
+        alpha, sigma = ab.sqrt(), (1 - ab).sqrt()
+        z = alpha * x0 + sigma * noise
+        out = self.guided(z, t, **cond)
+        if self.teacher_prediction == "v_prediction":  # (x0, eps) the guided output means, unclipped
+            x_hat, eps = alpha * z - sigma * out, alpha * out + sigma * z
+        else:
+            x_hat, eps = (z - sigma * out) / alpha, out
+        target = alpha * eps - sigma * x_hat if self.student_prediction == "v_prediction" else eps
+        return F.mse_loss(predict_noise(model, z, t, **cond).float(), target)
 
 
 def noise_of(z: torch.Tensor, x0: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -156,12 +228,16 @@ class RoundResult:
     resumed_from: int | None = None
     steps_per_second: float = 0.0
     processes: int = 1
+    guidance_scale: float | None = None  # stage one of guided distillation: the teacher's scale
 
     def record(self) -> dict:
-        """The round's entry in ``metrics.rounds``."""
+        """The round's entry in ``metrics.rounds`` (stage one of guided distillation also says
+        ``guidance_scale``: its teacher ran guided at the same steps)."""
+        guided = {} if self.guidance_scale is None else {"guidance_scale": self.guidance_scale}
         return {
             "steps": self.steps,
-            "teacher_steps": self.steps * 2,
+            "teacher_steps": self.steps if guided else self.steps * 2,
+            **guided,
             "losses": self.losses,
             "final_loss": self.losses[-1][1] if self.losses else None,
             "wall_s": round(self.seconds, 2),
@@ -173,9 +249,11 @@ class RoundResult:
 
 
 def round_recipe(cfg: StepDistillConfig) -> FinetuneConfig:
-    """The training recipe of one round, in the finetune loop's terms."""
+    """The training recipe of one round, in the finetune loop's terms (a conditioned model's conditions
+    are never dropped: the student learns the conditional half, the guided teacher gives the rest)."""
     return dataclasses.replace(
         FinetuneConfig(),
+        cond_dropout=0.0,
         steps=cfg.steps_per_round,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
@@ -243,4 +321,55 @@ def distill_round(
         result.resumed_from,
         result.steps_per_second,
         result.world_size,
+    )
+
+
+def guided_round(
+    student: nn.Module,
+    teacher: nn.Module,
+    scheduler_config: dict,
+    data,
+    cfg: StepDistillConfig,
+    guidance_scale: float,
+    null: NullCondition,
+    steps: int,
+    teacher_prediction: str,
+    checkpoint_dir: Path,
+    seed: int,
+    device: torch.device,
+    on_step: Callable[[int, float, float], None] | None = None,
+    stop_after: int | None = None,
+) -> RoundResult:
+    """Stage one of guided distillation: train ``student`` (in place) on conditioned ``data`` to give in
+    one call on the conditional half what ``teacher`` gives guided at ``guidance_scale`` over both
+    (:class:`GuidedTarget`), at every training timestep; ``steps``: the DDIM steps the result is
+    sampled at before the halving rounds (its teacher's). Returns the EMA student."""
+    noise_scheduler = make_scheduler("ddpm", scheduler_config)
+    objective = GuidedTarget(
+        teacher, noise_scheduler.alphas_cumprod, guidance_scale, null, teacher_prediction, cfg.prediction_type
+    ).to(device)
+    began = time.perf_counter()
+    result = train(
+        student,
+        noise_scheduler,
+        data,
+        round_recipe(cfg),
+        checkpoint_dir,
+        seed * 1_009 - 1,  # its own batches, apart from every halving round's
+        device,
+        resume=True,
+        on_step=on_step,
+        stop_after=stop_after,
+        objective=objective,
+    )
+    return RoundResult(
+        steps,
+        result.ema_unet,
+        result.losses,
+        time.perf_counter() - began,
+        cfg.steps_per_round - (result.resumed_from or 0),
+        result.resumed_from,
+        result.steps_per_second,
+        result.world_size,
+        float(guidance_scale),
     )

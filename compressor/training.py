@@ -283,8 +283,9 @@ def train(
     accumulation micro-batches. ``stop_after`` ends early (tests of resume).
     ``teacher`` (with ``cfg.distill`` active): distil from it (see :mod:`compressor.teacher_distill`);
     every process holds its own frozen copy and computes its own micro-batches' targets.
-    ``objective`` (``(model, x0, noise, t) -> loss``, e.g. step distillation's): replaces the
-    denoising loss; ``t`` is then drawn from ``[0, draw_range)`` instead of the timesteps.
+    ``objective`` (``(model, x0, noise, t, **conditions) -> loss``, e.g. step distillation's): replaces
+    the denoising loss; ``t`` is then drawn from ``[0, draw_range)`` instead of the timesteps (all of
+    them without ``draw_range``), and conditioned data's conditions are passed to it by keyword.
     """
     from accelerate import Accelerator
 
@@ -300,8 +301,6 @@ def train(
         )
     micro = cfg.batch_size // per_step
     conditioned = isinstance(images, ConditionedSamples)
-    if conditioned and objective is not None:
-        raise ConfigError("a training objective (step distillation) does not take conditioned data yet")
     null = null_condition(unet, images) if conditioned else None
     num_images = len(images)
     if num_images < micro:
@@ -354,8 +353,8 @@ def train(
             cb = {name: v[sl].to(accelerator.device) for name, v in cond.items()}
             sync = accelerator.no_sync(model) if k < cfg.grad_accum - 1 else contextlib.nullcontext()
             with sync, accelerator.autocast():
-                if objective is not None:
-                    loss = objective(model, xb, nb, tb) / cfg.grad_accum
+                if objective is not None:  # a conditioned model's conditions go to it by keyword
+                    loss = objective(model, xb, nb, tb, **cb) / cfg.grad_accum
                 elif distill is None:
                     noisy = noise_scheduler.add_noise(xb, nb, tb)
                     loss = F.mse_loss(predict_noise(model, noisy, tb, **cb).float(), nb) / cfg.grad_accum

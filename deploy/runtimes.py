@@ -8,6 +8,10 @@ onnxruntime-gpu is installed and they actually load) and ``tensorrt`` (engines, 
 the literal mapping :data:`VARIANTS` of its arguments. Adding a backend is one entry in
 :data:`LOADERS`, a precision or variant one entry in :data:`VARIANTS`. Each backend
 reports what actually ran (e.g. the provider from the session, not the available list).
+
+Long because it is the one registry: every backend (torch, ONNX Runtime, TensorRT) is built here,
+each with its feature-reuse variant (two passes) and a conditioned model's inputs, so no other module
+builds one (tests/test_faults.py holds that).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from compressor.feature_reuse import FeatureReuseUNet
 from compressor.models import ReusePredictor, load_model, predict_noise
 from compressor.persist import load_unet
 from deploy import tensorrt_backend
-from export.onnx_export import CONDITION_INPUTS, INPUT_NAMES, check_onnx, onnx_input_shapes
+from export.onnx_export import CONDITION_INPUTS, INPUT_NAMES, INTERFACES, check_onnx, onnx_input_shapes
 from rundir import layout
 from rundir.records import final_model_dir, require_record
 
@@ -69,7 +73,7 @@ def _ort_session(path: Path, threads: int | None, providers: str, part: str = "u
     """
     import onnxruntime as ort
 
-    check_onnx(path, part=part, inputs=_conditioned_inputs(path) if part == "unet" else None)
+    check_onnx(path, part=part, inputs=_conditioned_inputs(path, part) if part in UNET_PARTS else None)
     ort.set_default_logger_severity(3)
     opts = ort.SessionOptions()
     if threads:
@@ -101,15 +105,22 @@ def graph_engine(path: Path):
     return tensorrt_backend.EngineRunner(Path(path))
 
 
-def _conditioned_inputs(path: Path) -> list[str] | None:
-    """A UNet graph's input names when they are ``sample``, ``timestep`` and conditioning inputs
-    (:data:`export.onnx_export.CONDITION_INPUTS`, in that order); None otherwise (the plain
-    interface is then checked, and a missing or unreadable file reported by check_onnx)."""
+UNET_PARTS = ("unet", "full", "shallow")  # the UNet's graphs: the plain call, feature reuse's passes
+
+
+def _conditioned_inputs(path: Path, part: str = "unet") -> list[str] | None:
+    """A UNet graph's input names when they are ``sample``, ``timestep``, conditioning inputs
+    (:data:`export.onnx_export.CONDITION_INPUTS`, in that order) and the pass's own (the shallow
+    pass's ``feature``); None otherwise (the plain interface is then checked, and a missing or
+    unreadable file reported by check_onnx)."""
     try:
         names = list(onnx_input_shapes(path))
     except Exception:  # noqa: BLE001 - onnx raises several error types; check_onnx reports them
         return None
-    extra = names[len(INPUT_NAMES) :]
+    own = INTERFACES[part][0][len(INPUT_NAMES) :]  # the shallow pass's feature
+    if own and names[-len(own) :] != own:
+        return None
+    extra = names[len(INPUT_NAMES) : len(names) - len(own)]
     ordered = [c for c in CONDITION_INPUTS if c in extra]
     if names[: len(INPUT_NAMES)] == INPUT_NAMES and extra and extra == ordered:
         return names
@@ -138,27 +149,46 @@ def _condition_feeds(
 def onnxruntime_reuse_backend(
     full_path: Path, shallow_path: Path, level: int, threads: int | None = None, providers: str = "auto"
 ) -> Backend:
-    """Feature reuse on ONNX Runtime: the full and shallow graphs as a ReusePredictor."""
+    """Feature reuse on ONNX Runtime: the full and shallow graphs as a ReusePredictor. A conditioned
+    model's passes take its conditioning by keyword, as the plain graph does (each pass requires every
+    conditioning input it has; an unconditional pass refuses any: UserError)."""
 
     full_s = _ort_session(full_path, threads, providers, "full", spin=False)
     shallow_s = _ort_session(shallow_path, threads, providers, "shallow", spin=False)
+    full_conditions = [i.name for i in full_s.get_inputs()][len(INPUT_NAMES) :]
+    shallow_conditions = [i.name for i in shallow_s.get_inputs()][len(INPUT_NAMES) : -1]
 
     def run(session, names: list[str], **feeds: torch.Tensor) -> list[torch.Tensor]:
         arrays = {k: v.detach().cpu().numpy() for k, v in feeds.items()}
         return [torch.from_numpy(a) for a in session.run(names, arrays)]
 
-    def full(sample: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        noise, feature = run(full_s, ["noise", "feature"], sample=sample.float(), timestep=timestep.long())
+    def full(
+        sample: torch.Tensor, timestep: torch.Tensor, **conditioning: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        named = _condition_feeds(full_conditions, conditioning, full_path)
+        noise, feature = run(
+            full_s, ["noise", "feature"], sample=sample.float(), timestep=timestep.long(), **named
+        )
         return noise.to(sample.device), feature
 
-    def shallow(sample: torch.Tensor, timestep: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+    def shallow(
+        sample: torch.Tensor, timestep: torch.Tensor, feature: torch.Tensor, **conditioning: torch.Tensor
+    ) -> torch.Tensor:
+        named = _condition_feeds(shallow_conditions, conditioning, shallow_path)
         (noise,) = run(
-            shallow_s, ["noise"], sample=sample.float(), timestep=timestep.long(), feature=feature.float()
+            shallow_s,
+            ["noise"],
+            sample=sample.float(),
+            timestep=timestep.long(),
+            feature=feature.float(),
+            **named,
         )
         return noise.to(sample.device)
 
     used = full_s.get_providers()
     info = {"provider": used[0], "providers": used, "path": str(full_path), "cache_level": level}
+    if full_conditions:
+        info["conditioning"] = full_conditions
     return Backend("onnxruntime", ReusePredictor(full, shallow, level), info)
 
 
@@ -267,15 +297,26 @@ def torch_backend(
     if cache_level is not None:
         split = FeatureReuseUNet(model, cache_level)
 
-        def full(sample: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            with torch.inference_mode():
-                noise, feature = split.full(sample.to(device=device, dtype=dtype), timestep.to(device))
-                return noise.float(), feature.float()
+        def typed(conditioning: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {  # embeddings in the model's dtype, class labels as they are
+                k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+                for k, v in conditioning.items()
+            }
 
-        def shallow(sample: torch.Tensor, timestep: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+        def full(
+            sample: torch.Tensor, timestep: torch.Tensor, **conditioning: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
             with torch.inference_mode():
                 x = sample.to(device=device, dtype=dtype)
-                return split.shallow(x, timestep.to(device), feature.to(device=device, dtype=dtype)).float()
+                noise, feature = split.full(x, timestep.to(device), **typed(conditioning))
+                return noise.float(), feature.float()
+
+        def shallow(
+            sample: torch.Tensor, timestep: torch.Tensor, feature: torch.Tensor, **conditioning: torch.Tensor
+        ) -> torch.Tensor:
+            with torch.inference_mode():
+                x, f = sample.to(device=device, dtype=dtype), feature.to(device=device, dtype=dtype)
+                return split.shallow(x, timestep.to(device), f, **typed(conditioning)).float()
 
         if cuda_graph:
             full, shallow = _cuda_graph_replayer(full, device), _cuda_graph_replayer(shallow, device)

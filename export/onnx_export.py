@@ -4,7 +4,7 @@
   ``noise``; dynamic batch axis; opset 18. The inputs' names, example tensors and dynamic axes
   come from the model's description (:meth:`compressor.components.ModelSpec.denoiser_inputs`),
   so a conditioned model's plain call also takes ``encoder_hidden_states`` (N x tokens x D) or
-  ``class_labels`` (int64, N); only unconditional models go through the stages today.
+  ``class_labels`` (int64, N); so do feature reuse's two passes (their ``feature`` after them).
 - fp32 always; an fp16 variant whose weights and activations are float16 while every
   normalisation (GroupNorm, LayerNorm) runs in float32 (fp16 overflows there), with
   float32 inputs and outputs; attentions that diffusers marks ``upcast_softmax`` (the
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressor.components import ModelSpec
-from compressor.errors import ArtifactError, ModelError
+from compressor.errors import ArtifactError
 from compressor.feature_reuse import FeatureReuseUNet
 from compressor.models import predict_noise, sample_shape
 from rundir.artifacts import verify_against_manifest
@@ -86,28 +86,46 @@ class NoisePredictorModule(nn.Module):
 
 
 class FullPassModule(nn.Module):
-    """The full pass of a feature-reuse split as a graph: (sample, timestep) -> (noise, feature)."""
+    """The full pass of a feature-reuse split as a graph: (sample, timestep[, conditions]) -> (noise,
+    feature). ``conditions``: the conditioning inputs' names after ``timestep`` (as the plain call's)."""
 
-    def __init__(self, split: nn.Module, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, split: nn.Module, dtype: torch.dtype = torch.float32, conditions: tuple[str, ...] = ()
+    ):
         super().__init__()
         self.split = split
         self.dtype = dtype
+        self.conditions = tuple(conditions)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        noise, feature = self.split.full(sample.to(self.dtype), timestep)
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, *conditions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        given = _typed(self.conditions, conditions, self.dtype)
+        noise, feature = self.split.full(sample.to(self.dtype), timestep, **given)
         return noise.float(), feature.float()
 
 
 class ShallowPassModule(nn.Module):
-    """The shallow pass as a graph: (sample, timestep, feature) -> noise (float32 at the edges)."""
+    """The shallow pass as a graph: (sample, timestep[, conditions], feature) -> noise (float32 at the
+    edges); the conditioning inputs sit where the plain call has them, the cached feature last."""
 
-    def __init__(self, split: nn.Module, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, split: nn.Module, dtype: torch.dtype = torch.float32, conditions: tuple[str, ...] = ()
+    ):
         super().__init__()
         self.split = split
         self.dtype = dtype
+        self.conditions = tuple(conditions)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
-        return self.split.shallow(sample.to(self.dtype), timestep, feature.to(self.dtype)).float()
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        *conditions, feature = rest
+        given = _typed(self.conditions, conditions, self.dtype)
+        return self.split.shallow(sample.to(self.dtype), timestep, feature.to(self.dtype), **given).float()
+
+
+def _typed(names: tuple[str, ...], values, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Conditioning inputs by name, embeddings in ``dtype`` (labels stay integers)."""
+    return {n: v.to(dtype) if v.is_floating_point() else v for n, v in zip(names, values, strict=True)}
 
 
 class Float32GroupNorm(nn.GroupNorm):
@@ -164,25 +182,20 @@ def export_unet(
     :data:`INTERFACES`, float32 at the edges whatever ``precision`` is).
 
     ``spec``: the description of the model ``unet`` belongs to (``DiffusionModel.spec``), whose
-    denoiser inputs the graph takes; by default the UNet alone. A conditioned model exports its
-    plain call only (ModelError for the feature-reuse passes).
+    denoiser inputs the graph takes; by default the UNet alone. A conditioned model's passes take its
+    conditioning inputs after ``timestep`` too (the shallow pass's ``feature`` last).
     """
 
     unet = copy.deepcopy(unet).eval().cpu()  # the caller's model keeps its device and mode
     described = ModelSpec.of(unet, spec).denoiser_inputs(batch)
     conditions = tuple(i.name for i in described.conditions)
-    if conditions and part != "unet":
-        raise ModelError(
-            f"feature reuse: the {part} pass of a model conditioned on {', '.join(conditions)} is not "
-            "exported yet; export the plain call (part unet)"
-        )
     dtype = torch.float16 if precision == "fp16" else torch.float32
     model = half_with_fp32_norms(unet) if precision == "fp16" else unet
     if part == "unet":
         wrapper: nn.Module = NoisePredictorModule(model, dtype, conditions).eval()
     else:
         split = FeatureReuseUNet(model, level)
-        wrapper = (FullPassModule if part == "full" else ShallowPassModule)(split, dtype).eval()
+        wrapper = (FullPassModule if part == "full" else ShallowPassModule)(split, dtype, conditions).eval()
     inputs, outputs = INTERFACES[part]
     inputs = [*described.names, *inputs[len(INPUT_NAMES) :]]  # the described inputs, then a pass's own
     g = torch.Generator().manual_seed(0)
@@ -191,12 +204,13 @@ def export_unet(
     examples = described.examples(g, timestep=500, shapes={"sample": traced})
     sample, timestep = examples["sample"], examples["timestep"]
     # traced below the model's size (fp16): every input/output's full size, to pin afterwards
-    shapes = _io_shapes(unet, part, level, full) if traced != full else {}
+    given = {name: examples[name] for name in conditions}
+    shapes = _io_shapes(unet, part, level, full, given) if traced != full else {}
     args: tuple = tuple(examples.values())
     if part == "shallow":
         with torch.no_grad():
-            feature = FeatureReuseUNet(unet, level).full(sample, timestep)[1]
-        args = (sample, timestep, feature)
+            feature = FeatureReuseUNet(unet, level).full(sample, timestep, **given)[1]
+        args = (*args, feature)
     dynamic = {name: {0: "batch"} for name in (*inputs, *outputs)}
     dynamic.update(described.dynamic_axes())
     for name, shape in shapes.items():
@@ -281,13 +295,16 @@ def fp16_trace_size(unet: nn.Module) -> tuple[int, int]:
     return min(h, max(least, 8)), min(w, max(least, 8))
 
 
-def _io_shapes(unet: nn.Module, part: str, level: int, full: tuple) -> dict[str, tuple]:
-    """The shape of every graph input and output at the model's own size (batch ``full[0]``)."""
+def _io_shapes(
+    unet: nn.Module, part: str, level: int, full: tuple, conditions: dict | None = None
+) -> dict[str, tuple]:
+    """The shape of every graph input and output at the model's own size (batch ``full[0]``);
+    ``conditions``: a conditioned model's example conditioning inputs (for the pass's feature)."""
     shapes = {"sample": full, "timestep": (full[0],), "noise": full}
     if part != "unet":
         with torch.no_grad():
-            x = torch.zeros(full)
-            feature = FeatureReuseUNet(unet, level).full(x, torch.zeros(full[0], dtype=torch.long))[1]
+            x, t = torch.zeros(full), torch.zeros(full[0], dtype=torch.long)
+            feature = FeatureReuseUNet(unet, level).full(x, t, **(conditions or {}))[1]
         shapes["feature"] = tuple(feature.shape)
     return shapes
 

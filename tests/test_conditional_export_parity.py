@@ -12,7 +12,6 @@ import onnx
 import pytest
 
 from compressor.components import DiffusionModel
-from compressor.errors import ConfigError
 from compressor.guidance import class_conditioning
 from compressor.models import build_unet
 from compressor.sampling import make_scheduler
@@ -139,14 +138,26 @@ def test_a_class_conditional_pixel_run_exports_int8_and_proves_it(tmp_path):
     assert whole[("pruned", "int8")]["graphs"] == ["export/pruned/unet.int8.onnx"]
 
 
-def test_feature_reuse_of_a_conditional_model_is_refused(tmp_path):
+def test_feature_reuse_of_a_conditional_model_exports_and_proves_both_passes(tmp_path):
     from tests.test_conditioning_data import class_tree
 
     model = write_model_folder(tmp_path / "model", {**TINY_UNET, "num_class_embeds": 5})
-    cfg = _cfg(model, class_tree(tmp_path / "classes", {"a": 4}), feature_reuse=True)
-    with pytest.raises(ConfigError, match="export.feature_reuse: .* class-conditioned"):
-        run_pipeline(cfg, tmp_path / "run", ["prune", "export"])
-    assert read_record(tmp_path / "run", "export") is None
+    cfg = _cfg(model, class_tree(tmp_path / "classes", {"a": 4}), ("fp32",), feature_reuse=True)
+    run = tmp_path / "run"
+    records = run_pipeline(cfg, run, ["prune", "export", "parity"])
+    files = records["export"]["metrics"]["files"]
+    for name in ("dense", "pruned"):
+        full, shallow = (layout.onnx_path(run, name, "fp32", part, 0) for part in ("full", "shallow"))
+        assert _inputs(full) == ["sample", "timestep", "class_labels"]
+        assert _inputs(shallow) == ["sample", "timestep", "class_labels", "feature"]
+        assert files[f"{name}.fp32.full"]["cache_level"] == 0
+    rows = [r for r in records["parity"]["metrics"]["results"] if "pass" in r.get("part", "")]
+    assert {(r["model"], r["part"]) for r in rows} == {
+        (name, f"{part} pass (level 0)") for name in ("dense", "pruned") for part in ("full", "shallow")
+    }
+    for row in rows:  # per call fed the labels, and the guided sampler reusing features (interval 3)
+        assert row["passed"] and row["conditioning"] == "class" and row["max_abs_error"] < 1e-4, row
+        assert row["sampler_cache_interval"] == 3 and row["sampler_psnr_db"] > 60
 
 
 def test_calibration_records_the_guided_conditioning():

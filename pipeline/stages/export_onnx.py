@@ -4,12 +4,12 @@ A conditional model's UNet graphs take its conditioning too (``encoder_hidden_st
 ``class_labels``, from the model's description), and the pipeline's other graphs are exported once,
 shared by both UNets (``RUN/export/shared/``): the text encoder of a text-conditioned model and the
 VAE decoder of a latent one, in each precision but int8 (only the UNet is quantized). Its int8 UNet
-is calibrated on the guided sampler's inputs with the run's prompts (``sample.guidance_scale``).
+is calibrated on the guided sampler's inputs with the run's prompts (``sample.guidance_scale``), and
+its feature-reuse passes (``export.feature_reuse``) take the conditioning inputs after ``timestep``.
 """
 
 from __future__ import annotations
 
-from compressor.errors import ConfigError
 from compressor.persist import load_unet, student_sampling
 from compressor.sampling import make_scheduler
 from export.compare import quiet_polygraphy
@@ -46,21 +46,10 @@ def parts(ctx: RunContext) -> list[str]:
     return ["unet", "full", "shallow"] if ctx.cfg.export.feature_reuse else ["unet"]
 
 
-def check_conditional(ctx: RunContext) -> None:
-    """ConfigError for what a conditional model cannot export yet: the feature-reuse passes."""
-    if ctx.dense.conditioning != "none" and ctx.cfg.export.feature_reuse:
-        raise ConfigError(
-            f"export.feature_reuse: model {ctx.cfg.model.name} is {ctx.dense.conditioning}-conditioned and "
-            "its feature-reuse passes are not exported yet (the sampler does not reuse features with "
-            "conditioning); set export.feature_reuse false"
-        )
-
-
 def run(ctx: RunContext) -> StageResult:
     """Write ``RUN/export/{dense,pruned}/unet.{fp32,fp16}.onnx`` (and the passes, or a conditional
     model's shared text encoder and VAE decoder graphs) and check each."""
     cfg = ctx.cfg.export
-    check_conditional(ctx)
     level = ctx.cfg.sample.cache_level
     source, folder = ctx.final_model_dir()
     models = {"dense": ctx.dense_on("cpu"), "pruned": load_unet(folder)[0]}

@@ -10,6 +10,10 @@ UNet loop -> ONNX VAE decoder against torch from the same seeds, :mod:`deploy.on
 gated on ``parity.min_psnr_<precision>``. Every conditional row names its ``component``; the
 whole-call rows hold image errors, so the record's ``max_abs_error`` / ``max_abs_error_fp32`` (the
 ``max_parity_error`` gate) are taken over the per-graph rows only.
+
+Long because one stage checks every graph a run exports against the same torch references, feeds
+and sampler (each UNet precision, feature reuse's two passes with or without conditioning, the shared
+text encoder and VAE decoder, the whole call, the TensorRT engines): one function per check here.
 """
 
 from __future__ import annotations
@@ -31,7 +35,14 @@ from deploy import tensorrt_backend
 from deploy.engine_info import profile_of, read_engine_info
 from deploy.onnx_text_to_image import text_to_image_parity
 from deploy.runtimes import load_backend
-from export.compare import compare, make_onnxrt_runner, make_pass_runner, make_torch_runner, parity_feeds
+from export.compare import (
+    compare,
+    make_function_runner,
+    make_onnxrt_runner,
+    make_pass_runner,
+    make_torch_runner,
+    parity_feeds,
+)
 from export.pipeline_graphs import (
     TEXT_ENCODER,
     VAE_DECODER,
@@ -156,6 +167,22 @@ def reuse_interval(ctx: RunContext) -> int:
     return ctx.cfg.sample.cache_interval if ctx.cfg.sample.cache_interval > 1 else 3
 
 
+def _conditioned_pass_runner(split: FeatureReuseUNet, part: str, name: str, feed: dict):
+    """A Polygraphy runner over one feature-reuse pass of a conditioned UNet in torch fp32, its inputs
+    named and ordered as the exported pass graph's (``sample``, ``timestep``, the conditioning, the
+    shallow pass's ``feature``), typed as ``feed`` holds them."""
+    inputs = {k: (v.dtype.type, (-1, *v.shape[1:])) for k, v in feed.items()}
+
+    def run(feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        given = {k: v for k, v in feeds.items() if k not in ("sample", "timestep", "feature")}
+        if part == "full":
+            noise, feature = split.full(feeds["sample"], feeds["timestep"], **given)
+            return {"noise": noise, "feature": feature}
+        return {"noise": split.shallow(feeds["sample"], feeds["timestep"], feeds["feature"], **given)}
+
+    return make_function_runner(run, name, inputs)
+
+
 def _engine_batches(ctx: RunContext, engine) -> list[int]:
     """The parity batches an engine's profile covers (its smallest batch if none is)."""
 
@@ -165,13 +192,21 @@ def _engine_batches(ctx: RunContext, engine) -> list[int]:
 
 
 def _reuse_parity(
-    ctx: RunContext, model: str, unet, precision: str, scheduler, kind: str = "onnxruntime"
+    ctx: RunContext,
+    model: str,
+    unet,
+    precision: str,
+    scheduler,
+    kind: str = "onnxruntime",
+    conditional: DiffusionModel | None = None,
 ) -> list[dict]:
     """The exported full and shallow passes vs torch fp32: per call (the shallow pass fed torch's
     cached feature) and the whole feature-reuse sampler (PSNR against the same sampler in torch).
 
     ``kind``: the passes' ONNX graphs on ONNX Runtime, or their TensorRT engines (on the GPU,
-    the build precision's tolerances).
+    the build precision's tolerances). ``conditional``: a conditional model (its text encoder and VAE
+    on the CPU): both passes are fed the run's prompts' embeddings (or labels) per call, and the
+    sampler runs guided with them, decoded by the torch VAE (rows with ``component`` ``unet``).
     """
 
     cfg, level = ctx.cfg.parity, ctx.cfg.sample.cache_level
@@ -179,28 +214,34 @@ def _reuse_parity(
     min_psnr = cfg.min_psnr_fp32 if precision == "fp32" else cfg.min_psnr_fp16
     device = "cuda" if kind == "tensorrt" else "cpu"
     split = FeatureReuseUNet(unet, level)
-    feeds = parity_feeds(unet, cfg.batches, cfg.timesteps, ctx.cfg.seed)
+    conditions = _condition_feeds(ctx, conditional)
+    batches = cfg.batches
     if kind == "tensorrt":
-        engine = layout.engine_path(ctx.run_dir, model, "full", level)
-        feeds = parity_feeds(unet, _engine_batches(ctx, engine), cfg.timesteps, ctx.cfg.seed)
+        batches = _engine_batches(ctx, layout.engine_path(ctx.run_dir, model, "full", level))
+    feeds = parity_feeds(unet, batches, cfg.timesteps, ctx.cfg.seed, conditions)
+    names = [k for k in feeds[0] if k not in ("sample", "timestep")]  # the conditioning inputs
     with torch.no_grad():
         for feed in feeds:
-            feed["feature"] = split.full(
-                torch.from_numpy(feed["sample"]), torch.from_numpy(feed["timestep"])
-            )[1].numpy()
+            given = {k: torch.from_numpy(feed[k]) for k in names}
+            args = (torch.from_numpy(feed["sample"]), torch.from_numpy(feed["timestep"]))
+            feed["feature"] = split.full(*args, **given)[1].numpy()
     interval = reuse_interval(ctx)
     torch_reuse = load_backend("torch", unet=unet, device=device, cache_level=level)
-    reference = _sampler_images(ctx, torch_reuse.predict, scheduler, device, cache_interval=interval)
+    sampled = {"cache_interval": interval, "model": conditional}
+    reference = _sampler_images(ctx, torch_reuse.predict, scheduler, device, **sampled)
     options = {"precision": precision} if kind == "onnxruntime" else {}
     backend = load_backend(kind, run_dir=ctx.run_dir, model=model, cache_level=level, **options)
-    images = _sampler_images(ctx, backend.predict, scheduler, device, cache_interval=interval)
+    images = _sampler_images(ctx, backend.predict, scheduler, device, **sampled)
     sampler_psnr = psnr(images, reference)
     rows = []
     for part in ("full", "shallow"):
         part_feeds = (
-            feeds if part == "shallow" else [{k: f[k] for k in ("sample", "timestep")} for f in feeds]
+            feeds if part == "shallow" else [{k: v for k, v in f.items() if k != "feature"} for f in feeds]
         )
-        ref = make_pass_runner(split, part, f"torch-{model}-{part}", feeds[0]["feature"].shape)
+        if names:
+            ref = _conditioned_pass_runner(split, part, f"torch-{model}-{part}", part_feeds[0])
+        else:
+            ref = make_pass_runner(split, part, f"torch-{model}-{part}", feeds[0]["feature"].shape)
         if kind == "tensorrt":
             engine = layout.engine_path(ctx.run_dir, model, part, level)
             cand, _ = tensorrt_backend.make_trt_runner(engine, f"tensorrt-{model}-{part}")
@@ -210,6 +251,7 @@ def _reuse_parity(
         report = compare([ref, cand], part_feeds, atol, rtol)[0]
         row = {
             "model": model,
+            **({"component": "unet", "conditioning": conditional.conditioning} if conditional else {}),
             "precision": precision if kind == "onnxruntime" else f"tensorrt-{precision}",
             "part": f"{part} pass (level {level})",
             "provider": backend.info.get("provider", "TensorRT"),
@@ -341,7 +383,7 @@ def run(ctx: RunContext) -> StageResult:
                         f"{model} {precision} {whole['part']} (PSNR {whole['sampler_psnr_db']:.1f} dB)"
                     )
             if ctx.cfg.export.feature_reuse and precision != "int8":
-                for row in _reuse_parity(ctx, model, unet, precision, scheduler):
+                for row in _reuse_parity(ctx, model, unet, precision, scheduler, conditional=conditional):
                     rows.append(row)
                     if not row["passed"]:
                         failures.append(
@@ -355,7 +397,10 @@ def run(ctx: RunContext) -> StageResult:
             if not row["passed"]:
                 failures.append(f"{model} TensorRT engine (max abs {row['max_abs_error']:.2e})")
             if f"{model}.full" in build.metrics.get("engines", {}):
-                for row in _reuse_parity(ctx, model, unet, ctx.cfg.build.precision, scheduler, "tensorrt"):
+                tensorrt_rows = _reuse_parity(
+                    ctx, model, unet, ctx.cfg.build.precision, scheduler, "tensorrt", conditional
+                )
+                for row in tensorrt_rows:
                     rows.append(row)
                     if not row["passed"]:
                         error = f"max abs {row['max_abs_error']:.2e}"
