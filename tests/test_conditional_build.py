@@ -352,3 +352,18 @@ def test_seeds_give_each_image_its_own_seed_and_prompt(sd_run):
     assert torch.allclose(got, torch.cat([first, rest]), atol=1e-6)
     with pytest.raises(UserError, match=r"seeds \[\]: give a non-empty list of integers >= 0"):
         t2i(steps=2, prompts=prompts, seeds=[])
+
+
+def test_files_the_build_command_rebuilds_are_relisted_in_the_manifest(sd_run, tmp_path):
+    from pipeline.commands.build_engines import relist
+    from rundir.artifacts import verify_against_manifest
+
+    _, run, _ = sd_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    listed = layout.onnx_path(copy, "dense", "fp32")  # as an engine the build stage listed would be
+    listed.write_bytes(listed.read_bytes() + b"rebuilt")
+    with pytest.raises(ArtifactError, match="differs from"):
+        verify_against_manifest(listed)
+    relist(copy, [listed, copy / "build" / "not-listed.plan"])
+    verify_against_manifest(listed)
