@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from compressor.errors import ModelError
+from compressor.guidance import distilled_scale
 from compressor.models import build_unet, example_inputs, predict_noise
 from compressor.pruning import pruned_heads, replay_history, set_attention_heads, sync_module_attributes
 from compressor.stack import Stack
@@ -120,11 +121,22 @@ def student_sampling(folder: Path) -> tuple[dict, int] | None:
     """(scheduler config, steps) a few-step student is sampled with; None for any other model.
 
     A ``distill_steps`` student records both in its structure file: the DDIM grid and
-    ``prediction_type`` it was trained for, and its step count.
+    ``prediction_type`` it was trained for, and its step count. A student of a guided model's
+    scheduler config also holds the scale it was distilled at
+    (:data:`compressor.guidance.DISTILLED_GUIDANCE`): sampled through
+    :func:`compressor.sampling.make_scheduler` and the loop, it runs on the conditional half alone,
+    once a step at the images' batch (:func:`student_guidance` reads the scale).
     """
     meta = read_structure(folder)
     steps = meta.get("student_steps")
     return (meta["scheduler_config"], int(steps)) if steps else None
+
+
+def student_guidance(folder: Path) -> float | None:
+    """The guidance scale a conditional model's few-step student was distilled at (it is then sampled
+    unguided: one UNet call a step on the conditional half), None for any other model."""
+    found = student_sampling(folder)
+    return None if found is None else distilled_scale(found[0])
 
 
 def load_unet(folder: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:

@@ -250,7 +250,10 @@ class RunContext:
 
         A conditional model samples image ``i`` with its prompt (:attr:`prompts`, ``prompts`` to
         override) under ``sample.guidance_scale``, and a latent one decodes with the dense model's VAE:
-        the images are always pixels in [0, 1].
+        the images are always pixels in [0, 1]. A few-step student of a guided model (``student``'s
+        scheduler config holds ``distilled_guidance_scale``) is sampled on the conditional half alone,
+        one UNet call a step at the images' batch: the loop reads that from its schedule
+        (:func:`compressor.guidance.sampled_guidance`).
         """
 
         s = self.cfg.sample

@@ -22,7 +22,7 @@ from compressor.errors import UserError
 from compressor.feature_reuse import FeatureReuseUNet
 from compressor.guidance import DISTILLED_GUIDANCE, encode_prompts, model_decoder
 from compressor.models import ReusePredictor, as_noise_predictor, load_model
-from compressor.persist import load_unet, read_structure, student_sampling
+from compressor.persist import load_unet, read_structure, student_guidance, student_sampling
 from compressor.sampling import denoise, initial_noise, make_scheduler
 from deploy.runtimes import load_backend, onnxruntime_reuse_backend
 from export.onnx_export import export_unet
@@ -229,6 +229,7 @@ def test_a_guided_models_student_records_its_distilled_scale(student_run):
     sched_cfg, steps = student_sampling(final)
     assert steps == 2 and sched_cfg[DISTILLED_GUIDANCE] == 3.0 and sched_cfg["timestep_spacing"] == "trailing"
     assert read_structure(final)["guidance"]["distilled_scale"] == 3.0
+    assert student_guidance(final) == 3.0 and student_guidance(layout.model_dir(student_run, "prune")) is None
     for n in (8, 4, 2):  # every round's student, stage one's at the teacher's 8 steps
         assert student_sampling(layout.student_round_dir(student_run, n))[1] == n
 
@@ -251,3 +252,28 @@ def test_the_student_is_sampled_once_a_step_on_the_conditional_half(student_run)
     calls.clear()
     ctx.sample_images(counted, 2, 2)  # the same UNet as a plain model of the run: guided, twice the rows
     assert calls == [4, 4]
+
+
+def test_stage_one_regresses_the_guided_teacher_from_the_conditional_half():
+    from compressor.conditional_batches import NullCondition
+    from compressor.models import build_unet
+    from compressor.step_distill import GuidedTarget
+    from tests.conftest import DDPM_SCHEDULER, TINY_COND_UNET
+
+    teacher = build_unet(TINY_COND_UNET, 0).eval()
+    abar = make_scheduler("ddpm", DDPM_SCHEDULER).alphas_cumprod
+    null = NullCondition(text=torch.randn(1, 6, 16))
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t, text = torch.tensor([10, 500, 999]), torch.randn(3, 6, 16, generator=g)
+    target = GuidedTarget(teacher, abar, 3.0, null, "epsilon", "epsilon")
+
+    class Guided(torch.nn.Module):  # answers with the teacher guided against the null text, by hand
+        def forward(self, z, tt, return_dict=False, encoder_hidden_states=None):
+            both = torch.cat([null.text.expand_as(encoder_hidden_states), encoder_hidden_states])
+            uncond, cond = teacher(torch.cat([z, z]), torch.cat([tt, tt]), both).sample.chunk(2)
+            return (uncond + 3.0 * (cond - uncond),)
+
+    with torch.no_grad():
+        assert float(target(Guided(), x0, noise, t, encoder_hidden_states=text)) < 1e-10
+        assert float(target(teacher, x0, noise, t, encoder_hidden_states=text)) > 1e-4  # unguided: off
