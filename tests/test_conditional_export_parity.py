@@ -129,6 +129,10 @@ def test_a_class_conditional_pixel_run_exports_int8_and_proves_it(tmp_path):
     assert not (layout.stage_dir(run, "export") / "shared").exists()
     # calibrated guided: each step's batch doubled (the null class beside the labels), 3 steps x 2 images
     assert files["dense.int8"]["calibration_inputs"] == 3 * 2 * 2
+    assert files["dense.int8"]["calibration"] == {
+        "sampler": "ddim:3", "images": 2, "guidance_scale": 3.0, "unet_batch": "2x",
+        "distilled_guidance_scale": None, "prompts": 2,
+    }  # fmt: skip
     rows = _by_component(read_record(run, "parity").metrics["results"])
     assert set(rows) == {"unet", "text_to_image"}
     assert {r["conditioning"] for r in rows["unet"]} == {"class"}

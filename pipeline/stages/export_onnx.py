@@ -10,6 +10,7 @@ its feature-reuse passes (``export.feature_reuse``) take the conditioning inputs
 
 from __future__ import annotations
 
+from compressor.guidance import distilled_scale, sampled_guidance
 from compressor.persist import load_unet, student_sampling
 from compressor.sampling import make_scheduler
 from export.compare import quiet_polygraphy
@@ -130,6 +131,17 @@ def _quantize(ctx: RunContext, model: str, unet, student: tuple[dict, int] | Non
     )  # fmt: skip
     path = layout.onnx_path(ctx.run_dir, model, "int8")
     info = quantize_unet(layout.onnx_path(ctx.run_dir, model, "fp32"), path, feeds)
+    if guided:  # what the trajectory was: a conditional model's record says so (unconditional: as before)
+        scheduler = make_scheduler("ddim", sched_cfg)
+        scale = sampled_guidance(scheduler, guided["guidance_scale"])
+        info["calibration"] = {
+            "sampler": f"ddim:{steps}",
+            "images": cfg.calibration_images,
+            "guidance_scale": scale,
+            "unet_batch": "2x" if scale > 1 else "1x",
+            "distilled_guidance_scale": distilled_scale(scheduler),
+            "prompts": len(set(ctx.prompts.for_images(cfg.calibration_images, 0))),
+        }
     log(
         "export",
         f"{model} int8: {info['dequantize_nodes']} Q/DQ pairs, calibrated on {info['calibration_inputs']} "
