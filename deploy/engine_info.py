@@ -277,6 +277,14 @@ def sized_graphs_needed(run_dir: Path, cfg: BuildConfig) -> bool:
     return side > 0 and set(cfg.sizes) != {side * _vae_factor(_exported_vae(run_dir, cfg.precision))}
 
 
+def check_sizes(run_dir: Path, cfg: BuildConfig) -> None:
+    """ConfigError (one line, with the fix) for ``build.sizes`` the run's UNet cannot take (its downsampling
+    times the VAE's, a non-square model), read from the exported graphs; nothing before the export."""
+    src = layout.onnx_path(run_dir, "dense", cfg.precision)
+    if cfg.sizes is not None and src.is_file():
+        size_range(run_dir, cfg, onnx_input_shapes(src)["sample"], _exported_vae(run_dir, cfg.precision))
+
+
 def _sized_source(
     run_dir: Path, src: Path, graph: str, precision: str, sizes: tuple[int, int, int] | None
 ) -> tuple[Path, dict[str, tuple[int, ...]]]:

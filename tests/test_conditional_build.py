@@ -230,6 +230,9 @@ def test_a_size_range_is_checked_against_the_downsampling_and_the_graphs(sd_run)
 
     with pytest.raises(ConfigError, match=rf"{side + 1} px is not a multiple of {multiple} .*use multiples"):
         engine_info.run_graphs(run, sized([side, side + 1, side + 2]), None, GUIDANCE)
+    with pytest.raises(ConfigError, match=rf"{side + 1} px is not a multiple"):  # the stage, before TensorRT
+        engine_info.check_sizes(run, sized([side, side + 1, side + 2]))
+    engine_info.check_sizes(run, sized([side, side + multiple, 2 * side]))
     assert not engine_info.sized_graphs_needed(run, sized([side] * 3))
     assert engine_info.sized_graphs_needed(run, sized([side, side, 2 * side]))
     with pytest.raises(ArtifactError, match=r"graphs/dense.fp32.onnx not found: build.sizes needs the dense"):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from compressor.persist import load_unet
 from deploy import tensorrt_backend
-from deploy.engine_info import conditioned_unet, sized_graphs_needed
+from deploy.engine_info import check_sizes, conditioned_unet, sized_graphs_needed
 from export.sized_graphs import export_run_sized_graphs
 from pipeline.context import RunContext, StageResult, log
 
@@ -40,6 +40,7 @@ def run(ctx: RunContext) -> StageResult:
     """Build the engines; reports itself skipped (with the reason) where TensorRT cannot run."""
     cfg = ctx.cfg.build
     cfg.check_shapes()
+    check_sizes(ctx.run_dir, cfg)  # refused here too where TensorRT cannot run
     reason = tensorrt_backend.unavailable_reason()
     if reason:
         log("build", f"skipped: {reason}")
