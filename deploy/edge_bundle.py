@@ -29,6 +29,7 @@ import torch
 
 from compressor.errors import ArtifactError, UserError
 from compressor.feature_reuse import FeatureReuseUNet, full_steps
+from compressor.guidance import distilled_scale
 from compressor.models import predict_noise
 from compressor.sampling import generate, make_scheduler
 from deploy.bundle_runtime import FORMAT
@@ -259,6 +260,8 @@ def make_bundle(
     if conditional:
         refuse_unsupported(sampler, spec)
     settings, arrays = scheduler_tables(spec.scheduler, sampler.scheduler_config, spec.steps)
+    if conditional and distilled_scale(sampler.scheduler_config) is not None:  # a guided student: one call
+        settings["distilled_guidance_scale"] = distilled_scale(sampler.scheduler_config)  # a step, cond half
     if conditional and not sampler.student_steps:  # `generate --steps N`: each count's own tables
         settings["step_choices"] = sorted({*STEP_CHOICES, spec.steps} & set(range(1, sampler.max_steps + 1)))
         for n in settings["step_choices"]:

@@ -122,6 +122,27 @@ def test_a_text_to_image_bundle_generates_the_images_of_sample_and_passes_its_ch
     )
 
 
+def test_a_student_distilled_at_a_fixed_scale_is_sampled_on_the_conditional_half(
+    t2i_run, tmp_path, monkeypatch
+):
+    """A guided student's schedule says the scale it was distilled at: the bundle samples it with one UNet
+    call a step on the conditional rows (guiding it again would apply the scale twice), whatever
+    --guidance-scale says, as compress-deploy sample does."""
+    import deploy.edge_bundle
+
+    monkeypatch.setattr(deploy.edge_bundle, "distilled_scale", lambda config: 3.0)
+    out = tmp_path / "bundle"
+    make_bundle(t2i_run, out, BundleSpec(steps=3, with_dense=False))
+    assert json.loads((out / "scheduler.json").read_text())["distilled_guidance_scale"] == 3.0
+    b, s = tmp_path / "b.npy", tmp_path / "s.npy"
+    done = _runtime(out, "generate", "--prompt", PROMPTS[0], "--num-images", "2", "--out", str(b))
+    assert done.returncode == 0, done.stderr
+    argv = ["sample", str(t2i_run), "--backend", "onnxruntime", "--steps", "3", "--prompt", PROMPTS[0],
+            "--num-images", "2", "--guidance-scale", "1", "--out", str(s)]  # fmt: skip
+    assert main(argv) == 0
+    assert np.abs(np.load(b) - np.load(s)).max() <= 1e-5
+
+
 def test_bad_input_tampering_and_failed_gates_exit_2_3_and_4(t2i_run, tmp_path):
     out = tmp_path / "bundle"
     make_bundle(t2i_run, out, BundleSpec(steps=2, with_dense=False), {"max_image_ms": 1e-6})

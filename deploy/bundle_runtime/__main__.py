@@ -128,14 +128,20 @@ def _check(bundle: Bundle, args) -> int:
         prompts = bundle.pipeline.settings["reference_prompts"][:1] * batch
         call = {"guidance": bundle.pipeline.guidance_scale, "rows": bundle.pipeline.conditioning(prompts)}
 
+        distilled = bundle.settings.get("distilled_guidance_scale") is not None  # a guided student: 1 call
+
         def unet(model: str = "model"):  # the UNet call alone: the prompts were encoded once, above
-            graph = bundle.graphs[model].unet
-            return guided_eps(graph, noise, t, bundle.pipeline.input, call["rows"], call["guidance"])
+            graph, scale = (
+                bundle.graphs[model].unet,
+                1.0 if distilled and model == "model" else call["guidance"],
+            )
+            return guided_eps(graph, noise, t, bundle.pipeline.input, call["rows"], scale)
 
         def sampler(model: str = "model"):
             return bundle.generate(0, batch, batch, model, prompts)
 
-        rows_note = f"batch {batch}" + (", guided: twice the rows" if call["guidance"] > 1 else "")
+        twice = call["guidance"] > 1 and not distilled
+        rows_note = f"batch {batch}" + (", guided: twice the rows" if twice else "")
     else:
 
         def unet(model: str = "model"):

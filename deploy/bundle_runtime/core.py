@@ -296,6 +296,8 @@ class Bundle:
         per image, of a conditional model, guided by ``guidance`` (both halves in one call above 1);
         a latent model's final latents are decoded by the bundle's VAE decoder."""
         graphs, solver = self.graphs[model], self.solver(model, steps)
+        if model == "model" and self.settings.get("distilled_guidance_scale") is not None:
+            guidance = 1.0  # a student distilled at a fixed scale: the conditional half alone (not twice)
         x = noise * np.float32(self.settings["init_noise_sigma"])
         feature = None
         interval = int(self.settings.get("cache_interval", 1))
