@@ -113,3 +113,38 @@ def test_a_runs_latency_target_over_levers_chooses_from_the_conditional_frontier
     assert written["conditioning"] == "text" and written["chosen"]["stack"] == choice.stack.as_dict()
     assert choice.stack.as_dict() in [p["stack"] for p in frontier["points"]]  # nothing measured anew
     assert written["chosen"]["adherence"] is not None and "by_batch" in written["chosen"]
+
+
+@pytest.fixture(scope="module")
+def levers(tmp_path_factory, clip_tokenizer_folder) -> dict:
+    """The dense text-to-image model's frontier over feature reuse (interval 2) and a 2-step student
+    (guidance 3 distilled at 8 steps, then 8 -> 4 -> 2), the reference DDIM 8: frontier.json."""
+    root = tmp_path_factory.mktemp("sd-levers")
+    pipe, data = text_to_image_folders(root, clip_tokenizer_folder, images=8)
+    grid = {**FRONTIER, "ratios": [0.0], "steps": [4], "cache_intervals": [1, 2], "precisions": ["fp32"],
+            "students": [0, 2]}  # fmt: skip
+    cfg = conditional_config(
+        pipe, data, frontier=grid, sample={"prompts": PROMPTS, "steps": 8},
+        quality={"feature": "digits", "resamples": 20}, export={"precisions": ["fp32"]},
+        distill_steps={"start_steps": 8, "steps_per_round": 2, "batch_size": 4, "checkpoint_every": 2},
+    )  # fmt: skip
+    path = root / "sd.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    out = root / "frontier"
+    assert main(["frontier", str(path), "--out", str(out)]) == 0
+    return json.loads((out / "frontier.json").read_text())
+
+
+def test_feature_reuse_and_a_guided_student_are_levers_of_the_whole_call(levers):
+    points = {(p["stack"]["cache_interval"], p["stack"].get("student_steps", 0)): p for p in levers["points"]}
+    assert set(points) == {(1, 0), (2, 0), (1, 2)}
+    reuse, student = points[(2, 0)], points[(1, 2)]
+    assert reuse["stack"]["steps"] == 4 and reuse["label"].endswith("cache 2")
+    assert reuse["fd"] != points[(1, 0)]["fd"]  # the shallow passes change the images
+    assert student["stack"]["steps"] == 2 and student["student_training"]["optimizer_steps"] > 0
+    for p in (reuse, student):  # scored with the prompts, timed as whole calls at both batches
+        assert p["adherence"] is not None and 0 < p["ssim"] < 1
+        assert set(p["by_batch"]) == {"1", "2"}
+        for t in p["by_batch"].values():
+            assert set(t["components"]) == {"text_encoder", "unet_loop", "vae_decoder"}
+            assert t["latency_ms"] > 0 and t["speedup"] > 0
