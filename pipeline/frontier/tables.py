@@ -30,7 +30,7 @@ def table(frontier: dict) -> str:
     batches = frontier.get("batches")  # several timed batches (a conditional run: always)
     adherent = "conditioning" in frontier
     speed = (
-        " | ".join(f"ms (batch {b}) | speed-up (batch {b})" for b in batches)
+        " | ".join(f"ms (batch {b}) | speed-up (batch {b})" for b in sorted(batches))
         if batches
         else f"ms (batch {frontier['batch']}) | speed-up"
     )
@@ -50,7 +50,7 @@ def table(frontier: dict) -> str:
         label = f"**{p['label']}**" if p["pareto"] else p["label"]
         ties = sorted(row[k] for k in p.get("within_noise", []) if k in row and order[row[k] - 1]["pareto"])
         timed = (
-            " | ".join(speed_cells(p, b) for b in batches)
+            " | ".join(speed_cells(p, b) for b in sorted(batches))
             if batches
             else f"{p['latency_ms']:.1f} | {p['speedup']:.2f}x"
         )
@@ -128,6 +128,8 @@ def choice_text(c: dict, target: str, metric: str) -> str:
                 f"({best.get('figure', best['fd']):.2f}, "
                 f"{best['speedup']:.2f}x); {n} stacks are within noise of it and this is the fastest."
             )
+        elif choice["meeting_target"] == 1:
+            text += " It is the only stack meeting the target."
         else:
             text += f" It has the lowest {metric} of the {choice['meeting_target']} stacks meeting the target"
             text += (
@@ -147,7 +149,8 @@ def choice_text(c: dict, target: str, metric: str) -> str:
             )
             names.append(f"acceptance.min_adherence_ratio {least:g}")
         text += (
-            f" Considered: the {passing} stacks meeting the target {' and '.join(whose)}."
+            f" Considered: the {passing} stack{'s' if passing > 1 else ''} meeting the target "
+            f"{' and '.join(whose)}."
             if passing
             else f" No stack meeting the target passes {' and '.join(names)}; all were considered."
         )
@@ -183,7 +186,8 @@ def write(frontier: dict, out: Path) -> None:
     ref = frontier["reference"]
     what = f"whole sampler, {frontier['backend']}, batch {frontier['batch']}"
     if frontier.get("batches"):
-        what = (f"whole sampler, {frontier['backend']}, batches {', '.join(map(str, frontier['batches']))} "
+        shown = ", ".join(map(str, sorted(frontier["batches"])))
+        what = (f"whole sampler, {frontier['backend']}, batches {shown} "
                 f"(speed-ups and targets read batch {frontier['batch']})")  # fmt: skip
     if "conditioning" in frontier:
         what = (
