@@ -169,6 +169,21 @@ def test_static_shapes_build_every_engine_at_one_shape_on_the_real_api(trt_api, 
     assert "build.shapes=static build.opt_batch=4" in sampler["refusal"]
 
 
+def test_a_size_range_sets_every_spatial_side_on_the_real_profile_api(trt_api, sd_exported_run, tmp_path):
+    """build.sizes on stand-ins: the UNets and VAE decoder from the graphs of any side, their profile's
+    sample / latent_sample sides set through IOptimizationProfile.set_shape as recorded."""
+    report = _build_check(trt_api, sd_exported_run, tmp_path / "run", 3.0, "sizes:16,24,32")
+    assert report["problems"] == [] and report["calls_unchecked"] == []
+    engines = report["engines"]
+    assert engines["dense"]["onnx"] == "build/graphs/dense.fp32.onnx"
+    assert engines["shared.vae_decoder"]["onnx"] == "build/graphs/vae_decoder.fp32.onnx"
+    lo, opt, hi = engines["dense"]["profile_shapes"]["sample"]
+    assert [lo[0], opt[0], hi[0]] == [2, 4, 6] and [lo[2], opt[2], hi[3]] == [8, 12, 16]  # latents: px / 2
+    assert engines["dense"]["profile"]["sizes"] == [8, 12, 16]
+    assert engines["shared.vae_decoder"]["profile_shapes"]["latent_sample"][2][1:] == [4, 16, 16]
+    assert "sizes" not in engines["shared.text_encoder"]["profile"]
+
+
 def test_an_unconditional_run_builds_its_two_engines_as_before_on_the_real_api(
     trt_api, exported_run, tmp_path
 ):
