@@ -386,7 +386,8 @@ def plot_frontier(
     ax.set_yscale("symlog" if inf else "log")  # FD-infinity can be near zero or below it
     ref = frontier["reference"]["stack"]
     where = f"({frontier['backend']}, batch {frontier['batch']})"
-    ax.set_xlabel(f"sampler speed-up vs dense {ref['scheduler']} {ref['steps']} {where}")
+    what = "whole-call" if "conditioning" in frontier else "sampler"  # a conditional model's whole call
+    ax.set_xlabel(f"{what} speed-up vs dense {ref['scheduler']} {ref['steps']} {where}")
     level = frontier.get("interval", {}).get("level")
     bars = f"; bars: {level:.0%} intervals" if level else ""
     name = f"FD-infinity ({frontier['metric']})" if inf else frontier["metric"]
