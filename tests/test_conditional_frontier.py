@@ -95,6 +95,10 @@ def test_a_rerun_of_the_conditional_frontier_measures_nothing_again(measured, ca
     assert {p: p.stat().st_mtime_ns for p in (out / "points").glob("*.json")} == stamps
     again = json.loads((out / "frontier.json").read_text())
     assert [p["adherence"] for p in again["points"]] == [p["adherence"] for p in frontier["points"]]
+    # --retime: the timings again (a busy machine's), the quality kept
+    assert main(["frontier", str(path), "--retime", "--out", str(out)]) == 0
+    moved = {p.name for p in stamps if p.stat().st_mtime_ns != stamps[p]}
+    assert moved == {p.name for p in stamps if ".latency." in p.name} and len(moved) == 2 * 8
 
 
 def test_a_runs_latency_target_over_levers_chooses_from_the_conditional_frontier(measured, tmp_path):

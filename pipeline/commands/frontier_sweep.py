@@ -4,7 +4,7 @@
                              [--steps 50,20,10] [--cache-intervals 1,2] [--precisions fp32,int8]
                              [--students 0,8,4,2]
                              [--backend onnxruntime] [--batch 16] [--batches 1,4] [--samples N]
-                             [--repeat N] [--threads N] [--target 3x|40ms|3x,10x]
+                             [--repeat N] [--retime] [--threads N] [--target 3x|40ms|3x,10x]
                              [--levers prune,steps,scheduler,cache,precision,student]
                              [--ray [ADDRESS]] [--workers N] [--out DIR]
 
@@ -112,6 +112,11 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--samples", type=int, help="images scored per stack (default: quality.num_samples)")
     parser.add_argument("--repeat", type=int, help="timed runs per stack (default: frontier.repeat)")
+    parser.add_argument(
+        "--retime",
+        action="store_true",
+        help="time every stack again, not reusing cached timings (e.g. measured while the machine was busy)",
+    )
     parser.add_argument("--threads", type=int, help="threads of every job and timing (default: all)")
     parser.add_argument(
         "--target",
@@ -157,7 +162,7 @@ def main(argv: list[str]) -> int:
     batches = int_list(args.batches, "--batches")
     spec = fr.spec_from_config(
         cfg, out, grid, backend=args.backend, batch=args.batch, samples=args.samples, threads=args.threads,
-        repeat=args.repeat, batches=batches,
+        repeat=args.repeat, batches=batches, retime=args.retime or None,
     )  # fmt: skip
     named = [t.strip() for t in (args.target or "").split(",") if t.strip()]
     if args.target is not None and not named:

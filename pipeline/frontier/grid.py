@@ -82,6 +82,7 @@ class Spec:
     repeat: int = 3
     warmup: int = 1
     batches: list[int] = field(default_factory=list)  # more timed batches beside ``batch``
+    retime: bool = False  # time every stack again, whatever was cached (a busy machine's timings)
 
     @property
     def root(self) -> Path:

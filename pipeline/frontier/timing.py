@@ -89,7 +89,7 @@ def time_stacks(
             fingerprint = key_of(ratio_keys[(stack.ratio, student)], stack.as_dict(), str(ref),
                                  spec.backend, batch, spec.threads, spec.repeat, spec.warmup,
                                  host)  # fmt: skip
-            found = cached(path, fingerprint)
+            found = None if spec.retime else cached(path, fingerprint)
             if found is None:
                 schedule = student_schedule(spec, stack) if student else sched_cfg
                 reuse = stack.cache_interval > 1
