@@ -229,7 +229,7 @@ def device_memory(trt, logger, data: bytes) -> int | None:
 
 
 def engine_facts(
-    profile: Profile, shapes: dict, engine_bytes: int, workspace: int, memory: int | None
+    profile: Profile, shapes: dict, engine_bytes: int | None, workspace: int, memory: int | None
 ) -> dict:
     """What the build record says of an engine beside its profile: ``shapes`` (static or dynamic), the
     shapes set on the optimisation profile per input ([min, opt, max]), the file's size, the builder's

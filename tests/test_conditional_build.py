@@ -68,8 +68,15 @@ def test_the_build_stage_of_a_text_to_image_run_is_skipped_with_the_reason_here(
     record = read_record(run, "build")
     assert record is not None and record.status == "skipped"
     assert record.reason == tensorrt_backend.unavailable_reason() and record.reason
-    assert record.metrics == {"engines": {}}
-    assert not layout.shared_engine_path(run, "text_encoder").exists()
+    assert record.metrics["engines"] == {} and not layout.shared_engine_path(run, "text_encoder").exists()
+    planned = record.metrics["planned"]  # what a GPU host would build, with its profile shapes
+    assert list(planned) == ["dense", "pruned", "shared.text_encoder", "shared.vae_decoder"]
+    assert planned["shared.text_encoder"]["engine"] == "build/shared/text_encoder.plan"
+    assert planned["shared.text_encoder"]["profile_shapes"] == {
+        "input_ids": [[1, TOKENS], [2, TOKENS], [4, TOKENS]]
+    }
+    assert planned["dense"]["profile"] == {"min_batch": 2, "opt_batch": 4, "max_batch": 8}
+    assert planned["dense"]["workspace_bytes"] == 8 << 30 and planned["dense"]["engine_bytes"] is None
 
 
 def test_a_text_to_image_run_would_build_its_three_graphs_with_their_profiles(sd_run):

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from compressor.errors import ArtifactError
 from compressor.persist import load_unet
 from deploy import tensorrt_backend
-from deploy.engine_info import check_sizes, conditioned_unet, sized_graphs_needed
+from deploy.engine_info import check_sizes, conditioned_unet, run_graphs, sized_graphs_needed
 from export.sized_graphs import export_run_sized_graphs
 from pipeline.context import RunContext, StageResult, log
 
@@ -44,13 +45,39 @@ def run(ctx: RunContext) -> StageResult:
     reason = tensorrt_backend.unavailable_reason()
     if reason:
         log("build", f"skipped: {reason}")
-        return StageResult({"engines": {}}, status="skipped", reason=reason)
+        return StageResult({"engines": {}, **planned(ctx)}, status="skipped", reason=reason)
     ctx.require("export", "build")
     sized = export_sized(ctx)
     engines, files = tensorrt_backend.build_run_engines(
         ctx.run_dir, cfg, lambda m: log("build", m), reuse_level(ctx), ctx.cfg.sample.guidance_scale
     )
     return StageResult({"engines": engines}, sized + files)
+
+
+def planned(ctx: RunContext) -> dict:
+    """A conditioned run's build skipped here: ``{"planned": {key: ...}}``, every engine it would build
+    with its profile, profile shapes and workspace limit (sizes and memory unknown until built); {} for an
+    unconditional run (its record as before) or one whose graphs are not all there yet."""
+    cfg = ctx.cfg.build
+    if not conditioned_unet(ctx.run_dir, cfg.precision):
+        return {}
+    try:
+        graphs = run_graphs(ctx.run_dir, cfg, reuse_level(ctx), ctx.cfg.sample.guidance_scale)
+    except ArtifactError:
+        return {}
+    workspace = int(cfg.workspace_gib * (1 << 30))
+    return {
+        "planned": {
+            g.key: {
+                "onnx": str(g.onnx.relative_to(ctx.run_dir)),
+                "engine": str(g.engine.relative_to(ctx.run_dir)),
+                "precision": g.precision,
+                "profile": g.profile.record(),
+                **tensorrt_backend.engine_facts(g.profile, g.profile.shapes(g.inputs), None, workspace, None),
+            }
+            for g in graphs
+        }
+    }
 
 
 def export_sized(ctx: RunContext) -> list[Path]:
