@@ -128,8 +128,6 @@ def choice_text(c: dict, target: str, metric: str) -> str:
                 f"({best.get('figure', best['fd']):.2f}, "
                 f"{best['speedup']:.2f}x); {n} stacks are within noise of it and this is the fastest."
             )
-        elif choice["meeting_target"] == 1:
-            text += " It is the only stack meeting the target."
         else:
             text += f" It has the lowest {metric} of the {choice['meeting_target']} stacks meeting the target"
             text += (
@@ -149,8 +147,7 @@ def choice_text(c: dict, target: str, metric: str) -> str:
             )
             names.append(f"acceptance.min_adherence_ratio {least:g}")
         text += (
-            f" Considered: the {passing} stack{'s' if passing > 1 else ''} meeting the target "
-            f"{' and '.join(whose)}."
+            f" Considered: the {passing} stacks meeting the target {' and '.join(whose)}."
             if passing
             else f" No stack meeting the target passes {' and '.join(names)}; all were considered."
         )
