@@ -277,3 +277,16 @@ def test_stage_one_regresses_the_guided_teacher_from_the_conditional_half():
     with torch.no_grad():
         assert float(target(Guided(), x0, noise, t, encoder_hidden_states=text)) < 1e-10
         assert float(target(teacher, x0, noise, t, encoder_hidden_states=text)) > 1e-4  # unguided: off
+
+
+def test_the_students_cache_key_holds_the_distilled_scale(student_run):
+    import dataclasses
+
+    from pipeline.cache import stage_key
+    from pipeline.stages import distill_steps
+
+    run, cfg = student_run
+    other = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, guidance_scale=5.0))
+    keys = [stage_key(RunContext(c, run), "distill_steps", distill_steps)["key"] for c in (cfg, other)]
+    assert keys[0] != keys[1]  # another scale is another student: trained again, not reused
+    assert distill_steps.key_extra(RunContext(cfg, run))["sample.guidance_scale"] == 3.0

@@ -30,7 +30,7 @@ from compressor.models import as_noise_predictor
 from compressor.persist import dense_config, load_unet, read_structure, save_unet
 from compressor.sampling import generate, make_scheduler
 from compressor.step_distill import check_target, distill_round, guided_round, student_scheduler_config
-from pipeline.context import RunContext, StageResult, log
+from pipeline.context import RunContext, StageCall, StageResult, log
 from pipeline.fitting import checkpoint_dir, drop_stale_checkpoints, step_bar
 from rundir import layout
 
@@ -39,6 +39,21 @@ GUIDED = "guided"  # stage one's checkpoint folder (a conditional model under gu
 INPUTS = ["prune", "finetune"]
 SOURCES = ("finetune", "prune")  # where the student starts (newest first), unless student: dense
 EVAL_IMAGES = 64  # images compared with the dense teacher's samples after every round
+
+
+# what a conditional model's student depends on besides its sections: the scale it is distilled at,
+# and the prompts and seeds its rounds are evaluated with
+PROMPT_KEYS = ("guidance_scale", "prompts", "prompt_file", "negative_prompt", "seed")
+
+
+def key_extra(ctx: RunContext) -> dict:
+    """A conditional model's student also depends on ``sample.guidance_scale`` (distilled into it) and
+    the prompts its rounds are scored with; an unconditional model's key is as before."""
+    if not ctx.cfg.distill_steps.active:
+        return {}
+    if ctx.at_stage(StageCall("distill_steps", "")).dense.conditioning == "none":  # loaded once, shared
+        return {}
+    return {f"sample.{k}": getattr(ctx.cfg.sample, k) for k in PROMPT_KEYS}
 
 
 def run(ctx: RunContext) -> StageResult:
