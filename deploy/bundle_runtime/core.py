@@ -158,14 +158,16 @@ SOLVERS = {"ddim": DDIM, "dpmsolver++": DPMSolverPP}
 class Graphs:
     """One model's ONNX Runtime sessions: the plain call, or the two feature-reuse passes."""
 
-    def __init__(self, root: Path, files: dict, provider: str, threads: int | None) -> None:
+    def __init__(
+        self, root: Path, files: dict, provider: str, threads: int | None, spin: bool = True
+    ) -> None:
         import onnxruntime as ort
 
         ort.set_default_logger_severity(3)
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
-        if "full" in files:  # two sessions in turn: spinning threads would steal each other's cores
+        if "full" in files or not spin:  # sessions in turn: spinning threads would steal each other's cores
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.sessions = {}
         for part, name in files.items():
@@ -257,7 +259,11 @@ class Bundle:
             self.fallback_reason = self.fallback_reason or f"no {provider} in this ONNX Runtime"
             provider = "CPUExecutionProvider"
         self.provider = provider
-        self.graphs = {m: Graphs(self.root, f, provider, threads) for m, f in self.manifest["graphs"].items()}
+        # a conditional bundle's UNets take turns with its text encoder and VAE decoder: none spins
+        spin = not self.manifest.get("pipeline")
+        self.graphs = {
+            m: Graphs(self.root, f, provider, threads, spin) for m, f in self.manifest["graphs"].items()
+        }
         if self.manifest.get("pipeline"):  # a conditional or latent model's tokenizer, encoder, decoder
             self.pipeline = Pipeline(self.root, self.manifest, provider, threads)
 
