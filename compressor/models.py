@@ -48,18 +48,21 @@ NoisePredictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class ReusePredictor:
     """A noise predictor with DeepCache's two passes (see :mod:`compressor.feature_reuse`).
 
-    ``full(sample, timestep) -> (noise, feature)``, ``shallow(sample, timestep, feature) ->
-    noise``. Called like a plain predictor it runs the full pass, so a backend built for
-    feature reuse also serves every sampler that does not reuse.
+    ``full(sample, timestep, **conditioning) -> (noise, feature)``, ``shallow(sample, timestep,
+    feature, **conditioning) -> noise`` (``conditioning``: a conditional model's
+    ``encoder_hidden_states`` or ``class_labels``). Called like a plain predictor it runs the full
+    pass, so a backend built for feature reuse also serves every sampler that does not reuse.
     """
 
-    full: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-    shallow: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    full: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    shallow: Callable[..., torch.Tensor]
     level: int = 0
 
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, sample: torch.Tensor, timestep: torch.Tensor, **conditioning: torch.Tensor
+    ) -> torch.Tensor:
         """The full pass's noise."""
-        return self.full(sample, timestep)[0]
+        return self.full(sample, timestep, **conditioning)[0]
 
 
 def shipped_architectures() -> list[str]:

@@ -361,7 +361,8 @@ class EngineRunner:
 
 
 def reuse_predictor(full_engine: Path, shallow_engine: Path, level: int, cuda_graph: bool = False):
-    """Feature reuse on TensorRT: the two pass engines as a ReusePredictor (and the full runner)."""
+    """Feature reuse on TensorRT: the two pass engines as a ReusePredictor (and the full runner); a
+    conditional model's passes take its ``encoder_hidden_states`` or ``class_labels`` by keyword."""
 
     full_runner = EngineRunner(full_engine, cuda_graph)
     shallow_runner = EngineRunner(shallow_engine, cuda_graph)
@@ -371,12 +372,14 @@ def reuse_predictor(full_engine: Path, shallow_engine: Path, level: int, cuda_gr
                 f"{runner.path}: outputs {sorted(runner.outputs)}, expected {sorted(needed)}; rebuild it"
             )
 
-    def full(sample: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = full_runner.run(sample=sample, timestep=timestep)
+    def full(
+        sample: torch.Tensor, timestep: torch.Tensor, **cond: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = full_runner.run(sample=sample, timestep=timestep, **cond)
         return out["noise"], out["feature"]
 
-    def shallow(sample: torch.Tensor, timestep: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
-        return shallow_runner.run(sample=sample, timestep=timestep, feature=feature)["noise"]
+    def shallow(sample: torch.Tensor, timestep: torch.Tensor, feature: torch.Tensor, **cond: torch.Tensor):
+        return shallow_runner.run(sample=sample, timestep=timestep, feature=feature, **cond)["noise"]
 
     return ReusePredictor(full, shallow, level), full_runner
 

@@ -225,3 +225,23 @@ def test_the_whole_call_on_tensorrt_runs_the_shared_engines(tmp_path, clip_token
     whole_call(model, "tensorrt", predict, scheduler, prompts, 1, 3, 3.0, "cpu", run, graphs=graphs)
     assert len(loaded) == 2  # the engines are loaded once for every call built with the same dict
     assert list(calls["tensorrt"].calls[-1]) == ["text_encoder", "unet_loop", "vae_decoder"]
+
+
+def test_a_guided_students_whole_call_and_feature_reuse_are_timed(tmp_path, clip_tokenizer_folder):
+    """A run ending in a guided model's 2-step student: its whole call samples the student's own
+    schedule (one UNet call a step, the conditional half) against dense at the variant; variants that
+    reuse features are timed as whole calls too, on the exported reuse passes with the prompts."""
+    pipe, data = _text_pipeline(tmp_path, clip_tokenizer_folder)
+    cfg = _cfg(pipe, data, backends=["onnxruntime"], batch_sizes=[2], variants=["ddim:4", "ddim:4:2"])
+    cfg.distill_steps.target_steps, cfg.distill_steps.start_steps = 2, 4
+    cfg.distill_steps.steps_per_round, cfg.distill_steps.batch_size = 2, 4
+    cfg.export.feature_reuse, cfg.export.precisions = True, ["fp32"]
+    m = run_pipeline(cfg, tmp_path / "run", ["prune", "distill_steps", "export", "bench"])["bench"]["metrics"]
+    rows = _rows(m, "pipeline")
+    assert {(r["variant"], r["model"]) for r in rows} == {
+        (v, x) for v in ("ddim:4:1", "ddim:4:2") for x in ("dense", "pruned")
+    }
+    for row in rows:
+        assert row["student_steps"] == 2 and row["cache_interval"] == int(row["variant"][-1])
+        assert list(row["components"]) == ["text_encoder", "unet_loop", "vae_decoder"]
+    assert not [k for k in m["skipped"] if "reuse" in k]

@@ -119,9 +119,8 @@ def run(ctx: RunContext) -> StageResult:
     models = {"dense": ctx.dense.unet, "pruned": load_unet(folder)[0]}  # backends build private copies
     macs_reduction = ctx.require("prune", "bench").typed().macs_reduction
     conditional = ctx.dense.conditioning != "none"
-    samplers, skipped_reuse = _timed_samplers(ctx)
+    samplers = cfg.sampler_variants()
     plain, reuse, skipped = _backends(ctx, models, any(v.cache_interval > 1 for v in samplers))
-    skipped.update(skipped_reuse)
     rows, speedups = [], []
     for name, backends in plain.items():
         for batch in cfg.batch_sizes:
@@ -167,7 +166,9 @@ def run(ctx: RunContext) -> StageResult:
                     extra,
                 )
         if conditional:
-            _time_whole_calls(ctx, name, backends, samplers, macs_reduction, rows, speedups, skipped)
+            student = folder if source == "distill_steps" else None
+            calls_of = {"plain": backends, "reuse": reuse.get(name), "student": student}
+            _time_whole_calls(ctx, name, calls_of, samplers, macs_reduction, rows, speedups, skipped)
     metrics = {
         "results": rows,
         "speedup": speedups,
@@ -190,23 +191,6 @@ def run(ctx: RunContext) -> StageResult:
             "guided_unet_batch": "2x" if _guided(ctx) else "1x",
         }
     return StageResult(metrics)
-
-
-def _timed_samplers(ctx: RunContext) -> tuple[list[SamplerVariant], dict]:
-    """The sampler variants to time and the skipped ones (feature reuse with conditioning is not
-    supported by the sampling loop yet)."""
-    samplers = ctx.cfg.bench.sampler_variants()
-    if ctx.dense.conditioning == "none":
-        return samplers, {}
-    kept = [v for v in samplers if v.cache_interval == 1]
-    skipped = {
-        f"sampler {v}": "feature reuse with conditioning or guidance is not yet supported (cache_interval=1)"
-        for v in samplers
-        if v.cache_interval > 1
-    }
-    for what, reason in skipped.items():
-        log("bench", f"{what}: skipped ({reason})")
-    return kept, skipped
 
 
 def _guided(ctx: RunContext) -> bool:
@@ -349,7 +333,7 @@ def _sampler(ctx: RunContext, backend: Backend, variant: SamplerVariant, batch: 
 def _time_whole_calls(
     ctx: RunContext,
     name: str,
-    backends: dict[str, Backend],
+    calls_of: dict,
     samplers: list[SamplerVariant],
     macs_reduction: float,
     rows: list,
@@ -358,8 +342,16 @@ def _time_whole_calls(
 ) -> None:
     """A conditional model's whole text-to-image call (text encoder, guided UNet loop, VAE decoder),
     dense and compressed alternately, at each sampler batch: rows ``what`` ``pipeline`` with their
-    ``components`` (median ms each), the speed-up of the call and of its UNet loop alone."""
+    ``components`` (median ms each), the speed-up of the call and of its UNet loop alone.
+
+    ``calls_of``: ``plain`` (model -> backend), ``reuse`` (model -> feature-reuse backend, or None:
+    variants that reuse features are then skipped, the reason already in ``skipped``) and ``student``
+    (the folder of a few-step student the run ends with, or None). A student's call samples with its
+    own schedule at its own steps (unguided when it was distilled at a fixed scale, as everywhere it
+    is sampled) against the dense model's call at the variant: the call a user of the run waits for."""
     cfg, dense = ctx.cfg.bench, ctx.dense
+    student = calls_of["student"]
+    student_cfg, student_steps = student_sampling(student) if student is not None else (None, None)
     kind = VARIANTS[name][0]
     reason = unavailable_reason(dense, kind, ctx.run_dir)
     if reason:
@@ -369,24 +361,31 @@ def _time_whole_calls(
         return
     scale, graphs = ctx.cfg.sample.guidance_scale, {}  # the ONNX graphs' sessions, shared by the calls
     for variant in samplers:
+        backends = calls_of["plain"] if variant.cache_interval == 1 else calls_of["reuse"]
+        if backends is None:
+            continue  # no feature-reuse build of this backend (the reason is in skipped)
         for batch in cfg.sampler_batch_sizes or cfg.batch_sizes:
-            calls = {
-                m: whole_call(
+            calls = {}
+            for m, b in backends.items():
+                own = student is not None and m == "pruned"
+                calls[m] = whole_call(
                     dense,
                     kind,
                     b.predict,
-                    make_scheduler(variant.scheduler, dense.scheduler_config),
+                    make_scheduler(
+                        "ddim" if own else variant.scheduler, student_cfg if own else dense.scheduler_config
+                    ),
                     ctx.prompts,
                     batch,
-                    variant.steps,
+                    student_steps if own else variant.steps,
                     scale,
                     ctx.device,
                     ctx.run_dir,
                     cfg.threads,
                     graphs,
+                    1 if own else variant.cache_interval,
+                    ctx.cfg.sample.cache_schedule,
                 )
-                for m, b in backends.items()
-            }
             times = time_alternating(calls, min(1, cfg.warmup), cfg.sampler_repeat)
             keys = {
                 "backend": name,
@@ -395,7 +394,8 @@ def _time_whole_calls(
                 "variant": str(variant),
                 "scheduler": variant.scheduler,
                 "steps": variant.steps,
-                "cache_interval": 1,
+                "cache_interval": variant.cache_interval,
+                **({"student_steps": student_steps} if student is not None else {}),
                 "precision": _precision(ctx, name),
                 "guidance_scale": scale,
                 "components_on": component_sources(dense, kind),
