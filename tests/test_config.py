@@ -77,6 +77,16 @@ def test_overrides_go_through_the_same_validation():
         config_from_mapping({}, ["prune.ratio"])
 
 
+def test_exponent_numbers_without_a_dot_are_numbers_in_files_and_overrides(tmp_path):
+    """YAML 1.1 (PyYAML) reads 5e-4 as text; a number field takes it as the number it writes."""
+    path = tmp_path / "c.yaml"
+    path.write_text("finetune:\n  lr: 5e-4\n")
+    assert load_config(path).finetune.lr == 5e-4
+    assert config_from_mapping({}, ["distill_steps.lr=2e-4"]).distill_steps.lr == 2e-4
+    with pytest.raises(ConfigError, match="finetune.lr: expected a number > 0.0, got 'nan'"):
+        config_from_mapping({"finetune": {"lr": "nan"}})
+
+
 def test_override_can_clear_a_target_with_null():
     cfg = config_from_mapping({"prune": {"target_macs": 0.5}}, ["prune.target_macs=null", "prune.ratio=0.3"])
     assert cfg.prune.target_macs is None and cfg.prune.ratio == 0.3

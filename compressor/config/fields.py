@@ -93,6 +93,12 @@ def _coerce(value: Any, tp: Any, key: str, meta: dict) -> Any:
     elif tp is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as text: take it as the number it is
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            value = number if math.isfinite(number) else value
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if ok:
             value = float(value)
