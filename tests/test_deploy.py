@@ -48,7 +48,8 @@ def test_profile_validation():
 
 
 def test_profile_in_config_rejects_min_above_max():
-    with pytest.raises(ConfigError, match="build: need min_batch <= opt_batch <= max_batch, got 32/8/16"):
+    message = "build: need 1 <= min_batch <= opt_batch <= max_batch, got 32/8/16; fix build.min_batch"
+    with pytest.raises(ConfigError, match=message):
         config_from_mapping({"build": {"min_batch": 32, "opt_batch": 8, "max_batch": 16}})
 
 
