@@ -296,31 +296,53 @@ def distill_round(
         cfg.prediction_type,
         bool(scheduler_config.get("clip_sample", False)),
     ).to(device)
+    batch_seed = seed * 1_009 + round_index  # every round draws its own batches, reproducibly
+    return _train_round(student, noise_scheduler, images, cfg, objective, student_steps, checkpoint_dir,
+                        batch_seed, device, on_step, stop_after, draw_range=student_steps)  # fmt: skip
+
+
+def _train_round(
+    student: nn.Module,
+    noise_scheduler,
+    data,
+    cfg: StepDistillConfig,
+    objective: nn.Module,
+    steps: int,
+    checkpoint_dir: Path,
+    batch_seed: int,
+    device: torch.device,
+    on_step: Callable[[int, float, float], None] | None,
+    stop_after: int | None,
+    draw_range: int | None = None,
+    guidance_scale: float | None = None,
+) -> RoundResult:
+    """One round of ``cfg.steps_per_round`` optimizer steps of ``student`` towards ``objective``
+    (resumed from the newest checkpoint in ``checkpoint_dir``), as the round sampled at ``steps``."""
     began = time.perf_counter()
     result = train(
         student,
         noise_scheduler,
-        images,
+        data,
         round_recipe(cfg),
         checkpoint_dir,
-        seed * 1_009 + round_index,  # every round draws its own batches, reproducibly
+        batch_seed,
         device,
         resume=True,
         on_step=on_step,
         stop_after=stop_after,
         objective=objective,
-        draw_range=student_steps,
+        draw_range=draw_range,
     )
-    done = cfg.steps_per_round - (result.resumed_from or 0)
     return RoundResult(
-        student_steps,
+        steps,
         result.ema_unet,
         result.losses,
         time.perf_counter() - began,
-        done,
+        cfg.steps_per_round - (result.resumed_from or 0),
         result.resumed_from,
         result.steps_per_second,
         result.world_size,
+        guidance_scale,
     )
 
 
@@ -348,28 +370,6 @@ def guided_round(
     objective = GuidedTarget(
         teacher, noise_scheduler.alphas_cumprod, guidance_scale, null, teacher_prediction, cfg.prediction_type
     ).to(device)
-    began = time.perf_counter()
-    result = train(
-        student,
-        noise_scheduler,
-        data,
-        round_recipe(cfg),
-        checkpoint_dir,
-        seed * 1_009 - 1,  # its own batches, apart from every halving round's
-        device,
-        resume=True,
-        on_step=on_step,
-        stop_after=stop_after,
-        objective=objective,
-    )
-    return RoundResult(
-        steps,
-        result.ema_unet,
-        result.losses,
-        time.perf_counter() - began,
-        cfg.steps_per_round - (result.resumed_from or 0),
-        result.resumed_from,
-        result.steps_per_second,
-        result.world_size,
-        float(guidance_scale),
-    )
+    batch_seed = seed * 1_009 - 1  # its own batches, apart from every halving round's
+    return _train_round(student, noise_scheduler, data, cfg, objective, steps, checkpoint_dir, batch_seed,
+                        device, on_step, stop_after, guidance_scale=float(guidance_scale))  # fmt: skip

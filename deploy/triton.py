@@ -125,14 +125,22 @@ def unet_config(
 
 def sampler_config(shape: tuple[int, int, int], s: RepoSettings) -> str:
     """config.pbtxt of the ``sampler`` model (Python backend)."""
-    dims = ", ".join(str(d) for d in shape)
     optional = [("steps", "TYPE_INT32"), ("eta", "TYPE_FP32"), ("scheduler", "TYPE_STRING")]
-    inputs = ['  {\n    name: "seed"\n    data_type: TYPE_INT64\n    dims: [ 1 ]\n  }'] + [
+    return _image_model_config("sampler", [("seed", "TYPE_INT64")], optional, shape, s)
+
+
+def _image_model_config(
+    name: str, required: list, optional: list, shape: tuple[int, int, int], s: RepoSettings
+) -> str:
+    """config.pbtxt of a Python-backend model taking ``[1]`` inputs (``(name, type)``: ``required``,
+    then ``optional``) and giving ``image`` FP32 of ``shape``, batched as ``s`` says."""
+    dims = ", ".join(str(d) for d in shape)
+    inputs = [f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ 1 ]\n  }}' for n, t in required] + [
         f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ 1 ]\n    optional: true\n  }}'
         for n, t in optional
     ]
     return (
-        f'name: "sampler"\nbackend: "python"\nmax_batch_size: {s.max_batch}\n'
+        f'name: "{name}"\nbackend: "python"\nmax_batch_size: {s.max_batch}\n'
         "input [\n" + ",\n".join(inputs) + "\n]\n"
         f'output [\n  {{\n    name: "image"\n    data_type: TYPE_FP32\n    dims: [ {dims} ]\n  }}\n]\n'
         + _batching(s)
@@ -337,7 +345,6 @@ def _write_graphs(run_dir: Path, out: Path, model: ModelSpec, kind: str, s: Repo
 
 def text_to_image_config(image_shape: tuple[int, int, int], s: RepoSettings) -> str:
     """config.pbtxt of the ``text_to_image`` model (Python backend): ``prompt`` and ``seed`` required."""
-    dims = ", ".join(str(d) for d in image_shape)
     required = [("prompt", "TYPE_STRING"), ("seed", "TYPE_INT64")]
     optional = [
         ("negative_prompt", "TYPE_STRING"),
@@ -346,17 +353,7 @@ def text_to_image_config(image_shape: tuple[int, int, int], s: RepoSettings) -> 
         ("eta", "TYPE_FP32"),
         ("scheduler", "TYPE_STRING"),
     ]
-    inputs = [f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ 1 ]\n  }}' for n, t in required] + [
-        f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ 1 ]\n    optional: true\n  }}'
-        for n, t in optional
-    ]
-    return (
-        f'name: "{TEXT_TO_IMAGE}"\nbackend: "python"\nmax_batch_size: {s.max_batch}\n'
-        "input [\n" + ",\n".join(inputs) + "\n]\n"
-        f'output [\n  {{\n    name: "image"\n    data_type: TYPE_FP32\n    dims: [ {dims} ]\n  }}\n]\n'
-        + _batching(s)
-        + _instances(s, True)
-    )
+    return _image_model_config(TEXT_TO_IMAGE, required, optional, image_shape, s)
 
 
 def _write_text_to_image(run_dir: Path, out: Path, model: ModelSpec, loop: dict, s: RepoSettings) -> str:
