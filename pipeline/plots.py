@@ -350,11 +350,12 @@ def plot_distill_sweep(rows: list[dict], path: Path, metric: str, modes: list[st
 
 
 def plot_frontier(
-    frontier: dict, points: list[dict], chosen_y: float | None, reference_y: float, path: Path
+    frontier: dict, points: list[dict], chosen: list[tuple[str, float, float]], reference_y: float, path: Path
 ) -> Path:
     """The frontier: speed-up (log) against the ranking Frechet figure, one colour per ratio, the Pareto
     front drawn and labelled. ``points``: the frontier's points, each with its figure ``y`` and
-    interval ``ci`` (:func:`pipeline.frontier.tables.plot` places them)."""
+    interval ``ci`` (:func:`pipeline.frontier.tables.plot` places them); ``chosen``: the stacks chosen
+    (legend text, speed-up, figure), each starred."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -378,9 +379,8 @@ def plot_frontier(
         offset, align = ((-8, 6), "right") if i % 2 == 0 else ((8, -10), "left")
         xy = (p["speedup"], p["y"])
         ax.annotate(p["label"], xy, fontsize=7, xytext=offset, textcoords="offset points", ha=align)
-    if frontier.get("chosen"):
-        c = frontier["chosen"]
-        ax.scatter([c["speedup"]], [chosen_y], marker="*", s=250, color="red", label=f"chosen: {c['label']}")
+    for (text, speedup, y), color in zip(chosen, ("red", "darkorange", "magenta", "brown"), strict=False):
+        ax.scatter([speedup], [y], marker="*", s=250, color=color, label=text)
     ax.axhline(reference_y, color="grey", lw=0.8, ls=":", label="dense reference")
     ax.set_xscale("log")
     ax.set_yscale("symlog" if inf else "log")  # FD-infinity can be near zero or below it

@@ -389,3 +389,19 @@ def test_students_are_a_lever_of_the_frontier_and_of_a_latency_target(tiny, tmp_
     quality = read_metrics(run, "quality")
     assert quality.compressed_label() == "student" and quality.student_steps == 2
     assert read_metrics(run, "bench").stack["speedup"] > 0
+
+
+def test_the_chart_stars_each_targets_choice_or_the_chosen_stack(monkeypatch, tmp_path):
+    """frontier.targets without --target: every target's choice is starred (none where none was found);
+    with --target, the chosen stack alone."""
+    from pipeline.frontier import tables
+
+    seen = []
+    monkeypatch.setattr(tables, "plot_frontier", lambda f, placed, marks, ref, path: seen.append(marks))
+    monkeypatch.setattr(tables, "figure", lambda p: p["y"])
+    monkeypatch.setattr(tables, "point_interval", lambda p: (p["y"], p["y"]))
+    a, b = {"label": "A", "speedup": 4.0, "y": 1.0}, {"label": "B", "speedup": 9.0, "y": 2.0}
+    frontier = {"points": [a, b], "reference": {"y": 0.5}, "choices": {"3x": a, "10x": b, "20x": None}}
+    tables.plot(frontier, tmp_path / "f.png")
+    tables.plot({**frontier, "chosen": b}, tmp_path / "f.png")
+    assert seen == [[("3x: A", 4.0, 1.0), ("10x: B", 9.0, 2.0)], [("chosen: B", 9.0, 2.0)]]

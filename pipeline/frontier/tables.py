@@ -91,8 +91,12 @@ def plot(frontier: dict, path: Path) -> Path:
     """The frontier's chart (:func:`pipeline.plots.plot_frontier`), each point at its ranking figure."""
     placed = [{**p, "y": figure(p), "ci": point_interval(p)} for p in frontier["points"]]
     chosen = frontier.get("chosen")
-    chosen_y = figure(chosen) if chosen else None
-    return plot_frontier(frontier, placed, chosen_y, figure(frontier["reference"]), path)
+    if chosen:  # --target: the stack the run goes with
+        marks = [(f"chosen: {chosen['label']}", chosen["speedup"], figure(chosen))]
+    else:  # frontier.targets: each target's choice, where one was found
+        found = [(t, c) for t, c in (frontier.get("choices") or {}).items() if c]
+        marks = [(f"{t}: {c['label']}", c["speedup"], figure(c)) for t, c in found]
+    return plot_frontier(frontier, placed, marks, figure(frontier["reference"]), path)
 
 
 def noise_note(frontier: dict) -> str:
